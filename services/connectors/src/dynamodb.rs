@@ -1,0 +1,569 @@
+//! DynamoDB: a [`SourceTable`] over a table and a versioned [`Sink`]. Errors
+//! are classified here once: throttling, timeouts and 5xx are retryable,
+//! conditional-check failures are preconditions, the rest is terminal.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue as DdbValue, BillingMode, KeySchemaElement, KeyType,
+    ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus,
+};
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use futures::StreamExt as _;
+
+use crate::error::{ConnectorError, ConnectorResult};
+use crate::predicate::{ExprNames, ExprValues, Predicate};
+use crate::retry::{RetryPolicy, retry};
+use crate::traits::{
+    BucketDigest, RecordOutcome, ScanPage, ScanRequest, Sink, SinkOp, SinkRecord, SourceTable,
+    fold_digest,
+};
+use crate::value::{AttrValue, Item, Key, KeySchema, Number};
+
+const BACKEND: &str = "dynamodb";
+
+/// Builds an SDK configuration from the standard AWS environment
+/// (`AWS_REGION`, credentials chain, `AWS_ENDPOINT_URL`), with an explicit
+/// endpoint override when one is configured.
+pub async fn sdk_config(endpoint: Option<&str>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(url) = endpoint.filter(|u| !u.is_empty()) {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
+}
+
+/// Maps an SDK error to a [`ConnectorError`] by its error code and status.
+pub(crate) fn classify<E, R>(backend: &'static str, err: SdkError<E, R>) -> ConnectorError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let retryable = |message: String| ConnectorError::Retryable {
+        backend,
+        message,
+        retry_after: None,
+    };
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            retryable(format!("{err:?}"))
+        }
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            let code = e.code().unwrap_or_default();
+            let message = format!("{code}: {}", e.message().unwrap_or_default());
+            match code {
+                "ConditionalCheckFailedException" => ConnectorError::Precondition(message),
+                "TransactionCanceledException" if message.contains("ConditionalCheckFailed") => {
+                    ConnectorError::Precondition(message)
+                }
+                "ProvisionedThroughputExceededException"
+                | "ThrottlingException"
+                | "RequestLimitExceeded"
+                | "LimitExceededException"
+                | "InternalServerError"
+                | "InternalFailure"
+                | "ServiceUnavailable"
+                | "TransactionConflictException"
+                | "TransactionInProgressException"
+                | "TransactionCanceledException" => retryable(message),
+                "ResourceNotFoundException" => ConnectorError::NotFound { backend, message },
+                "ValidationException" | "SerializationException" => {
+                    ConnectorError::InvalidInput { backend, message }
+                }
+                "ExpiredIteratorException" | "TrimmedDataAccessException" => {
+                    ConnectorError::IteratorExpired { backend }
+                }
+                _ if format!("{:?}", service.raw()).contains("status: StatusCode(5") => {
+                    retryable(message)
+                }
+                _ => ConnectorError::Terminal { backend, message },
+            }
+        }
+        _ => ConnectorError::Terminal {
+            backend,
+            message: err.to_string(),
+        },
+    }
+}
+
+/// Conversions between [`AttrValue`] and an SDK's `AttributeValue`; the
+/// DynamoDB and DynamoDB Streams SDKs each have their own identical type.
+macro_rules! attribute_conversions {
+    ($sdk:ty, $to:ident, $from:ident, $blob:path) => {
+        pub fn $to(v: &AttrValue) -> $sdk {
+            type V = $sdk;
+            match v {
+                AttrValue::S(s) => V::S(s.clone()),
+                AttrValue::N(n) => V::N(n.to_string()),
+                AttrValue::B(b) => V::B(<$blob>::new(b.clone())),
+                AttrValue::Bool(b) => V::Bool(*b),
+                AttrValue::Null(_) => V::Null(true),
+                AttrValue::Ss(s) => V::Ss(s.iter().cloned().collect()),
+                AttrValue::Ns(s) => V::Ns(s.iter().map(ToString::to_string).collect()),
+                AttrValue::Bs(s) => V::Bs(s.iter().map(|b| <$blob>::new(b.clone())).collect()),
+                AttrValue::L(l) => V::L(l.iter().map($to).collect()),
+                AttrValue::M(m) => V::M(m.iter().map(|(k, v)| (k.clone(), $to(v))).collect()),
+            }
+        }
+
+        /// # Errors
+        /// On a number that is not decimal text or a value type this
+        /// version does not know.
+        pub fn $from(v: &$sdk) -> Result<AttrValue, String> {
+            type V = $sdk;
+            Ok(match v {
+                V::S(s) => AttrValue::S(s.clone()),
+                V::N(n) => AttrValue::N(Number::parse(n)?),
+                V::B(b) => AttrValue::B(b.as_ref().to_vec()),
+                V::Bool(b) => AttrValue::Bool(*b),
+                V::Null(_) => AttrValue::Null(true),
+                V::Ss(s) => AttrValue::Ss(s.iter().cloned().collect()),
+                V::Ns(s) => AttrValue::Ns(
+                    s.iter()
+                        .map(|n| Number::parse(n))
+                        .collect::<Result<_, _>>()?,
+                ),
+                V::Bs(s) => AttrValue::Bs(s.iter().map(|b| b.as_ref().to_vec()).collect()),
+                V::L(l) => AttrValue::L(l.iter().map($from).collect::<Result<_, _>>()?),
+                V::M(m) => AttrValue::M(
+                    m.iter()
+                        .map(|(k, v)| Ok((k.clone(), $from(v)?)))
+                        .collect::<Result<_, String>>()?,
+                ),
+                other => return Err(format!("unsupported attribute value {other:?}")),
+            })
+        }
+    };
+}
+
+attribute_conversions!(
+    DdbValue,
+    to_ddb,
+    from_ddb,
+    aws_sdk_dynamodb::primitives::Blob
+);
+attribute_conversions!(
+    aws_sdk_dynamodbstreams::types::AttributeValue,
+    to_streams,
+    from_streams,
+    aws_sdk_dynamodbstreams::primitives::Blob
+);
+
+pub fn item_to_ddb(item: &Item) -> HashMap<String, DdbValue> {
+    item.iter().map(|(k, v)| (k.clone(), to_ddb(v))).collect()
+}
+
+/// # Errors
+/// When an attribute cannot be represented.
+pub fn item_from_ddb(item: &HashMap<String, DdbValue>) -> ConnectorResult<Item> {
+    item.iter()
+        .map(|(k, v)| {
+            Ok((
+                k.clone(),
+                from_ddb(v).map_err(|m| ConnectorError::invalid(BACKEND, m))?,
+            ))
+        })
+        .collect()
+}
+
+fn key_to_ddb(key: &Key) -> HashMap<String, DdbValue> {
+    key.0.iter().map(|(k, v)| (k.clone(), to_ddb(v))).collect()
+}
+
+/// A DynamoDB table as a [`SourceTable`].
+#[derive(Clone)]
+pub struct DynamoTable {
+    client: Client,
+    name: String,
+    schema: KeySchema,
+    retry: RetryPolicy,
+}
+
+impl DynamoTable {
+    /// Opens an existing table, reading its key schema.
+    ///
+    /// # Errors
+    /// `NotFound` when the table does not exist.
+    pub async fn open(client: Client, name: &str) -> ConnectorResult<Self> {
+        let out = client
+            .describe_table()
+            .table_name(name)
+            .send()
+            .await
+            .map_err(|e| classify(BACKEND, e))?;
+        let table = out
+            .table
+            .ok_or_else(|| ConnectorError::terminal(BACKEND, "DescribeTable returned no table"))?;
+        let mut schema = KeySchema::new("", None);
+        for element in table.key_schema() {
+            match element.key_type {
+                KeyType::Hash => schema.partition.clone_from(&element.attribute_name),
+                KeyType::Range => schema.sort = Some(element.attribute_name.clone()),
+                _ => {}
+            }
+        }
+        Ok(Self {
+            client,
+            name: name.to_owned(),
+            schema,
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    /// Creates an on-demand table with string key attributes (and a
+    /// NEW_AND_OLD_IMAGES stream when `stream`), waits until it is active,
+    /// and opens it. Used by tests, benchmarks and local set-up.
+    ///
+    /// # Errors
+    /// When creation fails or the table does not become active in a minute.
+    pub async fn create(
+        client: Client,
+        name: &str,
+        schema: &KeySchema,
+        stream: bool,
+    ) -> ConnectorResult<Self> {
+        let mut request = client
+            .create_table()
+            .table_name(name)
+            .billing_mode(BillingMode::PayPerRequest);
+        for (name, key_type) in std::iter::once((&schema.partition, KeyType::Hash))
+            .chain(schema.sort.as_ref().map(|s| (s, KeyType::Range)))
+        {
+            request = request
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(name)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(name)
+                        .key_type(key_type)
+                        .build()
+                        .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
+                );
+        }
+        if stream {
+            request = request.stream_specification(
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(StreamViewType::NewAndOldImages)
+                    .build()
+                    .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
+            );
+        }
+        request.send().await.map_err(|e| classify(BACKEND, e))?;
+        for _ in 0..600 {
+            let out = client
+                .describe_table()
+                .table_name(name)
+                .send()
+                .await
+                .map_err(|e| classify(BACKEND, e))?;
+            if out.table.and_then(|t| t.table_status) == Some(TableStatus::Active) {
+                return Self::open(client, name).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Err(ConnectorError::terminal(
+            BACKEND,
+            format!("table {name} did not become active"),
+        ))
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn condition(
+        &self,
+        condition: Option<&Predicate>,
+        names: &mut ExprNames,
+        values: &mut ExprValues,
+    ) -> Option<String> {
+        condition.map(|c| c.render(&self.schema.partition, names, values))
+    }
+}
+
+fn non_empty<K, V>(map: HashMap<K, V>) -> Option<HashMap<K, V>> {
+    (!map.is_empty()).then_some(map)
+}
+
+fn values_to_ddb(values: ExprValues) -> Option<HashMap<String, DdbValue>> {
+    non_empty(values.0.into_iter().map(|(k, v)| (k, to_ddb(&v))).collect())
+}
+
+#[async_trait]
+impl SourceTable for DynamoTable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key_schema(&self) -> &KeySchema {
+        &self.schema
+    }
+
+    #[tracing::instrument(skip_all, fields(table = %self.name, segment = request.segment))]
+    async fn scan(&self, request: &ScanRequest) -> ConnectorResult<ScanPage> {
+        if request.total_segments == 0 || request.segment >= request.total_segments {
+            return Err(ConnectorError::invalid(
+                BACKEND,
+                "segment must be below total_segments",
+            ));
+        }
+        retry(&self.retry, "scan", || async {
+            let mut names = ExprNames::default();
+            let mut values = ExprValues::default();
+            let filter = self.condition(request.filter.as_ref(), &mut names, &mut values);
+            let mut scan = self
+                .client
+                .scan()
+                .table_name(&self.name)
+                .limit(i32::try_from(request.limit.max(1)).unwrap_or(i32::MAX))
+                .consistent_read(request.consistent)
+                .set_filter_expression(filter)
+                .set_expression_attribute_names(non_empty(names.0))
+                .set_expression_attribute_values(values_to_ddb(values));
+            if request.total_segments > 1 {
+                scan = scan
+                    .segment(i32::try_from(request.segment).unwrap_or(0))
+                    .total_segments(i32::try_from(request.total_segments).unwrap_or(1));
+            }
+            if let Some(start) = &request.start_after {
+                scan = scan.set_exclusive_start_key(Some(key_to_ddb(start)));
+            }
+            let out = scan.send().await.map_err(|e| classify(BACKEND, e))?;
+            Ok(ScanPage {
+                items: out
+                    .items()
+                    .iter()
+                    .map(item_from_ddb)
+                    .collect::<Result<_, _>>()?,
+                last_key: out
+                    .last_evaluated_key
+                    .as_ref()
+                    .map(|k| item_from_ddb(k).map(Key))
+                    .transpose()?,
+                scanned: u64::try_from(out.scanned_count).unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(table = %self.name))]
+    async fn get(&self, key: &Key) -> ConnectorResult<Option<Item>> {
+        retry(&self.retry, "get", || async {
+            let out = self
+                .client
+                .get_item()
+                .table_name(&self.name)
+                .set_key(Some(key_to_ddb(key)))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| classify(BACKEND, e))?;
+            out.item.as_ref().map(item_from_ddb).transpose()
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(table = %self.name))]
+    async fn put(&self, item: &Item, condition: Option<&Predicate>) -> ConnectorResult<()> {
+        retry(&self.retry, "put", || async {
+            let mut names = ExprNames::default();
+            let mut values = ExprValues::default();
+            let condition = self.condition(condition, &mut names, &mut values);
+            self.client
+                .put_item()
+                .table_name(&self.name)
+                .set_item(Some(item_to_ddb(item)))
+                .set_condition_expression(condition)
+                .set_expression_attribute_names(non_empty(names.0))
+                .set_expression_attribute_values(values_to_ddb(values))
+                .send()
+                .await
+                .map_err(|e| classify(BACKEND, e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(table = %self.name))]
+    async fn update(
+        &self,
+        key: &Key,
+        set: &Item,
+        condition: Option<&Predicate>,
+    ) -> ConnectorResult<Item> {
+        if set.is_empty() {
+            return Err(ConnectorError::invalid(BACKEND, "update sets no attribute"));
+        }
+        retry(&self.retry, "update", || async {
+            let mut names = ExprNames::default();
+            let mut values = ExprValues::default();
+            let assignments: Vec<String> = set
+                .iter()
+                .map(|(attr, value)| format!("{} = {}", names.name(attr), values.value(value)))
+                .collect();
+            let condition = self.condition(condition, &mut names, &mut values);
+            let out = self
+                .client
+                .update_item()
+                .table_name(&self.name)
+                .set_key(Some(key_to_ddb(key)))
+                .update_expression(format!("SET {}", assignments.join(", ")))
+                .set_condition_expression(condition)
+                .set_expression_attribute_names(non_empty(names.0))
+                .set_expression_attribute_values(values_to_ddb(values))
+                .return_values(ReturnValue::AllNew)
+                .send()
+                .await
+                .map_err(|e| classify(BACKEND, e))?;
+            item_from_ddb(out.attributes.as_ref().unwrap_or(&HashMap::new()))
+        })
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(table = %self.name))]
+    async fn delete(&self, key: &Key, condition: Option<&Predicate>) -> ConnectorResult<()> {
+        retry(&self.retry, "delete", || async {
+            let mut names = ExprNames::default();
+            let mut values = ExprValues::default();
+            let condition = self.condition(condition, &mut names, &mut values);
+            self.client
+                .delete_item()
+                .table_name(&self.name)
+                .set_key(Some(key_to_ddb(key)))
+                .set_condition_expression(condition)
+                .set_expression_attribute_names(non_empty(names.0))
+                .set_expression_attribute_values(values_to_ddb(values))
+                .send()
+                .await
+                .map_err(|e| classify(BACKEND, e))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Attribute that holds the source version of each item in a DynamoDB sink.
+pub const VERSION_ATTRIBUTE: &str = "tidemark_version";
+/// Marks a tombstone: the item was deleted at `tidemark_version`.
+pub const DELETED_ATTRIBUTE: &str = "tidemark_deleted";
+
+/// A DynamoDB table as a versioned [`Sink`]: every write is a PutItem
+/// conditional on the stored version being lower; deletes leave a tombstone
+/// item so an older upsert cannot resurrect the item.
+#[derive(Clone)]
+pub struct DynamoSink {
+    table: DynamoTable,
+    concurrency: usize,
+}
+
+impl DynamoSink {
+    pub fn new(table: DynamoTable) -> Self {
+        Self {
+            table,
+            concurrency: 16,
+        }
+    }
+
+    async fn apply_one(&self, record: &SinkRecord) -> ConnectorResult<RecordOutcome> {
+        let mut item = match &record.op {
+            SinkOp::Upsert(item) => {
+                if item.contains_key(VERSION_ATTRIBUTE) || item.contains_key(DELETED_ATTRIBUTE) {
+                    return Ok(RecordOutcome::Rejected(format!(
+                        "item uses the reserved attributes {VERSION_ATTRIBUTE}/{DELETED_ATTRIBUTE}"
+                    )));
+                }
+                item.clone()
+            }
+            SinkOp::Delete => {
+                let mut tombstone = record.key.0.clone();
+                tombstone.insert(DELETED_ATTRIBUTE.to_owned(), AttrValue::Bool(true));
+                tombstone
+            }
+        };
+        item.extend(record.key.0.clone());
+        item.insert(VERSION_ATTRIBUTE.to_owned(), AttrValue::n(record.version));
+        let condition = Predicate::version_below(VERSION_ATTRIBUTE, record.version);
+        match self.table.put(&item, Some(&condition)).await {
+            Ok(()) => Ok(RecordOutcome::Applied),
+            Err(ConnectorError::Precondition(_)) => Ok(RecordOutcome::Stale),
+            Err(ConnectorError::InvalidInput { message, .. }) => {
+                Ok(RecordOutcome::Rejected(message))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn strip_reserved(mut item: Item) -> Option<(u64, Item)> {
+    let version = item
+        .remove(VERSION_ATTRIBUTE)
+        .and_then(|v| v.as_number().and_then(Number::as_u64))
+        .unwrap_or(0);
+    if item.remove(DELETED_ATTRIBUTE).is_some() {
+        return None;
+    }
+    Some((version, item))
+}
+
+#[async_trait]
+impl Sink for DynamoSink {
+    fn name(&self) -> String {
+        format!("dynamodb:{}", self.table.name)
+    }
+
+    #[tracing::instrument(skip_all, fields(sink = %self.table.name, records = batch.len()))]
+    async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>> {
+        // Futures collected first: a closure in `map` trips the async-trait
+        // lifetime inference.
+        let writes: Vec<_> = batch.iter().map(|record| self.apply_one(record)).collect();
+        futures::stream::iter(writes)
+            .buffered(self.concurrency)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {
+        Ok(self.table.get(key).await?.and_then(strip_reserved))
+    }
+
+    async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>> {
+        if buckets == 0 {
+            return Err(ConnectorError::invalid(
+                BACKEND,
+                "buckets must be at least 1",
+            ));
+        }
+        let mut out = vec![BucketDigest::default(); buckets as usize];
+        let mut request = ScanRequest::segment(0, 1);
+        request.consistent = true;
+        loop {
+            let page = self.table.scan(&request).await?;
+            for item in page.items {
+                let key = self
+                    .table
+                    .schema
+                    .key_of(&item)
+                    .map_err(|m| ConnectorError::terminal(BACKEND, m))?;
+                if let Some((version, item)) = strip_reserved(item) {
+                    fold_digest(&mut out, &key, version, &item);
+                }
+            }
+            match page.last_key {
+                Some(k) => request.start_after = Some(k),
+                None => return Ok(out),
+            }
+        }
+    }
+}

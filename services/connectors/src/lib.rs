@@ -1,0 +1,20 @@
+//! Store connectors (DESIGN.md §2): every store sits behind one of four small
+//! traits — [`SourceTable`], [`ChangeFeed`], [`Sink`], [`Buffer`] — with real
+//! implementations (DynamoDB, DynamoDB Streams) and an embedded one (SQLite).
+
+pub mod dynamodb;
+pub mod error;
+pub mod memory;
+pub mod predicate;
+pub mod retry;
+pub mod sqlite;
+pub mod streams;
+pub mod suite;
+pub mod testing;
+pub mod traits;
+pub mod value;
+
+pub use error::{ConnectorError, ConnectorResult};
+pub use predicate::Predicate;
+pub use traits::*;
+pub use value::{AttrValue, Item, Key, KeySchema, Number};

@@ -1,0 +1,537 @@
+//! The embedded store: one SQLite file holding tables, their change log (the
+//! embedded change feed) and sinks. It is what `tidemark dev` and fast tests
+//! run on; it implements the same traits, checked by the same suites, as the
+//! real stores.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::{ConnectorError, ConnectorResult};
+use crate::predicate::Predicate;
+use crate::traits::{
+    BucketDigest, ChangeFeed, ChangeKind, ChangeRecord, FeedCheckpoint, PartitionCheckpoint,
+    PartitionLag, Position, RecordOutcome, ScanPage, ScanRequest, Sink, SinkOp, SinkRecord,
+    SourceTable, fold_digest,
+};
+use crate::value::{Item, Key, KeySchema, key_hash};
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS tm_items (
+    tbl TEXT NOT NULL, k TEXT NOT NULL, item TEXT NOT NULL,
+    PRIMARY KEY (tbl, k)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tm_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, k TEXT NOT NULL, kind TEXT NOT NULL,
+    new_image TEXT, old_image TEXT, created_micros INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS tm_changes_tbl ON tm_changes (tbl, seq);
+CREATE TABLE IF NOT EXISTS tm_sink (
+    sink TEXT NOT NULL, k TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL, item TEXT,
+    PRIMARY KEY (sink, k)) WITHOUT ROWID;
+";
+
+/// A handle on one embedded database file. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the database at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or the schema not created.
+    pub fn open(path: &Path) -> ConnectorResult<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// A private in-memory database (tests).
+    ///
+    /// # Errors
+    /// When SQLite cannot allocate it.
+    pub fn in_memory() -> ConnectorResult<Self> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T, F>(&self, f: F) -> ConnectorResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> ConnectorResult<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| ConnectorError::terminal("sqlite", "connection lock poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| ConnectorError::terminal("sqlite", e.to_string()))?
+    }
+
+    pub fn table(&self, name: &str, schema: KeySchema) -> EmbeddedTable {
+        EmbeddedTable {
+            store: self.clone(),
+            name: name.to_owned(),
+            schema,
+        }
+    }
+
+    pub fn sink(&self, name: &str) -> EmbeddedSink {
+        EmbeddedSink {
+            store: self.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The change feed of table `name`, resumed from `checkpoint`.
+    pub fn feed(&self, name: &str, checkpoint: &FeedCheckpoint) -> EmbeddedFeed {
+        let committed = checkpoint
+            .partitions
+            .get(PARTITION)
+            .and_then(|p| p.sequence.as_deref())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        EmbeddedFeed {
+            store: self.clone(),
+            table: name.to_owned(),
+            committed,
+            delivered: committed,
+            oldest_uncommitted_micros: None,
+        }
+    }
+}
+
+fn to_json(item: &Item) -> String {
+    crate::value::canonical_item(item)
+}
+
+fn from_json(text: &str) -> ConnectorResult<Item> {
+    serde_json::from_str(text)
+        .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt item: {e}")))
+}
+
+fn now_micros() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// A table in the embedded store. Every write is logged to its change feed
+/// in the same transaction.
+#[derive(Clone)]
+pub struct EmbeddedTable {
+    store: EmbeddedStore,
+    name: String,
+    schema: KeySchema,
+}
+
+fn read_item(tx: &Connection, tbl: &str, k: &str) -> ConnectorResult<Option<Item>> {
+    tx.query_row(
+        "SELECT item FROM tm_items WHERE tbl = ?1 AND k = ?2",
+        params![tbl, k],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()?
+    .map(|t| from_json(&t))
+    .transpose()
+}
+
+fn check(condition: Option<&Predicate>, current: Option<&Item>, key: &Key) -> ConnectorResult<()> {
+    match condition {
+        Some(c) if !c.matches(current) => Err(ConnectorError::Precondition(format!(
+            "condition failed for {key}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn log_change(
+    tx: &Connection,
+    tbl: &str,
+    k: &str,
+    old: Option<&Item>,
+    new: Option<&Item>,
+) -> ConnectorResult<()> {
+    let kind = match (old, new) {
+        (None, Some(_)) => "INSERT",
+        (Some(_), Some(_)) => "MODIFY",
+        (Some(_), None) => "REMOVE",
+        (None, None) => return Ok(()),
+    };
+    tx.execute(
+        "INSERT INTO tm_changes (tbl, k, kind, new_image, old_image, created_micros) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![tbl, k, kind, new.map(to_json), old.map(to_json), now_micros()],
+    )?;
+    Ok(())
+}
+
+impl EmbeddedTable {
+    async fn write<F>(
+        &self,
+        key: Key,
+        condition: Option<Predicate>,
+        change: F,
+    ) -> ConnectorResult<Option<Item>>
+    where
+        F: FnOnce(Option<&Item>) -> Option<Item> + Send + 'static,
+    {
+        let tbl = self.name.clone();
+        self.store
+            .with(move |conn| {
+                let tx = conn.transaction()?;
+                let k = key.canonical();
+                let old = read_item(&tx, &tbl, &k)?;
+                check(condition.as_ref(), old.as_ref(), &key)?;
+                let new = change(old.as_ref());
+                match &new {
+                    Some(item) => {
+                        tx.execute(
+                            "INSERT INTO tm_items (tbl, k, item) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (tbl, k) DO UPDATE SET item = excluded.item",
+                            params![tbl, k, to_json(item)],
+                        )?;
+                    }
+                    None => {
+                        tx.execute(
+                            "DELETE FROM tm_items WHERE tbl = ?1 AND k = ?2",
+                            params![tbl, k],
+                        )?;
+                    }
+                }
+                log_change(&tx, &tbl, &k, old.as_ref(), new.as_ref())?;
+                tx.commit()?;
+                Ok(new)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl SourceTable for EmbeddedTable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn key_schema(&self) -> &KeySchema {
+        &self.schema
+    }
+
+    async fn scan(&self, request: &ScanRequest) -> ConnectorResult<ScanPage> {
+        if request.total_segments == 0 || request.segment >= request.total_segments {
+            return Err(ConnectorError::invalid(
+                "sqlite",
+                "segment must be below total_segments",
+            ));
+        }
+        let tbl = self.name.clone();
+        let request = request.clone();
+        self.store
+            .with(move |conn| {
+                let mut after = request
+                    .start_after
+                    .as_ref()
+                    .map(Key::canonical)
+                    .unwrap_or_default();
+                let mut page = ScanPage::default();
+                let limit = u64::from(request.limit.max(1));
+                let mut stmt = conn.prepare_cached(
+                    "SELECT k, item FROM tm_items WHERE tbl = ?1 AND k > ?2 ORDER BY k LIMIT 512",
+                )?;
+                loop {
+                    let rows: Vec<(String, String)> = stmt
+                        .query_map(params![tbl, after], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?;
+                    if rows.is_empty() {
+                        page.last_key = None;
+                        return Ok(page);
+                    }
+                    for (k, text) in rows {
+                        after.clone_from(&k);
+                        let key: Key = serde_json::from_str(&k).map_err(|e| {
+                            ConnectorError::terminal("sqlite", format!("corrupt key: {e}"))
+                        })?;
+                        if key_hash(&key) % u64::from(request.total_segments)
+                            != u64::from(request.segment)
+                        {
+                            continue;
+                        }
+                        page.scanned += 1;
+                        let item = from_json(&text)?;
+                        if request
+                            .filter
+                            .as_ref()
+                            .is_none_or(|f| f.matches(Some(&item)))
+                        {
+                            page.items.push(item);
+                        }
+                        if page.scanned >= limit {
+                            page.last_key = Some(key);
+                            return Ok(page);
+                        }
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn get(&self, key: &Key) -> ConnectorResult<Option<Item>> {
+        let tbl = self.name.clone();
+        let k = key.canonical();
+        self.store.with(move |conn| read_item(conn, &tbl, &k)).await
+    }
+
+    async fn put(&self, item: &Item, condition: Option<&Predicate>) -> ConnectorResult<()> {
+        let key = self
+            .schema
+            .key_of(item)
+            .map_err(|m| ConnectorError::invalid("sqlite", m))?;
+        let item = item.clone();
+        self.write(key, condition.cloned(), move |_| Some(item))
+            .await
+            .map(drop)
+    }
+
+    async fn update(
+        &self,
+        key: &Key,
+        set: &Item,
+        condition: Option<&Predicate>,
+    ) -> ConnectorResult<Item> {
+        let key_attrs = key.0.clone();
+        let set = set.clone();
+        let new = self
+            .write(key.clone(), condition.cloned(), move |old| {
+                let mut item = old.cloned().unwrap_or_else(|| key_attrs.clone());
+                item.extend(set);
+                Some(item)
+            })
+            .await?;
+        Ok(new.expect("update always produces an item"))
+    }
+
+    async fn delete(&self, key: &Key, condition: Option<&Predicate>) -> ConnectorResult<()> {
+        self.write(key.clone(), condition.cloned(), |_| None)
+            .await
+            .map(drop)
+    }
+}
+
+const PARTITION: &str = "0";
+
+/// The change log of one embedded table, as a [`ChangeFeed`]: one partition,
+/// sequence = log row id, version = sequence (monotonic per key).
+pub struct EmbeddedFeed {
+    store: EmbeddedStore,
+    table: String,
+    committed: i64,
+    delivered: i64,
+    oldest_uncommitted_micros: Option<i64>,
+}
+
+fn parse_kind(kind: &str) -> ChangeKind {
+    match kind {
+        "INSERT" => ChangeKind::Insert,
+        "REMOVE" => ChangeKind::Remove,
+        _ => ChangeKind::Modify,
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for EmbeddedFeed {
+    async fn poll(&mut self, max: usize) -> ConnectorResult<Vec<ChangeRecord>> {
+        let tbl = self.table.clone();
+        let after = self.delivered;
+        let max = i64::try_from(max.max(1)).unwrap_or(i64::MAX);
+        type Row = (i64, String, String, Option<String>, Option<String>, i64);
+        let rows: Vec<Row> = self
+            .store
+            .with(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, k, kind, new_image, old_image, created_micros FROM tm_changes
+                     WHERE tbl = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                let rows = stmt
+                    .query_map(params![tbl, after, max], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, k, kind, new_image, old_image, created) in rows {
+            let key: Key = serde_json::from_str(&k)
+                .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt key: {e}")))?;
+            out.push(ChangeRecord {
+                key,
+                kind: parse_kind(&kind),
+                new_image: new_image.as_deref().map(from_json).transpose()?,
+                old_image: old_image.as_deref().map(from_json).transpose()?,
+                version: u64::try_from(seq).unwrap_or_default(),
+                created_at_micros: created,
+                position: Position {
+                    partition: PARTITION.to_owned(),
+                    sequence: seq.to_string(),
+                },
+            });
+            self.delivered = seq;
+            self.oldest_uncommitted_micros.get_or_insert(created);
+        }
+        Ok(out)
+    }
+
+    async fn commit(&mut self, position: &Position) -> ConnectorResult<()> {
+        let seq: i64 = position.sequence.parse().map_err(|_| {
+            ConnectorError::invalid("sqlite", format!("bad sequence {:?}", position.sequence))
+        })?;
+        if position.partition != PARTITION || seq > self.delivered {
+            return Err(ConnectorError::invalid(
+                "sqlite",
+                "commit of a position that was never delivered",
+            ));
+        }
+        self.committed = self.committed.max(seq);
+        if self.committed == self.delivered {
+            self.oldest_uncommitted_micros = None;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> FeedCheckpoint {
+        let mut checkpoint = FeedCheckpoint::default();
+        checkpoint.partitions.insert(
+            PARTITION.to_owned(),
+            PartitionCheckpoint {
+                sequence: (self.committed > 0).then(|| self.committed.to_string()),
+                version: u64::try_from(self.committed).unwrap_or_default(),
+                finished: false,
+                parent: None,
+            },
+        );
+        checkpoint
+    }
+
+    fn lag(&self) -> Vec<PartitionLag> {
+        let seconds = self.oldest_uncommitted_micros.map_or(0.0, |t| {
+            Duration::from_micros(u64::try_from(now_micros() - t).unwrap_or(0)).as_secs_f64()
+        });
+        vec![PartitionLag {
+            partition: PARTITION.to_owned(),
+            records: u64::try_from(self.delivered - self.committed).unwrap_or(0),
+            seconds,
+        }]
+    }
+}
+
+/// A sink in the embedded store: versioned rows with tombstones.
+#[derive(Clone)]
+pub struct EmbeddedSink {
+    store: EmbeddedStore,
+    name: String,
+}
+
+#[async_trait]
+impl Sink for EmbeddedSink {
+    fn name(&self) -> String {
+        format!("sqlite:{}", self.name)
+    }
+
+    async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>> {
+        let sink = self.name.clone();
+        let batch = batch.to_vec();
+        self.store
+            .with(move |conn| {
+                let tx = conn.transaction()?;
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for record in &batch {
+                    let k = record.key.canonical();
+                    let version = i64::try_from(record.version)
+                        .map_err(|_| ConnectorError::invalid("sqlite", "version exceeds i64"))?;
+                    let (deleted, item) = match &record.op {
+                        SinkOp::Upsert(item) => (0, Some(to_json(item))),
+                        SinkOp::Delete => (1, None),
+                    };
+                    let changed = tx.execute(
+                        "INSERT INTO tm_sink (sink, k, version, deleted, item) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (sink, k) DO UPDATE SET version = excluded.version,
+                             deleted = excluded.deleted, item = excluded.item
+                         WHERE excluded.version > tm_sink.version",
+                        params![sink, k, version, deleted, item],
+                    )?;
+                    outcomes.push(if changed == 1 { RecordOutcome::Applied } else { RecordOutcome::Stale });
+                }
+                tx.commit()?;
+                Ok(outcomes)
+            })
+            .await
+    }
+
+    async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {
+        let sink = self.name.clone();
+        let k = key.canonical();
+        self.store
+            .with(move |conn| {
+                let row: Option<(i64, Option<String>)> = conn
+                    .query_row(
+                        "SELECT version, item FROM tm_sink WHERE sink = ?1 AND k = ?2 AND deleted = 0",
+                        params![sink, k],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                row.map(|(v, item)| Ok((u64::try_from(v).unwrap_or(0), from_json(item.as_deref().unwrap_or("{}"))?)))
+                    .transpose()
+            })
+            .await
+    }
+
+    async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>> {
+        if buckets == 0 {
+            return Err(ConnectorError::invalid(
+                "sqlite",
+                "buckets must be at least 1",
+            ));
+        }
+        let sink = self.name.clone();
+        self.store
+            .with(move |conn| {
+                let mut out = vec![BucketDigest::default(); buckets as usize];
+                let mut stmt = conn.prepare(
+                    "SELECT k, version, item FROM tm_sink WHERE sink = ?1 AND deleted = 0",
+                )?;
+                let mut rows = stmt.query(params![sink])?;
+                while let Some(row) = rows.next()? {
+                    let k: String = row.get(0)?;
+                    let key: Key = serde_json::from_str(&k).map_err(|e| {
+                        ConnectorError::terminal("sqlite", format!("corrupt key: {e}"))
+                    })?;
+                    let version: i64 = row.get(1)?;
+                    let item = from_json(&row.get::<_, String>(2)?)?;
+                    fold_digest(&mut out, &key, u64::try_from(version).unwrap_or(0), &item);
+                }
+                Ok(out)
+            })
+            .await
+    }
+}

@@ -1,0 +1,68 @@
+//! Support for tests that talk to the real local components started by
+//! `deploy/local/up`. A missing component is a loud failure, never a skip.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// The workspace root (this crate lives at `services/connectors`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Endpoints of the local components: the process environment first, then
+/// `deploy/local/.run/env` written by `deploy/local/up`.
+///
+/// # Panics
+/// When neither names `key`: the components are not up, and a test that
+/// needs them must fail, not pass silently.
+pub fn local_env(key: &str) -> String {
+    if let Ok(v) = std::env::var(key)
+        && !v.is_empty()
+    {
+        return v;
+    }
+    let path = workspace_root().join("deploy/local/.run/env");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let vars: HashMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
+        .collect();
+    match vars.get(key) {
+        Some(v) if !v.is_empty() => (*v).to_owned(),
+        _ => panic!(
+            "{key} is not set and {} does not name it: start the local components with `deploy/local/up`",
+            path.display()
+        ),
+    }
+}
+
+/// A DynamoDB client for the local endpoint, with the test credentials the
+/// local set-up uses.
+pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbstreams::Client) {
+    let endpoint = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&endpoint)
+        .region(aws_config::Region::new(
+            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned()),
+        ))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "tidemark-tests",
+        ))
+        .load()
+        .await;
+    (
+        aws_sdk_dynamodb::Client::new(&config),
+        aws_sdk_dynamodbstreams::Client::new(&config),
+    )
+}
+
+/// A name unique to this test run, so tests can run in parallel and again.
+pub fn unique_name(prefix: &str) -> String {
+    use rand::Rng as _;
+    format!("{prefix}-{:08x}", rand::rng().random::<u32>())
+}

@@ -1,0 +1,262 @@
+//! The four store abstractions of DESIGN.md §2. Every real store and the
+//! embedded one implement them; one behaviour suite checks every
+//! implementation of each trait.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConnectorResult;
+use crate::predicate::Predicate;
+use crate::value::{Item, Key, KeySchema};
+
+/// One page of a segmented scan.
+#[derive(Clone, Debug)]
+pub struct ScanRequest {
+    /// This worker's segment, `0..total_segments`.
+    pub segment: u32,
+    pub total_segments: u32,
+    /// Resume after this key (the previous page's `last_key`, or a checkpoint).
+    pub start_after: Option<Key>,
+    /// Items to examine in this page (before the filter).
+    pub limit: u32,
+    /// Only items matching this are returned.
+    pub filter: Option<Predicate>,
+    /// Strongly consistent reads where the store offers a choice.
+    pub consistent: bool,
+}
+
+impl ScanRequest {
+    pub fn segment(segment: u32, total_segments: u32) -> Self {
+        Self {
+            segment,
+            total_segments,
+            start_after: None,
+            limit: 1000,
+            filter: None,
+            consistent: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ScanPage {
+    pub items: Vec<Item>,
+    /// Where the next page starts; `None` when the segment is exhausted.
+    /// A page may be empty and still have a `last_key` (everything filtered).
+    pub last_key: Option<Key>,
+    /// Items examined, filtered or not.
+    pub scanned: u64,
+}
+
+/// A table that can be scanned in parallel segments, read by key and written
+/// conditionally: the source of a backfill or migration.
+#[async_trait]
+pub trait SourceTable: Send + Sync {
+    fn name(&self) -> &str;
+    fn key_schema(&self) -> &KeySchema;
+    async fn scan(&self, request: &ScanRequest) -> ConnectorResult<ScanPage>;
+    async fn get(&self, key: &Key) -> ConnectorResult<Option<Item>>;
+    /// Writes the whole item; fails with `Precondition` when `condition` does not hold.
+    async fn put(&self, item: &Item, condition: Option<&Predicate>) -> ConnectorResult<()>;
+    /// Sets the given attributes of the item (creating it when absent) and
+    /// returns the new item; fails with `Precondition` when `condition` does
+    /// not hold, leaving the item untouched.
+    async fn update(
+        &self,
+        key: &Key,
+        set: &Item,
+        condition: Option<&Predicate>,
+    ) -> ConnectorResult<Item>;
+    async fn delete(&self, key: &Key, condition: Option<&Predicate>) -> ConnectorResult<()>;
+}
+
+/// What happened to an item, as a change feed reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    Insert,
+    Modify,
+    Remove,
+}
+
+/// Where a record sits in its feed: a shard or partition and a sequence
+/// number or offset within it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Position {
+    pub partition: String,
+    pub sequence: String,
+}
+
+/// One committed change of one item.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChangeRecord {
+    pub key: Key,
+    pub kind: ChangeKind,
+    pub new_image: Option<Item>,
+    pub old_image: Option<Item>,
+    /// Monotonic per key across the feed (DESIGN.md invariant 3): sinks write
+    /// conditionally on it, so replays never move a target backwards.
+    pub version: u64,
+    /// When the change was made, in microseconds since the epoch
+    /// (second precision for DynamoDB Streams).
+    pub created_at_micros: i64,
+    pub position: Position,
+}
+
+/// Durable progress of a feed: what was committed per partition. Opaque to
+/// callers; stored as JSON in checkpoints.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedCheckpoint {
+    pub partitions: BTreeMap<String, PartitionCheckpoint>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartitionCheckpoint {
+    /// Last committed sequence; `None` when nothing was committed yet.
+    pub sequence: Option<String>,
+    /// Version assigned to that record, so a resumed feed assigns the same
+    /// versions to the records that follow.
+    pub version: u64,
+    /// The partition has ended and every record of it was committed.
+    pub finished: bool,
+    pub parent: Option<String>,
+}
+
+/// Lag of one partition.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartitionLag {
+    pub partition: String,
+    /// Records delivered but not committed, plus records known to be waiting.
+    pub records: u64,
+    /// Age of the oldest uncommitted record, or 0.
+    pub seconds: f64,
+}
+
+/// An ordered stream of changes that is read from a checkpoint and
+/// acknowledged after the sink write succeeded (DESIGN.md invariant 1).
+#[async_trait]
+pub trait ChangeFeed: Send {
+    /// Up to `max` records not yet delivered, in order within each key.
+    /// Returns an empty batch when nothing is waiting.
+    async fn poll(&mut self, max: usize) -> ConnectorResult<Vec<ChangeRecord>>;
+    /// Marks every record of `position.partition` up to and including
+    /// `position` as done. Records delivered but never committed are
+    /// delivered again after a restart from [`ChangeFeed::checkpoint`].
+    async fn commit(&mut self, position: &Position) -> ConnectorResult<()>;
+    fn checkpoint(&self) -> FeedCheckpoint;
+    fn lag(&self) -> Vec<PartitionLag>;
+}
+
+/// A write to a sink: the item's full new image (or its deletion) with the
+/// source version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SinkRecord {
+    pub key: Key,
+    pub version: u64,
+    pub op: SinkOp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SinkOp {
+    Upsert(Item),
+    /// Deletes the item and keeps a tombstone at this version, so an older
+    /// upsert arriving later cannot bring it back.
+    Delete,
+}
+
+/// Per-record result of [`Sink::apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordOutcome {
+    Applied,
+    /// The sink already holds this or a newer version: nothing to do.
+    Stale,
+    /// The sink refused the record itself (mapping error, too large):
+    /// it belongs in the dead-letter store with this reason.
+    Rejected(String),
+}
+
+/// Count and order-independent digest of one bucket of keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BucketDigest {
+    pub count: u64,
+    pub digest: [u8; 32],
+}
+
+/// A target that applies versioned writes idempotently.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    fn name(&self) -> String;
+    /// Applies a batch; one outcome per record, in order. An `Err` means the
+    /// batch as a whole failed (retry it); per-record refusals are outcomes.
+    async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>>;
+    /// The live item and its version; `None` when absent or deleted.
+    async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>>;
+    /// Live items bucketed by [`crate::value::key_hash`] `% buckets`, each
+    /// bucket with a count and a digest of (key, version, item).
+    async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>>;
+}
+
+/// Folds one live item into its bucket: XOR of SHA-256 over canonical key,
+/// version and item, so the order of reading does not matter.
+pub fn fold_digest(buckets: &mut [BucketDigest], key: &Key, version: u64, item: &Item) {
+    use sha2::{Digest, Sha256};
+    let n = u64::try_from(buckets.len()).expect("bucket count fits u64");
+    let index = usize::try_from(crate::value::key_hash(key) % n).expect("bucket index fits usize");
+    let mut hasher = Sha256::new();
+    hasher.update(key.canonical().as_bytes());
+    hasher.update(version.to_be_bytes());
+    hasher.update(crate::value::canonical_item(item).as_bytes());
+    let h = hasher.finalize();
+    let bucket = &mut buckets[index];
+    bucket.count += 1;
+    for (d, x) in bucket.digest.iter_mut().zip(h.iter()) {
+        *d ^= x;
+    }
+}
+
+/// One buffered counter operation of the stats aggregator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum BufferOp {
+    /// Add `delta` to `metric` of `entity`.
+    Increment {
+        entity: String,
+        metric: String,
+        delta: i64,
+    },
+    /// Replace `metric` of `entity` with `value` (decimal text).
+    Replace {
+        entity: String,
+        metric: String,
+        value: String,
+    },
+}
+
+/// The pending changes of one entity taken out for a flush.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EntityDelta {
+    pub entity: String,
+    pub increments: BTreeMap<String, i64>,
+    pub replaces: BTreeMap<String, String>,
+}
+
+/// The aggregation buffer between ingestion and flush: atomic increments and
+/// replaces per entity plus a dirty set, swapped out whole for a flush so
+/// events arriving during the flush belong to the next one.
+#[async_trait]
+pub trait Buffer: Send + Sync {
+    /// Applies the operations atomically (all or none).
+    async fn apply(&self, ops: &[BufferOp]) -> ConnectorResult<()>;
+    /// Moves every dirty entity into flush `sequence` and returns them. If
+    /// flush `sequence` was already taken out and not acknowledged (a crash
+    /// during a flush), returns that same content again.
+    async fn take_for_flush(&self, sequence: u64) -> ConnectorResult<Vec<EntityDelta>>;
+    /// Forgets flush `sequence` after it was written to the store.
+    async fn ack_flush(&self, sequence: u64) -> ConnectorResult<()>;
+    /// The unacknowledged flush, if any: (sequence, content).
+    async fn pending_flush(&self) -> ConnectorResult<Option<(u64, Vec<EntityDelta>)>>;
+    /// What is buffered for `entity` and not yet taken for a flush.
+    async fn peek(&self, entity: &str) -> ConnectorResult<EntityDelta>;
+    /// Number of dirty entities not yet taken for a flush.
+    async fn dirty_count(&self) -> ConnectorResult<u64>;
+}

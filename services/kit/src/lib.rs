@@ -1,0 +1,21 @@
+//! The service kit every Tidemark service is built on: one [`ServiceHost`]
+//! that serves gRPC with health, reflection and the shared tower stack;
+//! layered configuration; telemetry; graceful shutdown; and the mapping of
+//! domain errors to `tonic::Status`.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod main_support;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{ConfigError, ServerConfig, ServerFlags, ServiceConfig};
+pub use error::{FieldError, KitError, KitResult};
+pub use health::Health;
+pub use metrics::Metrics;
+pub use server::ServiceHost;
+pub use tokio_util::sync::CancellationToken;

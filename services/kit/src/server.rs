@@ -1,0 +1,215 @@
+//! [`ServiceHost`]: the one way every Tidemark service is served.
+//!
+//! It adds `grpc.health.v1` and server reflection (v1 and v1alpha, since
+//! common tools still speak only v1alpha), wraps every RPC in the shared tower
+//! stack (metrics, bearer auth, load shedding over a global concurrency
+//! limit, per-request timeout, a tracing span) and shuts down in order:
+//! health NOT_SERVING → drain delay → stop accepting and finish in-flight
+//! requests → cancel and join background tasks, all under one grace deadline.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+
+use crate::auth::AuthLayer;
+use crate::config::ServerConfig;
+use crate::error::{KitError, KitResult};
+use crate::health::Health;
+use crate::metrics::{Metrics, MetricsLayer};
+
+/// Builder and runner for a gRPC server hosting one or more Tidemark services.
+pub struct ServiceHost {
+    config: ServerConfig,
+    routes: RoutesBuilder,
+    health: Health,
+    health_service:
+        tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    metrics: Metrics,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl ServiceHost {
+    /// A host that stops when `shutdown` is cancelled.
+    pub fn new(config: ServerConfig, shutdown: CancellationToken) -> Self {
+        let reporter = tonic_health::server::HealthReporter::new();
+        let health_service =
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        Self {
+            config,
+            routes: RoutesBuilder::default(),
+            health: Health::new(reporter),
+            health_service: tonic_health::pb::health_server::HealthServer::new(health_service),
+            metrics: Metrics::default(),
+            tasks: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+
+    /// The token that stops this host; background tasks select on it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Adds a gRPC service; it reports SERVING until a backend probe or
+    /// shutdown says otherwise.
+    pub fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.health.register(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Spawns a background task that the host cancels (through its token)
+    /// and joins on shutdown.
+    pub fn spawn<F>(&self, name: &'static str, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(async move {
+            task.await;
+            tracing::debug!(task = name, "background task finished");
+        });
+    }
+
+    /// Keeps `service`'s health in step with `probe` (see [`Health::watch_backend`]).
+    pub fn watch_backend<F, Fut>(&self, service: &str, interval: Duration, probe: F)
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let health = self.health.clone();
+        let shutdown = self.shutdown.clone();
+        let service = service.to_owned();
+        self.spawn(
+            "backend-probe",
+            health.watch_backend(service, interval, shutdown, probe),
+        );
+    }
+
+    /// Serves on `listener` until the shutdown token is cancelled, then
+    /// shuts down in order and returns once everything has stopped or the
+    /// grace deadline has passed.
+    ///
+    /// # Errors
+    /// When TLS material cannot be read, reflection cannot be built, or the
+    /// transport fails.
+    pub async fn serve(mut self, listener: TcpListener) -> KitResult<()> {
+        let addr = listener.local_addr()?;
+        for service in self.health.services() {
+            self.health.set(&service, true).await;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tidemark_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tidemark_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        self.routes
+            .add_service(self.health_service.clone())
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        if let Some(metrics_addr) = self.config.metrics_listen {
+            let metrics = self.metrics.clone();
+            let token = self.shutdown.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = metrics.serve(metrics_addr, token).await {
+                    tracing::error!(error = %e, addr = %metrics_addr, "metrics endpoint failed");
+                }
+            });
+        }
+
+        let mut builder = Server::builder()
+            .timeout(self.config.request_timeout())
+            .trace_fn(|req| tracing::info_span!("rpc", rpc = %req.uri().path()));
+        if let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) {
+            let identity =
+                Identity::from_pem(tokio::fs::read(cert).await?, tokio::fs::read(key).await?);
+            builder = builder
+                .tls_config(ServerTlsConfig::new().identity(identity))
+                .map_err(|e| KitError::Tls(e.to_string()))?;
+        }
+        let stack = ServiceBuilder::new()
+            .layer(MetricsLayer::new(self.metrics.clone()))
+            .layer(AuthLayer::new(self.config.auth_token.as_deref()))
+            .layer(LoadShedLayer::new())
+            .layer(GlobalConcurrencyLimitLayer::new(
+                self.config.concurrency_limit,
+            ))
+            .into_inner();
+
+        let health = self.health.clone();
+        let drain_delay = self.config.drain_delay();
+        let token = self.shutdown.clone();
+        let stop_accepting = async move {
+            token.cancelled().await;
+            health.set_all_not_serving().await;
+            tokio::time::sleep(drain_delay).await;
+        };
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        tracing::info!(%addr, services = ?self.health.services(), "serving");
+        let server = builder
+            .layer(stack)
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(incoming, stop_accepting);
+
+        let grace = self.config.shutdown_grace();
+        let token = self.shutdown.clone();
+        let result = tokio::select! {
+            r = server => r.map_err(KitError::from),
+            () = async { token.cancelled().await; tokio::time::sleep(drain_delay + grace).await } => {
+                tracing::warn!(grace_ms = grace.as_millis(), "in-flight requests outlived the grace period");
+                Ok(())
+            }
+        };
+        // A transport error ends serving without a signal: stop the tasks too.
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_ms = grace.as_millis(),
+                "background tasks outlived the grace period"
+            );
+        }
+        tracing::info!(%addr, "stopped");
+        result
+    }
+}

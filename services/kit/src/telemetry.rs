@@ -1,0 +1,82 @@
+//! Logs and traces: JSON (or text) logs through `tracing`, and OTLP trace
+//! export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::LogFormat;
+use crate::error::{KitError, KitResult};
+
+/// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes it.
+#[derive(Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes buffered spans and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "telemetry flush failed");
+        }
+    }
+}
+
+/// Installs the global subscriber. A second call (several services in one
+/// process, or tests) keeps the first subscriber and returns a no-op guard.
+///
+/// `otlp_endpoint` is usually `OTEL_EXPORTER_OTLP_ENDPOINT`; the exporter
+/// reads the standard `OTEL_…` variables for everything else.
+///
+/// # Errors
+/// When the OTLP exporter cannot be built from its settings.
+pub fn init(
+    service_name: &'static str,
+    format: LogFormat,
+    level: &str,
+    otlp_endpoint: Option<&str>,
+) -> KitResult<Telemetry> {
+    let filter = EnvFilter::try_new(level).map_err(|e| KitError::Telemetry(e.to_string()))?;
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().compact().boxed(),
+    };
+    let (otel, provider) = match otlp_endpoint.filter(|e| !e.is_empty()) {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|e| KitError::Telemetry(e.to_string()))?;
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(Resource::builder().with_service_name(service_name).build())
+                .build();
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(service_name))
+                .boxed();
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    let installed = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init()
+        .is_ok();
+    Ok(Telemetry {
+        provider: if installed { provider } else { None },
+    })
+}
