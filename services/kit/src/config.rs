@@ -323,3 +323,20 @@ mod tests {
         assert!(matches!(err, ConfigError::MissingFile(_)));
     }
 }
+
+/// Checks that `value` is an absolute `http://` or `https://` URL.
+///
+/// # Errors
+/// Names `field` and says what is wrong.
+pub fn check_url(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| ConfigError::invalid(field, format!("{value:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            field,
+            format!("{value:?} must be an http:// or https:// URL with a host"),
+        )),
+    }
+}

@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 pub mod main_support;
 pub mod metrics;
+pub mod rpc;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

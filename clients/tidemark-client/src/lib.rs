@@ -1,0 +1,1 @@
+//! Typed async client over the four Tidemark services

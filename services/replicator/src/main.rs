@@ -1,0 +1,27 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use serde::Serialize;
+use tidemark_kit::ServerFlags;
+use tidemark_kit::main_support::{load_config, run_service};
+
+/// The Tidemark replicator.
+#[derive(Parser, Serialize)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    #[serde(flatten)]
+    server: ServerFlags,
+    /// Address of the job-tracker, e.g. http://job-tracker:50051.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_tracker_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match load_config::<replicator::Config>("replicator", cli.server.config.as_deref(), &cli) {
+        Ok(config) => run_service("replicator", config, replicator::run),
+        Err(code) => code,
+    }
+}
