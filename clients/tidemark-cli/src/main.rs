@@ -1,6 +1,6 @@
 //! `tidemark`: the command line of the Tidemark control plane.
 
-mod dev;
+use tidemark_cli::dev;
 
 use std::process::ExitCode;
 
