@@ -3,7 +3,8 @@
 
 /// Encoded `FileDescriptorSet` of every Tidemark proto, for server reflection
 /// and for clients that build requests dynamically.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tidemark_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tidemark_descriptor.bin"));
 
 pub mod common {
     pub mod v1 {

@@ -3,9 +3,21 @@
 //! checkpoints, the failure gate, schedules and per-unit routes. It never
 //! calls out; workers pull units from it (DESIGN.md §2, "How work flows").
 
+pub mod convert;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod schedule;
 mod service;
+pub mod suite;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::Tracker;
+use kv::{DynamoKv, KvStore, SqliteKv};
 
 use serde::{Deserialize, Serialize};
 use tidemark_kit::config::{ConfigError, ServerConfig, ServiceConfig};
@@ -36,6 +48,8 @@ pub struct Config {
     pub dynamodb_table: String,
     /// DynamoDB endpoint override; the AWS default chain when unset.
     pub aws_endpoint: Option<String>,
+    /// How often the scheduler looks for due runs.
+    pub scheduler_tick_ms: u64,
 }
 
 impl Default for Config {
@@ -46,6 +60,7 @@ impl Default for Config {
             data_dir: PathBuf::from(".tidemark"),
             dynamodb_table: "tidemark-jobs".to_owned(),
             aws_endpoint: None,
+            scheduler_tick_ms: 1000,
         }
     }
 }
@@ -71,6 +86,12 @@ impl ServiceConfig for Config {
         if let Some(url) = &self.aws_endpoint {
             tidemark_kit::config::check_url("aws_endpoint", url)?;
         }
+        if !(10..=60_000).contains(&self.scheduler_tick_ms) {
+            return Err(ConfigError::invalid(
+                "scheduler_tick_ms",
+                "must be between 10 and 60000",
+            ));
+        }
         Ok(())
     }
 }
@@ -79,18 +100,67 @@ impl ServiceConfig for Config {
 pub enum JobTrackerError {
     #[error(transparent)]
     Kit(#[from] KitError),
+    #[error("cannot open the {store:?} store: {source}")]
+    Store {
+        store: StoreKind,
+        source: kv::KvError,
+    },
 }
 
 /// The `JobTrackerService` implementation.
 #[derive(Clone)]
-pub struct JobTracker {}
+pub struct JobTracker {
+    tracker: Arc<Tracker>,
+}
 
-/// Adds the job-tracker's services to `host`.
+/// Opens the configured store.
+///
+/// # Errors
+/// When the embedded file or the DynamoDB table cannot be reached.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn KvStore>, JobTrackerError> {
+    let store_err = |source| JobTrackerError::Store {
+        store: config.store,
+        source,
+    };
+    Ok(match config.store {
+        StoreKind::Embedded => Arc::new(SqliteKv::open(&config.data_dir).map_err(store_err)?),
+        StoreKind::Dynamodb => {
+            let sdk =
+                tidemark_connectors::dynamodb::sdk_config(config.aws_endpoint.as_deref()).await;
+            let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(&sdk), &config.dynamodb_table);
+            kv.ensure_table().await.map_err(store_err)?;
+            Arc::new(kv)
+        }
+    })
+}
+
+/// Adds the job-tracker's service, its scheduler and a health probe of its
+/// store to `host`.
 ///
 /// # Errors
 /// When its store cannot be opened.
-pub async fn register(_config: &Config, host: &mut ServiceHost) -> Result<(), JobTrackerError> {
-    host.add_service(JobTrackerServiceServer::new(JobTracker {}));
+pub async fn register(config: &Config, host: &mut ServiceHost) -> Result<(), JobTrackerError> {
+    let store = open_store(config).await?;
+    let tracker = Arc::new(Tracker::new(store.clone(), host.shutdown_token()));
+    host.add_service(JobTrackerServiceServer::new(JobTracker {
+        tracker: tracker.clone(),
+    }));
+    host.spawn(
+        "scheduler",
+        schedule::run(
+            tracker,
+            Duration::from_millis(config.scheduler_tick_ms),
+            host.shutdown_token(),
+        ),
+    );
+    host.watch_backend(
+        <JobTrackerServiceServer<JobTracker> as tonic::server::NamedService>::NAME,
+        Duration::from_secs(5),
+        move || {
+            let store = store.clone();
+            async move { store.ping().await.map_err(|e| e.to_string()) }
+        },
+    );
     Ok(())
 }
 

@@ -1,0 +1,58 @@
+//! The job-tracker's errors and their one mapping to gRPC status codes.
+
+use tidemark_kit::FieldError;
+use tonic::Status;
+
+use crate::kv::KvError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Stale fencing token, illegal transition, failure gate, run busy.
+    #[error("{0}")]
+    Precondition(String),
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type TrackerResult<T> = Result<T, TrackerError>;
+
+impl From<KvError> for TrackerError {
+    fn from(e: KvError) -> Self {
+        match e {
+            // A conflict that reaches here outlived every retry.
+            KvError::Conflict => Self::Unavailable("too many concurrent writers; retry".to_owned()),
+            KvError::Unavailable(m) => Self::Unavailable(m),
+            KvError::Failed(m) => Self::Internal(m),
+        }
+    }
+}
+
+impl From<serde_json::Error> for TrackerError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Internal(format!("corrupt record: {e}"))
+    }
+}
+
+impl From<TrackerError> for Status {
+    fn from(e: TrackerError) -> Self {
+        match e {
+            TrackerError::NotFound(m) => Status::not_found(m),
+            TrackerError::AlreadyExists(m) => Status::already_exists(m),
+            TrackerError::Precondition(m) => Status::failed_precondition(m),
+            TrackerError::Invalid(f) => f.into(),
+            TrackerError::Unavailable(m) => Status::unavailable(m),
+            TrackerError::Internal(m) => {
+                tracing::error!(error = %m, "job-tracker internal error");
+                Status::internal("internal error; see the job-tracker log")
+            }
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! The job-tracker's storage: a small partitioned key-value store with
+//! per-record revisions and atomic conditional multi-record writes. Every
+//! rule of the job-tracker is written once on top of it (in `engine`), and
+//! two implementations keep the records: SQLite (embedded, the default) and
+//! a single DynamoDB table (shared by several replicas, every write a
+//! conditional write or TransactWriteItems).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement,
+    KeyType, ScalarAttributeType, TransactWriteItem, Update,
+};
+use rusqlite::{OptionalExtension, params};
+
+/// A stored record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub sk: String,
+    /// Starts at 1 and grows by one on every write.
+    pub rev: u64,
+    pub body: String,
+}
+
+/// What a write expects of the record it touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The record must not exist.
+    Absent,
+    /// The record must exist at exactly this revision.
+    Rev(u64),
+    /// No expectation.
+    Any,
+}
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    Put {
+        pk: String,
+        sk: String,
+        body: String,
+        expect: Expect,
+    },
+    Delete {
+        pk: String,
+        sk: String,
+        expect: Expect,
+    },
+    /// Only checks the expectation (guards a write on another record).
+    Check {
+        pk: String,
+        sk: String,
+        expect: Expect,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// An expectation did not hold: someone else wrote first.
+    #[error("conflicting write")]
+    Conflict,
+    #[error("storage temporarily unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage failure: {0}")]
+    Failed(String),
+}
+
+pub type KvResult<T> = Result<T, KvError>;
+
+#[async_trait]
+pub trait KvStore: Send + Sync {
+    async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>>;
+    /// Records of `pk` whose sort key starts with `prefix`, in sort-key
+    /// order, after `after` when given, at most `limit`.
+    async fn query(
+        &self,
+        pk: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KvResult<Vec<Entry>>;
+    /// Applies every op or none; `Conflict` when an expectation fails.
+    async fn transact(&self, ops: Vec<Op>) -> KvResult<()>;
+    /// Cheap reachability probe for health.
+    async fn ping(&self) -> KvResult<()>;
+}
+
+/// All records of `pk` under `prefix` (pages through `query`).
+pub async fn query_all(store: &dyn KvStore, pk: &str, prefix: &str) -> KvResult<Vec<Entry>> {
+    let mut out: Vec<Entry> = Vec::new();
+    loop {
+        let after = out.last().map(|e| e.sk.clone());
+        let page = store.query(pk, prefix, after.as_deref(), 500).await?;
+        let done = page.len() < 500;
+        out.extend(page);
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- SQLite
+
+/// The embedded store: one SQLite file.
+pub struct SqliteKv {
+    conn: Arc<Mutex<rusqlite::Connection>>,
+}
+
+impl SqliteKv {
+    /// Opens (creating) `dir/job-tracker.db`.
+    ///
+    /// # Errors
+    /// When the directory or file cannot be created.
+    pub fn open(dir: &Path) -> KvResult<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| KvError::Failed(format!("create {}: {e}", dir.display())))?;
+        let conn = rusqlite::Connection::open(dir.join("job-tracker.db")).map_err(sqlite_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sqlite_err)?;
+        // WAL + NORMAL survives a killed process (kill -9) without losing a
+        // committed transaction; FULL is only needed against power loss.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS kv (
+                 pk TEXT NOT NULL, sk TEXT NOT NULL, rev INTEGER NOT NULL, body TEXT NOT NULL,
+                 PRIMARY KEY (pk, sk)) WITHOUT ROWID;",
+        )
+        .map_err(sqlite_err)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut rusqlite::Connection) -> KvResult<T> + Send + 'static,
+    ) -> KvResult<T> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| KvError::Failed("sqlite lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| KvError::Failed(e.to_string()))?
+    }
+}
+
+fn sqlite_err(e: rusqlite::Error) -> KvError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            KvError::Unavailable(e.to_string())
+        }
+        _ => KvError::Failed(e.to_string()),
+    }
+}
+
+fn current_rev(tx: &rusqlite::Transaction<'_>, pk: &str, sk: &str) -> KvResult<Option<u64>> {
+    tx.query_row(
+        "SELECT rev FROM kv WHERE pk = ?1 AND sk = ?2",
+        params![pk, sk],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|r| r.map(|v| u64::try_from(v).unwrap_or(0)))
+    .map_err(sqlite_err)
+}
+
+fn holds(expect: Expect, rev: Option<u64>) -> bool {
+    match expect {
+        Expect::Absent => rev.is_none(),
+        Expect::Rev(r) => rev == Some(r),
+        Expect::Any => true,
+    }
+}
+
+#[async_trait]
+impl KvStore for SqliteKv {
+    async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>> {
+        let (pk, sk) = (pk.to_owned(), sk.to_owned());
+        self.with(move |conn| {
+            conn.prepare_cached("SELECT rev, body FROM kv WHERE pk = ?1 AND sk = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![pk, sk], |r| {
+                        Ok(Entry {
+                            sk: sk.clone(),
+                            rev: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                            body: r.get(1)?,
+                        })
+                    })
+                    .optional()
+                })
+                .map_err(sqlite_err)
+        })
+        .await
+    }
+
+    async fn query(
+        &self,
+        pk: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KvResult<Vec<Entry>> {
+        let (pk, prefix) = (pk.to_owned(), prefix.to_owned());
+        let after = after.map_or_else(|| prefix.clone(), str::to_owned);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT sk, rev, body FROM kv WHERE pk = ?1 AND sk >= ?2 AND sk > ?3
+                     AND substr(sk, 1, length(?2)) = ?2 ORDER BY sk LIMIT ?4",
+                )
+                .map_err(sqlite_err)?;
+            // `sk > after` excludes the prefix itself only when `after` was given.
+            let exclusive = if after == prefix {
+                String::new()
+            } else {
+                after
+            };
+            let rows = stmt
+                .query_map(params![pk, prefix, exclusive, limit], |r| {
+                    Ok(Entry {
+                        sk: r.get(0)?,
+                        rev: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                        body: r.get(2)?,
+                    })
+                })
+                .map_err(sqlite_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sqlite_err)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn transact(&self, ops: Vec<Op>) -> KvResult<()> {
+        self.with(move |conn| {
+            let tx = conn.transaction().map_err(sqlite_err)?;
+            for op in &ops {
+                let (Op::Put { pk, sk, expect, .. } | Op::Delete { pk, sk, expect } | Op::Check { pk, sk, expect }) = op;
+                let rev = current_rev(&tx, pk, sk)?;
+                if !holds(*expect, rev) {
+                    return Err(KvError::Conflict);
+                }
+                match op {
+                    Op::Put { body, .. } => {
+                        let next = i64::try_from(rev.unwrap_or(0) + 1).unwrap_or(i64::MAX);
+                        tx.execute(
+                            "INSERT INTO kv (pk, sk, rev, body) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (pk, sk) DO UPDATE SET rev = excluded.rev, body = excluded.body",
+                            params![pk, sk, next, body],
+                        )
+                        .map_err(sqlite_err)?;
+                    }
+                    Op::Delete { .. } => {
+                        tx.execute("DELETE FROM kv WHERE pk = ?1 AND sk = ?2", params![pk, sk]).map_err(sqlite_err)?;
+                    }
+                    Op::Check { .. } => {}
+                }
+            }
+            tx.commit().map_err(sqlite_err)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> KvResult<()> {
+        self.with(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(sqlite_err)
+        })
+        .await
+    }
+}
+
+// -------------------------------------------------------------- DynamoDB
+
+/// The shared store: one DynamoDB table with string keys `pk` and `sk`.
+pub struct DynamoKv {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_owned())
+}
+
+fn ddb_err<E, R>(e: aws_sdk_dynamodb::error::SdkError<E, R>) -> KvError
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let retryable = matches!(
+        &e,
+        aws_sdk_dynamodb::error::SdkError::TimeoutError(_)
+            | aws_sdk_dynamodb::error::SdkError::DispatchFailure(_)
+    );
+    let code = aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e)
+        .unwrap_or_default()
+        .to_owned();
+    let message = format!(
+        "{code}: {}",
+        aws_sdk_dynamodb::error::ProvideErrorMetadata::message(&e).unwrap_or_default()
+    );
+    match code.as_str() {
+        "ConditionalCheckFailedException" => KvError::Conflict,
+        // A transaction is cancelled as a whole; when a condition was the
+        // reason, the caller re-reads and retries like any conflict.
+        "TransactionCanceledException" if message.contains("ConditionalCheckFailed") => {
+            KvError::Conflict
+        }
+        "TransactionCanceledException"
+        | "TransactionConflictException"
+        | "ProvisionedThroughputExceededException"
+        | "ThrottlingException"
+        | "RequestLimitExceeded"
+        | "InternalServerError" => KvError::Unavailable(message),
+        _ if retryable => KvError::Unavailable(format!("{e:?}")),
+        _ => KvError::Failed(if code.is_empty() {
+            format!("{e:?}")
+        } else {
+            message
+        }),
+    }
+}
+
+impl DynamoKv {
+    pub fn new(client: aws_sdk_dynamodb::Client, table: &str) -> Self {
+        Self {
+            client,
+            table: table.to_owned(),
+        }
+    }
+
+    /// Creates the table (on-demand) if it does not exist. Production tables
+    /// come from deploy/cloudformation; this serves local runs and tests.
+    ///
+    /// # Errors
+    /// When the table cannot be described or created.
+    pub async fn ensure_table(&self) -> KvResult<()> {
+        match self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e)
+                    == Some("ResourceNotFoundException") => {}
+            Err(e) => return Err(ddb_err(e)),
+        }
+        let attr = |n: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(n)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(|e| KvError::Failed(e.to_string()))
+        };
+        let key = |n: &str, t: KeyType| {
+            KeySchemaElement::builder()
+                .attribute_name(n)
+                .key_type(t)
+                .build()
+                .map_err(|e| KvError::Failed(e.to_string()))
+        };
+        let created = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attr("pk")?)
+            .attribute_definitions(attr("sk")?)
+            .key_schema(key("pk", KeyType::Hash)?)
+            .key_schema(key("sk", KeyType::Range)?)
+            .send()
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e)
+                if aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e)
+                    == Some("ResourceInUseException") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(ddb_err(e)),
+        }
+    }
+
+    fn condition(expect: Expect) -> (Option<String>, Option<HashMap<String, AttributeValue>>) {
+        match expect {
+            Expect::Absent => (Some("attribute_not_exists(pk)".to_owned()), None),
+            Expect::Rev(r) => (
+                Some("rev = :expected".to_owned()),
+                Some(HashMap::from([(
+                    ":expected".to_owned(),
+                    AttributeValue::N(r.to_string()),
+                )])),
+            ),
+            Expect::Any => (None, None),
+        }
+    }
+
+    fn key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
+        HashMap::from([("pk".to_owned(), s(pk)), ("sk".to_owned(), s(sk))])
+    }
+
+    fn entry(item: &HashMap<String, AttributeValue>) -> KvResult<Entry> {
+        let field = |n: &str| {
+            item.get(n)
+                .ok_or_else(|| KvError::Failed(format!("record lacks {n}")))
+        };
+        Ok(Entry {
+            sk: field("sk")?
+                .as_s()
+                .map_err(|_| KvError::Failed("sk is not a string".into()))?
+                .clone(),
+            rev: field("rev")?
+                .as_n()
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| KvError::Failed("rev is not a number".into()))?,
+            body: field("body")?
+                .as_s()
+                .map_err(|_| KvError::Failed("body is not a string".into()))?
+                .clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl KvStore for DynamoKv {
+    async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(pk, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(ddb_err)?;
+        out.item.as_ref().map(Self::entry).transpose()
+    }
+
+    async fn query(
+        &self,
+        pk: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KvResult<Vec<Entry>> {
+        let mut out = Vec::new();
+        let mut start = after.map(|a| Self::key(pk, a));
+        while out.len() < limit {
+            // DynamoDB rejects an empty string in a key condition: an empty
+            // prefix means the whole partition.
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .expression_attribute_values(":pk", s(pk));
+            query = if prefix.is_empty() {
+                query.key_condition_expression("pk = :pk")
+            } else {
+                query
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                    .expression_attribute_values(":prefix", s(prefix))
+            };
+            let page = query
+                .set_exclusive_start_key(start.take())
+                .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(ddb_err)?;
+            for item in page.items() {
+                out.push(Self::entry(item)?);
+            }
+            match page.last_evaluated_key {
+                Some(k) if out.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn transact(&self, ops: Vec<Op>) -> KvResult<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if ops.len() > 100 {
+            return Err(KvError::Failed(format!(
+                "{} writes exceed one transaction (100)",
+                ops.len()
+            )));
+        }
+        let mut items = Vec::with_capacity(ops.len());
+        for op in ops {
+            let item = match op {
+                Op::Put {
+                    pk,
+                    sk,
+                    body,
+                    expect,
+                } => {
+                    let (condition, mut values) = Self::condition(expect);
+                    let values = values.get_or_insert_with(HashMap::new);
+                    values.insert(":body".to_owned(), s(&body));
+                    values.insert(":one".to_owned(), AttributeValue::N("1".to_owned()));
+                    values.insert(":zero".to_owned(), AttributeValue::N("0".to_owned()));
+                    TransactWriteItem::builder()
+                        .update(
+                            Update::builder()
+                                .table_name(&self.table)
+                                .set_key(Some(Self::key(&pk, &sk)))
+                                .update_expression(
+                                    "SET body = :body, rev = if_not_exists(rev, :zero) + :one",
+                                )
+                                .set_condition_expression(condition)
+                                .set_expression_attribute_values(Some(values.clone()))
+                                .build()
+                                .map_err(|e| KvError::Failed(e.to_string()))?,
+                        )
+                        .build()
+                }
+                Op::Delete { pk, sk, expect } => {
+                    let (condition, values) = Self::condition(expect);
+                    TransactWriteItem::builder()
+                        .delete(
+                            Delete::builder()
+                                .table_name(&self.table)
+                                .set_key(Some(Self::key(&pk, &sk)))
+                                .set_condition_expression(condition)
+                                .set_expression_attribute_values(values)
+                                .build()
+                                .map_err(|e| KvError::Failed(e.to_string()))?,
+                        )
+                        .build()
+                }
+                Op::Check { pk, sk, expect } => {
+                    let (condition, values) = Self::condition(expect);
+                    TransactWriteItem::builder()
+                        .condition_check(
+                            ConditionCheck::builder()
+                                .table_name(&self.table)
+                                .set_key(Some(Self::key(&pk, &sk)))
+                                .condition_expression(condition.unwrap_or_else(|| {
+                                    "attribute_exists(pk) OR attribute_not_exists(pk)".to_owned()
+                                }))
+                                .set_expression_attribute_values(values)
+                                .build()
+                                .map_err(|e| KvError::Failed(e.to_string()))?,
+                        )
+                        .build()
+                }
+            };
+            items.push(item);
+        }
+        self.client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+            .map_err(ddb_err)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> KvResult<()> {
+        self.client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map(drop)
+            .map_err(ddb_err)
+    }
+}

@@ -1,0 +1,692 @@
+//! Behaviour suites run against every store (embedded SQLite and DynamoDB):
+//! first the key-value contract the engine relies on, then the job-tracker's
+//! own rules. Each check panics with what went wrong.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tidemark_kit::CancellationToken;
+
+use crate::engine::{ClaimRequest, Fence, NewJob, StartRun, Tracker, UnitOutcome, UnitSpec};
+use crate::error::TrackerError;
+use crate::kv::{Expect, KvError, KvStore, Op, query_all};
+use crate::model::{
+    Change, JobKind, Progress, RouteTarget, RunStatus, RunTrigger, Schedule, UnitStatus, Watermark,
+};
+
+/// The key-value contract: conditional writes, atomic transactions, prefix
+/// queries in order.
+///
+/// # Panics
+/// On the first behaviour that differs from the contract.
+
+fn put(pk: &str, sk: &str, body: &str, expect: Expect) -> Op {
+    Op::Put {
+        pk: pk.into(),
+        sk: sk.into(),
+        body: body.into(),
+        expect,
+    }
+}
+
+pub async fn kv_contract(store: &dyn KvStore) {
+    store
+        .transact(vec![put("p", "a#1", "one", Expect::Absent)])
+        .await
+        .unwrap();
+    let e = store.get("p", "a#1").await.unwrap().unwrap();
+    assert_eq!((e.rev, e.body.as_str()), (1, "one"));
+    assert!(matches!(
+        store
+            .transact(vec![put("p", "a#1", "x", Expect::Absent)])
+            .await,
+        Err(KvError::Conflict)
+    ));
+    assert!(matches!(
+        store
+            .transact(vec![put("p", "a#1", "x", Expect::Rev(7))])
+            .await,
+        Err(KvError::Conflict)
+    ));
+    store
+        .transact(vec![put("p", "a#1", "two", Expect::Rev(1))])
+        .await
+        .unwrap();
+    assert_eq!(store.get("p", "a#1").await.unwrap().unwrap().rev, 2);
+
+    // All or nothing: the second op's conflict undoes the first.
+    let r = store
+        .transact(vec![
+            put("p", "a#2", "new", Expect::Absent),
+            put("p", "a#1", "bad", Expect::Rev(1)),
+        ])
+        .await;
+    assert!(matches!(r, Err(KvError::Conflict)));
+    assert_eq!(
+        store.get("p", "a#2").await.unwrap(),
+        None,
+        "nothing of a failed transaction is kept"
+    );
+    let r = store
+        .transact(vec![
+            put("p", "a#2", "new", Expect::Absent),
+            Op::Check {
+                pk: "p".into(),
+                sk: "a#1".into(),
+                expect: Expect::Rev(2),
+            },
+        ])
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+
+    for i in 3..8 {
+        store
+            .transact(vec![put("p", &format!("a#{i}"), "v", Expect::Any)])
+            .await
+            .unwrap();
+    }
+    store
+        .transact(vec![
+            put("p", "b#1", "v", Expect::Any),
+            put("q", "a#9", "v", Expect::Any),
+        ])
+        .await
+        .unwrap();
+    let all = query_all(store, "p", "a#").await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.sk.as_str()).collect::<Vec<_>>(),
+        ["a#1", "a#2", "a#3", "a#4", "a#5", "a#6", "a#7"]
+    );
+    let page = store.query("p", "a#", Some("a#3"), 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.sk.as_str()).collect::<Vec<_>>(),
+        ["a#4", "a#5"]
+    );
+
+    store
+        .transact(vec![Op::Delete {
+            pk: "p".into(),
+            sk: "a#1".into(),
+            expect: Expect::Rev(2),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.get("p", "a#1").await.unwrap(), None);
+    assert!(matches!(
+        store
+            .transact(vec![Op::Delete {
+                pk: "p".into(),
+                sk: "a#2".into(),
+                expect: Expect::Absent
+            }])
+            .await,
+        Err(KvError::Conflict)
+    ));
+}
+
+fn job(name: &str, kind: JobKind) -> NewJob {
+    NewJob {
+        name: name.to_owned(),
+        kind,
+        description: "suite".to_owned(),
+        spec: None,
+        schedule: None,
+        default_unit_keys: Vec::new(),
+        explicit_completion: false,
+        max_attempts: 3,
+        max_concurrent_units: 0,
+    }
+}
+
+fn units(keys: &[&str]) -> Vec<UnitSpec> {
+    keys.iter()
+        .map(|k| UnitSpec {
+            unit_key: (*k).to_owned(),
+            after_unit_keys: Vec::new(),
+        })
+        .collect()
+}
+
+fn start(job: &str, keys: &[&str]) -> StartRun {
+    StartRun {
+        job_name: job.to_owned(),
+        units: units(keys),
+        trigger: RunTrigger::Api,
+        correlation_id: String::new(),
+        actor: "suite".to_owned(),
+        reason: "test".to_owned(),
+        force_remigrate: false,
+        window_start: None,
+        scheduled_time: None,
+    }
+}
+
+fn claim(worker: &str, run_id: &str, lease: Duration) -> ClaimRequest {
+    ClaimRequest {
+        worker_id: worker.to_owned(),
+        run_id: run_id.to_owned(),
+        lease,
+        ..ClaimRequest::default()
+    }
+}
+
+fn precondition<T: std::fmt::Debug>(r: Result<T, TrackerError>, what: &str) -> String {
+    match r {
+        Err(TrackerError::Precondition(m)) => m,
+        other => panic!("{what}: expected FAILED_PRECONDITION, got {other:?}"),
+    }
+}
+
+/// The job-tracker's rules on `store`. `prefix` keeps job names unique when
+/// stores are shared between test runs.
+///
+/// # Panics
+/// On the first rule that does not hold.
+pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
+    let tracker = Arc::new(Tracker::new(store, CancellationToken::new()));
+    let name = |n: &str| format!("{prefix}-{n}");
+    let lease = Duration::from_secs(30);
+
+    // Creating the same job twice is idempotent; a different one conflicts.
+    let created = tracker
+        .create_job(job(&name("race"), JobKind::BackfillAttribute), "suite")
+        .await
+        .unwrap();
+    let again = tracker
+        .create_job(job(&name("race"), JobKind::BackfillAttribute), "suite")
+        .await
+        .unwrap();
+    assert_eq!(created.create_time, again.create_time);
+    let mut other = job(&name("race"), JobKind::BackfillAttribute);
+    other.description = "different".into();
+    assert!(matches!(
+        tracker.create_job(other, "suite").await,
+        Err(TrackerError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        tracker.get_job(&name("missing")).await,
+        Err(TrackerError::NotFound(_))
+    ));
+
+    // N concurrent claimers racing for M units: each unit claimed exactly once.
+    let keys: Vec<String> = (0..24).map(|i| format!("segment-{i:02}")).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let run = tracker
+        .start_run(start(&name("race"), &key_refs))
+        .await
+        .unwrap();
+    assert_eq!(run.run.status, RunStatus::Running);
+    assert_eq!(run.units.total, 24);
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let tracker = tracker.clone();
+        let run_id = run.run.run_id.clone();
+        workers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(c) = tracker
+                .claim_unit(&claim(&format!("w{w}"), &run_id, lease))
+                .await
+                .unwrap()
+            {
+                mine.push((
+                    c.unit.unit_key.clone(),
+                    c.unit.lease.as_ref().unwrap().fencing_token,
+                ));
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for w in workers {
+        claimed.extend(w.await.unwrap());
+    }
+    let distinct: HashSet<&String> = claimed.iter().map(|(k, _)| k).collect();
+    assert_eq!(claimed.len(), 24, "every unit claimed once: {claimed:?}");
+    assert_eq!(distinct.len(), 24, "no unit claimed twice");
+
+    // A stale fencing token is refused, an expired lease can be reclaimed.
+    let (key, token) = claimed[0].clone();
+    let fence = Fence {
+        run_id: run.run.run_id.clone(),
+        unit_key: key.clone(),
+        fencing_token: token,
+    };
+    let stale = Fence {
+        fencing_token: token + 7,
+        ..fence.clone()
+    };
+    let m = precondition(
+        tracker
+            .checkpoint(&stale, b"x".to_vec(), Progress::default(), None)
+            .await,
+        "stale checkpoint",
+    );
+    assert!(m.contains("stale fencing token"), "{m}");
+    tracker
+        .checkpoint(
+            &fence,
+            b"lek-1".to_vec(),
+            Progress {
+                items_processed: 10,
+                ..Progress::default()
+            },
+            Some(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let taken = tracker
+        .claim_unit(&claim("w-new", &run.run.run_id, lease))
+        .await
+        .unwrap()
+        .expect("expired lease is reclaimable");
+    assert_eq!(taken.unit.unit_key, key);
+    assert_eq!(
+        taken.unit.checkpoint, b"lek-1",
+        "the new holder resumes from the checkpoint"
+    );
+    assert!(taken.unit.lease.as_ref().unwrap().fencing_token > token);
+    let m = precondition(
+        tracker
+            .finish_unit(&fence, UnitOutcome::Completed { result: None }, None, "old")
+            .await,
+        "old holder completes",
+    );
+    assert!(m.contains("w-new"), "names the new holder: {m}");
+    let new_fence = Fence {
+        fencing_token: taken.unit.lease.unwrap().fencing_token,
+        ..fence.clone()
+    };
+
+    // Completing every unit ends the run SUCCEEDED; completing twice is an illegal transition.
+    for (k, t) in &claimed {
+        let f = if *k == key {
+            new_fence.clone()
+        } else {
+            Fence {
+                run_id: run.run.run_id.clone(),
+                unit_key: k.clone(),
+                fencing_token: *t,
+            }
+        };
+        tracker
+            .finish_unit(&f, UnitOutcome::Completed { result: None }, None, "suite")
+            .await
+            .unwrap();
+    }
+    let m = precondition(
+        tracker
+            .finish_unit(
+                &new_fence,
+                UnitOutcome::Completed { result: None },
+                None,
+                "suite",
+            )
+            .await,
+        "complete twice",
+    );
+    assert!(m.contains("Migrated"), "names the current state: {m}");
+    let done = tracker.get_run(&run.run.run_id).await.unwrap();
+    assert_eq!(
+        done.run.status,
+        RunStatus::Succeeded,
+        "{:?}",
+        done.run.status_reason
+    );
+    assert_eq!(done.units.migrated, 24);
+    assert_eq!(done.totals.items_processed, 10, "progress of units adds up");
+
+    // Unit migration: a MIGRATED unit is never migrated again unless forced;
+    // a failure blocks the job until acknowledged.
+    tracker
+        .create_job(job(&name("courses"), JobKind::UnitMigration), "suite")
+        .await
+        .unwrap();
+    let first = tracker
+        .start_run(start(&name("courses"), &["c1", "c2"]))
+        .await
+        .unwrap();
+    let a = tracker
+        .claim_unit(&claim("w", &first.run.run_id, lease))
+        .await
+        .unwrap()
+        .unwrap();
+    let b = tracker
+        .claim_unit(&claim("w", &first.run.run_id, lease))
+        .await
+        .unwrap()
+        .unwrap();
+    let fa = Fence {
+        run_id: first.run.run_id.clone(),
+        unit_key: a.unit.unit_key.clone(),
+        fencing_token: a.unit.fencing_token,
+    };
+    let fb = Fence {
+        run_id: first.run.run_id.clone(),
+        unit_key: b.unit.unit_key.clone(),
+        fencing_token: b.unit.fencing_token,
+    };
+    tracker
+        .finish_unit(&fa, UnitOutcome::Completed { result: None }, None, "w")
+        .await
+        .unwrap();
+    let (failed, _) = tracker
+        .finish_unit(
+            &fb,
+            UnitOutcome::Failed {
+                error: "injected fault".into(),
+                retryable: false,
+                rolled_back: true,
+            },
+            None,
+            "w",
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.status, UnitStatus::RolledBack);
+    let ended = tracker.get_run(&first.run.run_id).await.unwrap();
+    assert_eq!(ended.run.status, RunStatus::Failed);
+    let m = precondition(
+        tracker
+            .start_run(start(&name("courses"), &["c1", "c2"]))
+            .await,
+        "gate",
+    );
+    assert!(
+        m.contains(&first.run.run_id) && m.contains("1 of 2 units failed"),
+        "names the run and its error: {m}"
+    );
+    let m = precondition(
+        tracker
+            .acknowledge_failure(&name("courses"), "not-the-run", "ops", "seen")
+            .await,
+        "wrong run",
+    );
+    assert!(m.contains(&first.run.run_id));
+    let acked = tracker
+        .acknowledge_failure(&name("courses"), "", "ops", "fault understood")
+        .await
+        .unwrap();
+    assert_eq!(acked.status, RunStatus::FailedAcknowledged);
+    let second = tracker
+        .start_run(start(&name("courses"), &["c1", "c2"]))
+        .await
+        .unwrap();
+    let units = tracker.list_units(&second.run.run_id).await.unwrap();
+    let status_of = |k: &str| units.iter().find(|u| u.unit_key == k).unwrap().status;
+    assert_eq!(
+        status_of(&a.unit.unit_key),
+        UnitStatus::Migrated,
+        "a MIGRATED unit is not claimed again"
+    );
+    assert_eq!(status_of(&b.unit.unit_key), UnitStatus::NotMigrated);
+    let c = tracker
+        .claim_unit(&claim("w", &second.run.run_id, lease))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.unit.unit_key, b.unit.unit_key);
+    assert!(
+        tracker
+            .claim_unit(&claim("w", &second.run.run_id, lease))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let fc = Fence {
+        run_id: second.run.run_id.clone(),
+        unit_key: c.unit.unit_key.clone(),
+        fencing_token: c.unit.fencing_token,
+    };
+    tracker
+        .finish_unit(&fc, UnitOutcome::Completed { result: None }, None, "w")
+        .await
+        .unwrap();
+    assert_eq!(
+        tracker
+            .get_run(&second.run.run_id)
+            .await
+            .unwrap()
+            .run
+            .status,
+        RunStatus::Succeeded
+    );
+    let mut forced = start(&name("courses"), &["c1"]);
+    forced.force_remigrate = true;
+    let third = tracker.start_run(forced).await.unwrap();
+    assert_eq!(
+        third.units.not_migrated, 1,
+        "force_remigrate makes it claimable"
+    );
+    let history = tracker
+        .list_transitions("", &third.run.run_id, "c1")
+        .await
+        .unwrap();
+    assert!(
+        history.iter().any(|t| t.reason.contains("force_remigrate")),
+        "recorded in the history: {history:?}"
+    );
+    let x = tracker
+        .claim_unit(&claim("w", &third.run.run_id, lease))
+        .await
+        .unwrap()
+        .unwrap();
+    tracker
+        .finish_unit(
+            &Fence {
+                run_id: third.run.run_id.clone(),
+                unit_key: "c1".into(),
+                fencing_token: x.unit.fencing_token,
+            },
+            UnitOutcome::Completed { result: None },
+            None,
+            "w",
+        )
+        .await
+        .unwrap();
+
+    // Retryable failures go back to the queue until max attempts.
+    let mut flaky = job(&name("flaky"), JobKind::BackfillAttribute);
+    flaky.max_attempts = 2;
+    tracker.create_job(flaky, "suite").await.unwrap();
+    let r = tracker
+        .start_run(start(&name("flaky"), &["s0"]))
+        .await
+        .unwrap();
+    for attempt in 1..=2 {
+        let u = tracker
+            .claim_unit(&claim("w", &r.run.run_id, lease))
+            .await
+            .unwrap()
+            .expect("claimable again");
+        assert_eq!(u.unit.attempts, attempt);
+        let f = Fence {
+            run_id: r.run.run_id.clone(),
+            unit_key: "s0".into(),
+            fencing_token: u.unit.fencing_token,
+        };
+        tracker
+            .finish_unit(
+                &f,
+                UnitOutcome::Failed {
+                    error: "throttled".into(),
+                    retryable: true,
+                    rolled_back: false,
+                },
+                None,
+                "w",
+            )
+            .await
+            .unwrap();
+    }
+    let r = tracker.get_run(&r.run.run_id).await.unwrap();
+    assert_eq!(
+        (r.run.status, r.units.failed),
+        (RunStatus::Failed, 1),
+        "gives up after max attempts"
+    );
+
+    // Incremental extract: explicit completion with a watermark; the next
+    // run starts where the last successful one stopped.
+    let mut extract = job(&name("extract"), JobKind::IncrementalExtract);
+    extract.explicit_completion = true;
+    tracker.create_job(extract, "suite").await.unwrap();
+    let e1 = tracker
+        .start_run(start(&name("extract"), &["window"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        e1.run.window_start, None,
+        "the first run has no previous watermark"
+    );
+    let u = tracker
+        .claim_unit(&claim("w", &e1.run.run_id, lease))
+        .await
+        .unwrap()
+        .unwrap();
+    tracker
+        .finish_unit(
+            &Fence {
+                run_id: e1.run.run_id.clone(),
+                unit_key: "window".into(),
+                fencing_token: u.unit.fencing_token,
+            },
+            UnitOutcome::Completed { result: None },
+            None,
+            "w",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        tracker.get_run(&e1.run.run_id).await.unwrap().run.status,
+        RunStatus::Running,
+        "explicit completion waits for CompleteRun"
+    );
+    let mark = Utc::now() - chrono::Duration::minutes(5);
+    tracker
+        .complete_run(
+            &e1.run.run_id,
+            Some(Watermark {
+                time: Some(mark),
+                position: "p".into(),
+            }),
+            None,
+            "w",
+        )
+        .await
+        .unwrap();
+    let e2 = tracker
+        .start_run(start(&name("extract"), &["window"]))
+        .await
+        .unwrap();
+    let got = e2.run.window_start.expect("window start");
+    assert!(
+        (got - mark).num_milliseconds().abs() < 2,
+        "starts from the last processed timestamp"
+    );
+    let m = precondition(
+        tracker
+            .start_run(start(&name("extract"), &["window"]))
+            .await,
+        "second active run",
+    );
+    assert!(m.contains("active run"), "{m}");
+    tracker
+        .fail_run(&e2.run.run_id, "source unreachable", None, "w")
+        .await
+        .unwrap();
+    precondition(
+        tracker
+            .start_run(start(&name("extract"), &["window"]))
+            .await,
+        "gate after FailRun",
+    );
+
+    // Routes: per unit, job-wide fallback, revisions.
+    let rj = name("race");
+    assert_eq!(
+        tracker.get_route(&rj, "u1").await.unwrap().target,
+        RouteTarget::Source
+    );
+    tracker
+        .set_route(&rj, "", RouteTarget::Target, 0, "ops", "all moved")
+        .await
+        .unwrap();
+    let r1 = tracker
+        .set_route(&rj, "u1", RouteTarget::Source, 0, "ops", "pin")
+        .await
+        .unwrap();
+    assert_eq!(r1.revision, 1);
+    assert_eq!(
+        tracker.get_route(&rj, "u1").await.unwrap().target,
+        RouteTarget::Source
+    );
+    assert_eq!(
+        tracker.get_route(&rj, "u2").await.unwrap().target,
+        RouteTarget::Target,
+        "job-wide route"
+    );
+    precondition(
+        tracker
+            .set_route(&rj, "u1", RouteTarget::Target, 5, "ops", "stale")
+            .await,
+        "route revision",
+    );
+    let h = tracker.list_transitions(&rj, "", "u1").await.unwrap();
+    assert!(h.iter().any(|t| matches!(
+        t.change,
+        Change::Route {
+            to: RouteTarget::Source,
+            ..
+        }
+    ) && t.actor == "ops"
+        && t.reason == "pin"));
+
+    // Schedules: a due run starts; a blocked job's due run is skipped after max wait.
+    let mut hourly = job(&name("hourly"), JobKind::IncrementalExtract);
+    hourly.explicit_completion = true;
+    hourly.default_unit_keys = vec!["window".into()];
+    hourly.schedule = Some(Schedule {
+        cron: "* * * * * *".into(),
+        time_zone: String::new(),
+        max_wait_ms: 0,
+        start_time: None,
+        end_time: None,
+    });
+    tracker.create_job(hourly, "suite").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    crate::schedule::tick(&tracker, Utc::now()).await.unwrap();
+    let runs = tracker.list_runs(&name("hourly"), &[]).await.unwrap();
+    assert_eq!(runs.len(), 1, "one scheduled run: {runs:?}");
+    assert_eq!(
+        (runs[0].status, runs[0].trigger),
+        (RunStatus::Running, RunTrigger::Schedule)
+    );
+    tracker
+        .fail_run(&runs[0].run_id, "boom", None, "w")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    crate::schedule::tick(&tracker, Utc::now()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    crate::schedule::tick(&tracker, Utc::now()).await.unwrap();
+    let runs = tracker.list_runs(&name("hourly"), &[]).await.unwrap();
+    let skipped = runs
+        .iter()
+        .find(|r| r.status == RunStatus::Skipped)
+        .expect("a skipped run");
+    assert!(
+        skipped.status_reason.contains("blocked"),
+        "{}",
+        skipped.status_reason
+    );
+    assert_eq!(
+        runs.iter()
+            .filter(|r| r.status == RunStatus::Running)
+            .count(),
+        0,
+        "no run starts while blocked"
+    );
+}
