@@ -1,0 +1,15 @@
+//! The benchmarks, in the order `all` runs them. Add a module here and list
+//! it in [`all`]; the command line, `--list` and `BENCHMARKS.md` pick it up.
+
+use crate::framework::Benchmark;
+
+pub mod noop_rpc;
+
+pub fn all() -> Vec<Box<dyn Benchmark>> {
+    vec![Box::new(noop_rpc::NoopRpc)]
+}
+
+/// The benchmark called `name`.
+pub fn find(name: &str) -> Option<Box<dyn Benchmark>> {
+    all().into_iter().find(|b| b.name() == name)
+}
