@@ -1,0 +1,4 @@
+//! End-to-end tests: one binary, one module per problem of DESIGN.md §1
+//! (plus the foundation every problem stands on).
+
+mod foundation;
