@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::load::LoadResult;
+
 /// One benchmark: a name for the command line and the `BENCHMARKS.md`
 /// markers, a description for its section, and a run that measures the raw
 /// baseline and the system in the same process and returns the figures.
@@ -170,6 +172,92 @@ impl<T> Sides<T> {
     }
 }
 
+/// Load results per side, one per round, and the figures taken from them.
+///
+/// Figures are medians over a side's rounds, not pooled counts: on a shared
+/// machine another process may take the cores for a second, and one
+/// disturbed round should move the figure no more than one sample does.
+#[derive(Debug, Clone, Default)]
+pub struct Rounds {
+    results: Sides<Vec<LoadResult>>,
+}
+
+impl Rounds {
+    pub fn push(&mut self, side: Side, result: LoadResult) {
+        self.results.get_mut(side).push(result);
+    }
+
+    pub fn rounds(&self, side: Side) -> &[LoadResult] {
+        self.results.get(side)
+    }
+
+    fn values(&self, side: Side, f: impl Fn(&LoadResult) -> f64) -> Vec<f64> {
+        let mut v: Vec<f64> = self.rounds(side).iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    /// Median over `side`'s rounds of `f` (mean of the middle two for an
+    /// even count); NaN without rounds.
+    pub fn median(&self, side: Side, f: impl Fn(&LoadResult) -> f64) -> f64 {
+        let v = self.values(side, f);
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+        }
+    }
+
+    /// Lowest and highest over `side`'s rounds of `f`.
+    pub fn range(&self, side: Side, f: impl Fn(&LoadResult) -> f64) -> (f64, f64) {
+        let v = self.values(side, f);
+        (
+            v.first().copied().unwrap_or(f64::NAN),
+            v.last().copied().unwrap_or(f64::NAN),
+        )
+    }
+
+    /// All of `side`'s rounds merged (for counts: requests, errors).
+    pub fn pooled(&self, side: Side) -> LoadResult {
+        let mut total = LoadResult::default();
+        for r in self.rounds(side) {
+            total.merge(r);
+        }
+        total
+    }
+
+    /// A row of medians: `f` of the system ÷ `f` of the baseline.
+    pub fn row(
+        &self,
+        figure: impl Into<String>,
+        unit: &'static str,
+        f: impl Fn(&LoadResult) -> f64 + Copy,
+    ) -> Row {
+        Row::new(
+            figure,
+            unit,
+            self.median(Side::System, f),
+            self.median(Side::Baseline, f),
+        )
+    }
+
+    /// How far rounds spread, for a note: `system a–b, baseline c–d unit over
+    /// n rounds each`.
+    pub fn spread(&self, unit: &str, f: impl Fn(&LoadResult) -> f64 + Copy) -> String {
+        let (s_lo, s_hi) = self.range(Side::System, f);
+        let (b_lo, b_hi) = self.range(Side::Baseline, f);
+        format!(
+            "system {}–{}, baseline {}–{} {unit} over {} / {} rounds",
+            fmt_num(s_lo),
+            fmt_num(s_hi),
+            fmt_num(b_lo),
+            fmt_num(b_hi),
+            self.rounds(Side::System).len(),
+            self.rounds(Side::Baseline).len(),
+        )
+    }
+}
+
 /// The order of `pairs` rounds per side: baseline, system, system, baseline,
 /// … (ABBA), so a slow drift of the machine (another build starting, CPU
 /// frequency) weighs on both sides alike instead of on whichever ran last.
@@ -234,6 +322,33 @@ mod tests {
             notes: vec![],
         };
         assert!(!report.targets_met());
+    }
+
+    #[test]
+    fn rounds_give_medians_so_one_disturbed_round_does_not_decide() {
+        let round = |ok: u64| LoadResult {
+            ok,
+            measured: Duration::from_secs(1),
+            ..LoadResult::default()
+        };
+        let mut rounds = Rounds::default();
+        for ok in [100, 10, 110] {
+            rounds.push(Side::Baseline, round(ok));
+        }
+        for ok in [90, 95] {
+            rounds.push(Side::System, round(ok));
+        }
+        let tput = |r: &LoadResult| r.throughput();
+        assert!((rounds.median(Side::Baseline, tput) - 100.0).abs() < 1e-9);
+        assert!((rounds.median(Side::System, tput) - 92.5).abs() < 1e-9);
+        assert_eq!(rounds.range(Side::Baseline, tput), (10.0, 110.0));
+        assert_eq!(rounds.pooled(Side::Baseline).ok, 220);
+        let row = rounds.row("throughput", "req/s", tput);
+        assert!((row.ratio - 0.925).abs() < 1e-9);
+        assert_eq!(
+            rounds.spread("req/s", tput),
+            "system 90.0–95.0, baseline 10.0–110 req/s over 2 / 3 rounds"
+        );
     }
 
     #[test]

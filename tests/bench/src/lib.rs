@@ -16,6 +16,6 @@ pub mod machine;
 pub mod proxy;
 pub mod results;
 
-pub use framework::{Benchmark, Context, Report, Row, Side, Sides, Target, interleaved};
+pub use framework::{Benchmark, Context, Report, Rounds, Row, Side, Sides, Target, interleaved};
 pub use load::{ClosedLoop, LoadResult, OpenLoop};
 pub use proxy::DelayProxy;

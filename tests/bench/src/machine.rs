@@ -17,7 +17,7 @@ pub struct RunInfo {
     /// UTC, minute precision.
     pub date: String,
     pub command: String,
-    /// Short commit, with `+ uncommitted changes` when the tree is dirty.
+    /// Short commit, with the files changed since when the tree is dirty.
     pub commit: String,
     /// False for a debug build, whose figures say little.
     pub release: bool,
@@ -93,22 +93,28 @@ fn git_commit(workspace_root: &Path) -> String {
         return "unknown".to_owned();
     };
     // BENCHMARKS.md itself is rewritten by every run: not a code change.
-    let dirty = git(
+    let dirty: Vec<String> = git(
         workspace_root,
         &[
-            "status",
-            "--porcelain",
-            "--untracked-files=no",
+            "diff",
+            "--name-only",
+            "HEAD",
             "--",
             ".",
             ":(exclude)BENCHMARKS.md",
         ],
     )
-    .is_some_and(|s| !s.is_empty());
-    if dirty {
-        format!("{commit} + uncommitted changes")
-    } else {
-        commit
+    .unwrap_or_default()
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    match dirty.as_slice() {
+        [] => commit,
+        // Named, so a reader can tell whether they could matter here.
+        few if few.len() <= 3 => {
+            format!("{commit} + uncommitted changes to {}", few.join(", "))
+        }
+        many => format!("{commit} + uncommitted changes to {} files", many.len()),
     }
 }
 
@@ -155,6 +161,14 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01 00:00 UTC");
         assert_eq!(format_utc(951_782_400), "2000-02-29 00:00 UTC");
         assert_eq!(format_utc(1_700_000_000), "2023-11-14 22:13 UTC");
+    }
+
+    #[test]
+    fn names_the_commit() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let commit = git_commit(root);
+        // Outside a git checkout (a source tarball) it says so instead.
+        assert!(commit == "unknown" || commit.len() >= 12, "{commit}");
     }
 
     #[test]

@@ -20,7 +20,10 @@ shared 2-core machine swing with whatever else runs and with the emulators'
 own speed; a ratio taken side by side cancels most of that, so it is the
 figure to compare across runs and machines. The absolute values are shown
 for context only. Sides are measured in alternating rounds (baseline,
-system, system, baseline) so that drift during the run weighs on both.
+system, system, baseline, …) and each figure is the median over a side's
+rounds, so drift during the run weighs on both sides and one round disturbed
+by another process does not decide a figure; each section notes how far its
+rounds spread.
 
 Run one benchmark, or all of them:
 

@@ -18,7 +18,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::framework::{Benchmark, Context, Report, Row, Side, Sides, interleaved};
+use crate::framework::{Benchmark, Context, Report, Rounds, Side, Sides, fmt_num, interleaved};
 use crate::load::{ClosedLoop, LoadResult, OpenLoop};
 
 /// Workers in the closed loop, and client connections per side.
@@ -26,13 +26,13 @@ const CONCURRENCY: usize = 64;
 /// Well below either side's capacity, so the open loop measures latency at a
 /// steady load, not saturation.
 const OPEN_LOOP_RATE: f64 = 5_000.0;
-/// ABBA pairs: each side runs this many rounds of each loop.
-const PAIRS: usize = 2;
+/// Rounds per side of each loop, in ABBA order; figures are medians over them.
+const ROUNDS: usize = 5;
 
 const WARMUP: Duration = Duration::from_secs(1);
 const ROUND_SETTLE: Duration = Duration::from_millis(100);
-const CLOSED_ROUND: Duration = Duration::from_millis(2_500);
-const OPEN_ROUND: Duration = Duration::from_millis(1_500);
+const CLOSED_ROUND: Duration = Duration::from_millis(1_000);
+const OPEN_ROUND: Duration = Duration::from_millis(800);
 
 pub struct NoopRpc;
 
@@ -172,8 +172,8 @@ impl Benchmark for NoopRpc {
             .await?;
         }
 
-        let mut closed = Sides::<LoadResult>::default();
-        for side in interleaved(PAIRS) {
+        let mut closed = Rounds::default();
+        for side in interleaved(ROUNDS) {
             let r = ClosedLoop {
                 concurrency: CONCURRENCY,
                 warmup: ctx.time(ROUND_SETTLE),
@@ -182,11 +182,11 @@ impl Benchmark for NoopRpc {
             .run(check_op(clients.get(side)))
             .await?;
             eprintln!("  closed loop, {side:<8}: {}", r.summary());
-            closed.get_mut(side).merge(&r);
+            closed.push(side, r);
         }
 
-        let mut open = Sides::<LoadResult>::default();
-        for side in interleaved(PAIRS) {
+        let mut open = Rounds::default();
+        for side in interleaved(ROUNDS) {
             let r = OpenLoop {
                 rate: OPEN_LOOP_RATE,
                 warmup: ctx.time(ROUND_SETTLE),
@@ -196,7 +196,7 @@ impl Benchmark for NoopRpc {
             .run(check_op(clients.get(side)))
             .await?;
             eprintln!("  open loop,   {side:<8}: {}", r.summary());
-            open.get_mut(side).merge(&r);
+            open.push(side, r);
         }
 
         drop(clients);
@@ -208,53 +208,43 @@ impl Benchmark for NoopRpc {
                 .with_context(|| format!("{name} server panicked"))??;
         }
 
-        let mut rows = vec![
-            Row::new(
+        let throughput = |r: &LoadResult| r.throughput();
+        let p50 = |r: &LoadResult| r.latency_us(0.5);
+        let p99 = |r: &LoadResult| r.latency_us(0.99);
+        let service_p99 = |r: &LoadResult| r.service_time_us(0.99);
+        let lag_p99 = |r: &LoadResult| lag_us(r, 0.99);
+        let rate = fmt_num(OPEN_LOOP_RATE);
+        let rows = vec![
+            closed.row(
                 format!("closed loop, {CONCURRENCY} concurrent: throughput"),
                 "req/s",
-                closed.system.throughput(),
-                closed.baseline.throughput(),
+                throughput,
             ),
-            Row::new(
+            closed.row(
                 format!("closed loop, {CONCURRENCY} concurrent: p50 latency"),
                 "µs",
-                closed.system.latency_us(0.5),
-                closed.baseline.latency_us(0.5),
+                p50,
             ),
-            Row::new(
+            closed.row(
                 format!("closed loop, {CONCURRENCY} concurrent: p99 latency"),
                 "µs",
-                closed.system.latency_us(0.99),
-                closed.baseline.latency_us(0.99),
+                p99,
             ),
+            open.row(format!("open loop, {rate} req/s: p50 latency"), "µs", p50),
+            open.row(format!("open loop, {rate} req/s: p99 latency"), "µs", p99),
         ];
-        let rate = crate::framework::fmt_num(OPEN_LOOP_RATE);
-        rows.push(Row::new(
-            format!("open loop, {rate} req/s: p50 latency"),
-            "µs",
-            open.system.latency_us(0.5),
-            open.baseline.latency_us(0.5),
-        ));
-        rows.push(Row::new(
-            format!("open loop, {rate} req/s: p99 latency"),
-            "µs",
-            open.system.latency_us(0.99),
-            open.baseline.latency_us(0.99),
-        ));
 
-        // With both cores saturated, 1 / throughput is roughly the CPU time
-        // one request costs (server, client and kernel together).
-        let per_request_us = 1e6 / closed.system.throughput() - 1e6 / closed.baseline.throughput();
-        let errors: u64 = [&closed, &open]
-            .iter()
-            .map(|s| s.system.errors + s.baseline.errors)
-            .sum();
-        let first_error = [&closed, &open].iter().find_map(|s| {
-            s.system
-                .first_error
-                .clone()
-                .or(s.baseline.first_error.clone())
-        });
+        // With both cores saturated, 1 / throughput is roughly the machine
+        // time one request costs (server, client and kernel together).
+        let per_request_us = 1e6 / rows[0].system - 1e6 / rows[0].baseline;
+        let pooled = [
+            closed.pooled(Side::System),
+            closed.pooled(Side::Baseline),
+            open.pooled(Side::System),
+            open.pooled(Side::Baseline),
+        ];
+        let errors: u64 = pooled.iter().map(|r| r.errors).sum();
+        let first_error = pooled.iter().find_map(|r| r.first_error.clone());
         let counted = kit_counted_checks(&kit_metrics);
         let mut notes = vec![
             format!(
@@ -265,25 +255,28 @@ impl Benchmark for NoopRpc {
                  the stack costs little next to one RPC through tonic and the kernel."
             ),
             format!(
-                "Rounds: {}s warm-up per side, then baseline, system, system, baseline: \
-                 closed loop {} × {:.1}s per side, open loop {} × {:.1}s per side (each \
-                 round after a {}ms settle).",
+                "Rounds: {}s warm-up per side, then {ROUNDS} rounds per side in the order \
+                 baseline, system, system, baseline, …: closed loop {:.1}s, open loop {:.1}s \
+                 each (after a {}ms settle). Each figure is the median over a side's rounds.",
                 ctx.time(WARMUP).as_secs_f64(),
-                PAIRS,
                 ctx.time(CLOSED_ROUND).as_secs_f64(),
-                PAIRS,
                 ctx.time(OPEN_ROUND).as_secs_f64(),
                 ctx.time(ROUND_SETTLE).as_millis(),
+            ),
+            format!(
+                "Spread of the rounds: closed-loop throughput {}; open-loop p99 {}.",
+                closed.spread("req/s", throughput),
+                open.spread("µs", p99),
             ),
             format!(
                 "Open-loop latency runs from each request's scheduled send time (no \
                  coordinated omission). Service time from the actual send, p99: system \
                  {:.0} µs, baseline {:.0} µs; the generator's own send lag p99: {:.0} µs / \
                  {:.0} µs.",
-                open.system.service_time_us(0.99),
-                open.baseline.service_time_us(0.99),
-                lag_us(&open.system, 0.99),
-                lag_us(&open.baseline, 0.99),
+                open.median(Side::System, service_p99),
+                open.median(Side::Baseline, service_p99),
+                open.median(Side::System, lag_p99),
+                open.median(Side::Baseline, lag_p99),
             ),
             format!(
                 "The stack adds about {per_request_us:.1} µs of machine time per request \
@@ -294,6 +287,18 @@ impl Benchmark for NoopRpc {
                  warm-up included: every system request went through its stack."
             ),
         ];
+        let lag = open
+            .median(Side::System, lag_p99)
+            .max(open.median(Side::Baseline, lag_p99));
+        let open_p99 = rows[4].system.min(rows[4].baseline);
+        if lag > open_p99 / 2.0 {
+            notes.push(format!(
+                "The generator itself sent up to {lag:.0} µs late (p99), against an open-loop \
+                 p99 of {open_p99:.0} µs: the open-loop tail mostly measures contention for \
+                 this machine's cores (another process, or the generator's own thread), not \
+                 the stack."
+            ));
+        }
         notes.push(if tracing::dispatcher::has_been_set() {
             "A tracing subscriber like the kit's (JSON at `info`, written to a sink) was \
              installed, so the per-RPC span is live as in a deployed service."
