@@ -38,8 +38,9 @@ use crate::model::{
 
 const JOBS: &str = "jobs";
 const ACTIVE: &str = "active";
-/// Units and queue entries written per transaction (DynamoDB allows 100 items).
-const UNIT_BATCH: usize = 40;
+/// Units registered per transaction: each writes up to three records (unit,
+/// queue entry, transition) and DynamoDB allows 100 per transaction.
+const UNIT_BATCH: usize = 30;
 const CONFLICT_RETRIES: usize = 64;
 
 fn job_pk(name: &str) -> String {

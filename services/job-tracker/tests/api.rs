@@ -1,0 +1,295 @@
+//! The job-tracker over gRPC, in process: bad input is INVALID_ARGUMENT
+//! naming the field, unknown things are NOT_FOUND, and a full unit life
+//! cycle works through the generated client.
+
+use std::time::Duration;
+
+use tidemark_kit::config::ServerConfig;
+use tidemark_kit::{CancellationToken, FieldError};
+use tidemark_proto::job_tracker::v1 as pb;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt as _;
+
+struct Server {
+    _dir: tempfile::TempDir,
+    stop: CancellationToken,
+    client: JobTrackerServiceClient<Channel>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = job_tracker::Config {
+        server: ServerConfig {
+            listen: addr,
+            ..ServerConfig::default()
+        },
+        data_dir: dir.path().to_owned(),
+        ..job_tracker::Config::default()
+    };
+    let stop = CancellationToken::new();
+    tokio::spawn(job_tracker::run(config, listener, stop.clone()));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    Server {
+        _dir: dir,
+        stop,
+        client: JobTrackerServiceClient::new(channel),
+    }
+}
+
+fn violation(status: &tonic::Status) -> FieldError {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let bad = status
+        .get_details_bad_request()
+        .expect("google.rpc.BadRequest details");
+    let v = &bad.field_violations[0];
+    FieldError::new(v.field.clone(), v.description.clone())
+}
+
+fn job(name: &str) -> pb::Job {
+    pb::Job {
+        name: name.into(),
+        kind: pb::JobKind::UnitMigration as i32,
+        ..pb::Job::default()
+    }
+}
+
+#[tokio::test]
+async fn bad_input_names_the_field() {
+    let mut s = serve().await;
+    let cases: Vec<(pb::Job, &str)> = vec![
+        (job(""), "job.name"),
+        (job("bad name"), "job.name"),
+        (
+            pb::Job {
+                kind: 0,
+                ..job("k")
+            },
+            "job.kind",
+        ),
+        (
+            pb::Job {
+                schedule: Some(pb::Schedule {
+                    cron: "every hour".into(),
+                    ..pb::Schedule::default()
+                }),
+                default_unit_keys: vec!["w".into()],
+                ..job("c")
+            },
+            "job.schedule.cron",
+        ),
+        (
+            pb::Job {
+                schedule: Some(pb::Schedule {
+                    cron: "0 0 * * * *".into(),
+                    ..pb::Schedule::default()
+                }),
+                ..job("c")
+            },
+            "job.default_unit_keys",
+        ),
+    ];
+    for (job, field) in cases {
+        let err = s
+            .client
+            .create_job(pb::CreateJobRequest { job: Some(job) })
+            .await
+            .unwrap_err();
+        assert_eq!(violation(&err).field, field, "{err:?}");
+    }
+    let err = s
+        .client
+        .get_job(pb::GetJobRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = s
+        .client
+        .get_run(pb::GetRunRequest {
+            run_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    s.client
+        .create_job(pb::CreateJobRequest {
+            job: Some(job("m")),
+        })
+        .await
+        .unwrap();
+    let run = s
+        .client
+        .start_run(pb::StartRunRequest {
+            job_name: "m".into(),
+            units: vec![pb::UnitSpec {
+                unit_key: "u".into(),
+                after_unit_keys: vec![],
+            }],
+            ..pb::StartRunRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let claimed = s
+        .client
+        .claim_unit(pb::ClaimUnitRequest {
+            worker_id: "w".into(),
+            run_id: run.run_id.clone(),
+            ..pb::ClaimUnitRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .unit
+        .expect("a unit");
+    let token = claimed.lease.unwrap().fencing_token;
+    let err = s
+        .client
+        .checkpoint(pb::CheckpointRequest {
+            run_id: run.run_id.clone(),
+            unit_key: "u".into(),
+            fencing_token: token,
+            checkpoint: vec![0; 64 * 1024 + 1],
+            ..pb::CheckpointRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violation(&err).field, "checkpoint");
+    let err = s
+        .client
+        .complete_unit(pb::CompleteUnitRequest {
+            run_id: run.run_id.clone(),
+            unit_key: "u".into(),
+            fencing_token: token + 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    s.client
+        .complete_unit(pb::CompleteUnitRequest {
+            run_id: run.run_id.clone(),
+            unit_key: "u".into(),
+            fencing_token: token,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .complete_unit(pb::CompleteUnitRequest {
+            run_id: run.run_id.clone(),
+            unit_key: "u".into(),
+            fencing_token: token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("Migrated"),
+        "names the current state: {}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn watch_run_reports_progress_until_done() {
+    let mut s = serve().await;
+    s.client
+        .create_job(pb::CreateJobRequest {
+            job: Some(job("w")),
+        })
+        .await
+        .unwrap();
+    let units = (0..3)
+        .map(|i| pb::UnitSpec {
+            unit_key: format!("u{i}"),
+            after_unit_keys: vec![],
+        })
+        .collect();
+    let run = s
+        .client
+        .start_run(pb::StartRunRequest {
+            job_name: "w".into(),
+            units,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let mut watch = s
+        .client
+        .watch_run(pb::WatchRunRequest {
+            run_id: run.run_id.clone(),
+            min_interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap().progress.unwrap();
+    assert_eq!(first.units.unwrap().total, 3);
+    let mut worker = s.client.clone();
+    let run_id = run.run_id.clone();
+    tokio::spawn(async move {
+        while let Some(u) = worker
+            .claim_unit(pb::ClaimUnitRequest {
+                worker_id: "w".into(),
+                run_id: run_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .unit
+        {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            worker
+                .complete_unit(pb::CompleteUnitRequest {
+                    run_id: run_id.clone(),
+                    unit_key: u.unit_key,
+                    fencing_token: u.lease.unwrap().fencing_token,
+                    items_processed: 100,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    });
+    let mut last = first;
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        last = msg.progress.unwrap();
+    }
+    assert_eq!(
+        last.status,
+        pb::RunStatus::Succeeded as i32,
+        "the stream ends with the final state"
+    );
+    assert_eq!(last.units.unwrap().migrated, 3);
+    assert_eq!(last.items_processed, 300);
+}
