@@ -2,3 +2,5 @@
 //! code paths (for example the `dev` host) in process.
 
 pub mod dev;
+pub mod jobs;
+pub mod output;
