@@ -37,7 +37,7 @@ pub async fn sdk_config(endpoint: Option<&str>) -> aws_config::SdkConfig {
 }
 
 /// Maps an SDK error to a [`ConnectorError`] by its error code and status.
-pub(crate) fn classify<E, R>(backend: &'static str, err: SdkError<E, R>) -> ConnectorError
+pub(crate) fn classify<E, R>(backend: &'static str, err: &SdkError<E, R>) -> ConnectorError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,
@@ -47,7 +47,7 @@ where
         message,
         retry_after: None,
     };
-    match &err {
+    match err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             retryable(format!("{err:?}"))
         }
@@ -194,7 +194,7 @@ impl DynamoTable {
             .table_name(name)
             .send()
             .await
-            .map_err(|e| classify(BACKEND, e))?;
+            .map_err(|e| classify(BACKEND, &e))?;
         let table = out
             .table
             .ok_or_else(|| ConnectorError::terminal(BACKEND, "DescribeTable returned no table"))?;
@@ -258,14 +258,14 @@ impl DynamoTable {
                     .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
             );
         }
-        request.send().await.map_err(|e| classify(BACKEND, e))?;
+        request.send().await.map_err(|e| classify(BACKEND, &e))?;
         for _ in 0..600 {
             let out = client
                 .describe_table()
                 .table_name(name)
                 .send()
                 .await
-                .map_err(|e| classify(BACKEND, e))?;
+                .map_err(|e| classify(BACKEND, &e))?;
             if out.table.and_then(|t| t.table_status) == Some(TableStatus::Active) {
                 return Self::open(client, name).await;
             }
@@ -338,7 +338,7 @@ impl SourceTable for DynamoTable {
             if let Some(start) = &request.start_after {
                 scan = scan.set_exclusive_start_key(Some(key_to_ddb(start)));
             }
-            let out = scan.send().await.map_err(|e| classify(BACKEND, e))?;
+            let out = scan.send().await.map_err(|e| classify(BACKEND, &e))?;
             Ok(ScanPage {
                 items: out
                     .items()
@@ -367,7 +367,7 @@ impl SourceTable for DynamoTable {
                 .consistent_read(true)
                 .send()
                 .await
-                .map_err(|e| classify(BACKEND, e))?;
+                .map_err(|e| classify(BACKEND, &e))?;
             out.item.as_ref().map(item_from_ddb).transpose()
         })
         .await
@@ -388,7 +388,7 @@ impl SourceTable for DynamoTable {
                 .set_expression_attribute_values(values_to_ddb(values))
                 .send()
                 .await
-                .map_err(|e| classify(BACKEND, e))?;
+                .map_err(|e| classify(BACKEND, &e))?;
             Ok(())
         })
         .await
@@ -424,7 +424,7 @@ impl SourceTable for DynamoTable {
                 .return_values(ReturnValue::AllNew)
                 .send()
                 .await
-                .map_err(|e| classify(BACKEND, e))?;
+                .map_err(|e| classify(BACKEND, &e))?;
             item_from_ddb(out.attributes.as_ref().unwrap_or(&HashMap::new()))
         })
         .await
@@ -445,7 +445,7 @@ impl SourceTable for DynamoTable {
                 .set_expression_attribute_values(values_to_ddb(values))
                 .send()
                 .await
-                .map_err(|e| classify(BACKEND, e))?;
+                .map_err(|e| classify(BACKEND, &e))?;
             Ok(())
         })
         .await

@@ -55,7 +55,7 @@ pub fn from_duration(
 fn duration(d: chrono::Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.num_seconds(),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+        nanos: d.subsec_nanos(),
     }
 }
 

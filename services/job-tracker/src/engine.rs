@@ -382,7 +382,7 @@ impl Tracker {
                         };
                     }
                     "default_unit_keys" => {
-                        job.default_unit_keys.clone_from(&patch.default_unit_keys)
+                        job.default_unit_keys.clone_from(&patch.default_unit_keys);
                     }
                     "explicit_completion" => job.explicit_completion = patch.explicit_completion,
                     "max_attempts" => job.max_attempts = patch.max_attempts,
@@ -678,7 +678,7 @@ impl Tracker {
                 )?,
                 self.run_transition(&run, Some(from), actor, reason)?,
             ];
-            Ok(self.apply(ops).await?)
+            self.apply(ops).await
         })
         .await
     }
@@ -861,7 +861,7 @@ impl Tracker {
             match status {
                 RunStatus::Failed => job.blocking_run_id = Some(run_id.to_owned()),
                 RunStatus::Succeeded if watermark.is_some() => {
-                    job.last_processed.clone_from(&watermark)
+                    job.last_processed.clone_from(&watermark);
                 }
                 _ => {}
             }

@@ -151,6 +151,7 @@ impl SqliteKv {
     }
 }
 
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(sqlite_err)`
 fn sqlite_err(e: rusqlite::Error) -> KvError {
     match e.sqlite_error_code() {
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
@@ -290,6 +291,7 @@ fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }
 
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(ddb_err)`
 fn ddb_err<E, R>(e: aws_sdk_dynamodb::error::SdkError<E, R>) -> KvError
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,

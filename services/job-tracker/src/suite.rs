@@ -16,12 +16,6 @@ use crate::model::{
     Change, JobKind, Progress, RouteTarget, RunStatus, RunTrigger, Schedule, UnitStatus, Watermark,
 };
 
-/// The key-value contract: conditional writes, atomic transactions, prefix
-/// queries in order.
-///
-/// # Panics
-/// On the first behaviour that differs from the contract.
-
 fn put(pk: &str, sk: &str, body: &str, expect: Expect) -> Op {
     Op::Put {
         pk: pk.into(),
@@ -31,6 +25,11 @@ fn put(pk: &str, sk: &str, body: &str, expect: Expect) -> Op {
     }
 }
 
+/// The key-value contract: conditional writes, atomic transactions, prefix
+/// queries in order.
+///
+/// # Panics
+/// On the first behaviour that differs from the contract.
 pub async fn kv_contract(store: &dyn KvStore) {
     store
         .transact(vec![put("p", "a#1", "one", Expect::Absent)])

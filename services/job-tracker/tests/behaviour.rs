@@ -73,10 +73,10 @@ async fn dynamodb_kv_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_tracker_rules() {
     let (_dir, kv) = sqlite();
-    suite::tracker_rules(kv, "t").await;
+    Box::pin(suite::tracker_rules(kv, "t")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dynamodb_tracker_rules() {
-    suite::tracker_rules(dynamodb().await, &unique_name("t")).await;
+    Box::pin(suite::tracker_rules(dynamodb().await, &unique_name("t"))).await;
 }

@@ -169,7 +169,7 @@ async fn kill_mid_run(env: Vec<(&'static str, String)>) {
             calls += 1;
             acked.get_mut(&unit.unit_key).unwrap().checkpoint = checkpoint;
         }
-        if rand_u8() % 4 != 0
+        if !rand_u8().is_multiple_of(4)
             && client
                 .complete_unit(pb::CompleteUnitRequest {
                     run_id: run.run_id.clone(),
@@ -190,7 +190,7 @@ async fn kill_mid_run(env: Vec<(&'static str, String)>) {
     );
 
     // Restart on the same store: every acknowledged transition is there.
-    let mut child = start(addr, &env);
+    let child = start(addr, &env);
     let mut client = connect(addr).await;
     let units = client
         .list_units(pb::ListUnitsRequest {

@@ -225,6 +225,23 @@ pub fn load_from<C: ServiceConfig>(
     Ok(config)
 }
 
+/// Checks that `value` is an absolute `http://` or `https://` URL.
+///
+/// # Errors
+/// Names `field` and says what is wrong.
+pub fn check_url(field: &'static str, value: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| ConfigError::invalid(field, format!("{value:?} is not a URL: {e}")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            field,
+            format!("{value:?} must be an http:// or https:// URL with a host"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +305,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "table_name = \"from-file\"\nbatch_size = 3\n")?;
@@ -321,22 +339,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::MissingFile(_)));
-    }
-}
-
-/// Checks that `value` is an absolute `http://` or `https://` URL.
-///
-/// # Errors
-/// Names `field` and says what is wrong.
-pub fn check_url(field: &'static str, value: &str) -> Result<(), ConfigError> {
-    let uri: http::Uri = value
-        .parse()
-        .map_err(|e| ConfigError::invalid(field, format!("{value:?} is not a URL: {e}")))?;
-    match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some() => Ok(()),
-        _ => Err(ConfigError::invalid(
-            field,
-            format!("{value:?} must be an http:// or https:// URL with a host"),
-        )),
     }
 }
