@@ -241,6 +241,14 @@ impl Rounds {
         )
     }
 
+    /// Whether the two sides' ranges of `f` overlap: then the difference
+    /// between their medians is within this run's noise.
+    pub fn overlap(&self, f: impl Fn(&LoadResult) -> f64 + Copy) -> bool {
+        let (s_lo, s_hi) = self.range(Side::System, f);
+        let (b_lo, b_hi) = self.range(Side::Baseline, f);
+        s_lo <= b_hi && b_lo <= s_hi
+    }
+
     /// How far rounds spread, for a note: `system a–b, baseline c–d unit over
     /// n rounds each`.
     pub fn spread(&self, unit: &str, f: impl Fn(&LoadResult) -> f64 + Copy) -> String {
@@ -345,6 +353,14 @@ mod tests {
         assert_eq!(rounds.pooled(Side::Baseline).ok, 220);
         let row = rounds.row("throughput", "req/s", tput);
         assert!((row.ratio - 0.925).abs() < 1e-9);
+        assert!(rounds.overlap(tput));
+        rounds.push(Side::Baseline, round(5));
+        assert!(rounds.overlap(tput), "10–110 still covers 90–95");
+        let mut apart = Rounds::default();
+        apart.push(Side::Baseline, round(100));
+        apart.push(Side::System, round(90));
+        assert!(!apart.overlap(tput));
+        rounds.results.baseline.pop();
         assert_eq!(
             rounds.spread("req/s", tput),
             "system 90.0–95.0, baseline 10.0–110 req/s over 2 / 3 rounds"

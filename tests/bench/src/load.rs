@@ -28,6 +28,25 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
 }
 
+/// CPU time used so far by this process, all threads (live and exited),
+/// user and system, at microsecond resolution; `None` if `getrusage` fails.
+pub fn process_cpu_time() -> Option<Duration> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    use nix::sys::time::TimeValLike as _;
+    let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    let micros = usage.user_time().num_microseconds() + usage.system_time().num_microseconds();
+    u64::try_from(micros).ok().map(Duration::from_micros)
+}
+
+/// Process CPU time between two instants (sampled from a task, so up to a
+/// timer tick late at each end).
+async fn cpu_over(from: Instant, to: Instant) -> Option<Duration> {
+    tokio::time::sleep_until(from.into()).await;
+    let start = process_cpu_time()?;
+    tokio::time::sleep_until(to.into()).await;
+    Some(process_cpu_time()?.saturating_sub(start))
+}
+
 /// What one load run (or several merged) measured.
 #[derive(Debug, Clone)]
 pub struct LoadResult {
@@ -48,6 +67,11 @@ pub struct LoadResult {
     /// schedule. Large values mean the load generator, not the server, fell
     /// behind.
     pub send_lag: Histogram<u64>,
+    /// CPU time the whole process (client and servers alike) used during
+    /// the measurement window; `None` if it could not be read.
+    /// Unlike throughput it does not drop when another process takes the
+    /// cores, so CPU per request is the steadier cost figure on a shared VM.
+    pub cpu: Option<Duration>,
 }
 
 impl Default for LoadResult {
@@ -60,6 +84,7 @@ impl Default for LoadResult {
             latency: histogram(),
             service_time: histogram(),
             send_lag: histogram(),
+            cpu: Some(Duration::ZERO),
         }
     }
 }
@@ -80,6 +105,16 @@ impl LoadResult {
         #[allow(clippy::cast_precision_loss)]
         let ns = self.latency.value_at_quantile(q) as f64;
         ns / 1_000.0
+    }
+
+    /// Process CPU time per successful request in microseconds (NaN when
+    /// unknown or without requests).
+    pub fn cpu_per_request_us(&self) -> f64 {
+        match self.cpu {
+            #[allow(clippy::cast_precision_loss)]
+            Some(cpu) if self.ok > 0 => cpu.as_secs_f64() * 1e6 / self.ok as f64,
+            _ => f64::NAN,
+        }
     }
 
     /// Service time at `q` in microseconds (see [`LoadResult::service_time`]).
@@ -103,6 +138,7 @@ impl LoadResult {
             .add(&other.service_time)
             .expect("same bounds");
         self.send_lag.add(&other.send_lag).expect("same bounds");
+        self.cpu = self.cpu.zip(other.cpu).map(|(a, b)| a + b);
     }
 
     /// One line for the terminal.
@@ -157,6 +193,7 @@ impl ClosedLoop {
         let op = Arc::new(op);
         let measure_from = Instant::now() + self.warmup;
         let end = measure_from + self.duration;
+        let cpu = tokio::spawn(cpu_over(measure_from, end));
         let mut workers = Vec::with_capacity(self.concurrency);
         for worker in 0..self.concurrency as u64 {
             let op = Arc::clone(&op);
@@ -187,6 +224,7 @@ impl ClosedLoop {
             r.measured = Duration::ZERO;
             total.merge(&r);
         }
+        total.cpu = cpu.await.context("cpu sampler panicked")?;
         Ok(total)
     }
 }
@@ -237,6 +275,7 @@ impl OpenLoop {
         let start = Instant::now() + Duration::from_millis(1);
         let measure_from = start + self.warmup;
         let end = measure_from + self.duration;
+        let cpu = tokio::spawn(cpu_over(measure_from, end));
         let rate = self.rate;
 
         let scheduler = {
@@ -289,6 +328,7 @@ impl OpenLoop {
             .expect("the semaphore is never closed");
         let mut result = recorder.lock().expect("recorder lock").clone();
         result.send_lag = send_lag;
+        result.cpu = cpu.await.context("cpu sampler panicked")?;
         Ok(result)
     }
 }
@@ -318,6 +358,18 @@ mod tests {
         assert_eq!(r.errors, 0);
         assert!(r.latency_us(0.5) >= 2_000.0, "{}", r.summary());
         assert_eq!(r.measured, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn reads_this_process_cpu_time() {
+        let before = process_cpu_time().expect("getrusage");
+        let spin = Instant::now();
+        let mut x = 0_u64;
+        while spin.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = process_cpu_time().unwrap() - before;
+        assert!(used >= Duration::from_millis(50), "{used:?}");
     }
 
     #[tokio::test]

@@ -213,30 +213,30 @@ impl Benchmark for NoopRpc {
         let p99 = |r: &LoadResult| r.latency_us(0.99);
         let service_p99 = |r: &LoadResult| r.service_time_us(0.99);
         let lag_p99 = |r: &LoadResult| lag_us(r, 0.99);
+        let cpu = |r: &LoadResult| r.cpu_per_request_us();
         let rate = fmt_num(OPEN_LOOP_RATE);
-        let rows = vec![
-            closed.row(
-                format!("closed loop, {CONCURRENCY} concurrent: throughput"),
-                "req/s",
-                throughput,
-            ),
-            closed.row(
-                format!("closed loop, {CONCURRENCY} concurrent: p50 latency"),
-                "µs",
-                p50,
-            ),
-            closed.row(
-                format!("closed loop, {CONCURRENCY} concurrent: p99 latency"),
-                "µs",
-                p99,
-            ),
-            open.row(format!("open loop, {rate} req/s: p50 latency"), "µs", p50),
-            open.row(format!("open loop, {rate} req/s: p99 latency"), "µs", p99),
+        let closed_fig = |what: &str| format!("closed loop, {CONCURRENCY} concurrent: {what}");
+        let open_fig = |what: &str| format!("open loop, {rate} req/s: {what}");
+        let figures: [(&Rounds, String, &'static str, fn(&LoadResult) -> f64); 7] = [
+            (&closed, closed_fig("throughput"), "req/s", throughput),
+            (&closed, closed_fig("CPU per request"), "µs", cpu),
+            (&closed, closed_fig("p50 latency"), "µs", p50),
+            (&closed, closed_fig("p99 latency"), "µs", p99),
+            (&open, open_fig("p50 latency"), "µs", p50),
+            (&open, open_fig("p99 latency"), "µs", p99),
+            (&open, open_fig("CPU per request"), "µs", cpu),
         ];
+        let rows: Vec<_> = figures
+            .iter()
+            .map(|(rounds, figure, unit, f)| rounds.row(figure.clone(), unit, *f))
+            .collect();
+        let within_noise: Vec<&str> = figures
+            .iter()
+            .filter(|(rounds, .., f)| rounds.overlap(*f))
+            .map(|(_, figure, ..)| figure.as_str())
+            .collect();
 
-        // With both cores saturated, 1 / throughput is roughly the machine
-        // time one request costs (server, client and kernel together).
-        let per_request_us = 1e6 / rows[0].system - 1e6 / rows[0].baseline;
+        let extra_cpu_us = rows[1].system - rows[1].baseline;
         let pooled = [
             closed.pooled(Side::System),
             closed.pooled(Side::Baseline),
@@ -279,8 +279,11 @@ impl Benchmark for NoopRpc {
                 open.median(Side::Baseline, lag_p99),
             ),
             format!(
-                "The stack adds about {per_request_us:.1} µs of machine time per request \
-                 (1/throughput, system − baseline, closed loop)."
+                "CPU per request is the whole process's user + system CPU time (client, \
+                 server, runtime) over a round ÷ its requests: steadier than throughput on a \
+                 shared VM, since another process taking the cores lowers throughput but not \
+                 the CPU each request costs. The stack adds about {extra_cpu_us:.1} µs of CPU \
+                 per request (closed loop, system − baseline)."
             ),
             format!(
                 "The kit's own metrics counted {counted} successful Health/Check calls, \
@@ -290,13 +293,19 @@ impl Benchmark for NoopRpc {
         let lag = open
             .median(Side::System, lag_p99)
             .max(open.median(Side::Baseline, lag_p99));
-        let open_p99 = rows[4].system.min(rows[4].baseline);
+        let open_p99 = rows[5].system.min(rows[5].baseline);
         if lag > open_p99 / 2.0 {
             notes.push(format!(
                 "The generator itself sent up to {lag:.0} µs late (p99), against an open-loop \
                  p99 of {open_p99:.0} µs: the open-loop tail mostly measures contention for \
                  this machine's cores (another process, or the generator's own thread), not \
                  the stack."
+            ));
+        }
+        if !within_noise.is_empty() {
+            notes.push(format!(
+                "Within this run's noise (the two sides' rounds overlap): {}.",
+                within_noise.join("; ")
             ));
         }
         notes.push(if tracing::dispatcher::has_been_set() {
@@ -331,7 +340,7 @@ mod tests {
             workspace_root: std::env::temp_dir(),
         };
         let report = NoopRpc.run(&ctx).await.unwrap();
-        assert_eq!(report.rows.len(), 5);
+        assert_eq!(report.rows.len(), 7);
         for row in &report.rows {
             assert!(row.system > 0.0 && row.baseline > 0.0, "{row:?}");
             assert!(row.ratio.is_finite(), "{row:?}");
