@@ -2,3 +2,4 @@
 //! (plus the foundation every problem stands on).
 
 mod foundation;
+mod jobs_cli;
