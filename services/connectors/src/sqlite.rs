@@ -13,9 +13,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::predicate::Predicate;
 use crate::traits::{
-    BucketDigest, ChangeFeed, ChangeKind, ChangeRecord, FeedCheckpoint, PartitionCheckpoint,
-    PartitionLag, Position, RecordOutcome, ScanPage, ScanRequest, Sink, SinkOp, SinkRecord,
-    SourceTable, fold_digest,
+    BucketDigest, Buffer, BufferOp, ChangeFeed, ChangeKind, ChangeRecord, EntityDelta,
+    FeedCheckpoint, PartitionCheckpoint, PartitionLag, Position, RecordOutcome, ScanPage,
+    ScanRequest, Sink, SinkOp, SinkRecord, SourceTable, fold_digest,
 };
 use crate::value::{Item, Key, KeySchema, key_hash};
 
@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS tm_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, k TEXT NOT NULL, kind TEXT NOT NULL,
     new_image TEXT, old_image TEXT, created_micros INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS tm_changes_tbl ON tm_changes (tbl, seq);
+CREATE TABLE IF NOT EXISTS tm_buffer (
+    buf TEXT NOT NULL, flush INTEGER NOT NULL, entity TEXT NOT NULL, metric TEXT NOT NULL,
+    kind TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (buf, flush, entity, metric, kind)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tm_sink (
     sink TEXT NOT NULL, k TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL, item TEXT,
     PRIMARY KEY (sink, k)) WITHOUT ROWID;
@@ -87,6 +91,13 @@ impl EmbeddedStore {
             store: self.clone(),
             name: name.to_owned(),
             schema,
+        }
+    }
+
+    pub fn buffer(&self, name: &str) -> EmbeddedBuffer {
+        EmbeddedBuffer {
+            store: self.clone(),
+            name: name.to_owned(),
         }
     }
 
@@ -531,6 +542,183 @@ impl Sink for EmbeddedSink {
                     fold_digest(&mut out, &key, u64::try_from(version).unwrap_or(0), &item);
                 }
                 Ok(out)
+            })
+            .await
+    }
+}
+
+/// The aggregation buffer in the embedded store. Live rows have flush 0; a
+/// flush moves them to its sequence in one statement, so an event arriving
+/// meanwhile lands in flush 0 and belongs to the next flush.
+#[derive(Clone)]
+pub struct EmbeddedBuffer {
+    store: EmbeddedStore,
+    name: String,
+}
+
+fn read_deltas(
+    conn: &Connection,
+    buf: &str,
+    flush: i64,
+    entity: Option<&str>,
+) -> ConnectorResult<Vec<EntityDelta>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT entity, metric, kind, value FROM tm_buffer WHERE buf = ?1 AND flush = ?2
+         AND (?3 IS NULL OR entity = ?3) ORDER BY entity, metric, kind",
+    )?;
+    let mut rows = stmt.query(params![buf, flush, entity])?;
+    let mut out: Vec<EntityDelta> = Vec::new();
+    while let Some(row) = rows.next()? {
+        let (e, metric, kind, value): (String, String, String, String) =
+            (row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?);
+        if out.last().is_none_or(|d| d.entity != e) {
+            out.push(EntityDelta {
+                entity: e,
+                ..EntityDelta::default()
+            });
+        }
+        let delta = out.last_mut().expect("pushed above");
+        if kind == "inc" {
+            let n = value.parse().map_err(|_| {
+                ConnectorError::terminal("sqlite", format!("corrupt increment {value:?}"))
+            })?;
+            delta.increments.insert(metric, n);
+        } else {
+            delta.replaces.insert(metric, value);
+        }
+    }
+    Ok(out)
+}
+
+fn pending(conn: &Connection, buf: &str) -> ConnectorResult<Option<i64>> {
+    Ok(conn.query_row(
+        "SELECT MIN(flush) FROM tm_buffer WHERE buf = ?1 AND flush <> 0",
+        params![buf],
+        |r| r.get::<_, Option<i64>>(0),
+    )?)
+}
+
+#[async_trait]
+impl Buffer for EmbeddedBuffer {
+    async fn apply(&self, ops: &[BufferOp]) -> ConnectorResult<()> {
+        let buf = self.name.clone();
+        let ops = ops.to_vec();
+        self.store
+            .with(move |conn| {
+                let tx = conn.transaction()?;
+                for op in &ops {
+                    match op {
+                        BufferOp::Increment { entity, metric, delta } => {
+                            tx.execute(
+                                "INSERT INTO tm_buffer (buf, flush, entity, metric, kind, value) VALUES (?1, 0, ?2, ?3, 'inc', ?4)
+                                 ON CONFLICT (buf, flush, entity, metric, kind)
+                                 DO UPDATE SET value = CAST(CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER) AS TEXT)",
+                                params![buf, entity, metric, delta.to_string()],
+                            )?;
+                        }
+                        BufferOp::Replace { entity, metric, value } => {
+                            // A replace resets the metric: earlier increments are void.
+                            tx.execute(
+                                "DELETE FROM tm_buffer WHERE buf = ?1 AND flush = 0 AND entity = ?2 AND metric = ?3 AND kind = 'inc'",
+                                params![buf, entity, metric],
+                            )?;
+                            tx.execute(
+                                "INSERT INTO tm_buffer (buf, flush, entity, metric, kind, value) VALUES (?1, 0, ?2, ?3, 'set', ?4)
+                                 ON CONFLICT (buf, flush, entity, metric, kind) DO UPDATE SET value = excluded.value",
+                                params![buf, entity, metric, value],
+                            )?;
+                        }
+                    }
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn take_for_flush(&self, sequence: u64) -> ConnectorResult<Vec<EntityDelta>> {
+        let seq = i64::try_from(sequence)
+            .map_err(|_| ConnectorError::invalid("sqlite", "flush sequence exceeds i64"))?;
+        if seq <= 0 {
+            return Err(ConnectorError::invalid(
+                "sqlite",
+                "flush sequence must be positive",
+            ));
+        }
+        let buf = self.name.clone();
+        self.store
+            .with(move |conn| {
+                let tx = conn.transaction()?;
+                match pending(&tx, &buf)? {
+                    Some(p) if p == seq => return read_deltas(&tx, &buf, seq, None),
+                    Some(p) => {
+                        return Err(ConnectorError::Precondition(format!(
+                            "flush {p} is still pending; complete and acknowledge it before flush {seq}"
+                        )));
+                    }
+                    None => {}
+                }
+                tx.execute("UPDATE tm_buffer SET flush = ?2 WHERE buf = ?1 AND flush = 0", params![buf, seq])?;
+                let out = read_deltas(&tx, &buf, seq, None)?;
+                tx.commit()?;
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn ack_flush(&self, sequence: u64) -> ConnectorResult<()> {
+        let seq = i64::try_from(sequence)
+            .map_err(|_| ConnectorError::invalid("sqlite", "flush sequence exceeds i64"))?;
+        let buf = self.name.clone();
+        self.store
+            .with(move |conn| {
+                conn.execute(
+                    "DELETE FROM tm_buffer WHERE buf = ?1 AND flush = ?2",
+                    params![buf, seq],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn pending_flush(&self) -> ConnectorResult<Option<(u64, Vec<EntityDelta>)>> {
+        let buf = self.name.clone();
+        self.store
+            .with(move |conn| match pending(conn, &buf)? {
+                Some(seq) => Ok(Some((
+                    u64::try_from(seq).unwrap_or(0),
+                    read_deltas(conn, &buf, seq, None)?,
+                ))),
+                None => Ok(None),
+            })
+            .await
+    }
+
+    async fn peek(&self, entity: &str) -> ConnectorResult<EntityDelta> {
+        let buf = self.name.clone();
+        let entity = entity.to_owned();
+        self.store
+            .with(move |conn| {
+                Ok(read_deltas(conn, &buf, 0, Some(&entity))?
+                    .pop()
+                    .unwrap_or(EntityDelta {
+                        entity,
+                        ..EntityDelta::default()
+                    }))
+            })
+            .await
+    }
+
+    async fn dirty_count(&self) -> ConnectorResult<u64> {
+        let buf = self.name.clone();
+        self.store
+            .with(move |conn| {
+                let n: i64 = conn.query_row(
+                    "SELECT COUNT(DISTINCT entity) FROM tm_buffer WHERE buf = ?1 AND flush = 0",
+                    params![buf],
+                    |r| r.get(0),
+                )?;
+                Ok(u64::try_from(n).unwrap_or(0))
             })
             .await
     }

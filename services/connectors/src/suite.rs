@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::error::ConnectorError;
 use crate::predicate::Predicate;
 use crate::traits::{
-    ChangeFeed, ChangeKind, ChangeRecord, FeedCheckpoint, RecordOutcome, ScanRequest, Sink, SinkOp,
-    SinkRecord, SourceTable,
+    Buffer, BufferOp, ChangeFeed, ChangeKind, ChangeRecord, EntityDelta, FeedCheckpoint,
+    RecordOutcome, ScanRequest, Sink, SinkOp, SinkRecord, SourceTable,
 };
 use crate::value::{AttrValue, Item, Key, Number};
 
@@ -437,4 +437,114 @@ where
 
 fn last_version(records: &[ChangeRecord]) -> u64 {
     records.iter().map(|r| r.version).max().unwrap_or(0)
+}
+
+fn inc(entity: &str, metric: &str, delta: i64) -> BufferOp {
+    BufferOp::Increment {
+        entity: entity.to_owned(),
+        metric: metric.to_owned(),
+        delta,
+    }
+}
+
+/// Checks a [`Buffer`] that starts empty: atomic increments and replaces,
+/// a flush that takes out exactly what was there, events during a flush
+/// belonging to the next one, and a crashed flush taken out again whole.
+///
+/// # Panics
+/// On the first behaviour that differs from the contract.
+pub async fn buffer(buffer: &dyn Buffer) {
+    buffer
+        .apply(&[
+            inc("a", "views", 2),
+            inc("a", "views", 3),
+            inc("b", "likes", 1),
+            inc("a", "likes", -1),
+        ])
+        .await
+        .expect("apply");
+    buffer
+        .apply(&[BufferOp::Replace {
+            entity: "b".into(),
+            metric: "score".into(),
+            value: "4.5".into(),
+        }])
+        .await
+        .expect("apply");
+    assert_eq!(buffer.dirty_count().await.expect("dirty"), 2);
+    let a = buffer.peek("a").await.expect("peek");
+    assert_eq!(a.increments.get("views"), Some(&5));
+    assert_eq!(a.increments.get("likes"), Some(&-1));
+    assert_eq!(
+        buffer.peek("nobody").await.expect("peek"),
+        EntityDelta {
+            entity: "nobody".into(),
+            ..EntityDelta::default()
+        }
+    );
+
+    // A replace resets the metric: increments before it are void, after it they add up.
+    buffer.apply(&[inc("c", "n", 7)]).await.expect("apply");
+    buffer
+        .apply(&[BufferOp::Replace {
+            entity: "c".into(),
+            metric: "n".into(),
+            value: "100".into(),
+        }])
+        .await
+        .expect("apply");
+    buffer.apply(&[inc("c", "n", 1)]).await.expect("apply");
+    let c = buffer.peek("c").await.expect("peek");
+    assert_eq!(
+        (
+            c.replaces.get("n").map(String::as_str),
+            c.increments.get("n")
+        ),
+        (Some("100"), Some(&1))
+    );
+
+    assert_eq!(buffer.pending_flush().await.expect("pending"), None);
+    let taken = buffer.take_for_flush(1).await.expect("take");
+    assert_eq!(
+        taken.iter().map(|d| d.entity.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        buffer.dirty_count().await.expect("dirty"),
+        0,
+        "taken out whole"
+    );
+
+    // Events during the flush belong to the next one.
+    buffer.apply(&[inc("a", "views", 10)]).await.expect("apply");
+    assert_eq!(
+        buffer
+            .peek("a")
+            .await
+            .expect("peek")
+            .increments
+            .get("views"),
+        Some(&10)
+    );
+    let err = buffer
+        .take_for_flush(2)
+        .await
+        .expect_err("a second flush while one is pending");
+    assert!(err.is_precondition(), "{err:?}");
+    // The crashed flush is taken out again, identical.
+    assert_eq!(buffer.take_for_flush(1).await.expect("retake"), taken);
+    assert_eq!(
+        buffer
+            .pending_flush()
+            .await
+            .expect("pending")
+            .map(|(s, d)| (s, d.len())),
+        Some((1, 3))
+    );
+    buffer.ack_flush(1).await.expect("ack");
+    assert_eq!(buffer.pending_flush().await.expect("pending"), None);
+    let next = buffer.take_for_flush(2).await.expect("take");
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].increments.get("views"), Some(&10));
+    buffer.ack_flush(2).await.expect("ack");
 }

@@ -93,3 +93,10 @@ async fn dynamodb_errors_are_classified() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn embedded_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("buffer.db")).unwrap();
+    suite::buffer(&store.buffer("stats")).await;
+}

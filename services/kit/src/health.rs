@@ -93,3 +93,72 @@ impl Health {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tonic_health::pb::health_server::Health as _;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus as Wire};
+
+    use super::*;
+
+    async fn status(service: &tonic_health::server::HealthService, name: &str) -> i32 {
+        service
+            .check(tonic::Request::new(HealthCheckRequest {
+                service: name.to_owned(),
+            }))
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+    }
+
+    #[tokio::test]
+    async fn follows_the_backend_probe() {
+        let reporter = HealthReporter::new();
+        let service = tonic_health::server::HealthService::from_health_reporter(reporter.clone());
+        let health = Health::new(reporter);
+        health.register("tidemark.x.v1.XService");
+        let up = Arc::new(AtomicBool::new(false));
+        let shutdown = CancellationToken::new();
+        let probe_up = up.clone();
+        let watcher = tokio::spawn(health.clone().watch_backend(
+            "tidemark.x.v1.XService".to_owned(),
+            Duration::from_millis(10),
+            shutdown.clone(),
+            move || {
+                let up = probe_up.load(Ordering::SeqCst);
+                async move {
+                    if up {
+                        Ok(())
+                    } else {
+                        Err("connection refused".to_owned())
+                    }
+                }
+            },
+        ));
+        async fn wait_for(service: &tonic_health::server::HealthService, want: Wire) {
+            for _ in 0..200 {
+                if status(service, "tidemark.x.v1.XService").await == want as i32 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            panic!("health never became {want:?}");
+        }
+        wait_for(&service, Wire::NotServing).await;
+        up.store(true, Ordering::SeqCst);
+        wait_for(&service, Wire::Serving).await;
+        up.store(false, Ordering::SeqCst);
+        wait_for(&service, Wire::NotServing).await;
+        health.set_all_not_serving().await;
+        assert_eq!(
+            status(&service, "").await,
+            Wire::NotServing as i32,
+            "shutdown turns the whole host NOT_SERVING"
+        );
+        shutdown.cancel();
+        watcher.await.unwrap();
+    }
+}
