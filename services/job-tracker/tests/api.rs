@@ -293,3 +293,89 @@ async fn watch_run_reports_progress_until_done() {
     assert_eq!(last.units.unwrap().migrated, 3);
     assert_eq!(last.items_processed, 300);
 }
+
+#[tokio::test]
+async fn watch_routes_sends_a_snapshot_then_changes() {
+    let mut s = serve().await;
+    s.client
+        .create_job(pb::CreateJobRequest {
+            job: Some(job("routes")),
+        })
+        .await
+        .unwrap();
+    let set = |unit: &str, target: pb::RouteTarget| pb::SetRouteRequest {
+        job_name: "routes".into(),
+        unit_key: unit.into(),
+        target: target as i32,
+        actor: "ops".into(),
+        reason: "cut-over".into(),
+        expected_revision: 0,
+    };
+    s.client
+        .set_route(set("c1", pb::RouteTarget::Target))
+        .await
+        .unwrap();
+    let mut watch = s
+        .client
+        .watch_routes(pb::WatchRoutesRequest {
+            job_name: "routes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = watch.message().await.unwrap().unwrap();
+    assert!(snapshot.caught_up);
+    assert_eq!(snapshot.routes.len(), 1);
+    assert_eq!(
+        (
+            snapshot.routes[0].unit_key.as_str(),
+            snapshot.routes[0].target
+        ),
+        ("c1", pb::RouteTarget::Target as i32)
+    );
+
+    s.client
+        .set_route(set("c2", pb::RouteTarget::Target))
+        .await
+        .unwrap();
+    let update = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        update
+            .routes
+            .iter()
+            .map(|r| r.unit_key.as_str())
+            .collect::<Vec<_>>(),
+        ["c2"],
+        "only what changed"
+    );
+
+    let route = s
+        .client
+        .get_route(pb::GetRouteRequest {
+            job_name: "routes".into(),
+            unit_key: "c3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .route
+        .unwrap();
+    assert_eq!(
+        (route.target, route.revision),
+        (pb::RouteTarget::Source as i32, 0),
+        "an unrouted unit reads from the source"
+    );
+    let err = s
+        .client
+        .set_route(pb::SetRouteRequest {
+            target: 0,
+            ..set("c1", pb::RouteTarget::Source)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violation(&err).field, "target");
+}
