@@ -302,7 +302,13 @@ impl Benchmark for NoopRpc {
                  the stack."
             ));
         }
-        if !within_noise.is_empty() {
+        if within_noise.len() == figures.len() {
+            notes.push(
+                "Every figure is within this run's noise: for each, the two sides' rounds \
+                 overlap."
+                    .to_owned(),
+            );
+        } else if !within_noise.is_empty() {
             notes.push(format!(
                 "Within this run's noise (the two sides' rounds overlap): {}.",
                 within_noise.join("; ")
