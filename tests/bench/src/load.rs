@@ -353,8 +353,9 @@ mod tests {
         .await
         .unwrap();
         // At most 4 workers × 300 ms / 2 ms (+ one straddling the warm-up
-        // edge per worker); fewer when timers round up or the cores are busy.
-        assert!(r.ok >= 100 && r.ok <= 604, "{}", r.summary());
+        // edge per worker); far fewer when timers round up or CI keeps the
+        // cores busy, so only the upper bound is tight.
+        assert!(r.ok >= 20 && r.ok <= 604, "{}", r.summary());
         assert_eq!(r.errors, 0);
         assert!(r.latency_us(0.5) >= 2_000.0, "{}", r.summary());
         assert_eq!(r.measured, Duration::from_millis(300));
