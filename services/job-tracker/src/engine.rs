@@ -131,12 +131,23 @@ pub struct ClaimRequest {
     pub wait: Duration,
 }
 
-/// A unit together with the run and job it belongs to.
+/// A unit together with the run and job it belongs to. The run comes
+/// without unit counts: computing them reads every unit, which a claim on
+/// the hot path must not do (`get_run` gives them).
 #[derive(Clone, Debug)]
 pub struct Claimed {
     pub unit: Unit,
-    pub run: RunView,
+    pub run: Run,
     pub job: Job,
+}
+
+/// The result of one attempt to claim one unit.
+enum ClaimAttempt {
+    Claimed(Box<Unit>),
+    /// Another claimer wrote first: read the queue again.
+    Lost,
+    /// Not claimable now (finished, or waiting for its dependencies).
+    NotClaimable,
 }
 
 /// Identifies the holder of a unit's lease.
@@ -167,6 +178,9 @@ pub struct Tracker {
     changed: Notify,
     shutdown: CancellationToken,
     sequence: AtomicU64,
+    /// Run id → job name. Never changes once written, so it is cached to
+    /// spare every call on a run the pointer read.
+    run_jobs: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Tracker {
@@ -176,6 +190,7 @@ impl Tracker {
             changed: Notify::new(),
             shutdown,
             sequence: AtomicU64::new(0),
+            run_jobs: std::sync::Mutex::default(),
         }
     }
 
@@ -426,11 +441,19 @@ impl Tracker {
     // ------------------------------------------------------------ runs
 
     async fn run_job_name(&self, run_id: &str) -> TrackerResult<String> {
+        if let Some(job) = self.run_jobs.lock().expect("run cache lock").get(run_id) {
+            return Ok(job.clone());
+        }
         let entry = self
             .kv
             .get(&run_pk(run_id), "#run")
             .await?
             .ok_or_else(|| TrackerError::NotFound(format!("run {run_id:?} does not exist")))?;
+        let mut cache = self.run_jobs.lock().expect("run cache lock");
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(run_id.to_owned(), entry.body.clone());
         Ok(entry.body)
     }
 
@@ -1112,57 +1135,85 @@ impl Tracker {
                 continue;
             }
             let job = self.get_job(&run.job_name).await?;
-            let pk = run_pk(&run_id);
-            let now = Utc::now();
-            let leased = self.kv.query(&pk, "p#", None, 1000).await?;
-            let mut keys: Vec<String> = Vec::new();
-            if req.unit_key.is_empty() {
-                if job.max_concurrent_units == 0 || leased.len() < job.max_concurrent_units as usize
-                {
-                    keys.extend(
-                        self.kv
-                            .query(&pk, "q#", None, 32)
-                            .await?
-                            .into_iter()
-                            .map(|e| e.sk[2..].to_owned()),
-                    );
-                }
-                // Leases that expired: their holders died; anyone may take over.
-                keys.extend(
-                    leased
-                        .iter()
-                        .filter(|e| e.body.parse::<i64>().is_ok_and(|exp| exp < micros(now)))
-                        .map(|e| e.sk[2..].to_owned()),
-                );
-            } else {
-                keys.push(req.unit_key.clone());
-            }
-            for key in keys {
-                if let Some(unit) = self
-                    .claim_one(&run, &key, req, !req.unit_key.is_empty())
-                    .await?
-                {
-                    return Ok(Some(Claimed {
-                        unit,
-                        run: self.view(run.clone()).await?,
-                        job,
-                    }));
-                }
+            if let Some(unit) = self.claim_in_run(&run, &job, req).await? {
+                return Ok(Some(Claimed { unit, run, job }));
             }
             self.maybe_finish_run(&run_id, &req.worker_id).await?;
         }
         Ok(None)
     }
 
-    /// One claim attempt of one unit; `None` when it is not claimable now
-    /// (taken by someone else, dependencies pending).
+    /// Claims one unit of `run`: a waiting one first, else one whose lease
+    /// expired. Claimers that lose a race for the same candidates read the
+    /// queue again rather than report "nothing to claim" while work waits.
+    async fn claim_in_run(
+        &self,
+        run: &Run,
+        job: &Job,
+        req: &ClaimRequest,
+    ) -> TrackerResult<Option<Unit>> {
+        let pk = run_pk(&run.run_id);
+        let explicit = !req.unit_key.is_empty();
+        for _ in 0..16 {
+            let mut candidates: Vec<String> = Vec::new();
+            if explicit {
+                candidates.push(req.unit_key.clone());
+            } else {
+                let cap = job.max_concurrent_units as usize;
+                let below_cap = cap == 0 || self.kv.query(&pk, "p#", None, cap).await?.len() < cap;
+                if below_cap {
+                    let mut fresh: Vec<String> = self
+                        .kv
+                        .query(&pk, "q#", None, 32)
+                        .await?
+                        .into_iter()
+                        .map(|e| e.sk[2..].to_owned())
+                        .collect();
+                    // Start at a random candidate: concurrent claimers then
+                    // rarely race for the same unit.
+                    if !fresh.is_empty() {
+                        let offset = rand::random::<u32>() as usize % fresh.len();
+                        fresh.rotate_left(offset);
+                    }
+                    candidates = fresh;
+                }
+                if candidates.is_empty() {
+                    // Leases that expired: their holders died; anyone may take over.
+                    let now = micros(Utc::now());
+                    candidates = query_all(self.kv.as_ref(), &pk, "p#")
+                        .await?
+                        .into_iter()
+                        .filter(|e| e.body.parse::<i64>().is_ok_and(|exp| exp < now))
+                        .map(|e| e.sk[2..].to_owned())
+                        .collect();
+                }
+            }
+            if candidates.is_empty() {
+                return Ok(None);
+            }
+            let mut lost = false;
+            for key in candidates {
+                match self.claim_one(run, &key, req, explicit).await? {
+                    ClaimAttempt::Claimed(unit) => return Ok(Some(*unit)),
+                    ClaimAttempt::Lost => lost = true,
+                    ClaimAttempt::NotClaimable => {}
+                }
+            }
+            if !lost {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    /// One claim attempt of one unit.
     async fn claim_one(
         &self,
         run: &Run,
         key: &str,
         req: &ClaimRequest,
         explicit: bool,
-    ) -> TrackerResult<Option<Unit>> {
+    ) -> TrackerResult<ClaimAttempt> {
         let (mut unit, rev) = self.load_unit(&run.run_id, key).await?;
         let now = Utc::now();
         let expired = unit.lease.as_ref().is_none_or(|l| l.expire_time < now);
@@ -1178,12 +1229,18 @@ impl Tracker {
                     run.run_id, unit.status
                 )));
             }
-            return Ok(None);
+            // Leased meanwhile by another claimer: the queue entry we read
+            // was already stale.
+            return Ok(if unit.status == UnitStatus::InProgress && !explicit {
+                ClaimAttempt::Lost
+            } else {
+                ClaimAttempt::NotClaimable
+            });
         }
         for dep in &unit.after_unit_keys {
             let (d, _) = self.load_unit(&run.run_id, dep).await?;
             if d.status != UnitStatus::Migrated {
-                return Ok(None);
+                return Ok(ClaimAttempt::NotClaimable);
             }
         }
         let pk = run_pk(&run.run_id);
@@ -1209,8 +1266,10 @@ impl Tracker {
                 "max attempts reached",
                 unit.fencing_token,
             )?);
-            self.apply(ops).await?;
-            return Ok(None);
+            return Ok(match self.apply(ops).await? {
+                Some(()) => ClaimAttempt::NotClaimable,
+                None => ClaimAttempt::Lost,
+            });
         }
         let lease_for =
             chrono::Duration::from_std(req.lease).unwrap_or_else(|_| chrono::Duration::seconds(30));
@@ -1242,7 +1301,10 @@ impl Tracker {
             reason,
             unit.fencing_token,
         )?);
-        Ok(self.apply(ops).await?.map(|()| unit))
+        Ok(match self.apply(ops).await? {
+            Some(()) => ClaimAttempt::Claimed(Box::new(unit)),
+            None => ClaimAttempt::Lost,
+        })
     }
 
     /// Loads a unit and checks that `fence` still holds its lease.
@@ -1289,7 +1351,7 @@ impl Tracker {
         progress: Option<Progress>,
         extend: Option<Duration>,
     ) -> TrackerResult<(Lease, u64)> {
-        let lease = self
+        let (lease, job_name) = self
             .retrying("checkpoint", || async {
                 let (mut unit, rev) = self.fenced(fence).await?;
                 let now = Utc::now();
@@ -1323,11 +1385,10 @@ impl Tracker {
                 Ok(self
                     .apply(ops)
                     .await?
-                    .map(|()| unit.lease.clone().expect("leased")))
+                    .map(|()| (unit.lease.clone().expect("leased"), unit.job_name.clone())))
             })
             .await?;
-        let (run, _) = self.load_run(&fence.run_id).await?;
-        let job = self.get_job(&run.job_name).await?;
+        let job = self.get_job(&job_name).await?;
         Ok((lease, job.revision))
     }
 

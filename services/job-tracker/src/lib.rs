@@ -141,6 +141,13 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn KvStore>, JobTrackerE
 /// When its store cannot be opened.
 pub async fn register(config: &Config, host: &mut ServiceHost) -> Result<(), JobTrackerError> {
     let store = open_store(config).await?;
+    register_with_store(config, store, host);
+    Ok(())
+}
+
+/// As [`register`], over a store the caller opened (tests and benchmarks
+/// that bring their own client).
+pub fn register_with_store(config: &Config, store: Arc<dyn KvStore>, host: &mut ServiceHost) {
     let tracker = Arc::new(Tracker::new(store.clone(), host.shutdown_token()));
     host.add_service(JobTrackerServiceServer::new(JobTracker {
         tracker: tracker.clone(),
@@ -161,7 +168,6 @@ pub async fn register(config: &Config, host: &mut ServiceHost) -> Result<(), Job
             async move { store.ping().await.map_err(|e| e.to_string()) }
         },
     );
-    Ok(())
 }
 
 /// Serves the job-tracker on `listener` until `shutdown` is cancelled.

@@ -293,7 +293,7 @@ impl JobTrackerService for JobTracker {
         Ok(Response::new(match claimed {
             Some(c) => pb::ClaimUnitResponse {
                 unit: Some(pb::Unit::from(&c.unit)),
-                run: Some(pb::Run::from(&c.run)),
+                run: Some(convert::run_to(&c.run, None, None)),
                 job: Some(pb::Job::from(&c.job)),
             },
             None => pb::ClaimUnitResponse::default(),

@@ -245,6 +245,38 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     assert_eq!(claimed.len(), 24, "every unit claimed once: {claimed:?}");
     assert_eq!(distinct.len(), 24, "no unit claimed twice");
 
+    // Claimers that lose a race read the queue again: N one-shot claims on
+    // N waiting units all succeed (none reports "nothing to claim").
+    tracker
+        .create_job(job(&name("burst"), JobKind::BackfillAttribute), "suite")
+        .await
+        .unwrap();
+    let burst_keys: Vec<String> = (0..24).map(|i| format!("b{i:02}")).collect();
+    let burst_refs: Vec<&str> = burst_keys.iter().map(String::as_str).collect();
+    let burst = tracker
+        .start_run(start(&name("burst"), &burst_refs))
+        .await
+        .unwrap();
+    let mut shots = Vec::new();
+    for w in 0..24 {
+        let tracker = tracker.clone();
+        let run_id = burst.run.run_id.clone();
+        shots.push(tokio::spawn(async move {
+            tracker
+                .claim_unit(&claim(&format!("b{w}"), &run_id, lease))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut got = HashSet::new();
+    for shot in shots {
+        let claimed = shot
+            .await
+            .unwrap()
+            .expect("every one-shot claim gets a unit while units wait");
+        assert!(got.insert(claimed.unit.unit_key), "no unit twice");
+    }
+
     // A stale fencing token is refused, an expired lease can be reclaimed.
     let (key, token) = claimed[0].clone();
     let fence = Fence {

@@ -3,10 +3,14 @@
 
 use crate::framework::Benchmark;
 
+pub mod job_tracker;
 pub mod noop_rpc;
 
 pub fn all() -> Vec<Box<dyn Benchmark>> {
-    vec![Box::new(noop_rpc::NoopRpc)]
+    vec![
+        Box::new(noop_rpc::NoopRpc),
+        Box::new(job_tracker::JobTrackerClaims),
+    ]
 }
 
 /// The benchmark called `name`.

@@ -1,0 +1,340 @@
+//! `job-tracker`: a worker's hot path — `ClaimUnit` then `Checkpoint` of the
+//! claimed unit — on the embedded store at 2,000 operations per second, and
+//! on the local DynamoDB endpoint, next to a no-op RPC (`Health/Check`) on
+//! the same server at the same rate as the baseline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use job_tracker::StoreKind;
+use job_tracker::kv::{DynamoKv, KvStore, SqliteKv};
+use tidemark_kit::{CancellationToken, ServerConfig, ServiceHost};
+use tidemark_proto::job_tracker::v1 as pb;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::framework::{Benchmark, Context, Report, Rounds, Side, Target, fmt_num, interleaved};
+use crate::load::{ClosedLoop, LoadResult, OpenLoop};
+
+/// DESIGN.md §6: ClaimUnit + Checkpoint p99 at 2k rps, embedded store, < 5 ms.
+const RATE: f64 = 2_000.0;
+const P99_TARGET_US: f64 = 5_000.0;
+const ROUNDS: usize = 3;
+const WARMUP: Duration = Duration::from_millis(500);
+const ROUND: Duration = Duration::from_millis(1_500);
+const CONNECTIONS: usize = 16;
+/// The DynamoDB stand-in serves a few hundred requests a second in all, so
+/// its side runs closed-loop at a concurrency it can take.
+const DYNAMO_CONCURRENCY: usize = 4;
+const DYNAMO_ROUND: Duration = Duration::from_millis(2_000);
+
+pub struct JobTrackerClaims;
+
+struct Deployment {
+    jobs: Vec<JobTrackerServiceClient<Channel>>,
+    health: Vec<HealthClient<Channel>>,
+    run_id: String,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve(store: StoreKind, units: usize) -> anyhow::Result<(Deployment, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = job_tracker::Config {
+        server: ServerConfig {
+            listen: addr,
+            concurrency_limit: 4096,
+            ..ServerConfig::default()
+        },
+        data_dir: dir.path().to_owned(),
+        ..job_tracker::Config::default()
+    };
+    let store: Arc<dyn KvStore> = match store {
+        StoreKind::Embedded => Arc::new(SqliteKv::open(dir.path())?),
+        StoreKind::Dynamodb => {
+            // The local endpoint with the local set-up's test credentials.
+            let (client, _) = tidemark_connectors::testing::dynamodb_clients().await;
+            let kv = DynamoKv::new(
+                client,
+                &tidemark_connectors::testing::unique_name("bench-jobs"),
+            );
+            kv.ensure_table().await?;
+            Arc::new(kv)
+        }
+    };
+    let stop = CancellationToken::new();
+    let mut host = ServiceHost::new(config.server.clone(), stop.clone());
+    job_tracker::register_with_store(&config, store, &mut host);
+    let server = tokio::spawn(host.serve(listener));
+    let mut jobs = Vec::new();
+    let mut health = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect_lazy();
+        jobs.push(JobTrackerServiceClient::new(channel.clone()));
+        health.push(HealthClient::new(channel));
+    }
+    let mut client = jobs[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(
+            !server.is_finished(),
+            "the job-tracker stopped: {:?}",
+            server.await
+        );
+        anyhow::ensure!(Instant::now() < deadline, "the job-tracker did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .create_job(pb::CreateJobRequest {
+            job: Some(pb::Job {
+                name: "bench".into(),
+                kind: pb::JobKind::BackfillAttribute as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("create the job")?;
+    let specs = (0..units)
+        .map(|i| pb::UnitSpec {
+            unit_key: format!("segment-{i:06}"),
+            after_unit_keys: vec![],
+        })
+        .collect();
+    let started = Instant::now();
+    let run = client
+        .start_run(pb::StartRunRequest {
+            job_name: "bench".into(),
+            units: specs,
+            ..Default::default()
+        })
+        .await
+        .context("start the run")?
+        .into_inner()
+        .run
+        .context("no run")?;
+    Ok((
+        Deployment {
+            jobs,
+            health,
+            run_id: run.run_id,
+            stop,
+            _dir: dir,
+        },
+        started.elapsed(),
+    ))
+}
+
+/// One worker step: claim the next unit, store a checkpoint for it.
+async fn claim_and_checkpoint(
+    mut client: JobTrackerServiceClient<Channel>,
+    run_id: String,
+    i: u64,
+) -> Result<(), tonic::Status> {
+    let unit = client
+        .claim_unit(pb::ClaimUnitRequest {
+            worker_id: "bench".into(),
+            run_id: run_id.clone(),
+            lease_duration: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .unit
+        .ok_or_else(|| {
+            tonic::Status::resource_exhausted("the run ran out of units; register more")
+        })?;
+    client
+        .checkpoint(pb::CheckpointRequest {
+            run_id,
+            unit_key: unit.unit_key,
+            fencing_token: unit.lease.map_or(0, |l| l.fencing_token),
+            checkpoint: format!("{{\"LastEvaluatedKey\":{{\"id\":{{\"S\":\"item-{i:012}\"}}}}}}")
+                .into_bytes(),
+            items_processed: i64::try_from(i).unwrap_or(0),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+async fn noop(mut client: HealthClient<Channel>) -> Result<(), tonic::Status> {
+    client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(drop)
+}
+
+fn pick<T: Clone>(pool: &[T], i: u64) -> T {
+    pool[usize::try_from(i).unwrap_or(0) % pool.len()].clone()
+}
+
+async fn measure(target: &Deployment, side: Side, load: Load) -> anyhow::Result<LoadResult> {
+    let jobs = Arc::new(target.jobs.clone());
+    let health = Arc::new(target.health.clone());
+    let run_id = target.run_id.clone();
+    let op = move |i: u64| {
+        let (jobs, health, run_id) = (jobs.clone(), health.clone(), run_id.clone());
+        async move {
+            match side {
+                Side::System => claim_and_checkpoint(pick(&jobs, i), run_id, i).await,
+                Side::Baseline => noop(pick(&health, i)).await,
+            }
+        }
+    };
+    match load {
+        Load::Open(open) => open.run(op).await,
+        Load::Closed(closed) => closed.run(op).await,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Load {
+    Open(OpenLoop),
+    Closed(ClosedLoop),
+}
+
+fn units_needed(rate: f64, per_round: Duration) -> usize {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let n = (rate * (WARMUP + per_round).as_secs_f64() * ROUNDS as f64 * 1.3) as usize;
+    n + 500
+}
+
+#[async_trait::async_trait]
+impl Benchmark for JobTrackerClaims {
+    fn name(&self) -> &'static str {
+        "job-tracker"
+    }
+
+    fn description(&self) -> &'static str {
+        "ClaimUnit + Checkpoint round trips on the embedded store at 2k rps and on the local DynamoDB endpoint, ÷ a no-op RPC on the same server"
+    }
+
+    async fn run(&self, ctx: &Context) -> anyhow::Result<Report> {
+        let mut report = Report::default();
+        let round = ctx.time(ROUND);
+        let rates = [RATE / 2.0, RATE];
+        let units: usize = rates.iter().map(|r| units_needed(*r, round)).sum();
+        let (target, registration) = serve(StoreKind::Embedded, units).await?;
+        for rate in rates {
+            let open = OpenLoop {
+                rate,
+                warmup: ctx.time(WARMUP),
+                duration: round,
+                max_in_flight: 512,
+            };
+            let mut rounds = Rounds::default();
+            for side in interleaved(ROUNDS) {
+                rounds.push(side, measure(&target, side, Load::Open(open)).await?);
+            }
+            let sys = rounds.pooled(Side::System);
+            anyhow::ensure!(sys.errors == 0, "claims failed: {:?}", sys.first_error);
+            let at = format!("embedded, {} ops/s", fmt_num(rate));
+            report
+                .rows
+                .push(rounds.row(format!("{at}: p50 latency"), "µs", |r| r.latency_us(0.50)));
+            let p99 = rounds.row(format!("{at}: p99 latency"), "µs", |r| r.latency_us(0.99));
+            #[allow(clippy::float_cmp)]
+            report.rows.push(if rate == RATE {
+                p99.with_target(Target::SystemBelow(P99_TARGET_US))
+            } else {
+                p99
+            });
+            report.rows.push(rounds.row(
+                format!("{at}: throughput"),
+                "ops/s",
+                LoadResult::throughput,
+            ));
+            report.rows.push(rounds.row(
+                format!("{at}: CPU per operation"),
+                "µs",
+                LoadResult::cpu_per_request_us,
+            ));
+            report.notes.push(format!(
+                "Spread of the p99 rounds at {} ops/s: {}",
+                fmt_num(rate),
+                rounds.spread("µs", |r| r.latency_us(0.99))
+            ));
+        }
+        target.stop.cancel();
+        report.notes.push(format!(
+            "An operation is two RPCs on one connection: ClaimUnit (lease 600 s) then Checkpoint of the claimed unit (a ~50-byte LastEvaluatedKey and progress); the baseline is one Health/Check through the same server and stack at the same rate. Open loop from the scheduled send time, {} connections, {} rounds per side of {} s in ABBA order after {} s warm-up; medians. Client and server share this process and its two cores, so the client's CPU counts too.",
+            CONNECTIONS,
+            ROUNDS,
+            round.as_secs_f64(),
+            ctx.time(WARMUP).as_secs_f64()
+        ));
+        report.notes.push(format!(
+            "Embedded store: one SQLite file (WAL, synchronous=NORMAL); each claim is a unit read, a queue read and one transaction of five single-statement writes, each checkpoint a unit read and one write. The run held {units} units, registered in {:.1} s.",
+            registration.as_secs_f64()
+        ));
+
+        let dynamo_round = ctx.time(DYNAMO_ROUND);
+        let (target, registration) = serve(StoreKind::Dynamodb, 300).await?;
+        let closed = ClosedLoop {
+            concurrency: DYNAMO_CONCURRENCY,
+            warmup: ctx.time(WARMUP),
+            duration: dynamo_round,
+        };
+        let mut rounds = Rounds::default();
+        for side in interleaved(ROUNDS) {
+            rounds.push(side, measure(&target, side, Load::Closed(closed)).await?);
+        }
+        target.stop.cancel();
+        let sys = rounds.pooled(Side::System);
+        anyhow::ensure!(
+            sys.errors == 0,
+            "claims on DynamoDB failed: {:?}",
+            sys.first_error
+        );
+        report.rows.push(rounds.row(
+            "DynamoDB endpoint, closed loop of 4: throughput",
+            "ops/s",
+            LoadResult::throughput,
+        ));
+        report.rows.push(rounds.row(
+            "DynamoDB endpoint, closed loop of 4: p50 latency",
+            "µs",
+            |r| r.latency_us(0.50),
+        ));
+        report.rows.push(rounds.row(
+            "DynamoDB endpoint, closed loop of 4: p99 latency",
+            "µs",
+            |r| r.latency_us(0.99),
+        ));
+        report.notes.push(format!(
+            "DynamoDB side: the local stand-in (about 240 sequential writes/s on this machine) is the bottleneck, not the job-tracker: an operation is eight DynamoDB requests (run, job, queue and unit reads and one TransactWriteItems for the claim; a unit read, one TransactWriteItems and a job read for the checkpoint). It therefore runs closed-loop with {DYNAMO_CONCURRENCY} workers rather than at 2,000/s; against AWS DynamoDB each request is a few milliseconds and the rate scales with workers. 300 units registered in {:.1} s.",
+            registration.as_secs_f64()
+        ));
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enough_units_for_every_round() {
+        // Every operation claims a fresh unit: the run must outlast the schedule.
+        let needed = units_needed(RATE, ROUND);
+        #[allow(clippy::cast_precision_loss)]
+        let sends = RATE * (WARMUP + ROUND).as_secs_f64() * ROUNDS as f64;
+        assert!(needed as f64 > sends);
+    }
+}
