@@ -95,6 +95,9 @@ impl Tidemark {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         if options.endpoint.starts_with("https://") {
+            // Binaries that also link the AWS SDK carry two rustls crypto
+            // providers; rustls then needs to be told which one to use.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             endpoint = endpoint
                 .tls_config(ClientTlsConfig::new().with_enabled_roots())
                 .map_err(|e| bad(e.to_string()))?;

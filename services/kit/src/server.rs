@@ -158,6 +158,7 @@ impl ServiceHost {
             .timeout(self.config.request_timeout())
             .trace_fn(|req| tracing::info_span!("rpc", rpc = %req.uri().path()));
         if let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) {
+            install_crypto_provider();
             let identity =
                 Identity::from_pem(tokio::fs::read(cert).await?, tokio::fs::read(key).await?);
             builder = builder
@@ -212,4 +213,12 @@ impl ServiceHost {
         tracing::info!(%addr, "stopped");
         result
     }
+}
+
+/// Makes ring rustls' process-wide crypto provider. tonic's TLS uses ring;
+/// the AWS SDK links aws-lc-rs as well, and with two providers compiled in
+/// rustls will not pick one, so the first handshake would fail. Installing
+/// twice is harmless (the first one stays).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -3,3 +3,4 @@
 
 mod foundation;
 mod jobs_cli;
+mod tls;
