@@ -10,6 +10,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue as DdbValue, BillingMode, KeySchemaElement, KeyType,
     ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus,
 };
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use futures::StreamExt as _;
@@ -37,10 +38,9 @@ pub async fn sdk_config(endpoint: Option<&str>) -> aws_config::SdkConfig {
 }
 
 /// Maps an SDK error to a [`ConnectorError`] by its error code and status.
-pub(crate) fn classify<E, R>(backend: &'static str, err: &SdkError<E, R>) -> ConnectorError
+pub fn classify<E>(backend: &'static str, err: &SdkError<E, HttpResponse>) -> ConnectorError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     let retryable = |message: String| ConnectorError::Retryable {
         backend,
@@ -77,9 +77,7 @@ where
                 "ExpiredIteratorException" | "TrimmedDataAccessException" => {
                     ConnectorError::IteratorExpired { backend }
                 }
-                _ if format!("{:?}", service.raw()).contains("status: StatusCode(5") => {
-                    retryable(message)
-                }
+                _ if service.raw().status().is_server_error() => retryable(message),
                 _ => ConnectorError::Terminal { backend, message },
             }
         }

@@ -10,11 +10,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement,
     KeyType, ScalarAttributeType, TransactWriteItem, Update,
 };
 use rusqlite::{OptionalExtension, params};
+use tidemark_connectors::ConnectorError;
 
 /// A stored record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -400,43 +403,18 @@ fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }
 
+/// DynamoDB errors as the connector layer classifies them, in the terms
+/// the engine acts on: a failed condition is a conflict to retry on fresh
+/// reads; throttling and timeouts are temporary.
 #[allow(clippy::needless_pass_by_value)] // used as `map_err(ddb_err)`
-fn ddb_err<E, R>(e: aws_sdk_dynamodb::error::SdkError<E, R>) -> KvError
+fn ddb_err<E>(e: SdkError<E, HttpResponse>) -> KvError
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
-    let retryable = matches!(
-        &e,
-        aws_sdk_dynamodb::error::SdkError::TimeoutError(_)
-            | aws_sdk_dynamodb::error::SdkError::DispatchFailure(_)
-    );
-    let code = aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e)
-        .unwrap_or_default()
-        .to_owned();
-    let message = format!(
-        "{code}: {}",
-        aws_sdk_dynamodb::error::ProvideErrorMetadata::message(&e).unwrap_or_default()
-    );
-    match code.as_str() {
-        "ConditionalCheckFailedException" => KvError::Conflict,
-        // A transaction is cancelled as a whole; when a condition was the
-        // reason, the caller re-reads and retries like any conflict.
-        "TransactionCanceledException" if message.contains("ConditionalCheckFailed") => {
-            KvError::Conflict
-        }
-        "TransactionCanceledException"
-        | "TransactionConflictException"
-        | "ProvisionedThroughputExceededException"
-        | "ThrottlingException"
-        | "RequestLimitExceeded"
-        | "InternalServerError" => KvError::Unavailable(message),
-        _ if retryable => KvError::Unavailable(format!("{e:?}")),
-        _ => KvError::Failed(if code.is_empty() {
-            format!("{e:?}")
-        } else {
-            message
-        }),
+    match tidemark_connectors::dynamodb::classify("dynamodb", &e) {
+        ConnectorError::Precondition(_) => KvError::Conflict,
+        ConnectorError::Retryable { message, .. } => KvError::Unavailable(message),
+        other => KvError::Failed(other.to_string()),
     }
 }
 
