@@ -141,6 +141,14 @@ pub struct Claimed {
     pub job: Job,
 }
 
+/// See [`Tracker::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    pub active_runs: u64,
+    pub blocked_jobs: u64,
+    pub units: UnitCounts,
+}
+
 /// The result of one attempt to claim one unit.
 enum ClaimAttempt {
     Claimed(Box<Unit>),
@@ -1636,6 +1644,23 @@ impl Tracker {
         });
         out.sort_by_key(|t| t.sequence);
         Ok(out)
+    }
+
+    /// Figures for the service's gauges: unit counts over the active runs,
+    /// how many runs are active, how many jobs a failed run blocks.
+    pub async fn stats(&self) -> TrackerResult<TrackerStats> {
+        let mut stats = TrackerStats::default();
+        for entry in query_all(self.kv.as_ref(), ACTIVE, "").await? {
+            stats.active_runs += 1;
+            for unit in self.list_units(&entry.sk).await? {
+                stats.units.add(unit.status);
+            }
+        }
+        for entry in query_all(self.kv.as_ref(), JOBS, "").await? {
+            let job: Job = parse(&entry)?;
+            stats.blocked_jobs += u64::from(job.blocking_run_id.is_some());
+        }
+        Ok(stats)
     }
 
     /// Jobs that have a schedule (the scheduler's work list).

@@ -6,6 +6,7 @@
 pub mod convert;
 pub mod engine;
 pub mod error;
+mod gauges;
 pub mod kv;
 pub mod model;
 pub mod schedule;
@@ -50,6 +51,8 @@ pub struct Config {
     pub aws_endpoint: Option<String>,
     /// How often the scheduler looks for due runs.
     pub scheduler_tick_ms: u64,
+    /// How often the gauges (units by status, blocked jobs) are recomputed.
+    pub gauge_refresh_ms: u64,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             dynamodb_table: "tidemark-jobs".to_owned(),
             aws_endpoint: None,
             scheduler_tick_ms: 1000,
+            gauge_refresh_ms: 15_000,
         }
     }
 }
@@ -85,6 +89,12 @@ impl ServiceConfig for Config {
         }
         if let Some(url) = &self.aws_endpoint {
             tidemark_kit::config::check_url("aws_endpoint", url)?;
+        }
+        if self.gauge_refresh_ms < 100 {
+            return Err(ConfigError::invalid(
+                "gauge_refresh_ms",
+                "must be at least 100",
+            ));
         }
         if !(10..=60_000).contains(&self.scheduler_tick_ms) {
             return Err(ConfigError::invalid(
@@ -155,8 +165,17 @@ pub fn register_with_store(config: &Config, store: Arc<dyn KvStore>, host: &mut 
     host.spawn(
         "scheduler",
         schedule::run(
-            tracker,
+            tracker.clone(),
             Duration::from_millis(config.scheduler_tick_ms),
+            host.shutdown_token(),
+        ),
+    );
+    let gauges = gauges::Gauges::register(&host.metrics());
+    host.spawn(
+        "gauges",
+        gauges.run(
+            tracker,
+            Duration::from_millis(config.gauge_refresh_ms),
             host.shutdown_token(),
         ),
     );

@@ -25,10 +25,14 @@ impl Drop for Server {
 }
 
 async fn serve() -> Server {
+    serve_with(|_| {}).await
+}
+
+async fn serve_with(tweak: impl FnOnce(&mut job_tracker::Config)) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = job_tracker::Config {
+    let mut config = job_tracker::Config {
         server: ServerConfig {
             listen: addr,
             ..ServerConfig::default()
@@ -36,6 +40,7 @@ async fn serve() -> Server {
         data_dir: dir.path().to_owned(),
         ..job_tracker::Config::default()
     };
+    tweak(&mut config);
     let stop = CancellationToken::new();
     tokio::spawn(job_tracker::run(config, listener, stop.clone()));
     let channel = Channel::from_shared(format!("http://{addr}"))
@@ -378,4 +383,89 @@ async fn watch_routes_sends_a_snapshot_then_changes() {
         .await
         .unwrap_err();
     assert_eq!(violation(&err).field, "target");
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test]
+async fn gauges_show_units_by_status_and_blocked_jobs() {
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut s = serve_with(|c| {
+        c.server.metrics_listen = Some(metrics_addr);
+        c.gauge_refresh_ms = 100;
+    })
+    .await;
+    s.client
+        .create_job(pb::CreateJobRequest {
+            job: Some(job("g")),
+        })
+        .await
+        .unwrap();
+    let units = ["a", "b"]
+        .iter()
+        .map(|k| pb::UnitSpec {
+            unit_key: (*k).into(),
+            after_unit_keys: vec![],
+        })
+        .collect();
+    let run = s
+        .client
+        .start_run(pb::StartRunRequest {
+            job_name: "g".into(),
+            units,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = scrape(metrics_addr).await;
+        if text.contains("tidemark_job_units{status=\"not_migrated\"} 2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        text.contains("tidemark_job_units{status=\"not_migrated\"} 2"),
+        "{text}"
+    );
+    assert!(text.contains("tidemark_job_active_runs 1"), "{text}");
+    s.client
+        .fail_run(pb::FailRunRequest {
+            run_id: run.run_id,
+            error: "boom".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        text = scrape(metrics_addr).await;
+        if text.contains("tidemark_job_blocked_jobs 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        text.contains("tidemark_job_blocked_jobs 1"),
+        "a failed run awaiting acknowledgement shows: {text}"
+    );
+    assert!(text.contains("tidemark_job_active_runs 0"), "{text}");
 }
