@@ -1,11 +1,12 @@
 //! Store connectors (DESIGN.md §2): every store sits behind one of four small
 //! traits — [`SourceTable`], [`ChangeFeed`], [`Sink`], [`Buffer`] — with real
-//! implementations (DynamoDB, DynamoDB Streams) and an embedded one (SQLite).
+//! implementations (DynamoDB, DynamoDB Streams, Redis) and an embedded one (SQLite).
 
 pub mod dynamodb;
 pub mod error;
 pub mod memory;
 pub mod predicate;
+pub mod redis;
 pub mod retry;
 pub mod sqlite;
 pub mod streams;

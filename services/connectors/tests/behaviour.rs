@@ -1,12 +1,19 @@
 //! The behaviour suites run against every implementation: the embedded
-//! SQLite store and the real DynamoDB (+ Streams) endpoint of deploy/local.
+//! SQLite store and the real DynamoDB (+ Streams) endpoint and Redis of
+//! deploy/local.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tidemark_connectors::dynamodb::{DynamoSink, DynamoTable};
+use tidemark_connectors::redis::RedisBuffer;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition};
 use tidemark_connectors::suite::{self, PK, SK};
-use tidemark_connectors::testing::{dynamodb_clients, unique_name};
-use tidemark_connectors::{ChangeFeed, KeySchema};
+use tidemark_connectors::testing::{dynamodb_clients, local_env, unique_name};
+use tidemark_connectors::{Buffer, BufferOp, ChangeFeed, KeySchema};
 
 fn schema() -> KeySchema {
     KeySchema::new(PK, Some(SK))
@@ -99,4 +106,264 @@ async fn embedded_buffer() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("buffer.db")).unwrap();
     suite::buffer(&store.buffer("stats")).await;
+}
+
+/// A Redis buffer under a prefix unique to this test; `cleanup` removes its keys.
+async fn redis_buffer(test: &str) -> RedisBuffer {
+    let url = local_env("TIDEMARK_TEST_REDIS_URL");
+    RedisBuffer::connect(
+        &url,
+        RedisBuffer::prefix_for(&unique_name(&format!("test-{test}"))),
+    )
+    .await
+    .expect("connect to the local redis")
+}
+
+async fn cleanup(buffer: &RedisBuffer) {
+    let client = redis::Client::open(local_env("TIDEMARK_TEST_REDIS_URL")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", buffer.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+fn inc(entity: &str, metric: &str, delta: i64) -> BufferOp {
+    BufferOp::Increment {
+        entity: entity.into(),
+        metric: metric.into(),
+        delta,
+    }
+}
+
+#[tokio::test]
+async fn redis_buffer_suite() {
+    let buffer = redis_buffer("suite").await;
+    buffer.ping().await.expect("ping");
+    suite::buffer(&buffer).await;
+    assert_eq!(buffer.last_acked().await.unwrap(), Some(2));
+    cleanup(&buffer).await;
+}
+
+/// A process that dies during a flush leaves it pending in Redis: a new
+/// process sees it whole, takes it again identical, and events applied
+/// meanwhile land in the next flush, counted once.
+#[tokio::test]
+async fn redis_buffer_survives_a_crash_during_a_flush() {
+    let first = redis_buffer("crash").await;
+    first
+        .apply(&[inc("a", "views", 3), inc("b", "views", 4)])
+        .await
+        .unwrap();
+    first
+        .apply(&[BufferOp::Replace {
+            entity: "b".into(),
+            metric: "score".into(),
+            value: "2.5".into(),
+        }])
+        .await
+        .unwrap();
+    let taken = first.take_for_flush(7).await.unwrap();
+    assert_eq!(taken.len(), 2);
+    let prefix = first.prefix().to_owned();
+    drop(first);
+
+    let url = local_env("TIDEMARK_TEST_REDIS_URL");
+    let second = RedisBuffer::connect(&url, prefix).await.unwrap();
+    assert_eq!(
+        second.pending_flush().await.unwrap(),
+        Some((7, taken.clone()))
+    );
+
+    // Events keep arriving while the restarted process re-takes the flush.
+    let writer = {
+        let buffer = second.clone();
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                buffer.apply(&[inc("a", "views", 1)]).await.unwrap();
+            }
+        })
+    };
+    for _ in 0..20 {
+        assert_eq!(second.take_for_flush(7).await.unwrap(), taken);
+        let err = second.take_for_flush(8).await.expect_err("7 is pending");
+        assert!(err.is_precondition(), "{err:?}");
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    assert_eq!(second.take_for_flush(7).await.unwrap(), taken, "unchanged");
+    second.ack_flush(7).await.unwrap();
+    second
+        .ack_flush(7)
+        .await
+        .expect("a repeated ack is harmless");
+    assert_eq!(second.pending_flush().await.unwrap(), None);
+
+    let next = second.take_for_flush(8).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].entity, "a");
+    assert_eq!(next[0].increments.get("views"), Some(&100));
+    assert!(next[0].replaces.is_empty());
+    second.ack_flush(8).await.unwrap();
+
+    // A sequence at or below the last acknowledged one would be skipped by
+    // the store as already applied: refused rather than lost.
+    second.apply(&[inc("a", "views", 1)]).await.unwrap();
+    for stale in [7, 8] {
+        let err = second.take_for_flush(stale).await.expect_err("stale");
+        assert!(err.is_precondition(), "{err:?}");
+    }
+    assert_eq!(second.dirty_count().await.unwrap(), 1, "nothing moved");
+    cleanup(&second).await;
+}
+
+/// A batch whose increment overflows a stored value leaves nothing behind,
+/// not even the operations before it.
+#[tokio::test]
+async fn redis_buffer_apply_is_all_or_none() {
+    let buffer = redis_buffer("atomic").await;
+    buffer
+        .apply(&[inc("big", "n", i64::MAX - 1)])
+        .await
+        .unwrap();
+    let err = buffer
+        .apply(&[
+            inc("a", "x", 1),
+            BufferOp::Replace {
+                entity: "a".into(),
+                metric: "s".into(),
+                value: "1".into(),
+            },
+            inc("big", "n", 5),
+            inc("c", "y", 2),
+        ])
+        .await
+        .expect_err("overflow");
+    assert!(!err.is_retryable(), "{err:?}");
+    for entity in ["a", "c"] {
+        let delta = buffer.peek(entity).await.unwrap();
+        assert!(
+            delta.increments.is_empty() && delta.replaces.is_empty(),
+            "{delta:?}"
+        );
+    }
+    assert_eq!(
+        buffer.peek("big").await.unwrap().increments.get("n"),
+        Some(&(i64::MAX - 1))
+    );
+    assert_eq!(buffer.dirty_count().await.unwrap(), 1);
+    cleanup(&buffer).await;
+}
+
+/// Writers on overlapping entities race a flusher that takes (sometimes
+/// twice, as after a crash) and acknowledges: every increment is in exactly
+/// one flush or still buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_buffer_concurrent_applies_and_flushes_count_once() {
+    use rand::{Rng as _, SeedableRng as _};
+
+    let buffer = redis_buffer("race").await;
+    let done = Arc::new(AtomicBool::new(false));
+    let flusher = {
+        let buffer = buffer.clone();
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut flushed: BTreeMap<(String, String), i64> = BTreeMap::new();
+            let mut sequence = 0;
+            while !done.load(Ordering::Acquire) {
+                sequence += 1;
+                let taken = buffer.take_for_flush(sequence).await.unwrap();
+                if sequence % 3 == 0 {
+                    assert_eq!(buffer.take_for_flush(sequence).await.unwrap(), taken);
+                }
+                for delta in taken {
+                    for (metric, n) in delta.increments {
+                        *flushed.entry((delta.entity.clone(), metric)).or_default() += n;
+                    }
+                }
+                buffer.ack_flush(sequence).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (flushed, sequence)
+        })
+    };
+    let writers: Vec<_> = (0..8u64)
+        .map(|task| {
+            let buffer = buffer.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(task);
+                let mut applied: BTreeMap<(String, String), i64> = BTreeMap::new();
+                for _ in 0..150 {
+                    let batch: Vec<BufferOp> = (0..rng.random_range(1..6))
+                        .map(|_| {
+                            inc(
+                                &format!("e{}", rng.random_range(0..6)),
+                                &format!("m{}", rng.random_range(0..2)),
+                                rng.random_range(-5..20),
+                            )
+                        })
+                        .collect();
+                    buffer.apply(&batch).await.unwrap();
+                    for op in batch {
+                        if let BufferOp::Increment {
+                            entity,
+                            metric,
+                            delta,
+                        } = op
+                        {
+                            *applied.entry((entity, metric)).or_default() += delta;
+                        }
+                    }
+                }
+                applied
+            })
+        })
+        .collect();
+    let mut applied: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for writer in writers {
+        for (k, n) in writer.await.unwrap() {
+            *applied.entry(k).or_default() += n;
+        }
+    }
+    done.store(true, Ordering::Release);
+    let (mut total, flushes) = flusher.await.unwrap();
+    assert!(flushes > 1, "the flusher raced the writers");
+    for e in 0..6 {
+        let entity = format!("e{e}");
+        for (metric, n) in buffer.peek(&entity).await.unwrap().increments {
+            *total.entry((entity.clone(), metric)).or_default() += n;
+        }
+    }
+    total.retain(|_, n| *n != 0);
+    applied.retain(|_, n| *n != 0);
+    assert_eq!(total, applied);
+    cleanup(&buffer).await;
+}
+
+#[tokio::test]
+async fn redis_unreachable_is_retryable() {
+    let err = RedisBuffer::connect("redis://127.0.0.1:1", "tidemark:test:")
+        .await
+        .err()
+        .expect("nothing listens on port 1");
+    assert!(err.is_retryable(), "{err:?}");
+    let err = RedisBuffer::connect("not a url", "tidemark:test:")
+        .await
+        .err()
+        .expect("bad url");
+    assert!(
+        matches!(
+            err,
+            tidemark_connectors::ConnectorError::InvalidInput { .. }
+        ),
+        "{err:?}"
+    );
 }
