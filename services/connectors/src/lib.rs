@@ -3,6 +3,7 @@
 //! implementations (DynamoDB, DynamoDB Streams, Redis) and an embedded one (SQLite).
 
 pub mod dynamodb;
+pub mod elasticsearch;
 pub mod error;
 pub mod memory;
 pub mod predicate;

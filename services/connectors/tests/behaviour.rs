@@ -8,12 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tidemark_connectors::dynamodb::{DynamoSink, DynamoTable};
+use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_connectors::redis::RedisBuffer;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition};
 use tidemark_connectors::suite::{self, PK, SK};
 use tidemark_connectors::testing::{dynamodb_clients, local_env, unique_name};
-use tidemark_connectors::{Buffer, BufferOp, ChangeFeed, KeySchema};
+use tidemark_connectors::{
+    AttrValue, Buffer, BufferOp, ChangeFeed, Item, Key, KeySchema, Number, RecordOutcome, Sink,
+    SinkOp, SinkRecord,
+};
 
 fn schema() -> KeySchema {
     KeySchema::new(PK, Some(SK))
@@ -365,5 +369,128 @@ async fn redis_unreachable_is_retryable() {
             tidemark_connectors::ConnectorError::InvalidInput { .. }
         ),
         "{err:?}"
+    );
+}
+
+async fn elasticsearch_sink_at(
+    prefix: &str,
+    properties: serde_json::Map<String, serde_json::Value>,
+) -> ElasticsearchSink {
+    ElasticsearchSink::connect_with_mapping(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &unique_name(prefix),
+        schema(),
+        properties,
+    )
+    .await
+    .unwrap()
+}
+
+fn es_key(pk: &str, sk: &str) -> Key {
+    Key::new([
+        (PK.to_owned(), AttrValue::s(pk)),
+        (SK.to_owned(), AttrValue::s(sk)),
+    ])
+}
+
+fn es_upsert(pk: &str, sk: &str, version: u64, extra: &[(&str, AttrValue)]) -> SinkRecord {
+    let key = es_key(pk, sk);
+    let mut item: Item = key.0.clone();
+    for (k, v) in extra {
+        item.insert((*k).to_owned(), v.clone());
+    }
+    SinkRecord {
+        key,
+        version,
+        op: SinkOp::Upsert(item),
+    }
+}
+
+#[tokio::test]
+async fn elasticsearch_sink() {
+    let a = elasticsearch_sink_at("suite-sink-a", serde_json::Map::new()).await;
+    let b = elasticsearch_sink_at("suite-sink-b", serde_json::Map::new()).await;
+    suite::sink(&a, &b).await;
+}
+
+#[tokio::test]
+async fn elasticsearch_rejected_documents_do_not_fail_the_batch() {
+    let mut properties = serde_json::Map::new();
+    properties.insert("n".to_owned(), serde_json::json!({"type": "integer"}));
+    let sink = elasticsearch_sink_at("es-rejects", properties).await;
+    let batch = vec![
+        es_upsert("doc", "ok-1", 1, &[("n", AttrValue::n(1i64))]),
+        es_upsert("doc", "bad", 1, &[("n", AttrValue::s("not a number"))]),
+        es_upsert("doc", "ok-2", 1, &[("n", AttrValue::n(2i64))]),
+    ];
+    let outcomes = sink.apply(&batch).await.unwrap();
+    assert_eq!(outcomes[0], RecordOutcome::Applied);
+    assert_eq!(outcomes[2], RecordOutcome::Applied);
+    match &outcomes[1] {
+        RecordOutcome::Rejected(reason) => assert!(!reason.is_empty(), "a reason"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    assert!(sink.read(&es_key("doc", "bad")).await.unwrap().is_none());
+    assert_eq!(sink.count().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn elasticsearch_replaying_a_batch_changes_nothing() {
+    let sink = elasticsearch_sink_at("es-replay", serde_json::Map::new()).await;
+    let mut batch: Vec<SinkRecord> = (0..50u64)
+        .map(|i| {
+            es_upsert(
+                "replay",
+                &format!("k#{i}"),
+                100 + i,
+                &[
+                    ("i", AttrValue::n(i)),
+                    (
+                        "big",
+                        AttrValue::n(Number::parse("123456789012345678901234.5").unwrap()),
+                    ),
+                    (
+                        "tags",
+                        AttrValue::Ss(["x".to_owned(), "y".to_owned()].into()),
+                    ),
+                ],
+            )
+        })
+        .collect();
+    for i in (0..50u64).step_by(5) {
+        batch.push(SinkRecord {
+            key: es_key("replay", &format!("k#{i}")),
+            version: 200 + i,
+            op: SinkOp::Delete,
+        });
+    }
+    let first = sink.apply(&batch).await.unwrap();
+    assert!(
+        first.iter().all(|o| *o == RecordOutcome::Applied),
+        "{first:?}"
+    );
+    let before = sink.digest(4).await.unwrap();
+    assert_eq!(before.iter().map(|d| d.count).sum::<u64>(), 40);
+
+    let again = sink.apply(&batch).await.unwrap();
+    assert!(
+        again.iter().all(|o| *o == RecordOutcome::Stale),
+        "{again:?}"
+    );
+    assert_eq!(
+        sink.digest(4).await.unwrap(),
+        before,
+        "replay leaves the index unchanged"
+    );
+    assert_eq!(sink.count().await.unwrap(), 40);
+    assert_eq!(sink.read(&es_key("replay", "k#0")).await.unwrap(), None);
+    let (version, item) = sink.read(&es_key("replay", "k#1")).await.unwrap().unwrap();
+    assert_eq!(version, 101);
+    assert_eq!(
+        item,
+        match &batch[1].op {
+            SinkOp::Upsert(item) => item.clone(),
+            SinkOp::Delete => unreachable!(),
+        }
     );
 }

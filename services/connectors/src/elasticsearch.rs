@@ -1,0 +1,678 @@
+//! An Elasticsearch index as a versioned [`Sink`], over the plain REST API.
+//!
+//! - **Document ids**: the key's attributes in [`KeySchema`] order (partition,
+//!   then sort), each as [`AttrValue::key_text`] with `\` and `#` escaped by a
+//!   backslash, joined by `#`: `{documentType}#{documentId}`. Key attribute
+//!   types are fixed per table, so `N 1` and `S "1"` never meet in one index.
+//! - **Versions**: every write is an `index` action with
+//!   `version_type=external` and the record's version, so an older or
+//!   replayed write is a per-item 409, reported as [`RecordOutcome::Stale`].
+//! - **Tombstones**: Elasticsearch forgets deleted versions after
+//!   `index.gc_deletes` (60 s) and the local stand-in keeps none at all, so a
+//!   delete is written as a tombstone document at the delete's version
+//!   (`_tidemark_deleted: true`, no item fields) and an older upsert arriving
+//!   later is still a 409. [`Sink::read`] and [`Sink::digest`] ignore
+//!   tombstones; queries against the index must filter them out with
+//!   [`ElasticsearchSink::live_filter`].
+//! - **Values**: each attribute is also indexed as plain JSON for search
+//!   (numbers as JSON numbers when an `i64` or `f64` holds them exactly,
+//!   otherwise strings; binaries as base64; sets as arrays), while the exact
+//!   item is kept as canonical DynamoDB JSON in `_tidemark_item`, a field
+//!   that is neither indexed nor in doc values, and `read` returns that.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value, json};
+
+use crate::error::{ConnectorError, ConnectorResult};
+use crate::retry::{RetryPolicy, retry};
+use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, fold_digest};
+use crate::value::{AttrValue, Item, Key, KeySchema, Number, canonical_item};
+
+const BACKEND: &str = "elasticsearch";
+
+/// Exact item, canonical DynamoDB JSON text (not indexed).
+pub const ITEM_FIELD: &str = "_tidemark_item";
+/// The record's version (also the document's external version).
+pub const VERSION_FIELD: &str = "_tidemark_version";
+/// `true` on tombstones.
+pub const DELETED_FIELD: &str = "_tidemark_deleted";
+/// The document id as a keyword: `_id` cannot be sorted on, this can.
+pub const KEY_FIELD: &str = "_tidemark_key";
+
+/// Most actions in one `_bulk` request.
+const MAX_ACTIONS: usize = 1000;
+/// Most bytes in one `_bulk` body.
+const MAX_BYTES: usize = 10 * 1024 * 1024;
+/// Elasticsearch's limit on `_id`.
+const MAX_ID_BYTES: usize = 512;
+/// Page size of the digest's `search_after` walk.
+const PAGE: usize = 1000;
+
+#[derive(Clone)]
+pub struct ElasticsearchSink {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    index: String,
+    schema: KeySchema,
+    retry: RetryPolicy,
+}
+
+impl ElasticsearchSink {
+    /// A sink writing to `index` at `base_url`, creating the index with the
+    /// reserved fields' mapping when it is missing.
+    ///
+    /// # Errors
+    /// When the URL is malformed or the index cannot be created.
+    pub async fn connect(base_url: &str, index: &str, schema: KeySchema) -> ConnectorResult<Self> {
+        Self::connect_with_mapping(base_url, index, schema, Map::new()).await
+    }
+
+    /// Like [`Self::connect`], with extra field mappings (`properties`) for
+    /// the item's attributes, used only when the index is created.
+    ///
+    /// # Errors
+    /// When the URL is malformed or the index cannot be created.
+    pub async fn connect_with_mapping(
+        base_url: &str,
+        index: &str,
+        schema: KeySchema,
+        properties: Map<String, Value>,
+    ) -> ConnectorResult<Self> {
+        let base = reqwest::Url::parse(base_url)
+            .map_err(|e| ConnectorError::invalid(BACKEND, format!("bad url {base_url:?}: {e}")))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?;
+        let sink = Self {
+            http,
+            base,
+            index: index.to_owned(),
+            schema,
+            retry: RetryPolicy::default(),
+        };
+        sink.ensure_index(properties).await?;
+        Ok(sink)
+    }
+
+    pub fn index(&self) -> &str {
+        &self.index
+    }
+
+    /// A query clause that keeps live documents only: add it to every query
+    /// against the index, tombstones are documents too.
+    pub fn live_filter() -> Value {
+        json!({"bool": {"must_not": [{"term": {DELETED_FIELD: true}}]}})
+    }
+
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("http urls have paths")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    /// Creates the index with the reserved fields' mapping plus
+    /// `properties`, unless it exists already (its mapping is left alone).
+    ///
+    /// # Errors
+    /// When Elasticsearch refuses the index or cannot be reached.
+    #[tracing::instrument(skip_all, fields(index = %self.index))]
+    pub async fn ensure_index(&self, mut properties: Map<String, Value>) -> ConnectorResult<()> {
+        properties.insert(
+            ITEM_FIELD.to_owned(),
+            json!({"type": "keyword", "index": false, "doc_values": false}),
+        );
+        properties.insert(VERSION_FIELD.to_owned(), json!({"type": "long"}));
+        properties.insert(DELETED_FIELD.to_owned(), json!({"type": "boolean"}));
+        properties.insert(KEY_FIELD.to_owned(), json!({"type": "keyword"}));
+        let body = json!({"mappings": {"properties": properties}});
+        let url = self.url(&[&self.index]);
+        retry(&self.retry, "create index", || async {
+            let response = self
+                .http
+                .put(url.clone())
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| request_error(&e))?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            let text = response.text().await.unwrap_or_default();
+            if text.contains("resource_already_exists_exception") {
+                return Ok(());
+            }
+            Err(status_error(status, &text))
+        })
+        .await
+    }
+
+    /// Makes every acknowledged write visible to search (tests, digests).
+    ///
+    /// # Errors
+    /// When Elasticsearch cannot be reached or the index is missing.
+    pub async fn refresh(&self) -> ConnectorResult<()> {
+        let url = self.url(&[&self.index, "_refresh"]);
+        retry(&self.retry, "refresh", || async {
+            let response = self
+                .http
+                .post(url.clone())
+                .send()
+                .await
+                .map_err(|e| request_error(&e))?;
+            let status = response.status();
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(status_error(
+                    status,
+                    &response.text().await.unwrap_or_default(),
+                ))
+            }
+        })
+        .await
+    }
+
+    /// The document id of `key`: key texts in schema order, `#`-joined.
+    ///
+    /// # Errors
+    /// When the key does not match the schema.
+    pub fn document_id(&self, key: &Key) -> Result<String, String> {
+        if key.0.len() != self.schema.names().count() {
+            return Err(format!("key {key} does not match the key schema"));
+        }
+        let mut id = String::new();
+        for (i, name) in self.schema.names().enumerate() {
+            let text = key
+                .get(name)
+                .and_then(AttrValue::key_text)
+                .ok_or_else(|| format!("key {key} lacks a scalar {name:?}"))?;
+            if i > 0 {
+                id.push('#');
+            }
+            for c in text.chars() {
+                if c == '#' || c == '\\' {
+                    id.push('\\');
+                }
+                id.push(c);
+            }
+        }
+        if id.len() > MAX_ID_BYTES {
+            return Err(format!(
+                "document id of {} bytes exceeds Elasticsearch's {MAX_ID_BYTES}",
+                id.len()
+            ));
+        }
+        Ok(id)
+    }
+
+    /// The action and source lines of one record, or why it cannot be sent.
+    fn bulk_lines(&self, record: &SinkRecord) -> Result<String, String> {
+        let id = self.document_id(&record.key)?;
+        let version = i64::try_from(record.version)
+            .map_err(|_| format!("version {} exceeds a long", record.version))?;
+        let mut source = Map::new();
+        match &record.op {
+            SinkOp::Upsert(item) => {
+                if let Some(name) = item.keys().find(|n| is_reserved(n)) {
+                    return Err(format!(
+                        "attribute {name:?} uses the reserved prefix _tidemark_"
+                    ));
+                }
+                for (name, value) in item {
+                    source.insert(name.clone(), to_plain_json(value));
+                }
+                source.insert(ITEM_FIELD.to_owned(), Value::String(canonical_item(item)));
+            }
+            SinkOp::Delete => {
+                source.insert(DELETED_FIELD.to_owned(), Value::Bool(true));
+            }
+        }
+        source.insert(VERSION_FIELD.to_owned(), json!(version));
+        source.insert(KEY_FIELD.to_owned(), Value::String(id.clone()));
+        let action = json!({"index": {
+            "_index": self.index,
+            "_id": id,
+            "version": version,
+            "version_type": "external",
+        }});
+        let mut lines = action.to_string();
+        lines.push('\n');
+        lines.push_str(&Value::Object(source).to_string());
+        lines.push('\n');
+        Ok(lines)
+    }
+
+    /// Sends one `_bulk` body; one (status, reason) per action, in order.
+    async fn send_bulk(&self, body: String, actions: usize) -> ConnectorResult<Vec<(u16, String)>> {
+        let url = self.url(&["_bulk"]);
+        let response = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| request_error(&e))?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| request_error(&e))?;
+        if !status.is_success() {
+            return Err(status_error(status, &text));
+        }
+        let parsed: Value = serde_json::from_str(&text)
+            .map_err(|e| ConnectorError::terminal(BACKEND, format!("bad _bulk response: {e}")))?;
+        let items = parsed
+            .get("items")
+            .and_then(Value::as_array)
+            .filter(|items| items.len() == actions)
+            .ok_or_else(|| {
+                ConnectorError::terminal(
+                    BACKEND,
+                    format!("_bulk answered {actions} actions with {text:.200}"),
+                )
+            })?;
+        Ok(items
+            .iter()
+            .map(|item| {
+                let result = item.as_object().and_then(|o| o.values().next());
+                let status = result
+                    .and_then(|r| r.get("status"))
+                    .and_then(Value::as_u64)
+                    .and_then(|s| u16::try_from(s).ok())
+                    .unwrap_or(500);
+                let reason = result
+                    .and_then(|r| r.get("error"))
+                    .map(|e| {
+                        let kind = e.get("type").and_then(Value::as_str).unwrap_or("error");
+                        let why = e.get("reason").and_then(Value::as_str).unwrap_or_default();
+                        format!("{kind}: {why}")
+                    })
+                    .unwrap_or_default();
+                (status, reason)
+            })
+            .collect())
+    }
+
+    /// Applies `lines` (record index, bulk lines) as one request, retrying
+    /// items that were throttled or failed on the server side.
+    async fn apply_chunk(
+        &self,
+        chunk: &[(usize, String)],
+        outcomes: &mut [Option<RecordOutcome>],
+    ) -> ConnectorResult<()> {
+        let mut pending: Vec<&(usize, String)> = chunk.iter().collect();
+        let mut attempt = 0;
+        loop {
+            let body: String = pending.iter().map(|(_, l)| l.as_str()).collect();
+            let results = retry(&self.retry, "bulk", || {
+                self.send_bulk(body.clone(), pending.len())
+            })
+            .await?;
+            let mut again = Vec::new();
+            let mut last_reason = String::new();
+            for (entry, (status, reason)) in pending.iter().zip(results) {
+                outcomes[entry.0] = match status {
+                    200..=299 => Some(RecordOutcome::Applied),
+                    409 => Some(RecordOutcome::Stale),
+                    429 | 500..=599 => {
+                        last_reason = reason;
+                        again.push(*entry);
+                        None
+                    }
+                    _ => Some(RecordOutcome::Rejected(reason)),
+                };
+            }
+            if again.is_empty() {
+                return Ok(());
+            }
+            attempt += 1;
+            if attempt >= self.retry.max_attempts {
+                return Err(ConnectorError::Retryable {
+                    backend: BACKEND,
+                    message: format!("{} bulk items still failing: {last_reason}", again.len()),
+                    retry_after: None,
+                });
+            }
+            tracing::debug!(items = again.len(), attempt, "retrying bulk items");
+            tokio::time::sleep(self.retry.delay(attempt)).await;
+            pending = again;
+        }
+    }
+
+    async fn search(&self, body: &Value) -> ConnectorResult<Value> {
+        let url = self.url(&[&self.index, "_search"]);
+        retry(&self.retry, "search", || async {
+            let response = self
+                .http
+                .post(url.clone())
+                .json(body)
+                .send()
+                .await
+                .map_err(|e| request_error(&e))?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| request_error(&e))?;
+            if !status.is_success() {
+                return Err(status_error(status, &text));
+            }
+            serde_json::from_str(&text).map_err(|e| {
+                ConnectorError::terminal(BACKEND, format!("bad _search response: {e}"))
+            })
+        })
+        .await
+    }
+
+    /// Live documents, tombstones excluded (refreshes first).
+    ///
+    /// # Errors
+    /// When Elasticsearch cannot be reached or the index is missing.
+    pub async fn count(&self) -> ConnectorResult<u64> {
+        self.refresh().await?;
+        let url = self.url(&[&self.index, "_count"]);
+        let body = json!({"query": Self::live_filter()});
+        retry(&self.retry, "count", || async {
+            let response = self
+                .http
+                .post(url.clone())
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| request_error(&e))?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| request_error(&e))?;
+            if !status.is_success() {
+                return Err(status_error(status, &text));
+            }
+            serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.get("count").and_then(Value::as_u64))
+                .ok_or_else(|| {
+                    ConnectorError::terminal(BACKEND, format!("bad _count response: {text:.200}"))
+                })
+        })
+        .await
+    }
+}
+
+fn is_reserved(name: &str) -> bool {
+    name.starts_with("_tidemark_")
+}
+
+/// The live (version, item) of a document source, `None` for a tombstone.
+fn live_of(source: &Value) -> ConnectorResult<Option<(u64, Item)>> {
+    if source.get(DELETED_FIELD).and_then(Value::as_bool) == Some(true) {
+        return Ok(None);
+    }
+    let bad = |what: &str| {
+        ConnectorError::terminal(
+            BACKEND,
+            format!("document without {what}: not written by this sink"),
+        )
+    };
+    let version = source
+        .get(VERSION_FIELD)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad(VERSION_FIELD))?;
+    let text = source
+        .get(ITEM_FIELD)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(ITEM_FIELD))?;
+    let item: Item = serde_json::from_str(text)
+        .map_err(|e| ConnectorError::terminal(BACKEND, format!("bad {ITEM_FIELD}: {e}")))?;
+    Ok(Some((version, item)))
+}
+
+/// Plain JSON for search: numbers as numbers when exact, otherwise strings.
+pub fn to_plain_json(value: &AttrValue) -> Value {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
+    match value {
+        AttrValue::S(s) => Value::String(s.clone()),
+        AttrValue::N(n) => number_json(n),
+        AttrValue::B(b) => b64(b),
+        AttrValue::Bool(b) => Value::Bool(*b),
+        AttrValue::Null(_) => Value::Null,
+        AttrValue::Ss(set) => set.iter().cloned().map(Value::String).collect(),
+        AttrValue::Ns(set) => set.iter().map(number_json).collect(),
+        AttrValue::Bs(set) => set.iter().map(|b| b64(b)).collect(),
+        AttrValue::L(list) => list.iter().map(to_plain_json).collect(),
+        AttrValue::M(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), to_plain_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn number_json(n: &Number) -> Value {
+    if let Some(i) = n.as_i64() {
+        return json!(i);
+    }
+    // Exact only when the f64 prints back to the same normalised decimal.
+    if let Ok(f) = n.as_str().parse::<f64>()
+        && f.is_finite()
+        && Number::parse(&f.to_string()).is_ok_and(|back| &back == n)
+        && let Some(num) = serde_json::Number::from_f64(f)
+    {
+        return Value::Number(num);
+    }
+    Value::String(n.as_str().to_owned())
+}
+
+fn request_error(e: &reqwest::Error) -> ConnectorError {
+    if e.is_timeout() || e.is_connect() || e.is_request() || e.is_body() {
+        ConnectorError::Retryable {
+            backend: BACKEND,
+            message: e.to_string(),
+            retry_after: None,
+        }
+    } else {
+        ConnectorError::terminal(BACKEND, e.to_string())
+    }
+}
+
+fn status_error(status: reqwest::StatusCode, text: &str) -> ConnectorError {
+    let mut message = format!("{status}");
+    let _ = write!(message, ": {text:.500}");
+    match status.as_u16() {
+        429 | 500..=599 => ConnectorError::Retryable {
+            backend: BACKEND,
+            message,
+            retry_after: None,
+        },
+        404 => ConnectorError::NotFound {
+            backend: BACKEND,
+            message,
+        },
+        400 => ConnectorError::invalid(BACKEND, message),
+        _ => ConnectorError::terminal(BACKEND, message),
+    }
+}
+
+#[async_trait]
+impl Sink for ElasticsearchSink {
+    fn name(&self) -> String {
+        format!("elasticsearch:{}", self.index)
+    }
+
+    #[tracing::instrument(skip_all, fields(sink = %self.index, records = batch.len()))]
+    async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>> {
+        let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
+        let mut chunk: Vec<(usize, String)> = Vec::new();
+        let mut bytes = 0;
+        for (i, record) in batch.iter().enumerate() {
+            let lines = match self.bulk_lines(record) {
+                Ok(lines) => lines,
+                Err(reason) => {
+                    outcomes[i] = Some(RecordOutcome::Rejected(reason));
+                    continue;
+                }
+            };
+            if !chunk.is_empty() && (chunk.len() >= MAX_ACTIONS || bytes + lines.len() > MAX_BYTES)
+            {
+                self.apply_chunk(&chunk, &mut outcomes).await?;
+                chunk.clear();
+                bytes = 0;
+            }
+            bytes += lines.len();
+            chunk.push((i, lines));
+        }
+        if !chunk.is_empty() {
+            self.apply_chunk(&chunk, &mut outcomes).await?;
+        }
+        let stale = outcomes
+            .iter()
+            .filter(|o| matches!(o, Some(RecordOutcome::Stale)))
+            .count();
+        tracing::debug!(stale, "bulk applied");
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every record has an outcome"))
+            .collect())
+    }
+
+    async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {
+        let id = self
+            .document_id(key)
+            .map_err(|m| ConnectorError::invalid(BACKEND, m))?;
+        let url = self.url(&[&self.index, "_doc", &id]);
+        let doc: Value = retry(&self.retry, "get", || async {
+            let response = self
+                .http
+                .get(url.clone())
+                .send()
+                .await
+                .map_err(|e| request_error(&e))?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| request_error(&e))?;
+            let parsed: Option<Value> = serde_json::from_str(&text).ok();
+            // A missing document is a 404 with `found: false`; a missing index is an error.
+            if status.is_success()
+                || parsed
+                    .as_ref()
+                    .is_some_and(|v| v.get("found").and_then(Value::as_bool) == Some(false))
+            {
+                return parsed.ok_or_else(|| {
+                    ConnectorError::terminal(BACKEND, format!("bad _doc response: {text:.200}"))
+                });
+            }
+            Err(status_error(status, &text))
+        })
+        .await?;
+        if doc.get("found").and_then(Value::as_bool) != Some(true) {
+            return Ok(None);
+        }
+        live_of(doc.get("_source").unwrap_or(&Value::Null))
+    }
+
+    /// Walks the live documents sorted by [`KEY_FIELD`] with `search_after`,
+    /// after a refresh so every acknowledged write is seen.
+    async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>> {
+        if buckets == 0 {
+            return Err(ConnectorError::invalid(
+                BACKEND,
+                "buckets must be at least 1",
+            ));
+        }
+        self.refresh().await?;
+        let mut out = vec![BucketDigest::default(); buckets as usize];
+        let mut after: Option<Value> = None;
+        loop {
+            let mut body = json!({
+                "size": PAGE,
+                "query": Self::live_filter(),
+                "sort": [{KEY_FIELD: "asc"}],
+                "_source": [ITEM_FIELD, VERSION_FIELD, DELETED_FIELD],
+            });
+            if let Some(a) = &after {
+                body["search_after"] = a.clone();
+            }
+            let page = self.search(&body).await?;
+            let hits = page
+                .pointer("/hits/hits")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for hit in &hits {
+                if let Some((version, item)) = live_of(hit.get("_source").unwrap_or(&Value::Null))?
+                {
+                    let key = self
+                        .schema
+                        .key_of(&item)
+                        .map_err(|m| ConnectorError::terminal(BACKEND, m))?;
+                    fold_digest(&mut out, &key, version, &item);
+                }
+            }
+            if hits.len() < PAGE {
+                return Ok(out);
+            }
+            after = hits.last().and_then(|h| h.get("sort")).cloned();
+            if after.is_none() {
+                return Err(ConnectorError::terminal(
+                    BACKEND,
+                    "search hits without sort values",
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink() -> ElasticsearchSink {
+        ElasticsearchSink {
+            http: reqwest::Client::new(),
+            base: reqwest::Url::parse("http://127.0.0.1:9").unwrap(),
+            index: "i".into(),
+            schema: KeySchema::new("pk", Some("sk")),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn document_ids_escape_the_separator() {
+        let key = |p: &str, s: &str| {
+            Key::new([
+                ("pk".to_owned(), AttrValue::s(p)),
+                ("sk".to_owned(), AttrValue::s(s)),
+            ])
+        };
+        let s = sink();
+        assert_eq!(s.document_id(&key("doc", "1")).unwrap(), "doc#1");
+        assert_eq!(s.document_id(&key("a#b", "c")).unwrap(), r"a\#b#c");
+        assert_ne!(
+            s.document_id(&key("a#b", "c")).unwrap(),
+            s.document_id(&key("a", "b#c")).unwrap()
+        );
+        assert_eq!(s.document_id(&key(r"a\", "#")).unwrap(), r"a\\#\#");
+        assert!(
+            s.document_id(&Key::single("pk", AttrValue::s("x")))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn numbers_are_json_numbers_only_when_exact() {
+        let n = |t: &str| number_json(&Number::parse(t).unwrap());
+        assert_eq!(n("42"), json!(42));
+        assert_eq!(n("-7"), json!(-7));
+        assert_eq!(n("1.5"), json!(1.5));
+        assert_eq!(n("0.1"), json!(0.1));
+        assert_eq!(
+            n("12345678901234567890123"),
+            json!("12345678901234567890123")
+        );
+        assert_eq!(
+            n("0.12345678901234567890123"),
+            json!("0.12345678901234567890123")
+        );
+    }
+}
