@@ -9,6 +9,7 @@ pub mod memory;
 pub mod predicate;
 pub mod redis;
 pub mod retry;
+pub mod s3;
 pub mod sqlite;
 pub mod streams;
 pub mod suite;

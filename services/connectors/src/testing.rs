@@ -61,6 +61,32 @@ pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbst
     )
 }
 
+/// An S3 client for the local endpoint (`TIDEMARK_TEST_S3_ENDPOINT`) with
+/// the test credentials, using path-style addressing (the endpoint is an IP
+/// address, so virtual-hosted bucket names cannot resolve).
+pub async fn s3_client() -> aws_sdk_s3::Client {
+    let endpoint = local_env("TIDEMARK_TEST_S3_ENDPOINT");
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&endpoint)
+        .region(aws_config::Region::new(
+            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned()),
+        ))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "test",
+            "test",
+            None,
+            None,
+            "tidemark-tests",
+        ))
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&config)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
 /// A name unique to this test run, so tests can run in parallel and again.
 pub fn unique_name(prefix: &str) -> String {
     use rand::Rng as _;

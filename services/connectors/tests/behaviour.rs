@@ -10,6 +10,7 @@ use std::time::Duration;
 use tidemark_connectors::dynamodb::{DynamoSink, DynamoTable};
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_connectors::redis::RedisBuffer;
+use tidemark_connectors::s3::S3Sink;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition};
 use tidemark_connectors::suite::{self, PK, SK};
@@ -103,6 +104,184 @@ async fn dynamodb_errors_are_classified() {
         matches!(err, tidemark_connectors::ConnectorError::NotFound { .. }),
         "{err:?}"
     );
+}
+
+/// A fresh bucket on the local S3 endpoint and two sinks on sibling unit
+/// prefixes of it.
+async fn s3_sinks(test: &str) -> (S3Sink, S3Sink) {
+    let client = tidemark_connectors::testing::s3_client().await;
+    let bucket = unique_name(test);
+    S3Sink::ensure_bucket(&client, &bucket).await.unwrap();
+    (
+        S3Sink::new(client.clone(), &bucket, "courses/c-1/"),
+        S3Sink::new(client, &bucket, "courses/c-17/"),
+    )
+}
+
+#[tokio::test]
+async fn s3_sink() {
+    let (a, b) = s3_sinks("suite-s3").await;
+    suite::sink(&a, &b).await;
+}
+
+#[tokio::test]
+async fn s3_delete_prefix_removes_the_unit_and_nothing_else() {
+    use tidemark_connectors::{AttrValue, Key, Sink, SinkOp, SinkRecord};
+    let (unit, other) = s3_sinks("s3-rollback").await;
+    // More than one DeleteObjects batch (1000 keys) and one ListObjectsV2 page.
+    let records = |n: u32| -> Vec<SinkRecord> {
+        (0..n)
+            .map(|i| {
+                let key = Key::new([
+                    (PK.to_owned(), AttrValue::S("p".to_owned())),
+                    (SK.to_owned(), AttrValue::S(format!("{i:05}"))),
+                ]);
+                let mut item = key.0.clone();
+                item.insert("i".to_owned(), AttrValue::n(i64::from(i)));
+                SinkRecord {
+                    key,
+                    version: 1,
+                    op: SinkOp::Upsert(item),
+                }
+            })
+            .collect()
+    };
+    for chunk in records(1100).chunks(100) {
+        unit.apply(chunk).await.unwrap();
+    }
+    // A tombstone is an object of the unit too.
+    let gone = records(1).remove(0).key;
+    unit.apply(&[SinkRecord {
+        key: gone,
+        version: 2,
+        op: SinkOp::Delete,
+    }])
+    .await
+    .unwrap();
+    other.apply(&records(20)).await.unwrap();
+    assert_eq!(unit.count().await.unwrap(), 1099);
+    let before = other.digest(4).await.unwrap();
+
+    assert_eq!(unit.delete_prefix().await.unwrap(), 1100);
+    assert_eq!(unit.count().await.unwrap(), 0);
+    let left = unit
+        .client()
+        .list_objects_v2()
+        .bucket(unit.bucket())
+        .prefix(unit.prefix())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(left.key_count(), Some(0), "{:?}", left.contents());
+    assert_eq!(
+        other.count().await.unwrap(),
+        20,
+        "the sibling unit is untouched"
+    );
+    assert_eq!(other.digest(4).await.unwrap(), before);
+    assert_eq!(unit.delete_prefix().await.unwrap(), 0, "idempotent");
+}
+
+#[tokio::test]
+async fn s3_purge_tombstones_keeps_live_items_and_missing_buckets_are_not_found() {
+    use tidemark_connectors::{AttrValue, Key, Sink, SinkOp, SinkRecord};
+    let (sink, _) = s3_sinks("s3-purge").await;
+    let key = |sk: &str| {
+        Key::new([
+            (PK.to_owned(), AttrValue::S("p".to_owned())),
+            (SK.to_owned(), AttrValue::S(sk.to_owned())),
+        ])
+    };
+    sink.apply(&[
+        SinkRecord {
+            key: key("live"),
+            version: 1,
+            op: SinkOp::Upsert(key("live").0),
+        },
+        SinkRecord {
+            key: key("dead"),
+            version: 3,
+            op: SinkOp::Delete,
+        },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        sink.purge_tombstones(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0,
+        "a young tombstone stays"
+    );
+    assert_eq!(sink.purge_tombstones(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(sink.count().await.unwrap(), 1);
+    assert_eq!(
+        sink.read(&key("live")).await.unwrap().map(|(v, _)| v),
+        Some(1)
+    );
+
+    let missing = S3Sink::new(
+        sink.client().clone(),
+        unique_name("no-such-bucket"),
+        "unit/",
+    );
+    let err = missing.read(&key("live")).await.expect_err("no bucket");
+    assert!(
+        matches!(err, tidemark_connectors::ConnectorError::NotFound { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn s3_concurrent_writers_leave_the_higher_version() {
+    use tidemark_connectors::{AttrValue, Key, RecordOutcome, Sink, SinkOp, SinkRecord};
+    let (sink, _) = s3_sinks("s3-race").await;
+    let sink = Arc::new(sink);
+    for round in 0..25u64 {
+        let key = Key::new([
+            (PK.to_owned(), AttrValue::S("race".to_owned())),
+            (SK.to_owned(), AttrValue::S(round.to_string())),
+        ]);
+        let write = |version: u64, delete: bool| {
+            let sink = Arc::clone(&sink);
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut item = key.0.clone();
+                item.insert("v".to_owned(), AttrValue::n(version));
+                let op = if delete {
+                    SinkOp::Delete
+                } else {
+                    SinkOp::Upsert(item)
+                };
+                sink.apply(&[SinkRecord { key, version, op }])
+                    .await
+                    .unwrap()
+                    .remove(0)
+            })
+        };
+        // Odd rounds: the newer write is a delete, which must win too.
+        let delete = round % 2 == 1;
+        let (low_first, high, low_second) = if round % 3 == 0 {
+            (write(10, false), write(20, delete), write(15, false))
+        } else {
+            let high = write(20, delete);
+            (write(10, false), high, write(15, false))
+        };
+        assert_eq!(high.await.unwrap(), RecordOutcome::Applied, "round {round}");
+        for low in [low_first, low_second] {
+            let outcome = low.await.unwrap();
+            assert!(
+                matches!(outcome, RecordOutcome::Applied | RecordOutcome::Stale),
+                "round {round}: {outcome:?}"
+            );
+        }
+        let stored = sink.read(&key).await.unwrap();
+        if delete {
+            assert_eq!(stored, None, "round {round}: the tombstone at 20 wins");
+        } else {
+            assert_eq!(stored.map(|(v, _)| v), Some(20), "round {round}");
+        }
+    }
 }
 
 #[tokio::test]
