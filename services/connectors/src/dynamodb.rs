@@ -13,7 +13,6 @@ use aws_sdk_dynamodb::types::{
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-use futures::StreamExt as _;
 
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::predicate::{ExprNames, ExprValues, Predicate};
@@ -524,12 +523,7 @@ impl Sink for DynamoSink {
         // Futures collected first: a closure in `map` trips the async-trait
         // lifetime inference.
         let writes: Vec<_> = batch.iter().map(|record| self.apply_one(record)).collect();
-        futures::stream::iter(writes)
-            .buffered(self.concurrency)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect()
+        crate::traits::apply_in_order(writes, self.concurrency).await
     }
 
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {

@@ -556,12 +556,7 @@ impl Sink for S3Sink {
         // Futures collected first: a closure in `map` trips the async-trait
         // lifetime inference.
         let writes: Vec<_> = batch.iter().map(|record| self.apply_one(record)).collect();
-        futures::stream::iter(writes)
-            .buffered(self.concurrency)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect()
+        crate::traits::apply_in_order(writes, self.concurrency).await
     }
 
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {

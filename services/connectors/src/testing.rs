@@ -37,12 +37,11 @@ pub fn local_env(key: &str) -> String {
     }
 }
 
-/// A DynamoDB client for the local endpoint, with the test credentials the
-/// local set-up uses.
-pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbstreams::Client) {
-    let endpoint = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&endpoint)
+/// SDK configuration for a local endpoint named by `endpoint_env`, with the
+/// test credentials and region the local set-up uses.
+async fn local_sdk_config(endpoint_env: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(local_env(endpoint_env))
         .region(aws_config::Region::new(
             std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned()),
         ))
@@ -54,7 +53,13 @@ pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbst
             "tidemark-tests",
         ))
         .load()
-        .await;
+        .await
+}
+
+/// A DynamoDB client for the local endpoint, with the test credentials the
+/// local set-up uses.
+pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbstreams::Client) {
+    let config = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
     (
         aws_sdk_dynamodb::Client::new(&config),
         aws_sdk_dynamodbstreams::Client::new(&config),
@@ -65,21 +70,7 @@ pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbst
 /// the test credentials, using path-style addressing (the endpoint is an IP
 /// address, so virtual-hosted bucket names cannot resolve).
 pub async fn s3_client() -> aws_sdk_s3::Client {
-    let endpoint = local_env("TIDEMARK_TEST_S3_ENDPOINT");
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&endpoint)
-        .region(aws_config::Region::new(
-            std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned()),
-        ))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "tidemark-tests",
-        ))
-        .load()
-        .await;
+    let config = local_sdk_config("TIDEMARK_TEST_S3_ENDPOINT").await;
     aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&config)
             .force_path_style(true)

@@ -197,6 +197,27 @@ pub trait Sink: Send + Sync {
     async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>>;
 }
 
+/// Runs per-record sink writes `concurrency` at a time and returns their
+/// outcomes in batch order; the first error fails the batch.
+///
+/// # Errors
+/// The first write that failed as a whole.
+pub async fn apply_in_order<F>(
+    writes: Vec<F>,
+    concurrency: usize,
+) -> ConnectorResult<Vec<RecordOutcome>>
+where
+    F: Future<Output = ConnectorResult<RecordOutcome>>,
+{
+    use futures::StreamExt as _;
+    futures::stream::iter(writes)
+        .buffered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// Folds one live item into its bucket: XOR of SHA-256 over canonical key,
 /// version and item, so the order of reading does not matter.
 pub fn fold_digest(buckets: &mut [BucketDigest], key: &Key, version: u64, item: &Item) {
