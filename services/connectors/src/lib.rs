@@ -7,6 +7,7 @@ pub mod elasticsearch;
 pub mod error;
 pub mod memory;
 pub mod predicate;
+pub mod proto;
 pub mod redis;
 pub mod retry;
 pub mod s3;
@@ -15,6 +16,7 @@ pub mod streams;
 pub mod suite;
 pub mod testing;
 pub mod traits;
+pub mod transform;
 pub mod value;
 
 pub use error::{ConnectorError, ConnectorResult};

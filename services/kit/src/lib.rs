@@ -13,6 +13,7 @@ pub mod rpc;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod worker;
 
 pub use config::{ConfigError, ServerConfig, ServerFlags, ServiceConfig};
 pub use error::{FieldError, KitError, KitResult};

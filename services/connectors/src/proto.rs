@@ -1,0 +1,344 @@
+//! Conversions between the connector model and `tidemark.common.v1`: items,
+//! keys and attribute values, and the `ChangeRecord` that every Kafka message
+//! Tidemark publishes or consumes carries.
+//!
+//! Errors name the offending field relative to the value converted, so a
+//! service can prefix its own path (`spec.value.n`) for a field violation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message as _;
+use tidemark_proto::common::v1 as pb;
+use tidemark_proto::common::v1::attribute_value::Value as PbValue;
+
+use crate::traits::{ChangeKind, ChangeRecord, Position};
+use crate::value::{AttrValue, Item, Key, Number};
+
+/// A value that does not convert: which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ProtoError {
+    /// Path below the converted message, e.g. `attributes[\"a\"].n`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl ProtoError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            parent.to_owned()
+        } else if self.field.starts_with('[') {
+            format!("{parent}{}", self.field)
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}
+
+fn number(text: &str, field: &str) -> Result<Number, ProtoError> {
+    Number::parse(text).map_err(|e| ProtoError::new(field, e))
+}
+
+/// Converts a protobuf attribute value.
+///
+/// # Errors
+/// No member set, a bad number, an empty or duplicate set.
+pub fn value_from_proto(value: &pb::AttributeValue) -> Result<AttrValue, ProtoError> {
+    let Some(v) = &value.value else {
+        return Err(ProtoError::new("", "exactly one value member must be set"));
+    };
+    Ok(match v {
+        PbValue::S(s) => AttrValue::S(s.clone()),
+        PbValue::N(n) => AttrValue::N(number(n, "n")?),
+        PbValue::B(b) => AttrValue::B(b.clone()),
+        PbValue::BoolValue(b) => AttrValue::Bool(*b),
+        PbValue::NullValue(_) => AttrValue::Null(true),
+        PbValue::Ss(set) => AttrValue::Ss(distinct(set.values.iter().cloned(), "ss")?),
+        PbValue::Ns(set) => {
+            let numbers = set
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, n)| number(n, &format!("ns.values[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            AttrValue::Ns(distinct(numbers, "ns")?)
+        }
+        PbValue::Bs(set) => AttrValue::Bs(distinct(set.values.iter().cloned(), "bs")?),
+        PbValue::L(list) => AttrValue::L(
+            list.values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| value_from_proto(v).map_err(|e| e.within(&format!("l.values[{i}]"))))
+                .collect::<Result<_, _>>()?,
+        ),
+        PbValue::M(map) => {
+            AttrValue::M(attributes_from_proto(&map.attributes).map_err(|e| e.within("m"))?)
+        }
+    })
+}
+
+fn distinct<T: Ord>(
+    values: impl IntoIterator<Item = T>,
+    field: &str,
+) -> Result<BTreeSet<T>, ProtoError> {
+    let mut set = BTreeSet::new();
+    for v in values {
+        if !set.insert(v) {
+            return Err(ProtoError::new(field, "a set must not hold duplicates"));
+        }
+    }
+    if set.is_empty() {
+        return Err(ProtoError::new(field, "a set must not be empty"));
+    }
+    Ok(set)
+}
+
+fn attributes_from_proto(
+    attributes: &std::collections::HashMap<String, pb::AttributeValue>,
+) -> Result<BTreeMap<String, AttrValue>, ProtoError> {
+    attributes
+        .iter()
+        .map(|(k, v)| {
+            value_from_proto(v)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| e.within(&format!("attributes[{k:?}]")))
+        })
+        .collect()
+}
+
+pub fn value_to_proto(value: &AttrValue) -> pb::AttributeValue {
+    let v = match value {
+        AttrValue::S(s) => PbValue::S(s.clone()),
+        AttrValue::N(n) => PbValue::N(n.as_str().to_owned()),
+        AttrValue::B(b) => PbValue::B(b.clone()),
+        AttrValue::Bool(b) => PbValue::BoolValue(*b),
+        AttrValue::Null(_) => PbValue::NullValue(0),
+        AttrValue::Ss(s) => PbValue::Ss(pb::StringSet {
+            values: s.iter().cloned().collect(),
+        }),
+        AttrValue::Ns(s) => PbValue::Ns(pb::NumberSet {
+            values: s.iter().map(|n| n.as_str().to_owned()).collect(),
+        }),
+        AttrValue::Bs(s) => PbValue::Bs(pb::BinarySet {
+            values: s.iter().cloned().collect(),
+        }),
+        AttrValue::L(l) => PbValue::L(pb::ListValue {
+            values: l.iter().map(value_to_proto).collect(),
+        }),
+        AttrValue::M(m) => PbValue::M(pb::MapValue {
+            attributes: m
+                .iter()
+                .map(|(k, v)| (k.clone(), value_to_proto(v)))
+                .collect(),
+        }),
+    };
+    pb::AttributeValue { value: Some(v) }
+}
+
+/// # Errors
+/// A value that does not convert (see [`value_from_proto`]).
+pub fn item_from_proto(item: &pb::Item) -> Result<Item, ProtoError> {
+    attributes_from_proto(&item.attributes)
+}
+
+pub fn item_to_proto(item: &Item) -> pb::Item {
+    pb::Item {
+        attributes: item
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_proto(v)))
+            .collect(),
+    }
+}
+
+/// # Errors
+/// No attributes, or an attribute that is not a string, number or binary.
+pub fn key_from_proto(key: &pb::Key) -> Result<Key, ProtoError> {
+    if key.attributes.is_empty() {
+        return Err(ProtoError::new(
+            "attributes",
+            "a key needs its key attributes",
+        ));
+    }
+    let attrs = attributes_from_proto(&key.attributes)?;
+    for (name, v) in &attrs {
+        if v.key_text().is_none() {
+            return Err(ProtoError::new(
+                format!("attributes[{name:?}]"),
+                "a key attribute must be a string, number or binary",
+            ));
+        }
+    }
+    Ok(Key(attrs))
+}
+
+pub fn key_to_proto(key: &Key) -> pb::Key {
+    pb::Key {
+        attributes: key
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_proto(v)))
+            .collect(),
+    }
+}
+
+/// The Kafka message key of an item key: its values joined with `#`,
+/// partition key first.
+pub fn kafka_key(key: &Key, partition: &str) -> String {
+    let mut parts = Vec::with_capacity(2);
+    if let Some(v) = key.get(partition) {
+        parts.push(v.key_text().unwrap_or_default());
+    }
+    for (name, v) in &key.0 {
+        if name != partition {
+            parts.push(v.key_text().unwrap_or_default());
+        }
+    }
+    parts.join("#")
+}
+
+/// Encodes a change as the `ChangeRecord` of a Kafka message.
+pub fn encode_change(
+    key: &Key,
+    new_image: Option<&Item>,
+    version: u64,
+    change_micros: i64,
+) -> Vec<u8> {
+    pb::ChangeRecord {
+        key: Some(key_to_proto(key)),
+        deleted: new_image.is_none(),
+        new_image: new_image.map(item_to_proto),
+        version,
+        change_time: Some(prost_types::Timestamp {
+            seconds: change_micros.div_euclid(1_000_000),
+            nanos: i32::try_from(change_micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a Kafka message's `ChangeRecord`.
+///
+/// # Errors
+/// Bytes that are not a valid record (no key, zero version, an upsert
+/// without image).
+pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, ProtoError> {
+    let record = pb::ChangeRecord::decode(bytes).map_err(|e| ProtoError::new("", e.to_string()))?;
+    let key = key_from_proto(
+        record
+            .key
+            .as_ref()
+            .ok_or_else(|| ProtoError::new("key", "required"))?,
+    )
+    .map_err(|e| e.within("key"))?;
+    if record.version == 0 {
+        return Err(ProtoError::new("version", "must not be 0"));
+    }
+    let new_image = if record.deleted {
+        None
+    } else {
+        let image = record
+            .new_image
+            .as_ref()
+            .ok_or_else(|| ProtoError::new("new_image", "required unless deleted"))?;
+        Some(item_from_proto(image).map_err(|e| e.within("new_image"))?)
+    };
+    let created_at_micros = record
+        .change_time
+        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+    Ok(ChangeRecord {
+        key,
+        kind: if new_image.is_some() {
+            ChangeKind::Modify
+        } else {
+            ChangeKind::Remove
+        },
+        new_image,
+        old_image: None,
+        version: record.version,
+        created_at_micros,
+        position,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip() {
+        let item: Item = [
+            ("s".to_owned(), AttrValue::s("x")),
+            ("n".to_owned(), AttrValue::N(Number::parse("1.50").unwrap())),
+            (
+                "l".to_owned(),
+                AttrValue::L(vec![AttrValue::Bool(true), AttrValue::Null(true)]),
+            ),
+            (
+                "m".to_owned(),
+                AttrValue::M(
+                    [("b".to_owned(), AttrValue::B(vec![1, 2]))]
+                        .into_iter()
+                        .collect(),
+                ),
+            ),
+            (
+                "ss".to_owned(),
+                AttrValue::Ss(["a".to_owned(), "b".to_owned()].into()),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(item_from_proto(&item_to_proto(&item)).unwrap(), item);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let bad = pb::Item {
+            attributes: [(
+                "a".to_owned(),
+                pb::AttributeValue {
+                    value: Some(PbValue::L(pb::ListValue {
+                        values: vec![pb::AttributeValue {
+                            value: Some(PbValue::N("NaN".to_owned())),
+                        }],
+                    })),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let err = item_from_proto(&bad).unwrap_err();
+        assert_eq!(err.field, "attributes[\"a\"].l.values[0].n");
+    }
+
+    #[test]
+    fn change_records_round_trip() {
+        let key = Key::new([
+            ("documentType".to_owned(), AttrValue::s("post")),
+            ("documentId".to_owned(), AttrValue::s("7")),
+        ]);
+        assert_eq!(kafka_key(&key, "documentType"), "post#7");
+        let image: Item = key.0.clone();
+        let position = Position {
+            partition: "t/0".to_owned(),
+            sequence: "5".to_owned(),
+        };
+        let bytes = encode_change(&key, Some(&image), 42, 1_700_000_000_123_456);
+        let record = decode_change(&bytes, position.clone()).unwrap();
+        assert_eq!(record.new_image.as_ref(), Some(&image));
+        assert_eq!(
+            (record.version, record.created_at_micros),
+            (42, 1_700_000_000_123_456)
+        );
+        let deleted = decode_change(&encode_change(&key, None, 43, 0), position).unwrap();
+        assert_eq!(deleted.kind, ChangeKind::Remove);
+    }
+}

@@ -1,0 +1,436 @@
+//! The item transform of `tidemark.common.v1.Transform`, shared by
+//! replication, unit migration, extraction and verification so the same
+//! source item is shaped the same way everywhere: filter, projection,
+//! renames, then the document-id and index-name templates.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tidemark_proto::common::v1 as pb;
+
+use crate::proto::ProtoError;
+use crate::value::{AttrValue, Item, Key, KeySchema};
+
+/// How a time-valued attribute is encoded (`tidemark.common.v1.TimeEncoding`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeEncoding {
+    Rfc3339,
+    EpochSeconds,
+    EpochMillis,
+}
+
+impl TimeEncoding {
+    /// # Errors
+    /// UNSPECIFIED or an unknown number.
+    pub fn from_proto(value: i32, field: &str) -> Result<Self, ProtoError> {
+        match pb::TimeEncoding::try_from(value) {
+            Ok(pb::TimeEncoding::Rfc3339) => Ok(Self::Rfc3339),
+            Ok(pb::TimeEncoding::EpochSeconds) => Ok(Self::EpochSeconds),
+            Ok(pb::TimeEncoding::EpochMillis) => Ok(Self::EpochMillis),
+            _ => Err(ProtoError {
+                field: field.to_owned(),
+                reason: "must be RFC3339, EPOCH_SECONDS or EPOCH_MILLIS".to_owned(),
+            }),
+        }
+    }
+
+    /// The time a value holds, in microseconds since the epoch; `None` when
+    /// it is not of this encoding.
+    pub fn micros(self, value: &AttrValue) -> Option<i64> {
+        match (self, value) {
+            (Self::Rfc3339, AttrValue::S(s)) => chrono::DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| t.timestamp_micros()),
+            (Self::EpochSeconds, AttrValue::N(n)) => decimal_micros(n.as_str(), 1_000_000),
+            (Self::EpochMillis, AttrValue::N(n)) => decimal_micros(n.as_str(), 1_000),
+            _ => None,
+        }
+    }
+
+    /// Encodes a time for a key condition or filter on such an attribute.
+    pub fn value(self, micros: i64) -> AttrValue {
+        match self {
+            Self::Rfc3339 => AttrValue::s(
+                chrono::DateTime::from_timestamp_micros(micros)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ),
+            Self::EpochSeconds => AttrValue::N(
+                crate::value::Number::parse(&format!(
+                    "{}.{:06}",
+                    micros.div_euclid(1_000_000),
+                    micros.rem_euclid(1_000_000)
+                ))
+                .expect("a decimal"),
+            ),
+            Self::EpochMillis => AttrValue::N(
+                crate::value::Number::parse(&format!(
+                    "{}.{:03}",
+                    micros.div_euclid(1_000),
+                    micros.rem_euclid(1_000)
+                ))
+                .expect("a decimal"),
+            ),
+        }
+    }
+}
+
+/// `text` (a normalised decimal) times `scale`, truncated to an integer.
+fn decimal_micros(text: &str, scale: i64) -> Option<i64> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    let negative = whole.starts_with('-');
+    let whole: i64 = whole.parse().ok()?;
+    let digits = usize::try_from(scale.ilog10()).ok()?;
+    let mut frac: String = frac.chars().take(digits).collect();
+    while frac.len() < digits {
+        frac.push('0');
+    }
+    let frac: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    let sign = if negative { -1 } else { 1 };
+    whole.checked_mul(scale)?.checked_add(sign * frac)
+}
+
+/// A `{attribute}` template; `{{` and `}}` are literal braces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Attribute(String),
+}
+
+impl Template {
+    /// # Errors
+    /// Unbalanced braces or an empty placeholder.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some('{') | None => {
+                                return Err(format!("unclosed placeholder in {text:?}"));
+                            }
+                            Some(c) => name.push(c),
+                        }
+                    }
+                    if name.is_empty() {
+                        return Err(format!("empty placeholder {{}} in {text:?}"));
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Attribute(name));
+                }
+                '}' => {
+                    return Err(format!(
+                        "unmatched '}}' in {text:?} (write '}}}}' for a brace)"
+                    ));
+                }
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Text(literal));
+        }
+        Ok(Self { parts })
+    }
+
+    /// Renders against a source item.
+    ///
+    /// # Errors
+    /// A placeholder naming an attribute the item lacks or that is not `S`/`N`.
+    pub fn render(&self, item: &Item) -> Result<String, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Attribute(a) => match item.get(a) {
+                    Some(AttrValue::S(s)) => out.push_str(s),
+                    Some(AttrValue::N(n)) => out.push_str(n.as_str()),
+                    Some(_) => {
+                        return Err(format!(
+                            "template attribute {a:?} is not a string or number"
+                        ));
+                    }
+                    None => return Err(format!("the item lacks template attribute {a:?}")),
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Keeps only recently changed items (`tidemark.common.v1.RecencyFilter`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecencyFilter {
+    pub attribute: String,
+    pub encoding: TimeEncoding,
+    pub max_age_micros: i64,
+}
+
+/// A validated transform; the default is the identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Transform {
+    projection: BTreeSet<String>,
+    renames: BTreeMap<String, String>,
+    document_id: Option<Template>,
+    index_name: Option<Template>,
+    filter: Option<RecencyFilter>,
+}
+
+impl Transform {
+    /// # Errors
+    /// Conflicting renames, a malformed template or filter; the field is
+    /// relative to the Transform message.
+    pub fn from_proto(t: &pb::Transform) -> Result<Self, ProtoError> {
+        let bad = |field: &str, reason: String| ProtoError {
+            field: field.to_owned(),
+            reason,
+        };
+        let projection: BTreeSet<String> = t.projection.iter().cloned().collect();
+        if projection.iter().any(String::is_empty) {
+            return Err(bad(
+                "projection",
+                "attribute names must not be empty".to_owned(),
+            ));
+        }
+        let renames: BTreeMap<String, String> = t.renames.clone().into_iter().collect();
+        let mut targets = BTreeSet::new();
+        for (from, to) in &renames {
+            if from.is_empty() || to.is_empty() {
+                return Err(bad(
+                    "renames",
+                    "attribute names must not be empty".to_owned(),
+                ));
+            }
+            if !targets.insert(to) {
+                return Err(bad(
+                    &format!("renames[{from:?}]"),
+                    format!("two attributes are renamed to {to:?}"),
+                ));
+            }
+            let kept = projection.is_empty() || projection.contains(to);
+            if kept && !renames.contains_key(to) && to != from && projection.contains(to) {
+                return Err(bad(
+                    &format!("renames[{from:?}]"),
+                    format!("{to:?} is kept by the projection and not renamed itself"),
+                ));
+            }
+        }
+        let template = |text: &str, field: &str| -> Result<Option<Template>, ProtoError> {
+            if text.is_empty() {
+                Ok(None)
+            } else {
+                Template::parse(text).map(Some).map_err(|e| bad(field, e))
+            }
+        };
+        let filter = t
+            .filter
+            .as_ref()
+            .map(|f| -> Result<RecencyFilter, ProtoError> {
+                if f.attribute_name.is_empty() {
+                    return Err(bad("filter.attribute_name", "required".to_owned()));
+                }
+                let encoding = TimeEncoding::from_proto(f.encoding, "filter.encoding")?;
+                let max_age = f.max_age.as_ref().map_or(0, |d| {
+                    d.seconds.saturating_mul(1_000_000) + i64::from(d.nanos) / 1000
+                });
+                if max_age <= 0 {
+                    return Err(bad("filter.max_age", "required and positive".to_owned()));
+                }
+                Ok(RecencyFilter {
+                    attribute: f.attribute_name.clone(),
+                    encoding,
+                    max_age_micros: max_age,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            projection,
+            renames,
+            document_id: template(&t.document_id_template, "document_id_template")?,
+            index_name: template(&t.index_name_template, "index_name_template")?,
+            filter,
+        })
+    }
+
+    /// Whether the item passes the recency filter at `now_micros`.
+    pub fn passes(&self, item: &Item, now_micros: i64) -> bool {
+        self.filter.as_ref().is_none_or(|f| {
+            item.get(&f.attribute)
+                .and_then(|v| f.encoding.micros(v))
+                .is_some_and(|t| t >= now_micros - f.max_age_micros)
+        })
+    }
+
+    /// Projection then renames; key attributes are always kept.
+    pub fn shape(&self, item: &Item, schema: &KeySchema) -> Item {
+        if self.projection.is_empty() && self.renames.is_empty() {
+            return item.clone();
+        }
+        item.iter()
+            .filter(|(name, _)| {
+                self.projection.is_empty()
+                    || self.projection.contains(*name)
+                    || schema.names().any(|k| k == name.as_str())
+            })
+            .map(|(name, v)| (self.renames.get(name).unwrap_or(name).clone(), v.clone()))
+            .collect()
+    }
+
+    /// The key as the target names it (renamed key attributes).
+    pub fn shape_key(&self, key: &Key) -> Key {
+        if self.renames.is_empty() {
+            return key.clone();
+        }
+        Key(key
+            .0
+            .iter()
+            .map(|(n, v)| (self.renames.get(n).unwrap_or(n).clone(), v.clone()))
+            .collect())
+    }
+
+    /// The target document id of a source item with that key; the key values
+    /// joined with `#`, partition key first, without a template.
+    ///
+    /// # Errors
+    /// The template names an attribute the item lacks.
+    pub fn document_id(
+        &self,
+        key: &Key,
+        item: Option<&Item>,
+        schema: &KeySchema,
+    ) -> Result<String, String> {
+        match (&self.document_id, item) {
+            (Some(t), Some(item)) => t.render(item),
+            // A delete carries no image: render from the key attributes,
+            // which is all a document-id template may sensibly use.
+            (Some(t), None) => t.render(&key.0),
+            (None, _) => Ok(default_document_id(key, schema)),
+        }
+    }
+
+    /// The per-item index name, when a template is set.
+    ///
+    /// # Errors
+    /// The template names an attribute the item lacks.
+    pub fn index_name(&self, item: &Item) -> Result<Option<String>, String> {
+        self.index_name.as_ref().map(|t| t.render(item)).transpose()
+    }
+
+    pub fn has_document_id_template(&self) -> bool {
+        self.document_id.is_some()
+    }
+}
+
+/// Key values joined with `#`, partition key first.
+pub fn default_document_id(key: &Key, schema: &KeySchema) -> String {
+    schema
+        .names()
+        .filter_map(|n| key.get(n).and_then(AttrValue::key_text))
+        .collect::<Vec<_>>()
+        .join("#")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(pairs: &[(&str, AttrValue)]) -> Item {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn templates_render_and_reject_bad_syntax() {
+        let t = Template::parse("{documentType}#{documentId}").unwrap();
+        let i = item(&[
+            ("documentType", AttrValue::s("post")),
+            ("documentId", AttrValue::n(7i64)),
+        ]);
+        assert_eq!(t.render(&i).unwrap(), "post#7");
+        assert_eq!(
+            Template::parse("a{{b}}").unwrap().render(&i).unwrap(),
+            "a{b}"
+        );
+        assert!(Template::parse("{x").is_err());
+        assert!(Template::parse("x}").is_err());
+        assert!(Template::parse("{}").is_err());
+        assert!(Template::parse("{nope}").unwrap().render(&i).is_err());
+    }
+
+    #[test]
+    fn projection_and_renames_keep_keys() {
+        let schema = KeySchema::new("id", None);
+        let t = Transform::from_proto(&pb::Transform {
+            projection: vec!["a".to_owned()],
+            renames: [("a".to_owned(), "b".to_owned())].into_iter().collect(),
+            ..pb::Transform::default()
+        })
+        .unwrap();
+        let i = item(&[
+            ("id", AttrValue::s("1")),
+            ("a", AttrValue::n(1i64)),
+            ("c", AttrValue::n(2i64)),
+        ]);
+        assert_eq!(
+            t.shape(&i, &schema),
+            item(&[("id", AttrValue::s("1")), ("b", AttrValue::n(1i64))])
+        );
+    }
+
+    #[test]
+    fn conflicting_renames_are_refused() {
+        let err = Transform::from_proto(&pb::Transform {
+            renames: [
+                ("a".to_owned(), "x".to_owned()),
+                ("b".to_owned(), "x".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+            ..pb::Transform::default()
+        })
+        .unwrap_err();
+        assert!(err.field.starts_with("renames"), "{err}");
+    }
+
+    #[test]
+    fn time_encodings() {
+        let e = TimeEncoding::EpochSeconds;
+        assert_eq!(
+            e.micros(&AttrValue::N(crate::value::Number::parse("1.5").unwrap())),
+            Some(1_500_000)
+        );
+        assert_eq!(e.micros(&e.value(1_234_567)), Some(1_234_567));
+        let m = TimeEncoding::EpochMillis;
+        assert_eq!(m.micros(&m.value(1_234_000)), Some(1_234_000));
+        let r = TimeEncoding::Rfc3339;
+        assert_eq!(
+            r.micros(&AttrValue::s("1970-01-01T00:00:01Z")),
+            Some(1_000_000)
+        );
+        assert_eq!(r.micros(&r.value(1_000_001)), Some(1_000_001));
+    }
+}

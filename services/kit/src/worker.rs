@@ -1,0 +1,438 @@
+//! Work by pull (DESIGN.md §2, "How work flows"): a worker process claims
+//! units of the job kinds it executes from the job-tracker, holds each one
+//! with a lease it keeps alive, and checkpoints, completes or fails it with
+//! the unit's fencing token. The replicator and the verifier both run this
+//! loop; what a unit means is up to their executor.
+//!
+//! A unit whose lease is lost (the heartbeat is refused because another
+//! worker took it over after an expiry, or its run was failed) has its
+//! [`UnitLease::lost`] token cancelled: the executor stops writing, since
+//! every further write of its would be refused anyway.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prost::Message;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tidemark_proto::job_tracker::v1::{
+    CheckpointRequest, ClaimUnitRequest, CompleteUnitRequest, FailUnitRequest, HeartbeatRequest,
+    Job, JobKind, Run, RunProgress, Unit,
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// The job-tracker as seen by a worker: a lazily connected channel with the
+/// bearer token on every call.
+pub type JobTrackerClient = JobTrackerServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to outgoing calls when configured.
+#[derive(Clone, Debug, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.0 {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects lazily to the job-tracker at `url` (the first call dials).
+///
+/// # Errors
+/// A malformed URL or token.
+pub fn job_tracker_client(url: &str, token: Option<&str>) -> Result<JobTrackerClient, String> {
+    let endpoint = Endpoint::from_str(url)
+        .map_err(|e| format!("bad job-tracker URL {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(90))
+        .tcp_nodelay(true);
+    let header = token
+        .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
+        .transpose()
+        .map_err(|_| "the auth token cannot be sent in a header".to_owned())?;
+    Ok(JobTrackerServiceClient::with_interceptor(
+        endpoint.connect_lazy(),
+        BearerToken(header),
+    ))
+}
+
+/// Packs `message` as a `google.protobuf.Any` with the type URL
+/// `type.googleapis.com/<full_name>`.
+pub fn pack_any<M: Message>(full_name: &str, message: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{full_name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// Unpacks an `Any` that must hold `full_name`.
+///
+/// # Errors
+/// A missing spec, another type, or bytes that do not decode.
+pub fn unpack_any<M: Message + Default>(
+    any: Option<&prost_types::Any>,
+    full_name: &str,
+) -> Result<M, String> {
+    let any = any.ok_or_else(|| format!("the job has no spec (expected a {full_name})"))?;
+    let found = any.type_url.rsplit('/').next().unwrap_or_default();
+    if found != full_name {
+        return Err(format!(
+            "the job's spec is a {found:?}, expected a {full_name}"
+        ));
+    }
+    M::decode(any.value.as_slice())
+        .map_err(|e| format!("the job's {full_name} does not decode: {e}"))
+}
+
+/// Progress totals reported with checkpoints and at the end of a unit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub items_processed: i64,
+    pub items_failed: i64,
+    pub items_estimated: i64,
+    pub counters: std::collections::HashMap<String, i64>,
+}
+
+impl Progress {
+    /// Adds `n` to counter `name`.
+    pub fn add(&mut self, name: &str, n: i64) {
+        *self.counters.entry(name.to_owned()).or_default() += n;
+    }
+
+    pub fn counter(&self, name: &str) -> i64 {
+        self.counters.get(name).copied().unwrap_or_default()
+    }
+}
+
+/// Why a unit's write to the job-tracker was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The fencing token is stale, the unit left IN_PROGRESS or its run ended:
+    /// this worker must stop working on the unit.
+    #[error("lease lost: {0}")]
+    Lost(String),
+    /// The job-tracker could not be reached or failed; retrying may help.
+    #[error("job-tracker call failed: {0}")]
+    Rpc(Status),
+}
+
+impl From<Status> for LeaseError {
+    fn from(s: Status) -> Self {
+        if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) {
+            Self::Lost(s.message().to_owned())
+        } else {
+            Self::Rpc(s)
+        }
+    }
+}
+
+/// A claimed unit: what to do (job spec, run window, checkpoint) and the
+/// lease to do it under.
+pub struct Claim {
+    pub unit: Unit,
+    pub run: Run,
+    pub job: Job,
+    pub lease: UnitLease,
+}
+
+/// The held lease of one unit. Cheap to clone; a background task extends it
+/// until the unit is completed or failed, or the lease is lost.
+#[derive(Clone)]
+pub struct UnitLease {
+    client: JobTrackerClient,
+    run_id: String,
+    unit_key: String,
+    fencing_token: u64,
+    lease_duration: Duration,
+    job_revision: Arc<AtomicU64>,
+    lost: CancellationToken,
+    done: CancellationToken,
+}
+
+impl UnitLease {
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    pub fn unit_key(&self) -> &str {
+        &self.unit_key
+    }
+
+    pub fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
+
+    /// Cancelled once the lease is lost or the worker shuts down.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    /// The job's latest revision seen by a heartbeat or checkpoint; higher
+    /// than the claimed job's when the spec changed (re-read it).
+    pub fn job_revision(&self) -> u64 {
+        self.job_revision.load(Ordering::Relaxed)
+    }
+
+    fn duration(&self) -> prost_types::Duration {
+        prost_types::Duration {
+            seconds: i64::try_from(self.lease_duration.as_secs()).unwrap_or(600),
+            nanos: 0,
+        }
+    }
+
+    /// Stores the unit's checkpoint and totals; durable when it returns.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease was taken over.
+    pub async fn checkpoint(
+        &self,
+        checkpoint: Vec<u8>,
+        progress: &Progress,
+    ) -> Result<(), LeaseError> {
+        let response = self
+            .client
+            .clone()
+            .checkpoint(CheckpointRequest {
+                run_id: self.run_id.clone(),
+                unit_key: self.unit_key.clone(),
+                fencing_token: self.fencing_token,
+                checkpoint,
+                items_processed: progress.items_processed,
+                items_failed: progress.items_failed,
+                items_estimated: progress.items_estimated,
+                counters: progress.counters.clone(),
+                lease_duration: Some(self.duration()),
+            })
+            .await
+            .inspect_err(|s| self.on_error(s))?
+            .into_inner();
+        self.job_revision
+            .fetch_max(response.job_revision, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Marks the unit done.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease was taken over.
+    pub async fn complete(
+        &self,
+        progress: &Progress,
+        result: Option<prost_types::Any>,
+    ) -> Result<Option<RunProgress>, LeaseError> {
+        let response = self
+            .client
+            .clone()
+            .complete_unit(CompleteUnitRequest {
+                run_id: self.run_id.clone(),
+                unit_key: self.unit_key.clone(),
+                fencing_token: self.fencing_token,
+                items_processed: progress.items_processed,
+                items_failed: progress.items_failed,
+                counters: progress.counters.clone(),
+                result,
+            })
+            .await
+            .inspect_err(|s| self.on_error(s))?
+            .into_inner();
+        self.done.cancel();
+        Ok(response.progress)
+    }
+
+    /// Reports the unit failed. `retryable`: back to NOT_MIGRATED while
+    /// attempts remain; `rolled_back`: its partial output was removed.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] when the lease was taken over.
+    pub async fn fail(
+        &self,
+        error: &str,
+        retryable: bool,
+        rolled_back: bool,
+        progress: &Progress,
+    ) -> Result<Unit, LeaseError> {
+        let response = self
+            .client
+            .clone()
+            .fail_unit(FailUnitRequest {
+                run_id: self.run_id.clone(),
+                unit_key: self.unit_key.clone(),
+                fencing_token: self.fencing_token,
+                error: error.to_owned(),
+                retryable,
+                rolled_back,
+                items_processed: progress.items_processed,
+                items_failed: progress.items_failed,
+                counters: progress.counters.clone(),
+            })
+            .await
+            .inspect_err(|s| self.on_error(s))?
+            .into_inner();
+        self.done.cancel();
+        Ok(response.unit.unwrap_or_default())
+    }
+
+    fn on_error(&self, status: &Status) {
+        if matches!(status.code(), Code::FailedPrecondition | Code::NotFound) {
+            self.lost.cancel();
+        }
+    }
+
+    /// Extends the lease every third of its length until the unit is done or
+    /// the lease is lost.
+    async fn keep_alive(self) {
+        let period = self.lease_duration / 3;
+        loop {
+            tokio::select! {
+                () = self.done.cancelled() => return,
+                () = self.lost.cancelled() => return,
+                () = tokio::time::sleep(period) => {}
+            }
+            let request = HeartbeatRequest {
+                run_id: self.run_id.clone(),
+                unit_key: self.unit_key.clone(),
+                fencing_token: self.fencing_token,
+                lease_duration: Some(self.duration()),
+            };
+            match self.client.clone().heartbeat(request).await {
+                Ok(r) => {
+                    self.job_revision
+                        .fetch_max(r.into_inner().job_revision, Ordering::Relaxed);
+                }
+                Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                    tracing::warn!(run_id = %self.run_id, unit = %self.unit_key, reason = %s.message(), "unit lease lost");
+                    self.lost.cancel();
+                    return;
+                }
+                // The next beat may get through before the lease runs out.
+                Err(s) => {
+                    tracing::debug!(run_id = %self.run_id, unit = %self.unit_key, error = %s, "heartbeat failed");
+                }
+            }
+        }
+    }
+}
+
+/// How a worker claims.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// Unique per process; shown as the lease owner.
+    pub worker_id: String,
+    /// The job kinds this worker executes.
+    pub kinds: Vec<JobKind>,
+    /// Units worked on at once by this process.
+    pub concurrency: usize,
+    /// Lease length; heartbeats every third of it.
+    pub lease: Duration,
+    /// How long one ClaimUnit call waits for work.
+    pub poll_wait: Duration,
+}
+
+impl WorkerOptions {
+    pub fn new(worker_id: impl Into<String>, kinds: Vec<JobKind>) -> Self {
+        Self {
+            worker_id: worker_id.into(),
+            kinds,
+            concurrency: 4,
+            lease: Duration::from_secs(15),
+            poll_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What a worker does with a claimed unit. It must finish the unit itself
+/// (complete or fail) or return once `claim.lease.lost()` is cancelled.
+pub type Executor = Arc<dyn Fn(Claim) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Claims units until `shutdown`, running each with `executor`, at most
+/// `options.concurrency` at once. Unreachable job-trackers are retried with
+/// backoff (the worker may start before it).
+pub async fn run_worker(
+    client: JobTrackerClient,
+    options: WorkerOptions,
+    executor: Executor,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let request = ClaimUnitRequest {
+            worker_id: options.worker_id.clone(),
+            kinds: options.kinds.iter().map(|k| *k as i32).collect(),
+            lease_duration: Some(prost_types::Duration {
+                seconds: i64::try_from(options.lease.as_secs().max(1)).unwrap_or(30),
+                nanos: 0,
+            }),
+            wait: Some(prost_types::Duration {
+                seconds: i64::try_from(options.poll_wait.as_secs()).unwrap_or(2),
+                nanos: i32::try_from(options.poll_wait.subsec_nanos()).unwrap_or(0),
+            }),
+            ..ClaimUnitRequest::default()
+        };
+        let mut claimer = client.clone();
+        let claimed = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = claimer.claim_unit(request) => r,
+        };
+        let response = match claimed {
+            Ok(r) => {
+                backoff = Duration::from_millis(100);
+                r.into_inner()
+            }
+            Err(status) => {
+                tracing::debug!(error = %status, "claim failed; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (Some(unit), Some(run), Some(job)) = (response.unit, response.run, response.job) else {
+            continue;
+        };
+        let lease = UnitLease {
+            client: client.clone(),
+            run_id: unit.run_id.clone(),
+            unit_key: unit.unit_key.clone(),
+            fencing_token: unit.lease.as_ref().map_or(0, |l| l.fencing_token),
+            lease_duration: options.lease.max(Duration::from_secs(1)),
+            job_revision: Arc::new(AtomicU64::new(job.revision)),
+            lost: shutdown.child_token(),
+            done: CancellationToken::new(),
+        };
+        tracing::info!(job = %job.name, run_id = %unit.run_id, unit = %unit.unit_key, attempt = unit.attempts, "claimed unit");
+        tasks.spawn(lease.clone().keep_alive());
+        let work = executor(Claim {
+            unit,
+            run,
+            job,
+            lease,
+        });
+        tasks.spawn(async move {
+            work.await;
+            drop(permit);
+        });
+        // Reap finished tasks so the set does not grow without bound.
+        while tasks.try_join_next().is_some() {}
+    }
+    // Executors see their `lost` token cancelled and return; their units'
+    // leases lapse and another replica resumes them from the checkpoints.
+    while tasks.join_next().await.is_some() {}
+}
