@@ -12,6 +12,12 @@
 //! | `Packed`              | string | last acknowledged flush sequence          |
 //! | `Pf:<seq>:dirty`      | set    | entities of flush `seq`                   |
 //! | `Pf:<seq>:e:<entity>` | hash   | values of `entity` in flush `seq`         |
+//! | `Pevents`             | string | events applied and not yet taken          |
+//! | `Pf:<seq>:events`     | string | events of flush `seq`                     |
+//! | `Pd:<event id>`       | string | an event id seen, expiring after the window |
+//!
+//! An entity hash also holds `t`, the latest event time (microseconds) of the
+//! events folded into it.
 //!
 //! Why this shape:
 //! - Increments and replaces of a metric live in separate fields (`i:`, `r:`)
@@ -28,13 +34,16 @@
 //! - `acked` refuses a flush sequence that is not after the last acknowledged
 //!   one: the store would treat such a flush as already applied and its
 //!   increments would silently vanish.
+//! - Event ids are remembered (`SET NX EX`) in the same script that applies
+//!   the events: a batch resent after a lost reply finds every id taken and
+//!   changes nothing, and a batch that failed remembers no id.
 //! - Every multi-key step is one Lua script (atomic in Redis): a process killed
 //!   between two commands could otherwise lose or double-count a batch.
 //! - The default prefix carries a hash tag (`{<name>}`) so every key of one
 //!   buffer hashes to one cluster slot; the flush scripts derive entity keys
 //!   from set members, which Redis Cluster only allows within one slot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +52,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 use crate::error::{ConnectorError, ConnectorResult};
-use crate::traits::{Buffer, BufferOp, EntityDelta};
+use crate::traits::{Buffer, BufferEvent, BufferOp, BufferStats, EntityDelta};
 
 const BACKEND: &str = "redis";
 
@@ -118,6 +127,128 @@ end
 return n
 ";
 
+/// KEYS: dirty set, live event count, the `n` live entity hashes, then the
+/// `m` dedup keys (one per event, aligned with the events).
+/// ARGV: dedup window in seconds, `n`, `m`, then `n` pairs (entity name,
+/// latest event time), then `m` triples (KEYS index of the entity hash,
+/// field `i:<metric>` or `r:<metric>`, value).
+/// Returns the 0-based positions of the duplicates.
+///
+/// Increments are applied one by one with HINCRBY (exact 64-bit integers;
+/// Lua numbers are doubles). Only an increment can fail (overflow, a
+/// corrupt field); everything done before it is then undone in reverse, so
+/// the batch is all or none.
+const LUA_APPLY_EVENTS: &str = r"
+local window = ARGV[1]
+local n = tonumber(ARGV[2])
+local m = tonumber(ARGV[3])
+local dirty_type = redis.call('TYPE', KEYS[1]).ok
+if dirty_type ~= 'none' and dirty_type ~= 'set' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' is not a set')
+end
+for k = 3, n + 2 do
+  local t = redis.call('TYPE', KEYS[k]).ok
+  if t ~= 'none' and t ~= 'hash' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' is not a hash')
+  end
+end
+local dups = {}
+local undo = {}
+local taken = {}
+local touched = {}
+local first = 4 + 2 * n
+local function rollback()
+  for d = #undo, 1, -1 do
+    local u = undo[d]
+    if u[1] == 'i' then
+      local key, field, v = u[2], u[3], u[4]
+      if v == '-9223372036854775808' then
+        redis.call('HINCRBY', key, field, '9223372036854775807')
+        redis.call('HINCRBY', key, field, '1')
+      elseif string.sub(v, 1, 1) == '-' then
+        redis.call('HINCRBY', key, field, string.sub(v, 2))
+      else
+        redis.call('HINCRBY', key, field, '-' .. v)
+      end
+      if redis.call('HGET', key, field) == '0' then redis.call('HDEL', key, field) end
+    else
+      local key = u[2]
+      if u[4] then redis.call('HSET', key, u[3], u[4]) else redis.call('HDEL', key, u[3]) end
+      if u[6] then redis.call('HSET', key, u[5], u[6]) else redis.call('HDEL', key, u[5]) end
+    end
+  end
+  -- unpack is bounded by the Lua C stack (8000): delete in chunks.
+  for c = 1, #taken, 1000 do
+    redis.call('DEL', unpack(taken, c, math.min(c + 999, #taken)))
+  end
+end
+for j = 1, m do
+  local dkey = KEYS[n + 2 + j]
+  if redis.call('SET', dkey, '1', 'NX', 'EX', window) then
+    taken[#taken + 1] = dkey
+    local a = first + 3 * (j - 1)
+    local ki = tonumber(ARGV[a])
+    local key = KEYS[ki]
+    local field = ARGV[a + 1]
+    local value = ARGV[a + 2]
+    if string.byte(field, 1) == 105 then
+      local r = redis.pcall('HINCRBY', key, field, value)
+      if type(r) == 'table' and r.err then
+        rollback()
+        return r
+      end
+      undo[#undo + 1] = {'i', key, field, value}
+    else
+      local ifield = 'i' .. string.sub(field, 2)
+      undo[#undo + 1] = {'r', key, field, redis.call('HGET', key, field), ifield,
+        redis.call('HGET', key, ifield)}
+      redis.call('HSET', key, field, value)
+      redis.call('HDEL', key, ifield)
+    end
+    touched[ki] = true
+  else
+    dups[#dups + 1] = j - 1
+  end
+end
+for ki, _ in pairs(touched) do
+  local e = 2 * (ki - 3) + 4
+  redis.call('SADD', KEYS[1], ARGV[e])
+  local t = ARGV[e + 1]
+  local cur = redis.call('HGET', KEYS[ki], 't')
+  if not cur or tonumber(cur) < tonumber(t) then
+    redis.call('HSET', KEYS[ki], 't', t)
+  end
+end
+if #taken > 0 then
+  redis.call('INCRBY', KEYS[2], #taken)
+end
+return dups
+";
+
+/// KEYS: pending. ARGV: prefix, entity.
+const LUA_PEEK_PENDING: &str = r"
+local pending = redis.call('GET', KEYS[1])
+if not pending then
+  return false
+end
+return {pending, redis.call('HGETALL', ARGV[1] .. 'f:' .. pending .. ':e:' .. ARGV[2])}
+";
+
+/// KEYS: dirty set, live event count, pending, acked. ARGV: prefix.
+/// Returns {live dirty, live events, pending or false, pending dirty,
+/// pending events, acked or false}.
+const LUA_STATS: &str = r"
+local pending = redis.call('GET', KEYS[3])
+local pdirty, pevents = 0, '0'
+if pending then
+  local base = ARGV[1] .. 'f:' .. pending .. ':'
+  pdirty = redis.call('SCARD', base .. 'dirty')
+  pevents = redis.call('GET', base .. 'events') or '0'
+end
+return {redis.call('SCARD', KEYS[1]), redis.call('GET', KEYS[2]) or '0', pending or '',
+  pdirty, pevents, redis.call('GET', KEYS[4]) or ''}
+";
+
 /// KEYS: dirty set, pending, acked. ARGV: prefix, sequence (decimal, no
 /// leading zeros, so strings of equal length compare like numbers).
 const LUA_TAKE: &str = r"
@@ -145,6 +276,9 @@ for _, e in ipairs(redis.call('SMEMBERS', base .. 'dirty')) do
     redis.call('RENAME', live, base .. 'e:' .. e)
   end
 end
+if redis.call('EXISTS', ARGV[1] .. 'events') == 1 then
+  redis.call('RENAME', ARGV[1] .. 'events', base .. 'events')
+end
 redis.call('SET', KEYS[2], ARGV[2])
 return flush_content(ARGV[1], ARGV[2])
 ";
@@ -159,7 +293,7 @@ local base = ARGV[1] .. 'f:' .. ARGV[2] .. ':'
 for _, e in ipairs(redis.call('SMEMBERS', base .. 'dirty')) do
   redis.call('DEL', base .. 'e:' .. e)
 end
-redis.call('DEL', base .. 'dirty', KEYS[1])
+redis.call('DEL', base .. 'dirty', base .. 'events', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[2])
 return 1
 ";
@@ -176,15 +310,21 @@ return {pending, flush_content(ARGV[1], pending)}
 
 struct Scripts {
     apply: Script,
+    apply_events: Script,
     take: Script,
     ack: Script,
     pending: Script,
+    peek_pending: Script,
+    stats: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         Self {
             apply: Script::new(LUA_APPLY),
+            apply_events: Script::new(LUA_APPLY_EVENTS),
+            peek_pending: Script::new(LUA_PEEK_PENDING),
+            stats: Script::new(LUA_STATS),
             take: Script::new(&format!("{LUA_FLUSH_CONTENT}{LUA_TAKE}")),
             ack: Script::new(LUA_ACK),
             pending: Script::new(&format!("{LUA_FLUSH_CONTENT}{LUA_PENDING}")),
@@ -424,7 +564,12 @@ fn delta_from_fields(entity: String, fields: Vec<Value>) -> ConnectorResult<Enti
     let mut it = fields.into_iter();
     while let (Some(field), Some(value)) = (it.next(), it.next()) {
         let (field, value) = (text(field)?, text(value)?);
-        if let Some(metric) = field.strip_prefix("i:") {
+        if field == "t" {
+            let micros = value
+                .parse()
+                .map_err(|_| corrupt(&format!("event time {value:?}")))?;
+            delta.last_event_micros = Some(micros);
+        } else if let Some(metric) = field.strip_prefix("i:") {
             let n = value
                 .parse()
                 .map_err(|_| corrupt(&format!("increment {field}={value:?}")))?;
@@ -556,6 +701,140 @@ impl Buffer for RedisBuffer {
             .query_async(&mut self.conn())
             .await?)
     }
+
+    #[tracing::instrument(skip_all, fields(prefix = %self.prefix, events = events.len()))]
+    async fn apply_events(
+        &self,
+        events: &[BufferEvent],
+        dedup_window: Duration,
+    ) -> ConnectorResult<Vec<usize>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let window = dedup_window.as_secs().max(1);
+        // Entities in order of first appearance, with their latest event time.
+        let mut entities: Vec<(&str, i64)> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut slots = Vec::with_capacity(events.len());
+        for event in events {
+            let entity = event.op.entity();
+            let slot = *index.entry(entity).or_insert_with(|| {
+                entities.push((entity, event.time_micros));
+                entities.len() - 1
+            });
+            let latest = &mut entities[slot].1;
+            *latest = (*latest).max(event.time_micros);
+            slots.push(slot);
+        }
+        let mut invocation = self.scripts.apply_events.prepare_invoke();
+        invocation
+            .key(self.key("dirty"))
+            .key(self.key("events"))
+            .arg(window)
+            .arg(entities.len())
+            .arg(events.len());
+        for (entity, latest) in &entities {
+            invocation
+                .key(self.entity_key(entity))
+                .arg(*entity)
+                .arg(*latest);
+        }
+        let mut dedup_key = String::with_capacity(self.prefix.len() + 40);
+        let mut field = String::with_capacity(64);
+        for (event, slot) in events.iter().zip(&slots) {
+            dedup_key.clear();
+            dedup_key.push_str(&self.prefix);
+            dedup_key.push_str("d:");
+            dedup_key.push_str(&event.id);
+            invocation.key(dedup_key.as_bytes());
+            // KEYS[1..2] are the dirty set and the event count.
+            invocation.arg(slot + 3);
+            field.clear();
+            match &event.op {
+                BufferOp::Increment { metric, delta, .. } => {
+                    field.push_str("i:");
+                    field.push_str(metric);
+                    invocation.arg(field.as_bytes()).arg(*delta);
+                }
+                BufferOp::Replace { metric, value, .. } => {
+                    field.push_str("r:");
+                    field.push_str(metric);
+                    invocation.arg(field.as_bytes()).arg(value.as_bytes());
+                }
+            }
+        }
+        let dups: Vec<usize> = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(dups)
+    }
+
+    #[tracing::instrument(skip_all, fields(prefix = %self.prefix, entity = entity))]
+    async fn peek_pending(&self, entity: &str) -> ConnectorResult<Option<(u64, EntityDelta)>> {
+        let reply: Value = self
+            .scripts
+            .peek_pending
+            .key(self.key("pending"))
+            .arg(&self.prefix)
+            .arg(entity)
+            .invoke_async(&mut self.conn())
+            .await?;
+        if matches!(reply, Value::Nil) {
+            return Ok(None);
+        }
+        let mut it = array(reply)?.into_iter();
+        let (Some(sequence), Some(fields)) = (it.next(), it.next()) else {
+            return Err(corrupt("pending peek reply"));
+        };
+        let fields = array(fields)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((
+            parse_sequence(&text(sequence)?)?,
+            delta_from_fields(entity.to_owned(), fields)?,
+        )))
+    }
+
+    #[tracing::instrument(skip_all, fields(prefix = %self.prefix))]
+    async fn stats(&self) -> ConnectorResult<BufferStats> {
+        let reply: Value = self
+            .scripts
+            .stats
+            .key(self.key("dirty"))
+            .key(self.key("events"))
+            .key(self.key("pending"))
+            .key(self.key("acked"))
+            .arg(&self.prefix)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let parts = array(reply)?
+            .into_iter()
+            .map(text)
+            .collect::<ConnectorResult<Vec<String>>>()?;
+        let [dirty, events, pending, pending_dirty, pending_events, acked] =
+            <[String; 6]>::try_from(parts).map_err(|_| corrupt("stats reply"))?;
+        let count = |s: &str| {
+            s.parse::<u64>()
+                .map_err(|_| corrupt(&format!("count {s:?}")))
+        };
+        let optional = |s: &str| {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                parse_sequence(s).map(Some)
+            }
+        };
+        Ok(BufferStats {
+            dirty_keys: count(&dirty)? + count(&pending_dirty)?,
+            pending_events: count(&events)? + count(&pending_events)?,
+            pending_flush: optional(&pending)?,
+            last_acked: optional(&acked)?,
+        })
+    }
+}
+
+fn parse_sequence(s: &str) -> ConnectorResult<u64> {
+    s.parse()
+        .map_err(|_| corrupt(&format!("flush sequence {s:?}")))
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::predicate::Predicate;
 use crate::traits::{
-    BucketDigest, Buffer, BufferOp, ChangeFeed, ChangeKind, ChangeRecord, EntityDelta,
-    FeedCheckpoint, PartitionCheckpoint, PartitionLag, Position, RecordOutcome, ScanPage,
-    ScanRequest, Sink, SinkOp, SinkRecord, SourceTable, fold_digest,
+    BucketDigest, Buffer, BufferEvent, BufferOp, BufferStats, ChangeFeed, ChangeKind, ChangeRecord,
+    EntityDelta, FeedCheckpoint, PartitionCheckpoint, PartitionLag, Position, RecordOutcome,
+    ScanPage, ScanRequest, Sink, SinkOp, SinkRecord, SourceTable, fold_digest,
 };
 use crate::value::{Item, Key, KeySchema, key_hash};
 
@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS tm_buffer (
     buf TEXT NOT NULL, flush INTEGER NOT NULL, entity TEXT NOT NULL, metric TEXT NOT NULL,
     kind TEXT NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (buf, flush, entity, metric, kind)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tm_buffer_dedup (
+    buf TEXT NOT NULL, id TEXT NOT NULL, expires_micros INTEGER NOT NULL,
+    PRIMARY KEY (buf, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tm_buffer_acked (
+    buf TEXT NOT NULL PRIMARY KEY, acked INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tm_sink (
     sink TEXT NOT NULL, k TEXT NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL, item TEXT,
     PRIMARY KEY (sink, k)) WITHOUT ROWID;
@@ -578,7 +583,12 @@ fn read_deltas(
             });
         }
         let delta = out.last_mut().expect("pushed above");
-        if kind == "inc" {
+        if kind == "events" {
+            continue;
+        }
+        if kind == "time" {
+            delta.last_event_micros = value.parse().ok();
+        } else if kind == "inc" {
             let n = value.parse().map_err(|_| {
                 ConnectorError::terminal("sqlite", format!("corrupt increment {value:?}"))
             })?;
@@ -596,6 +606,81 @@ fn pending(conn: &Connection, buf: &str) -> ConnectorResult<Option<i64>> {
         params![buf],
         |r| r.get::<_, Option<i64>>(0),
     )?)
+}
+
+fn last_acked(conn: &Connection, buf: &str) -> ConnectorResult<Option<i64>> {
+    Ok(conn
+        .query_row(
+            "SELECT acked FROM tm_buffer_acked WHERE buf = ?1",
+            params![buf],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?)
+}
+
+/// Adds `delta` to a live counter row, refusing an `i64` overflow (SQLite
+/// would silently turn the sum into a float).
+fn add_to_row(
+    tx: &Connection,
+    buf: &str,
+    entity: &str,
+    metric: &str,
+    kind: &str,
+    delta: i64,
+) -> ConnectorResult<()> {
+    let current: Option<String> = tx
+        .query_row(
+            "SELECT value FROM tm_buffer WHERE buf = ?1 AND flush = 0 AND entity = ?2 AND metric = ?3 AND kind = ?4",
+            params![buf, entity, metric, kind],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let current: i64 = match current {
+        Some(v) => v
+            .parse()
+            .map_err(|_| ConnectorError::terminal("sqlite", format!("corrupt increment {v:?}")))?,
+        None => 0,
+    };
+    let sum = current.checked_add(delta).ok_or_else(|| {
+        ConnectorError::invalid(
+            "sqlite",
+            format!("increments of {entity}/{metric} overflow i64"),
+        )
+    })?;
+    tx.execute(
+        "INSERT INTO tm_buffer (buf, flush, entity, metric, kind, value) VALUES (?1, 0, ?2, ?3, ?4, ?5)
+         ON CONFLICT (buf, flush, entity, metric, kind) DO UPDATE SET value = excluded.value",
+        params![buf, entity, metric, kind, sum.to_string()],
+    )?;
+    Ok(())
+}
+
+fn apply_event(tx: &Connection, buf: &str, event: &BufferEvent) -> ConnectorResult<()> {
+    let entity = event.op.entity();
+    match &event.op {
+        BufferOp::Increment { metric, delta, .. } => {
+            add_to_row(tx, buf, entity, metric, "inc", *delta)?;
+        }
+        BufferOp::Replace { metric, value, .. } => {
+            tx.execute(
+                "DELETE FROM tm_buffer WHERE buf = ?1 AND flush = 0 AND entity = ?2 AND metric = ?3 AND kind = 'inc'",
+                params![buf, entity, metric],
+            )?;
+            tx.execute(
+                "INSERT INTO tm_buffer (buf, flush, entity, metric, kind, value) VALUES (?1, 0, ?2, ?3, 'set', ?4)
+                 ON CONFLICT (buf, flush, entity, metric, kind) DO UPDATE SET value = excluded.value",
+                params![buf, entity, metric, value],
+            )?;
+        }
+    }
+    add_to_row(tx, buf, entity, "", "events", 1)?;
+    tx.execute(
+        "INSERT INTO tm_buffer (buf, flush, entity, metric, kind, value) VALUES (?1, 0, ?2, '', 'time', ?3)
+         ON CONFLICT (buf, flush, entity, metric, kind)
+         DO UPDATE SET value = CAST(MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER)) AS TEXT)",
+        params![buf, entity, event.time_micros.to_string()],
+    )?;
+    Ok(())
 }
 
 #[async_trait]
@@ -658,6 +743,19 @@ impl Buffer for EmbeddedBuffer {
                     }
                     None => {}
                 }
+                // The store would skip a flush at or below the last
+                // acknowledged one as already applied: refused, not lost.
+                if let Some(acked) = last_acked(&tx, &buf)?
+                    && acked >= seq
+                {
+                    return Err(ConnectorError::Precondition(format!(
+                        "flush {seq} is not after the last acknowledged flush {acked}"
+                    )));
+                }
+                tx.execute(
+                    "DELETE FROM tm_buffer_dedup WHERE buf = ?1 AND expires_micros <= ?2",
+                    params![buf, now_micros()],
+                )?;
                 tx.execute("UPDATE tm_buffer SET flush = ?2 WHERE buf = ?1 AND flush = 0", params![buf, seq])?;
                 let out = read_deltas(&tx, &buf, seq, None)?;
                 tx.commit()?;
@@ -672,10 +770,21 @@ impl Buffer for EmbeddedBuffer {
         let buf = self.name.clone();
         self.store
             .with(move |conn| {
-                conn.execute(
-                    "DELETE FROM tm_buffer WHERE buf = ?1 AND flush = ?2",
-                    params![buf, seq],
-                )?;
+                let tx = conn.transaction()?;
+                // Acknowledging a flush that is not the pending one does
+                // nothing (a repeated ack is harmless).
+                if pending(&tx, &buf)? == Some(seq) {
+                    tx.execute(
+                        "DELETE FROM tm_buffer WHERE buf = ?1 AND flush = ?2",
+                        params![buf, seq],
+                    )?;
+                    tx.execute(
+                        "INSERT INTO tm_buffer_acked (buf, acked) VALUES (?1, ?2)
+                         ON CONFLICT (buf) DO UPDATE SET acked = MAX(acked, excluded.acked)",
+                        params![buf, seq],
+                    )?;
+                }
+                tx.commit()?;
                 Ok(())
             })
             .await
@@ -719,6 +828,83 @@ impl Buffer for EmbeddedBuffer {
                     |r| r.get(0),
                 )?;
                 Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
+    async fn apply_events(
+        &self,
+        events: &[BufferEvent],
+        dedup_window: Duration,
+    ) -> ConnectorResult<Vec<usize>> {
+        let buf = self.name.clone();
+        let events = events.to_vec();
+        let window = i64::try_from(dedup_window.as_micros()).unwrap_or(i64::MAX);
+        self.store
+            .with(move |conn| {
+                let now = now_micros();
+                let tx = conn.transaction()?;
+                let mut dups = Vec::new();
+                for (position, event) in events.iter().enumerate() {
+                    let expires: Option<i64> = tx
+                        .query_row(
+                            "SELECT expires_micros FROM tm_buffer_dedup WHERE buf = ?1 AND id = ?2",
+                            params![buf, event.id],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    if expires.is_some_and(|e| e > now) {
+                        dups.push(position);
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO tm_buffer_dedup (buf, id, expires_micros) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (buf, id) DO UPDATE SET expires_micros = excluded.expires_micros",
+                        params![buf, event.id, now.saturating_add(window)],
+                    )?;
+                    apply_event(&tx, &buf, event)?;
+                }
+                tx.commit()?;
+                Ok(dups)
+            })
+            .await
+    }
+
+    async fn peek_pending(&self, entity: &str) -> ConnectorResult<Option<(u64, EntityDelta)>> {
+        let buf = self.name.clone();
+        let entity = entity.to_owned();
+        self.store
+            .with(move |conn| {
+                let Some(seq) = pending(conn, &buf)? else {
+                    return Ok(None);
+                };
+                Ok(read_deltas(conn, &buf, seq, Some(&entity))?
+                    .pop()
+                    .map(|d| (u64::try_from(seq).unwrap_or(0), d)))
+            })
+            .await
+    }
+
+    async fn stats(&self) -> ConnectorResult<BufferStats> {
+        let buf = self.name.clone();
+        self.store
+            .with(move |conn| {
+                let tx = conn.transaction()?;
+                let pending_flush = pending(&tx, &buf)?;
+                let (dirty, events): (i64, i64) = tx.query_row(
+                    "SELECT COUNT(DISTINCT flush || ':' || entity),
+                            COALESCE(SUM(CASE WHEN kind = 'events' THEN CAST(value AS INTEGER) END), 0)
+                     FROM tm_buffer WHERE buf = ?1 AND (flush = 0 OR flush = ?2)",
+                    params![buf, pending_flush.unwrap_or(0)],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let acked = last_acked(&tx, &buf)?;
+                Ok(BufferStats {
+                    dirty_keys: u64::try_from(dirty).unwrap_or(0),
+                    pending_events: u64::try_from(events).unwrap_or(0),
+                    pending_flush: pending_flush.and_then(|p| u64::try_from(p).ok()),
+                    last_acked: acked.and_then(|a| u64::try_from(a).ok()),
+                })
             })
             .await
     }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::error::ConnectorError;
 use crate::predicate::Predicate;
 use crate::traits::{
-    Buffer, BufferOp, ChangeFeed, ChangeKind, ChangeRecord, EntityDelta, FeedCheckpoint,
-    RecordOutcome, ScanRequest, Sink, SinkOp, SinkRecord, SourceTable,
+    Buffer, BufferEvent, BufferOp, ChangeFeed, ChangeKind, ChangeRecord, EntityDelta,
+    FeedCheckpoint, RecordOutcome, ScanRequest, Sink, SinkOp, SinkRecord, SourceTable,
 };
 use crate::value::{AttrValue, Item, Key, Number};
 
@@ -547,4 +547,163 @@ pub async fn buffer(buffer: &dyn Buffer) {
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].increments.get("views"), Some(&10));
     buffer.ack_flush(2).await.expect("ack");
+}
+
+fn event(id: &str, op: BufferOp, time_micros: i64) -> BufferEvent {
+    BufferEvent {
+        id: id.to_owned(),
+        op,
+        time_micros,
+    }
+}
+
+/// Checks [`Buffer::apply_events`] on a buffer that starts empty: ids seen
+/// within the window are duplicates (within a batch and across batches), a
+/// resent batch changes nothing, a failed batch remembers no id, and the
+/// counts of [`Buffer::stats`] follow events through a flush.
+///
+/// # Panics
+/// On the first behaviour that differs from the contract.
+pub async fn buffer_events(buffer: &dyn Buffer) {
+    let window = Duration::from_secs(3600);
+    let batch = [
+        event("e1", inc("a", "views", 2), 10),
+        event("e2", inc("a", "views", 3), 30),
+        event("e1", inc("a", "views", 100), 10),
+        event(
+            "e3",
+            BufferOp::Replace {
+                entity: "b".into(),
+                metric: "score".into(),
+                value: "4.5".into(),
+            },
+            20,
+        ),
+        event("e4", inc("b", "score", 1), 5),
+    ];
+    assert_eq!(
+        buffer.apply_events(&batch, window).await.expect("apply"),
+        [2],
+        "an id repeated within a batch is a duplicate"
+    );
+    assert_eq!(
+        buffer.apply_events(&batch, window).await.expect("resend"),
+        [0, 1, 2, 3, 4],
+        "a resent batch is all duplicates"
+    );
+    let a = buffer.peek("a").await.expect("peek");
+    assert_eq!(a.increments.get("views"), Some(&5));
+    assert_eq!(a.last_event_micros, Some(30));
+    let b = buffer.peek("b").await.expect("peek");
+    assert_eq!(
+        (
+            b.replaces.get("score").map(String::as_str),
+            b.increments.get("score")
+        ),
+        (Some("4.5"), Some(&1))
+    );
+    assert_eq!(b.last_event_micros, Some(20));
+    let stats = buffer.stats().await.expect("stats");
+    assert_eq!(
+        (stats.dirty_keys, stats.pending_events, stats.pending_flush),
+        (2, 4, None)
+    );
+
+    // A batch that fails (an increment overflows) applies nothing and
+    // remembers no id: sent again without the bad event it is accepted.
+    buffer
+        .apply_events(&[event("big", inc("c", "n", i64::MAX - 1), 1)], window)
+        .await
+        .expect("apply");
+    let err = buffer
+        .apply_events(
+            &[
+                event("x1", inc("a", "views", 1), 50),
+                event("x2", inc("c", "n", 5), 50),
+            ],
+            window,
+        )
+        .await
+        .expect_err("overflow");
+    assert!(!err.is_retryable(), "{err:?}");
+    assert_eq!(
+        buffer
+            .peek("a")
+            .await
+            .expect("peek")
+            .increments
+            .get("views"),
+        Some(&5)
+    );
+    assert_eq!(
+        buffer
+            .apply_events(&[event("x1", inc("a", "views", 1), 50)], window)
+            .await
+            .expect("apply"),
+        Vec::<usize>::new()
+    );
+
+    // Counts follow the events into a flush and out with its acknowledgement.
+    let taken = buffer.take_for_flush(1).await.expect("take");
+    assert_eq!(taken.len(), 3);
+    buffer
+        .apply_events(&[event("e5", inc("a", "views", 7), 60)], window)
+        .await
+        .expect("apply");
+    let stats = buffer.stats().await.expect("stats");
+    assert_eq!(
+        (stats.dirty_keys, stats.pending_events, stats.pending_flush),
+        (4, 7, Some(1)),
+        "three entities and six events pending, one entity and one event live"
+    );
+    let (sequence, pending_a) = buffer
+        .peek_pending("a")
+        .await
+        .expect("peek pending")
+        .expect("a is in the pending flush");
+    assert_eq!(sequence, 1);
+    assert_eq!(pending_a.increments.get("views"), Some(&6));
+    assert_eq!(
+        buffer.peek_pending("nobody").await.expect("peek pending"),
+        None
+    );
+    buffer.ack_flush(1).await.expect("ack");
+    let stats = buffer.stats().await.expect("stats");
+    assert_eq!(
+        (
+            stats.dirty_keys,
+            stats.pending_events,
+            stats.pending_flush,
+            stats.last_acked
+        ),
+        (1, 1, None, Some(1))
+    );
+    assert_eq!(buffer.peek_pending("a").await.expect("peek pending"), None);
+    // Ids stay remembered after their flush.
+    assert_eq!(
+        buffer
+            .apply_events(&[event("e5", inc("a", "views", 7), 60)], window)
+            .await
+            .expect("apply"),
+        [0]
+    );
+
+    // An id is forgotten once its window has passed.
+    let short = Duration::from_secs(1);
+    buffer
+        .apply_events(&[event("brief", inc("d", "n", 1), 1)], short)
+        .await
+        .expect("apply");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        buffer
+            .apply_events(&[event("brief", inc("d", "n", 1), 1)], short)
+            .await
+            .expect("apply"),
+        Vec::<usize>::new()
+    );
+    assert_eq!(
+        buffer.peek("d").await.expect("peek").increments.get("n"),
+        Some(&2)
+    );
 }

@@ -3,6 +3,7 @@
 //! implementation of each trait.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -253,12 +254,51 @@ pub enum BufferOp {
     },
 }
 
+impl BufferOp {
+    /// The entity the operation changes.
+    pub fn entity(&self) -> &str {
+        match self {
+            Self::Increment { entity, .. } | Self::Replace { entity, .. } => entity,
+        }
+    }
+}
+
+/// One event for [`Buffer::apply_events`]: an operation under the client's
+/// event id, which makes a resent event a duplicate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BufferEvent {
+    pub id: String,
+    pub op: BufferOp,
+    /// When the event happened, in microseconds since the epoch.
+    pub time_micros: i64,
+}
+
 /// The pending changes of one entity taken out for a flush.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EntityDelta {
     pub entity: String,
     pub increments: BTreeMap<String, i64>,
     pub replaces: BTreeMap<String, String>,
+    /// The latest event time among the events folded in (through
+    /// [`Buffer::apply_events`]), in microseconds since the epoch. A
+    /// duplicate may count too: it is the same event resent, same time.
+    #[serde(default)]
+    pub last_event_micros: Option<i64>,
+}
+
+/// Counts of a buffer, for the aggregator's buffer state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BufferStats {
+    /// Entities with changes not yet acknowledged as flushed (live ones plus
+    /// those of a pending flush).
+    pub dirty_keys: u64,
+    /// Events accepted through [`Buffer::apply_events`] and not yet
+    /// acknowledged as flushed.
+    pub pending_events: u64,
+    /// The flush taken out and not acknowledged, if any.
+    pub pending_flush: Option<u64>,
+    /// The last acknowledged flush sequence, if any.
+    pub last_acked: Option<u64>,
 }
 
 /// The aggregation buffer between ingestion and flush: atomic increments and
@@ -280,4 +320,19 @@ pub trait Buffer: Send + Sync {
     async fn peek(&self, entity: &str) -> ConnectorResult<EntityDelta>;
     /// Number of dirty entities not yet taken for a flush.
     async fn dirty_count(&self) -> ConnectorResult<u64>;
+    /// Applies the events whose id was not seen within `dedup_window`,
+    /// atomically with remembering their ids (so a batch resent after a lost
+    /// reply is all duplicates, never counted twice), and returns the
+    /// positions of the duplicates in `events`, ascending. All or none: on an
+    /// error nothing is applied and no id is remembered.
+    async fn apply_events(
+        &self,
+        events: &[BufferEvent],
+        dedup_window: Duration,
+    ) -> ConnectorResult<Vec<usize>>;
+    /// What the unacknowledged flush holds for `entity`: (sequence, content);
+    /// `None` when no flush is pending or it does not hold the entity.
+    async fn peek_pending(&self, entity: &str) -> ConnectorResult<Option<(u64, EntityDelta)>>;
+    /// Counts for the buffer state, read in one consistent step.
+    async fn stats(&self) -> ConnectorResult<BufferStats>;
 }

@@ -291,6 +291,82 @@ async fn embedded_buffer() {
     suite::buffer(&store.buffer("stats")).await;
 }
 
+#[tokio::test]
+async fn embedded_buffer_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("buffer.db")).unwrap();
+    suite::buffer_events(&store.buffer("stats")).await;
+}
+
+#[tokio::test]
+async fn redis_buffer_events_suite() {
+    let buffer = redis_buffer("events").await;
+    suite::buffer_events(&buffer).await;
+    cleanup(&buffer).await;
+}
+
+/// A batch of 10000 events (the aggregator's largest message) is one
+/// script call: every id is remembered, and a failure undoes all of them
+/// (Lua's `unpack` would refuse more than 8000 at once).
+#[tokio::test]
+async fn redis_buffer_events_large_batch_is_all_or_none() {
+    use tidemark_connectors::BufferEvent;
+    let buffer = redis_buffer("events-large").await;
+    let window = Duration::from_secs(60);
+    buffer
+        .apply_events(
+            &[BufferEvent {
+                id: "big".into(),
+                op: inc("big", "n", i64::MAX),
+                time_micros: 1,
+            }],
+            window,
+        )
+        .await
+        .unwrap();
+    let mut events: Vec<BufferEvent> = (0..10_000)
+        .map(|i| BufferEvent {
+            id: format!("id-{i}"),
+            op: if i < 50 {
+                // Undone exactly too, although its negation is no i64.
+                inc(&format!("e{i}"), "m", i64::MIN)
+            } else if i % 7 == 0 {
+                BufferOp::Replace {
+                    entity: format!("e{}", i % 50),
+                    metric: "r".into(),
+                    value: i.to_string(),
+                }
+            } else {
+                inc(&format!("e{}", i % 50), "n", i)
+            },
+            time_micros: i,
+        })
+        .collect();
+    events.push(BufferEvent {
+        id: "overflow".into(),
+        op: inc("big", "n", 1),
+        time_micros: 1,
+    });
+    buffer
+        .apply_events(&events, window)
+        .await
+        .expect_err("the last event overflows");
+    for e in 0..50 {
+        let delta = buffer.peek(&format!("e{e}")).await.unwrap();
+        assert!(
+            delta.increments.is_empty() && delta.replaces.is_empty(),
+            "{delta:?}"
+        );
+    }
+    events.pop();
+    let dups = buffer.apply_events(&events, window).await.unwrap();
+    assert!(dups.is_empty(), "no id of the failed batch was remembered");
+    let dups = buffer.apply_events(&events, window).await.unwrap();
+    assert_eq!(dups.len(), 10_000);
+    assert_eq!(buffer.stats().await.unwrap().pending_events, 10_001);
+    cleanup(&buffer).await;
+}
+
 /// A Redis buffer under a prefix unique to this test; `cleanup` removes its keys.
 async fn redis_buffer(test: &str) -> RedisBuffer {
     let url = local_env("TIDEMARK_TEST_REDIS_URL");
