@@ -39,7 +39,7 @@ pub fn local_env(key: &str) -> String {
 
 /// SDK configuration for a local endpoint named by `endpoint_env`, with the
 /// test credentials and region the local set-up uses.
-async fn local_sdk_config(endpoint_env: &str) -> aws_config::SdkConfig {
+pub async fn local_sdk_config(endpoint_env: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(local_env(endpoint_env))
         .region(aws_config::Region::new(

@@ -2,11 +2,21 @@
 //! follows their change streams into Elasticsearch, DynamoDB and S3,
 //! idempotently and in version order; reports lag, drains, repairs.
 
+mod backfill;
+mod context;
+mod jobs;
+mod migrate;
 mod service;
+mod stores;
+
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tidemark_kit::config::{ConfigError, ServerConfig, ServiceConfig, check_url};
+use tidemark_kit::worker::WorkerOptions;
 use tidemark_kit::{CancellationToken, KitError, ServiceHost};
+use tidemark_proto::job_tracker::v1::JobKind;
 use tidemark_proto::replicator::v1::replicator_service_server::ReplicatorServiceServer;
 use tokio::net::TcpListener;
 
@@ -25,6 +35,15 @@ pub struct Config {
     pub kafka_brokers: Option<String>,
     /// Elasticsearch URL for Elasticsearch sinks.
     pub elasticsearch_url: Option<String>,
+    /// Directory of embedded (SQLite) tables named by jobs.
+    pub data_dir: PathBuf,
+    /// Units this process works on at once.
+    pub worker_concurrency: usize,
+    /// Length of unit leases; a killed replica's units are taken over after it.
+    pub lease_secs: u64,
+    /// Fault injection for drills and tests: the unit migration of this unit
+    /// key fails after copying half of its items (and is rolled back).
+    pub inject_unit_fault: Option<String>,
 }
 
 impl Default for Config {
@@ -36,6 +55,10 @@ impl Default for Config {
             aws_endpoint: None,
             kafka_brokers: None,
             elasticsearch_url: None,
+            data_dir: PathBuf::from("./.tidemark"),
+            worker_concurrency: 4,
+            lease_secs: 15,
+            inject_unit_fault: None,
         }
     }
 }
@@ -58,6 +81,15 @@ impl ServiceConfig for Config {
                 check_url(field, url)?;
             }
         }
+        if self.worker_concurrency == 0 || self.worker_concurrency > 256 {
+            return Err(ConfigError::invalid(
+                "worker_concurrency",
+                "must be 1 to 256",
+            ));
+        }
+        if !(3..=600).contains(&self.lease_secs) {
+            return Err(ConfigError::invalid("lease_secs", "must be 3 to 600"));
+        }
         if self
             .kafka_brokers
             .as_deref()
@@ -76,18 +108,57 @@ impl ServiceConfig for Config {
 pub enum ReplicatorError {
     #[error(transparent)]
     Kit(#[from] KitError),
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// The `ReplicatorService` implementation.
 #[derive(Clone)]
-pub struct Replicator {}
+pub struct Replicator {
+    ctx: context::Context,
+}
 
-/// Adds this service to `host`.
+/// Adds this service to `host` and starts its worker loop, which claims the
+/// units of the job kinds the replicator executes.
 ///
 /// # Errors
 /// When a backend it needs cannot be set up.
-pub async fn register(_config: &Config, host: &mut ServiceHost) -> Result<(), ReplicatorError> {
-    host.add_service(ReplicatorServiceServer::new(Replicator {}));
+pub async fn register(config: &Config, host: &mut ServiceHost) -> Result<(), ReplicatorError> {
+    register_with(config, host, None).await
+}
+
+/// Like [`register`], with an explicit base AWS configuration (credentials
+/// and region) instead of the standard provider chain.
+///
+/// # Errors
+/// When a backend it needs cannot be set up.
+pub async fn register_with(
+    config: &Config,
+    host: &mut ServiceHost,
+    aws: Option<aws_config::SdkConfig>,
+) -> Result<(), ReplicatorError> {
+    let jobs = tidemark_kit::worker::job_tracker_client(
+        &config.job_tracker_url,
+        config.server.auth_token.as_deref(),
+    )
+    .map_err(ReplicatorError::Setup)?;
+    let ctx = context::Context {
+        config: Arc::new(config.clone()),
+        stores: stores::Stores::new(config, aws),
+        jobs: jobs.clone(),
+    };
+    let mut options = WorkerOptions::new(
+        config.worker_id.clone(),
+        vec![JobKind::BackfillAttribute, JobKind::UnitMigration],
+    );
+    options.concurrency = config.worker_concurrency;
+    options.lease = std::time::Duration::from_secs(config.lease_secs);
+    let executor = context::executor(ctx.clone());
+    host.spawn(
+        "replicator-worker",
+        tidemark_kit::worker::run_worker(jobs, options, executor, host.shutdown_token()),
+    );
+    host.add_service(ReplicatorServiceServer::new(Replicator { ctx }));
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use tidemark_proto::replicator::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::Replicator;
+use crate::jobs;
 
 #[tonic::async_trait]
 impl ReplicatorService for Replicator {
@@ -83,23 +84,29 @@ impl ReplicatorService for Replicator {
 
     async fn backfill_attribute(
         &self,
-        _request: Request<BackfillAttributeRequest>,
+        request: Request<BackfillAttributeRequest>,
     ) -> Result<Response<BackfillAttributeResponse>, Status> {
-        Err(not_built("ReplicatorService.BackfillAttribute"))
+        jobs::backfill_attribute(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn set_backfill_rate(
         &self,
-        _request: Request<SetBackfillRateRequest>,
+        request: Request<SetBackfillRateRequest>,
     ) -> Result<Response<SetBackfillRateResponse>, Status> {
-        Err(not_built("ReplicatorService.SetBackfillRate"))
+        jobs::set_backfill_rate(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn migrate_unit(
         &self,
-        _request: Request<MigrateUnitRequest>,
+        request: Request<MigrateUnitRequest>,
     ) -> Result<Response<MigrateUnitResponse>, Status> {
-        Err(not_built("ReplicatorService.MigrateUnit"))
+        jobs::migrate_unit(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn create_incremental_extract(

@@ -1,0 +1,290 @@
+//! BackfillAttribute (DESIGN.md problem 4): set `A = V` on every item lacking
+//! it. Each unit is one parallel-scan segment. Every update is conditional on
+//! the item still existing and still lacking `A`, so a concurrent writer's
+//! value is never overwritten and a deleted item is never recreated. The
+//! checkpoint is the segment's scan position plus the counters, so a unit
+//! resumed after `kill -9` rescans at most one page, and re-updating an item
+//! of that page is refused by the same condition (counted as already set,
+//! never twice as updated).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tidemark_connectors::proto::value_from_proto;
+use tidemark_connectors::{ConnectorError, Item, Key, Predicate, ScanRequest};
+use tidemark_kit::worker::{Claim, LeaseError, Progress, unpack_any};
+use tidemark_proto::job_tracker::v1::GetJobRequest;
+use tidemark_proto::replicator::v1::BackfillAttributeSpec;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::context::{Context, UnitFailure, segment_of};
+
+pub const SPEC_TYPE: &str = "tidemark.replicator.v1.BackfillAttributeSpec";
+pub const DEFAULT_SEGMENTS: u32 = 16;
+/// Items examined per scan page (and per checkpoint).
+const PAGE: u32 = 200;
+/// Conditional updates in flight per segment.
+pub const IN_FLIGHT: usize = 16;
+
+#[derive(Default, Serialize, Deserialize)]
+struct Checkpoint {
+    start_after: Option<Key>,
+    done: bool,
+    updated: i64,
+    already_set: i64,
+    conflicted: i64,
+    scanned: i64,
+}
+
+pub fn segments(spec: &BackfillAttributeSpec) -> u32 {
+    if spec.segments == 0 {
+        DEFAULT_SEGMENTS
+    } else {
+        spec.segments
+    }
+}
+
+/// A token bucket refilled at `rate` per second (0: unlimited) whose rate
+/// halves on throttling and recovers slowly (additive increase).
+pub struct RateLimiter {
+    state: Mutex<Bucket>,
+}
+
+struct Bucket {
+    configured: f64,
+    current: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64) -> Self {
+        Self {
+            state: Mutex::new(Bucket {
+                configured: rate,
+                current: rate,
+                tokens: rate.min(1.0),
+                last: Instant::now(),
+            }),
+        }
+    }
+
+    pub async fn set_rate(&self, rate: f64) {
+        let mut b = self.state.lock().await;
+        b.configured = rate;
+        b.current = rate;
+    }
+
+    /// Takes one token, waiting for it.
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut b = self.state.lock().await;
+                if b.configured <= 0.0 {
+                    return;
+                }
+                let now = Instant::now();
+                let elapsed = now.duration_since(b.last).as_secs_f64();
+                b.last = now;
+                // Additive recovery towards the configured rate after a
+                // throttling halved it.
+                b.current = (b.current + elapsed * b.configured / 10.0).min(b.configured);
+                b.tokens = (b.tokens + elapsed * b.current).min(b.current.max(1.0));
+                if b.tokens >= 1.0 {
+                    b.tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - b.tokens) / b.current)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The store throttled us: halve the rate (never below 1/s).
+    pub async fn throttled(&self) {
+        let mut b = self.state.lock().await;
+        if b.configured > 0.0 {
+            b.current = (b.current / 2.0).max(1.0);
+        }
+    }
+}
+
+/// This segment's share of the job-wide write rate.
+fn share(spec: &BackfillAttributeSpec) -> f64 {
+    f64::from(spec.write_units_per_second) / f64::from(segments(spec))
+}
+
+pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
+    let mut spec: BackfillAttributeSpec =
+        unpack_any(claim.job.spec.as_ref(), SPEC_TYPE).map_err(UnitFailure::terminal)?;
+    let total = segments(&spec);
+    let segment = segment_of(&claim.unit.unit_key, total).map_err(UnitFailure::terminal)?;
+    let attribute = spec.attribute_name.clone();
+    let value = spec
+        .value
+        .as_ref()
+        .map(value_from_proto)
+        .transpose()
+        .map_err(|e| UnitFailure::terminal(format!("spec.value: {e}")))?
+        .ok_or_else(|| UnitFailure::terminal("spec.value is required"))?;
+    let table = ctx
+        .stores
+        .table(spec.table.as_ref().unwrap_or(&Default::default()))
+        .await
+        .map_err(UnitFailure::from)?;
+    let mut cp: Checkpoint = if claim.unit.checkpoint.is_empty() {
+        Checkpoint::default()
+    } else {
+        serde_json::from_slice(&claim.unit.checkpoint)
+            .map_err(|e| UnitFailure::terminal(format!("unreadable checkpoint: {e}")))?
+    };
+    let limiter = Arc::new(RateLimiter::new(share(&spec)));
+    let mut revision = claim.job.revision;
+    let set: Arc<Item> = Arc::new([(attribute.clone(), value)].into_iter().collect());
+    // The item must still exist (no resurrection of a delete) and still lack
+    // the attribute (a concurrent writer's value wins).
+    let condition = Arc::new(Predicate::And(vec![
+        Predicate::ItemExists,
+        Predicate::AttributeNotExists(attribute.clone()),
+    ]));
+    let lease = claim.lease.clone();
+    while !cp.done {
+        if lease.lost().is_cancelled() {
+            return Err(UnitFailure::LeaseLost);
+        }
+        if lease.job_revision() > revision {
+            // SetBackfillRate changed the spec: pick up the new rate.
+            let job = ctx
+                .jobs
+                .clone()
+                .get_job(GetJobRequest {
+                    name: claim.job.name.clone(),
+                })
+                .await
+                .map_err(|s| UnitFailure::retryable(s.message()))?
+                .into_inner()
+                .job
+                .unwrap_or_default();
+            revision = job.revision;
+            if let Ok(new) = unpack_any::<BackfillAttributeSpec>(job.spec.as_ref(), SPEC_TYPE) {
+                spec = new;
+                limiter.set_rate(share(&spec)).await;
+                tracing::info!(job = %job.name, rate = spec.write_units_per_second, "backfill rate changed");
+            }
+        }
+        let page = table
+            .table
+            .scan(&ScanRequest {
+                segment,
+                total_segments: total,
+                start_after: cp.start_after.clone(),
+                limit: PAGE,
+                filter: Some(Predicate::AttributeNotExists(attribute.clone())),
+                consistent: false,
+            })
+            .await
+            .map_err(UnitFailure::from)?;
+        let scanned = i64::try_from(page.scanned).unwrap_or(i64::MAX);
+        let candidates = i64::try_from(page.items.len()).unwrap_or(i64::MAX);
+        cp.scanned += scanned;
+        cp.already_set += scanned - candidates;
+        let outcomes: Vec<Result<bool, ConnectorError>> = futures::stream::iter(page.items)
+            .map(|item| {
+                let limiter = Arc::clone(&limiter);
+                let source = Arc::clone(&table.table);
+                let key = table.schema.key_of(&item);
+                let set = Arc::clone(&set);
+                let condition = Arc::clone(&condition);
+                async move {
+                    let key = key.map_err(|e| ConnectorError::invalid("backfill", e))?;
+                    loop {
+                        limiter.acquire().await;
+                        match source.update(&key, &set, Some(&condition)).await {
+                            Ok(_) => return Ok(true),
+                            Err(ConnectorError::Precondition(_)) => return Ok(false),
+                            Err(ConnectorError::Retryable { .. }) => {
+                                // The connector's own retries ran out: the
+                                // table is throttling; slow the whole segment.
+                                limiter.throttled().await;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for outcome in outcomes {
+            match outcome {
+                Ok(true) => cp.updated += 1,
+                Ok(false) => cp.conflicted += 1,
+                Err(e) => return Err(UnitFailure::from(e)),
+            }
+        }
+        cp.start_after.clone_from(&page.last_key);
+        cp.done = page.last_key.is_none();
+        if !cp.done {
+            let bytes = serde_json::to_vec(&cp).expect("checkpoint serialises");
+            match lease.checkpoint(bytes, &progress(&cp)).await {
+                Ok(()) => {}
+                Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+                Err(LeaseError::Rpc(s)) => {
+                    tracing::warn!(error = %s, "checkpoint failed; continuing");
+                }
+            }
+        }
+    }
+    match lease.complete(&progress(&cp), None).await {
+        Ok(_) => Ok(()),
+        Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
+        Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
+    }
+}
+
+fn progress(cp: &Checkpoint) -> Progress {
+    let mut p = Progress {
+        items_processed: cp.scanned,
+        ..Progress::default()
+    };
+    p.add("updated", cp.updated);
+    p.add("already_set", cp.already_set);
+    p.add("conflicted", cp.conflicted);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limiter_holds_the_rate_and_backs_off() {
+        let limiter = RateLimiter::new(10.0);
+        let start = Instant::now();
+        for _ in 0..21 {
+            limiter.acquire().await;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!(
+            (1.9..2.2).contains(&elapsed),
+            "21 tokens at 10/s took {elapsed}s"
+        );
+        limiter.throttled().await;
+        let start = Instant::now();
+        for _ in 0..5 {
+            limiter.acquire().await;
+        }
+        assert!(start.elapsed().as_secs_f64() > 0.7, "halved rate is slower");
+    }
+
+    #[tokio::test]
+    async fn unlimited_never_waits() {
+        let limiter = RateLimiter::new(0.0);
+        for _ in 0..10_000 {
+            limiter.acquire().await;
+        }
+    }
+}

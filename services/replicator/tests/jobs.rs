@@ -1,0 +1,512 @@
+//! One-shot replicator jobs against the real local DynamoDB and S3
+//! endpoints, with the job-tracker and the replicator's worker in process:
+//! BackfillAttribute never overwrites a concurrent writer's value and leaves
+//! no item without the attribute; MigrateUnit copies units atomically, rolls
+//! back the one that fails and completes it on a rerun without touching the
+//! others.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_connectors::dynamodb::DynamoTable;
+use tidemark_connectors::proto::value_to_proto;
+use tidemark_connectors::s3::S3Sink;
+use tidemark_connectors::testing::{local_env, local_sdk_config, s3_client, unique_name};
+use tidemark_connectors::{AttrValue, Item, KeySchema, Predicate, SourceTable};
+use tidemark_kit::config::ServerConfig;
+use tidemark_kit::{CancellationToken, ServiceHost};
+use tidemark_proto::common::v1 as common;
+use tidemark_proto::job_tracker::v1 as jt;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tidemark_proto::replicator::v1 as pb;
+use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Plane {
+    _dir: Option<tempfile::TempDir>,
+    stop: CancellationToken,
+    jobs: JobTrackerServiceClient<Channel>,
+    replicator: ReplicatorServiceClient<Channel>,
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The job-tracker and a replicator (worker included) on one address.
+async fn plane(tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = plane_in(dir.path(), tweak).await;
+    plane._dir = Some(dir);
+    plane
+}
+
+/// Like [`plane`], keeping the job-tracker's store in `dir` so a later plane
+/// (a restarted process) sees the same jobs.
+async fn plane_in(dir: &std::path::Path, tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = ServerConfig {
+        listen: addr,
+        ..ServerConfig::default()
+    };
+    let stop = CancellationToken::new();
+    let mut host = ServiceHost::new(server.clone(), stop.clone());
+    let jobs = job_tracker::Config {
+        server: server.clone(),
+        data_dir: dir.join("jobs"),
+        scheduler_tick_ms: 200,
+        ..job_tracker::Config::default()
+    };
+    std::fs::create_dir_all(&jobs.data_dir).unwrap();
+    job_tracker::register(&jobs, &mut host).await.unwrap();
+    let mut config = replicator::Config {
+        server,
+        job_tracker_url: format!("http://{addr}"),
+        aws_endpoint: Some(local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT")),
+        elasticsearch_url: Some(local_env("TIDEMARK_TEST_ELASTICSEARCH_URL")),
+        data_dir: dir.join("data"),
+        lease_secs: 3,
+        ..replicator::Config::default()
+    };
+    tweak(&mut config);
+    let aws = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
+    replicator::register_with(&config, &mut host, Some(aws))
+        .await
+        .unwrap();
+    tokio::spawn(async move { host.serve(listener).await });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    Plane {
+        _dir: None,
+        stop,
+        jobs: JobTrackerServiceClient::new(channel.clone()),
+        replicator: ReplicatorServiceClient::new(channel),
+    }
+}
+
+async fn dynamo() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await)
+}
+
+fn table_ref(name: &str) -> common::DataStore {
+    common::DataStore {
+        store: Some(common::data_store::Store::DynamodbTable(
+            common::DynamoDbTableRef {
+                table_name: name.to_owned(),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+async fn wait_run(jobs: &mut JobTrackerServiceClient<Channel>, run_id: &str) -> jt::Run {
+    for _ in 0..1200 {
+        let run = jobs
+            .get_run(jt::GetRunRequest {
+                run_id: run_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+        if !matches!(
+            jt::RunStatus::try_from(run.status),
+            Ok(jt::RunStatus::Running | jt::RunStatus::Queued)
+        ) {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {run_id} did not finish in 2 minutes");
+}
+
+fn item(pairs: &[(&str, AttrValue)]) -> Item {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_sets_every_missing_attribute_and_never_overwrites_a_writer() {
+    let name = unique_name("backfill");
+    let schema = KeySchema::new("id", None);
+    let table = Arc::new(
+        DynamoTable::create(dynamo().await, &name, &schema, false)
+            .await
+            .unwrap(),
+    );
+    const N: usize = 240;
+    futures::future::try_join_all((0..N).map(|i| {
+        let table = Arc::clone(&table);
+        async move {
+            let mut it = item(&[("id", AttrValue::s(format!("i{i:04}")))]);
+            if i % 10 == 0 {
+                // Already set before the backfill: must be left alone.
+                it.insert("test".to_owned(), AttrValue::n(7i64));
+            }
+            table.put(&it, None).await
+        }
+    }))
+    .await
+    .unwrap();
+    let mut plane = plane(|_| {}).await;
+    // A concurrent writer sets test = 2 on some items while the backfill runs.
+    let writer = {
+        let table = Arc::clone(&table);
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            for i in (3..N).step_by(7) {
+                let key = schema_key(&format!("i{i:04}"));
+                let set = item(&[("test", AttrValue::n(2i64))]);
+                table
+                    .update(&key, &set, Some(&Predicate::ItemExists))
+                    .await
+                    .unwrap();
+                written.push(i);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written
+        })
+    };
+    let started = plane
+        .replicator
+        .backfill_attribute(pb::BackfillAttributeRequest {
+            job_name: String::new(),
+            spec: Some(pb::BackfillAttributeSpec {
+                table: Some(table_ref(&name)),
+                attribute_name: "test".to_owned(),
+                value: Some(value_to_proto(&AttrValue::n(1i64))),
+                segments: 4,
+                write_units_per_second: 0,
+            }),
+            actor: "test".to_owned(),
+            correlation_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let written = writer.await.unwrap();
+    let run = wait_run(&mut plane.jobs, &started.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+    let all = scan_all(&table).await;
+    assert_eq!(all.len(), N);
+    let mut holding_one = 0;
+    for (i, it) in all.iter().enumerate() {
+        let v = it
+            .get("test")
+            .and_then(AttrValue::as_number)
+            .map(|n| n.as_str().to_owned());
+        let want = if written.contains(&i) {
+            "2"
+        } else if i % 10 == 0 {
+            "7"
+        } else {
+            holding_one += 1;
+            "1"
+        };
+        assert_eq!(v.as_deref(), Some(want), "item {i}: {it:?}");
+    }
+    let names = [("#a".to_owned(), "test".to_owned())].into_iter().collect();
+    let missing = table
+        .count_where(
+            "attribute_not_exists(#a)",
+            &names,
+            &Default::default(),
+            0,
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing, 0, "no item may lack the attribute");
+    let counters = &run.counters;
+    // Items the writer overwrote after the backfill set them count as
+    // updated too; every item holding 1 was set by the backfill.
+    assert!(
+        counters.get("updated").copied().unwrap_or(0) >= holding_one,
+        "{counters:?}"
+    );
+    assert!(
+        counters.get("already_set").copied().unwrap_or(0) >= 24,
+        "{counters:?}"
+    );
+    assert_eq!(
+        counters.get("updated").copied().unwrap_or(0)
+            + counters.get("already_set").copied().unwrap_or(0)
+            + counters.get("conflicted").copied().unwrap_or(0),
+        i64::try_from(N).unwrap(),
+        "{counters:?}"
+    );
+}
+
+fn schema_key(id: &str) -> tidemark_connectors::Key {
+    tidemark_connectors::Key::single("id", AttrValue::s(id))
+}
+
+async fn scan_all(table: &DynamoTable) -> Vec<Item> {
+    let mut out = Vec::new();
+    let mut start_after = None;
+    loop {
+        let page = table
+            .scan(&tidemark_connectors::ScanRequest {
+                start_after,
+                consistent: true,
+                ..tidemark_connectors::ScanRequest::segment(0, 1)
+            })
+            .await
+            .unwrap();
+        out.extend(page.items);
+        match page.last_key {
+            Some(k) => start_after = Some(k),
+            None => break,
+        }
+    }
+    out.sort_by_key(|i| {
+        i.get("id")
+            .and_then(AttrValue::as_s)
+            .unwrap_or_default()
+            .to_owned()
+    });
+    out
+}
+
+#[tokio::test]
+async fn backfill_rejects_bad_specs_naming_the_field() {
+    let mut plane = plane(|_| {}).await;
+    let status = plane
+        .replicator
+        .backfill_attribute(pb::BackfillAttributeRequest {
+            spec: Some(pb::BackfillAttributeSpec {
+                table: Some(table_ref("")),
+                attribute_name: String::new(),
+                ..Default::default()
+            }),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    for field in [
+        "spec.table.dynamodb_table.table_name",
+        "spec.attribute_name",
+        "spec.value",
+    ] {
+        assert!(
+            status.message().contains(field) || format!("{status:?}").contains(field),
+            "{field}: {status:?}"
+        );
+    }
+    let status = plane
+        .replicator
+        .backfill_attribute(pb::BackfillAttributeRequest {
+            spec: Some(pb::BackfillAttributeSpec {
+                table: Some(table_ref(&unique_name("missing"))),
+                attribute_name: "a".to_owned(),
+                value: Some(value_to_proto(&AttrValue::n(1i64))),
+                ..Default::default()
+            }),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
+
+async fn seed_units(table: &DynamoTable, units: &[(&str, usize)]) {
+    let mut puts = Vec::new();
+    for (unit, n) in units {
+        for i in 0..*n {
+            puts.push(item(&[
+                ("id", AttrValue::s(format!("{unit}-{i:03}"))),
+                ("courseId", AttrValue::s(*unit)),
+                ("payload", AttrValue::n(i64::try_from(i).unwrap())),
+            ]));
+        }
+    }
+    futures::future::try_join_all(puts.iter().map(|it| table.put(it, None)))
+        .await
+        .unwrap();
+}
+
+async fn unit_statuses(
+    jobs: &mut JobTrackerServiceClient<Channel>,
+    run_id: &str,
+) -> BTreeMap<String, i32> {
+    jobs.list_units(jt::ListUnitsRequest {
+        run_id: run_id.to_owned(),
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .units
+    .into_iter()
+    .map(|u| (u.unit_key, u.status))
+    .collect()
+}
+
+async fn route(jobs: &mut JobTrackerServiceClient<Channel>, job: &str, unit: &str) -> i32 {
+    jobs.get_route(jt::GetRouteRequest {
+        job_name: job.to_owned(),
+        unit_key: unit.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner().route.map_or(0, |r| r.target))
+    .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unit_is_rolled_back_alone_and_a_rerun_completes_it() {
+    let name = unique_name("units");
+    let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
+        .await
+        .unwrap();
+    seed_units(&table, &[("c1", 30), ("c2", 250), ("c3", 20)]).await;
+    let s3 = s3_client().await;
+    let bucket = unique_name("units");
+    S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
+    let spec = pb::MigrateUnitSpec {
+        source: Some(table_ref(&name)),
+        unit_attribute: "courseId".to_owned(),
+        target: Some(common::DataStore {
+            store: Some(common::data_store::Store::S3Prefix(common::S3PrefixRef {
+                bucket: bucket.clone(),
+                prefix: "courses/".to_owned(),
+                ..Default::default()
+            })),
+        }),
+        ..Default::default()
+    };
+    let job = unique_name("migrate");
+    let units = ["c1", "c2", "c3"].map(str::to_owned).to_vec();
+    let dir = tempfile::tempdir().unwrap();
+    let first_run = {
+        let mut plane = plane_in(dir.path(), |c| c.inject_unit_fault = Some("c2".to_owned())).await;
+        let started = plane
+            .replicator
+            .migrate_unit(pb::MigrateUnitRequest {
+                job_name: job.clone(),
+                spec: Some(spec.clone()),
+                unit_keys: units.clone(),
+                concurrency: 2,
+                actor: "test".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let run = wait_run(&mut plane.jobs, &started.run_id).await;
+        assert_eq!(run.status, jt::RunStatus::Failed as i32, "{run:?}");
+        let statuses = unit_statuses(&mut plane.jobs, &started.run_id).await;
+        assert_eq!(statuses["c1"], jt::UnitStatus::Migrated as i32);
+        assert_eq!(statuses["c3"], jt::UnitStatus::Migrated as i32);
+        assert_eq!(
+            statuses["c2"],
+            jt::UnitStatus::RolledBack as i32,
+            "{statuses:?}"
+        );
+        assert_eq!(
+            route(&mut plane.jobs, &job, "c1").await,
+            jt::RouteTarget::Target as i32
+        );
+        assert_ne!(
+            route(&mut plane.jobs, &job, "c2").await,
+            jt::RouteTarget::Target as i32
+        );
+        plane.stop.cancel();
+        started.run_id
+    };
+    let prefix_count = |unit: &str| S3Sink::new(s3.clone(), &bucket, &format!("courses/{unit}/"));
+    assert_eq!(prefix_count("c1").count().await.unwrap(), 30);
+    assert_eq!(
+        prefix_count("c2").count().await.unwrap(),
+        0,
+        "the failed unit left no copy"
+    );
+    assert_eq!(prefix_count("c3").count().await.unwrap(), 20);
+    // The next run is refused until the failure is acknowledged.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut plane = plane_in(dir.path(), |_| {}).await;
+    let refused = plane
+        .replicator
+        .migrate_unit(pb::MigrateUnitRequest {
+            job_name: job.clone(),
+            unit_keys: units.clone(),
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    plane
+        .jobs
+        .acknowledge_failure(jt::AcknowledgeFailureRequest {
+            job_name: job.clone(),
+            run_id: first_run,
+            actor: "test".to_owned(),
+            reason: "fault was injected".to_owned(),
+        })
+        .await
+        .unwrap();
+    let c1_before = object_times(&s3, &bucket, "courses/c1/").await;
+    let started = plane
+        .replicator
+        .migrate_unit(pb::MigrateUnitRequest {
+            job_name: job.clone(),
+            unit_keys: units,
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        started.already_migrated_unit_keys,
+        vec!["c1".to_owned(), "c3".to_owned()]
+    );
+    let run = wait_run(&mut plane.jobs, &started.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+    assert_eq!(prefix_count("c2").count().await.unwrap(), 250);
+    assert_eq!(
+        route(&mut plane.jobs, &job, "c2").await,
+        jt::RouteTarget::Target as i32
+    );
+    assert_eq!(
+        object_times(&s3, &bucket, "courses/c1/").await,
+        c1_before,
+        "a MIGRATED unit is not copied again"
+    );
+}
+
+async fn object_times(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> Vec<(String, String)> {
+    let out = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    out.contents()
+        .iter()
+        .map(|o| {
+            (
+                o.key().unwrap_or_default().to_owned(),
+                o.e_tag().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
