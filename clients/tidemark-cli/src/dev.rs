@@ -102,11 +102,15 @@ pub async fn build_host(
     let replication = replicator::Config {
         server: server.clone(),
         job_tracker_url: self_url.clone(),
+        data_dir: data_dir.join("tables"),
         ..replicator::Config::default()
     };
     replicator::register(&replication, &mut host).await?;
     let stats = stats_aggregator::Config {
         server: server.clone(),
+        buffer: stats_aggregator::BufferKind::Embedded,
+        store: stats_aggregator::StoreKind::Embedded,
+        data_dir: data_dir.to_owned(),
         ..stats_aggregator::Config::default()
     };
     stats_aggregator::register(&stats, &mut host).await?;
