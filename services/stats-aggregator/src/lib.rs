@@ -2,23 +2,73 @@
 //! flushes them to DynamoDB exactly once (conditional on a flush sequence),
 //! publishes absolute values to Kafka and pauses writers for a cut-over.
 
+pub mod convert;
+pub mod decimal;
+pub mod engine;
+pub mod error;
+mod gauges;
+pub mod publish;
 mod service;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tidemark_connectors::Buffer;
+use tidemark_connectors::redis::RedisBuffer;
+use tidemark_connectors::retry::RetryPolicy;
+use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_kit::config::{ConfigError, ServerConfig, ServiceConfig, check_url};
-use tidemark_kit::{CancellationToken, KitError, ServiceHost};
+use tidemark_kit::{CancellationToken, ServiceHost};
 use tidemark_proto::stats_aggregator::v1::stats_aggregator_service_server::StatsAggregatorServiceServer;
 use tokio::net::TcpListener;
+
+pub use engine::Engine;
+pub use error::{StatsError, StatsResult};
+pub use store::{DynamoStatsStore, EmbeddedStatsStore, StatsStore};
+
+/// Where events are buffered between ingestion and flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BufferKind {
+    /// Redis at `redis_url`, shared by every replica.
+    #[default]
+    Redis,
+    /// SQLite file under `data_dir` (one replica; `tidemark dev`).
+    Embedded,
+}
+
+/// Where counters are flushed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The DynamoDB table `stats_table`, which must exist.
+    #[default]
+    Dynamodb,
+    /// SQLite file under `data_dir` (`tidemark dev`).
+    Embedded,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     #[serde(flatten)]
     pub server: ServerConfig,
+    pub buffer: BufferKind,
+    pub store: StoreKind,
+    /// Directory of the embedded buffer and store.
+    pub data_dir: PathBuf,
     /// Redis holding the aggregation buffer.
     pub redis_url: String,
+    /// Name of the buffer: replicas sharing it share one Redis key space
+    /// (`tidemark:stats:{<name>}:`).
+    pub buffer_name: String,
     /// DynamoDB table the counters are flushed to.
     pub stats_table: String,
+    /// Partition key attribute of the stats table (an event's entity key).
+    pub stats_key_attribute: String,
     /// AWS endpoint override; the default chain when unset.
     pub aws_endpoint: Option<String>,
     /// Kafka bootstrap servers; absolute values are published when set.
@@ -27,6 +77,8 @@ pub struct Config {
     pub kafka_topic: String,
     /// Time between flushes, at least 100 ms.
     pub flush_interval_ms: u64,
+    /// Item writes of one flush in flight at once.
+    pub flush_concurrency: usize,
     /// How long an event id is remembered to drop client retries.
     pub dedup_window_secs: u64,
 }
@@ -35,12 +87,18 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server: ServerConfig::default(),
+            buffer: BufferKind::Redis,
+            store: StoreKind::Dynamodb,
+            data_dir: PathBuf::from(".tidemark"),
             redis_url: "redis://127.0.0.1:6379".to_owned(),
+            buffer_name: "default".to_owned(),
             stats_table: "tidemark-stats".to_owned(),
+            stats_key_attribute: "pk".to_owned(),
             aws_endpoint: None,
             kafka_brokers: None,
             kafka_topic: "tidemark-stats".to_owned(),
             flush_interval_ms: 300_000,
+            flush_concurrency: 16,
             dedup_window_secs: 3600,
         }
     }
@@ -52,19 +110,59 @@ impl ServiceConfig for Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("rediss://") {
+        if self.buffer == BufferKind::Redis
+            && !self.redis_url.starts_with("redis://")
+            && !self.redis_url.starts_with("rediss://")
+        {
             return Err(ConfigError::invalid(
                 "redis_url",
                 "must be a redis:// or rediss:// URL",
             ));
         }
-        if self.stats_table.trim().is_empty() {
+        if self.buffer_name.trim().is_empty() {
+            return Err(ConfigError::invalid("buffer_name", "must not be empty"));
+        }
+        if (self.buffer == BufferKind::Embedded || self.store == StoreKind::Embedded)
+            && self.data_dir.as_os_str().is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "data_dir",
+                "must be set for an embedded buffer or store",
+            ));
+        }
+        if self.store == StoreKind::Dynamodb && self.stats_table.trim().is_empty() {
             return Err(ConfigError::invalid("stats_table", "must not be empty"));
+        }
+        if self.stats_key_attribute.trim().is_empty()
+            || self.stats_key_attribute.starts_with(store::RESERVED_PREFIX)
+        {
+            return Err(ConfigError::invalid(
+                "stats_key_attribute",
+                "must be set and not start with tidemark_",
+            ));
         }
         if self.flush_interval_ms < 100 {
             return Err(ConfigError::invalid(
                 "flush_interval_ms",
                 "must be at least 100",
+            ));
+        }
+        if !(1..=256).contains(&self.flush_concurrency) {
+            return Err(ConfigError::invalid(
+                "flush_concurrency",
+                "must be between 1 and 256",
+            ));
+        }
+        if self.dedup_window_secs == 0 {
+            return Err(ConfigError::invalid(
+                "dedup_window_secs",
+                "must be at least 1",
+            ));
+        }
+        if self.kafka_brokers.is_some() && self.kafka_topic.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "kafka_topic",
+                "must be set when kafka_brokers is",
             ));
         }
         if let Some(url) = &self.aws_endpoint {
@@ -74,25 +172,164 @@ impl ServiceConfig for Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StatsAggregatorError {
-    #[error(transparent)]
-    Kit(#[from] KitError),
-}
-
 /// The `StatsAggregatorService` implementation.
 #[derive(Clone)]
-pub struct StatsAggregator {}
+pub struct StatsAggregator {
+    engine: Arc<Engine>,
+}
 
-/// Adds this service to `host`.
+/// The backends an aggregator runs on.
+pub struct Backends {
+    pub buffer: Arc<dyn Buffer>,
+    /// The Redis buffer again, for the health probe; `None` when embedded.
+    pub redis: Option<RedisBuffer>,
+    pub store: Arc<dyn StatsStore>,
+    pub publisher: Option<publish::Publisher>,
+}
+
+/// Opens the configured buffer, store and publisher.
 ///
 /// # Errors
-/// When a backend it needs cannot be set up.
-pub async fn register(
-    _config: &Config,
-    host: &mut ServiceHost,
-) -> Result<(), StatsAggregatorError> {
-    host.add_service(StatsAggregatorServiceServer::new(StatsAggregator {}));
+/// When a backend cannot be reached or the stats table does not exist.
+pub async fn open(config: &Config) -> StatsResult<Backends> {
+    let startup =
+        |what: &str, e: &dyn std::fmt::Display| StatsError::Startup(format!("{what}: {e}"));
+    if config.buffer == BufferKind::Embedded || config.store == StoreKind::Embedded {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| startup(&format!("cannot create {}", config.data_dir.display()), &e))?;
+    }
+    let (buffer, redis): (Arc<dyn Buffer>, _) = match config.buffer {
+        BufferKind::Redis => {
+            let redis = RedisBuffer::connect(
+                &config.redis_url,
+                RedisBuffer::prefix_for(&config.buffer_name),
+            )
+            .await
+            .map_err(|e| startup("cannot reach the Redis buffer", &e))?;
+            (Arc::new(redis.clone()), Some(redis))
+        }
+        BufferKind::Embedded => {
+            let store = EmbeddedStore::open(&config.data_dir.join("stats-buffer.db"))
+                .map_err(|e| startup("cannot open the embedded buffer", &e))?;
+            (Arc::new(store.buffer(&config.buffer_name)), None)
+        }
+    };
+    let store: Arc<dyn StatsStore> = match config.store {
+        StoreKind::Dynamodb => {
+            let sdk =
+                tidemark_connectors::dynamodb::sdk_config(config.aws_endpoint.as_deref()).await;
+            let client = aws_sdk_dynamodb::Client::new(&sdk);
+            Arc::new(
+                DynamoStatsStore::open(client, &config.stats_table, &config.stats_key_attribute)
+                    .await
+                    .map_err(|e| {
+                        startup(
+                            &format!(
+                                "stats table {:?} is not usable (the aggregator never creates it; see deploy/cloudformation)",
+                                config.stats_table
+                            ),
+                            &e,
+                        )
+                    })?,
+            )
+        }
+        StoreKind::Embedded => Arc::new(
+            EmbeddedStatsStore::open(
+                &config.data_dir.join("stats.db"),
+                &config.stats_key_attribute,
+            )
+            .map_err(|e| startup("cannot open the embedded stats store", &e))?,
+        ),
+    };
+    let publisher = match &config.kafka_brokers {
+        Some(brokers) if !brokers.trim().is_empty() => Some(
+            publish::Publisher::new(brokers, &config.kafka_topic, &config.stats_key_attribute)
+                .map_err(|e| startup("cannot configure the Kafka producer", &e))?,
+        ),
+        _ => None,
+    };
+    Ok(Backends {
+        buffer,
+        redis,
+        store,
+        publisher,
+    })
+}
+
+/// Adds the aggregator's service, its periodic flusher, its gauges and a
+/// health probe of its backends to `host`.
+///
+/// # Errors
+/// When a backend cannot be reached or the stats table does not exist.
+pub async fn register(config: &Config, host: &mut ServiceHost) -> StatsResult<()> {
+    let backends = open(config).await?;
+    register_with(config, backends, host);
+    Ok(())
+}
+
+/// As [`register`], over backends the caller opened (tests and benchmarks
+/// that bring their own clients).
+pub fn register_with(config: &Config, backends: Backends, host: &mut ServiceHost) {
+    let Backends {
+        buffer,
+        redis,
+        store,
+        publisher,
+    } = backends;
+    let settings = engine::Settings {
+        dedup_window: Duration::from_secs(config.dedup_window_secs),
+        flush_interval: Duration::from_millis(config.flush_interval_ms),
+        flush_concurrency: config.flush_concurrency,
+        key_attribute: config.stats_key_attribute.clone(),
+        retry: RetryPolicy::default(),
+    };
+    let gauges = gauges::Gauges::register(&host.metrics());
+    let engine = Arc::new(Engine::new(
+        buffer,
+        store,
+        publisher,
+        settings,
+        Some(gauges),
+    ));
+    host.add_service(StatsAggregatorServiceServer::new(StatsAggregator {
+        engine: engine.clone(),
+    }));
+    host.spawn("flusher", engine.clone().run_flusher(host.shutdown_token()));
+    host.spawn(
+        "gauges",
+        engine
+            .clone()
+            .run_gauges(Duration::from_secs(5), host.shutdown_token()),
+    );
+    host.watch_backend(
+        <StatsAggregatorServiceServer<StatsAggregator> as tonic::server::NamedService>::NAME,
+        Duration::from_secs(5),
+        move || {
+            let redis = redis.clone();
+            let engine = engine.clone();
+            async move {
+                if let Some(redis) = &redis {
+                    redis.ping().await.map_err(|e| e.to_string())?;
+                }
+                engine.ping_store().await.map_err(|e| e.to_string())
+            }
+        },
+    );
+}
+
+/// As [`run`], over backends the caller opened.
+///
+/// # Errors
+/// When the transport fails.
+pub async fn run_with(
+    config: Config,
+    backends: Backends,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> StatsResult<()> {
+    let mut host = ServiceHost::new(config.server.clone(), shutdown);
+    register_with(&config, backends, &mut host);
+    host.serve(listener).await?;
     Ok(())
 }
 
@@ -104,7 +341,7 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> Result<(), StatsAggregatorError> {
+) -> StatsResult<()> {
     let mut host = ServiceHost::new(config.server.clone(), shutdown);
     register(&config, &mut host).await?;
     host.serve(listener).await?;

@@ -1,60 +1,142 @@
-//! `StatsAggregatorService` RPCs. Those not built yet answer `UNIMPLEMENTED` naming the RPC.
+//! `StatsAggregatorService` RPCs over the [`Engine`].
 
-use tidemark_kit::rpc::not_built;
+use std::sync::Arc;
+
+use tidemark_kit::FieldError;
 use tidemark_proto::stats_aggregator::v1::stats_aggregator_service_server::StatsAggregatorService;
 use tidemark_proto::stats_aggregator::v1::*;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
 
 use crate::StatsAggregator;
+use crate::convert::{self, MAX_EVENTS};
+use crate::engine::{Engine, Ingested, PauseMode as Mode};
+
+fn check_size(events: &[Event]) -> Result<(), Status> {
+    if events.len() > MAX_EVENTS {
+        return Err(FieldError::new(
+            "events",
+            format!("{} events; at most {MAX_EVENTS} per message", events.len()),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn engine(s: &StatsAggregator) -> &Arc<Engine> {
+    &s.engine
+}
 
 #[tonic::async_trait]
 impl StatsAggregatorService for StatsAggregator {
+    #[instrument(skip_all)]
     async fn ingest(
         &self,
-        _request: Request<Streaming<IngestRequest>>,
+        request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestResponse>, Status> {
-        Err(not_built("StatsAggregatorService.Ingest"))
+        let mut stream = request.into_inner();
+        let mut total = Ingested::default();
+        let mut base = 0u64;
+        while let Some(message) = stream.message().await? {
+            check_size(&message.events)?;
+            let n = u64::try_from(message.events.len()).unwrap_or(u64::MAX);
+            total.absorb(engine(self).ingest(message.events, base).await?);
+            base += n;
+        }
+        Ok(Response::new(IngestResponse {
+            accepted_count: total.accepted,
+            duplicate_count: total.duplicates,
+            rejected_count: total.rejected,
+            rejections: total.rejections,
+        }))
     }
 
+    #[instrument(skip_all, fields(events = request.get_ref().events.len()))]
     async fn ingest_batch(
         &self,
-        _request: Request<IngestBatchRequest>,
+        request: Request<IngestBatchRequest>,
     ) -> Result<Response<IngestBatchResponse>, Status> {
-        Err(not_built("StatsAggregatorService.IngestBatch"))
+        let events = request.into_inner().events;
+        check_size(&events)?;
+        let mut total = Ingested::default();
+        total.absorb(engine(self).ingest(events, 0).await?);
+        Ok(Response::new(IngestBatchResponse {
+            accepted_count: total.accepted,
+            duplicate_count: total.duplicates,
+            rejected_count: total.rejected,
+            rejections: total.rejections,
+        }))
     }
 
+    #[instrument(skip_all)]
     async fn flush(
         &self,
         _request: Request<FlushRequest>,
     ) -> Result<Response<FlushResponse>, Status> {
-        Err(not_built("StatsAggregatorService.Flush"))
+        let report = engine(self).flush().await?;
+        Ok(Response::new(FlushResponse {
+            flush_sequence: report.sequence,
+            items_written: report.items_written,
+            items_already_applied: report.items_already_applied,
+            records_published: report.records_published,
+            duration: Some(convert::duration(report.duration)),
+        }))
     }
 
+    #[instrument(skip_all, fields(entity = %request.get_ref().entity_key))]
     async fn get_stats(
         &self,
-        _request: Request<GetStatsRequest>,
+        request: Request<GetStatsRequest>,
     ) -> Result<Response<GetStatsResponse>, Status> {
-        Err(not_built("StatsAggregatorService.GetStats"))
+        let r = request.into_inner();
+        Ok(Response::new(
+            engine(self).get_stats(&r.entity_key, &r.metrics).await?,
+        ))
     }
 
+    #[instrument(skip_all)]
     async fn pause_writers(
         &self,
-        _request: Request<PauseWritersRequest>,
+        request: Request<PauseWritersRequest>,
     ) -> Result<Response<PauseWritersResponse>, Status> {
-        Err(not_built("StatsAggregatorService.PauseWriters"))
+        let r = request.into_inner();
+        let mode = match PauseMode::try_from(r.mode) {
+            Ok(PauseMode::Buffer) => Mode::Buffer,
+            Ok(PauseMode::Reject) => Mode::Reject,
+            Ok(PauseMode::Unspecified) | Err(_) => {
+                return Err(FieldError::new("mode", "must be BUFFER or REJECT").into());
+            }
+        };
+        let max_pause = convert::max_pause(r.max_pause)?;
+        let state = engine(self).pause(mode, r.reason, max_pause).await?;
+        Ok(Response::new(PauseWritersResponse { state: Some(state) }))
     }
 
+    #[instrument(skip_all)]
     async fn resume_writers(
         &self,
-        _request: Request<ResumeWritersRequest>,
+        request: Request<ResumeWritersRequest>,
     ) -> Result<Response<ResumeWritersResponse>, Status> {
-        Err(not_built("StatsAggregatorService.ResumeWriters"))
+        let state = engine(self)
+            .resume(request.into_inner().flush_now)
+            .await
+            .map_err(|e| {
+                let status = Status::from(e);
+                Status::unavailable(format!(
+                    "writers are resumed, but the flush did not complete: {}",
+                    status.message()
+                ))
+            })?;
+        Ok(Response::new(ResumeWritersResponse { state: Some(state) }))
     }
 
+    #[instrument(skip_all)]
     async fn get_buffer_state(
         &self,
         _request: Request<GetBufferStateRequest>,
     ) -> Result<Response<GetBufferStateResponse>, Status> {
-        Err(not_built("StatsAggregatorService.GetBufferState"))
+        Ok(Response::new(GetBufferStateResponse {
+            state: Some(engine(self).state().await?),
+        }))
     }
 }

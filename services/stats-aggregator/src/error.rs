@@ -1,0 +1,88 @@
+//! The aggregator's errors and their one mapping to gRPC status codes.
+
+use std::time::Duration;
+
+use tidemark_connectors::ConnectorError;
+use tidemark_kit::{FieldError, KitError};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("{0}")]
+    NotFound(String),
+    /// Flushes are stopped while writers are paused.
+    #[error("writers are paused ({0}); resume them to flush")]
+    Paused(String),
+    /// Writers are paused in REJECT mode: the client should retry later.
+    #[error("writers are paused and events are refused ({reason}); retry later")]
+    Rejecting {
+        reason: String,
+        retry_after: Duration,
+    },
+    #[error(transparent)]
+    Backend(#[from] ConnectorError),
+    #[error(transparent)]
+    Kit(#[from] KitError),
+    /// The configured stats table or topic is not usable at start-up.
+    #[error("{0}")]
+    Startup(String),
+}
+
+pub type StatsResult<T> = Result<T, StatsError>;
+
+impl From<StatsError> for Status {
+    fn from(e: StatsError) -> Self {
+        match e {
+            StatsError::Invalid(f) => f.into(),
+            StatsError::NotFound(m) => Status::not_found(m),
+            StatsError::Paused(_) => Status::failed_precondition(e.to_string()),
+            StatsError::Rejecting { retry_after, .. } => Status::with_error_details(
+                Code::Unavailable,
+                e.to_string(),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
+            StatsError::Backend(b) => match b {
+                ConnectorError::Retryable { .. } => {
+                    tracing::warn!(error = %b, "backend unavailable");
+                    Status::unavailable(format!("a backend is unavailable; retry later ({b})"))
+                }
+                ConnectorError::Precondition(m) => Status::failed_precondition(m),
+                ConnectorError::NotFound { .. }
+                | ConnectorError::InvalidInput { .. }
+                | ConnectorError::IteratorExpired { .. }
+                | ConnectorError::Terminal { .. } => tidemark_kit::error::internal(&b),
+            },
+            StatsError::Kit(k) => tidemark_kit::error::internal(&k),
+            StatsError::Startup(m) => Status::failed_precondition(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejecting_carries_retry_info() {
+        let status = Status::from(StatsError::Rejecting {
+            reason: "cut-over".into(),
+            retry_after: Duration::from_secs(2),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn retryable_backend_is_unavailable() {
+        let status = Status::from(StatsError::Backend(ConnectorError::Retryable {
+            backend: "redis",
+            message: "down".into(),
+            retry_after: None,
+        }));
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+}

@@ -1,0 +1,75 @@
+//! The aggregator's gauges on /metrics: what a cut-over dashboard watches
+//! (buffered work, paused) and what to alert on (flushes that stopped).
+
+use prometheus_client::metrics::gauge::Gauge;
+use tidemark_connectors::BufferStats;
+use tidemark_kit::Metrics;
+
+use crate::engine::FlushReport;
+
+pub struct Gauges {
+    dirty_keys: Gauge,
+    pending_events: Gauge,
+    paused: Gauge,
+    last_flush_sequence: Gauge,
+    last_flush_duration_ms: Gauge,
+    last_flush_items: Gauge,
+    last_flush_unix_seconds: Gauge,
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Gauges {
+    pub fn register(metrics: &Metrics) -> Self {
+        Self {
+            dirty_keys: metrics.gauge(
+                "stats_dirty_keys",
+                "entities with buffered changes not yet flushed",
+            ),
+            pending_events: metrics.gauge(
+                "stats_pending_events",
+                "events accepted and not yet flushed",
+            ),
+            paused: metrics.gauge(
+                "stats_writers_paused",
+                "1 while writers are paused for a cut-over",
+            ),
+            last_flush_sequence: metrics.gauge(
+                "stats_last_flush_sequence",
+                "sequence of the last completed flush",
+            ),
+            last_flush_duration_ms: metrics.gauge(
+                "stats_last_flush_duration_ms",
+                "duration of the last flush in milliseconds",
+            ),
+            last_flush_items: metrics.gauge(
+                "stats_last_flush_items",
+                "items written or found already applied by the last flush",
+            ),
+            last_flush_unix_seconds: metrics.gauge(
+                "stats_last_flush_unix_seconds",
+                "when the last flush completed (alert when it falls far behind the flush interval)",
+            ),
+        }
+    }
+
+    pub fn buffer(&self, stats: &BufferStats, paused: bool) {
+        self.dirty_keys.set(clamp(stats.dirty_keys));
+        self.pending_events.set(clamp(stats.pending_events));
+        self.paused.set(i64::from(paused));
+    }
+
+    pub fn flushed(&self, report: &FlushReport) {
+        if report.sequence > 0 {
+            self.last_flush_sequence.set(clamp(report.sequence));
+            self.last_flush_items
+                .set(report.items_written + report.items_already_applied);
+        }
+        self.last_flush_duration_ms
+            .set(i64::try_from(report.duration.as_millis()).unwrap_or(i64::MAX));
+        self.last_flush_unix_seconds
+            .set(crate::engine::now_micros() / 1_000_000);
+    }
+}

@@ -1,0 +1,404 @@
+//! Where flushed counters live: one item per entity, its metrics as number
+//! attributes, plus the aggregator's own attributes (last applied flush
+//! sequence, version, latest event time). A flush writes each entity once,
+//! conditional on the item's last applied flush sequence being lower than
+//! the flush's (DESIGN.md invariant 2), so a replayed flush is a no-op.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue as DdbValue, ReturnValue, ReturnValuesOnConditionCheckFailure,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+use tidemark_connectors::dynamodb::{classify, item_from_ddb};
+use tidemark_connectors::{AttrValue, ConnectorError, ConnectorResult, EntityDelta, Item, Number};
+
+use crate::decimal;
+
+/// The item attribute holding the last applied flush sequence.
+pub const SEQUENCE_ATTR: &str = "tidemark_flush_seq";
+/// The item attribute holding the version, incremented by every flush.
+pub const VERSION_ATTR: &str = "tidemark_version";
+/// The item attribute holding the latest event time (microseconds).
+pub const EVENT_TIME_ATTR: &str = "tidemark_last_event_micros";
+/// Metric names starting with this are refused: the aggregator's own.
+pub const RESERVED_PREFIX: &str = "tidemark_";
+
+const BACKEND: &str = "dynamodb";
+
+/// A stored entity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredItem {
+    /// The whole item, key and the aggregator's attributes included: what is
+    /// published.
+    pub image: Item,
+    pub version: u64,
+    pub last_flush_sequence: u64,
+    pub last_event_micros: Option<i64>,
+}
+
+impl StoredItem {
+    fn from_image(image: Item) -> Self {
+        let number = |name: &str| image.get(name).and_then(AttrValue::as_number).cloned();
+        Self {
+            version: number(VERSION_ATTR).and_then(|n| n.as_u64()).unwrap_or(0),
+            last_flush_sequence: number(SEQUENCE_ATTR).and_then(|n| n.as_u64()).unwrap_or(0),
+            last_event_micros: number(EVENT_TIME_ATTR).and_then(|n| n.as_i64()),
+            image,
+        }
+    }
+
+    /// The metrics: number attributes other than the key and the
+    /// aggregator's own.
+    pub fn metrics(&self, key_attribute: &str) -> BTreeMap<String, String> {
+        self.image
+            .iter()
+            .filter(|(name, _)| *name != key_attribute && !name.starts_with(RESERVED_PREFIX))
+            .filter_map(|(name, v)| v.as_number().map(|n| (name.clone(), n.as_str().to_owned())))
+            .collect()
+    }
+}
+
+/// What one conditional write did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteOutcome {
+    /// Applied; the item as it is now.
+    Written(StoredItem),
+    /// The item already carried this flush (a resumed flush): nothing
+    /// changed. The item as it is, when the store returned it.
+    AlreadyApplied(Option<StoredItem>),
+}
+
+/// The stats table.
+#[async_trait]
+pub trait StatsStore: Send + Sync {
+    /// Applies one entity's delta of flush `sequence` in one conditional
+    /// write: increments added, replacements set (a replacement followed by
+    /// increments sets their exact sum), version incremented.
+    async fn apply(&self, delta: &EntityDelta, sequence: u64) -> ConnectorResult<WriteOutcome>;
+    /// The stored item, read consistently.
+    async fn get(&self, entity: &str) -> ConnectorResult<Option<StoredItem>>;
+    /// Whether the store answers.
+    async fn ping(&self) -> ConnectorResult<()>;
+}
+
+/// The values a delta sets: a replacement plus the increments after it.
+fn replacements(delta: &EntityDelta) -> ConnectorResult<Vec<(&str, String)>> {
+    delta
+        .replaces
+        .iter()
+        .map(|(metric, value)| {
+            let increment = delta.increments.get(metric).copied().unwrap_or(0);
+            decimal::add(value, i128::from(increment))
+                .map(|v| (metric.as_str(), v))
+                .map_err(|e| ConnectorError::invalid(BACKEND, format!("{metric}: {e}")))
+        })
+        .collect()
+}
+
+/// The stats table in DynamoDB.
+#[derive(Clone)]
+pub struct DynamoStatsStore {
+    client: Client,
+    table: String,
+    key_attribute: String,
+}
+
+impl DynamoStatsStore {
+    /// Opens `table`, which must exist: the aggregator never creates its
+    /// table (deploy/cloudformation does).
+    ///
+    /// # Errors
+    /// `NotFound` when the table does not exist; the classified failure when
+    /// DynamoDB cannot be reached.
+    pub async fn open(client: Client, table: &str, key_attribute: &str) -> ConnectorResult<Self> {
+        let store = Self {
+            client,
+            table: table.to_owned(),
+            key_attribute: key_attribute.to_owned(),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    fn key(&self, entity: &str) -> HashMap<String, DdbValue> {
+        HashMap::from([(self.key_attribute.clone(), DdbValue::S(entity.to_owned()))])
+    }
+
+    fn stored(item: &HashMap<String, DdbValue>) -> ConnectorResult<StoredItem> {
+        Ok(StoredItem::from_image(item_from_ddb(item)?))
+    }
+}
+
+#[async_trait]
+impl StatsStore for DynamoStatsStore {
+    #[tracing::instrument(skip_all, fields(table = %self.table, entity = %delta.entity, sequence))]
+    async fn apply(&self, delta: &EntityDelta, sequence: u64) -> ConnectorResult<WriteOutcome> {
+        let mut names = HashMap::from([
+            ("#s".to_owned(), SEQUENCE_ATTR.to_owned()),
+            ("#v".to_owned(), VERSION_ATTR.to_owned()),
+        ]);
+        let mut values = HashMap::from([
+            (":s".to_owned(), DdbValue::N(sequence.to_string())),
+            (":one".to_owned(), DdbValue::N("1".to_owned())),
+        ]);
+        let mut set = vec!["#s = :s".to_owned()];
+        let mut add = vec!["#v :one".to_owned()];
+        for (i, (metric, value)) in replacements(delta)?.into_iter().enumerate() {
+            names.insert(format!("#r{i}"), metric.to_owned());
+            values.insert(format!(":r{i}"), DdbValue::N(value));
+            set.push(format!("#r{i} = :r{i}"));
+        }
+        // A metric both replaced and incremented is set above (DynamoDB
+        // refuses two actions on one attribute in one update).
+        for (i, (metric, n)) in delta
+            .increments
+            .iter()
+            .filter(|(m, _)| !delta.replaces.contains_key(*m))
+            .enumerate()
+        {
+            names.insert(format!("#a{i}"), metric.clone());
+            values.insert(format!(":a{i}"), DdbValue::N(n.to_string()));
+            add.push(format!("#a{i} :a{i}"));
+        }
+        if let Some(t) = delta.last_event_micros {
+            names.insert("#t".to_owned(), EVENT_TIME_ATTR.to_owned());
+            values.insert(":t".to_owned(), DdbValue::N(t.to_string()));
+            set.push("#t = :t".to_owned());
+        }
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(&delta.entity)))
+            .update_expression(format!("SET {} ADD {}", set.join(", "), add.join(", ")))
+            .condition_expression("attribute_not_exists(#s) OR #s < :s")
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                let item = out.attributes.unwrap_or_default();
+                Ok(WriteOutcome::Written(Self::stored(&item)?))
+            }
+            Err(err) => {
+                let classified = classify(BACKEND, &err);
+                if !classified.is_precondition() {
+                    return Err(classified);
+                }
+                let old = match err.as_service_error() {
+                    Some(UpdateItemError::ConditionalCheckFailedException(e)) => e.item.clone(),
+                    _ => None,
+                };
+                Ok(WriteOutcome::AlreadyApplied(
+                    old.as_ref().map(Self::stored).transpose()?,
+                ))
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(table = %self.table, entity))]
+    async fn get(&self, entity: &str) -> ConnectorResult<Option<StoredItem>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(entity)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(BACKEND, &e))?;
+        out.item.as_ref().map(Self::stored).transpose()
+    }
+
+    #[tracing::instrument(skip_all, fields(table = %self.table))]
+    async fn ping(&self) -> ConnectorResult<()> {
+        self.client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| classify(BACKEND, &e))?;
+        Ok(())
+    }
+}
+
+/// The stats table in a SQLite file: what `tidemark dev` runs on. Items are
+/// kept as JSON; the conditional write is a read and a write in one
+/// transaction.
+#[derive(Clone)]
+pub struct EmbeddedStatsStore {
+    conn: Arc<Mutex<Connection>>,
+    key_attribute: String,
+}
+
+impl EmbeddedStatsStore {
+    /// Opens (creating if needed) the database at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or the table not created.
+    pub fn open(path: &Path, key_attribute: &str) -> ConnectorResult<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS stats_items (
+                 entity TEXT NOT NULL PRIMARY KEY, item TEXT NOT NULL) WITHOUT ROWID;",
+        )?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            key_attribute: key_attribute.to_owned(),
+        })
+    }
+
+    async fn with<T, F>(&self, f: F) -> ConnectorResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> ConnectorResult<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| ConnectorError::terminal("sqlite", "connection lock poisoned"))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| ConnectorError::terminal("sqlite", e.to_string()))?
+    }
+}
+
+fn read_item(conn: &Connection, entity: &str) -> ConnectorResult<Option<Item>> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT item FROM stats_items WHERE entity = ?1",
+            params![entity],
+            |r| r.get(0),
+        )
+        .optional()?;
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt stats item: {e}")))
+    })
+    .transpose()
+}
+
+fn number(v: &impl ToString) -> ConnectorResult<AttrValue> {
+    Number::parse(&v.to_string())
+        .map(AttrValue::N)
+        .map_err(|e| ConnectorError::invalid("sqlite", e))
+}
+
+#[async_trait]
+impl StatsStore for EmbeddedStatsStore {
+    async fn apply(&self, delta: &EntityDelta, sequence: u64) -> ConnectorResult<WriteOutcome> {
+        let delta = delta.clone();
+        let key_attribute = self.key_attribute.clone();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let mut item = read_item(&tx, &delta.entity)?.unwrap_or_default();
+            let current = StoredItem::from_image(item.clone());
+            if current.last_flush_sequence >= sequence && item.contains_key(SEQUENCE_ATTR) {
+                return Ok(WriteOutcome::AlreadyApplied(Some(current)));
+            }
+            item.insert(key_attribute, AttrValue::s(delta.entity.clone()));
+            for (metric, value) in replacements(&delta)? {
+                item.insert(metric.to_owned(), number(&value)?);
+            }
+            for (metric, n) in &delta.increments {
+                if delta.replaces.contains_key(metric) {
+                    continue;
+                }
+                let before = item
+                    .get(metric)
+                    .and_then(AttrValue::as_number)
+                    .map_or_else(|| "0".to_owned(), |n| n.as_str().to_owned());
+                let after = decimal::add(&before, i128::from(*n))
+                    .map_err(|e| ConnectorError::invalid("sqlite", e))?;
+                item.insert(metric.clone(), number(&after)?);
+            }
+            item.insert(SEQUENCE_ATTR.to_owned(), number(&sequence)?);
+            item.insert(VERSION_ATTR.to_owned(), number(&(current.version + 1))?);
+            if let Some(t) = delta.last_event_micros {
+                item.insert(EVENT_TIME_ATTR.to_owned(), number(&t)?);
+            }
+            let text = serde_json::to_string(&item)
+                .map_err(|e| ConnectorError::terminal("sqlite", e.to_string()))?;
+            tx.execute(
+                "INSERT INTO stats_items (entity, item) VALUES (?1, ?2)
+                 ON CONFLICT (entity) DO UPDATE SET item = excluded.item",
+                params![delta.entity, text],
+            )?;
+            tx.commit()?;
+            Ok(WriteOutcome::Written(StoredItem::from_image(item)))
+        })
+        .await
+    }
+
+    async fn get(&self, entity: &str) -> ConnectorResult<Option<StoredItem>> {
+        let entity = entity.to_owned();
+        self.with(move |conn| Ok(read_item(conn, &entity)?.map(StoredItem::from_image)))
+            .await
+    }
+
+    async fn ping(&self) -> ConnectorResult<()> {
+        self.with(|conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(entity: &str) -> EntityDelta {
+        EntityDelta {
+            entity: entity.to_owned(),
+            ..EntityDelta::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn embedded_store_applies_each_flush_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStatsStore::open(&dir.path().join("s.db"), "pk").unwrap();
+        let mut d = delta("a");
+        d.increments.insert("views".into(), 5);
+        d.replaces.insert("score".into(), "4.5".into());
+        d.increments.insert("score".into(), 1);
+        d.last_event_micros = Some(7);
+        let WriteOutcome::Written(first) = store.apply(&d, 10).await.unwrap() else {
+            panic!("first write applies");
+        };
+        assert_eq!(first.version, 1);
+        assert_eq!(first.last_flush_sequence, 10);
+        let metrics = first.metrics("pk");
+        assert_eq!(metrics["views"], "5");
+        assert_eq!(metrics["score"], "5.5");
+        assert_eq!(first.last_event_micros, Some(7));
+        assert!(matches!(
+            store.apply(&d, 10).await.unwrap(),
+            WriteOutcome::AlreadyApplied(Some(_))
+        ));
+        let mut again = delta("a");
+        again.increments.insert("views".into(), -7);
+        let WriteOutcome::Written(second) = store.apply(&again, 11).await.unwrap() else {
+            panic!("a later flush applies");
+        };
+        assert_eq!(second.metrics("pk")["views"], "-2");
+        assert_eq!(second.version, 2);
+        assert_eq!(store.get("a").await.unwrap(), Some(second));
+        assert_eq!(store.get("b").await.unwrap(), None);
+    }
+}
