@@ -558,4 +558,75 @@ impl Sink for DynamoSink {
             }
         }
     }
+
+    async fn entries(&self, visit: &mut (dyn FnMut(Key, u64, Item) + Send)) -> ConnectorResult<()> {
+        let mut request = ScanRequest::segment(0, 1);
+        request.consistent = true;
+        loop {
+            let page = self.table.scan(&request).await?;
+            for item in page.items {
+                let key = self
+                    .table
+                    .schema
+                    .key_of(&item)
+                    .map_err(|m| ConnectorError::terminal(BACKEND, m))?;
+                if let Some((version, item)) = strip_reserved(item) {
+                    visit(key, version, item);
+                }
+            }
+            match page.last_key {
+                Some(k) => request.start_after = Some(k),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+impl DynamoTable {
+    /// Counts the items of one scan segment matching a DynamoDB filter
+    /// expression given as is (with its own names and values), with
+    /// `Select=COUNT` so no item travels: the proof that a predicate such as
+    /// `attribute_not_exists(#a)` holds for zero items.
+    ///
+    /// # Errors
+    /// `InvalidInput` for an expression DynamoDB refuses; what the scan fails with.
+    #[tracing::instrument(skip_all, fields(table = %self.name, segment))]
+    pub async fn count_where(
+        &self,
+        expression: &str,
+        names: &HashMap<String, String>,
+        values: &HashMap<String, AttrValue>,
+        segment: u32,
+        total_segments: u32,
+    ) -> ConnectorResult<u64> {
+        let values: HashMap<String, DdbValue> =
+            values.iter().map(|(k, v)| (k.clone(), to_ddb(v))).collect();
+        let mut count = 0u64;
+        let mut start: Option<HashMap<String, DdbValue>> = None;
+        loop {
+            let out = retry(&self.retry, "scan", || async {
+                let mut scan = self
+                    .client
+                    .scan()
+                    .table_name(&self.name)
+                    .select(aws_sdk_dynamodb::types::Select::Count)
+                    .filter_expression(expression)
+                    .set_expression_attribute_names(non_empty(names.clone()))
+                    .set_expression_attribute_values(non_empty(values.clone()))
+                    .set_exclusive_start_key(start.clone());
+                if total_segments > 1 {
+                    scan = scan
+                        .segment(i32::try_from(segment).unwrap_or(0))
+                        .total_segments(i32::try_from(total_segments).unwrap_or(1));
+                }
+                scan.send().await.map_err(|e| classify(BACKEND, &e))
+            })
+            .await?;
+            count += u64::try_from(out.count).unwrap_or(0);
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(count),
+            }
+        }
+    }
 }

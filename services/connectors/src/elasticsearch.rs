@@ -102,6 +102,46 @@ impl ElasticsearchSink {
         &self.index
     }
 
+    /// A sink over an index that must exist already (a verification reads
+    /// it and must not create it).
+    ///
+    /// # Errors
+    /// `NotFound` when the index does not exist; a malformed URL.
+    pub async fn open(base_url: &str, index: &str, schema: KeySchema) -> ConnectorResult<Self> {
+        let base = reqwest::Url::parse(base_url)
+            .map_err(|e| ConnectorError::invalid(BACKEND, format!("bad url {base_url:?}: {e}")))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?;
+        let sink = Self {
+            http,
+            base,
+            index: index.to_owned(),
+            schema,
+            retry: RetryPolicy::default(),
+        };
+        let url = sink.url(&[&sink.index]);
+        retry(&sink.retry, "head index", || async {
+            let response = sink
+                .http
+                .head(url.clone())
+                .send()
+                .await
+                .map_err(|e| request_error(&e))?;
+            match response.status() {
+                s if s.is_success() => Ok(()),
+                reqwest::StatusCode::NOT_FOUND => Err(ConnectorError::NotFound {
+                    backend: BACKEND,
+                    message: format!("index {} does not exist", sink.index),
+                }),
+                s => Err(status_error(s, "")),
+            }
+        })
+        .await?;
+        Ok(sink)
+    }
+
     /// A query clause that keeps live documents only: add it to every query
     /// against the index, tombstones are documents too.
     pub fn live_filter() -> Value {
@@ -611,6 +651,49 @@ impl Sink for ElasticsearchSink {
             }
             if hits.len() < PAGE {
                 return Ok(out);
+            }
+            after = hits.last().and_then(|h| h.get("sort")).cloned();
+            if after.is_none() {
+                return Err(ConnectorError::terminal(
+                    BACKEND,
+                    "search hits without sort values",
+                ));
+            }
+        }
+    }
+
+    /// The digest's walk: live documents by [`KEY_FIELD`] with
+    /// `search_after`, after a refresh.
+    async fn entries(&self, visit: &mut (dyn FnMut(Key, u64, Item) + Send)) -> ConnectorResult<()> {
+        self.refresh().await?;
+        let mut after: Option<Value> = None;
+        loop {
+            let mut body = json!({
+                "size": PAGE,
+                "query": Self::live_filter(),
+                "sort": [{KEY_FIELD: "asc"}],
+                "_source": [ITEM_FIELD, VERSION_FIELD, DELETED_FIELD],
+            });
+            if let Some(a) = &after {
+                body["search_after"] = a.clone();
+            }
+            let mut page = self.search(&body).await?;
+            let hits = match page.pointer_mut("/hits/hits").map(Value::take) {
+                Some(Value::Array(hits)) => hits,
+                _ => Vec::new(),
+            };
+            for hit in &hits {
+                if let Some((version, item)) = live_of(hit.get("_source").unwrap_or(&Value::Null))?
+                {
+                    let key = self
+                        .schema
+                        .key_of(&item)
+                        .map_err(|m| ConnectorError::terminal(BACKEND, m))?;
+                    visit(key, version, item);
+                }
+            }
+            if hits.len() < PAGE {
+                return Ok(());
             }
             after = hits.last().and_then(|h| h.get("sort")).cloned();
             if after.is_none() {

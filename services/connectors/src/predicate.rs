@@ -18,6 +18,10 @@ pub enum Predicate {
     /// The attribute is a number (or string) below the value.
     LessThan(String, AttrValue),
     GreaterOrEqual(String, AttrValue),
+    /// A string (or binary) attribute starting with the value.
+    BeginsWith(String, AttrValue),
+    /// A string containing the value, or a set or list holding it.
+    Contains(String, AttrValue),
     And(Vec<Predicate>),
     Or(Vec<Predicate>),
     Not(Box<Predicate>),
@@ -50,6 +54,19 @@ impl Predicate {
                     Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
                 )
             }),
+            Self::BeginsWith(a, v) => match (item.and_then(|i| i.get(a)), v) {
+                (Some(AttrValue::S(x)), AttrValue::S(p)) => x.starts_with(p.as_str()),
+                (Some(AttrValue::B(x)), AttrValue::B(p)) => x.starts_with(p),
+                _ => false,
+            },
+            Self::Contains(a, v) => match (item.and_then(|i| i.get(a)), v) {
+                (Some(AttrValue::S(x)), AttrValue::S(p)) => x.contains(p.as_str()),
+                (Some(AttrValue::Ss(set)), AttrValue::S(p)) => set.contains(p),
+                (Some(AttrValue::Ns(set)), AttrValue::N(p)) => set.contains(p),
+                (Some(AttrValue::Bs(set)), AttrValue::B(p)) => set.contains(p),
+                (Some(AttrValue::L(list)), v) => list.contains(v),
+                _ => false,
+            },
             Self::And(ps) => ps.iter().all(|p| p.matches(item)),
             Self::Or(ps) => ps.iter().any(|p| p.matches(item)),
             Self::Not(p) => !p.matches(item),
@@ -67,6 +84,10 @@ impl Predicate {
             Self::Equals(a, v) => format!("{} = {}", names.name(a), values.value(v)),
             Self::LessThan(a, v) => format!("{} < {}", names.name(a), values.value(v)),
             Self::GreaterOrEqual(a, v) => format!("{} >= {}", names.name(a), values.value(v)),
+            Self::BeginsWith(a, v) => {
+                format!("begins_with({}, {})", names.name(a), values.value(v))
+            }
+            Self::Contains(a, v) => format!("contains({}, {})", names.name(a), values.value(v)),
             Self::And(ps) => join(ps, " AND ", pk, names, values),
             Self::Or(ps) => join(ps, " OR ", pk, names, values),
             Self::Not(p) => format!("NOT ({})", p.render(pk, names, values)),
@@ -174,6 +195,310 @@ impl ExprValues {
     }
 }
 
+/// Parses a DynamoDB condition or filter expression into a [`Predicate`],
+/// resolving `#name` and `:value` placeholders, so a store without
+/// DynamoDB's expression engine (the embedded one) evaluates it the same way.
+///
+/// Supported: `attribute_exists`, `attribute_not_exists`, `begins_with`,
+/// `contains`, the comparisons `= <> < <= > >=` between a top-level
+/// attribute and a value, `BETWEEN`, `IN`, `AND`, `OR`, `NOT` and
+/// parentheses. Nested paths, `size` and `attribute_type` are refused.
+///
+/// # Errors
+/// A syntax error, an unknown placeholder or an unsupported construct, with
+/// the reason.
+pub fn parse_expression(
+    expression: &str,
+    names: &HashMap<String, String>,
+    values: &HashMap<String, AttrValue>,
+) -> Result<Predicate, String> {
+    let tokens = tokenize(expression)?;
+    let mut parser = Parser {
+        tokens,
+        at: 0,
+        names,
+        values,
+    };
+    let predicate = parser.or()?;
+    match parser.tokens.get(parser.at) {
+        None => Ok(predicate),
+        Some(t) => Err(format!("unexpected {t:?} after a complete condition")),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Token {
+    Name(String),
+    Value(String),
+    Word(String),
+    Op(&'static str),
+    Open,
+    Close,
+    Comma,
+}
+
+fn tokenize(text: &str) -> Result<Vec<Token>, String> {
+    let mut out = Vec::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    let word = |i: &mut usize| {
+        let start = *i;
+        while *i < chars.len() && (chars[*i].is_alphanumeric() || chars[*i] == '_') {
+            *i += 1;
+        }
+        chars[start..*i].iter().collect::<String>()
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            c if c.is_whitespace() => i += 1,
+            '(' => {
+                out.push(Token::Open);
+                i += 1;
+            }
+            ')' => {
+                out.push(Token::Close);
+                i += 1;
+            }
+            ',' => {
+                out.push(Token::Comma);
+                i += 1;
+            }
+            '#' | ':' => {
+                i += 1;
+                let w = word(&mut i);
+                if w.is_empty() {
+                    return Err(format!("{c} must be followed by a placeholder name"));
+                }
+                out.push(if c == '#' {
+                    Token::Name(format!("#{w}"))
+                } else {
+                    Token::Value(format!(":{w}"))
+                });
+            }
+            '=' => {
+                out.push(Token::Op("="));
+                i += 1;
+            }
+            '<' | '>' => {
+                let next = chars.get(i + 1).copied();
+                let op = match (c, next) {
+                    ('<', Some('>')) => "<>",
+                    ('<', Some('=')) => "<=",
+                    ('>', Some('=')) => ">=",
+                    ('<', _) => "<",
+                    _ => ">",
+                };
+                i += op.len();
+                out.push(Token::Op(op));
+            }
+            '.' | '[' => return Err("nested attribute paths are not supported".to_owned()),
+            c if c.is_alphabetic() || c == '_' => out.push(Token::Word(word(&mut i))),
+            c => return Err(format!("unexpected character {c:?}")),
+        }
+    }
+    Ok(out)
+}
+
+struct Parser<'a> {
+    tokens: Vec<Token>,
+    at: usize,
+    names: &'a HashMap<String, String>,
+    values: &'a HashMap<String, AttrValue>,
+}
+
+/// One side of a comparison.
+enum Operand {
+    Attribute(String),
+    Value(AttrValue),
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.at)
+    }
+
+    fn next(&mut self) -> Option<Token> {
+        let t = self.tokens.get(self.at).cloned();
+        self.at += 1;
+        t
+    }
+
+    fn keyword(&self, word: &str) -> bool {
+        matches!(self.peek(), Some(Token::Word(w)) if w.eq_ignore_ascii_case(word))
+    }
+
+    fn expect(&mut self, token: &Token) -> Result<(), String> {
+        match self.next() {
+            Some(t) if &t == token => Ok(()),
+            Some(t) => Err(format!("expected {token:?}, found {t:?}")),
+            None => Err(format!("expected {token:?}, found the end")),
+        }
+    }
+
+    fn or(&mut self) -> Result<Predicate, String> {
+        let mut parts = vec![self.and()?];
+        while self.keyword("OR") {
+            self.at += 1;
+            parts.push(self.and()?);
+        }
+        Ok(if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Predicate::Or(parts)
+        })
+    }
+
+    fn and(&mut self) -> Result<Predicate, String> {
+        let mut parts = vec![self.not()?];
+        while self.keyword("AND") {
+            self.at += 1;
+            parts.push(self.not()?);
+        }
+        Ok(if parts.len() == 1 {
+            parts.remove(0)
+        } else {
+            Predicate::And(parts)
+        })
+    }
+
+    fn not(&mut self) -> Result<Predicate, String> {
+        if self.keyword("NOT") {
+            self.at += 1;
+            return Ok(Predicate::Not(Box::new(self.not()?)));
+        }
+        self.primary()
+    }
+
+    fn primary(&mut self) -> Result<Predicate, String> {
+        if self.peek() == Some(&Token::Open) {
+            self.at += 1;
+            let inner = self.or()?;
+            self.expect(&Token::Close)?;
+            return Ok(inner);
+        }
+        if let Some(Token::Word(w)) = self.peek()
+            && self.tokens.get(self.at + 1) == Some(&Token::Open)
+        {
+            let function = w.clone();
+            self.at += 2;
+            return self.function(&function);
+        }
+        let left = self.operand()?;
+        if self.keyword("BETWEEN") {
+            self.at += 1;
+            let low = self.operand()?;
+            if !self.keyword("AND") {
+                return Err("BETWEEN needs AND".to_owned());
+            }
+            self.at += 1;
+            let high = self.operand()?;
+            return Ok(Predicate::And(vec![
+                comparison(&left, ">=", low)?,
+                comparison(&left, "<=", high)?,
+            ]));
+        }
+        if self.keyword("IN") {
+            self.at += 1;
+            self.expect(&Token::Open)?;
+            let mut options = vec![comparison(&left, "=", self.operand()?)?];
+            while self.peek() == Some(&Token::Comma) {
+                self.at += 1;
+                options.push(comparison(&left, "=", self.operand()?)?);
+            }
+            self.expect(&Token::Close)?;
+            return Ok(Predicate::Or(options));
+        }
+        match self.next() {
+            Some(Token::Op(op)) => {
+                let right = self.operand()?;
+                comparison(&left, op, right)
+            }
+            Some(t) => Err(format!("expected a comparison, found {t:?}")),
+            None => Err("expected a comparison, found the end".to_owned()),
+        }
+    }
+
+    fn function(&mut self, name: &str) -> Result<Predicate, String> {
+        let attribute = match self.operand()? {
+            Operand::Attribute(a) => a,
+            Operand::Value(_) => return Err(format!("{name} needs an attribute first")),
+        };
+        let predicate = match name.to_ascii_lowercase().as_str() {
+            "attribute_exists" => Predicate::AttributeExists(attribute),
+            "attribute_not_exists" => Predicate::AttributeNotExists(attribute),
+            "begins_with" | "contains" => {
+                self.expect(&Token::Comma)?;
+                let Operand::Value(v) = self.operand()? else {
+                    return Err(format!("{name} needs a value second"));
+                };
+                if name.eq_ignore_ascii_case("begins_with") {
+                    Predicate::BeginsWith(attribute, v)
+                } else {
+                    Predicate::Contains(attribute, v)
+                }
+            }
+            other => return Err(format!("function {other} is not supported")),
+        };
+        self.expect(&Token::Close)?;
+        Ok(predicate)
+    }
+
+    fn operand(&mut self) -> Result<Operand, String> {
+        match self.next() {
+            Some(Token::Name(n)) => self
+                .names
+                .get(&n)
+                .map(|a| Operand::Attribute(a.clone()))
+                .ok_or_else(|| format!("{n} is not in the expression attribute names")),
+            Some(Token::Value(v)) => self
+                .values
+                .get(&v)
+                .map(|x| Operand::Value(x.clone()))
+                .ok_or_else(|| format!("{v} is not in the expression attribute values")),
+            Some(Token::Word(w))
+                if !["AND", "OR", "NOT", "BETWEEN", "IN"]
+                    .iter()
+                    .any(|k| w.eq_ignore_ascii_case(k)) =>
+            {
+                Ok(Operand::Attribute(w))
+            }
+            Some(t) => Err(format!("expected an attribute or a value, found {t:?}")),
+            None => Err("expected an attribute or a value, found the end".to_owned()),
+        }
+    }
+}
+
+/// `left op right` with one attribute and one value, in either order.
+fn comparison(left: &Operand, op: &str, right: Operand) -> Result<Predicate, String> {
+    let (attribute, value, op) = match (left, right) {
+        (Operand::Attribute(a), Operand::Value(v)) => (a.clone(), v, op),
+        (Operand::Value(v), Operand::Attribute(a)) => {
+            let flipped = match op {
+                "<" => ">",
+                ">" => "<",
+                "<=" => ">=",
+                ">=" => "<=",
+                same => same,
+            };
+            (a, v.clone(), flipped)
+        }
+        _ => return Err("a comparison needs one attribute and one value".to_owned()),
+    };
+    let eq = || Predicate::Equals(attribute.clone(), value.clone());
+    let lt = || Predicate::LessThan(attribute.clone(), value.clone());
+    let ge = || Predicate::GreaterOrEqual(attribute.clone(), value.clone());
+    Ok(match op {
+        "=" => eq(),
+        "<>" => Predicate::Not(Box::new(eq())),
+        "<" => lt(),
+        ">=" => ge(),
+        "<=" => Predicate::Or(vec![lt(), eq()]),
+        ">" => Predicate::And(vec![ge(), Predicate::Not(Box::new(eq()))]),
+        other => return Err(format!("unknown comparison {other}")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +546,47 @@ mod tests {
         let expr = Predicate::version_below("version", 3).render("id", &mut names, &mut values);
         assert_eq!(expr, "(attribute_not_exists(#n0)) OR (#n0 < :v0)");
         assert_eq!(names.0["#n0"], "version");
+    }
+    #[test]
+    fn parses_dynamodb_expressions() {
+        let names: HashMap<String, String> = [("#a".to_owned(), "test".to_owned())].into();
+        let values: HashMap<String, AttrValue> = [
+            (":one".to_owned(), AttrValue::n(1i64)),
+            (":p".to_owned(), AttrValue::s("co")),
+        ]
+        .into();
+        let parse = |e: &str| parse_expression(e, &names, &values);
+        assert_eq!(
+            parse("attribute_not_exists(#a)").unwrap(),
+            Predicate::AttributeNotExists("test".into())
+        );
+        let p = parse("NOT (#a = :one) AND begins_with(kind, :p) OR size = :one").unwrap();
+        let with =
+            |t: i64, kind: &str| item(&[("test", AttrValue::n(t)), ("kind", AttrValue::s(kind))]);
+        assert!(p.matches(Some(&with(2, "course"))));
+        assert!(!p.matches(Some(&with(1, "course"))));
+        assert!(!p.matches(Some(&with(2, "unit"))));
+        let between = parse(":one <= #a AND #a BETWEEN :one AND :one").unwrap();
+        assert!(between.matches(Some(&with(1, ""))));
+        assert!(!between.matches(Some(&with(2, ""))));
+        assert!(
+            parse("#a IN (:one, :p)")
+                .unwrap()
+                .matches(Some(&with(1, "")))
+        );
+        assert!(parse("#a > :one").unwrap().matches(Some(&with(2, ""))));
+        assert!(!parse("#a > :one").unwrap().matches(Some(&with(1, ""))));
+        for bad in [
+            "",
+            "attribute_not_exists(#b)",
+            "#a = :nope",
+            "#a =",
+            "size(#a) > :one",
+            "a.b = :one",
+            "(#a = :one",
+            "#a = :one :one",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }

@@ -29,6 +29,7 @@
 //! `Precondition`; `NoSuchBucket` → `NotFound`; `SlowDown`, 5xx, timeouts and
 //! dispatch failures → `Retryable`; the rest as in [`crate::dynamodb::classify`].
 
+use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -44,7 +45,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::retry::{RetryPolicy, retry};
-use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, fold_digest};
+use crate::traits::{
+    BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, bucket_of, fold_digest,
+};
 use crate::value::{Item, Key};
 
 const BACKEND: &str = "s3";
@@ -594,6 +597,74 @@ impl Sink for S3Sink {
         })
         .await?;
         Ok(out)
+    }
+
+    async fn entries(&self, visit: &mut (dyn FnMut(Key, u64, Item) + Send)) -> ConnectorResult<()> {
+        self.for_each_envelope(|_, _, _, envelope| {
+            if let Envelope {
+                deleted: false,
+                item: Some(item),
+                version,
+                key,
+            } = envelope
+            {
+                visit(Key(key), version, item);
+            }
+        })
+        .await
+    }
+
+    /// The object name encodes the key, so only objects in a wanted bucket
+    /// are read: the drill-down costs listings plus one GET per candidate.
+    async fn bucket_entries(
+        &self,
+        buckets: u32,
+        wanted: &BTreeSet<u32>,
+    ) -> ConnectorResult<Vec<(Key, u64, Item)>> {
+        let n = u64::from(buckets.max(1));
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let (objects, next) = self.list_page(token.take()).await?;
+            let candidates: Vec<&String> = objects
+                .iter()
+                .map(|(object, _)| object)
+                .filter(|object| {
+                    // Objects this sink did not write are read, and skipped below.
+                    key_from_object(&self.prefix, object)
+                        .is_none_or(|key| wanted.contains(&bucket_of(&key, n)))
+                })
+                .collect();
+            let reads: Vec<_> = candidates
+                .iter()
+                .map(|object| retry(&self.retry, "get", || self.get(object)))
+                .collect();
+            let results: Vec<_> = futures::stream::iter(reads)
+                .buffered(self.concurrency)
+                .collect()
+                .await;
+            for result in results {
+                if let Some((
+                    _,
+                    Envelope {
+                        deleted: false,
+                        item: Some(item),
+                        version,
+                        key,
+                    },
+                )) = result?
+                {
+                    let key = Key(key);
+                    if wanted.contains(&bucket_of(&key, n)) {
+                        out.push((key, version, item));
+                    }
+                }
+            }
+            match next {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
     }
 }
 

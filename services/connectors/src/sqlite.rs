@@ -550,6 +550,38 @@ impl Sink for EmbeddedSink {
             })
             .await
     }
+
+    /// Pages through the live rows by key, so `visit` runs outside the
+    /// connection's blocking task.
+    async fn entries(&self, visit: &mut (dyn FnMut(Key, u64, Item) + Send)) -> ConnectorResult<()> {
+        let mut after = String::new();
+        loop {
+            let sink = self.name.clone();
+            let from = after.clone();
+            let rows: Vec<(String, i64, String)> = self
+                .store
+                .with(move |conn| {
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT k, version, item FROM tm_sink WHERE sink = ?1 AND k > ?2 AND deleted = 0
+                         ORDER BY k LIMIT 4096",
+                    )?;
+                    let rows = stmt
+                        .query_map(params![sink, from], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect::<Result<_, _>>()?;
+                    Ok(rows)
+                })
+                .await?;
+            let Some((last, _, _)) = rows.last() else {
+                return Ok(());
+            };
+            after.clone_from(last);
+            for (k, version, text) in rows {
+                let key: Key = serde_json::from_str(&k)
+                    .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt key: {e}")))?;
+                visit(key, u64::try_from(version).unwrap_or(0), from_json(&text)?);
+            }
+        }
+    }
 }
 
 /// The aggregation buffer in the embedded store. Live rows have flush 0; a

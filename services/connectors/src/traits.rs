@@ -2,7 +2,7 @@
 //! embedded one implement them; one behaviour suite checks every
 //! implementation of each trait.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -196,6 +196,43 @@ pub trait Sink: Send + Sync {
     /// Live items bucketed by [`crate::value::key_hash`] `% buckets`, each
     /// bucket with a count and a digest of (key, version, item).
     async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>>;
+
+    /// Calls `visit` with every live (key, version, item), in no particular
+    /// order: the verifier digests and counts what it reads itself, so both
+    /// sides of a comparison are shaped the same way. Sinks that cannot be
+    /// verified (a Kafka topic) keep this default.
+    async fn entries(&self, visit: &mut (dyn FnMut(Key, u64, Item) + Send)) -> ConnectorResult<()> {
+        let _ = visit;
+        Err(crate::error::ConnectorError::invalid(
+            "sink",
+            format!("{} cannot list its entries", self.name()),
+        ))
+    }
+
+    /// The live entries whose key falls in one of the `wanted` buckets of
+    /// [`crate::value::key_hash`] `% buckets`: the drill-down of a digest
+    /// mismatch. Stores that can tell a key's bucket before reading the item
+    /// override it to read only those.
+    async fn bucket_entries(
+        &self,
+        buckets: u32,
+        wanted: &BTreeSet<u32>,
+    ) -> ConnectorResult<Vec<(Key, u64, Item)>> {
+        let n = u64::from(buckets.max(1));
+        let mut out = Vec::new();
+        self.entries(&mut |key, version, item| {
+            if wanted.contains(&bucket_of(&key, n)) {
+                out.push((key, version, item));
+            }
+        })
+        .await?;
+        Ok(out)
+    }
+}
+
+/// The digest bucket of `key` among `buckets`.
+pub fn bucket_of(key: &Key, buckets: u64) -> u32 {
+    u32::try_from(crate::value::key_hash(key) % buckets.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Runs per-record sink writes `concurrency` at a time and returns their

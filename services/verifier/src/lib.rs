@@ -1,14 +1,47 @@
 //! The verifier: proves that source and target agree — counts, predicates,
 //! digest trees with drill-down, re-checked after the replication lag —
 //! before a job is called done (DESIGN.md invariant 7).
+//!
+//! A verification is a run of a VERIFICATION job in the job-tracker with one
+//! unit, `verify`. `StartVerification` creates the job and starts the run;
+//! any verifier process claims the unit (work by pull), runs the checks and
+//! finishes the run with the `Report` as its result: SUCCEEDED when every
+//! check passes, FAILED otherwise, so a failed proof blocks the job's next
+//! run until acknowledged. Every mismatch (beyond the report's samples) is
+//! kept as the unit's result, a `Report` whose samples are complete, for
+//! `StreamMismatches`.
 
+mod checks;
+mod executor;
+mod replicator;
 mod service;
+pub mod side;
+mod spec;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tidemark_kit::config::{ConfigError, ServerConfig, ServiceConfig, check_url};
-use tidemark_kit::{CancellationToken, KitError, ServiceHost};
+use tidemark_kit::error::invalid_argument;
+use tidemark_kit::worker::{JobTrackerClient, WorkerOptions, job_tracker_client, run_worker};
+use tidemark_kit::{CancellationToken, FieldError, KitError, ServiceHost};
+use tidemark_proto::job_tracker::v1::JobKind;
+use tidemark_proto::verifier::v1 as pb;
 use tidemark_proto::verifier::v1::verifier_service_server::VerifierServiceServer;
 use tokio::net::TcpListener;
+use tonic::{Code, Status};
+
+pub use checks::classify;
+pub use spec::Spec;
+
+/// Type name of the job spec in `google.protobuf.Any`.
+pub const SPEC_TYPE: &str = "tidemark.verifier.v1.VerificationSpec";
+/// Type name of the run and unit results.
+pub const REPORT_TYPE: &str = "tidemark.verifier.v1.Report";
+/// The one unit of a verification run.
+pub const UNIT_KEY: &str = "verify";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -19,8 +52,16 @@ pub struct Config {
     pub job_tracker_url: String,
     /// Address of the replicator, asked for lag and for repairs.
     pub replicator_url: String,
-    /// AWS endpoint override; the default chain when unset.
+    /// AWS endpoint override (DynamoDB, S3); the default chain when unset.
     pub aws_endpoint: Option<String>,
+    /// Elasticsearch URL for indexes named without an endpoint.
+    pub elasticsearch_url: Option<String>,
+    /// Directory of the embedded (SQLite) databases.
+    pub data_dir: PathBuf,
+    /// Identifies this replica in leases; unique per process.
+    pub worker_id: String,
+    /// Verifications this process runs at once.
+    pub concurrency: usize,
 }
 
 impl Default for Config {
@@ -30,6 +71,10 @@ impl Default for Config {
             job_tracker_url: "http://127.0.0.1:50051".to_owned(),
             replicator_url: "http://127.0.0.1:50051".to_owned(),
             aws_endpoint: None,
+            elasticsearch_url: None,
+            data_dir: PathBuf::from(".tidemark"),
+            worker_id: format!("verifier-{}", std::process::id()),
+            concurrency: 2,
         }
     }
 }
@@ -42,8 +87,22 @@ impl ServiceConfig for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         check_url("job_tracker_url", &self.job_tracker_url)?;
         check_url("replicator_url", &self.replicator_url)?;
-        if let Some(url) = &self.aws_endpoint {
-            check_url("aws_endpoint", url)?;
+        for (field, url) in [
+            ("aws_endpoint", &self.aws_endpoint),
+            ("elasticsearch_url", &self.elasticsearch_url),
+        ] {
+            if let Some(url) = url {
+                check_url(field, url)?;
+            }
+        }
+        if self.worker_id.trim().is_empty() {
+            return Err(ConfigError::invalid("worker_id", "must not be empty"));
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            return Err(ConfigError::invalid(
+                "concurrency",
+                "must be between 1 and 64",
+            ));
         }
         Ok(())
     }
@@ -53,18 +112,137 @@ impl ServiceConfig for Config {
 pub enum VerifierError {
     #[error(transparent)]
     Kit(#[from] KitError),
+    #[error("{0}")]
+    Config(String),
+    /// Bad request fields.
+    #[error("invalid request")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A backend (job-tracker, replicator, a store) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The job-tracker refused a request for a reason the caller caused
+    /// (a bad schedule, the failure gate): its status is passed on.
+    #[error("job-tracker: {0}")]
+    JobTracker(Status),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<VerifierError> for Status {
+    fn from(e: VerifierError) -> Self {
+        match e {
+            VerifierError::Invalid(v) => invalid_argument(v),
+            VerifierError::NotFound(m) => Status::not_found(m),
+            VerifierError::AlreadyExists(m) => Status::already_exists(m),
+            VerifierError::FailedPrecondition(m) => Status::failed_precondition(m),
+            VerifierError::Unavailable(m) => Status::unavailable(m),
+            VerifierError::JobTracker(s) => s,
+            e @ (VerifierError::Kit(_) | VerifierError::Config(_) | VerifierError::Internal(_)) => {
+                tidemark_kit::error::internal(&e)
+            }
+        }
+    }
+}
+
+impl VerifierError {
+    /// Classifies a job-tracker failure: the caller's causes pass through,
+    /// transport and server trouble is UNAVAILABLE (safe to retry).
+    pub fn from_job_tracker(status: Status) -> Self {
+        match status.code() {
+            Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated => Self::JobTracker(status),
+            _ => Self::Unavailable(format!("job-tracker unavailable: {}", status.message())),
+        }
+    }
+
+    /// Classifies a store failure met while opening or reading it.
+    pub fn from_store(e: &tidemark_connectors::ConnectorError) -> Self {
+        use tidemark_connectors::ConnectorError as C;
+        match e {
+            C::NotFound { .. } => Self::NotFound(e.to_string()),
+            C::InvalidInput { .. } | C::Precondition(_) => Self::FailedPrecondition(e.to_string()),
+            C::Retryable { .. } | C::IteratorExpired { .. } | C::Terminal { .. } => {
+                Self::Unavailable(e.to_string())
+            }
+        }
+    }
+}
+
+/// What a verification looks like while this process runs it.
+pub(crate) struct Live {
+    pub report: pb::Report,
+    /// Confirmed mismatches so far, per check in spec order.
+    pub mismatches: Vec<pb::Mismatch>,
+}
+
+/// Everything the RPCs and the worker share.
+pub(crate) struct State {
+    pub jobs: JobTrackerClient,
+    pub replicator: replicator::Replicator,
+    pub env: side::Env,
+    pub live: Mutex<HashMap<String, Arc<Mutex<Live>>>>,
 }
 
 /// The `VerifierService` implementation.
 #[derive(Clone)]
-pub struct Verifier {}
+pub struct Verifier {
+    state: Arc<State>,
+}
 
-/// Adds this service to `host`.
+/// Adds this service and its worker (claiming VERIFICATION units) to `host`.
 ///
 /// # Errors
-/// When a backend it needs cannot be set up.
-pub async fn register(_config: &Config, host: &mut ServiceHost) -> Result<(), VerifierError> {
-    host.add_service(VerifierServiceServer::new(Verifier {}));
+/// When a client cannot be built from the configuration.
+pub async fn register(config: &Config, host: &mut ServiceHost) -> Result<(), VerifierError> {
+    register_with(config, None, host).await
+}
+
+/// As [`register`], with AWS settings (credentials, region) to start from
+/// instead of the default chain; tests and benchmarks bring their own.
+///
+/// # Errors
+/// When a client cannot be built from the configuration.
+pub async fn register_with(
+    config: &Config,
+    aws: Option<aws_config::SdkConfig>,
+    host: &mut ServiceHost,
+) -> Result<(), VerifierError> {
+    let token = config.server.auth_token.as_deref();
+    let jobs = job_tracker_client(&config.job_tracker_url, token).map_err(VerifierError::Config)?;
+    let replicator = replicator::Replicator::connect(&config.replicator_url, token)
+        .map_err(VerifierError::Config)?;
+    let mut env = side::Env::new(
+        config.aws_endpoint.clone(),
+        config.elasticsearch_url.clone(),
+        config.data_dir.clone(),
+    );
+    env.aws_base = aws;
+    let state = Arc::new(State {
+        jobs: jobs.clone(),
+        replicator,
+        env,
+        live: Mutex::default(),
+    });
+    host.add_service(VerifierServiceServer::new(Verifier {
+        state: state.clone(),
+    }));
+    let mut options = WorkerOptions::new(config.worker_id.clone(), vec![JobKind::Verification]);
+    options.concurrency = config.concurrency;
+    let executor = executor::executor(state);
+    host.spawn(
+        "verification-worker",
+        run_worker(jobs, options, executor, host.shutdown_token()),
+    );
     Ok(())
 }
 

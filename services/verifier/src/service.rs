@@ -1,34 +1,465 @@
-//! `VerifierService` RPCs. Those not built yet answer `UNIMPLEMENTED` naming the RPC.
+//! `VerifierService` RPCs: starting a verification is creating (or reusing)
+//! its job and starting a run in the job-tracker; reports and mismatches are
+//! read back from there (or from this process while it runs the check).
 
-use tidemark_kit::rpc::{BoxStream, not_built};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_kit::FieldError;
+use tidemark_kit::rpc::BoxStream;
+use tidemark_kit::worker::{pack_any, unpack_any};
+use tidemark_proto::job_tracker::v1 as jpb;
 use tidemark_proto::verifier::v1::verifier_service_server::VerifierService;
 use tidemark_proto::verifier::v1::*;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tracing::instrument;
 
-use crate::Verifier;
+use crate::executor::pending_report;
+use crate::side::Sides;
+use crate::spec::Spec;
+use crate::{REPORT_TYPE, SPEC_TYPE, UNIT_KEY, Verifier, VerifierError};
+
+/// Mismatches per stream message.
+const STREAM_BATCH: usize = 1000;
+/// How often a following stream looks for news.
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+fn valid_job_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:/-".contains(c))
+}
+
+fn finished(status: i32) -> bool {
+    matches!(
+        jpb::RunStatus::try_from(status),
+        Ok(jpb::RunStatus::Succeeded
+            | jpb::RunStatus::Failed
+            | jpb::RunStatus::FailedAcknowledged
+            | jpb::RunStatus::Skipped)
+    )
+}
+
+impl Verifier {
+    async fn get_run(&self, id: &str) -> Result<jpb::Run, VerifierError> {
+        let run = self
+            .state
+            .jobs
+            .clone()
+            .get_run(jpb::GetRunRequest {
+                run_id: id.to_owned(),
+            })
+            .await
+            .map_err(|s| {
+                if s.code() == Code::NotFound {
+                    VerifierError::NotFound(format!("no verification {id:?}"))
+                } else {
+                    VerifierError::from_job_tracker(s)
+                }
+            })?
+            .into_inner()
+            .run
+            .ok_or_else(|| VerifierError::Internal("GetRun answered without a run".to_owned()))?;
+        if run.job_kind != jpb::JobKind::Verification as i32 {
+            return Err(VerifierError::NotFound(format!(
+                "{id:?} is not a verification"
+            )));
+        }
+        Ok(run)
+    }
+
+    async fn job_spec(&self, job_name: &str) -> Result<VerificationSpec, VerifierError> {
+        let job = self
+            .state
+            .jobs
+            .clone()
+            .get_job(jpb::GetJobRequest {
+                name: job_name.to_owned(),
+            })
+            .await
+            .map_err(VerifierError::from_job_tracker)?
+            .into_inner()
+            .job
+            .unwrap_or_default();
+        unpack_any(job.spec.as_ref(), SPEC_TYPE).map_err(VerifierError::Internal)
+    }
+
+    /// The report of a run: its result once finished, the live one while
+    /// this process runs it, a PENDING one otherwise.
+    async fn report(&self, run: &jpb::Run) -> Result<Report, VerifierError> {
+        if finished(run.status) {
+            if let Some(result) = &run.result {
+                return unpack_any(Some(result), REPORT_TYPE).map_err(VerifierError::Internal);
+            }
+            let names = self.check_names(&run.job_name).await.unwrap_or_default();
+            let mut report = pending_report(&run.run_id, &run.job_name, &names);
+            report.status = VerificationStatus::Failed as i32;
+            report.verdict = Verdict::Error as i32;
+            report.error.clone_from(&run.status_reason);
+            report.start_time = run.start_time;
+            report.finish_time = run.finish_time;
+            return Ok(report);
+        }
+        if let Some(live) = self.live(&run.run_id) {
+            return Ok(live.lock().expect("live lock").report.clone());
+        }
+        let names = self.check_names(&run.job_name).await?;
+        let mut report = pending_report(&run.run_id, &run.job_name, &names);
+        let units = run.units.unwrap_or_default();
+        if units.in_progress > 0 || units.migrated > 0 {
+            report.status = VerificationStatus::Running as i32;
+        }
+        report.start_time = run.start_time;
+        Ok(report)
+    }
+
+    async fn check_names(&self, job_name: &str) -> Result<Vec<String>, VerifierError> {
+        Ok(self
+            .job_spec(job_name)
+            .await?
+            .checks
+            .into_iter()
+            .map(|c| c.name)
+            .collect())
+    }
+
+    fn live(&self, run_id: &str) -> Option<Arc<std::sync::Mutex<crate::Live>>> {
+        self.state
+            .live
+            .lock()
+            .expect("live lock")
+            .get(run_id)
+            .cloned()
+    }
+
+    /// Creates the job, or checks that the existing one is a verification
+    /// of the same spec; returns the spec to run.
+    async fn ensure_job(
+        &self,
+        name: &str,
+        spec: Option<&VerificationSpec>,
+        schedule: Option<&jpb::Schedule>,
+    ) -> Result<VerificationSpec, VerifierError> {
+        let mut jobs = self.state.jobs.clone();
+        let existing = match jobs
+            .get_job(jpb::GetJobRequest {
+                name: name.to_owned(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().job,
+            Err(s) if s.code() == Code::NotFound => None,
+            Err(s) => return Err(VerifierError::from_job_tracker(s)),
+        };
+        if let Some(job) = existing {
+            if job.kind != jpb::JobKind::Verification as i32 {
+                return Err(VerifierError::AlreadyExists(format!(
+                    "job {name:?} exists and is not a verification"
+                )));
+            }
+            // Compared decoded: map fields do not encode in a stable order.
+            let stored: VerificationSpec = unpack_any(job.spec.as_ref(), SPEC_TYPE)
+                .map_err(|e| VerifierError::AlreadyExists(format!("job {name:?}: {e}")))?;
+            if spec.is_some_and(|s| s != &stored) {
+                return Err(VerifierError::AlreadyExists(format!(
+                    "job {name:?} exists with another spec"
+                )));
+            }
+            if let Some(schedule) = schedule
+                && job.schedule.as_ref() != Some(schedule)
+            {
+                jobs.update_job(jpb::UpdateJobRequest {
+                    job: Some(jpb::Job {
+                        name: name.to_owned(),
+                        schedule: Some(schedule.clone()),
+                        ..jpb::Job::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["schedule".to_owned()],
+                    }),
+                    expected_revision: 0,
+                    actor: "verifier".to_owned(),
+                })
+                .await
+                .map_err(VerifierError::from_job_tracker)?;
+            }
+            return Ok(stored);
+        }
+        let spec = spec.ok_or_else(|| {
+            VerifierError::Invalid(vec![FieldError::new(
+                "spec",
+                "is required to create a new verification job",
+            )])
+        })?;
+        let created = jobs
+            .create_job(jpb::CreateJobRequest {
+                job: Some(jpb::Job {
+                    name: name.to_owned(),
+                    kind: jpb::JobKind::Verification as i32,
+                    description: "verification (StartVerification)".to_owned(),
+                    spec: Some(pack_any(SPEC_TYPE, spec)),
+                    schedule: schedule.cloned(),
+                    default_unit_keys: vec![UNIT_KEY.to_owned()],
+                    explicit_completion: true,
+                    ..jpb::Job::default()
+                }),
+            })
+            .await;
+        match created {
+            Ok(_) => Ok(spec.clone()),
+            // Created meanwhile by a concurrent call: compare with that one.
+            Err(s) if s.code() == Code::AlreadyExists => {
+                Box::pin(self.ensure_job(name, Some(spec), None)).await
+            }
+            Err(s) => Err(VerifierError::from_job_tracker(s)),
+        }
+    }
+
+    async fn start(
+        &self,
+        r: StartVerificationRequest,
+    ) -> Result<StartVerificationResponse, VerifierError> {
+        let mut violations = Vec::new();
+        if r.actor.trim().is_empty() {
+            violations.push(FieldError::required("actor"));
+        }
+        if !r.job_name.is_empty() && !valid_job_name(&r.job_name) {
+            violations.push(FieldError::new(
+                "job_name",
+                "1-128 characters of letters, digits and ._:/-, starting with a letter or digit",
+            ));
+        }
+        if let Some(spec) = &r.spec
+            && let Err(v) = Spec::from_proto(spec, "spec")
+        {
+            violations.extend(v);
+        }
+        if !violations.is_empty() {
+            return Err(VerifierError::Invalid(violations));
+        }
+        let name = if r.job_name.is_empty() {
+            format!("verify-{}", uuid::Uuid::now_v7().simple())
+        } else {
+            r.job_name.clone()
+        };
+        let spec_pb = self
+            .ensure_job(&name, r.spec.as_ref(), r.schedule.as_ref())
+            .await?;
+        let spec = Spec::from_proto(&spec_pb, "spec").map_err(VerifierError::Invalid)?;
+        Sides::open(&spec, &self.state.env)
+            .await
+            .map_err(|e| VerifierError::from_store(&e))?;
+        if let Some(pipeline) = &spec.recheck.pipeline {
+            self.state
+                .replicator
+                .get_pipeline(pipeline)
+                .await
+                .map_err(|s| match s.code() {
+                    Code::NotFound => VerifierError::NotFound(format!("no pipeline {pipeline:?}")),
+                    _ => VerifierError::Unavailable(format!(
+                        "replicator: cannot look up pipeline {pipeline:?}: {}",
+                        s.message()
+                    )),
+                })?;
+        }
+        let run = self
+            .state
+            .jobs
+            .clone()
+            .start_run(jpb::StartRunRequest {
+                job_name: name.clone(),
+                units: vec![jpb::UnitSpec {
+                    unit_key: UNIT_KEY.to_owned(),
+                    after_unit_keys: Vec::new(),
+                }],
+                trigger: jpb::RunTrigger::Api as i32,
+                correlation_id: r.correlation_id.clone(),
+                actor: r.actor.clone(),
+                reason: "StartVerification".to_owned(),
+                ..jpb::StartRunRequest::default()
+            })
+            .await
+            .map_err(VerifierError::from_job_tracker)?
+            .into_inner()
+            .run
+            .ok_or_else(|| VerifierError::Internal("StartRun answered without a run".to_owned()))?;
+        Ok(StartVerificationResponse {
+            verification_id: run.run_id,
+            job_name: name,
+        })
+    }
+
+    /// Every stored mismatch of a finished run, per check in report order.
+    async fn stored_mismatches(&self, run_id: &str) -> Result<Vec<Mismatch>, VerifierError> {
+        let units = self
+            .state
+            .jobs
+            .clone()
+            .list_units(jpb::ListUnitsRequest {
+                run_id: run_id.to_owned(),
+                unit_keys: vec![UNIT_KEY.to_owned()],
+                ..jpb::ListUnitsRequest::default()
+            })
+            .await
+            .map_err(VerifierError::from_job_tracker)?
+            .into_inner()
+            .units;
+        let Some(result) = units.into_iter().find_map(|u| u.result) else {
+            return Ok(Vec::new());
+        };
+        let stored: Report =
+            unpack_any(Some(&result), REPORT_TYPE).map_err(VerifierError::Internal)?;
+        Ok(stored
+            .checks
+            .into_iter()
+            .flat_map(|c| c.sample_mismatches)
+            .collect())
+    }
+}
+
+/// Sends what `all` holds beyond `sent` (per check), filtered.
+fn fresh(
+    all: &[Mismatch],
+    sent: &mut HashMap<String, usize>,
+    check: &str,
+    kinds: &BTreeSet<i32>,
+) -> Vec<Mismatch> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for m in all {
+        let n = seen.entry(m.check_name.as_str()).or_default();
+        *n += 1;
+        let already = sent.get(&m.check_name).copied().unwrap_or(0);
+        if *n <= already {
+            continue;
+        }
+        if (check.is_empty() || m.check_name == check)
+            && (kinds.is_empty() || kinds.contains(&m.kind))
+        {
+            out.push(m.clone());
+        }
+    }
+    for (name, n) in seen {
+        sent.insert(name.to_owned(), n);
+    }
+    out
+}
 
 #[tonic::async_trait]
 impl VerifierService for Verifier {
+    #[instrument(skip_all, fields(job = %request.get_ref().job_name))]
     async fn start_verification(
         &self,
-        _request: Request<StartVerificationRequest>,
+        request: Request<StartVerificationRequest>,
     ) -> Result<Response<StartVerificationResponse>, Status> {
-        Err(not_built("VerifierService.StartVerification"))
+        let response = self.start(request.into_inner()).await?;
+        tracing::info!(verification_id = %response.verification_id, job = %response.job_name, "verification started");
+        Ok(Response::new(response))
     }
 
+    #[instrument(skip_all, fields(verification_id = %request.get_ref().verification_id))]
     async fn get_report(
         &self,
-        _request: Request<GetReportRequest>,
+        request: Request<GetReportRequest>,
     ) -> Result<Response<GetReportResponse>, Status> {
-        Err(not_built("VerifierService.GetReport"))
+        let id = request.into_inner().verification_id;
+        if id.trim().is_empty() {
+            return Err(
+                VerifierError::Invalid(vec![FieldError::required("verification_id")]).into(),
+            );
+        }
+        let run = self.get_run(&id).await?;
+        let report = self.report(&run).await?;
+        Ok(Response::new(GetReportResponse {
+            report: Some(report),
+        }))
     }
 
     type StreamMismatchesStream = BoxStream<StreamMismatchesResponse>;
 
+    #[instrument(skip_all, fields(verification_id = %request.get_ref().verification_id))]
     async fn stream_mismatches(
         &self,
-        _request: Request<StreamMismatchesRequest>,
+        request: Request<StreamMismatchesRequest>,
     ) -> Result<Response<Self::StreamMismatchesStream>, Status> {
-        Err(not_built("VerifierService.StreamMismatches"))
+        let r = request.into_inner();
+        if r.verification_id.trim().is_empty() {
+            return Err(
+                VerifierError::Invalid(vec![FieldError::required("verification_id")]).into(),
+            );
+        }
+        let run = self.get_run(&r.verification_id).await?;
+        if !r.check_name.is_empty() {
+            let names = self.check_names(&run.job_name).await?;
+            if !names.contains(&r.check_name) {
+                return Err(VerifierError::Invalid(vec![FieldError::new(
+                    "check_name",
+                    format!("the verification has no check {:?}", r.check_name),
+                )])
+                .into());
+            }
+        }
+        let kinds: BTreeSet<i32> = r.kinds.iter().copied().collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let send = |batch: Vec<Mismatch>| {
+                let tx = tx.clone();
+                async move {
+                    for chunk in batch.chunks(STREAM_BATCH) {
+                        if tx
+                            .send(Ok(StreamMismatchesResponse {
+                                mismatches: chunk.to_vec(),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            };
+            let mut sent = HashMap::new();
+            loop {
+                let run = match this.get_run(&r.verification_id).await {
+                    Ok(run) => run,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if finished(run.status) {
+                    match this.stored_mismatches(&run.run_id).await {
+                        Ok(all) => {
+                            send(fresh(&all, &mut sent, &r.check_name, &kinds)).await;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                        }
+                    }
+                    return;
+                }
+                if let Some(live) = this.live(&run.run_id) {
+                    let all = live.lock().expect("live lock").mismatches.clone();
+                    if !send(fresh(&all, &mut sent, &r.check_name, &kinds)).await {
+                        return;
+                    }
+                }
+                if !r.follow {
+                    return;
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep(FOLLOW_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

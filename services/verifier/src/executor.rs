@@ -1,0 +1,286 @@
+//! The worker side: a claimed `verify` unit runs every check of its job's
+//! spec, keeps a live report for `GetReport`, and finishes the run with the
+//! report (SUCCEEDED on PASS, FAILED otherwise).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use prost::Message as _;
+use tidemark_kit::worker::{Claim, Executor, Progress, pack_any, unpack_any};
+use tidemark_proto::job_tracker::v1 as jpb;
+use tidemark_proto::verifier::v1 as pb;
+
+use crate::checks::Runner;
+use crate::side::Sides;
+use crate::spec::Spec;
+use crate::{Live, REPORT_TYPE, SPEC_TYPE, State};
+
+/// The unit result holds every mismatch up to this size; the job-tracker
+/// takes at most 1 MiB.
+const STORED_BYTES: usize = 1000 * 1000;
+/// Progress checkpoints while a check runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+
+pub(crate) fn executor(state: Arc<State>) -> Executor {
+    Arc::new(move |claim: Claim| {
+        let state = state.clone();
+        Box::pin(execute(state, claim))
+    })
+}
+
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Sums the checks into the report's totals and verdict.
+pub(crate) fn summarise(report: &mut pb::Report) {
+    let mut counts = pb::MismatchCounts::default();
+    let mut compared = 0;
+    let (mut fail, mut error, mut pending) = (false, false, false);
+    for c in &report.checks {
+        compared += c.source_count.max(c.target_count);
+        if let Some(m) = &c.mismatches {
+            counts.missing_in_target += m.missing_in_target;
+            counts.extra_in_target += m.extra_in_target;
+            counts.stale_version += m.stale_version;
+            counts.different_content += m.different_content;
+        }
+        match pb::Verdict::try_from(c.verdict) {
+            Ok(pb::Verdict::Fail) => fail = true,
+            Ok(pb::Verdict::Error) => error = true,
+            Ok(pb::Verdict::Pass) => {}
+            _ => pending = true,
+        }
+    }
+    report.items_compared = compared;
+    report.mismatches = Some(counts);
+    report.verdict = if pending {
+        pb::Verdict::Pending
+    } else if fail {
+        pb::Verdict::Fail
+    } else if error {
+        pb::Verdict::Error
+    } else {
+        pb::Verdict::Pass
+    } as i32;
+}
+
+/// A report with every check PENDING, before anything ran.
+pub(crate) fn pending_report(run_id: &str, job_name: &str, names: &[String]) -> pb::Report {
+    pb::Report {
+        verification_id: run_id.to_owned(),
+        job_name: job_name.to_owned(),
+        status: pb::VerificationStatus::Queued as i32,
+        verdict: pb::Verdict::Pending as i32,
+        checks: names
+            .iter()
+            .map(|n| pb::CheckResult {
+                name: n.clone(),
+                verdict: pb::Verdict::Pending as i32,
+                ..pb::CheckResult::default()
+            })
+            .collect(),
+        ..pb::Report::default()
+    }
+}
+
+#[tracing::instrument(skip_all, fields(run_id = %claim.run.run_id, job = %claim.job.name))]
+async fn execute(state: Arc<State>, claim: Claim) {
+    let Claim {
+        run, job, lease, ..
+    } = claim;
+    let run_id = run.run_id.clone();
+    let decoded: Result<Spec, String> =
+        unpack_any::<pb::VerificationSpec>(job.spec.as_ref(), SPEC_TYPE).and_then(|p| {
+            Spec::from_proto(&p, "spec").map_err(|v| {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+        });
+    let names: Vec<String> = decoded
+        .as_ref()
+        .map(|s| s.checks.iter().map(|c| c.name.clone()).collect())
+        .unwrap_or_default();
+    let mut report = pending_report(&run_id, &job.name, &names);
+    report.status = pb::VerificationStatus::Running as i32;
+    report.start_time = Some(timestamp(SystemTime::now()));
+    let spec = match decoded {
+        Ok(spec) => spec,
+        Err(e) => {
+            report.status = pb::VerificationStatus::Failed as i32;
+            report.error = format!("the job's spec cannot run: {e}");
+            report.verdict = pb::Verdict::Error as i32;
+            finish(&state, &lease, report, Vec::new(), &Progress::default()).await;
+            return;
+        }
+    };
+    let live = Arc::new(Mutex::new(Live {
+        report: report.clone(),
+        mismatches: Vec::new(),
+    }));
+    state
+        .live
+        .lock()
+        .expect("live lock")
+        .insert(run_id.clone(), live.clone());
+    let progress = Arc::new(AtomicI64::new(0));
+    let ticker = tokio::spawn({
+        let lease = lease.clone();
+        let progress = progress.clone();
+        async move {
+            loop {
+                tokio::time::sleep(CHECKPOINT_EVERY).await;
+                let p = Progress {
+                    items_processed: progress.load(Ordering::Relaxed),
+                    ..Progress::default()
+                };
+                if let Err(e) = lease.checkpoint(Vec::new(), &p).await {
+                    tracing::debug!(error = %e, "progress checkpoint failed");
+                }
+            }
+        }
+    });
+    let mut all = Vec::new();
+    match Sides::open(&spec, &state.env).await {
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the stores");
+            for c in &mut report.checks {
+                c.verdict = pb::Verdict::Error as i32;
+                c.error = format!("cannot open the stores: {e}");
+            }
+        }
+        Ok(sides) => {
+            let runner = Runner {
+                spec: &spec,
+                sides: &sides,
+                replicator: spec
+                    .recheck
+                    .pipeline
+                    .as_ref()
+                    .map(|_| state.replicator.clone()),
+                progress: progress.clone(),
+                cancel: lease.lost().clone(),
+            };
+            for (i, check) in spec.checks.iter().enumerate() {
+                let outcome = runner.run(check).await;
+                if lease.lost().is_cancelled() {
+                    // Another worker owns the unit now (or we shut down): it
+                    // starts over, nothing of ours may be written.
+                    ticker.abort();
+                    state.live.lock().expect("live lock").remove(&run_id);
+                    return;
+                }
+                report.checks[i] = outcome.result;
+                report.rounds = report.rounds.max(outcome.rounds);
+                let mut l = live.lock().expect("live lock");
+                l.report = report.clone();
+                l.mismatches.extend(outcome.mismatches.iter().cloned());
+                drop(l);
+                all.extend(outcome.mismatches);
+            }
+        }
+    }
+    ticker.abort();
+    report.status = pb::VerificationStatus::Completed as i32;
+    let p = Progress {
+        items_processed: progress.load(Ordering::Relaxed),
+        ..Progress::default()
+    };
+    finish(&state, &lease, report, all, &p).await;
+    state.live.lock().expect("live lock").remove(&run_id);
+}
+
+/// The unit's result: the report with every mismatch as its samples, as
+/// many as fit the job-tracker's limit (the detail says when some did not).
+fn stored_report(report: &pb::Report, all: Vec<pb::Mismatch>) -> pb::Report {
+    let mut stored = report.clone();
+    for c in &mut stored.checks {
+        c.sample_mismatches.clear();
+    }
+    let mut budget = STORED_BYTES.saturating_sub(stored.encoded_len());
+    let mut dropped: std::collections::HashMap<String, usize> = Default::default();
+    for m in all {
+        let size = m.encoded_len() + 8;
+        let Some(c) = stored.checks.iter_mut().find(|c| c.name == m.check_name) else {
+            continue;
+        };
+        if size > budget {
+            *dropped.entry(m.check_name).or_default() += 1;
+            continue;
+        }
+        budget -= size;
+        c.sample_mismatches.push(m);
+    }
+    for c in &mut stored.checks {
+        if let Some(n) = dropped.get(&c.name) {
+            c.detail.push_str(&format!(
+                "; {n} mismatches not kept for StreamMismatches (size limit)"
+            ));
+        }
+    }
+    stored
+}
+
+async fn finish(
+    state: &State,
+    lease: &tidemark_kit::worker::UnitLease,
+    mut report: pb::Report,
+    all: Vec<pb::Mismatch>,
+    progress: &Progress,
+) {
+    report.finish_time = Some(timestamp(SystemTime::now()));
+    let failed = report.status == pb::VerificationStatus::Failed as i32;
+    if !failed {
+        summarise(&mut report);
+    }
+    let stored = stored_report(&report, all);
+    if let Err(e) = lease
+        .complete(progress, Some(pack_any(REPORT_TYPE, &stored)))
+        .await
+    {
+        tracing::warn!(error = %e, "cannot complete the verification unit");
+        return;
+    }
+    let result = Some(pack_any(REPORT_TYPE, &report));
+    let mut jobs = state.jobs.clone();
+    let done = if report.verdict == pb::Verdict::Pass as i32 {
+        jobs.complete_run(jpb::CompleteRunRequest {
+            run_id: lease.run_id().to_owned(),
+            last_processed: None,
+            result,
+            actor: "verifier".to_owned(),
+        })
+        .await
+        .map(drop)
+    } else {
+        let failing: Vec<&str> = report
+            .checks
+            .iter()
+            .filter(|c| c.verdict != pb::Verdict::Pass as i32)
+            .map(|c| c.name.as_str())
+            .collect();
+        let error = if report.error.is_empty() {
+            format!("verification failed: {}", failing.join(", "))
+        } else {
+            report.error.clone()
+        };
+        jobs.fail_run(jpb::FailRunRequest {
+            run_id: lease.run_id().to_owned(),
+            error,
+            result,
+            actor: "verifier".to_owned(),
+        })
+        .await
+        .map(drop)
+    };
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "cannot finish the verification run");
+    }
+}
