@@ -4,8 +4,11 @@
 
 mod backfill;
 mod context;
+mod dead_letters;
 mod jobs;
 mod migrate;
+mod pipeline;
+mod pipelines;
 mod service;
 mod stores;
 
@@ -41,6 +44,9 @@ pub struct Config {
     pub worker_concurrency: usize,
     /// Length of unit leases; a killed replica's units are taken over after it.
     pub lease_secs: u64,
+    /// DynamoDB table of the dead letters, keyed by `pipeline` (S) and `id`
+    /// (S), shared by the replicas; unset: a table in `data_dir`.
+    pub dead_letter_table: Option<String>,
     /// Fault injection for drills and tests: the unit migration of this unit
     /// key fails after copying half of its items (and is rolled back).
     pub inject_unit_fault: Option<String>,
@@ -59,6 +65,7 @@ impl Default for Config {
             worker_concurrency: 4,
             lease_secs: 15,
             inject_unit_fault: None,
+            dead_letter_table: None,
         }
     }
 }
@@ -142,14 +149,41 @@ pub async fn register_with(
         config.server.auth_token.as_deref(),
     )
     .map_err(ReplicatorError::Setup)?;
+    let stores = stores::Stores::new(config, aws);
+    let dead_table: Arc<dyn tidemark_connectors::SourceTable> = match &config.dead_letter_table {
+        Some(name) => {
+            let client = stores.dynamodb_client("", "").await;
+            Arc::new(
+                tidemark_connectors::dynamodb::DynamoTable::open(client, name)
+                    .await
+                    .map_err(|e| {
+                        ReplicatorError::Setup(format!("dead_letter_table {name}: {e}"))
+                    })?,
+            )
+        }
+        None => Arc::new(
+            stores
+                .embedded("replicator")
+                .map_err(|e| ReplicatorError::Setup(format!("dead-letter store: {e}")))?
+                .table(
+                    "tidemark_dead_letters",
+                    tidemark_connectors::KeySchema::new("pipeline", Some("id")),
+                ),
+        ),
+    };
     let ctx = context::Context {
         config: Arc::new(config.clone()),
-        stores: stores::Stores::new(config, aws),
+        stores,
         jobs: jobs.clone(),
+        dead_letters: dead_letters::DeadLetters::new(dead_table),
     };
     let mut options = WorkerOptions::new(
         config.worker_id.clone(),
-        vec![JobKind::BackfillAttribute, JobKind::UnitMigration],
+        vec![
+            JobKind::BackfillAttribute,
+            JobKind::UnitMigration,
+            JobKind::Replication,
+        ],
     );
     options.concurrency = config.worker_concurrency;
     options.lease = std::time::Duration::from_secs(config.lease_secs);

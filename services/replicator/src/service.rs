@@ -1,4 +1,5 @@
-//! `ReplicatorService` RPCs. Those not built yet answer `UNIMPLEMENTED` naming the RPC.
+//! `ReplicatorService` RPCs: thin wrappers over `jobs` (one-shot jobs) and
+//! `pipelines`. Those not built yet answer `UNIMPLEMENTED` naming the RPC.
 
 use tidemark_kit::rpc::{BoxStream, not_built};
 use tidemark_proto::replicator::v1::replicator_service_server::ReplicatorService;
@@ -6,80 +7,100 @@ use tidemark_proto::replicator::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::Replicator;
-use crate::jobs;
+use crate::{jobs, pipelines};
 
 #[tonic::async_trait]
 impl ReplicatorService for Replicator {
     async fn create_pipeline(
         &self,
-        _request: Request<CreatePipelineRequest>,
+        request: Request<CreatePipelineRequest>,
     ) -> Result<Response<CreatePipelineResponse>, Status> {
-        Err(not_built("ReplicatorService.CreatePipeline"))
+        pipelines::create(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn get_pipeline(
         &self,
-        _request: Request<GetPipelineRequest>,
+        request: Request<GetPipelineRequest>,
     ) -> Result<Response<GetPipelineResponse>, Status> {
-        Err(not_built("ReplicatorService.GetPipeline"))
+        pipelines::get(self, &request.into_inner().name)
+            .await
+            .map(|p| Response::new(GetPipelineResponse { pipeline: Some(p) }))
     }
 
     async fn list_pipelines(
         &self,
-        _request: Request<ListPipelinesRequest>,
+        request: Request<ListPipelinesRequest>,
     ) -> Result<Response<ListPipelinesResponse>, Status> {
-        Err(not_built("ReplicatorService.ListPipelines"))
+        pipelines::list(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn pause_pipeline(
         &self,
-        _request: Request<PausePipelineRequest>,
+        request: Request<PausePipelineRequest>,
     ) -> Result<Response<PausePipelineResponse>, Status> {
-        Err(not_built("ReplicatorService.PausePipeline"))
+        pipelines::pause(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn resume_pipeline(
         &self,
-        _request: Request<ResumePipelineRequest>,
+        request: Request<ResumePipelineRequest>,
     ) -> Result<Response<ResumePipelineResponse>, Status> {
-        Err(not_built("ReplicatorService.ResumePipeline"))
+        pipelines::resume(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn drain(
         &self,
-        _request: Request<DrainRequest>,
+        request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
-        Err(not_built("ReplicatorService.Drain"))
+        pipelines::drain(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     type WatchLagStream = BoxStream<WatchLagResponse>;
 
     async fn watch_lag(
         &self,
-        _request: Request<WatchLagRequest>,
+        request: Request<WatchLagRequest>,
     ) -> Result<Response<Self::WatchLagStream>, Status> {
-        Err(not_built("ReplicatorService.WatchLag"))
+        pipelines::watch_lag(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn repair(
         &self,
-        _request: Request<RepairRequest>,
+        request: Request<RepairRequest>,
     ) -> Result<Response<RepairResponse>, Status> {
-        Err(not_built("ReplicatorService.Repair"))
+        pipelines::repair(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_dead_letters(
         &self,
-        _request: Request<ListDeadLettersRequest>,
+        request: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
-        Err(not_built("ReplicatorService.ListDeadLetters"))
+        pipelines::list_dead_letters(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn replay_dead_letters(
         &self,
-        _request: Request<ReplayDeadLettersRequest>,
+        request: Request<ReplayDeadLettersRequest>,
     ) -> Result<Response<ReplayDeadLettersResponse>, Status> {
-        Err(not_built("ReplicatorService.ReplayDeadLetters"))
+        pipelines::replay_dead_letters(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn backfill_attribute(

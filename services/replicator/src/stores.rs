@@ -22,9 +22,6 @@ use crate::Config;
 pub struct OpenTable {
     pub table: Arc<dyn SourceTable>,
     pub schema: KeySchema,
-    /// DynamoDB tables: the client, for stream and index access.
-    #[allow(dead_code, reason = "used by the pipelines' stream feed")]
-    pub dynamo: Option<DynamoTable>,
 }
 
 #[derive(Clone)]
@@ -85,7 +82,6 @@ impl Stores {
         aws_sdk_dynamodb::Client::new(&self.aws(endpoint, region).await)
     }
 
-    #[allow(dead_code, reason = "used by the pipelines' stream feed")]
     pub async fn streams_client(
         &self,
         endpoint: &str,
@@ -139,9 +135,8 @@ impl Stores {
                 let table = DynamoTable::open(client, &t.table_name).await?;
                 let schema = table.key_schema().clone();
                 Ok(OpenTable {
-                    table: Arc::new(table.clone()),
+                    table: Arc::new(table),
                     schema,
-                    dynamo: Some(table),
                 })
             }
             Some(Store::SqliteTable(t)) => {
@@ -152,7 +147,6 @@ impl Stores {
                 Ok(OpenTable {
                     table: Arc::new(table),
                     schema,
-                    dynamo: None,
                 })
             }
             _ => Err(invalid(

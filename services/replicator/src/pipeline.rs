@@ -1,0 +1,590 @@
+//! Pipelines at work (DESIGN.md problems 1 and 2, invariants 1, 3, 4): a
+//! pipeline is a REPLICATION job whose run has one `feed` unit (the change
+//! feed, held by one replica at a time through its lease) and, while
+//! backfilling, `segment-<i>` units (parallel scan segments).
+//!
+//! Versions (invariant 3): with a source version attribute, its value; else
+//! the feed's derived version, and backfill reads carry version 0, below
+//! every feed record of the same key. Sinks write conditionally on version
+//! and keep tombstones, so a scan row read before a delete can never bring
+//! the item back, and a replayed feed never moves a target backwards. A
+//! backfilling pipeline reads its feed from the trim horizon, so no change
+//! made while the scan runs is missed, whenever the feed unit is claimed.
+//!
+//! Nothing is acknowledged to the feed (checkpointed) before every sink
+//! wrote or dead-lettered the record (invariant 1).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
+use tidemark_connectors::transform::Transform;
+use tidemark_connectors::{
+    AttrValue, ChangeFeed, ChangeRecord, FeedCheckpoint, Item, Key, Number, Predicate,
+    RecordOutcome, ScanRequest, Sink, SinkOp, SinkRecord,
+};
+use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
+use tidemark_proto::common::v1::data_store::Store;
+use tidemark_proto::job_tracker::v1::GetJobRequest;
+use tidemark_proto::replicator::v1::change_feed::Feed;
+use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineState, StartPosition};
+
+use crate::context::{Context, UnitFailure};
+use crate::dead_letters::DeadLetters;
+use crate::stores::OpenTable;
+
+pub const SPEC_TYPE: &str = "tidemark.replicator.v1.Pipeline";
+pub const FEED_UNIT: &str = "feed";
+pub const DEFAULT_SEGMENTS: u32 = 8;
+pub const DEFAULT_WATERMARK_PREFIX: &str = "__tidemark_watermark#";
+pub const DEFAULT_TOUCH_ATTRIBUTE: &str = "_tidemark_touch";
+/// How often the feed unit publishes its lag (as unit counters).
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// One sink of a pipeline, opened, with its transform.
+pub struct OpenSink {
+    pub name: String,
+    pub sink: Arc<dyn Sink>,
+    pub transform: Transform,
+}
+
+/// A pipeline's source and sinks, opened.
+pub struct Opened {
+    pub source: OpenTable,
+    pub sinks: Vec<OpenSink>,
+    pub version_attribute: String,
+    pub watermark_prefix: String,
+}
+
+pub fn backfill_mode(pipeline: &Pipeline) -> BackfillMode {
+    let mode = pipeline
+        .spec
+        .as_ref()
+        .and_then(|s| s.backfill.as_ref())
+        .map_or(0, |b| b.mode);
+    match BackfillMode::try_from(mode).unwrap_or(BackfillMode::Unspecified) {
+        BackfillMode::Unspecified => BackfillMode::Tombstones,
+        m => m,
+    }
+}
+
+pub fn segments(pipeline: &Pipeline) -> u32 {
+    match pipeline.spec.as_ref().and_then(|s| s.backfill.as_ref()) {
+        Some(b) if b.segments > 0 => b.segments,
+        _ => DEFAULT_SEGMENTS,
+    }
+}
+
+/// Opens what a pipeline reads and writes.
+///
+/// # Errors
+/// A store that cannot be opened.
+pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFailure> {
+    let spec = pipeline.spec.clone().unwrap_or_default();
+    let source = ctx
+        .stores
+        .table(spec.source.as_ref().unwrap_or(&Default::default()))
+        .await?;
+    let mut sinks = Vec::new();
+    for s in &spec.sinks {
+        let transform = Transform::from_proto(&s.transform.clone().unwrap_or_default())
+            .map_err(|e| UnitFailure::terminal(format!("sink {}: transform.{e}", s.name)))?;
+        let schema = crate::migrate::target_schema(&source.schema, &transform);
+        let handle = ctx
+            .stores
+            .sink(s.store.as_ref().unwrap_or(&Default::default()), &schema, "")
+            .await?;
+        sinks.push(OpenSink {
+            name: s.name.clone(),
+            sink: handle.sink(),
+            transform,
+        });
+    }
+    let watermark_prefix = spec
+        .backfill
+        .as_ref()
+        .map(|b| b.watermark_key_prefix.clone())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_WATERMARK_PREFIX.to_owned());
+    Ok(Opened {
+        source,
+        sinks,
+        version_attribute: spec.version_attribute,
+        watermark_prefix,
+    })
+}
+
+impl Opened {
+    /// Items under the reserved watermark prefix are Tidemark's own and
+    /// never forwarded.
+    fn reserved(&self, key: &Key) -> bool {
+        key.get(&self.source.schema.partition)
+            .and_then(AttrValue::as_s)
+            .is_some_and(|p| p.starts_with(&self.watermark_prefix))
+    }
+
+    fn version_of(&self, item: &Item, derived: u64) -> u64 {
+        if self.version_attribute.is_empty() {
+            return derived;
+        }
+        item.get(&self.version_attribute)
+            .and_then(AttrValue::as_number)
+            .and_then(Number::as_u64)
+            .unwrap_or(derived)
+    }
+
+    /// Writes changes (key, image or `None` for a delete, version, where it
+    /// came from) to every sink; records a sink rejects go to the dead-letter
+    /// store. Returns (applied, stale, dead-lettered).
+    pub async fn write(
+        &self,
+        changes: &[(Key, Option<Item>, u64, String)],
+        dead: &DeadLetters,
+        pipeline: &str,
+    ) -> Result<(u64, u64, u64), UnitFailure> {
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut totals = (0, 0, 0);
+        for sink in &self.sinks {
+            let mut batch = Vec::with_capacity(changes.len());
+            let mut origin = Vec::with_capacity(changes.len());
+            for (key, image, version, position) in changes {
+                let op = match image {
+                    Some(item) if sink.transform.passes(item, now) => {
+                        SinkOp::Upsert(sink.transform.shape(item, &self.source.schema))
+                    }
+                    // Filtered out: not written (a target never holds it
+                    // unless an earlier image passed, which a delete fixes).
+                    Some(_) => continue,
+                    None => SinkOp::Delete,
+                };
+                batch.push(SinkRecord {
+                    key: sink.transform.shape_key(key),
+                    version: *version,
+                    op,
+                });
+                origin.push(position);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let outcomes = sink.sink.apply(&batch).await?;
+            for ((record, position), outcome) in batch.iter().zip(origin).zip(outcomes) {
+                match outcome {
+                    RecordOutcome::Applied => totals.0 += 1,
+                    RecordOutcome::Stale => totals.1 += 1,
+                    RecordOutcome::Rejected(reason) => {
+                        dead.add(pipeline, &sink.name, record, position, &reason)
+                            .await?;
+                        totals.2 += 1;
+                    }
+                }
+            }
+        }
+        Ok(totals)
+    }
+}
+
+/// The pipeline as stored in its job (state included); `None` when the
+/// job's spec is not a pipeline.
+pub fn decode(job: &tidemark_proto::job_tracker::v1::Job) -> Result<Pipeline, String> {
+    unpack_any(job.spec.as_ref(), SPEC_TYPE)
+}
+
+/// Re-reads the pipeline when the job changed (pause, resume).
+async fn refresh(ctx: &Context, name: &str) -> Result<(Pipeline, u64), UnitFailure> {
+    let job = ctx
+        .jobs
+        .clone()
+        .get_job(GetJobRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .map_err(|s| UnitFailure::retryable(s.message()))?
+        .into_inner()
+        .job
+        .unwrap_or_default();
+    let pipeline = decode(&job).map_err(UnitFailure::terminal)?;
+    Ok((pipeline, job.revision))
+}
+
+fn paused(p: &Pipeline) -> bool {
+    p.state == PipelineState::Paused as i32 || p.state == PipelineState::Failed as i32
+}
+
+/// Waits while the pipeline is paused, holding the unit's lease; returns
+/// the pipeline once resumed.
+async fn wait_while_paused(
+    ctx: &Context,
+    lease: &UnitLease,
+    job: &str,
+    mut pipeline: Pipeline,
+    revision: &mut u64,
+) -> Result<Pipeline, UnitFailure> {
+    while paused(&pipeline) {
+        tokio::select! {
+            () = lease.lost().cancelled() => return Err(UnitFailure::LeaseLost),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if lease.job_revision() > *revision {
+            let (p, r) = refresh(ctx, job).await?;
+            pipeline = p;
+            *revision = r;
+        }
+    }
+    Ok(pipeline)
+}
+
+pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
+    let pipeline = decode(&claim.job).map_err(UnitFailure::terminal)?;
+    if claim.unit.unit_key == FEED_UNIT {
+        Box::pin(follow(ctx, claim, pipeline)).await
+    } else {
+        Box::pin(backfill_segment(ctx, claim, pipeline)).await
+    }
+}
+
+/// What the feed unit checkpoints: the feed's own checkpoint plus totals.
+#[derive(Default, Serialize, Deserialize)]
+struct FeedState {
+    feed: FeedCheckpoint,
+    applied: u64,
+    stale: u64,
+    dead_lettered: u64,
+}
+
+async fn open_feed(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    opened: &Opened,
+    checkpoint: &FeedCheckpoint,
+) -> Result<Box<dyn ChangeFeed>, UnitFailure> {
+    let spec = pipeline.spec.clone().unwrap_or_default();
+    let feed = spec.feed.and_then(|f| f.feed);
+    let backfilling = backfill_mode(pipeline) != BackfillMode::None;
+    let start_of = |p: i32| {
+        // A backfilling pipeline must see every change made while it scans.
+        if backfilling || p == StartPosition::TrimHorizon as i32 {
+            FeedStart::TrimHorizon
+        } else {
+            FeedStart::Latest
+        }
+    };
+    match (feed, spec.source.and_then(|s| s.store)) {
+        (Some(Feed::DynamodbStreams(f)), Some(Store::DynamodbTable(t))) => {
+            let ddb = ctx.stores.dynamodb_client(&t.endpoint, &t.region).await;
+            let streams = ctx.stores.streams_client(&t.endpoint, &t.region).await;
+            let source = DynamoStreamSource::for_table(&ddb, streams, &t.table_name).await?;
+            Ok(Box::new(ShardedFeed::new(
+                source,
+                start_of(f.start_position),
+                checkpoint,
+            )))
+        }
+        (Some(Feed::EmbeddedChangeLog(_)), Some(Store::SqliteTable(t))) => {
+            let store = ctx.stores.embedded(&t.database)?;
+            let _ = opened;
+            Ok(Box::new(store.feed(&t.table_name, checkpoint)))
+        }
+        (Some(Feed::Kafka(_)), _) => Err(UnitFailure::terminal(
+            "Kafka feeds are not executed by this release of the replicator",
+        )),
+        _ => Err(UnitFailure::terminal("the feed does not match the source")),
+    }
+}
+
+async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<(), UnitFailure> {
+    let job = claim.job.name.clone();
+    let lease = claim.lease.clone();
+    let mut revision = claim.job.revision;
+    let mut state: FeedState = if claim.unit.checkpoint.is_empty() {
+        FeedState::default()
+    } else {
+        serde_json::from_slice(&claim.unit.checkpoint)
+            .map_err(|e| UnitFailure::terminal(format!("unreadable feed checkpoint: {e}")))?
+    };
+    let opened = open(&ctx, &pipeline).await?;
+    let dead = ctx.dead_letters.clone();
+    let mut feed = open_feed(&ctx, &pipeline, &opened, &state.feed).await?;
+    let mut last_report = Instant::now() - REPORT_EVERY;
+    let mut dirty = true;
+    loop {
+        if lease.lost().is_cancelled() {
+            return Err(UnitFailure::LeaseLost);
+        }
+        if lease.job_revision() > revision {
+            let (p, r) = refresh(&ctx, &job).await?;
+            pipeline = p;
+            revision = r;
+        }
+        if paused(&pipeline) {
+            pipeline = wait_while_paused(&ctx, &lease, &job, pipeline, &mut revision).await?;
+        }
+        let records = feed.poll(500).await?;
+        let caught_up = records.is_empty();
+        if !records.is_empty() {
+            let changes: Vec<(Key, Option<Item>, u64, String)> = records
+                .iter()
+                .filter(|r| !opened.reserved(&r.key))
+                .map(|r| change_of(&opened, r))
+                .collect();
+            let (applied, stale, dead_lettered) =
+                opened.write(&changes, &dead, &pipeline.name).await?;
+            state.applied += applied;
+            state.stale += stale;
+            state.dead_lettered += dead_lettered;
+            // Acknowledge only now that every sink has the records.
+            let mut last: std::collections::BTreeMap<String, tidemark_connectors::Position> =
+                std::collections::BTreeMap::new();
+            for r in &records {
+                last.insert(r.position.partition.clone(), r.position.clone());
+            }
+            for position in last.values() {
+                feed.commit(position).await?;
+            }
+            dirty = true;
+        }
+        if dirty && (caught_up || last_report.elapsed() >= REPORT_EVERY) {
+            state.feed = feed.checkpoint();
+            let lag = feed.lag();
+            let mut p = Progress {
+                items_processed: i64::try_from(state.applied + state.stale).unwrap_or(i64::MAX),
+                items_failed: i64::try_from(state.dead_lettered).unwrap_or(i64::MAX),
+                ..Progress::default()
+            };
+            p.add("applied", i64::try_from(state.applied).unwrap_or(i64::MAX));
+            p.add("stale", i64::try_from(state.stale).unwrap_or(i64::MAX));
+            p.add(
+                "dead_lettered",
+                i64::try_from(state.dead_lettered).unwrap_or(i64::MAX),
+            );
+            let records_behind: u64 = lag.iter().map(|l| l.records).sum();
+            let seconds_behind = lag.iter().map(|l| l.seconds).fold(0.0, f64::max);
+            p.add(
+                "lag_records",
+                i64::try_from(records_behind).unwrap_or(i64::MAX),
+            );
+            #[allow(clippy::cast_possible_truncation, reason = "milliseconds of lag")]
+            p.add("lag_ms", (seconds_behind * 1000.0) as i64);
+            p.add("caught_up", i64::from(caught_up && records_behind == 0));
+            p.add("observed_ms", chrono::Utc::now().timestamp_millis());
+            let bytes = serde_json::to_vec(&state).expect("feed state serialises");
+            match lease.checkpoint(bytes, &p).await {
+                Ok(()) => {}
+                Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+                Err(LeaseError::Rpc(s)) => tracing::warn!(error = %s, "feed checkpoint failed"),
+            }
+            last_report = Instant::now();
+            // Keep reporting while idle so Drain sees fresh observations.
+            dirty = caught_up;
+        }
+        if caught_up {
+            tokio::select! {
+                () = lease.lost().cancelled() => return Err(UnitFailure::LeaseLost),
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            dirty = true;
+        }
+    }
+}
+
+fn change_of(opened: &Opened, r: &ChangeRecord) -> (Key, Option<Item>, u64, String) {
+    let version = r
+        .new_image
+        .as_ref()
+        .map_or(r.version, |i| opened.version_of(i, r.version));
+    (
+        r.key.clone(),
+        r.new_image.clone(),
+        version,
+        format!("{}/{}", r.position.partition, r.position.sequence),
+    )
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct SegmentState {
+    start_after: Option<Key>,
+    copied: u64,
+    scanned: u64,
+}
+
+async fn backfill_segment(
+    ctx: Context,
+    claim: Claim,
+    pipeline: Pipeline,
+) -> Result<(), UnitFailure> {
+    let total = segments(&pipeline);
+    let segment =
+        crate::context::segment_of(&claim.unit.unit_key, total).map_err(UnitFailure::terminal)?;
+    let lease = claim.lease.clone();
+    let job = claim.job.name.clone();
+    let mut revision = claim.job.revision;
+    let mut pipeline = pipeline;
+    let opened = open(&ctx, &pipeline).await?;
+    let dead = ctx.dead_letters.clone();
+    let mode = backfill_mode(&pipeline);
+    let touch = pipeline
+        .spec
+        .as_ref()
+        .and_then(|s| s.backfill.as_ref())
+        .map(|b| b.touch_attribute.clone())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| DEFAULT_TOUCH_ATTRIBUTE.to_owned());
+    let chunk = pipeline
+        .spec
+        .as_ref()
+        .and_then(|s| s.backfill.as_ref())
+        .map_or(1000, |b| {
+            if b.chunk_size == 0 {
+                1000
+            } else {
+                b.chunk_size
+            }
+        });
+    let mut state: SegmentState = if claim.unit.checkpoint.is_empty() {
+        SegmentState::default()
+    } else {
+        serde_json::from_slice(&claim.unit.checkpoint)
+            .map_err(|e| UnitFailure::terminal(format!("unreadable segment checkpoint: {e}")))?
+    };
+    loop {
+        if lease.lost().is_cancelled() {
+            return Err(UnitFailure::LeaseLost);
+        }
+        if lease.job_revision() > revision {
+            let (p, r) = refresh(&ctx, &job).await?;
+            pipeline = p;
+            revision = r;
+        }
+        if paused(&pipeline) {
+            pipeline = wait_while_paused(&ctx, &lease, &job, pipeline, &mut revision).await?;
+        }
+        let page = opened
+            .source
+            .table
+            .scan(&ScanRequest {
+                segment,
+                total_segments: total,
+                start_after: state.start_after.clone(),
+                limit: chunk,
+                filter: None,
+                consistent: true,
+            })
+            .await?;
+        state.scanned += page.scanned;
+        let rows: Vec<(Key, Item)> = page
+            .items
+            .into_iter()
+            .filter_map(|item| opened.source.schema.key_of(&item).ok().map(|k| (k, item)))
+            .filter(|(k, _)| !opened.reserved(k))
+            .collect();
+        match mode {
+            BackfillMode::Touch => {
+                // The feed carries every touched item to the sinks.
+                for (key, _) in &rows {
+                    let set: Item = [(
+                        touch.clone(),
+                        AttrValue::n(
+                            u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
+                        ),
+                    )]
+                    .into_iter()
+                    .collect();
+                    match opened
+                        .source
+                        .table
+                        .update(key, &set, Some(&Predicate::ItemExists))
+                        .await
+                    {
+                        Ok(_) | Err(tidemark_connectors::ConnectorError::Precondition(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            _ => {
+                let changes: Vec<(Key, Option<Item>, u64, String)> = rows
+                    .iter()
+                    .map(|(k, item)| {
+                        (
+                            k.clone(),
+                            Some(item.clone()),
+                            opened.version_of(item, 0),
+                            format!("backfill/{segment}"),
+                        )
+                    })
+                    .collect();
+                opened.write(&changes, &dead, &pipeline.name).await?;
+            }
+        }
+        state.copied += u64::try_from(rows.len()).unwrap_or(u64::MAX);
+        state.start_after.clone_from(&page.last_key);
+        let mut p = Progress {
+            items_processed: i64::try_from(state.copied).unwrap_or(i64::MAX),
+            ..Progress::default()
+        };
+        p.add("scanned", i64::try_from(state.scanned).unwrap_or(i64::MAX));
+        if page.last_key.is_none() {
+            return match lease.complete(&p, None).await {
+                Ok(_) => Ok(()),
+                Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
+                Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
+            };
+        }
+        let bytes = serde_json::to_vec(&state).expect("segment state serialises");
+        match lease.checkpoint(bytes, &p).await {
+            Ok(()) => {}
+            Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+            Err(LeaseError::Rpc(s)) => tracing::warn!(error = %s, "segment checkpoint failed"),
+        }
+    }
+}
+
+/// Re-reads keys from the source and rewrites their current image to the
+/// sinks (deleting those the source no longer has). A derived version one
+/// second in the past keeps any change made after the read winning over the
+/// repair write.
+pub async fn repair(
+    opened: &Opened,
+    keys: &[Key],
+    only: &[String],
+    dead: &DeadLetters,
+    pipeline: &str,
+) -> Result<(i64, i64, i64), UnitFailure> {
+    let now = chrono::Utc::now().timestamp();
+    let derived = u64::try_from((now - 1).max(1)).unwrap_or(1) * 1_000_000;
+    let mut rewritten = 0;
+    let mut deleted = 0;
+    let mut changes = Vec::with_capacity(keys.len());
+    for key in keys {
+        let item = opened.source.table.get(key).await?;
+        match &item {
+            Some(_) => rewritten += 1,
+            None => deleted += 1,
+        }
+        let version = item
+            .as_ref()
+            .map_or(derived, |i| opened.version_of(i, derived));
+        changes.push((key.clone(), item, version, "repair".to_owned()));
+    }
+    let sinks: Vec<&OpenSink> = opened
+        .sinks
+        .iter()
+        .filter(|s| only.is_empty() || only.contains(&s.name))
+        .collect();
+    let subset = Opened {
+        source: opened.source.clone(),
+        sinks: sinks
+            .into_iter()
+            .map(|s| OpenSink {
+                name: s.name.clone(),
+                sink: Arc::clone(&s.sink),
+                transform: s.transform.clone(),
+            })
+            .collect(),
+        version_attribute: opened.version_attribute.clone(),
+        watermark_prefix: opened.watermark_prefix.clone(),
+    };
+    let (_, _, dead_lettered) = subset.write(&changes, dead, pipeline).await?;
+    let dl = i64::try_from(dead_lettered).unwrap_or(i64::MAX);
+    Ok((rewritten - dl.min(rewritten), deleted, dl))
+}

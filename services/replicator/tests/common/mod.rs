@@ -1,0 +1,118 @@
+//! The in-process control plane the replicator's tests run against: the
+//! job-tracker and a replicator (worker included) on one address, talking to
+//! the real local DynamoDB, S3 and Elasticsearch endpoints.
+#![allow(dead_code, reason = "each test binary uses part of it")]
+
+use std::time::Duration;
+
+use tidemark_connectors::testing::{local_env, local_sdk_config};
+use tidemark_kit::config::ServerConfig;
+use tidemark_kit::{CancellationToken, ServiceHost};
+use tidemark_proto::common::v1 as common;
+use tidemark_proto::job_tracker::v1 as jt;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
+use tonic::transport::Channel;
+
+pub struct Plane {
+    pub _dir: Option<tempfile::TempDir>,
+    pub stop: CancellationToken,
+    pub jobs: JobTrackerServiceClient<Channel>,
+    pub replicator: ReplicatorServiceClient<Channel>,
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The job-tracker and a replicator (worker included) on one address.
+pub async fn plane(tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = plane_in(dir.path(), tweak).await;
+    plane._dir = Some(dir);
+    plane
+}
+
+/// Like [`plane`], keeping the job-tracker's store in `dir` so a later plane
+/// (a restarted process) sees the same jobs.
+pub async fn plane_in(dir: &std::path::Path, tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = ServerConfig {
+        listen: addr,
+        ..ServerConfig::default()
+    };
+    let stop = CancellationToken::new();
+    let mut host = ServiceHost::new(server.clone(), stop.clone());
+    let jobs = job_tracker::Config {
+        server: server.clone(),
+        data_dir: dir.join("jobs"),
+        scheduler_tick_ms: 200,
+        ..job_tracker::Config::default()
+    };
+    std::fs::create_dir_all(&jobs.data_dir).unwrap();
+    job_tracker::register(&jobs, &mut host).await.unwrap();
+    let mut config = replicator::Config {
+        server,
+        job_tracker_url: format!("http://{addr}"),
+        aws_endpoint: Some(local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT")),
+        elasticsearch_url: Some(local_env("TIDEMARK_TEST_ELASTICSEARCH_URL")),
+        data_dir: dir.join("data"),
+        lease_secs: 3,
+        ..replicator::Config::default()
+    };
+    tweak(&mut config);
+    let aws = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
+    replicator::register_with(&config, &mut host, Some(aws))
+        .await
+        .unwrap();
+    tokio::spawn(async move { host.serve(listener).await });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    Plane {
+        _dir: None,
+        stop,
+        jobs: JobTrackerServiceClient::new(channel.clone()),
+        replicator: ReplicatorServiceClient::new(channel),
+    }
+}
+
+pub async fn dynamo() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await)
+}
+
+pub fn table_ref(name: &str) -> common::DataStore {
+    common::DataStore {
+        store: Some(common::data_store::Store::DynamodbTable(
+            common::DynamoDbTableRef {
+                table_name: name.to_owned(),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+pub async fn wait_run(jobs: &mut JobTrackerServiceClient<Channel>, run_id: &str) -> jt::Run {
+    for _ in 0..1200 {
+        let run = jobs
+            .get_run(jt::GetRunRequest {
+                run_id: run_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+        if !matches!(
+            jt::RunStatus::try_from(run.status),
+            Ok(jt::RunStatus::Running | jt::RunStatus::Queued)
+        ) {
+            return run;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {run_id} did not finish in 2 minutes");
+}

@@ -1,0 +1,496 @@
+//! Pipelines against the real local DynamoDB (with Streams) and
+//! Elasticsearch endpoints: a live backfill with concurrent inserts, updates
+//! and deletes ends with the index equal to the table and no deleted item
+//! back; a delete (a TTL expiry stands in) removes the document; a document
+//! the index rejects lands in the dead-letter store; replaying the whole
+//! stream changes nothing; pause stops writes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tidemark_connectors::dynamodb::DynamoTable;
+use tidemark_connectors::elasticsearch::ElasticsearchSink;
+use tidemark_connectors::proto::key_to_proto;
+use tidemark_connectors::testing::{local_env, unique_name};
+use tidemark_connectors::{AttrValue, Item, Key, KeySchema, ScanRequest, Sink, SourceTable};
+use tidemark_proto::common::v1 as common_pb;
+use tidemark_proto::replicator::v1 as pb;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+mod common;
+use common::{Plane, dynamo, plane, table_ref};
+
+fn schema() -> KeySchema {
+    KeySchema::new("documentType", Some("documentId"))
+}
+
+fn key(t: &str, id: &str) -> Key {
+    Key::new([
+        ("documentType".to_owned(), AttrValue::s(t)),
+        ("documentId".to_owned(), AttrValue::s(id)),
+    ])
+}
+
+fn doc(t: &str, id: &str, n: AttrValue) -> Item {
+    let mut item = key(t, id).0;
+    item.insert("n".to_owned(), n);
+    item.insert("title".to_owned(), AttrValue::s(format!("{t} {id}")));
+    item
+}
+
+fn index_ref(index: &str) -> common_pb::DataStore {
+    common_pb::DataStore {
+        store: Some(common_pb::data_store::Store::ElasticsearchIndex(
+            common_pb::ElasticsearchIndexRef {
+                index: index.to_owned(),
+                endpoint: String::new(),
+            },
+        )),
+    }
+}
+
+fn spec(
+    table: &str,
+    index: &str,
+    mode: pb::BackfillMode,
+    start: pb::StartPosition,
+) -> pb::PipelineSpec {
+    pb::PipelineSpec {
+        source: Some(table_ref(table)),
+        feed: Some(pb::ChangeFeed {
+            feed: Some(pb::change_feed::Feed::DynamodbStreams(
+                pb::DynamoDbStreamsFeed {
+                    start_position: start as i32,
+                },
+            )),
+        }),
+        sinks: vec![pb::Sink {
+            name: "search".to_owned(),
+            store: Some(index_ref(index)),
+            ..Default::default()
+        }],
+        backfill: Some(pb::BackfillOptions {
+            mode: mode as i32,
+            segments: 3,
+            chunk_size: 40,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn scan_all(table: &DynamoTable) -> BTreeMap<Key, Item> {
+    let mut out = BTreeMap::new();
+    let mut start_after = None;
+    loop {
+        let page = table
+            .scan(&ScanRequest {
+                start_after,
+                consistent: true,
+                ..ScanRequest::segment(0, 1)
+            })
+            .await
+            .unwrap();
+        for item in page.items {
+            out.insert(schema().key_of(&item).unwrap(), item);
+        }
+        match page.last_key {
+            Some(k) => start_after = Some(k),
+            None => return out,
+        }
+    }
+}
+
+async fn drain(plane: &mut Plane, name: &str) -> pb::PipelineLag {
+    plane
+        .replicator
+        .drain(pb::DrainRequest {
+            name: name.to_owned(),
+            timeout: Some(prost_types::Duration {
+                seconds: 90,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("drain {name}: {s:?}"))
+        .into_inner()
+        .lag
+        .unwrap()
+}
+
+async fn wait_streaming(plane: &mut Plane, name: &str) {
+    for _ in 0..900 {
+        let p = plane
+            .replicator
+            .get_pipeline(pb::GetPipelineRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pipeline
+            .unwrap();
+        if p.state == pb::PipelineState::Streaming as i32 {
+            return;
+        }
+        assert_ne!(p.state, pb::PipelineState::Failed as i32, "{p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pipeline {name} never finished its backfill");
+}
+
+/// Every live document of the index: key → (version, item).
+async fn index_contents(
+    sink: &ElasticsearchSink,
+    keys: impl Iterator<Item = Key>,
+) -> BTreeMap<Key, (u64, Item)> {
+    let mut out = BTreeMap::new();
+    for k in keys {
+        if let Some(v) = sink.read(&k).await.unwrap() {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_backfill_and_stream_into_elasticsearch_lose_nothing_and_resurrect_nothing() {
+    let table_name = unique_name("docs");
+    let table = Arc::new(
+        DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+            .await
+            .unwrap(),
+    );
+    // Seed before the pipeline exists: these come from the backfill.
+    futures::future::try_join_all((0..90).map(|i| {
+        let table = Arc::clone(&table);
+        async move {
+            table
+                .put(
+                    &doc(
+                        if i % 2 == 0 { "post" } else { "page" },
+                        &format!("d{i:03}"),
+                        AttrValue::n(i64::from(i)),
+                    ),
+                    None,
+                )
+                .await
+        }
+    }))
+    .await
+    .unwrap();
+    let index = unique_name("docs");
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let mut mapping = serde_json::Map::new();
+    mapping.insert("n".to_owned(), serde_json::json!({"type": "integer"}));
+    let reader = ElasticsearchSink::connect_with_mapping(&es, &index, schema(), mapping)
+        .await
+        .unwrap();
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("sync");
+    let created = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec(
+                &table_name,
+                &index,
+                pb::BackfillMode::Tombstones,
+                pb::StartPosition::Latest,
+            )),
+            actor: "test".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    assert_eq!(created.job_name, format!("pipeline/{name}"));
+    // Concurrent writers while the backfill runs: updates, deletes, inserts.
+    let writer = {
+        let table = Arc::clone(&table);
+        tokio::spawn(async move {
+            for i in 0..30 {
+                let t = if i % 2 == 0 { "post" } else { "page" };
+                table
+                    .put(
+                        &doc(t, &format!("d{i:03}"), AttrValue::n(1000 + i64::from(i))),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                table
+                    .delete(
+                        &key(
+                            if (i + 30) % 2 == 0 { "post" } else { "page" },
+                            &format!("d{:03}", i + 30),
+                        ),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                table
+                    .put(
+                        &doc("post", &format!("n{i:03}"), AttrValue::n(i64::from(i))),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+            // The index refuses this one (n is mapped as an integer).
+            table
+                .put(&doc("post", "bad", AttrValue::s("not a number")), None)
+                .await
+                .unwrap();
+        })
+    };
+    writer.await.unwrap();
+    wait_streaming(&mut plane, &name).await;
+    let lag = drain(&mut plane, &name).await;
+    assert!(lag.caught_up, "{lag:?}");
+    let source = scan_all(&table).await;
+    let mut all_keys: Vec<Key> = source.keys().cloned().collect();
+    for i in 30..60 {
+        all_keys.push(key(
+            if i % 2 == 0 { "post" } else { "page" },
+            &format!("d{i:03}"),
+        ));
+    }
+    let target = index_contents(&reader, all_keys.iter().cloned()).await;
+    for (k, item) in &source {
+        if k == &key("post", "bad") {
+            assert!(
+                !target.contains_key(k),
+                "a rejected document is not in the index"
+            );
+            continue;
+        }
+        let (_, got) = target
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing from the index"));
+        assert_eq!(got, item, "{k}");
+    }
+    for i in 30..60 {
+        let k = key(
+            if i % 2 == 0 { "post" } else { "page" },
+            &format!("d{i:03}"),
+        );
+        assert!(!target.contains_key(&k), "deleted {k} came back");
+    }
+    assert_eq!(target.len(), source.len() - 1);
+    // The rejected record is a dead letter with the index's reason.
+    let dead = plane
+        .replicator
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            name: name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert!(!dead.is_empty());
+    assert!(
+        dead.iter()
+            .all(|d| d.key == Some(key_to_proto(&key("post", "bad")))),
+        "{dead:?}"
+    );
+    assert!(!dead[0].reason.is_empty() && dead[0].sink_name == "search");
+    // A delete after the backfill (a TTL expiry) removes the document.
+    table.delete(&key("post", "d000"), None).await.unwrap();
+    drain(&mut plane, &name).await;
+    assert!(
+        reader.read(&key("post", "d000")).await.unwrap().is_none(),
+        "the deleted document is gone"
+    );
+    // Replaying the whole stream into the same index changes nothing.
+    let before = index_contents(&reader, all_keys.iter().cloned()).await;
+    let replay = unique_name("replay");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: replay.clone(),
+            spec: Some(spec(
+                &table_name,
+                &index,
+                pb::BackfillMode::None,
+                pb::StartPosition::TrimHorizon,
+            )),
+            actor: "test".to_owned(),
+        })
+        .await
+        .unwrap();
+    drain(&mut plane, &replay).await;
+    let after = index_contents(&reader, all_keys.iter().cloned()).await;
+    assert_eq!(before, after, "a replayed stream moved the index");
+}
+
+#[tokio::test]
+async fn bad_pipelines_are_refused_with_what_to_fix() {
+    let mut plane = plane(|_| {}).await;
+    let status = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: "bad name!".to_owned(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(table_ref("t")),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+                        pb::EmbeddedChangeLogFeed::default(),
+                    )),
+                }),
+                sinks: vec![
+                    pb::Sink {
+                        name: "a".to_owned(),
+                        store: Some(index_ref("i")),
+                        ..Default::default()
+                    },
+                    pb::Sink {
+                        name: "a".to_owned(),
+                        store: Some(index_ref("j")),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+            actor: "t".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<String> = status
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    for want in ["name", "spec.feed", "spec.sinks[1].name"] {
+        assert!(fields.iter().any(|f| f == want), "{want} in {fields:?}");
+    }
+    let status = plane
+        .replicator
+        .get_pipeline(pb::GetPipelineRequest {
+            name: unique_name("none"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    // A table without a stream cannot feed a pipeline.
+    let table_name = unique_name("nostream");
+    DynamoTable::create(dynamo().await, &table_name, &schema(), false)
+        .await
+        .unwrap();
+    let status = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: unique_name("p"),
+            spec: Some(spec(
+                &table_name,
+                &unique_name("i"),
+                pb::BackfillMode::None,
+                pb::StartPosition::Latest,
+            )),
+            actor: "t".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_pipeline_writes_nothing_until_resumed() {
+    let table_name = unique_name("pause");
+    let table = DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+        .await
+        .unwrap();
+    let index = unique_name("pause");
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("pause");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec(
+                &table_name,
+                &index,
+                pb::BackfillMode::None,
+                pb::StartPosition::TrimHorizon,
+            )),
+            actor: "t".to_owned(),
+        })
+        .await
+        .unwrap();
+    table
+        .put(&doc("post", "a", AttrValue::n(1i64)), None)
+        .await
+        .unwrap();
+    drain(&mut plane, &name).await;
+    assert!(reader.read(&key("post", "a")).await.unwrap().is_some());
+    let paused = plane
+        .replicator
+        .pause_pipeline(pb::PausePipelineRequest {
+            name: name.clone(),
+            actor: "t".to_owned(),
+            reason: "cut-over".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    assert_eq!(paused.state, pb::PipelineState::Paused as i32);
+    assert_eq!(paused.state_reason, "cut-over");
+    table
+        .put(&doc("post", "b", AttrValue::n(2i64)), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        reader.read(&key("post", "b")).await.unwrap().is_none(),
+        "written while paused"
+    );
+    let status = plane
+        .replicator
+        .drain(pb::DrainRequest {
+            name: name.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    plane
+        .replicator
+        .resume_pipeline(pb::ResumePipelineRequest {
+            name: name.clone(),
+            actor: "t".to_owned(),
+        })
+        .await
+        .unwrap();
+    drain(&mut plane, &name).await;
+    assert!(reader.read(&key("post", "b")).await.unwrap().is_some());
+    // The lag stream answers at once.
+    let mut lag = plane
+        .replicator
+        .watch_lag(pb::WatchLagRequest {
+            name: name.clone(),
+            interval: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = lag.message().await.unwrap().unwrap().lag.unwrap();
+    assert_eq!(first.pipeline_name, name);
+}
