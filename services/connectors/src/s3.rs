@@ -399,6 +399,15 @@ impl S3Sink {
         let mut token = None;
         loop {
             let (objects, next) = self.list_page(token.take()).await?;
+            // Objects this sink did not write (a run manifest, say) share
+            // the prefix; they are neither items nor tombstones.
+            let objects: Vec<_> = objects
+                .into_iter()
+                .filter(|(object, _)| {
+                    let name = object.rsplit('/').next().unwrap_or_default();
+                    name.starts_with("k-") && name.ends_with(".json")
+                })
+                .collect();
             let reads: Vec<_> = objects
                 .iter()
                 .map(|(object, _)| retry(&self.retry, "get", || self.get(object)))

@@ -111,6 +111,7 @@ pub fn executor(ctx: Context) -> Executor {
             let result = match kind {
                 JobKind::BackfillAttribute => Box::pin(crate::backfill::execute(ctx, claim)).await,
                 JobKind::UnitMigration => Box::pin(crate::migrate::execute(ctx, claim)).await,
+                JobKind::IncrementalExtract => Box::pin(crate::extract::execute(ctx, claim)).await,
                 JobKind::Replication => Box::pin(crate::pipeline::execute(ctx, claim)).await,
                 _ => Err(UnitFailure::terminal(format!(
                     "the replicator does not execute {kind:?} jobs"

@@ -5,6 +5,7 @@
 mod backfill;
 mod context;
 mod dead_letters;
+mod extract;
 mod jobs;
 mod migrate;
 mod pipeline;
@@ -182,6 +183,7 @@ pub async fn register_with(
         vec![
             JobKind::BackfillAttribute,
             JobKind::UnitMigration,
+            JobKind::IncrementalExtract,
             JobKind::Replication,
         ],
     );

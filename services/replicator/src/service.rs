@@ -1,7 +1,7 @@
 //! `ReplicatorService` RPCs: thin wrappers over `jobs` (one-shot jobs) and
-//! `pipelines`. Those not built yet answer `UNIMPLEMENTED` naming the RPC.
+//! `pipelines`.
 
-use tidemark_kit::rpc::{BoxStream, not_built};
+use tidemark_kit::rpc::BoxStream;
 use tidemark_proto::replicator::v1::replicator_service_server::ReplicatorService;
 use tidemark_proto::replicator::v1::*;
 use tonic::{Request, Response, Status};
@@ -132,8 +132,10 @@ impl ReplicatorService for Replicator {
 
     async fn create_incremental_extract(
         &self,
-        _request: Request<CreateIncrementalExtractRequest>,
+        request: Request<CreateIncrementalExtractRequest>,
     ) -> Result<Response<CreateIncrementalExtractResponse>, Status> {
-        Err(not_built("ReplicatorService.CreateIncrementalExtract"))
+        jobs::create_incremental_extract(self, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

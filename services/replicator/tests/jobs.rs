@@ -13,7 +13,7 @@ use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::proto::value_to_proto;
 use tidemark_connectors::s3::S3Sink;
 use tidemark_connectors::testing::{s3_client, unique_name};
-use tidemark_connectors::{AttrValue, Item, KeySchema, Predicate, SourceTable};
+use tidemark_connectors::{AttrValue, Item, KeySchema, Predicate, Sink, SourceTable};
 use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
 use tidemark_proto::replicator::v1 as pb;
@@ -408,4 +408,180 @@ async fn object_times(
             )
         })
         .collect()
+}
+
+fn millis_ago(ms: i64) -> AttrValue {
+    AttrValue::n(chrono::Utc::now().timestamp_millis() - ms)
+}
+
+async fn start(
+    jobs: &mut JobTrackerServiceClient<Channel>,
+    job: &str,
+) -> Result<String, tonic::Status> {
+    jobs.start_run(jt::StartRunRequest {
+        job_name: job.to_owned(),
+        actor: "test".to_owned(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().run.unwrap().run_id)
+}
+
+async fn manifest(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    run_id: &str,
+) -> Option<serde_json::Value> {
+    let out = s3
+        .get_object()
+        .bucket(bucket)
+        .key(format!("out/_manifests/{run_id}.json"))
+        .send()
+        .await
+        .ok()?;
+    let bytes = out.body.collect().await.unwrap().into_bytes();
+    Some(serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next() {
+    let name = unique_name("extract");
+    let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let it = item(&[
+            ("id", AttrValue::s(format!("r{i:02}"))),
+            ("updated_at", millis_ago(3_600_000)),
+            ("v", AttrValue::n(1i64)),
+        ]);
+        table.put(&it, None).await.unwrap();
+    }
+    let s3 = s3_client().await;
+    let bucket = unique_name("extract");
+    S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
+    let spec = |bucket: &str| pb::IncrementalExtractSpec {
+        source: Some(table_ref(&name)),
+        changed_at_attribute: "updated_at".to_owned(),
+        changed_at_encoding: common_pb::TimeEncoding::EpochMillis as i32,
+        segments: 2,
+        target: Some(common_pb::DataStore {
+            store: Some(common_pb::data_store::Store::S3Prefix(
+                common_pb::S3PrefixRef {
+                    bucket: bucket.to_owned(),
+                    prefix: "out/".to_owned(),
+                    ..Default::default()
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    let mut plane = plane(|_| {}).await;
+    let job = unique_name("hourly");
+    let first = plane
+        .replicator
+        .create_incremental_extract(pb::CreateIncrementalExtractRequest {
+            job_name: job.clone(),
+            spec: Some(spec(&bucket)),
+            run_now: true,
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let run1 = wait_run(&mut plane.jobs, &first.run_id).await;
+    assert_eq!(run1.status, jt::RunStatus::Succeeded as i32, "{run1:?}");
+    assert_eq!(
+        run1.counters.get("extracted"),
+        Some(&20),
+        "{:?}",
+        run1.counters
+    );
+    let m1 = manifest(&s3, &bucket, &first.run_id)
+        .await
+        .expect("run 1 manifest");
+    assert_eq!(m1["count"], 20);
+    // Changes after run 1's window end belong to run 2 only.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..5 {
+        let it = item(&[
+            ("id", AttrValue::s(format!("r{i:02}"))),
+            ("updated_at", millis_ago(0)),
+            ("v", AttrValue::n(2i64)),
+        ]);
+        table.put(&it, None).await.unwrap();
+    }
+    let second = start(&mut plane.jobs, &job).await.unwrap();
+    let run2 = wait_run(&mut plane.jobs, &second).await;
+    assert_eq!(run2.status, jt::RunStatus::Succeeded as i32, "{run2:?}");
+    assert_eq!(
+        run2.window_start,
+        run1.last_processed.as_ref().unwrap().time,
+        "run 2 starts where run 1 ended"
+    );
+    assert_eq!(
+        run2.counters.get("extracted"),
+        Some(&5),
+        "{:?}",
+        run2.counters
+    );
+    assert_eq!(
+        manifest(&s3, &bucket, &second)
+            .await
+            .expect("run 2 manifest")["count"],
+        5
+    );
+    let objects = S3Sink::new(s3.clone(), &bucket, "out/");
+    assert_eq!(objects.count().await.unwrap(), 20, "one object per key");
+    let r00 = objects.read(&schema_key("r00")).await.unwrap().unwrap();
+    assert_eq!(
+        r00.1.get("v"),
+        Some(&AttrValue::n(2i64)),
+        "the latest version replaced the older"
+    );
+
+    // A job whose target is missing fails its run, writes no manifest and
+    // blocks the next run until the failure is acknowledged.
+    let missing = unique_name("missing");
+    let broken = unique_name("broken");
+    let failed = plane
+        .replicator
+        .create_incremental_extract(pb::CreateIncrementalExtractRequest {
+            job_name: broken.clone(),
+            spec: Some(spec(&missing)),
+            run_now: true,
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let run = wait_run(&mut plane.jobs, &failed.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Failed as i32, "{run:?}");
+    S3Sink::ensure_bucket(&s3, &missing).await.unwrap();
+    assert!(
+        manifest(&s3, &missing, &failed.run_id).await.is_none(),
+        "a failed run writes no manifest"
+    );
+    let refused = start(&mut plane.jobs, &broken).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    plane
+        .jobs
+        .acknowledge_failure(jt::AcknowledgeFailureRequest {
+            job_name: broken.clone(),
+            run_id: failed.run_id.clone(),
+            actor: "test".to_owned(),
+            reason: "bucket created".to_owned(),
+        })
+        .await
+        .unwrap();
+    let retry = start(&mut plane.jobs, &broken).await.unwrap();
+    let run = wait_run(&mut plane.jobs, &retry).await;
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+    assert_eq!(
+        run.window_start, None,
+        "no run succeeded before: from the beginning"
+    );
+    assert_eq!(run.counters.get("extracted"), Some(&20));
 }

@@ -1,0 +1,313 @@
+//! Incremental extract (DESIGN.md problem 5): each run reads the items
+//! changed in its window [previous successful run's last processed time, run
+//! start) — the job-tracker hands the window to the run — and writes the
+//! latest version of each to an S3 prefix (one object per key, replaced only
+//! by a newer version), then a manifest `<prefix>_manifests/<run id>.json`
+//! (count, window, checksum), and completes the run with the window end as
+//! its last processed time. A failed run writes no manifest and fails the
+//! run, which blocks the next one until acknowledged (the job-tracker's
+//! failure gate).
+//!
+//! Units are parallel scan segments; each keeps its scan position, counts and
+//! an order-independent checksum in its checkpoint, so the worker that
+//! finishes the last unit can write the manifest from the units' records.
+
+use serde::{Deserialize, Serialize};
+use tidemark_connectors::transform::{TimeEncoding, Transform};
+use tidemark_connectors::{AttrValue, Key, Number, RecordOutcome, ScanRequest, SinkOp, SinkRecord};
+use tidemark_kit::worker::{Claim, LeaseError, Progress, unpack_any};
+use tidemark_proto::common::v1::data_store::Store;
+use tidemark_proto::job_tracker::v1::{
+    CompleteRunRequest, FailRunRequest, ListUnitsRequest, RunStatus, Watermark,
+};
+use tidemark_proto::replicator::v1::IncrementalExtractSpec;
+
+use crate::context::{Context, UnitFailure, segment_of};
+
+pub const SPEC_TYPE: &str = "tidemark.replicator.v1.IncrementalExtractSpec";
+pub const DEFAULT_SEGMENTS: u32 = 8;
+
+pub fn segments(spec: &IncrementalExtractSpec) -> u32 {
+    if spec.segments == 0 {
+        DEFAULT_SEGMENTS
+    } else {
+        spec.segments
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct SegmentState {
+    start_after: Option<Key>,
+    scanned: u64,
+    extracted: u64,
+    skipped_older: u64,
+    /// XOR of SHA-256 over (key, version) of the items written.
+    checksum: [u8; 32],
+}
+
+fn micros(t: Option<&prost_types::Timestamp>) -> Option<i64> {
+    t.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000)
+}
+
+fn fold(checksum: &mut [u8; 32], key: &Key, version: u64) {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(key.canonical().as_bytes());
+    h.update(version.to_be_bytes());
+    for (c, x) in checksum.iter_mut().zip(h.finalize()) {
+        *c ^= x;
+    }
+}
+
+fn progress(s: &SegmentState) -> Progress {
+    let mut p = Progress {
+        items_processed: i64::try_from(s.extracted).unwrap_or(i64::MAX),
+        ..Progress::default()
+    };
+    p.add("scanned", i64::try_from(s.scanned).unwrap_or(i64::MAX));
+    p.add("extracted", i64::try_from(s.extracted).unwrap_or(i64::MAX));
+    p.add(
+        "skipped_older",
+        i64::try_from(s.skipped_older).unwrap_or(i64::MAX),
+    );
+    p
+}
+
+pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
+    match extract_segment(&ctx, &claim).await {
+        Ok(()) => Ok(()),
+        Err(UnitFailure::LeaseLost) => Err(UnitFailure::LeaseLost),
+        Err(failure) => {
+            // A failed extract fails its run at once: no manifest, and the
+            // job's next run waits for an acknowledgement.
+            let message = failure.to_string();
+            let _ = ctx
+                .jobs
+                .clone()
+                .fail_run(FailRunRequest {
+                    run_id: claim.run.run_id.clone(),
+                    error: format!("unit {}: {message}", claim.unit.unit_key),
+                    result: None,
+                    actor: ctx.config.worker_id.clone(),
+                })
+                .await;
+            Err(failure)
+        }
+    }
+}
+
+async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure> {
+    let spec: IncrementalExtractSpec =
+        unpack_any(claim.job.spec.as_ref(), SPEC_TYPE).map_err(UnitFailure::terminal)?;
+    let total = segments(&spec);
+    let segment = segment_of(&claim.unit.unit_key, total).map_err(UnitFailure::terminal)?;
+    let encoding = TimeEncoding::from_proto(spec.changed_at_encoding, "changed_at_encoding")
+        .map_err(|e| UnitFailure::terminal(e.to_string()))?;
+    let transform = Transform::from_proto(&spec.transform.clone().unwrap_or_default())
+        .map_err(|e| UnitFailure::terminal(format!("transform.{e}")))?;
+    let start = micros(claim.run.window_start.as_ref()).unwrap_or(i64::MIN);
+    let end = micros(claim.run.window_end.as_ref()).unwrap_or(i64::MAX);
+    let source = ctx
+        .stores
+        .table(spec.source.as_ref().unwrap_or(&Default::default()))
+        .await?;
+    let schema = crate::migrate::target_schema(&source.schema, &transform);
+    let target = ctx
+        .stores
+        .sink(
+            spec.target.as_ref().unwrap_or(&Default::default()),
+            &schema,
+            "",
+        )
+        .await?
+        .sink();
+    let lease = claim.lease.clone();
+    let mut state: SegmentState = if claim.unit.checkpoint.is_empty() {
+        SegmentState::default()
+    } else {
+        serde_json::from_slice(&claim.unit.checkpoint)
+            .map_err(|e| UnitFailure::terminal(format!("unreadable checkpoint: {e}")))?
+    };
+    loop {
+        if lease.lost().is_cancelled() {
+            return Err(UnitFailure::LeaseLost);
+        }
+        let page = source
+            .table
+            .scan(&ScanRequest {
+                segment,
+                total_segments: total,
+                start_after: state.start_after.clone(),
+                limit: 500,
+                filter: None,
+                consistent: false,
+            })
+            .await?;
+        state.scanned += page.scanned;
+        let mut batch = Vec::new();
+        for item in &page.items {
+            let Some(changed) = item
+                .get(&spec.changed_at_attribute)
+                .and_then(|v| encoding.micros(v))
+            else {
+                continue;
+            };
+            if changed < start || changed >= end {
+                continue;
+            }
+            let key = source.schema.key_of(item).map_err(UnitFailure::terminal)?;
+            let version = if spec.version_attribute.is_empty() {
+                u64::try_from(changed).unwrap_or(0)
+            } else {
+                item.get(&spec.version_attribute)
+                    .and_then(AttrValue::as_number)
+                    .and_then(Number::as_u64)
+                    .unwrap_or_else(|| u64::try_from(changed).unwrap_or(0))
+            };
+            batch.push(SinkRecord {
+                key: transform.shape_key(&key),
+                version,
+                op: SinkOp::Upsert(transform.shape(item, &source.schema)),
+            });
+        }
+        if !batch.is_empty() {
+            let outcomes = target.apply(&batch).await?;
+            for (record, outcome) in batch.iter().zip(outcomes) {
+                match outcome {
+                    RecordOutcome::Applied => {
+                        state.extracted += 1;
+                        fold(&mut state.checksum, &record.key, record.version);
+                    }
+                    RecordOutcome::Stale => state.skipped_older += 1,
+                    RecordOutcome::Rejected(reason) => {
+                        return Err(UnitFailure::terminal(format!(
+                            "the target refused item {}: {reason}",
+                            record.key
+                        )));
+                    }
+                }
+            }
+        }
+        state.start_after.clone_from(&page.last_key);
+        let bytes = serde_json::to_vec(&state).expect("extract state serialises");
+        if page.last_key.is_some() {
+            match lease.checkpoint(bytes, &progress(&state)).await {
+                Ok(()) => continue,
+                Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+                Err(LeaseError::Rpc(s)) => {
+                    tracing::warn!(error = %s, "extract checkpoint failed");
+                    continue;
+                }
+            }
+        }
+        // The final state must be readable by whoever writes the manifest.
+        lease
+            .checkpoint(bytes, &progress(&state))
+            .await
+            .map_err(|e| match e {
+                LeaseError::Lost(_) => UnitFailure::LeaseLost,
+                LeaseError::Rpc(s) => UnitFailure::retryable(s.message()),
+            })?;
+        let run_progress = match lease.complete(&progress(&state), None).await {
+            Ok(p) => p,
+            Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+            Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
+        };
+        let all_done = run_progress.as_ref().is_some_and(|p| {
+            let u = p.units.unwrap_or_default();
+            u.migrated == u.total && p.status == RunStatus::Running as i32
+        });
+        if all_done {
+            finish_run(ctx, claim, &spec, start, end).await?;
+        }
+        return Ok(());
+    }
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    run_id: &'a str,
+    job_name: &'a str,
+    window_start: Option<String>,
+    window_end: String,
+    count: u64,
+    skipped_older: u64,
+    scanned: u64,
+    checksum: String,
+}
+
+fn rfc3339(m: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(m)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Writes the run manifest and completes the run at its window end.
+async fn finish_run(
+    ctx: &Context,
+    claim: &Claim,
+    spec: &IncrementalExtractSpec,
+    start: i64,
+    end: i64,
+) -> Result<(), UnitFailure> {
+    let units = ctx
+        .jobs
+        .clone()
+        .list_units(ListUnitsRequest {
+            run_id: claim.run.run_id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| UnitFailure::retryable(s.message()))?
+        .into_inner()
+        .units;
+    let mut total = SegmentState::default();
+    for unit in &units {
+        let s: SegmentState = serde_json::from_slice(&unit.checkpoint).unwrap_or_default();
+        total.extracted += s.extracted;
+        total.skipped_older += s.skipped_older;
+        total.scanned += s.scanned;
+        for (c, x) in total.checksum.iter_mut().zip(s.checksum) {
+            *c ^= x;
+        }
+    }
+    let manifest = Manifest {
+        run_id: &claim.run.run_id,
+        job_name: &claim.job.name,
+        window_start: (start != i64::MIN).then(|| rfc3339(start)),
+        window_end: rfc3339(end),
+        count: total.extracted,
+        skipped_older: total.skipped_older,
+        scanned: total.scanned,
+        checksum: hex::encode(total.checksum),
+    };
+    let Some(Store::S3Prefix(p)) = spec.target.as_ref().and_then(|t| t.store.as_ref()) else {
+        return Err(UnitFailure::terminal("the target must be an s3_prefix"));
+    };
+    let client = ctx.stores.s3_client(&p.endpoint, &p.region).await;
+    let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+    client
+        .put_object()
+        .bucket(&p.bucket)
+        .key(format!("{}_manifests/{}.json", p.prefix, claim.run.run_id))
+        .content_type("application/json")
+        .body(body.into())
+        .send()
+        .await
+        .map_err(|e| UnitFailure::retryable(format!("writing the manifest: {e}")))?;
+    ctx.jobs
+        .clone()
+        .complete_run(CompleteRunRequest {
+            run_id: claim.run.run_id.clone(),
+            last_processed: Some(Watermark {
+                time: claim.run.window_end,
+                position: String::new(),
+            }),
+            result: None,
+            actor: ctx.config.worker_id.clone(),
+        })
+        .await
+        .map_err(|s| UnitFailure::retryable(format!("CompleteRun: {}", s.message())))?;
+    Ok(())
+}
