@@ -1,0 +1,326 @@
+//! `kill -9` of the replicator (the real binary) in the middle of a live
+//! backfill and again in the middle of streaming: another replica takes the
+//! units over after their leases lapse and resumes from the checkpoints; in
+//! the end the index equals the table, with no deleted item back.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidemark_connectors::dynamodb::DynamoTable;
+use tidemark_connectors::elasticsearch::ElasticsearchSink;
+use tidemark_connectors::testing::{local_env, unique_name, workspace_root};
+use tidemark_connectors::{AttrValue, Item, Key, KeySchema, ScanRequest, Sink, SourceTable};
+use tidemark_kit::config::ServerConfig;
+use tidemark_kit::{CancellationToken, ServiceHost};
+use tidemark_proto::common::v1 as common_pb;
+use tidemark_proto::job_tracker::v1 as jt;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tidemark_proto::replicator::v1 as pb;
+use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
+use tonic::transport::Channel;
+
+mod common;
+use common::{dynamo, table_ref};
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A replicator process; killed on drop so a failing test leaves none behind.
+struct Replica(Child);
+
+impl Replica {
+    fn kill_9(&mut self) {
+        self.0.kill().expect("SIGKILL");
+        self.0.wait().expect("reap");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The AWS settings of the local components (credentials, region), which
+/// the child needs in its environment like any AWS program.
+fn aws_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(workspace_root().join("deploy/local/.run/env"))
+        .expect("deploy/local/.run/env: start the local components with deploy/local/up");
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect()
+}
+
+fn replica(worker: &str, jobs: SocketAddr, data: &std::path::Path) -> (Replica, SocketAddr) {
+    let addr = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_replicator"));
+    cmd.env("TIDEMARK_LISTEN", addr.to_string())
+        .env("TIDEMARK_JOB_TRACKER_URL", format!("http://{jobs}"))
+        .env("TIDEMARK_WORKER_ID", worker)
+        .env("TIDEMARK_LEASE_SECS", "3")
+        .env("TIDEMARK_DATA_DIR", data)
+        .env(
+            "TIDEMARK_AWS_ENDPOINT",
+            local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT"),
+        )
+        .env(
+            "TIDEMARK_ELASTICSEARCH_URL",
+            local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        )
+        .env("TIDEMARK_LOG_LEVEL", "warn")
+        .envs(aws_env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    (Replica(cmd.spawn().expect("start the replicator")), addr)
+}
+
+async fn connect(addr: SocketAddr) -> ReplicatorServiceClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ch) = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return ReplicatorServiceClient::new(ch);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicator did not come up on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn schema() -> KeySchema {
+    KeySchema::new("pk", None)
+}
+
+fn row(i: u32, v: i64) -> Item {
+    [
+        ("pk".to_owned(), AttrValue::s(format!("k{i:04}"))),
+        ("v".to_owned(), AttrValue::n(v)),
+    ]
+    .into_iter()
+    .collect()
+}
+
+async fn units(jobs: &mut JobTrackerServiceClient<Channel>, run_id: &str) -> Vec<jt::Unit> {
+    jobs.list_units(jt::ListUnitsRequest {
+        run_id: run_id.to_owned(),
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .units
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_backfill_and_mid_stream_loses_nothing() {
+    // The job-tracker in this process; replicas as real processes.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jobs_addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = ServerConfig {
+        listen: jobs_addr,
+        ..ServerConfig::default()
+    };
+    let mut host = ServiceHost::new(server.clone(), stop.clone());
+    job_tracker::register(
+        &job_tracker::Config {
+            server,
+            data_dir: dir.path().to_owned(),
+            ..job_tracker::Config::default()
+        },
+        &mut host,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(async move { host.serve(listener).await });
+    let mut jobs = JobTrackerServiceClient::new(
+        Channel::from_shared(format!("http://{jobs_addr}"))
+            .unwrap()
+            .connect_lazy(),
+    );
+
+    let table_name = unique_name("durable");
+    let table = Arc::new(
+        DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+            .await
+            .unwrap(),
+    );
+    const N: u32 = 400;
+    futures::future::try_join_all((0..N).map(|i| {
+        let table = Arc::clone(&table);
+        async move { table.put(&row(i, 0), None).await }
+    }))
+    .await
+    .unwrap();
+    let index = unique_name("durable");
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+
+    let (mut first, addr) = replica("replica-a", jobs_addr, &dir.path().join("a"));
+    let mut client = connect(addr).await;
+    let name = unique_name("durable");
+    let pipeline = client
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(table_ref(&table_name)),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::DynamodbStreams(
+                        pb::DynamoDbStreamsFeed::default(),
+                    )),
+                }),
+                sinks: vec![pb::Sink {
+                    name: "search".to_owned(),
+                    store: Some(common_pb::DataStore {
+                        store: Some(common_pb::data_store::Store::ElasticsearchIndex(
+                            common_pb::ElasticsearchIndexRef {
+                                index: index.clone(),
+                                endpoint: String::new(),
+                            },
+                        )),
+                    }),
+                    ..Default::default()
+                }],
+                backfill: Some(pb::BackfillOptions {
+                    segments: 2,
+                    chunk_size: 25,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            actor: "test".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    // Kill as soon as a segment has checkpointed but not finished.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let u = units(&mut jobs, &pipeline.run_id).await;
+        let mid = u.iter().any(|u| {
+            u.unit_key.starts_with("segment-")
+                && !u.checkpoint.is_empty()
+                && u.status == jt::UnitStatus::InProgress as i32
+        });
+        if mid {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no segment checkpointed: {u:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill_9();
+    // Changes while no replica runs: updates and deletes.
+    for i in (0..N).step_by(5) {
+        table.put(&row(i, 1), None).await.unwrap();
+    }
+    for i in (1..N).step_by(7) {
+        table
+            .delete(&Key::single("pk", AttrValue::s(format!("k{i:04}"))), None)
+            .await
+            .unwrap();
+    }
+    let (mut second, addr) = replica("replica-b", jobs_addr, &dir.path().join("b"));
+    let mut client = connect(addr).await;
+    // Streaming, then killed mid-stream while writes continue.
+    wait_streaming(&mut client, &name).await;
+    let writer = {
+        let table = Arc::clone(&table);
+        tokio::spawn(async move {
+            for i in (2..N).step_by(3) {
+                table.put(&row(i, 2), None).await.unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    second.kill_9();
+    writer.await.unwrap();
+    let (_third, addr) = replica("replica-c", jobs_addr, &dir.path().join("c"));
+    let mut client = connect(addr).await;
+    client
+        .drain(pb::DrainRequest {
+            name: name.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    // The index equals the table, and no deleted item came back.
+    let source = scan(&table).await;
+    for i in 0..N {
+        let key = Key::single("pk", AttrValue::s(format!("k{i:04}")));
+        let got = reader.read(&key).await.unwrap().map(|(_, item)| item);
+        assert_eq!(got.as_ref(), source.get(&key), "key {key}");
+    }
+    stop.cancel();
+}
+
+async fn wait_streaming(client: &mut ReplicatorServiceClient<Channel>, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let p = client
+            .get_pipeline(pb::GetPipelineRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pipeline
+            .unwrap();
+        if p.state == pb::PipelineState::Streaming as i32 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backfill did not finish after the takeover: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn scan(table: &DynamoTable) -> BTreeMap<Key, Item> {
+    let mut out = BTreeMap::new();
+    let mut start_after = None;
+    loop {
+        let page = table
+            .scan(&ScanRequest {
+                start_after,
+                consistent: true,
+                ..ScanRequest::segment(0, 1)
+            })
+            .await
+            .unwrap();
+        for item in page.items {
+            out.insert(schema().key_of(&item).unwrap(), item);
+        }
+        match page.last_key {
+            Some(k) => start_after = Some(k),
+            None => return out,
+        }
+    }
+}
