@@ -1,6 +1,22 @@
 //! Typed async client over the four Tidemark services: one connection, a
 //! bearer token on every call, deadlines, and retries with backoff on
 //! `UNAVAILABLE` for calls that are safe to repeat.
+//!
+//! On top of the raw service clients it drives multi-step operations from a
+//! distance: [`Tidemark::backfill_attribute`], [`Tidemark::migrate_units`],
+//! [`Tidemark::watch_run`], [`Tidemark::watch_lag`], [`Tidemark::verify`] and
+//! the bounded cut-over of a [`CutoverPlan`] ([`Tidemark::cutover`]).
+
+pub mod cutover;
+mod ops;
+pub mod spec;
+
+pub use cutover::{
+    CutoverError, CutoverEvent, CutoverPlan, CutoverReport, Precondition, Step, StepOutcome,
+    StepRecord, verdict_name,
+};
+pub use ops::{RunOutcome, is_terminal, state_name};
+pub use spec::{SpecError, StoreSpec};
 
 use std::future::Future;
 use std::str::FromStr;
@@ -12,7 +28,7 @@ use tidemark_proto::stats_aggregator::v1::stats_aggregator_service_client::Stats
 use tidemark_proto::verifier::v1::verifier_service_client::VerifierServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +42,18 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Rpc(#[from] Status),
+    /// A wait (for a run, a report, a pipeline state) ran past its deadline.
+    #[error("{what} did not finish within {after:?}")]
+    Timeout { what: String, after: Duration },
+    /// A stream ended before it reached what it was followed for.
+    #[error("{0}")]
+    StreamEnded(String),
+    /// A cut-over aborted; writers were resumed and the route left alone.
+    #[error(transparent)]
+    Cutover(Box<CutoverError>),
+    /// A plan or spec that cannot be sent as it is.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
 }
 
 pub type ClientResult<T> = Result<T, ClientError>;
@@ -37,10 +65,20 @@ pub struct Options {
     pub endpoint: String,
     /// Sent as `authorization: Bearer <token>` when set.
     pub token: Option<String>,
-    /// Deadline of each unary call.
+    /// Deadline of each unary call that does not ask for another (sent as
+    /// `grpc-timeout`, so the server stops working on it too).
     pub timeout: Duration,
+    /// How long dialing may take.
+    pub connect_timeout: Duration,
     /// Attempts of an idempotent call that answers `UNAVAILABLE`.
     pub max_attempts: u32,
+    /// PEM of the certificate authority that signed the server's
+    /// certificate, for `https://` endpoints with a private CA. Unset: the
+    /// system roots.
+    pub tls_ca_pem: Option<String>,
+    /// The name the server's certificate is checked against, when it differs
+    /// from the endpoint's host (e.g. connecting by IP address).
+    pub tls_domain: Option<String>,
 }
 
 impl Default for Options {
@@ -49,21 +87,32 @@ impl Default for Options {
             endpoint: "http://127.0.0.1:50051".to_owned(),
             token: None,
             timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
             max_attempts: 5,
+            tls_ca_pem: None,
+            tls_domain: None,
         }
     }
 }
 
-/// Adds the bearer token to every request.
+/// Adds the bearer token to every request, and the default deadline to
+/// those that carry none.
 #[derive(Clone)]
 pub struct Auth {
     header: Option<MetadataValue<Ascii>>,
+    timeout: Duration,
 }
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(h) = &self.header {
             request.metadata_mut().insert("authorization", h.clone());
+        }
+        // A deadline per request rather than on the channel: streams and
+        // drains ask for longer ones, and a channel-wide timeout would cap
+        // them.
+        if !request.metadata().contains_key("grpc-timeout") {
+            request.set_timeout(self.timeout);
         }
         Ok(request)
     }
@@ -91,16 +140,25 @@ impl Tidemark {
         };
         let mut endpoint = Endpoint::from_str(&options.endpoint)
             .map_err(|e| bad(e.to_string()))?
-            .timeout(options.timeout)
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true);
         if options.endpoint.starts_with("https://") {
             // Binaries that also link the AWS SDK carry two rustls crypto
             // providers; rustls then needs to be told which one to use.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().with_enabled_roots())
-                .map_err(|e| bad(e.to_string()))?;
+            let mut tls = match &options.tls_ca_pem {
+                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                None => ClientTlsConfig::new().with_enabled_roots(),
+            };
+            if let Some(domain) = &options.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+        } else if options.tls_ca_pem.is_some() {
+            return Err(bad(
+                "a TLS certificate authority was given for a plaintext endpoint: use https://"
+                    .to_owned(),
+            ));
         }
         let header = options
             .token
@@ -112,7 +170,10 @@ impl Tidemark {
             })?;
         Ok(Self {
             channel: endpoint.connect_lazy(),
-            auth: Auth { header },
+            auth: Auth {
+                header,
+                timeout: options.timeout,
+            },
             options,
         })
     }
