@@ -5,6 +5,7 @@
 pub mod dynamodb;
 pub mod elasticsearch;
 pub mod error;
+pub mod kafka;
 pub mod memory;
 pub mod predicate;
 pub mod proto;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tidemark_connectors::kafka::{KafkaFeed, KafkaStart};
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
 use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{
@@ -286,9 +287,31 @@ async fn open_feed(
             let _ = opened;
             Ok(Box::new(store.feed(&t.table_name, checkpoint)))
         }
-        (Some(Feed::Kafka(_)), _) => Err(UnitFailure::terminal(
-            "Kafka feeds are not executed by this release of the replicator",
-        )),
+        (Some(Feed::Kafka(k)), _) => {
+            let topic = k.topic.unwrap_or_default();
+            let brokers = if topic.bootstrap_servers.is_empty() {
+                ctx.config.kafka_brokers.clone().ok_or_else(|| {
+                    UnitFailure::terminal("no Kafka brokers: set the topic's bootstrap_servers or the replicator's kafka_brokers")
+                })?
+            } else {
+                topic.bootstrap_servers.clone()
+            };
+            let group = if k.consumer_group.is_empty() {
+                format!("tidemark-pipeline-{}", pipeline.name)
+            } else {
+                k.consumer_group.clone()
+            };
+            let start = match start_of(k.start_position) {
+                FeedStart::TrimHorizon => KafkaStart::Earliest,
+                FeedStart::Latest => KafkaStart::Latest,
+            };
+            Ok(Box::new(KafkaFeed::subscribe(
+                &brokers,
+                &topic.topic,
+                &group,
+                start,
+            )?))
+        }
         _ => Err(UnitFailure::terminal("the feed does not match the source")),
     }
 }

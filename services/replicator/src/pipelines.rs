@@ -242,13 +242,16 @@ pub async fn create(
             "BACKFILL_MODE_WATERMARK is not built in this release; use BACKFILL_MODE_TOMBSTONES (the default: versioned reads below every feed event, sinks keep tombstones) or BACKFILL_MODE_TOUCH",
         ));
     }
-    if matches!(
-        spec.feed.as_ref().and_then(|f| f.feed.as_ref()),
-        Some(Feed::Kafka(_))
-    ) {
-        return Err(Status::unimplemented(
-            "Kafka feeds are not built in this release; use dynamodb_streams or embedded_change_log",
-        ));
+    if let Some(Feed::Kafka(k)) = spec.feed.as_ref().and_then(|f| f.feed.as_ref())
+        && k.topic
+            .as_ref()
+            .is_some_and(|t| t.bootstrap_servers.is_empty())
+        && r.ctx.config.kafka_brokers.is_none()
+    {
+        return Err(invalid_argument(vec![FieldError::new(
+            "spec.feed.kafka.topic.bootstrap_servers",
+            "required: this replicator has no kafka_brokers configured",
+        )]));
     }
     let source = r
         .ctx

@@ -494,3 +494,121 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
     let first = lag.message().await.unwrap().unwrap().lag.unwrap();
     assert_eq!(first.pipeline_name, name);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_feed_applies_latest_values_and_deletes() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tidemark_connectors::proto::{encode_change, kafka_key};
+
+    let topic = unique_name("changes");
+    let producer: FutureProducer = ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            local_env("TIDEMARK_TEST_KAFKA_BROKERS"),
+        )
+        .create()
+        .unwrap();
+    // Three versions of each of ten keys, and the last three keys deleted.
+    for version in 1..=3u64 {
+        for i in 0..10 {
+            let k = key("post", &format!("k{i}"));
+            let image = doc("post", &format!("k{i}"), AttrValue::n(version));
+            let deleted = version == 3 && i >= 7;
+            let payload = encode_change(
+                &k,
+                (!deleted).then_some(&image),
+                version,
+                1_700_000_000_000_000,
+            );
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&kafka_key(&k, "documentType"))
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let index = unique_name("kafka");
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("kafka");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(common_pb::DataStore {
+                    store: Some(common_pb::data_store::Store::SqliteTable(
+                        common_pb::SqliteTableRef {
+                            table_name: "docs".to_owned(),
+                            database: String::new(),
+                            key_attribute_names: vec![
+                                "documentType".to_owned(),
+                                "documentId".to_owned(),
+                            ],
+                        },
+                    )),
+                }),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
+                        topic: Some(common_pb::KafkaTopicRef {
+                            topic: topic.clone(),
+                            bootstrap_servers: String::new(),
+                        }),
+                        consumer_group: unique_name("group"),
+                        start_position: pb::StartPosition::TrimHorizon as i32,
+                    })),
+                }),
+                sinks: vec![pb::Sink {
+                    name: "search".to_owned(),
+                    store: Some(index_ref(&index)),
+                    ..Default::default()
+                }],
+                backfill: Some(pb::BackfillOptions {
+                    mode: pb::BackfillMode::None as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            actor: "t".to_owned(),
+        })
+        .await
+        .unwrap();
+    // Drain may see an empty partition list before the group is joined:
+    // wait for the documents themselves, then drain.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while reader
+        .read(&key("post", "k0"))
+        .await
+        .unwrap()
+        .map(|(v, _)| v)
+        != Some(3)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Kafka feed delivered nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drain(&mut plane, &name).await;
+    for i in 0..10 {
+        let got = reader.read(&key("post", &format!("k{i}"))).await.unwrap();
+        if i >= 7 {
+            assert!(got.is_none(), "k{i} was deleted");
+        } else {
+            let (version, item) = got.unwrap_or_else(|| panic!("k{i} missing"));
+            assert_eq!(version, 3);
+            assert_eq!(item.get("n"), Some(&AttrValue::n(3u64)));
+        }
+    }
+}

@@ -59,6 +59,7 @@ pub async fn plane_in(dir: &std::path::Path, tweak: impl FnOnce(&mut replicator:
         job_tracker_url: format!("http://{addr}"),
         aws_endpoint: Some(local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT")),
         elasticsearch_url: Some(local_env("TIDEMARK_TEST_ELASTICSEARCH_URL")),
+        kafka_brokers: Some(local_env("TIDEMARK_TEST_KAFKA_BROKERS")),
         data_dir: dir.join("data"),
         lease_secs: 3,
         ..replicator::Config::default()

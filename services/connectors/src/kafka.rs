@@ -1,0 +1,292 @@
+//! Kafka as a [`ChangeFeed`]: a topic of `tidemark.common.v1.ChangeRecord`
+//! messages keyed by item key (so one key's changes are in one partition, in
+//! order), read by a consumer group with rdkafka's async `StreamConsumer`.
+//! Offsets are committed only through [`ChangeFeed::commit`], which the
+//! replicator calls after every sink wrote the records (invariant 1); the
+//! group's committed offsets are the durable checkpoint, so a replica that
+//! takes over a partition resumes after the last record written.
+//!
+//! A message that is not a valid `ChangeRecord` cannot be applied and must
+//! not block its partition: it is delivered as an error-free skip with an
+//! error log and counted in [`KafkaFeed::undecodable`]; its offset is
+//! committed with the next record of the partition.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::error::{ConnectorError, ConnectorResult};
+use crate::traits::{
+    ChangeFeed, ChangeRecord, FeedCheckpoint, PartitionCheckpoint, PartitionLag, Position,
+};
+
+const BACKEND: &str = "kafka";
+
+/// Where a group without committed offsets starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KafkaStart {
+    Earliest,
+    Latest,
+}
+
+fn kafka_error(e: &KafkaError) -> ConnectorError {
+    // librdkafka retries transport problems itself; what reaches us after
+    // that is worth another try by the caller, except configuration errors.
+    match e {
+        KafkaError::ClientCreation(m) => ConnectorError::invalid(BACKEND, m.clone()),
+        KafkaError::Subscription(m) => ConnectorError::invalid(BACKEND, m.clone()),
+        other => ConnectorError::Retryable {
+            backend: BACKEND,
+            message: other.to_string(),
+            retry_after: None,
+        },
+    }
+}
+
+#[derive(Default)]
+struct PartitionState {
+    delivered: Option<i64>,
+    committed: Option<i64>,
+    low_watermark: Option<i64>,
+    high_watermark: Option<i64>,
+    oldest_uncommitted_micros: Option<i64>,
+}
+
+pub struct KafkaFeed {
+    consumer: StreamConsumer,
+    topic: String,
+    partitions: BTreeMap<i32, PartitionState>,
+    undecodable: u64,
+    watermarks_at: Option<Instant>,
+    start: KafkaStart,
+}
+
+impl KafkaFeed {
+    /// Joins consumer group `group` on `topic`.
+    ///
+    /// # Errors
+    /// A client that cannot be created or a subscription refused.
+    pub fn subscribe(
+        brokers: &str,
+        topic: &str,
+        group: &str,
+        start: KafkaStart,
+    ) -> ConnectorResult<Self> {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match start {
+                    KafkaStart::Earliest => "earliest",
+                    KafkaStart::Latest => "latest",
+                },
+            )
+            .set("session.timeout.ms", "6000")
+            .create()
+            .map_err(|e| kafka_error(&e))?;
+        consumer.subscribe(&[topic]).map_err(|e| kafka_error(&e))?;
+        Ok(Self {
+            consumer,
+            topic: topic.to_owned(),
+            partitions: BTreeMap::new(),
+            undecodable: 0,
+            watermarks_at: None,
+            start,
+        })
+    }
+
+    /// Messages skipped because they were not valid change records.
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable
+    }
+
+    fn partition_name(&self, p: i32) -> String {
+        format!("{}/{p}", self.topic)
+    }
+
+    /// Refreshes, at most once a second, every partition of the topic with
+    /// its watermarks and the group's committed offset, so lag also counts
+    /// partitions from which nothing was delivered yet. Bounded metadata
+    /// round trips, so a slow broker cannot stall polling for long.
+    fn refresh_watermarks(&mut self) {
+        if self
+            .watermarks_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.watermarks_at = Some(Instant::now());
+        let timeout = Duration::from_millis(500);
+        if let Ok(metadata) = self
+            .consumer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)
+        {
+            for topic in metadata.topics() {
+                for p in topic.partitions() {
+                    self.partitions.entry(p.id()).or_default();
+                }
+            }
+        }
+        let mut unknown = TopicPartitionList::new();
+        for (p, s) in &self.partitions {
+            if s.committed.is_none() {
+                unknown.add_partition(&self.topic, *p);
+            }
+        }
+        if unknown.count() > 0
+            && let Ok(committed) = self.consumer.committed_offsets(unknown, timeout)
+        {
+            for e in committed.elements() {
+                if let (Offset::Offset(o), Some(state)) =
+                    (e.offset(), self.partitions.get_mut(&e.partition()))
+                {
+                    state.committed = Some(o - 1);
+                }
+            }
+        }
+        let ids: Vec<i32> = self.partitions.keys().copied().collect();
+        for p in ids {
+            if let Ok((low, high)) =
+                self.consumer
+                    .client()
+                    .fetch_watermarks(&self.topic, p, timeout)
+                && let Some(state) = self.partitions.get_mut(&p)
+            {
+                state.low_watermark = Some(low);
+                state.high_watermark = Some(high);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for KafkaFeed {
+    async fn poll(&mut self, max: usize) -> ConnectorResult<Vec<ChangeRecord>> {
+        let mut out = Vec::new();
+        let first_wait = Duration::from_millis(200);
+        let mut wait = first_wait;
+        while out.len() < max {
+            let message = match tokio::time::timeout(wait, self.consumer.recv()).await {
+                Err(_) => break,
+                Ok(Err(e)) => return Err(kafka_error(&e)),
+                Ok(Ok(m)) => m,
+            };
+            // After the first message, only take what is already buffered.
+            wait = Duration::from_millis(5);
+            let partition = message.partition();
+            let offset = message.offset();
+            let position = Position {
+                partition: self.partition_name(partition),
+                sequence: offset.to_string(),
+            };
+            let state = self.partitions.entry(partition).or_default();
+            state.delivered = Some(offset);
+            match message
+                .payload()
+                .map(|p| crate::proto::decode_change(p, position))
+            {
+                Some(Ok(record)) => {
+                    state
+                        .oldest_uncommitted_micros
+                        .get_or_insert(record.created_at_micros);
+                    out.push(record);
+                }
+                Some(Err(e)) => {
+                    self.undecodable += 1;
+                    tracing::error!(topic = %self.topic, partition, offset, error = %e, "skipping a message that is not a change record");
+                }
+                None => {
+                    self.undecodable += 1;
+                    tracing::error!(topic = %self.topic, partition, offset, "skipping a message without payload");
+                }
+            }
+        }
+        self.refresh_watermarks();
+        Ok(out)
+    }
+
+    async fn commit(&mut self, position: &Position) -> ConnectorResult<()> {
+        let partition: i32 = position
+            .partition
+            .rsplit('/')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| {
+                ConnectorError::invalid(BACKEND, format!("bad partition {:?}", position.partition))
+            })?;
+        let offset: i64 = position.sequence.parse().map_err(|_| {
+            ConnectorError::invalid(BACKEND, format!("bad offset {:?}", position.sequence))
+        })?;
+        let mut tpl = TopicPartitionList::new();
+        // Kafka's committed offset is the next one to read.
+        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset + 1))
+            .map_err(|e| kafka_error(&e))?;
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| kafka_error(&e))?;
+        let state = self.partitions.entry(partition).or_default();
+        state.committed = Some(offset);
+        if state.delivered.is_none_or(|d| d <= offset) {
+            state.oldest_uncommitted_micros = None;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> FeedCheckpoint {
+        FeedCheckpoint {
+            partitions: self
+                .partitions
+                .iter()
+                .map(|(p, s)| {
+                    (
+                        self.partition_name(*p),
+                        PartitionCheckpoint {
+                            sequence: s.committed.map(|o| o.to_string()),
+                            version: 0,
+                            finished: false,
+                            parent: None,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn lag(&self) -> Vec<PartitionLag> {
+        let now = chrono::Utc::now().timestamp_micros();
+        self.partitions
+            .iter()
+            .map(|(p, s)| {
+                let records = match (s.committed, s.high_watermark) {
+                    (Some(c), Some(h)) => (h - (c + 1)).max(0),
+                    // No committed offset yet: from the start of the
+                    // partition when reading from the earliest, nothing
+                    // when reading only new messages.
+                    (None, Some(h)) if self.start == KafkaStart::Earliest => {
+                        (h - s.low_watermark.unwrap_or(0)).max(0)
+                    }
+                    _ => 0,
+                };
+                #[allow(clippy::cast_precision_loss, reason = "seconds of lag")]
+                let seconds = s
+                    .oldest_uncommitted_micros
+                    .map_or(0.0, |t| ((now - t).max(0)) as f64 / 1e6);
+                PartitionLag {
+                    partition: self.partition_name(*p),
+                    records: u64::try_from(records).unwrap_or(0),
+                    seconds,
+                }
+            })
+            .collect()
+    }
+}
