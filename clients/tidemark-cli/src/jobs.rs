@@ -66,43 +66,28 @@ impl From<Kind> for pb::JobKind {
     }
 }
 
-/// An idempotent call retried on UNAVAILABLE: each attempt moves its own
-/// clone of the client and request into the future.
-macro_rules! retried {
-    ($client:expr, $svc:expr, $method:ident, $req:expr) => {{
-        let req = $req;
-        $client
-            .idempotent(|| {
-                let mut svc = $svc.clone();
-                let req = req.clone();
-                async move { svc.$method(req).await }
-            })
-            .await
-    }};
-}
-
-fn time(t: Option<&prost_types::Timestamp>) -> String {
+pub fn time(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
 }
 
 /// `RUN_STATUS_FAILED_ACKNOWLEDGED` → `failed-acknowledged`.
-fn enum_name(name: &str, prefix: &str) -> String {
+pub fn enum_name(name: &str, prefix: &str) -> String {
     name.strip_prefix(prefix)
         .unwrap_or(name)
         .to_ascii_lowercase()
         .replace('_', "-")
 }
 
-fn run_status(v: i32) -> String {
+pub fn run_status(v: i32) -> String {
     pb::RunStatus::try_from(v).map_or_else(
         |_| v.to_string(),
         |s| enum_name(s.as_str_name(), "RUN_STATUS_"),
     )
 }
 
-fn unit_status(v: i32) -> String {
+pub fn unit_status(v: i32) -> String {
     pb::UnitStatus::try_from(v).map_or_else(
         |_| v.to_string(),
         |s| enum_name(s.as_str_name(), "UNIT_STATUS_"),
@@ -116,7 +101,7 @@ fn kind(v: i32) -> String {
     )
 }
 
-fn run_json(r: &pb::Run) -> Value {
+pub fn run_json(r: &pb::Run) -> Value {
     let units = r.units.unwrap_or_default();
     json!({
         "run_id": r.run_id, "status": run_status(r.status), "reason": r.status_reason,

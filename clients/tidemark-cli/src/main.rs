@@ -1,14 +1,18 @@
 //! `tidemark`: the command line of the Tidemark control plane.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tidemark_cli::output::{Output, report};
-use tidemark_cli::{dev, jobs};
+use tidemark_cli::output::{CliResult, EXIT_CONFIG, Output, report};
+use tidemark_cli::{cutover, dev, jobs, replicate, stats, verify, work};
+use tidemark_client::spec::parse_duration;
 use tidemark_client::{Options, Tidemark};
 
 const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure; 2 bad usage; 3 not found; 4 the current state does not allow it \
-(for example a failed run awaiting acknowledgement); 5 Tidemark unreachable; 64 bad configuration; 65 invalid argument.";
+(for example a failed run awaiting acknowledgement); 5 Tidemark unreachable; 6 the operation ran and did not succeed \
+(a run failed, a verification did not pass, a cut-over aborted cleanly); 64 bad configuration; 65 invalid argument.";
 
 #[derive(Parser)]
 #[command(name = "tidemark", version, about = "Move live data between stores without losing or double-counting an update", after_help = EXIT_CODES)]
@@ -24,6 +28,18 @@ struct Cli {
     /// Bearer token, when the services require one.
     #[arg(long, global = true, env = "TIDEMARK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (https://
+    /// endpoints with a private CA).
+    #[arg(long, global = true, env = "TIDEMARK_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Name to check the server's certificate against, when it differs from
+    /// the endpoint's host.
+    #[arg(long, global = true, env = "TIDEMARK_TLS_DOMAIN")]
+    tls_domain: Option<String>,
+    /// Deadline of each call (long operations set their own, see --timeout
+    /// of each command).
+    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
+    call_timeout: Duration,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     output: Output,
@@ -39,14 +55,30 @@ enum Command {
     /// Jobs, runs and units of the job-tracker.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Set an attribute on every item lacking it, never overwriting a
+    /// concurrent writer (problem 4), and follow the run.
+    BackfillAttribute(work::BackfillArgs),
+    /// Migrate units (courses, tenants) each as one transaction, N at a time,
+    /// and follow the run; a rerun leaves MIGRATED units alone.
+    MigrateUnits(work::MigrateArgs),
+    /// Replication pipelines: create, list, pause, resume, drain, lag.
+    #[command(subcommand)]
+    Replicate(replicate::ReplicateCommand),
+    /// Run a cut-over plan: replicate, verify, pause writers, drain, verify,
+    /// switch the route, resume writers; each step under a deadline.
+    Cutover(cutover::CutoverArgs),
+    /// Prove a target agrees with its source: counts, predicate, digests.
+    Verify(verify::VerifyArgs),
+    /// The stats-aggregator: ingest events, read counters, pause writers.
+    #[command(subcommand)]
+    Stats(stats::StatsCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = match cli.command {
-        Command::Dev(args) => return dev::main(&args),
-        Command::Jobs(c) => c,
-    };
+    if let Command::Dev(args) = &cli.command {
+        return dev::main(args);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -57,20 +89,47 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls_ca_pem = match &cli.tls_ca {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("error: cannot read --tls-ca {}: {e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
     // The channel spawns its connection task: create it inside the runtime.
     let _entered = runtime.enter();
     let client = match Tidemark::connect(Options {
         endpoint: cli.endpoint.clone(),
         token: cli.token.clone(),
+        timeout: cli.call_timeout,
+        tls_ca_pem,
+        tls_domain: cli.tls_domain.clone(),
         ..Options::default()
     }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(64);
+            eprintln!("hint: --endpoint takes http://HOST:PORT or https://HOST:PORT");
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match runtime.block_on(jobs::run(&client, command, cli.output)) {
+    let out = cli.output;
+    let result: CliResult = runtime.block_on(async {
+        match cli.command {
+            Command::Dev(_) => unreachable!("served above"),
+            Command::Jobs(c) => jobs::run(&client, c, out).await,
+            Command::BackfillAttribute(a) => work::backfill(&client, a, out).await,
+            Command::MigrateUnits(a) => work::migrate(&client, a, out).await,
+            Command::Replicate(c) => replicate::run(&client, c, out).await,
+            Command::Cutover(a) => cutover::run(&client, a, out).await,
+            Command::Verify(a) => verify::run(&client, a, out).await,
+            Command::Stats(c) => stats::run(&client, c, out).await,
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e, &cli.endpoint),
     }

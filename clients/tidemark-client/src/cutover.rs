@@ -1055,7 +1055,7 @@ impl Tidemark {
                 step,
                 deadline,
                 self.verify(request, deadline, |r| {
-                    observer(CutoverEvent::Report(r.clone()))
+                    observer(CutoverEvent::Report(r.clone()));
                 }),
             )
             .await
@@ -1175,7 +1175,7 @@ impl Tidemark {
                 step,
                 deadline,
                 self.verify(request, deadline, |r| {
-                    observer(CutoverEvent::Report(r.clone()))
+                    observer(CutoverEvent::Report(r.clone()));
                 }),
             )
             .await

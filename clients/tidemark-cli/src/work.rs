@@ -1,0 +1,303 @@
+//! `tidemark backfill-attribute` and `tidemark migrate-units`: start the
+//! replicator's one-shot jobs and follow their runs to the end.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tidemark_client::spec::{parse_duration, parse_value};
+use tidemark_client::{RunOutcome, StoreSpec, Tidemark};
+use tidemark_proto::job_tracker::v1 as jt;
+use tidemark_proto::replicator::v1 as rp;
+
+use crate::jobs::{run_json, run_status, unit_status};
+use crate::output::{CliError, CliResult, Output, table};
+use crate::progress;
+
+#[derive(clap::Args, Debug)]
+pub struct BackfillArgs {
+    /// The table, e.g. dynamodb:items or sqlite:items?key=pk.
+    #[arg(long)]
+    table: StoreSpec,
+    /// The top-level attribute to set on every item lacking it, e.g. test.
+    #[arg(long)]
+    attribute: String,
+    /// The value: n:1, s:text, bool:true or null.
+    #[arg(long, value_parser = parse_value)]
+    value: tidemark_proto::common::v1::AttributeValue,
+    /// Parallel scan segments (0: the replicator's 16).
+    #[arg(long, default_value_t = 0)]
+    segments: u32,
+    /// Write capacity units per second across all workers (0: no fixed
+    /// limit; throttling still backs off). `--rate` of a running job changes
+    /// it within seconds.
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
+    /// The job's name; reusing one starts a new run of it. Empty: generated.
+    #[arg(long, default_value = "")]
+    job: String,
+    #[command(flatten)]
+    follow: Follow,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Follow {
+    /// Who starts it (recorded in the job's history).
+    #[arg(long, env = "USER", default_value = "operator")]
+    actor: String,
+    /// Return once started instead of following the run to its end.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to follow the run (the work goes on if this passes).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// The UNIT_MIGRATION job; reruns use the same name so units MIGRATED
+    /// earlier are left alone.
+    #[arg(long)]
+    job: String,
+    /// The units to migrate (repeat, or comma-separate).
+    #[arg(long = "unit", value_delimiter = ',', required = true)]
+    units: Vec<String>,
+    /// The source table (needed when the job does not exist yet).
+    #[arg(long)]
+    source: Option<StoreSpec>,
+    /// The target, e.g. s3://bucket/courses/ (objects under <prefix><unit>/).
+    #[arg(long)]
+    target: Option<StoreSpec>,
+    /// The attribute naming an item's unit, e.g. courseId.
+    #[arg(long, default_value = "")]
+    unit_attribute: String,
+    /// The unit attribute's type.
+    #[arg(long, value_enum, default_value = "string")]
+    unit_type: UnitType,
+    /// A global secondary index keyed by the unit attribute (else a
+    /// filtered scan per unit).
+    #[arg(long, default_value = "")]
+    index: String,
+    /// The source attribute holding item versions (empty: the read time).
+    #[arg(long, default_value = "")]
+    version_attribute: String,
+    /// Units migrated at once across all workers.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    #[command(flatten)]
+    follow: Follow,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum UnitType {
+    String,
+    Number,
+}
+
+/// Follows a run with a progress bar; `None` with --no-wait.
+async fn follow(
+    client: &Tidemark,
+    run_id: &str,
+    what: &str,
+    f: &Follow,
+    out: Output,
+) -> Result<Option<RunOutcome>, CliError> {
+    if f.no_wait {
+        return Ok(None);
+    }
+    let pb = progress::bar(out, what);
+    let outcome = client
+        .wait_run(run_id, f.timeout, |p| progress::show_run(&pb, p))
+        .await;
+    pb.finish_and_clear();
+    Ok(Some(outcome?))
+}
+
+fn failed_run(run: &jt::Run, job: &str) -> CliError {
+    CliError::failed(
+        format!(
+            "run {} of {job} ended {}: {}",
+            run.run_id,
+            run_status(run.status),
+            run.status_reason
+        ),
+        format!(
+            "`tidemark jobs show {job}` lists the failed units and why; fix the cause, then `tidemark jobs ack {job} --reason \"...\"` and run it again"
+        ),
+    )
+}
+
+fn counters_text(run: &jt::Run) -> String {
+    let mut c: Vec<String> = run
+        .counters
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    c.sort();
+    c.join(", ")
+}
+
+pub async fn backfill(client: &Tidemark, a: BackfillArgs, out: Output) -> CliResult {
+    let request = rp::BackfillAttributeRequest {
+        job_name: a.job.clone(),
+        spec: Some(rp::BackfillAttributeSpec {
+            table: Some(a.table.to_proto()),
+            attribute_name: a.attribute.clone(),
+            value: Some(a.value.clone()),
+            segments: a.segments,
+            write_units_per_second: a.rate,
+        }),
+        actor: a.follow.actor.clone(),
+        correlation_id: String::new(),
+    };
+    let started = client.backfill_attribute(request).await?;
+    if out == Output::Text {
+        eprintln!(
+            "backfilling {} on {} as job {}, run {}",
+            a.attribute, a.table, started.job_name, started.run_id
+        );
+    }
+    let outcome = follow(client, &started.run_id, "backfill", &a.follow, out).await?;
+    let Some(outcome) = outcome else {
+        out.print(
+            &json!({"job": started.job_name, "run_id": started.run_id}),
+            || {
+                format!(
+                    "started run {} of {}; follow it with `tidemark jobs show {}`\n",
+                    started.run_id, started.job_name, started.job_name
+                )
+            },
+        );
+        return Ok(());
+    };
+    let run = &outcome.run;
+    let mut value = run_json(run);
+    value["job"] = Value::from(started.job_name.clone());
+    value["counters"] = json!(run.counters);
+    out.print(&value, || {
+        format!(
+            "run {} of {}: {} ({})\n",
+            run.run_id,
+            started.job_name,
+            run_status(run.status),
+            counters_text(run)
+        )
+    });
+    if outcome.succeeded() {
+        Ok(())
+    } else {
+        Err(failed_run(run, &started.job_name))
+    }
+}
+
+pub async fn migrate(client: &Tidemark, a: MigrateArgs, out: Output) -> CliResult {
+    let spec = match (&a.source, &a.target) {
+        (Some(source), Some(target)) => Some(rp::MigrateUnitSpec {
+            source: Some(source.to_proto()),
+            unit_attribute: a.unit_attribute.clone(),
+            unit_key_type: match a.unit_type {
+                UnitType::String => rp::UnitKeyType::String,
+                UnitType::Number => rp::UnitKeyType::Number,
+            } as i32,
+            index_name: a.index.clone(),
+            target: Some(target.to_proto()),
+            transform: None,
+            version_attribute: a.version_attribute.clone(),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(CliError::invalid(
+                "--source and --target go together",
+                "give both for a new job, or neither to rerun an existing one",
+            ));
+        }
+    };
+    if spec.is_some() && a.unit_attribute.is_empty() {
+        return Err(CliError::invalid(
+            "--unit-attribute is required with --source",
+            "name the attribute that holds an item's unit, e.g. --unit-attribute courseId",
+        ));
+    }
+    let started = client
+        .migrate_units(
+            &a.job,
+            spec,
+            a.units.clone(),
+            a.concurrency,
+            &a.follow.actor,
+        )
+        .await?;
+    if out == Output::Text {
+        eprintln!(
+            "migrating {} units of {} (run {}){}",
+            a.units.len(),
+            a.job,
+            started.run_id,
+            if started.already_migrated_unit_keys.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; already migrated, skipped: {}",
+                    started.already_migrated_unit_keys.join(", ")
+                )
+            }
+        );
+    }
+    let outcome = follow(client, &started.run_id, "migrate", &a.follow, out).await?;
+    let Some(outcome) = outcome else {
+        out.print(
+            &json!({"job": a.job, "run_id": started.run_id, "already_migrated": started.already_migrated_unit_keys}),
+            || format!("started run {} of {}; follow it with `tidemark jobs show {}`\n", started.run_id, a.job, a.job),
+        );
+        return Ok(());
+    };
+    let jobs = client.jobs();
+    let units = retried!(
+        client,
+        jobs,
+        list_units,
+        jt::ListUnitsRequest {
+            run_id: started.run_id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        }
+    )?
+    .units;
+    let run = &outcome.run;
+    let mut value = run_json(run);
+    value["job"] = Value::from(a.job.clone());
+    value["already_migrated"] = json!(started.already_migrated_unit_keys);
+    value["unit_results"] = Value::Array(
+        units
+            .iter()
+            .map(|u| {
+                json!({"unit": u.unit_key, "status": unit_status(u.status), "error": u.last_error,
+                       "items": u.items_processed, "counters": u.counters})
+            })
+            .collect(),
+    );
+    out.print(&value, || {
+        let rows: Vec<Vec<String>> = units
+            .iter()
+            .map(|u| {
+                vec![
+                    u.unit_key.clone(),
+                    unit_status(u.status),
+                    u.items_processed.to_string(),
+                    u.last_error.clone(),
+                ]
+            })
+            .collect();
+        format!(
+            "run {} of {}: {}\n{}",
+            run.run_id,
+            a.job,
+            run_status(run.status),
+            table(&["UNIT", "STATUS", "ITEMS", "ERROR"], &rows)
+        )
+    });
+    if outcome.succeeded() {
+        Ok(())
+    } else {
+        Err(failed_run(run, &a.job))
+    }
+}
