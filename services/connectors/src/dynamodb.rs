@@ -630,3 +630,51 @@ impl DynamoTable {
         }
     }
 }
+
+impl DynamoTable {
+    /// The keys of the items of global secondary index `index` whose
+    /// partition key `attribute` is `value`, paging through the whole
+    /// partition. Index reads are eventually consistent and may project only
+    /// some attributes, so callers read the items themselves by key.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown index; what the query fails with.
+    #[tracing::instrument(skip_all, fields(table = %self.name, index))]
+    pub async fn query_index_keys(
+        &self,
+        index: &str,
+        attribute: &str,
+        value: &AttrValue,
+    ) -> ConnectorResult<Vec<Key>> {
+        let mut keys = Vec::new();
+        let mut start: Option<HashMap<String, DdbValue>> = None;
+        loop {
+            let out = retry(&self.retry, "query", || async {
+                self.client
+                    .query()
+                    .table_name(&self.name)
+                    .index_name(index)
+                    .key_condition_expression("#u = :u")
+                    .expression_attribute_names("#u", attribute)
+                    .expression_attribute_values(":u", to_ddb(value))
+                    .set_exclusive_start_key(start.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(BACKEND, &e))
+            })
+            .await?;
+            for item in out.items() {
+                let item = item_from_ddb(item)?;
+                keys.push(
+                    self.schema
+                        .key_of(&item)
+                        .map_err(|e| ConnectorError::invalid(BACKEND, e))?,
+                );
+            }
+            match out.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(keys),
+            }
+        }
+    }
+}

@@ -294,6 +294,17 @@ fn validate_migrate_spec(spec: &MigrateUnitSpec) -> Vec<FieldError> {
     if spec.unit_attribute.is_empty() {
         violations.push(FieldError::required("spec.unit_attribute"));
     }
+    if !spec.index_name.is_empty()
+        && !matches!(
+            spec.source.as_ref().and_then(|s| s.store.as_ref()),
+            Some(Store::DynamodbTable(_))
+        )
+    {
+        violations.push(FieldError::new(
+            "spec.index_name",
+            "an index can only be queried on a dynamodb_table source",
+        ));
+    }
     match spec.target.as_ref().and_then(|t| t.store.as_ref()) {
         Some(Store::S3Prefix(p)) if p.bucket.is_empty() => {
             violations.push(FieldError::required("spec.target.s3_prefix.bucket"));

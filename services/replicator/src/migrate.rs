@@ -108,7 +108,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     let lease = claim.lease.clone();
     let mut progress = Progress::default();
     // A previous attempt may have died halfway: start from a clean target.
-    let items = match unit.read_source(&source.table, &source.schema).await {
+    let items = match unit.read_source(&source).await {
         Ok(items) => items,
         Err(e) => return Err(e.into()),
     };
@@ -174,11 +174,44 @@ impl Unit<'_> {
     /// Every item of the unit, with its key (as the source names it).
     async fn read_source(
         &self,
-        table: &Arc<dyn tidemark_connectors::SourceTable>,
-        schema: &KeySchema,
+        source: &crate::stores::OpenTable,
     ) -> Result<Vec<(Key, Item)>, ConnectorError> {
+        let (table, schema) = (&source.table, &source.schema);
         let value = unit_value(self.spec, self.unit_key)
             .map_err(|e| ConnectorError::invalid("migration", e))?;
+        if !self.spec.index_name.is_empty() {
+            let dynamo = source.dynamo.as_ref().ok_or_else(|| {
+                ConnectorError::invalid("migration", "index_name needs a DynamoDB source")
+            })?;
+            let keys = dynamo
+                .query_index_keys(&self.spec.index_name, &self.spec.unit_attribute, &value)
+                .await?;
+            // The index is eventually consistent and may not project every
+            // attribute: read each item itself, strongly consistent.
+            let read: Vec<Result<Option<Item>, ConnectorError>> = futures::stream::iter(keys)
+                .map(|k| {
+                    let table = Arc::clone(table);
+                    async move { table.get(&k).await }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            let now = chrono::Utc::now().timestamp_micros();
+            let mut items = Vec::new();
+            for item in read {
+                // Gone since the index answered, or moved to another unit.
+                if let Some(item) = item?
+                    && item.get(&self.spec.unit_attribute) == Some(&value)
+                    && self.transform.passes(&item, now)
+                {
+                    let key = schema
+                        .key_of(&item)
+                        .map_err(|e| ConnectorError::invalid("migration", e))?;
+                    items.push((key, item));
+                }
+            }
+            return Ok(items);
+        }
         let filter = Predicate::Equals(self.spec.unit_attribute.clone(), value);
         let pages = futures::future::try_join_all((0..SCAN_SEGMENTS).map(|segment| {
             let filter = filter.clone();

@@ -22,6 +22,8 @@ use crate::Config;
 pub struct OpenTable {
     pub table: Arc<dyn SourceTable>,
     pub schema: KeySchema,
+    /// A DynamoDB table, for its index queries.
+    pub dynamo: Option<DynamoTable>,
 }
 
 #[derive(Clone)]
@@ -135,8 +137,9 @@ impl Stores {
                 let table = DynamoTable::open(client, &t.table_name).await?;
                 let schema = table.key_schema().clone();
                 Ok(OpenTable {
-                    table: Arc::new(table),
+                    table: Arc::new(table.clone()),
                     schema,
+                    dynamo: Some(table),
                 })
             }
             Some(Store::SqliteTable(t)) => {
@@ -147,6 +150,7 @@ impl Stores {
                 Ok(OpenTable {
                     table: Arc::new(table),
                     schema,
+                    dynamo: None,
                 })
             }
             _ => Err(invalid(

@@ -585,3 +585,93 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
     );
     assert_eq!(run.counters.get("extracted"), Some(&20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_is_read_through_its_index_when_one_is_named() {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+        Projection, ProjectionType, ScalarAttributeType,
+    };
+    let client = dynamo().await;
+    let name = unique_name("indexed");
+    let attr = |n: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(n)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    let key = |n: &str, t: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(n)
+            .key_type(t)
+            .build()
+            .unwrap()
+    };
+    client
+        .create_table()
+        .table_name(&name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("id"))
+        .attribute_definitions(attr("courseId"))
+        .key_schema(key("id", KeyType::Hash))
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name("byCourse")
+                .key_schema(key("courseId", KeyType::Hash))
+                // Keys only: the worker must read the items themselves.
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::KeysOnly)
+                        .build(),
+                )
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let table = DynamoTable::open(client, &name).await.unwrap();
+    seed_units(&table, &[("c1", 40), ("c2", 15)]).await;
+    let s3 = s3_client().await;
+    let bucket = unique_name("indexed");
+    S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
+    let mut plane = plane(|_| {}).await;
+    let started = plane
+        .replicator
+        .migrate_unit(pb::MigrateUnitRequest {
+            job_name: unique_name("by-index"),
+            spec: Some(pb::MigrateUnitSpec {
+                source: Some(table_ref(&name)),
+                unit_attribute: "courseId".to_owned(),
+                index_name: "byCourse".to_owned(),
+                target: Some(common_pb::DataStore {
+                    store: Some(common_pb::data_store::Store::S3Prefix(
+                        common_pb::S3PrefixRef {
+                            bucket: bucket.clone(),
+                            prefix: "u/".to_owned(),
+                            ..Default::default()
+                        },
+                    )),
+                }),
+                ..Default::default()
+            }),
+            unit_keys: vec!["c1".to_owned(), "c2".to_owned()],
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let run = wait_run(&mut plane.jobs, &started.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+    let c1 = S3Sink::new(s3.clone(), &bucket, "u/c1/");
+    assert_eq!(c1.count().await.unwrap(), 40);
+    let (_, copied) = c1.read(&schema_key("c1-007")).await.unwrap().unwrap();
+    assert_eq!(
+        copied.get("payload"),
+        Some(&AttrValue::n(7i64)),
+        "whole items, not the index projection"
+    );
+    assert_eq!(S3Sink::new(s3, &bucket, "u/c2/").count().await.unwrap(), 15);
+}
