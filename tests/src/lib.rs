@@ -32,6 +32,9 @@ pub struct ServerHandle {
     /// The serving task; `None` once [`ServerHandle::stop`] has joined it.
     pub task: Option<JoinHandle<ServeResult>>,
     data_dir: tempfile::TempDir,
+    /// Where the host keeps its state: `data_dir`, or the directory given
+    /// to [`spawn_plane_in`] (a restarted plane).
+    root: PathBuf,
 }
 
 /// The handle of [`spawn_dev`]: all four services on one address.
@@ -127,6 +130,7 @@ pub async fn spawn_dev_with(tweak: impl FnOnce(&mut ServerConfig)) -> DevHandle 
         addr,
         shutdown,
         task: Some(task),
+        root: data_dir.path().to_owned(),
         data_dir,
     }
 }
@@ -165,6 +169,7 @@ pub async fn spawn_job_tracker(tweak: impl FnOnce(&mut job_tracker::Config)) -> 
         addr,
         shutdown,
         task: Some(task),
+        root: data_dir.path().to_owned(),
         data_dir,
     }
 }
@@ -261,4 +266,204 @@ fn cargo_bin_blocking(package: &str, bin: &str) -> PathBuf {
         .get_or_insert_with(HashMap::new)
         .insert(key, path.clone());
     path
+}
+
+/// What a [`spawn_plane`] host is pointed at besides the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct PlaneOptions {
+    /// The stats-aggregator buffers in the local Redis (under a fresh buffer
+    /// name) and flushes to this DynamoDB table (partition key `pk`, which
+    /// must exist). `None`: its embedded buffer and store.
+    pub stats_table: Option<String>,
+    /// The stats-aggregator's flush interval (default 300 s).
+    pub flush_interval_ms: Option<u64>,
+    /// The replicator's `inject_unit_fault`: that unit's migration fails
+    /// after half its items.
+    pub inject_unit_fault: Option<String>,
+}
+
+/// Serves all four services in one host like `tidemark dev`, but pointed at
+/// the real local components (DynamoDB and Streams, S3, Elasticsearch,
+/// Redis) with the test credentials, on a fresh port and data directory.
+/// The replicator and the verifier share `<data dir>/tables` for embedded
+/// SQLite tables ([`ServerHandle::tables_dir`]).
+///
+/// # Panics
+/// When a service cannot be set up (e.g. the components are not up).
+pub async fn spawn_plane(options: PlaneOptions) -> ServerHandle {
+    spawn_plane_in(None, options).await
+}
+
+/// As [`spawn_plane`], keeping the state in `dir` when given, so a plane
+/// started again on the same directory (a restart, with other options)
+/// sees the same jobs, runs and tables.
+///
+/// # Panics
+/// As [`spawn_plane`].
+pub async fn spawn_plane_in(dir: Option<&Path>, options: PlaneOptions) -> ServerHandle {
+    let listener = bind_loopback().await;
+    let addr = listener.local_addr().expect("bound address");
+    let data_dir = temp_data_dir();
+    let root = dir.map_or_else(|| data_dir.path().to_owned(), Path::to_owned);
+    let data_path = root.clone();
+    let server = test_server_config(addr);
+    let shutdown = CancellationToken::new();
+    let url = format!("http://{addr}");
+    let aws_endpoint = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let aws =
+        tidemark_connectors::testing::local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
+    let tables = data_path.join("tables");
+    std::fs::create_dir_all(&tables).expect("create the tables directory");
+    let mut host = tidemark_kit::ServiceHost::new(server.clone(), shutdown.clone());
+
+    let jobs = job_tracker::Config {
+        server: server.clone(),
+        data_dir: data_path.join("jobs"),
+        scheduler_tick_ms: 200,
+        ..job_tracker::Config::default()
+    };
+    std::fs::create_dir_all(&jobs.data_dir).expect("create the job-tracker directory");
+    job_tracker::register(&jobs, &mut host)
+        .await
+        .expect("register the job-tracker");
+
+    let replication = replicator::Config {
+        server: server.clone(),
+        job_tracker_url: url.clone(),
+        aws_endpoint: Some(aws_endpoint.clone()),
+        elasticsearch_url: Some(es.clone()),
+        data_dir: tables.clone(),
+        lease_secs: 5,
+        inject_unit_fault: options.inject_unit_fault.clone(),
+        ..replicator::Config::default()
+    };
+    replicator::register_with(&replication, &mut host, Some(aws.clone()))
+        .await
+        .expect("register the replicator");
+
+    let stats = stats_aggregator::Config {
+        server: server.clone(),
+        data_dir: data_path.join("stats"),
+        flush_interval_ms: options.flush_interval_ms.unwrap_or(300_000),
+        buffer_name: unique_name("e2e"),
+        ..stats_aggregator::Config::default()
+    };
+    let backends = match &options.stats_table {
+        Some(table) => {
+            let buffer = tidemark_connectors::redis::RedisBuffer::connect(
+                &local_env("TIDEMARK_TEST_REDIS_URL"),
+                tidemark_connectors::redis::RedisBuffer::prefix_for(&stats.buffer_name),
+            )
+            .await
+            .expect("connect the Redis buffer");
+            let store = stats_aggregator::DynamoStatsStore::open(
+                aws_sdk_dynamodb::Client::new(&aws),
+                table,
+                &stats.stats_key_attribute,
+            )
+            .await
+            .expect("open the stats table");
+            stats_aggregator::Backends {
+                buffer: std::sync::Arc::new(buffer.clone()),
+                redis: Some(buffer),
+                store: std::sync::Arc::new(store),
+                publisher: None,
+            }
+        }
+        None => {
+            let embedded = stats_aggregator::Config {
+                buffer: stats_aggregator::BufferKind::Embedded,
+                store: stats_aggregator::StoreKind::Embedded,
+                ..stats.clone()
+            };
+            stats_aggregator::open(&embedded)
+                .await
+                .expect("open the embedded stats backends")
+        }
+    };
+    stats_aggregator::register_with(&stats, backends, &mut host);
+
+    let verification = verifier::Config {
+        server,
+        job_tracker_url: url.clone(),
+        replicator_url: url,
+        aws_endpoint: Some(aws_endpoint),
+        elasticsearch_url: Some(es),
+        data_dir: tables,
+        ..verifier::Config::default()
+    };
+    verifier::register_with(&verification, Some(aws), &mut host)
+        .await
+        .expect("register the verifier");
+
+    let task = tokio::spawn(async move { host.serve(listener).await.map_err(Into::into) });
+    ServerHandle {
+        addr,
+        shutdown,
+        task: Some(task),
+        root,
+        data_dir,
+    }
+}
+
+impl ServerHandle {
+    /// Where a [`spawn_plane`] host keeps embedded SQLite tables
+    /// (`sqlite:NAME` stores live in `<this>/default.db`).
+    pub fn tables_dir(&self) -> PathBuf {
+        self.root.join("tables")
+    }
+
+    /// A `tidemark-client` connection to the host.
+    ///
+    /// # Panics
+    /// Never for a running host (the URL is well formed).
+    pub fn client(&self) -> tidemark_client::Tidemark {
+        tidemark_client::Tidemark::connect(tidemark_client::Options {
+            endpoint: self.url(),
+            ..tidemark_client::Options::default()
+        })
+        .expect("a well-formed endpoint")
+    }
+}
+
+/// Runs the `tidemark` binary against `endpoint` with `args` (no token from
+/// the environment) and returns what it printed and its exit status.
+///
+/// # Panics
+/// When the binary cannot be built or started.
+pub async fn tidemark(endpoint: &str, args: &[&str]) -> std::process::Output {
+    let bin = cargo_bin("tidemark-cli", "tidemark").await;
+    tokio::process::Command::new(bin)
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("TIDEMARK_TOKEN")
+        .output()
+        .await
+        .expect("run tidemark")
+}
+
+/// Runs `tidemark --output json ...` and parses its standard output,
+/// asserting the exit code.
+///
+/// # Panics
+/// On another exit code or output that is not JSON.
+pub async fn tidemark_json(endpoint: &str, args: &[&str], code: i32) -> serde_json::Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let out = tidemark(endpoint, &all).await;
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "tidemark {args:?}: stdout {} stderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tidemark {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }

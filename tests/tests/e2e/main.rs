@@ -3,4 +3,5 @@
 
 mod foundation;
 mod jobs_cli;
+mod problem3_unit_migration;
 mod tls;
