@@ -3,5 +3,6 @@
 
 mod foundation;
 mod jobs_cli;
+mod problem2_stream_sync;
 mod problem3_unit_migration;
 mod tls;
