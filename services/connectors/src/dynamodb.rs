@@ -646,21 +646,45 @@ impl DynamoTable {
         attribute: &str,
         value: &AttrValue,
     ) -> ConnectorResult<Vec<Key>> {
+        self.query_index_range_keys(index, attribute, value, None)
+            .await
+    }
+
+    /// Like [`Self::query_index_keys`], limited to index sort keys
+    /// `sort.0` in `[sort.1, sort.2)`.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown index; what the query fails with.
+    pub async fn query_index_range_keys(
+        &self,
+        index: &str,
+        attribute: &str,
+        value: &AttrValue,
+        sort: Option<(&str, &AttrValue, &AttrValue)>,
+    ) -> ConnectorResult<Vec<Key>> {
         let mut keys = Vec::new();
         let mut start: Option<HashMap<String, DdbValue>> = None;
         loop {
             let out = retry(&self.retry, "query", || async {
-                self.client
+                let mut query = self
+                    .client
                     .query()
                     .table_name(&self.name)
                     .index_name(index)
-                    .key_condition_expression("#u = :u")
                     .expression_attribute_names("#u", attribute)
                     .expression_attribute_values(":u", to_ddb(value))
-                    .set_exclusive_start_key(start.clone())
-                    .send()
-                    .await
-                    .map_err(|e| classify(BACKEND, &e))
+                    .set_exclusive_start_key(start.clone());
+                query = match sort {
+                    // BETWEEN is inclusive; the exclusive end is checked by
+                    // the caller on the items it reads.
+                    Some((name, from, to)) => query
+                        .key_condition_expression("#u = :u AND #s BETWEEN :a AND :b")
+                        .expression_attribute_names("#s", name)
+                        .expression_attribute_values(":a", to_ddb(from))
+                        .expression_attribute_values(":b", to_ddb(to)),
+                    None => query.key_condition_expression("#u = :u"),
+                };
+                query.send().await.map_err(|e| classify(BACKEND, &e))
             })
             .await?;
             for item in out.items() {

@@ -13,21 +13,28 @@
 //! finishes the last unit can write the manifest from the units' records.
 
 use serde::{Deserialize, Serialize};
+use tidemark_connectors::proto::value_from_proto;
 use tidemark_connectors::transform::{TimeEncoding, Transform};
-use tidemark_connectors::{AttrValue, Key, Number, RecordOutcome, ScanRequest, SinkOp, SinkRecord};
+use tidemark_connectors::{
+    AttrValue, Key, Number, RecordOutcome, ScanPage, ScanRequest, SinkOp, SinkRecord,
+};
 use tidemark_kit::worker::{Claim, LeaseError, Progress, unpack_any};
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::job_tracker::v1::{
     CompleteRunRequest, FailRunRequest, ListUnitsRequest, RunStatus, Watermark,
 };
-use tidemark_proto::replicator::v1::IncrementalExtractSpec;
+use tidemark_proto::replicator::v1::{ChangedItemsIndex, IncrementalExtractSpec};
 
 use crate::context::{Context, UnitFailure, segment_of};
 
 pub const SPEC_TYPE: &str = "tidemark.replicator.v1.IncrementalExtractSpec";
 pub const DEFAULT_SEGMENTS: u32 = 8;
 
+/// Units of a run: one per partition value of the index, else scan segments.
 pub fn segments(spec: &IncrementalExtractSpec) -> u32 {
+    if let Some(index) = &spec.index {
+        return u32::try_from(index.partition_values.len()).unwrap_or(u32::MAX);
+    }
     if spec.segments == 0 {
         DEFAULT_SEGMENTS
     } else {
@@ -132,17 +139,33 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
         if lease.lost().is_cancelled() {
             return Err(UnitFailure::LeaseLost);
         }
-        let page = source
-            .table
-            .scan(&ScanRequest {
-                segment,
-                total_segments: total,
-                start_after: state.start_after.clone(),
-                limit: 500,
-                filter: None,
-                consistent: false,
-            })
-            .await?;
+        let page = match &spec.index {
+            Some(index) => {
+                query_window(
+                    &source,
+                    index,
+                    segment,
+                    encoding,
+                    &spec.changed_at_attribute,
+                    start,
+                    end,
+                )
+                .await?
+            }
+            None => {
+                source
+                    .table
+                    .scan(&ScanRequest {
+                        segment,
+                        total_segments: total,
+                        start_after: state.start_after.clone(),
+                        limit: 500,
+                        filter: None,
+                        consistent: false,
+                    })
+                    .await?
+            }
+        };
         state.scanned += page.scanned;
         let mut batch = Vec::new();
         for item in &page.items {
@@ -222,6 +245,49 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
         }
         return Ok(());
     }
+}
+
+/// The items of one partition value of the index changed in the window,
+/// read by key (the index may project only keys), as one page.
+async fn query_window(
+    source: &crate::stores::OpenTable,
+    index: &ChangedItemsIndex,
+    unit: u32,
+    encoding: TimeEncoding,
+    changed_at: &str,
+    start: i64,
+    end: i64,
+) -> Result<ScanPage, UnitFailure> {
+    let dynamo = source
+        .dynamo
+        .as_ref()
+        .ok_or_else(|| UnitFailure::terminal("an index needs a DynamoDB source"))?;
+    let value = index
+        .partition_values
+        .get(usize::try_from(unit).unwrap_or(usize::MAX))
+        .ok_or_else(|| UnitFailure::terminal("no such partition value"))?;
+    let value = value_from_proto(value).map_err(|e| UnitFailure::terminal(e.to_string()))?;
+    let from = encoding.value(start.max(0));
+    let to = encoding.value(end);
+    let keys = dynamo
+        .query_index_range_keys(
+            &index.index_name,
+            &index.partition_attribute,
+            &value,
+            Some((changed_at, &from, &to)),
+        )
+        .await?;
+    let mut items = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(item) = source.table.get(&key).await? {
+            items.push(item);
+        }
+    }
+    Ok(ScanPage {
+        scanned: u64::try_from(items.len()).unwrap_or(u64::MAX),
+        items,
+        last_key: None,
+    })
 }
 
 #[derive(Serialize)]

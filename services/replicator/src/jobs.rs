@@ -540,6 +540,37 @@ pub async fn create_incremental_extract(
     if spec.segments > 1000 {
         violations.push(FieldError::new("spec.segments", "1 to 1000 (0 means 8)"));
     }
+    if let Some(index) = &spec.index {
+        if index.index_name.is_empty() {
+            violations.push(FieldError::required("spec.index.index_name"));
+        }
+        if index.partition_attribute.is_empty() {
+            violations.push(FieldError::required("spec.index.partition_attribute"));
+        }
+        if index.partition_values.is_empty() || index.partition_values.len() > 1000 {
+            violations.push(FieldError::new(
+                "spec.index.partition_values",
+                "give 1 to 1000 values",
+            ));
+        }
+        for (i, v) in index.partition_values.iter().enumerate() {
+            if let Err(e) = value_from_proto(v) {
+                violations.push(FieldError::new(
+                    format!("spec.index.partition_values[{i}]"),
+                    e.reason,
+                ));
+            }
+        }
+        if !matches!(
+            spec.source.as_ref().and_then(|s| s.store.as_ref()),
+            Some(Store::DynamodbTable(_))
+        ) {
+            violations.push(FieldError::new(
+                "spec.index",
+                "an index can only be queried on a dynamodb_table source",
+            ));
+        }
+    }
     if let Some(t) = &spec.transform
         && let Err(e) = Transform::from_proto(t)
     {
@@ -550,11 +581,6 @@ pub async fn create_incremental_extract(
     }
     if !violations.is_empty() {
         return Err(invalid_argument(violations));
-    }
-    if spec.index.is_some() {
-        return Err(Status::unimplemented(
-            "spec.index: queries through a changed-items index are not built in this release; leave it unset for a parallel scan filtered on the window",
-        ));
     }
     let source = spec.source.clone().unwrap_or_default();
     open_source(r, &source, "spec.source").await?;
