@@ -5,4 +5,5 @@ mod foundation;
 mod jobs_cli;
 mod problem2_stream_sync;
 mod problem3_unit_migration;
+mod problem4_backfill_attribute;
 mod tls;
