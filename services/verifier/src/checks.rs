@@ -21,8 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 use tidemark_connectors::proto::key_to_proto;
-use tidemark_connectors::value::canonical_item;
-use tidemark_connectors::{AttrValue, ConnectorResult, Key, bucket_of};
+use tidemark_connectors::{AttrValue, ConnectorResult, Key};
 use tidemark_proto::replicator::v1 as rpb;
 use tidemark_proto::verifier::v1 as pb;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +87,20 @@ pub fn classify(
     }
 }
 
+/// Feeds serialised bytes straight into the hash, without a string.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Per-bucket count and XOR of entry hashes: order-independent, so
 /// segments and pages may arrive in any order.
 struct Digests {
@@ -116,13 +129,19 @@ impl Digests {
             let hashed: Vec<(usize, [u8; 32])> = batch
                 .iter()
                 .map(|e| {
+                    // One pass over the key serves the bucket (the same
+                    // `key_hash` the stores' drill-down uses) and the digest.
                     let mut h = Sha256::new();
-                    h.update(e.key.canonical().as_bytes());
+                    serde_json::to_writer(HashWriter(&mut h), &e.key.0)
+                        .expect("attribute values always serialise");
+                    let key_digest = h.clone().finalize();
+                    let key_hash = u64::from_be_bytes(key_digest[..8].try_into().expect("8 bytes"));
                     h.update(if versions { e.version } else { 0 }.to_be_bytes());
                     if !versions_only {
-                        h.update(canonical_item(&e.item).as_bytes());
+                        serde_json::to_writer(HashWriter(&mut h), &e.item)
+                            .expect("attribute values always serialise");
                     }
-                    (bucket_of(&e.key, n) as usize, h.finalize().into())
+                    ((key_hash % n) as usize, h.finalize().into())
                 })
                 .collect();
             let mut buckets = this.buckets.lock().expect("digest lock");

@@ -149,6 +149,8 @@ impl Env {
 /// How a source item becomes what the target should hold.
 struct Shaper {
     transform: Transform,
+    /// The transform changes nothing: items are used as read.
+    identity: bool,
     schema: KeySchema,
     version_attribute: Option<String>,
     now_micros: i64,
@@ -172,6 +174,13 @@ impl Shaper {
             None => version,
         };
         item.retain(|name, _| !name.starts_with(BOOKKEEPING_PREFIX));
+        if self.identity {
+            return Some(Entry {
+                key: key.clone(),
+                version,
+                item,
+            });
+        }
         Some(Entry {
             key: self.transform.shape_key(key),
             version,
@@ -289,6 +298,7 @@ impl Sides {
         };
         let target_schema = rename_schema(&source_schema, &spec.renames);
         let shaper = Shaper {
+            identity: spec.transform == Transform::default(),
             transform: spec.transform.clone(),
             schema: source_schema.clone(),
             version_attribute: spec.version_attribute.clone(),
@@ -442,37 +452,16 @@ impl Side {
         match &self.0.backend {
             Backend::Table {
                 table, segments, ..
+            } => self.scan_segments(table, *segments, false, consumer).await,
+            // A DynamoDB sink is a table with Tidemark's version attribute
+            // and tombstones: scanned in parallel segments like a source.
+            Backend::Sink {
+                dynamo: Some(t),
+                segments,
+                ..
             } => {
-                let mut tasks = tokio::task::JoinSet::new();
-                for segment in 0..*segments {
-                    let table = table.clone();
-                    let side = self.clone();
-                    let consumer = consumer.clone();
-                    let total = *segments;
-                    tasks.spawn(async move {
-                        let schema = table.key_schema().clone();
-                        let mut request = ScanRequest::segment(segment, total);
-                        loop {
-                            let page = table.scan(&request).await?;
-                            let mut batch = Vec::with_capacity(page.items.len());
-                            for item in page.items {
-                                let key = schema
-                                    .key_of(&item)
-                                    .map_err(|m| ConnectorError::terminal("verifier", m))?;
-                                batch.extend(side.entry(key, 0, item));
-                            }
-                            consumer(batch);
-                            match page.last_key {
-                                Some(k) => request.start_after = Some(k),
-                                None => return Ok::<(), ConnectorError>(()),
-                            }
-                        }
-                    });
-                }
-                while let Some(done) = tasks.join_next().await {
-                    done.map_err(|e| ConnectorError::terminal("verifier", e.to_string()))??;
-                }
-                Ok(())
+                let table: Arc<dyn SourceTable> = Arc::new(t.clone());
+                self.scan_segments(&table, *segments, true, consumer).await
             }
             Backend::Sink { sink, .. } => {
                 let mut batch = Vec::with_capacity(BATCH);
@@ -491,6 +480,60 @@ impl Side {
         }
     }
 
+    /// Scans `table` in `segments` parallel segments, each page's entries
+    /// handed to `consumer`. `sink_items`: the items carry a DynamoDB sink's
+    /// version attribute and tombstone marker.
+    async fn scan_segments(
+        &self,
+        table: &Arc<dyn SourceTable>,
+        segments: u32,
+        sink_items: bool,
+        consumer: Consumer,
+    ) -> ConnectorResult<()> {
+        use tidemark_connectors::dynamodb::{DELETED_ATTRIBUTE, VERSION_ATTRIBUTE};
+        let mut tasks = tokio::task::JoinSet::new();
+        for segment in 0..segments {
+            let table = table.clone();
+            let side = self.clone();
+            let consumer = consumer.clone();
+            tasks.spawn(async move {
+                let schema = table.key_schema().clone();
+                let mut request = ScanRequest::segment(segment, segments);
+                // A sink's items must be read as written, like its `read`.
+                request.consistent = sink_items;
+                loop {
+                    let page = table.scan(&request).await?;
+                    let mut batch = Vec::with_capacity(page.items.len());
+                    for mut item in page.items {
+                        let key = schema
+                            .key_of(&item)
+                            .map_err(|m| ConnectorError::terminal("verifier", m))?;
+                        let mut version = 0;
+                        if sink_items {
+                            version = item
+                                .remove(VERSION_ATTRIBUTE)
+                                .and_then(|v| v.as_number().and_then(Number::as_u64))
+                                .unwrap_or(0);
+                            if item.remove(DELETED_ATTRIBUTE).is_some() {
+                                continue;
+                            }
+                        }
+                        batch.extend(side.entry(key, version, item));
+                    }
+                    consumer(batch);
+                    match page.last_key {
+                        Some(k) => request.start_after = Some(k),
+                        None => return Ok::<(), ConnectorError>(()),
+                    }
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.map_err(|e| ConnectorError::terminal("verifier", e.to_string()))??;
+        }
+        Ok(())
+    }
+
     /// The entries whose key (in the target's form) falls in a wanted bucket.
     ///
     /// # Errors
@@ -501,7 +544,9 @@ impl Side {
         wanted: &BTreeSet<u32>,
     ) -> ConnectorResult<Vec<Entry>> {
         let n = u64::from(buckets);
-        if let Backend::Sink { sink, .. } = &self.0.backend
+        if let Backend::Sink {
+            sink, dynamo: None, ..
+        } = &self.0.backend
             && !self.0.renames_keys
         {
             return Ok(sink
