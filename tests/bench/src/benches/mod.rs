@@ -5,11 +5,13 @@ use crate::framework::Benchmark;
 
 pub mod job_tracker;
 pub mod noop_rpc;
+pub mod verifier;
 
 pub fn all() -> Vec<Box<dyn Benchmark>> {
     vec![
         Box::new(noop_rpc::NoopRpc),
         Box::new(job_tracker::JobTrackerClaims),
+        Box::new(verifier::Verification),
     ]
 }
 
