@@ -883,8 +883,16 @@ fn verdict_failure(report: &vf::Report) -> Option<String> {
         .iter()
         .filter(|c| c.verdict != vf::Verdict::Pass as i32)
         .map(|c| {
+            let m = c.mismatches.unwrap_or_default();
             let why = if c.error.is_empty() {
-                c.detail.clone()
+                format!(
+                    "{}; missing in target {}, extra in target {}, stale version {}, different content {}",
+                    c.detail,
+                    m.missing_in_target,
+                    m.extra_in_target,
+                    m.stale_version,
+                    m.different_content
+                )
             } else {
                 c.error.clone()
             };
@@ -1715,7 +1723,10 @@ final_verify = "1m"
             ..Default::default()
         };
         let why = verdict_failure(&report).unwrap();
-        assert!(why.contains("content fail (3 missing in target)"), "{why}");
+        assert!(
+            why.contains("content fail (3 missing in target; missing in target 0"),
+            "{why}"
+        );
         assert!(!why.contains("counts"), "{why}");
         assert!(
             verdict_failure(&vf::Report {

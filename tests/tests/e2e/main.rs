@@ -3,6 +3,7 @@
 
 mod foundation;
 mod jobs_cli;
+mod problem1_counter_cutover;
 mod problem2_stream_sync;
 mod problem3_unit_migration;
 mod problem4_backfill_attribute;
