@@ -14,10 +14,9 @@
 //! | `Pf:<seq>:e:<entity>` | hash   | values of `entity` in flush `seq`         |
 //! | `Pevents`             | string | events applied and not yet taken          |
 //! | `Pf:<seq>:events`     | string | events of flush `seq`                     |
-//! | `Pd:<event id>`       | string | an event id seen, expiring after the window |
-//!
-//! An entity hash also holds `t`, the latest event time (microseconds) of the
-//! events folded into it.
+//! | `Ptimes`              | zset   | latest event time (µs) per live entity    |
+//! | `Pf:<seq>:times`      | zset   | the same for the entities of flush `seq`  |
+//! | `Pd:<bucket>`         | set    | event ids seen in a window-long bucket    |
 //!
 //! Why this shape:
 //! - Increments and replaces of a metric live in separate fields (`i:`, `r:`)
@@ -34,9 +33,13 @@
 //! - `acked` refuses a flush sequence that is not after the last acknowledged
 //!   one: the store would treat such a flush as already applied and its
 //!   increments would silently vanish.
-//! - Event ids are remembered (`SET NX EX`) in the same script that applies
-//!   the events: a batch resent after a lost reply finds every id taken and
-//!   changes nothing, and a batch that failed remembers no id.
+//! - Event ids are remembered in the same script that applies the events: a
+//!   batch resent after a lost reply finds every id taken and changes
+//!   nothing, and a batch that failed remembers no id. They go into one set
+//!   per window-long time bucket, expiring after three windows, and an id is
+//!   a duplicate if any of the buckets around now holds it: remembered for
+//!   at least the window (and at most three), with a few variadic calls per
+//!   batch instead of a `SET NX EX` per event, which would bound ingestion.
 //! - Every multi-key step is one Lua script (atomic in Redis): a process killed
 //!   between two commands could otherwise lose or double-count a batch.
 //! - The default prefix carries a hash tag (`{<name>}`) so every key of one
@@ -67,6 +70,7 @@ local function flush_content(prefix, seq)
   for _, e in ipairs(redis.call('SMEMBERS', base .. 'dirty')) do
     out[#out + 1] = e
     out[#out + 1] = redis.call('HGETALL', base .. 'e:' .. e)
+    out[#out + 1] = redis.call('ZSCORE', base .. 'times', e) or ''
   end
   return out
 end
@@ -127,100 +131,179 @@ end
 return n
 ";
 
-/// KEYS: dirty set, live event count, the `n` live entity hashes, then the
-/// `m` dedup keys (one per event, aligned with the events).
-/// ARGV: dedup window in seconds, `n`, `m`, then `n` pairs (entity name,
-/// latest event time), then `m` triples (KEYS index of the entity hash,
-/// field `i:<metric>` or `r:<metric>`, value).
+/// KEYS: dirty set, live event count, live event times, the dedup sets of
+/// buckets b-1, b and b+1 (b = the caller's clock ÷ the window), then the
+/// `n` live entity hashes.
+/// ARGV: bucket TTL in seconds, `n`, `m`, then `n` pairs (entity name,
+/// latest event time), then the `m` event ids, then `m` triples (KEYS index
+/// of the entity hash, field `i:<metric>` or `r:<metric>`, value).
 /// Returns the 0-based positions of the duplicates.
 ///
-/// Increments are applied one by one with HINCRBY (exact 64-bit integers;
-/// Lua numbers are doubles). Only an increment can fail (overflow, a
-/// corrupt field); everything done before it is then undone in reverse, so
-/// the batch is all or none.
+/// Cost is what bounds ingestion, so the script makes few Redis calls per
+/// batch rather than several per event: ids are looked up with SMISMEMBER
+/// and remembered with SADD (variadic), the increments of one field are
+/// summed in Lua and applied with one HINCRBY, dirty entities and event
+/// times are added with one SADD and one ZADD GT. Lua numbers are doubles:
+/// a sum is folded only from deltas below 2^39 (10,000 of them stay below
+/// 2^53, so exact); a larger delta gets its own HINCRBY (exact 64-bit).
+/// Only an HINCRBY can fail (overflow, a corrupt field): everything done
+/// before it is undone in reverse and no id is remembered, so the batch is
+/// all or none.
 const LUA_APPLY_EVENTS: &str = r"
-local window = ARGV[1]
+local ttl = ARGV[1]
 local n = tonumber(ARGV[2])
 local m = tonumber(ARGV[3])
-local dirty_type = redis.call('TYPE', KEYS[1]).ok
-if dirty_type ~= 'none' and dirty_type ~= 'set' then
-  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' is not a set')
-end
-for k = 3, n + 2 do
-  local t = redis.call('TYPE', KEYS[k]).ok
-  if t ~= 'none' and t ~= 'hash' then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[k] .. ' is not a hash')
-  end
-end
-local dups = {}
-local undo = {}
-local taken = {}
-local touched = {}
-local first = 4 + 2 * n
-local function rollback()
-  for d = #undo, 1, -1 do
-    local u = undo[d]
-    if u[1] == 'i' then
-      local key, field, v = u[2], u[3], u[4]
-      if v == '-9223372036854775808' then
-        redis.call('HINCRBY', key, field, '9223372036854775807')
-        redis.call('HINCRBY', key, field, '1')
-      elseif string.sub(v, 1, 1) == '-' then
-        redis.call('HINCRBY', key, field, string.sub(v, 2))
-      else
-        redis.call('HINCRBY', key, field, '-' .. v)
-      end
-      if redis.call('HGET', key, field) == '0' then redis.call('HDEL', key, field) end
+local idbase = 4 + 2 * n
+local opbase = idbase + m
+local LIM = 549755813888
+-- unpack is bounded by the Lua C stack (8000): variadic calls go in chunks.
+local function chunked(cmd, key, list, from, to, size, extra)
+  for c = from, to, size do
+    local last = math.min(c + size - 1, to)
+    if extra then
+      redis.call(cmd, key, extra, unpack(list, c, last))
     else
-      local key = u[2]
-      if u[4] then redis.call('HSET', key, u[3], u[4]) else redis.call('HDEL', key, u[3]) end
-      if u[6] then redis.call('HSET', key, u[5], u[6]) else redis.call('HDEL', key, u[5]) end
+      redis.call(cmd, key, unpack(list, c, last))
     end
   end
-  -- unpack is bounded by the Lua C stack (8000): delete in chunks.
-  for c = 1, #taken, 1000 do
-    redis.call('DEL', unpack(taken, c, math.min(c + 999, #taken)))
+end
+local seen = {}
+for b = 4, 6 do
+  if redis.call('EXISTS', KEYS[b]) == 1 then
+    for c = 0, m - 1, 1000 do
+      local last = math.min(c + 999, m - 1)
+      local found = redis.call('SMISMEMBER', KEYS[b], unpack(ARGV, idbase + c, idbase + last))
+      for i = 1, #found do
+        if found[i] == 1 then seen[c + i] = true end
+      end
+    end
   end
 end
+-- Per entity hash: field -> folded sum (a Lua number), big deltas kept
+-- apart as text, and fields voided by a replace in this batch. Flat tables,
+-- no allocation per event: this loop is the ingestion hot path.
+local dups, fresh, undo, sums, bigs, voided, first = {}, {}, {}, {}, {}, {}, {}
 for j = 1, m do
-  local dkey = KEYS[n + 2 + j]
-  if redis.call('SET', dkey, '1', 'NX', 'EX', window) then
-    taken[#taken + 1] = dkey
-    local a = first + 3 * (j - 1)
+  local id = ARGV[idbase + j - 1]
+  if seen[j] or first[id] then
+    dups[#dups + 1] = j - 1
+  else
+    first[id] = true
+    fresh[#fresh + 1] = id
+    local a = opbase + 3 * (j - 1)
     local ki = tonumber(ARGV[a])
-    local key = KEYS[ki]
     local field = ARGV[a + 1]
     local value = ARGV[a + 2]
+    local fields = sums[ki]
+    if not fields then
+      fields = {}
+      sums[ki] = fields
+    end
     if string.byte(field, 1) == 105 then
-      local r = redis.pcall('HINCRBY', key, field, value)
-      if type(r) == 'table' and r.err then
-        rollback()
-        return r
+      local v = tonumber(value)
+      if v and v > -LIM and v < LIM then
+        fields[field] = (fields[field] or 0) + v
+      else
+        fields[field] = fields[field] or 0
+        local b = bigs[ki]
+        if not b then
+          b = {}
+          bigs[ki] = b
+        end
+        b[#b + 1] = {field, value}
       end
-      undo[#undo + 1] = {'i', key, field, value}
     else
+      -- A replace voids the increments before it, stored and folded.
+      local key = KEYS[ki]
       local ifield = 'i' .. string.sub(field, 2)
-      undo[#undo + 1] = {'r', key, field, redis.call('HGET', key, field), ifield,
+      undo[#undo + 1] = {key, field, redis.call('HGET', key, field), ifield,
         redis.call('HGET', key, ifield)}
       redis.call('HSET', key, field, value)
       redis.call('HDEL', key, ifield)
+      if fields[ifield] then
+        fields[ifield] = 0
+        local v = voided[ki]
+        if not v then
+          v = {}
+          voided[ki] = v
+        end
+        v[ifield] = true
+        local b = bigs[ki]
+        if b then
+          for i = #b, 1, -1 do
+            if b[i][1] == ifield then table.remove(b, i) end
+          end
+        end
+      end
     end
-    touched[ki] = true
-  else
-    dups[#dups + 1] = j - 1
   end
 end
-for ki, _ in pairs(touched) do
-  local e = 2 * (ki - 3) + 4
-  redis.call('SADD', KEYS[1], ARGV[e])
-  local t = ARGV[e + 1]
-  local cur = redis.call('HGET', KEYS[ki], 't')
-  if not cur or tonumber(cur) < tonumber(t) then
-    redis.call('HSET', KEYS[ki], 't', t)
+local done = {}
+local function rollback()
+  for d = #done, 1, -1 do
+    local key, field, v = done[d][1], done[d][2], done[d][3]
+    if v == '0' then
+      -- Nothing to undo (and '-0' is no integer to Redis).
+    elseif v == '-9223372036854775808' then
+      redis.call('HINCRBY', key, field, '9223372036854775807')
+      redis.call('HINCRBY', key, field, '1')
+    elseif string.sub(v, 1, 1) == '-' then
+      redis.call('HINCRBY', key, field, string.sub(v, 2))
+    else
+      redis.call('HINCRBY', key, field, '-' .. v)
+    end
+    if redis.call('HGET', key, field) == '0' then redis.call('HDEL', key, field) end
+  end
+  for d = #undo, 1, -1 do
+    local u = undo[d]
+    if u[3] then redis.call('HSET', u[1], u[2], u[3]) else redis.call('HDEL', u[1], u[2]) end
+    if u[5] then redis.call('HSET', u[1], u[4], u[5]) else redis.call('HDEL', u[1], u[4]) end
   end
 end
-if #taken > 0 then
-  redis.call('INCRBY', KEYS[2], #taken)
+local function incr(key, field, v)
+  local r = redis.pcall('HINCRBY', key, field, v)
+  if type(r) == 'table' and r.err then
+    rollback()
+    return r
+  end
+  done[#done + 1] = {key, field, v}
+end
+for ki, fields in pairs(sums) do
+  local key = KEYS[ki]
+  local void = voided[ki]
+  for field, sum in pairs(fields) do
+    -- A field voided by a replace and not incremented after it: nothing.
+    if sum ~= 0 or not (void and void[field]) then
+      local text = string.format('%.0f', sum)
+      if text == '-0' then text = '0' end
+      local err = incr(key, field, text)
+      if err then return err end
+    end
+  end
+  local b = bigs[ki]
+  if b then
+    for _, big in ipairs(b) do
+      local err = incr(key, big[1], big[2])
+      if err then return err end
+    end
+  end
+end
+local touched = sums
+if #fresh > 0 then
+  chunked('SADD', KEYS[5], fresh, 1, #fresh, 1000)
+  if redis.call('TTL', KEYS[5]) < 0 then
+    redis.call('EXPIRE', KEYS[5], ttl)
+  end
+  local names, times = {}, {}
+  for ki, _ in pairs(touched) do
+    local e = 4 + 2 * (ki - 7)
+    names[#names + 1] = ARGV[e]
+    times[#times + 1] = ARGV[e + 1]
+    times[#times + 1] = ARGV[e]
+  end
+  chunked('SADD', KEYS[1], names, 1, #names, 1000)
+  chunked('ZADD', KEYS[3], times, 1, #times, 2000, 'GT')
+  redis.call('INCRBY', KEYS[2], #fresh)
 end
 return dups
 ";
@@ -231,7 +314,9 @@ local pending = redis.call('GET', KEYS[1])
 if not pending then
   return false
 end
-return {pending, redis.call('HGETALL', ARGV[1] .. 'f:' .. pending .. ':e:' .. ARGV[2])}
+local base = ARGV[1] .. 'f:' .. pending .. ':'
+return {pending, redis.call('HGETALL', base .. 'e:' .. ARGV[2]),
+  redis.call('ZSCORE', base .. 'times', ARGV[2]) or ''}
 ";
 
 /// KEYS: dirty set, live event count, pending, acked. ARGV: prefix.
@@ -276,8 +361,10 @@ for _, e in ipairs(redis.call('SMEMBERS', base .. 'dirty')) do
     redis.call('RENAME', live, base .. 'e:' .. e)
   end
 end
-if redis.call('EXISTS', ARGV[1] .. 'events') == 1 then
-  redis.call('RENAME', ARGV[1] .. 'events', base .. 'events')
+for _, k in ipairs({'events', 'times'}) do
+  if redis.call('EXISTS', ARGV[1] .. k) == 1 then
+    redis.call('RENAME', ARGV[1] .. k, base .. k)
+  end
 end
 redis.call('SET', KEYS[2], ARGV[2])
 return flush_content(ARGV[1], ARGV[2])
@@ -293,7 +380,7 @@ local base = ARGV[1] .. 'f:' .. ARGV[2] .. ':'
 for _, e in ipairs(redis.call('SMEMBERS', base .. 'dirty')) do
   redis.call('DEL', base .. 'e:' .. e)
 end
-redis.call('DEL', base .. 'dirty', base .. 'events', KEYS[1])
+redis.call('DEL', base .. 'dirty', base .. 'events', base .. 'times', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[2])
 return 1
 ";
@@ -583,15 +670,40 @@ fn delta_from_fields(entity: String, fields: Vec<Value>) -> ConnectorResult<Enti
     Ok(delta)
 }
 
-/// Decodes `{entity, {field, value, ...}, ...}` into deltas sorted by entity.
+/// An event time score (ZSCORE: integral microseconds, exact in a double),
+/// or `None` for an empty reply.
+fn event_time(value: Value) -> ConnectorResult<Option<i64>> {
+    let s = match value {
+        Value::Nil => return Ok(None),
+        Value::Double(d) => return Ok(Some(micros_of(d))),
+        other => text(other)?,
+    };
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<f64>()
+        .map(|d| Some(micros_of(d)))
+        .map_err(|_| corrupt(&format!("event time {s:?}")))
+}
+
+#[allow(clippy::cast_possible_truncation)]
+fn micros_of(score: f64) -> i64 {
+    // Scores are integral microseconds below 2^53: the cast is exact.
+    score as i64
+}
+
+/// Decodes `{entity, {field, value, ...}, time, ...}` into deltas sorted by
+/// entity.
 fn flush_content(value: Value) -> ConnectorResult<Vec<EntityDelta>> {
     let mut it = array(value)?.into_iter();
     let mut out = Vec::new();
     while let Some(entity) = it.next() {
-        let fields = it
-            .next()
-            .ok_or_else(|| corrupt("flush content without fields"))?;
-        out.push(delta_from_fields(text(entity)?, array(fields)?)?);
+        let (Some(fields), Some(time)) = (it.next(), it.next()) else {
+            return Err(corrupt("flush content without fields"));
+        };
+        let mut delta = delta_from_fields(text(entity)?, array(fields)?)?;
+        delta.last_event_micros = event_time(time)?;
+        out.push(delta);
     }
     out.sort_by(|a, b| a.entity.cmp(&b.entity));
     Ok(out)
@@ -687,11 +799,17 @@ impl Buffer for RedisBuffer {
 
     #[tracing::instrument(skip_all, fields(prefix = %self.prefix, entity = entity))]
     async fn peek(&self, entity: &str) -> ConnectorResult<EntityDelta> {
-        let fields: Value = redis::cmd("HGETALL")
+        let (fields, time): (Value, Value) = redis::pipe()
+            .cmd("HGETALL")
             .arg(self.entity_key(entity))
+            .cmd("ZSCORE")
+            .arg(self.key("times"))
+            .arg(entity)
             .query_async(&mut self.conn())
             .await?;
-        delta_from_fields(entity.to_owned(), array(fields)?)
+        let mut delta = delta_from_fields(entity.to_owned(), array(fields)?)?;
+        delta.last_event_micros = event_time(time)?;
+        Ok(delta)
     }
 
     #[tracing::instrument(skip_all, fields(prefix = %self.prefix))]
@@ -712,9 +830,14 @@ impl Buffer for RedisBuffer {
             return Ok(Vec::new());
         }
         let window = dedup_window.as_secs().max(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let bucket = now / window;
         // Entities in order of first appearance, with their latest event time.
         let mut entities: Vec<(&str, i64)> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(events.len());
         let mut slots = Vec::with_capacity(events.len());
         for event in events {
             let entity = event.op.entity();
@@ -730,7 +853,13 @@ impl Buffer for RedisBuffer {
         invocation
             .key(self.key("dirty"))
             .key(self.key("events"))
-            .arg(window)
+            .key(self.key("times"));
+        for b in [bucket.saturating_sub(1), bucket, bucket + 1] {
+            invocation.key(self.key(&format!("d:{b}")));
+        }
+        // Three windows: an id stays findable while its bucket is b-1, b or b+1.
+        invocation
+            .arg(window.saturating_mul(3))
             .arg(entities.len())
             .arg(events.len());
         for (entity, latest) in &entities {
@@ -739,16 +868,13 @@ impl Buffer for RedisBuffer {
                 .arg(*entity)
                 .arg(*latest);
         }
-        let mut dedup_key = String::with_capacity(self.prefix.len() + 40);
+        for event in events {
+            invocation.arg(event.id.as_bytes());
+        }
         let mut field = String::with_capacity(64);
         for (event, slot) in events.iter().zip(&slots) {
-            dedup_key.clear();
-            dedup_key.push_str(&self.prefix);
-            dedup_key.push_str("d:");
-            dedup_key.push_str(&event.id);
-            invocation.key(dedup_key.as_bytes());
-            // KEYS[1..2] are the dirty set and the event count.
-            invocation.arg(slot + 3);
+            // KEYS[1..6]: dirty, events, times and the three dedup buckets.
+            invocation.arg(slot + 7);
             field.clear();
             match &event.op {
                 BufferOp::Increment { metric, delta, .. } => {
@@ -781,17 +907,16 @@ impl Buffer for RedisBuffer {
             return Ok(None);
         }
         let mut it = array(reply)?.into_iter();
-        let (Some(sequence), Some(fields)) = (it.next(), it.next()) else {
+        let (Some(sequence), Some(fields), Some(time)) = (it.next(), it.next(), it.next()) else {
             return Err(corrupt("pending peek reply"));
         };
         let fields = array(fields)?;
         if fields.is_empty() {
             return Ok(None);
         }
-        Ok(Some((
-            parse_sequence(&text(sequence)?)?,
-            delta_from_fields(entity.to_owned(), fields)?,
-        )))
+        let mut delta = delta_from_fields(entity.to_owned(), fields)?;
+        delta.last_event_micros = event_time(time)?;
+        Ok(Some((parse_sequence(&text(sequence)?)?, delta)))
     }
 
     #[tracing::instrument(skip_all, fields(prefix = %self.prefix))]

@@ -586,7 +586,9 @@ impl Sink for EmbeddedSink {
 
 /// The aggregation buffer in the embedded store. Live rows have flush 0; a
 /// flush moves them to its sequence in one statement, so an event arriving
-/// meanwhile lands in flush 0 and belongs to the next flush.
+/// meanwhile lands in flush 0 and belongs to the next flush. Besides the
+/// `inc` and `set` rows of its metrics, an entity has a `time` row (latest
+/// event time) and an `events` row (events applied) under the metric `''`.
 #[derive(Clone)]
 pub struct EmbeddedBuffer {
     store: EmbeddedStore,

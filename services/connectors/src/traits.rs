@@ -357,7 +357,8 @@ pub trait Buffer: Send + Sync {
     async fn peek(&self, entity: &str) -> ConnectorResult<EntityDelta>;
     /// Number of dirty entities not yet taken for a flush.
     async fn dirty_count(&self) -> ConnectorResult<u64>;
-    /// Applies the events whose id was not seen within `dedup_window`,
+    /// Applies the events whose id was not seen within `dedup_window` (an
+    /// implementation may remember ids longer, up to twice the window),
     /// atomically with remembering their ids (so a batch resent after a lost
     /// reply is all duplicates, never counted twice), and returns the
     /// positions of the duplicates in `events`, ascending. All or none: on an
