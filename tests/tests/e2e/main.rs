@@ -7,4 +7,6 @@ mod problem1_counter_cutover;
 mod problem2_stream_sync;
 mod problem3_unit_migration;
 mod problem4_backfill_attribute;
+mod problem5_incremental_extract;
+mod python_client;
 mod tls;
