@@ -670,3 +670,83 @@ impl Runner<'_> {
         Ok((left, fixed))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tidemark_connectors::Item;
+
+    use super::*;
+
+    fn entry(version: u64, body: &str) -> Entry {
+        let item: Item = [("body".to_owned(), AttrValue::s(body))].into();
+        Entry {
+            key: Key::single("id", AttrValue::s("a")),
+            version,
+            item,
+        }
+    }
+
+    #[test]
+    fn classification_follows_the_documented_rule() {
+        use pb::MismatchKind as K;
+        let (s, t) = (entry(5, "x"), entry(5, "x"));
+        assert_eq!(classify(Some(&s), Some(&t), true, false), None);
+        assert_eq!(
+            classify(Some(&s), None, true, false),
+            Some(K::MissingInTarget)
+        );
+        assert_eq!(
+            classify(None, Some(&t), true, false),
+            Some(K::ExtraInTarget)
+        );
+        assert_eq!(
+            classify(Some(&s), Some(&entry(4, "old")), true, false),
+            Some(K::StaleVersion)
+        );
+        assert_eq!(
+            classify(Some(&s), Some(&entry(6, "x")), true, false),
+            Some(K::DifferentContent)
+        );
+        assert_eq!(
+            classify(Some(&s), Some(&entry(5, "y")), true, false),
+            Some(K::DifferentContent)
+        );
+        // Versions only: content is not compared.
+        assert_eq!(classify(Some(&s), Some(&entry(5, "y")), true, true), None);
+        // Unknown source versions: the target's version is taken, content decides.
+        assert_eq!(
+            classify(Some(&entry(0, "x")), Some(&entry(9, "x")), false, false),
+            None
+        );
+        assert_eq!(
+            classify(Some(&entry(0, "x")), Some(&entry(9, "y")), false, false),
+            Some(K::DifferentContent)
+        );
+    }
+
+    #[test]
+    fn digests_ignore_order_and_see_every_difference() {
+        let digest = |entries: Vec<Entry>| {
+            let d = Digests::new(8);
+            let consume = d.consumer(true, false, None);
+            for e in entries {
+                consume(vec![e]);
+            }
+            d.buckets.lock().unwrap().clone()
+        };
+        let e = |id: &str, v: u64| Entry {
+            key: Key::single("id", AttrValue::s(id)),
+            ..entry(v, "x")
+        };
+        let forward = digest(vec![e("a", 1), e("b", 2), e("c", 3)]);
+        assert_eq!(forward, digest(vec![e("c", 3), e("a", 1), e("b", 2)]));
+        assert_ne!(forward, digest(vec![e("a", 1), e("b", 2), e("c", 4)]));
+        assert_ne!(forward, digest(vec![e("a", 1), e("b", 2)]));
+        // The bucket is the stores' own: drill-down reads the same buckets.
+        let d = Digests::new(8);
+        (d.consumer(true, false, None))(vec![e("a", 1)]);
+        let key = Key::single("id", AttrValue::s("a"));
+        let bucket = tidemark_connectors::bucket_of(&key, 8) as usize;
+        assert_eq!(d.buckets.lock().unwrap()[bucket].0, 1);
+    }
+}

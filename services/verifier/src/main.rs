@@ -16,6 +16,18 @@ struct Cli {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     job_tracker_url: Option<String>,
+    /// Address of the replicator (lag and repairs), e.g. http://replicator:50051.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicator_url: Option<String>,
+    /// This replica's id in leases (unique per process), e.g. the pod name.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_id: Option<String>,
+    /// Directory of the embedded (SQLite) databases.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {

@@ -441,3 +441,91 @@ impl Spec {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite(table: &str) -> common::DataStore {
+        common::DataStore {
+            store: Some(PbStore::SqliteTable(common::SqliteTableRef {
+                table_name: table.to_owned(),
+                database: String::new(),
+                key_attribute_names: vec!["id".to_owned()],
+            })),
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let spec = Spec::from_proto(
+            &pb::VerificationSpec {
+                source: Some(sqlite("a")),
+                target: Some(sqlite("b")),
+                checks: vec![pb::Check {
+                    name: "d".to_owned(),
+                    kind: Some(pb::check::Kind::Digest(pb::DigestCheck::default())),
+                }],
+                ..Default::default()
+            },
+            "spec",
+        )
+        .unwrap();
+        assert_eq!(spec.segments, 8);
+        assert_eq!(spec.sample_size, 100);
+        assert_eq!(spec.recheck.rounds, 3);
+        assert_eq!(spec.recheck.min_wait, Duration::from_secs(5));
+        assert_eq!(
+            spec.checks[0].kind,
+            CheckKind::Digest {
+                buckets: DEFAULT_BUCKETS,
+                versions_only: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_source_predicate_needs_no_target_and_every_violation_is_named() {
+        let predicate = pb::Check {
+            name: "p".to_owned(),
+            kind: Some(pb::check::Kind::Predicate(pb::PredicateCheck {
+                filter_expression: "attribute_not_exists(test)".to_owned(),
+                ..Default::default()
+            })),
+        };
+        assert!(
+            Spec::from_proto(
+                &pb::VerificationSpec {
+                    source: Some(sqlite("a")),
+                    checks: vec![predicate.clone()],
+                    ..Default::default()
+                },
+                "spec",
+            )
+            .is_ok()
+        );
+        let errors = Spec::from_proto(
+            &pb::VerificationSpec {
+                source: Some(sqlite("a")),
+                checks: vec![predicate.clone(), predicate],
+                sample_size: 5000,
+                recheck: Some(pb::RecheckPolicy {
+                    rounds: 101,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "spec",
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.checks[1].name",
+                "spec.recheck.rounds",
+                "spec.sample_size"
+            ]
+        );
+    }
+}
