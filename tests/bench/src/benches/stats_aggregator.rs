@@ -50,7 +50,7 @@ fn event_parts(stream: usize, n: u64) -> (String, String, &'static str, bool, i6
         format!("s{stream}-{n}"),
         format!("content-{entity}"),
         metric,
-        n % 50 == 0,
+        n.is_multiple_of(50),
         i64::try_from(n % 7).unwrap_or(0),
     )
 }
