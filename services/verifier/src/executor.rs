@@ -19,6 +19,8 @@ use crate::{Live, REPORT_TYPE, SPEC_TYPE, State};
 /// The unit result holds every mismatch up to this size; the job-tracker
 /// takes at most 1 MiB.
 const STORED_BYTES: usize = 1000 * 1000;
+/// Tries at finishing the run when the job-tracker is briefly unreachable.
+const RUN_FINISH_ATTEMPTS: u32 = 8;
 /// Progress checkpoints while a check runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
@@ -249,37 +251,55 @@ async fn finish(
         return;
     }
     let result = Some(pack_any(REPORT_TYPE, &report));
-    let mut jobs = state.jobs.clone();
-    let done = if report.verdict == pb::Verdict::Pass as i32 {
-        jobs.complete_run(jpb::CompleteRunRequest {
-            run_id: lease.run_id().to_owned(),
-            last_processed: None,
-            result,
-            actor: "verifier".to_owned(),
-        })
-        .await
-        .map(drop)
+    let failing: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| c.verdict != pb::Verdict::Pass as i32)
+        .map(|c| c.name.as_str())
+        .collect();
+    let error = if report.error.is_empty() {
+        format!("verification failed: {}", failing.join(", "))
     } else {
-        let failing: Vec<&str> = report
-            .checks
-            .iter()
-            .filter(|c| c.verdict != pb::Verdict::Pass as i32)
-            .map(|c| c.name.as_str())
-            .collect();
-        let error = if report.error.is_empty() {
-            format!("verification failed: {}", failing.join(", "))
-        } else {
-            report.error.clone()
-        };
-        jobs.fail_run(jpb::FailRunRequest {
-            run_id: lease.run_id().to_owned(),
-            error,
-            result,
-            actor: "verifier".to_owned(),
-        })
-        .await
-        .map(drop)
+        report.error.clone()
     };
+    let passed = report.verdict == pb::Verdict::Pass as i32;
+    // The unit is done, so no other worker will finish this run: retry a
+    // job-tracker that is briefly unreachable rather than leave it RUNNING.
+    let mut done = Ok(());
+    for attempt in 0..RUN_FINISH_ATTEMPTS {
+        let mut jobs = state.jobs.clone();
+        done = if passed {
+            jobs.complete_run(jpb::CompleteRunRequest {
+                run_id: lease.run_id().to_owned(),
+                last_processed: None,
+                result: result.clone(),
+                actor: "verifier".to_owned(),
+            })
+            .await
+            .map(drop)
+        } else {
+            jobs.fail_run(jpb::FailRunRequest {
+                run_id: lease.run_id().to_owned(),
+                error: error.clone(),
+                result: result.clone(),
+                actor: "verifier".to_owned(),
+            })
+            .await
+            .map(drop)
+        };
+        match &done {
+            Ok(()) => break,
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+            }
+            Err(_) => break,
+        }
+    }
     if let Err(e) = done {
         tracing::warn!(error = %e, "cannot finish the verification run");
     }
