@@ -250,7 +250,7 @@ pub async fn run(client: &Tidemark, command: ReplicateCommand, out: Output) -> C
                 let pb = progress::spinner(out, "backfilling");
                 let waited = client
                     .wait_streaming(&a.name, a.timeout, |l| {
-                        pb.set_message(progress::lag_line(l))
+                        pb.set_message(progress::lag_line(l));
                     })
                     .await;
                 pb.finish_and_clear();

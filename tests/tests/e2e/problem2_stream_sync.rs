@@ -31,7 +31,7 @@ fn doc(t: &str, id: &str, n: i64) -> Item {
 }
 
 fn kind(i: usize) -> &'static str {
-    if i % 2 == 0 { "post" } else { "page" }
+    if i.is_multiple_of(2) { "post" } else { "page" }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
