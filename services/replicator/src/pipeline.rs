@@ -40,6 +40,9 @@ pub const FEED_UNIT: &str = "feed";
 pub const DEFAULT_SEGMENTS: u32 = 8;
 pub const DEFAULT_WATERMARK_PREFIX: &str = "__tidemark_watermark#";
 pub const DEFAULT_TOUCH_ATTRIBUTE: &str = "_tidemark_touch";
+/// Records per sink request, and sink requests in flight per poll.
+const SINK_BATCH: usize = 500;
+const SINK_CONCURRENCY: usize = 4;
 /// How often the feed unit publishes its lag (as unit counters).
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -169,7 +172,15 @@ impl Opened {
             if batch.is_empty() {
                 continue;
             }
-            let outcomes = sink.sink.apply(&batch).await?;
+            // Writes are conditional on version, so chunks of one poll may be
+            // applied concurrently without ever moving a target backwards; the
+            // feed is acknowledged only after all of them.
+            let requests: Vec<_> = batch
+                .chunks(SINK_BATCH)
+                .map(|chunk| sink.sink.apply(chunk))
+                .collect();
+            let chunks = futures::future::try_join_all(requests).await?;
+            let outcomes = chunks.into_iter().flatten();
             for ((record, position), outcome) in batch.iter().zip(origin).zip(outcomes) {
                 match outcome {
                     RecordOutcome::Applied => totals.0 += 1,
@@ -343,7 +354,7 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         if paused(&pipeline) {
             pipeline = wait_while_paused(&ctx, &lease, &job, pipeline, &mut revision).await?;
         }
-        let records = feed.poll(500).await?;
+        let records = feed.poll(SINK_BATCH * SINK_CONCURRENCY).await?;
         let caught_up = records.is_empty();
         if !records.is_empty() {
             let changes: Vec<(Key, Option<Item>, u64, String)> = records
