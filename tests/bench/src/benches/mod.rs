@@ -5,6 +5,7 @@ use crate::framework::Benchmark;
 
 pub mod job_tracker;
 pub mod noop_rpc;
+pub mod replicator;
 pub mod stats_aggregator;
 pub mod verifier;
 
@@ -12,6 +13,7 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
     vec![
         Box::new(noop_rpc::NoopRpc),
         Box::new(job_tracker::JobTrackerClaims),
+        Box::new(replicator::ReplicatorBench),
         Box::new(verifier::Verification),
         Box::new(stats_aggregator::StatsAggregatorBench),
     ]
