@@ -118,6 +118,9 @@ pub async fn build_host(
         server,
         job_tracker_url: self_url.clone(),
         replicator_url: self_url,
+        // Where the replicator keeps embedded tables, so `sqlite:` stores
+        // name the same database for both.
+        data_dir: data_dir.join("tables"),
         ..verifier::Config::default()
     };
     verifier::register(&verification, &mut host).await?;

@@ -3,7 +3,7 @@
 
 use std::process::Output;
 
-use tidemark_e2e::{cargo_bin, spawn_dev};
+use tidemark_e2e::{cargo_bin, spawn_job_tracker};
 use tidemark_proto::job_tracker::v1 as pb;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
 
@@ -23,7 +23,9 @@ fn text(o: &Output) -> String {
 
 #[tokio::test]
 async fn jobs_commands_show_and_open_the_failure_gate() {
-    let dev = spawn_dev().await;
+    // The job-tracker alone: in a whole dev host the replicator's worker
+    // would claim the units this test claims by hand.
+    let dev = spawn_job_tracker(|_| {}).await;
     let url = dev.url();
     let mut jobs = JobTrackerServiceClient::new(dev.channel().await);
     jobs.create_job(pb::CreateJobRequest {

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::testing::dynamodb_clients;
-use tidemark_connectors::{AttrValue, Item, Key, KeySchema, ScanRequest, SourceTable};
+use tidemark_connectors::{
+    AttrValue, ConnectorError, Item, Key, KeySchema, ScanRequest, SourceTable,
+};
 use tidemark_e2e::{PlaneOptions, spawn_plane, tidemark, tidemark_json, unique_name};
 
 fn schema() -> KeySchema {
@@ -79,10 +81,17 @@ async fn backfill_against_writers(
         let two = two.clone();
         tokio::spawn(async move {
             for i in written {
-                table
-                    .update(&key(i), &two, None)
-                    .await
-                    .expect("writer update");
+                // A busy store (SQLite's lock under load, DynamoDB
+                // throttling) answers retryable errors: writers retry.
+                loop {
+                    match table.update(&key(i), &two, None).await {
+                        Ok(_) => break,
+                        Err(ConnectorError::Retryable { .. }) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("writer update: {e:?}"),
+                    }
+                }
             }
         })
     };

@@ -53,3 +53,40 @@ async fn tls_serves_only_clients_that_speak_it() {
         "plaintext must not be served: {refused:?}"
     );
 }
+
+#[tokio::test]
+async fn the_client_crate_trusts_a_private_ca_given_in_its_options() {
+    let issued =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, issued.cert.pem()).unwrap();
+    std::fs::write(&key, issued.signing_key.serialize_pem()).unwrap();
+    let server = spawn_job_tracker(|c| {
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
+    })
+    .await;
+    let client = tidemark_client::Tidemark::connect(tidemark_client::Options {
+        endpoint: format!("https://{}", server.addr),
+        tls_ca_pem: Some(issued.cert.pem()),
+        tls_domain: Some("localhost".to_owned()),
+        ..tidemark_client::Options::default()
+    })
+    .expect("valid options");
+    let jobs = client
+        .jobs()
+        .list_jobs(pb::ListJobsRequest::default())
+        .await;
+    assert!(jobs.is_ok(), "{jobs:?}");
+
+    let refused = tidemark_client::Tidemark::connect(tidemark_client::Options {
+        endpoint: format!("http://{}", server.addr),
+        tls_ca_pem: Some(issued.cert.pem()),
+        ..tidemark_client::Options::default()
+    });
+    assert!(
+        matches!(refused, Err(tidemark_client::ClientError::Endpoint { .. })),
+        "a CA for a plaintext endpoint is a configuration error"
+    );
+}
