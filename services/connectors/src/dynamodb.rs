@@ -474,9 +474,18 @@ impl DynamoSink {
     async fn apply_one(&self, record: &SinkRecord) -> ConnectorResult<RecordOutcome> {
         let mut item = match &record.op {
             SinkOp::Upsert(item) => {
-                if item.contains_key(VERSION_ATTRIBUTE) || item.contains_key(DELETED_ATTRIBUTE) {
+                // An item may carry the version itself (Tidemark's own
+                // writers keep it in `tidemark_version`); any other value
+                // there, or a tombstone marker, would be lost or misread.
+                let own_version = item
+                    .get(VERSION_ATTRIBUTE)
+                    .map(|v| v.as_number().and_then(Number::as_u64));
+                if item.contains_key(DELETED_ATTRIBUTE)
+                    || own_version.is_some_and(|v| v != Some(record.version))
+                {
                     return Ok(RecordOutcome::Rejected(format!(
-                        "item uses the reserved attributes {VERSION_ATTRIBUTE}/{DELETED_ATTRIBUTE}"
+                        "item uses the reserved attribute {DELETED_ATTRIBUTE}, or {VERSION_ATTRIBUTE} other than the record's version {}",
+                        record.version
                     )));
                 }
                 item.clone()

@@ -423,10 +423,19 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
 }
 
 fn change_of(opened: &Opened, r: &ChangeRecord) -> (Key, Option<Item>, u64, String) {
-    let version = r
-        .new_image
-        .as_ref()
-        .map_or(r.version, |i| opened.version_of(i, r.version));
+    let version = if opened.version_attribute.is_empty() {
+        r.version
+    } else {
+        // Versions come from the item alone; mixing in feed-derived ones
+        // (microseconds, far above any counter) would freeze the target.
+        // An image without the attribute ranks below every versioned one;
+        // a delete ranks just above the version it removed.
+        match (&r.new_image, &r.old_image) {
+            (Some(image), _) => opened.version_of(image, 0),
+            (None, Some(old)) => opened.version_of(old, 0) + 1,
+            (None, None) => r.version,
+        }
+    };
     (
         r.key.clone(),
         r.new_image.clone(),
@@ -595,9 +604,14 @@ pub async fn repair(
             Some(_) => rewritten += 1,
             None => deleted += 1,
         }
+        let unversioned = if opened.version_attribute.is_empty() {
+            derived
+        } else {
+            0
+        };
         let version = item
             .as_ref()
-            .map_or(derived, |i| opened.version_of(i, derived));
+            .map_or(derived, |i| opened.version_of(i, unversioned));
         changes.push((key.clone(), item, version, "repair".to_owned()));
     }
     let sinks: Vec<&OpenSink> = opened

@@ -211,6 +211,8 @@ struct Inner {
     /// The side knows item versions (a sink's recorded ones, or the source's
     /// version attribute).
     versions_known: bool,
+    /// The spec's version attribute, left out of the compared content.
+    version_attribute: Option<String>,
     /// Source side only: target attribute name → source attribute name.
     reverse_renames: BTreeMap<String, String>,
     /// Key renames change key hashes, so a source sink cannot pick buckets
@@ -331,6 +333,7 @@ impl Sides {
             backend: source_backend,
             versions_known: spec.version_attribute.is_some()
                 || !matches!(spec.source, Store::Dynamo { .. } | Store::Sqlite { .. }),
+            version_attribute: spec.version_attribute.clone(),
             shaper: Some(shaper),
             renames_keys: source_schema.names().any(|n| spec.renames.contains_key(n)),
             reverse_renames: reverse,
@@ -340,6 +343,7 @@ impl Sides {
             Some(store) => Some(Side(Arc::new(Inner {
                 backend: open_sink(store, &target_schema, spec.segments, env).await?,
                 versions_known: true,
+                version_attribute: spec.version_attribute.clone(),
                 shaper: None,
                 reverse_renames: BTreeMap::new(),
                 renames_keys: false,
@@ -415,10 +419,16 @@ impl Side {
     }
 
     fn entry(&self, key: Key, version: u64, item: Item) -> Option<Entry> {
-        match &self.0.shaper {
-            Some(s) => s.shape(&key, version, item),
-            None => Some(Entry { key, version, item }),
+        let mut entry = match &self.0.shaper {
+            Some(s) => s.shape(&key, version, item)?,
+            None => Entry { key, version, item },
+        };
+        // The version attribute is compared as the version; some sinks keep
+        // it in the item and some (DynamoDB) store it as their own version.
+        if let Some(a) = &self.0.version_attribute {
+            entry.item.remove(a);
         }
+        Some(entry)
     }
 
     /// The key this side stores for a key in the target's form.
