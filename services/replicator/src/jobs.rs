@@ -76,7 +76,7 @@ fn store_name(store: &DataStore) -> String {
     }
 }
 
-fn jobs_status(s: Status) -> Status {
+pub fn jobs_status(s: Status) -> Status {
     // The job-tracker's answers already name the job and say what to do;
     // only an unreachable job-tracker needs context.
     if s.code() == Code::Unavailable {

@@ -23,7 +23,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::Replicator;
-use crate::jobs::store_status;
+use crate::jobs::{jobs_status, store_status};
 use crate::pipeline::{self, FEED_UNIT};
 
 fn job_name(name: &str) -> String {
@@ -188,14 +188,6 @@ async fn view(r: &Replicator, job: &Job) -> Result<Pipeline, Status> {
         .map(|l| i64::try_from(l.len()).unwrap_or(i64::MAX))
         .unwrap_or_default();
     Ok(p)
-}
-
-fn jobs_status(s: Status) -> Status {
-    if s.code() == Code::Unavailable {
-        Status::unavailable(format!("job-tracker unavailable: {}", s.message()))
-    } else {
-        s
-    }
 }
 
 async fn get_job(r: &Replicator, name: &str) -> Result<Job, Status> {
