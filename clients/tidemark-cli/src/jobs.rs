@@ -35,6 +35,13 @@ pub enum JobsCommand {
         #[arg(long)]
         run: Option<String>,
     },
+    /// Start a run of a job now over its default units (e.g. an extract
+    /// between its scheduled runs) and follow it.
+    Run {
+        name: String,
+        #[command(flatten)]
+        follow: crate::work::Follow,
+    },
     /// Every recorded transition of a job, run or unit, oldest first.
     History {
         name: String,
@@ -252,6 +259,9 @@ pub async fn run(client: &Tidemark, command: JobsCommand, out: Output) -> CliRes
                     run.run_id
                 )
             });
+        }
+        JobsCommand::Run { name, follow } => {
+            return crate::work::run_job(client, &name, &follow, out).await;
         }
         JobsCommand::History { name, run, unit } => {
             let mut all = Vec::new();

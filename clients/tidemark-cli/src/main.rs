@@ -61,6 +61,10 @@ enum Command {
     /// Migrate units (courses, tenants) each as one transaction, N at a time,
     /// and follow the run; a rerun leaves MIGRATED units alone.
     MigrateUnits(work::MigrateArgs),
+    /// Create an incremental extract job (items changed since the last run
+    /// to S3, with a manifest per run), optionally scheduled; --run-now
+    /// starts and follows a run.
+    Extract(work::ExtractArgs),
     /// Replication pipelines: create, list, pause, resume, drain, lag.
     #[command(subcommand)]
     Replicate(replicate::ReplicateCommand),
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
             Command::Jobs(c) => jobs::run(&client, c, out).await,
             Command::BackfillAttribute(a) => work::backfill(&client, a, out).await,
             Command::MigrateUnits(a) => work::migrate(&client, a, out).await,
+            Command::Extract(a) => work::extract(&client, a, out).await,
             Command::Replicate(c) => replicate::run(&client, c, out).await,
             Command::Cutover(a) => cutover::run(&client, a, out).await,
             Command::Verify(a) => verify::run(&client, a, out).await,

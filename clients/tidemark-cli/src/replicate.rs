@@ -86,6 +86,10 @@ pub struct CreateArgs {
     version_attribute: String,
     #[arg(long, env = "USER", default_value = "operator")]
     actor: String,
+    /// Check the spec, the source, its feed and every sink as the
+    /// replicator would, and print what it found, creating nothing.
+    #[arg(long, conflicts_with = "wait")]
+    validate_only: bool,
     /// Wait until the backfill is done (the pipeline STREAMING).
     #[arg(long)]
     wait: bool,
@@ -242,10 +246,26 @@ pub async fn run(client: &Tidemark, command: ReplicateCommand, out: Output) -> C
                 name: a.name.clone(),
                 spec: Some(create_spec(&a)?),
                 actor: a.actor.clone(),
+                validate_only: a.validate_only,
             };
-            let mut p = retried!(client, svc, create_pipeline, req)?
-                .pipeline
-                .unwrap_or_default();
+            let created = retried!(client, svc, create_pipeline, req)?;
+            let mut p = created.pipeline.unwrap_or_default();
+            if a.validate_only {
+                let mut value = pipeline_json(&p);
+                value["checks"] = json!(created.checks);
+                out.print(&value, || {
+                    let mut text = format!(
+                        "pipeline {} is valid ({}); nothing was created\n",
+                        p.name,
+                        state_name(p.state)
+                    );
+                    for line in &created.checks {
+                        text.push_str(&format!("  ok  {line}\n"));
+                    }
+                    text
+                });
+                return Ok(());
+            }
             if a.wait {
                 let pb = progress::spinner(out, "backfilling");
                 let waited = client

@@ -1,11 +1,13 @@
-//! `tidemark backfill-attribute` and `tidemark migrate-units`: start the
-//! replicator's one-shot jobs and follow their runs to the end.
+//! `tidemark backfill-attribute`, `tidemark migrate-units`, `tidemark
+//! extract` and `tidemark jobs run`: start the replicator's jobs and follow
+//! their runs to the end.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tidemark_client::spec::{parse_duration, parse_value};
 use tidemark_client::{RunOutcome, StoreSpec, Tidemark};
+use tidemark_proto::common::v1 as common;
 use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::replicator::v1 as rp;
 
@@ -87,6 +89,68 @@ pub struct MigrateArgs {
     follow: Follow,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct ExtractArgs {
+    /// The INCREMENTAL_EXTRACT job; running the same definition again keeps
+    /// the job (and its last processed time).
+    job: String,
+    /// The source table, e.g. dynamodb:orders.
+    #[arg(long)]
+    source: StoreSpec,
+    /// The target: s3://bucket/prefix/ (one object per key, plus a manifest
+    /// per run under <prefix>_manifests/).
+    #[arg(long)]
+    target: StoreSpec,
+    /// The attribute holding an item's last change time, e.g. updated_at.
+    #[arg(long)]
+    changed_at: String,
+    /// How the change time is encoded.
+    #[arg(long, value_enum)]
+    encoding: Encoding,
+    /// A global secondary index keyed by a partition attribute and sorted by
+    /// the change time (else a filtered parallel scan).
+    #[arg(long, default_value = "", requires_all = ["index_partition", "index_values"])]
+    index: String,
+    /// The index's partition key attribute.
+    #[arg(long, default_value = "")]
+    index_partition: String,
+    /// Every value the index's partition key takes, e.g. n:0,n:1,n:2.
+    #[arg(long, value_delimiter = ',', value_parser = parse_value)]
+    index_values: Vec<tidemark_proto::common::v1::AttributeValue>,
+    /// Parallel scan segments without an index (0: the replicator's 8).
+    #[arg(long, default_value_t = 0)]
+    segments: u32,
+    /// The source attribute holding item versions (empty: the change time).
+    #[arg(long, default_value = "")]
+    version_attribute: String,
+    /// When to run, a cron expression with seconds, e.g. "0 0 * * * *"
+    /// for hourly (empty: only when started).
+    #[arg(long, default_value = "")]
+    cron: String,
+    /// The IANA time zone of --cron, e.g. Europe/Berlin (empty: UTC).
+    #[arg(long, default_value = "")]
+    time_zone: String,
+    /// No scheduled run falls due before this RFC 3339 time, e.g.
+    /// 2026-12-01T00:00:00Z (default: from now).
+    #[arg(long, value_parser = parse_time)]
+    start_time: Option<prost_types::Timestamp>,
+    /// Start a run now and follow it.
+    #[arg(long)]
+    run_now: bool,
+    #[command(flatten)]
+    follow: Follow,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Encoding {
+    /// An S attribute holding RFC 3339 text.
+    Rfc3339,
+    /// An N attribute holding seconds since the epoch.
+    EpochSeconds,
+    /// An N attribute holding milliseconds since the epoch.
+    EpochMillis,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum UnitType {
     String,
@@ -157,36 +221,7 @@ pub async fn backfill(client: &Tidemark, a: BackfillArgs, out: Output) -> CliRes
         );
     }
     let outcome = follow(client, &started.run_id, "backfill", &a.follow, out).await?;
-    let Some(outcome) = outcome else {
-        out.print(
-            &json!({"job": started.job_name, "run_id": started.run_id}),
-            || {
-                format!(
-                    "started run {} of {}; follow it with `tidemark jobs show {}`\n",
-                    started.run_id, started.job_name, started.job_name
-                )
-            },
-        );
-        return Ok(());
-    };
-    let run = &outcome.run;
-    let mut value = run_json(run);
-    value["job"] = Value::from(started.job_name.clone());
-    value["counters"] = json!(run.counters);
-    out.print(&value, || {
-        format!(
-            "run {} of {}: {} ({})\n",
-            run.run_id,
-            started.job_name,
-            run_status(run.status),
-            counters_text(run)
-        )
-    });
-    if outcome.succeeded() {
-        Ok(())
-    } else {
-        Err(failed_run(run, &started.job_name))
-    }
+    report_run(&started.job_name, &started.run_id, outcome, out)
 }
 
 pub async fn migrate(client: &Tidemark, a: MigrateArgs, out: Output) -> CliResult {
@@ -300,4 +335,111 @@ pub async fn migrate(client: &Tidemark, a: MigrateArgs, out: Output) -> CliResul
     } else {
         Err(failed_run(run, &a.job))
     }
+}
+
+/// Prints a finished run (or the started one with --no-wait) and turns a
+/// failed run into the operation-failed exit code.
+fn report_run(job: &str, run_id: &str, outcome: Option<RunOutcome>, out: Output) -> CliResult {
+    let Some(outcome) = outcome else {
+        out.print(&json!({"job": job, "run_id": run_id}), || {
+            format!("started run {run_id} of {job}; follow it with `tidemark jobs show {job}`\n")
+        });
+        return Ok(());
+    };
+    let run = &outcome.run;
+    let mut value = run_json(run);
+    value["job"] = Value::from(job.to_owned());
+    value["counters"] = json!(run.counters);
+    out.print(&value, || {
+        format!(
+            "run {} of {job}: {} ({})\n",
+            run.run_id,
+            run_status(run.status),
+            counters_text(run)
+        )
+    });
+    if outcome.succeeded() {
+        Ok(())
+    } else {
+        Err(failed_run(run, job))
+    }
+}
+
+pub async fn extract(client: &Tidemark, a: ExtractArgs, out: Output) -> CliResult {
+    let index = (!a.index.is_empty()).then(|| rp::ChangedItemsIndex {
+        index_name: a.index.clone(),
+        partition_attribute: a.index_partition.clone(),
+        partition_values: a.index_values.clone(),
+    });
+    let request = rp::CreateIncrementalExtractRequest {
+        job_name: a.job.clone(),
+        spec: Some(rp::IncrementalExtractSpec {
+            source: Some(a.source.to_proto()),
+            changed_at_attribute: a.changed_at.clone(),
+            changed_at_encoding: match a.encoding {
+                Encoding::Rfc3339 => common::TimeEncoding::Rfc3339,
+                Encoding::EpochSeconds => common::TimeEncoding::EpochSeconds,
+                Encoding::EpochMillis => common::TimeEncoding::EpochMillis,
+            } as i32,
+            index,
+            segments: a.segments,
+            target: Some(a.target.to_proto()),
+            transform: None,
+            version_attribute: a.version_attribute.clone(),
+        }),
+        schedule: (!a.cron.is_empty()).then(|| jt::Schedule {
+            cron: a.cron.clone(),
+            time_zone: a.time_zone.clone(),
+            start_time: a.start_time,
+            ..Default::default()
+        }),
+        run_now: a.run_now,
+        actor: a.follow.actor.clone(),
+    };
+    let created = client.incremental_extract(request).await?;
+    if !a.run_now {
+        out.print(
+            &json!({"job": created.job_name, "schedule": a.cron}),
+            || {
+                format!(
+                    "extract job {} is ready{}; start a run with `tidemark jobs run {}`\n",
+                    created.job_name,
+                    if a.cron.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", scheduled \"{}\"", a.cron)
+                    },
+                    created.job_name
+                )
+            },
+        );
+        return Ok(());
+    }
+    if out == Output::Text {
+        eprintln!(
+            "extracting {} changed by {} as job {}, run {}",
+            a.source, a.changed_at, created.job_name, created.run_id
+        );
+    }
+    let outcome = follow(client, &created.run_id, "extract", &a.follow, out).await?;
+    report_run(&created.job_name, &created.run_id, outcome, out)
+}
+
+fn parse_time(text: &str) -> Result<prost_types::Timestamp, String> {
+    let t = chrono::DateTime::parse_from_rfc3339(text)
+        .map_err(|e| format!("{text:?}: expected RFC 3339, e.g. 2026-12-01T00:00:00Z ({e})"))?;
+    Ok(prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    })
+}
+
+/// `tidemark jobs run JOB`: a run now over the job's default units.
+pub async fn run_job(client: &Tidemark, job: &str, f: &Follow, out: Output) -> CliResult {
+    let run = client.start_run(job, &f.actor).await?;
+    if out == Output::Text {
+        eprintln!("started run {} of {job}", run.run_id);
+    }
+    let outcome = follow(client, &run.run_id, "run", f, out).await?;
+    report_run(job, &run.run_id, outcome, out)
 }

@@ -1001,6 +1001,7 @@ impl Tidemark {
             name: name.clone(),
             spec: Some(spec),
             actor: plan.actor.clone(),
+            validate_only: false,
         };
         let svc = self.replicator();
         let created = bounded(
@@ -1425,7 +1426,8 @@ impl Tidemark {
                 _ => Ok("answers".to_owned()),
             },
         );
-        let exists = match pipeline {
+        let exists = pipeline.is_ok();
+        match pipeline {
             Ok(r) => {
                 let p = r.into_inner().pipeline.unwrap_or_default();
                 let same = spec.as_ref().is_none_or(|s| p.spec.as_ref() == Some(s));
@@ -1451,22 +1453,38 @@ impl Tidemark {
                         ))
                     },
                 );
-                true
             }
             Err(s) if s.code() == Code::NotFound => {
-                check(
-                    "pipeline",
-                    Ok(format!(
-                        "{name} will be created; the replicator checks the source, its stream and the sinks then (the API has no validate-only call)"
-                    )),
-                );
-                false
+                check("pipeline", Ok(format!("{name} will be created")));
             }
-            Err(s) => {
-                check("pipeline", Err(s.message().to_owned()));
-                false
+            Err(s) => check("pipeline", Err(s.message().to_owned())),
+        }
+        if let Some(spec) = &spec {
+            // The replicator checks the source, its stream or topic and every
+            // sink exactly as CreatePipeline would, creating nothing.
+            let validated = self
+                .replicator()
+                .create_pipeline(rp::CreatePipelineRequest {
+                    name: name.clone(),
+                    spec: Some(spec.clone()),
+                    actor: String::new(),
+                    validate_only: true,
+                })
+                .await;
+            match validated {
+                Ok(r) => {
+                    for line in r.into_inner().checks {
+                        let (what, detail) = line.split_once(": ").unwrap_or(("stores", &line));
+                        check(what, Ok(detail.to_owned()));
+                    }
+                }
+                Err(s) if unreachable("replicator", &s).is_none() => check(
+                    "pipeline stores",
+                    Err(format!("{} ({:?})", s.message(), s.code())),
+                ),
+                Err(_) => {}
             }
-        };
+        }
 
         if plan.writers.pause {
             let state = self

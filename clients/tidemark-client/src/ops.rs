@@ -108,6 +108,56 @@ impl Tidemark {
         .await
     }
 
+    /// Creates (or keeps, when identical) an incremental extract job with
+    /// its schedule, and starts a run now when `request.run_now`.
+    ///
+    /// # Errors
+    /// The replicator's refusal (bad spec, source missing, a job of that
+    /// name with another definition, a blocked or running job with
+    /// `run_now`).
+    pub async fn incremental_extract(
+        &self,
+        request: rp::CreateIncrementalExtractRequest,
+    ) -> ClientResult<rp::CreateIncrementalExtractResponse> {
+        let mut svc = self.replicator();
+        if request.run_now {
+            // Starting a run is not idempotent here (no correlation id): one
+            // attempt, so a lost reply never looks like a refused second run.
+            return Ok(svc.create_incremental_extract(request).await?.into_inner());
+        }
+        self.idempotent(|| {
+            let mut svc = svc.clone();
+            let req = request.clone();
+            async move { svc.create_incremental_extract(req).await }
+        })
+        .await
+    }
+
+    /// Starts a run of `job` now over its default units (a manual trigger,
+    /// e.g. an extract between its scheduled runs) and returns the run.
+    ///
+    /// # Errors
+    /// `FAILED_PRECONDITION` when a failed run blocks the job (acknowledge it
+    /// first) or a run is still running; `NOT_FOUND` for an unknown job.
+    pub async fn start_run(&self, job: &str, actor: &str) -> ClientResult<jt::Run> {
+        let request = jt::StartRunRequest {
+            job_name: job.to_owned(),
+            trigger: jt::RunTrigger::Manual as i32,
+            correlation_id: new_correlation_id("run"),
+            actor: actor.to_owned(),
+            ..Default::default()
+        };
+        let svc = self.jobs();
+        let started = self
+            .idempotent(|| {
+                let mut svc = svc.clone();
+                let req = request.clone();
+                async move { svc.start_run(req).await }
+            })
+            .await?;
+        Ok(started.run.unwrap_or_default())
+    }
+
     /// Follows a run: its progress now, then at each change (at most one
     /// per `interval`), ending after the message showing a finished status.
     /// A dropped connection is re-opened (the job-tracker restarting is not

@@ -81,19 +81,7 @@ impl ElasticsearchSink {
         schema: KeySchema,
         properties: Map<String, Value>,
     ) -> ConnectorResult<Self> {
-        let base = reqwest::Url::parse(base_url)
-            .map_err(|e| ConnectorError::invalid(BACKEND, format!("bad url {base_url:?}: {e}")))?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?;
-        let sink = Self {
-            http,
-            base,
-            index: index.to_owned(),
-            schema,
-            retry: RetryPolicy::default(),
-        };
+        let sink = Self::unopened(base_url, index, schema)?;
         sink.ensure_index(properties).await?;
         Ok(sink)
     }
@@ -108,38 +96,62 @@ impl ElasticsearchSink {
     /// # Errors
     /// `NotFound` when the index does not exist; a malformed URL.
     pub async fn open(base_url: &str, index: &str, schema: KeySchema) -> ConnectorResult<Self> {
+        let sink = Self::unopened(base_url, index, schema)?;
+        if sink.index_exists().await? {
+            Ok(sink)
+        } else {
+            Err(ConnectorError::NotFound {
+                backend: BACKEND,
+                message: format!("index {} does not exist", sink.index),
+            })
+        }
+    }
+
+    /// Whether `index` exists at `base_url`, creating nothing: a check that
+    /// the cluster answers before anything is set up (a validate-only
+    /// request), where a missing index is one the sink would create.
+    ///
+    /// # Errors
+    /// A malformed URL, or a cluster that cannot be reached or refuses.
+    pub async fn probe(base_url: &str, index: &str) -> ConnectorResult<bool> {
+        Self::unopened(base_url, index, KeySchema::new(String::new(), None))?
+            .index_exists()
+            .await
+    }
+
+    /// The client, before anything is asked of the cluster.
+    fn unopened(base_url: &str, index: &str, schema: KeySchema) -> ConnectorResult<Self> {
         let base = reqwest::Url::parse(base_url)
             .map_err(|e| ConnectorError::invalid(BACKEND, format!("bad url {base_url:?}: {e}")))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?;
-        let sink = Self {
+        Ok(Self {
             http,
             base,
             index: index.to_owned(),
             schema,
             retry: RetryPolicy::default(),
-        };
-        let url = sink.url(&[&sink.index]);
-        retry(&sink.retry, "head index", || async {
-            let response = sink
+        })
+    }
+
+    async fn index_exists(&self) -> ConnectorResult<bool> {
+        let url = self.url(&[&self.index]);
+        retry(&self.retry, "head index", || async {
+            let response = self
                 .http
                 .head(url.clone())
                 .send()
                 .await
                 .map_err(|e| request_error(&e))?;
             match response.status() {
-                s if s.is_success() => Ok(()),
-                reqwest::StatusCode::NOT_FOUND => Err(ConnectorError::NotFound {
-                    backend: BACKEND,
-                    message: format!("index {} does not exist", sink.index),
-                }),
+                s if s.is_success() => Ok(true),
+                reqwest::StatusCode::NOT_FOUND => Ok(false),
                 s => Err(status_error(s, "")),
             }
         })
-        .await?;
-        Ok(sink)
+        .await
     }
 
     /// A query clause that keeps live documents only: add it to every query

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
@@ -47,6 +47,42 @@ fn kafka_error(e: &KafkaError) -> ConnectorError {
             retry_after: None,
         },
     }
+}
+
+/// The number of partitions of `topic`, asked of the brokers without
+/// joining a group or creating the topic: a check before a pipeline is set
+/// up over it.
+///
+/// # Errors
+/// Brokers that do not answer within `timeout`, or a topic that does not
+/// exist (`NotFound`).
+pub async fn topic_partitions(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> ConnectorResult<usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(|e| kafka_error(&e))?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .map_err(|e| kafka_error(&e))?;
+        match metadata.topics().iter().find(|t| t.name() == topic) {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                Ok(t.partitions().len())
+            }
+            _ => Err(ConnectorError::NotFound {
+                backend: BACKEND,
+                message: format!("topic {topic:?} does not exist"),
+            }),
+        }
+    })
+    .await
+    .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
 }
 
 #[derive(Default)]

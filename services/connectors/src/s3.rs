@@ -181,6 +181,20 @@ impl S3Sink {
         &self.client
     }
 
+    /// Whether `bucket` exists and these credentials may use it (HeadBucket):
+    /// checked before a pipeline or job is set up over it, so a typo is an
+    /// error at once instead of a failing unit later.
+    ///
+    /// # Errors
+    /// When S3 cannot be reached or refuses for another reason.
+    pub async fn bucket_exists(client: &Client, bucket: &str) -> ConnectorResult<bool> {
+        match client.head_bucket().bucket(bucket).send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e)) if e.raw().status().as_u16() == 404 => Ok(false),
+            Err(e) => Err(classify(&e)),
+        }
+    }
+
     /// Creates `bucket` unless this account already owns it. For tests and
     /// local set-up.
     ///

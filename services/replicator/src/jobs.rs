@@ -68,7 +68,7 @@ async fn open_source(r: &Replicator, store: &DataStore, field: &str) -> Result<O
         .map_err(|e| store_status(&e, field))
 }
 
-fn store_name(store: &DataStore) -> String {
+pub fn store_name(store: &DataStore) -> String {
     match &store.store {
         Some(Store::DynamodbTable(t)) => t.table_name.clone(),
         Some(Store::SqliteTable(t)) => t.table_name.clone(),

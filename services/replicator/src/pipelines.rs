@@ -245,26 +245,15 @@ pub async fn create(
             "required: this replicator has no kafka_brokers configured",
         )]));
     }
-    let source = r
-        .ctx
-        .stores
-        .table(spec.source.as_ref().unwrap_or(&Default::default()))
-        .await
-        .map_err(|e| store_status(&e, "spec.source"))?;
-    if let (Some(Feed::DynamodbStreams(_)), Some(Store::DynamodbTable(t))) = (
-        spec.feed.as_ref().and_then(|f| f.feed.as_ref()),
-        spec.source.as_ref().and_then(|s| s.store.as_ref()),
-    ) {
-        let ddb = r.ctx.stores.dynamodb_client(&t.endpoint, &t.region).await;
-        let streams = r.ctx.stores.streams_client(&t.endpoint, &t.region).await;
-        tidemark_connectors::streams::DynamoStreamSource::for_table(&ddb, streams, &t.table_name)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("spec.source: {e}")))?;
+    let checks = check_stores(r, &spec).await?;
+    if req.validate_only {
+        return validate_only(r, &req.name, spec, checks).await;
     }
     for (i, s) in spec.sinks.iter().enumerate() {
+        // Opening creates what a sink may create (an index with its mapping).
         let transform =
             Transform::from_proto(&s.transform.clone().unwrap_or_default()).unwrap_or_default();
-        let schema = crate::migrate::target_schema(&source.schema, &transform);
+        let schema = crate::migrate::target_schema(&checks.schema, &transform);
         r.ctx
             .stores
             .sink(s.store.as_ref().unwrap_or(&Default::default()), &schema, "")
@@ -339,6 +328,127 @@ pub async fn create(
     let job = get_job(r, &req.name).await?;
     Ok(CreatePipelineResponse {
         pipeline: Some(view(r, &job).await?),
+        checks: Vec::new(),
+    })
+}
+
+/// What the store checks of a spec found.
+struct Checked {
+    /// The source's key schema.
+    schema: tidemark_connectors::KeySchema,
+    lines: Vec<String>,
+}
+
+/// Checks every store a spec names, creating nothing: the source table, its
+/// stream or the Kafka topic, every sink.
+async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked, Status> {
+    let mut lines = Vec::new();
+    let source_store = spec.source.clone().unwrap_or_default();
+    let source = r
+        .ctx
+        .stores
+        .table(&source_store)
+        .await
+        .map_err(|e| store_status(&e, "spec.source"))?;
+    lines.push(format!(
+        "spec.source: table {} exists (partition key {}{})",
+        crate::jobs::store_name(&source_store),
+        source.schema.partition,
+        source
+            .schema
+            .sort
+            .as_ref()
+            .map_or_else(String::new, |s| format!(", sort key {s}"))
+    ));
+    match (
+        spec.feed.as_ref().and_then(|f| f.feed.as_ref()),
+        source_store.store.as_ref(),
+    ) {
+        (Some(Feed::DynamodbStreams(_)), Some(Store::DynamodbTable(t))) => {
+            let ddb = r.ctx.stores.dynamodb_client(&t.endpoint, &t.region).await;
+            let streams = r.ctx.stores.streams_client(&t.endpoint, &t.region).await;
+            tidemark_connectors::streams::DynamoStreamSource::for_table(
+                &ddb,
+                streams,
+                &t.table_name,
+            )
+            .await
+            .map_err(|e| Status::failed_precondition(format!("spec.source: {e}")))?;
+            lines.push(format!(
+                "spec.feed: table {} has a stream with new images",
+                t.table_name
+            ));
+        }
+        (Some(Feed::Kafka(k)), _) => {
+            let topic = k.topic.clone().unwrap_or_default();
+            let brokers = if topic.bootstrap_servers.is_empty() {
+                r.ctx.config.kafka_brokers.clone().unwrap_or_default()
+            } else {
+                topic.bootstrap_servers.clone()
+            };
+            let partitions = tidemark_connectors::kafka::topic_partitions(
+                &brokers,
+                &topic.topic,
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "spec.feed.kafka.topic: {e} (brokers {brokers})"
+                ))
+            })?;
+            lines.push(format!(
+                "spec.feed: Kafka topic {} has {partitions} partition(s)",
+                topic.topic
+            ));
+        }
+        _ => lines.push("spec.feed: the embedded change log of the source".to_owned()),
+    }
+    for (i, s) in spec.sinks.iter().enumerate() {
+        let field = format!("spec.sinks[{i}].store");
+        let line = r
+            .ctx
+            .stores
+            .check_sink(s.store.as_ref().unwrap_or(&Default::default()))
+            .await
+            .map_err(|e| store_status(&e, &field))?;
+        lines.push(format!("{field} ({}): {line}", s.name));
+    }
+    Ok(Checked {
+        schema: source.schema,
+        lines,
+    })
+}
+
+/// The answer of a validate-only CreatePipeline: the pipeline as it exists
+/// (same name and spec) or as it would be created.
+async fn validate_only(
+    r: &Replicator,
+    name: &str,
+    spec: PipelineSpec,
+    checked: Checked,
+) -> Result<CreatePipelineResponse, Status> {
+    let pipeline = match get_job(r, name).await {
+        Ok(job) => {
+            let existing = view(r, &job).await?;
+            if existing.spec.as_ref() != Some(&spec) {
+                return Err(Status::already_exists(format!(
+                    "a pipeline named {name:?} exists with another spec"
+                )));
+            }
+            existing
+        }
+        Err(s) if s.code() == Code::NotFound => Pipeline {
+            name: name.to_owned(),
+            spec: Some(spec),
+            state: PipelineState::Creating as i32,
+            ..Pipeline::default()
+        },
+        Err(s) => return Err(s),
+    };
+    Ok(CreatePipelineResponse {
+        pipeline: Some(pipeline),
+        checks: checked.lines,
     })
 }
 

@@ -164,6 +164,62 @@ impl Stores {
     ///
     /// # Errors
     /// Unsupported kinds; stores that cannot be reached or created.
+    fn elasticsearch_endpoint(&self, endpoint: &str) -> ConnectorResult<String> {
+        if endpoint.is_empty() {
+            self.elasticsearch_url.clone().ok_or_else(|| {
+                invalid("no Elasticsearch endpoint: set the index's endpoint or the replicator's elasticsearch_url".to_owned())
+            })
+        } else {
+            Ok(endpoint.to_owned())
+        }
+    }
+
+    /// Checks that a sink could be opened, creating nothing (no index, no
+    /// table, no bucket): a line saying what was found.
+    ///
+    /// # Errors
+    /// What [`Self::sink`] would fail with: a missing table or bucket, an
+    /// unreachable endpoint, a store kind that cannot be a sink.
+    pub async fn check_sink(&self, store: &DataStore) -> ConnectorResult<String> {
+        match &store.store {
+            Some(Store::DynamodbTable(t)) => {
+                let client = self.dynamodb_client(&t.endpoint, &t.region).await;
+                DynamoTable::open(client, &t.table_name).await?;
+                Ok(format!("DynamoDB table {} exists", t.table_name))
+            }
+            Some(Store::ElasticsearchIndex(i)) => {
+                let url = self.elasticsearch_endpoint(&i.endpoint)?;
+                Ok(if ElasticsearchSink::probe(&url, &i.index).await? {
+                    format!("Elasticsearch index {} exists at {url}", i.index)
+                } else {
+                    format!(
+                        "Elasticsearch at {url} answers; index {} will be created",
+                        i.index
+                    )
+                })
+            }
+            Some(Store::S3Prefix(p)) => {
+                let client = self.s3_client(&p.endpoint, &p.region).await;
+                if S3Sink::bucket_exists(&client, &p.bucket).await? {
+                    Ok(format!("S3 bucket {} exists", p.bucket))
+                } else {
+                    Err(no_bucket(&p.bucket))
+                }
+            }
+            Some(Store::SqliteTable(t)) => {
+                self.embedded(&t.database)?;
+                Ok(format!(
+                    "embedded table {} (created on first write)",
+                    t.table_name
+                ))
+            }
+            Some(Store::KafkaTopic(_)) => Err(invalid(
+                "Kafka topics are not accepted as a sink of this job".to_owned(),
+            )),
+            None => Err(invalid("exactly one store kind must be set".to_owned())),
+        }
+    }
+
     pub async fn sink(
         &self,
         store: &DataStore,
@@ -177,18 +233,15 @@ impl Stores {
                 Ok(SinkHandle::Dynamo(Arc::new(DynamoSink::new(table))))
             }
             Some(Store::ElasticsearchIndex(i)) => {
-                let url = if i.endpoint.is_empty() {
-                    self.elasticsearch_url.clone().ok_or_else(|| {
-                        invalid("no Elasticsearch endpoint: set the index's endpoint or the replicator's elasticsearch_url".to_owned())
-                    })?
-                } else {
-                    i.endpoint.clone()
-                };
+                let url = self.elasticsearch_endpoint(&i.endpoint)?;
                 let sink = ElasticsearchSink::connect(&url, &i.index, schema.clone()).await?;
                 Ok(SinkHandle::Elasticsearch(Arc::new(sink)))
             }
             Some(Store::S3Prefix(p)) => {
                 let client = self.s3_client(&p.endpoint, &p.region).await;
+                if !S3Sink::bucket_exists(&client, &p.bucket).await? {
+                    return Err(no_bucket(&p.bucket));
+                }
                 let sink = S3Sink::new(client, &p.bucket, &format!("{}{prefix_suffix}", p.prefix));
                 Ok(SinkHandle::S3(Arc::new(sink)))
             }
@@ -202,6 +255,12 @@ impl Stores {
             None => Err(invalid("exactly one store kind must be set".to_owned())),
         }
     }
+}
+
+fn no_bucket(bucket: &str) -> ConnectorError {
+    ConnectorError::Precondition(format!(
+        "bucket {bucket:?} does not exist (or these credentials cannot see it): create it first"
+    ))
 }
 
 fn sqlite_schema(names: &[String]) -> ConnectorResult<KeySchema> {

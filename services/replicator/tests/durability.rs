@@ -211,6 +211,7 @@ async fn kill_9_mid_backfill_and_mid_stream_loses_nothing() {
                 ..Default::default()
             }),
             actor: "test".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()

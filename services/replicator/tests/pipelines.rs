@@ -201,6 +201,7 @@ async fn live_backfill_and_stream_into_elasticsearch_lose_nothing_and_resurrect_
                 pb::StartPosition::Latest,
             )),
             actor: "test".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -319,6 +320,7 @@ async fn live_backfill_and_stream_into_elasticsearch_lose_nothing_and_resurrect_
                 pb::StartPosition::TrimHorizon,
             )),
             actor: "test".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -356,6 +358,7 @@ async fn bad_pipelines_are_refused_with_what_to_fix() {
                 ..Default::default()
             }),
             actor: "t".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -394,10 +397,140 @@ async fn bad_pipelines_are_refused_with_what_to_fix() {
                 pb::StartPosition::Latest,
             )),
             actor: "t".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+}
+
+/// A validate-only CreatePipeline checks the source, its stream and every
+/// sink as a real one would, says what it found, and creates nothing.
+#[tokio::test]
+async fn validate_only_checks_every_store_and_creates_nothing() {
+    let mut plane = plane(|_| {}).await;
+    let table_name = unique_name("validate");
+    DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+        .await
+        .unwrap();
+    let copy_name = unique_name("validate-copy");
+    DynamoTable::create(dynamo().await, &copy_name, &schema(), false)
+        .await
+        .unwrap();
+    let index = unique_name("validate-i");
+    let name = unique_name("validate-p");
+    let mut good = spec(
+        &table_name,
+        &index,
+        pb::BackfillMode::Tombstones,
+        pb::StartPosition::TrimHorizon,
+    );
+    good.sinks.push(pb::Sink {
+        name: "copy".to_owned(),
+        store: Some(table_ref(&copy_name)),
+        ..Default::default()
+    });
+    let validate = |spec: pb::PipelineSpec| pb::CreatePipelineRequest {
+        name: name.clone(),
+        spec: Some(spec),
+        actor: "t".to_owned(),
+        validate_only: true,
+    };
+
+    let checked = plane
+        .replicator
+        .create_pipeline(validate(good.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let p = checked.pipeline.unwrap();
+    assert_eq!(p.state, pb::PipelineState::Creating as i32, "{p:?}");
+    let lines = checked.checks.join("\n");
+    for want in [
+        format!("table {table_name} exists"),
+        "has a stream".to_owned(),
+        format!("index {index} will be created"),
+        format!("DynamoDB table {copy_name} exists"),
+    ] {
+        assert!(lines.contains(&want), "{want:?} in\n{lines}");
+    }
+    // Nothing was created: no pipeline, no index.
+    let status = plane
+        .replicator
+        .get_pipeline(pb::GetPipelineRequest { name: name.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    assert!(!ElasticsearchSink::probe(&es, &index).await.unwrap());
+
+    // A missing sink table, a missing bucket: refused, naming the sink.
+    let mut missing_table = good.clone();
+    missing_table.sinks[1].store = Some(table_ref(&unique_name("absent")));
+    let status = plane
+        .replicator
+        .create_pipeline(validate(missing_table))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.message().contains("spec.sinks[1].store"),
+        "{status:?}"
+    );
+    let mut missing_bucket = good.clone();
+    missing_bucket.sinks[1].store = Some(common_pb::DataStore {
+        store: Some(common_pb::data_store::Store::S3Prefix(
+            common_pb::S3PrefixRef {
+                bucket: unique_name("absent-bucket"),
+                prefix: "docs/".to_owned(),
+                ..Default::default()
+            },
+        )),
+    });
+    for validate_only in [true, false] {
+        let status = plane
+            .replicator
+            .create_pipeline(pb::CreatePipelineRequest {
+                validate_only,
+                ..validate(missing_bucket.clone())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("spec.sinks[1].store") && status.message().contains("bucket"),
+            "{status:?}"
+        );
+    }
+
+    // Once it exists, validating the same spec answers the pipeline as it
+    // is; another spec under its name is refused.
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            validate_only: false,
+            ..validate(good.clone())
+        })
+        .await
+        .unwrap();
+    let again = plane
+        .replicator
+        .create_pipeline(validate(good.clone()))
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    assert_ne!(again.state, pb::PipelineState::Creating as i32, "{again:?}");
+    assert!(!again.run_id.is_empty(), "{again:?}");
+    let mut other = good.clone();
+    other.sinks.truncate(1);
+    let status = plane
+        .replicator
+        .create_pipeline(validate(other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,6 +560,7 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
                 pb::StartPosition::TrimHorizon,
             )),
             actor: "t".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -542,45 +676,85 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
     .unwrap();
     let mut plane = plane(|_| {}).await;
     let name = unique_name("kafka");
+    let spec = pb::PipelineSpec {
+        source: Some(common_pb::DataStore {
+            store: Some(common_pb::data_store::Store::SqliteTable(
+                common_pb::SqliteTableRef {
+                    table_name: "docs".to_owned(),
+                    database: String::new(),
+                    key_attribute_names: vec!["documentType".to_owned(), "documentId".to_owned()],
+                },
+            )),
+        }),
+        feed: Some(pb::ChangeFeed {
+            feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
+                topic: Some(common_pb::KafkaTopicRef {
+                    topic: topic.clone(),
+                    bootstrap_servers: String::new(),
+                }),
+                consumer_group: unique_name("group"),
+                start_position: pb::StartPosition::TrimHorizon as i32,
+            })),
+        }),
+        sinks: vec![pb::Sink {
+            name: "search".to_owned(),
+            store: Some(index_ref(&index)),
+            ..Default::default()
+        }],
+        backfill: Some(pb::BackfillOptions {
+            mode: pb::BackfillMode::None as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Checked first: a topic that does not exist is refused with what to
+    // fix, the real one is found with its partitions.
+    let mut absent = spec.clone();
+    if let Some(pb::change_feed::Feed::Kafka(k)) =
+        absent.feed.as_mut().and_then(|f| f.feed.as_mut())
+    {
+        k.topic.as_mut().unwrap().topic = unique_name("absent-topic");
+    }
+    let status = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(absent),
+            validate_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("spec.feed.kafka.topic"),
+        "{status:?}"
+    );
+    let checks = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec.clone()),
+            validate_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checks;
+    assert!(
+        checks
+            .iter()
+            .any(|c| c.contains(&format!("Kafka topic {topic} has"))),
+        "{checks:?}"
+    );
     plane
         .replicator
         .create_pipeline(pb::CreatePipelineRequest {
             name: name.clone(),
-            spec: Some(pb::PipelineSpec {
-                source: Some(common_pb::DataStore {
-                    store: Some(common_pb::data_store::Store::SqliteTable(
-                        common_pb::SqliteTableRef {
-                            table_name: "docs".to_owned(),
-                            database: String::new(),
-                            key_attribute_names: vec![
-                                "documentType".to_owned(),
-                                "documentId".to_owned(),
-                            ],
-                        },
-                    )),
-                }),
-                feed: Some(pb::ChangeFeed {
-                    feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
-                        topic: Some(common_pb::KafkaTopicRef {
-                            topic: topic.clone(),
-                            bootstrap_servers: String::new(),
-                        }),
-                        consumer_group: unique_name("group"),
-                        start_position: pb::StartPosition::TrimHorizon as i32,
-                    })),
-                }),
-                sinks: vec![pb::Sink {
-                    name: "search".to_owned(),
-                    store: Some(index_ref(&index)),
-                    ..Default::default()
-                }],
-                backfill: Some(pb::BackfillOptions {
-                    mode: pb::BackfillMode::None as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            spec: Some(spec),
             actor: "t".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -181,6 +181,7 @@ async fn repair_fixes_seeded_divergences_through_the_replicator() {
                 ..Default::default()
             }),
             actor: "test".to_owned(),
+            ..Default::default()
         })
         .await
         .unwrap();

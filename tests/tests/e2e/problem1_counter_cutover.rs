@@ -180,6 +180,35 @@ async fn live_counters_cut_over_exactly_with_a_measured_writer_pause() {
             .is_empty(),
         "a dry run creates nothing"
     );
+    let checks = dry["preconditions"].as_array().unwrap();
+    assert!(
+        checks.iter().any(|c| c["ok"] == true
+            && c["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(&format!("DynamoDB table {new_name} exists")))),
+        "the replicator checked the sink table: {dry}"
+    );
+    // A sink table that does not exist fails the dry run, naming it.
+    let typo = dir.path().join("typo.toml");
+    let absent = unique_name("stats-absent");
+    std::fs::write(
+        &typo,
+        plan(&unique_name("typo"), &pipeline, &old_name, &absent, "1m"),
+    )
+    .unwrap();
+    let dry = tidemark_json(&url, &["cutover", typo.to_str().unwrap(), "--dry-run"], 6).await;
+    assert_eq!(dry["ok"], false, "{dry}");
+    assert!(
+        dry["preconditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["ok"] == false
+                && c["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("spec.sinks[0].store"))),
+        "{dry}"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn(produce(plane.client(), unique_name("c"), stop.clone()));

@@ -1,7 +1,8 @@
-//! Problem 5: an hourly incremental extract. A failed run (its bucket
-//! missing) blocks the next run until `tidemark jobs ack`; the next
-//! successful run then starts its window from the last processed timestamp
-//! and extracts only what changed since.
+//! Problem 5: an hourly incremental extract, driven by the CLI (`tidemark
+//! extract`, `jobs run`, `jobs show`, `jobs ack`, `jobs history`). A failed
+//! run (its bucket missing) blocks the next run until `tidemark jobs ack`;
+//! the next successful run then starts its window from the last processed
+//! timestamp and extracts only what changed since.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,10 +10,8 @@ use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::s3::S3Sink;
 use tidemark_connectors::testing::{dynamodb_clients, s3_client};
 use tidemark_connectors::{AttrValue, Item, KeySchema, SourceTable as _};
-use tidemark_e2e::{PlaneOptions, spawn_plane, tidemark, unique_name};
-use tidemark_proto::common::v1 as common;
+use tidemark_e2e::{PlaneOptions, spawn_plane, tidemark, tidemark_json, unique_name};
 use tidemark_proto::job_tracker::v1 as jt;
-use tidemark_proto::replicator::v1 as rp;
 
 fn now_millis() -> i64 {
     i64::try_from(
@@ -32,17 +31,15 @@ fn record(i: usize, updated_at: i64, v: i64) -> Item {
     item
 }
 
-async fn start(client: &tidemark_client::Tidemark, job: &str) -> Result<String, tonic::Status> {
+/// `tidemark jobs run JOB` to the end; the finished run as the job-tracker
+/// has it.
+async fn run(client: &tidemark_client::Tidemark, url: &str, job: &str) -> jt::Run {
+    let out = tidemark_json(url, &["jobs", "run", job, "--actor", "e2e"], 0).await;
+    assert_eq!(out["status"], "succeeded", "{out}");
     client
-        .jobs()
-        .start_run(jt::StartRunRequest {
-            job_name: job.to_owned(),
-            actor: "e2e".to_owned(),
-            trigger: jt::RunTrigger::Manual as i32,
-            ..Default::default()
-        })
+        .get_run(out["run_id"].as_str().unwrap())
         .await
-        .map(|r| r.into_inner().run.unwrap_or_default().run_id)
+        .expect("the run")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,72 +60,69 @@ async fn a_failed_extract_blocks_until_acknowledged_and_the_next_starts_where_th
     let url = plane.url();
     let client = plane.client();
     let job = unique_name("orders-hourly");
-    let tomorrow =
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap() + Duration::from_secs(86_400);
-    let created = client
-        .replicator()
-        .create_incremental_extract(rp::CreateIncrementalExtractRequest {
-            job_name: job.clone(),
-            spec: Some(rp::IncrementalExtractSpec {
-                source: Some(common::DataStore {
-                    store: Some(common::data_store::Store::DynamodbTable(
-                        common::DynamoDbTableRef {
-                            table_name: table_name.clone(),
-                            ..Default::default()
-                        },
-                    )),
-                }),
-                changed_at_attribute: "updated_at".to_owned(),
-                changed_at_encoding: common::TimeEncoding::EpochMillis as i32,
-                segments: 2,
-                target: Some(common::DataStore {
-                    store: Some(common::data_store::Store::S3Prefix(common::S3PrefixRef {
-                        bucket: bucket.clone(),
-                        prefix: "orders/".to_owned(),
-                        ..Default::default()
-                    })),
-                }),
-                ..Default::default()
-            }),
-            // Hourly, from tomorrow: the scheduler stays out of the test's
-            // way, the runs here are started by hand.
-            schedule: Some(jt::Schedule {
-                cron: "0 0 * * * *".to_owned(),
-                start_time: Some(prost_types::Timestamp {
-                    seconds: i64::try_from(tomorrow.as_secs()).unwrap(),
-                    nanos: 0,
-                }),
-                ..Default::default()
-            }),
-            run_now: true,
-            actor: "e2e".to_owned(),
-        })
+    let tomorrow = chrono::Utc::now() + chrono::Duration::days(1);
+    // Hourly, from tomorrow: the scheduler stays out of the test's way, the
+    // runs here are started by hand (`tidemark jobs run`).
+    let source = format!("dynamodb:{table_name}");
+    let target = format!("s3://{bucket}/orders/");
+    let start_time = tomorrow.to_rfc3339();
+    let extract: Vec<&str> = vec![
+        "extract",
+        &job,
+        "--source",
+        &source,
+        "--target",
+        &target,
+        "--changed-at",
+        "updated_at",
+        "--encoding",
+        "epoch-millis",
+        "--segments",
+        "2",
+        "--cron",
+        "0 0 * * * *",
+        "--start-time",
+        &start_time,
+        "--actor",
+        "e2e",
+    ];
+    let created = tidemark_json(&url, &extract, 0).await;
+    assert_eq!(created["job"], job.as_str(), "{created}");
+    let job_shown = client
+        .jobs()
+        .get_job(jt::GetJobRequest { name: job.clone() })
         .await
-        .expect("create the extract")
-        .into_inner();
-    let first = client
-        .wait_run(&created.run_id, Duration::from_secs(120), |_| {})
-        .await
-        .expect("follow run 1");
+        .expect("the job exists")
+        .into_inner()
+        .job
+        .unwrap();
     assert_eq!(
-        first.run.status,
-        jt::RunStatus::Failed as i32,
-        "{:?}",
-        first.run
+        job_shown.schedule.as_ref().map(|s| s.cron.as_str()),
+        Some("0 0 * * * *")
+    );
+    assert!(
+        job_shown
+            .next_run_time
+            .is_some_and(|t| t.seconds >= tomorrow.timestamp() - 1),
+        "{job_shown:?}"
     );
 
+    // Run 1 (the same command with --run-now keeps the job): the bucket is
+    // missing, the run fails and the CLI says so with exit code 6.
+    let mut run_now = extract.clone();
+    run_now.push("--run-now");
+    let first = tidemark_json(&url, &run_now, 6).await;
+    assert_eq!(first["status"], "failed", "{first}");
+    let first_id = first["run_id"].as_str().unwrap().to_owned();
+
     // Blocked: the next run is refused, and the CLI says why and what to do.
-    let refused = start(&client, &job).await.expect_err("the gate is closed");
-    assert_eq!(
-        refused.code(),
-        tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
+    let refused = tidemark(&url, &["jobs", "run", &job, "--actor", "e2e"]).await;
+    assert_eq!(refused.status.code(), Some(4), "{refused:?}");
     let shown = tidemark(&url, &["jobs", "show", &job]).await;
     let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
     assert!(
         shown.contains("BLOCKED")
-            && shown.contains(&created.run_id)
+            && shown.contains(&first_id)
             && shown.contains("tidemark jobs ack"),
         "{shown}"
     );
@@ -150,27 +144,17 @@ async fn a_failed_extract_blocks_until_acknowledged_and_the_next_starts_where_th
     .await;
     assert!(ack.status.success(), "{ack:?}");
 
-    let second_id = start(&client, &job).await.expect("the gate is open");
-    let second = client
-        .wait_run(&second_id, Duration::from_secs(120), |_| {})
-        .await
-        .expect("follow run 2");
-    assert_eq!(
-        second.run.status,
-        jt::RunStatus::Succeeded as i32,
-        "{:?}",
-        second.run
-    );
-    assert_eq!(second.run.window_start, None, "no run succeeded before it");
+    let second = run(&client, &url, &job).await;
+    assert_eq!(second.status, jt::RunStatus::Succeeded as i32, "{second:?}");
+    assert_eq!(second.window_start, None, "no run succeeded before it");
     let c = |run: &jt::Run, k: &str| run.counters.get(k).copied().unwrap_or_default();
     assert_eq!(
-        c(&second.run, "extracted") + c(&second.run, "skipped_older"),
+        c(&second, "extracted") + c(&second, "skipped_older"),
         20,
         "{:?}",
-        second.run.counters
+        second.counters
     );
     let last = second
-        .run
         .last_processed
         .as_ref()
         .and_then(|w| w.time)
@@ -182,23 +166,14 @@ async fn a_failed_extract_blocks_until_acknowledged_and_the_next_starts_where_th
     for i in 0..5 {
         table.put(&record(i, now_millis(), 2), None).await.unwrap();
     }
-    let third_id = start(&client, &job).await.expect("run 3 starts");
-    let third = client
-        .wait_run(&third_id, Duration::from_secs(120), |_| {})
-        .await
-        .expect("follow run 3");
+    let third = run(&client, &url, &job).await;
+    assert_eq!(third.status, jt::RunStatus::Succeeded as i32, "{third:?}");
     assert_eq!(
-        third.run.status,
-        jt::RunStatus::Succeeded as i32,
-        "{:?}",
-        third.run
-    );
-    assert_eq!(
-        third.run.window_start,
+        third.window_start,
         Some(last),
         "run 3 starts where run 2 ended"
     );
-    assert_eq!(c(&third.run, "extracted"), 5, "{:?}", third.run.counters);
+    assert_eq!(c(&third, "extracted"), 5, "{:?}", third.counters);
     let history = tidemark(&url, &["jobs", "history", &job]).await;
     let history = String::from_utf8_lossy(&history.stdout).into_owned();
     assert!(
