@@ -6,6 +6,7 @@ pub mod convert;
 pub mod decimal;
 pub mod engine;
 pub mod error;
+pub mod event_log;
 mod gauges;
 pub mod publish;
 mod service;
@@ -27,6 +28,7 @@ use tokio::net::TcpListener;
 
 pub use engine::Engine;
 pub use error::{StatsError, StatsResult};
+pub use event_log::EventLogBuffer;
 pub use store::{DynamoStatsStore, EmbeddedStatsStore, StatsStore};
 
 /// Where events are buffered between ingestion and flush.
@@ -200,13 +202,14 @@ pub async fn open(config: &Config) -> StatsResult<Backends> {
     }
     let (buffer, redis): (Arc<dyn Buffer>, _) = match config.buffer {
         BufferKind::Redis => {
-            let redis = RedisBuffer::connect(
+            let buffer = EventLogBuffer::connect(
                 &config.redis_url,
                 RedisBuffer::prefix_for(&config.buffer_name),
             )
             .await
             .map_err(|e| startup("cannot reach the Redis buffer", &e))?;
-            (Arc::new(redis.clone()), Some(redis))
+            let redis = buffer.redis().clone();
+            (Arc::new(buffer), Some(redis))
         }
         BufferKind::Embedded => {
             let store = EmbeddedStore::open(&config.data_dir.join("stats-buffer.db"))

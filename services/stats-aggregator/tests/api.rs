@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stats_aggregator::{Backends, BufferKind, Config, DynamoStatsStore, StoreKind};
+use stats_aggregator::{Backends, BufferKind, Config, DynamoStatsStore, EventLogBuffer, StoreKind};
 use tidemark_connectors::redis::RedisBuffer;
 use tidemark_connectors::testing::{dynamodb_clients, local_env, unique_name};
 use tidemark_connectors::{Buffer, BufferEvent, BufferOp};
@@ -29,7 +29,7 @@ struct Server {
     stop: CancellationToken,
     client: Client,
     table: String,
-    redis: Option<RedisBuffer>,
+    redis: Option<Arc<EventLogBuffer>>,
     _dir: tempfile::TempDir,
 }
 
@@ -72,12 +72,14 @@ async fn serve(tweak: impl FnOnce(&mut Config)) -> Server {
         ..Config::default()
     };
     tweak(&mut config);
-    let redis = RedisBuffer::connect(
-        &config.redis_url,
-        RedisBuffer::prefix_for(&config.buffer_name),
-    )
-    .await
-    .expect("connect to the local Redis");
+    let redis = Arc::new(
+        EventLogBuffer::connect(
+            &config.redis_url,
+            RedisBuffer::prefix_for(&config.buffer_name),
+        )
+        .await
+        .expect("connect to the local Redis"),
+    );
     let (dynamo, _) = dynamodb_clients().await;
     let store = DynamoStatsStore::open(dynamo, &table, KEY)
         .await
@@ -87,8 +89,8 @@ async fn serve(tweak: impl FnOnce(&mut Config)) -> Server {
         .as_ref()
         .map(|b| stats_aggregator::publish::Publisher::new(b, &config.kafka_topic, KEY).unwrap());
     let backends = Backends {
-        buffer: Arc::new(redis.clone()),
-        redis: Some(redis.clone()),
+        buffer: redis.clone(),
+        redis: Some(redis.redis().clone()),
         store: Arc::new(store),
         publisher,
     };
@@ -106,7 +108,7 @@ async fn start(
     mut config: Config,
     backends: Backends,
     table: String,
-    redis: Option<RedisBuffer>,
+    redis: Option<Arc<EventLogBuffer>>,
     dir: tempfile::TempDir,
 ) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,200 @@
+//! The aggregator's Redis buffer on the real local Redis: the shared buffer
+//! behaviour suite, and dedup between processes sharing one buffer (another
+//! replica, or this one restarted after a kill -9 or a lost reply), through
+//! the id log each of them mirrors.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stats_aggregator::EventLogBuffer;
+use tidemark_connectors::redis::RedisBuffer;
+use tidemark_connectors::testing::{local_env, unique_name};
+use tidemark_connectors::{Buffer, BufferEvent, BufferOp};
+
+async fn buffer(prefix: &str) -> EventLogBuffer {
+    EventLogBuffer::connect(&local_env("TIDEMARK_TEST_REDIS_URL"), prefix)
+        .await
+        .expect("connect to the local Redis")
+}
+
+async fn cleanup(prefix: &str) {
+    let client = redis::Client::open(local_env("TIDEMARK_TEST_REDIS_URL")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+fn inc(id: &str, entity: &str, delta: i64) -> BufferEvent {
+    BufferEvent {
+        id: id.into(),
+        op: BufferOp::Increment {
+            entity: entity.into(),
+            metric: "n".into(),
+            delta,
+        },
+        time_micros: 1,
+    }
+}
+
+#[tokio::test]
+async fn the_buffer_passes_the_shared_behaviour_suite() {
+    let prefix = RedisBuffer::prefix_for(&unique_name("evlog-suite"));
+    let b = buffer(&prefix).await;
+    tidemark_connectors::suite::buffer_events(&b).await;
+    cleanup(&prefix).await;
+}
+
+/// Two processes on one buffer send overlapping batches at the same time
+/// (a client retrying on the other replica): every id counts once, and a
+/// third process started afterwards (a restart) sees them all as seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_sharing_a_buffer_count_each_id_once() {
+    let prefix = RedisBuffer::prefix_for(&unique_name("evlog-shared"));
+    let a = Arc::new(buffer(&prefix).await);
+    let b = Arc::new(buffer(&prefix).await);
+    let window = Duration::from_secs(600);
+    const IDS: usize = 3000;
+    let events: Vec<BufferEvent> = (0..IDS)
+        .map(|i| {
+            inc(
+                &format!("id-{i}"),
+                &format!("e{}", i % 7),
+                1 + (i % 3) as i64,
+            )
+        })
+        .collect();
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for e in &events {
+        if let BufferOp::Increment { entity, delta, .. } = &e.op {
+            *want.entry(entity.clone()).or_default() += delta;
+        }
+    }
+    // Each process sends every event, in batches of different sizes and
+    // orders, so each batch overlaps the other process's.
+    let send = |buf: Arc<EventLogBuffer>, events: Vec<BufferEvent>, size: usize| {
+        tokio::spawn(async move {
+            let mut accepted = 0;
+            for chunk in events.chunks(size) {
+                let dups = buf.apply_events(chunk, window).await.expect("apply");
+                accepted += chunk.len() - dups.len();
+            }
+            accepted
+        })
+    };
+    let reversed: Vec<BufferEvent> = events.iter().rev().cloned().collect();
+    let (x, y) = tokio::join!(
+        send(a.clone(), events.clone(), 37),
+        send(b.clone(), reversed, 101)
+    );
+    assert_eq!(x.unwrap() + y.unwrap(), IDS, "each id accepted once");
+    for (entity, sum) in &want {
+        let got = a.peek(entity).await.unwrap().increments["n"];
+        assert_eq!(got, *sum, "{entity}");
+    }
+    assert_eq!(a.stats().await.unwrap().pending_events, IDS as u64);
+
+    // A restarted process (a fresh mirror) finds every id in the log.
+    let c = buffer(&prefix).await;
+    let dups = c.apply_events(&events[..500], window).await.unwrap();
+    assert_eq!(dups.len(), 500);
+    // And what it accepts, the others see.
+    assert!(
+        c.apply_events(&[inc("late", "e0", 5)], window)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        a.apply_events(&[inc("late", "e0", 5)], window)
+            .await
+            .unwrap(),
+        [0]
+    );
+    assert_eq!(a.peek("e0").await.unwrap().increments["n"], want["e0"] + 5);
+    cleanup(&prefix).await;
+}
+
+/// Should Redis lose the log (a failover without persistence), a process
+/// starts a new one instead of trusting positions of the old one.
+#[tokio::test]
+async fn a_lost_log_is_started_again() {
+    let prefix = RedisBuffer::prefix_for(&unique_name("evlog-lost"));
+    let a = buffer(&prefix).await;
+    let window = Duration::from_secs(600);
+    assert!(
+        a.apply_events(&[inc("x", "e", 1)], window)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    cleanup(&prefix).await;
+    let b = buffer(&prefix).await;
+    assert!(
+        b.apply_events(&[inc("y", "e", 1)], window)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // a's mirror is of the lost log: it catches up with the new one.
+    assert_eq!(
+        a.apply_events(&[inc("y", "e", 1)], window).await.unwrap(),
+        [0]
+    );
+    assert!(
+        a.apply_events(&[inc("z", "e", 1)], window)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        b.apply_events(&[inc("z", "e", 1)], window).await.unwrap(),
+        [0]
+    );
+    assert_eq!(b.peek("e").await.unwrap().increments["n"], 2);
+    cleanup(&prefix).await;
+}
+
+/// Blobs whose window has passed leave the log.
+#[tokio::test]
+async fn the_log_forgets_what_the_window_no_longer_covers() {
+    let prefix = RedisBuffer::prefix_for(&unique_name("evlog-trim"));
+    let a = buffer(&prefix).await;
+    let window = Duration::from_secs(1);
+    for i in 0..3 {
+        a.apply_events(&[inc(&format!("t{i}"), "e", 1)], window)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    a.apply_events(&[inc("after", "e", 1)], window)
+        .await
+        .unwrap();
+    let client = redis::Client::open(local_env("TIDEMARK_TEST_REDIS_URL")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let len: u64 = redis::cmd("LLEN")
+        .arg(format!("{prefix}idlog"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 1, "only the last batch's blob is left");
+    // A fresh process reads only what is left, and counts the old ids anew.
+    let b = buffer(&prefix).await;
+    assert!(
+        b.apply_events(&[inc("t0", "e", 1)], window)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    cleanup(&prefix).await;
+}
