@@ -177,6 +177,8 @@ pub struct DynamoTable {
     client: Client,
     name: String,
     schema: KeySchema,
+    /// Key attribute → its type (`S`, `N` or `B`).
+    key_types: HashMap<String, String>,
     retry: RetryPolicy,
 }
 
@@ -203,12 +205,29 @@ impl DynamoTable {
                 _ => {}
             }
         }
+        let key_types = table
+            .attribute_definitions()
+            .iter()
+            .map(|d| {
+                (
+                    d.attribute_name.clone(),
+                    d.attribute_type.as_str().to_owned(),
+                )
+            })
+            .collect();
         Ok(Self {
             client,
             name: name.to_owned(),
             schema,
+            key_types,
             retry: RetryPolicy::default(),
         })
+    }
+
+    /// The type of a key attribute: `S`, `N` or `B` (`None` for an attribute
+    /// that is no key of the table or its indexes).
+    pub fn key_type(&self, attribute: &str) -> Option<&str> {
+        self.key_types.get(attribute).map(String::as_str)
     }
 
     /// Creates an on-demand table with string key attributes (and a

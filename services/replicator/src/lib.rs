@@ -12,6 +12,7 @@ mod pipeline;
 mod pipelines;
 mod service;
 mod stores;
+mod watermark;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -34,6 +34,7 @@ use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineState, Star
 use crate::context::{Context, UnitFailure};
 use crate::dead_letters::DeadLetters;
 use crate::stores::OpenTable;
+use crate::watermark;
 
 pub const SPEC_TYPE: &str = "tidemark.replicator.v1.Pipeline";
 pub const FEED_UNIT: &str = "feed";
@@ -43,6 +44,8 @@ pub const DEFAULT_TOUCH_ATTRIBUTE: &str = "_tidemark_touch";
 /// Records per sink request, and sink requests in flight per poll.
 const SINK_BATCH: usize = 500;
 const SINK_CONCURRENCY: usize = 4;
+/// The feed unit's counter saying a watermark backfill is still going on.
+pub const BACKFILL_PENDING: &str = "backfill_pending";
 /// How often the feed unit publishes its lag (as unit counters).
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -70,6 +73,14 @@ pub fn backfill_mode(pipeline: &Pipeline) -> BackfillMode {
     match BackfillMode::try_from(mode).unwrap_or(BackfillMode::Unspecified) {
         BackfillMode::Unspecified => BackfillMode::Tombstones,
         m => m,
+    }
+}
+
+/// Items a backfill reads per chunk (scan page).
+pub fn chunk_size(pipeline: &Pipeline) -> u32 {
+    match pipeline.spec.as_ref().and_then(|s| s.backfill.as_ref()) {
+        Some(b) if b.chunk_size > 0 => b.chunk_size,
+        _ => 1000,
     }
 }
 
@@ -122,13 +133,13 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
 impl Opened {
     /// Items under the reserved watermark prefix are Tidemark's own and
     /// never forwarded.
-    fn reserved(&self, key: &Key) -> bool {
+    pub(crate) fn reserved(&self, key: &Key) -> bool {
         key.get(&self.source.schema.partition)
             .and_then(AttrValue::as_s)
             .is_some_and(|p| p.starts_with(&self.watermark_prefix))
     }
 
-    fn version_of(&self, item: &Item, derived: u64) -> u64 {
+    pub(crate) fn version_of(&self, item: &Item, derived: u64) -> u64 {
         if self.version_attribute.is_empty() {
             return derived;
         }
@@ -263,6 +274,10 @@ struct FeedState {
     applied: u64,
     stale: u64,
     dead_lettered: u64,
+    /// The DBLog backfill's progress (BACKFILL_MODE_WATERMARK), saved with
+    /// the feed position it was reached at.
+    #[serde(default)]
+    watermark: Option<watermark::Progress>,
 }
 
 async fn open_feed(
@@ -340,6 +355,18 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
     let opened = open(&ctx, &pipeline).await?;
     let dead = ctx.dead_letters.clone();
     let mut feed = open_feed(&ctx, &pipeline, &opened, &state.feed).await?;
+    let mut backfill = if backfill_mode(&pipeline) == BackfillMode::Watermark
+        && !state.watermark.as_ref().is_some_and(|p| p.done)
+    {
+        let key =
+            watermark::watermark_key(&opened, &pipeline.name).map_err(UnitFailure::terminal)?;
+        state
+            .watermark
+            .get_or_insert_with(|| watermark::Progress::new(segments(&pipeline)));
+        Some(watermark::Backfill::new(key, chunk_size(&pipeline)))
+    } else {
+        None
+    };
     let mut last_report = Instant::now() - REPORT_EVERY;
     let mut dirty = true;
     loop {
@@ -354,8 +381,14 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         if paused(&pipeline) {
             pipeline = wait_while_paused(&ctx, &lease, &job, pipeline, &mut revision).await?;
         }
+        if let (Some(b), Some(p)) = (backfill.as_mut(), state.watermark.as_ref()) {
+            b.select(&opened, p).await?;
+        }
         let records = feed.poll(SINK_BATCH * SINK_CONCURRENCY).await?;
         let caught_up = records.is_empty();
+        if let Some(b) = backfill.as_mut() {
+            b.observe(&records);
+        }
         if !records.is_empty() {
             let changes: Vec<(Key, Option<Item>, u64, String)> = records
                 .iter()
@@ -375,6 +408,17 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
             }
             for position in last.values() {
                 feed.commit(position).await?;
+            }
+            dirty = true;
+        }
+        // A chunk goes out after the feed records polled with its high
+        // watermark, which are written above.
+        if let (Some(b), Some(p)) = (backfill.as_mut(), state.watermark.as_mut())
+            && b.ready()
+        {
+            b.emit(&opened, &dead, &pipeline.name, p).await?;
+            if p.done {
+                backfill = None;
             }
             dirty = true;
         }
@@ -402,6 +446,21 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
             p.add("lag_ms", (seconds_behind * 1000.0) as i64);
             p.add("caught_up", i64::from(caught_up && records_behind == 0));
             p.add("observed_ms", chrono::Utc::now().timestamp_millis());
+            if let Some(w) = &state.watermark {
+                p.add(BACKFILL_PENDING, i64::from(!w.done));
+                p.add(
+                    "backfill_copied",
+                    i64::try_from(w.copied).unwrap_or(i64::MAX),
+                );
+                p.add(
+                    "backfill_dropped",
+                    i64::try_from(w.dropped).unwrap_or(i64::MAX),
+                );
+                p.add(
+                    "backfill_chunks",
+                    i64::try_from(w.chunks).unwrap_or(i64::MAX),
+                );
+            }
             let bytes = serde_json::to_vec(&state).expect("feed state serialises");
             match lease.checkpoint(bytes, &p).await {
                 Ok(()) => {}
@@ -473,17 +532,7 @@ async fn backfill_segment(
         .map(|b| b.touch_attribute.clone())
         .filter(|a| !a.is_empty())
         .unwrap_or_else(|| DEFAULT_TOUCH_ATTRIBUTE.to_owned());
-    let chunk = pipeline
-        .spec
-        .as_ref()
-        .and_then(|s| s.backfill.as_ref())
-        .map_or(1000, |b| {
-            if b.chunk_size == 0 {
-                1000
-            } else {
-                b.chunk_size
-            }
-        });
+    let chunk = chunk_size(&pipeline);
     let mut state: SegmentState = if claim.unit.checkpoint.is_empty() {
         SegmentState::default()
     } else {

@@ -171,8 +171,12 @@ async fn view(r: &Replicator, job: &Job) -> Result<Pipeline, Status> {
             None => PipelineState::Creating as i32,
             Some(run) => {
                 let units = run.units.unwrap_or_default();
-                // Every unit but the feed done: the backfill is over.
-                if units.migrated + 1 >= units.total {
+                // Every unit but the feed done: the backfill is over (a
+                // watermark backfill runs in the feed unit and says when).
+                let watermark = pipeline::backfill_mode(&p) == BackfillMode::Watermark;
+                if units.migrated + 1 >= units.total
+                    && (!watermark || !watermark_pending(r, &run.run_id).await?)
+                {
                     PipelineState::Streaming as i32
                 } else {
                     PipelineState::Backfilling as i32
@@ -188,6 +192,34 @@ async fn view(r: &Replicator, job: &Job) -> Result<Pipeline, Status> {
         .map(|l| i64::try_from(l.len()).unwrap_or(i64::MAX))
         .unwrap_or_default();
     Ok(p)
+}
+
+/// Whether the feed unit's watermark backfill is still going on (it is
+/// until the unit first reports otherwise).
+async fn watermark_pending(r: &Replicator, run_id: &str) -> Result<bool, Status> {
+    let feed = feed_unit(r, run_id).await?;
+    Ok(feed.counters.get(pipeline::BACKFILL_PENDING) != Some(&0))
+}
+
+async fn feed_unit(
+    r: &Replicator,
+    run_id: &str,
+) -> Result<tidemark_proto::job_tracker::v1::Unit, Status> {
+    Ok(r.ctx
+        .jobs
+        .clone()
+        .list_units(ListUnitsRequest {
+            run_id: run_id.to_owned(),
+            unit_keys: vec![FEED_UNIT.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .map_err(jobs_status)?
+        .into_inner()
+        .units
+        .into_iter()
+        .next()
+        .unwrap_or_default())
 }
 
 async fn get_job(r: &Replicator, name: &str) -> Result<Job, Status> {
@@ -227,12 +259,6 @@ pub async fn create(
     }
     if !violations.is_empty() {
         return Err(invalid_argument(violations));
-    }
-    let mode = spec.backfill.as_ref().map_or(0, |b| b.mode);
-    if mode == BackfillMode::Watermark as i32 {
-        return Err(Status::unimplemented(
-            "BACKFILL_MODE_WATERMARK is not built in this release; use BACKFILL_MODE_TOMBSTONES (the default: versioned reads below every feed event, sinks keep tombstones) or BACKFILL_MODE_TOUCH",
-        ));
     }
     if let Some(Feed::Kafka(k)) = spec.feed.as_ref().and_then(|f| f.feed.as_ref())
         && k.topic
@@ -298,7 +324,13 @@ pub async fn create(
         .unwrap_or_default();
     if job.last_run.is_none() {
         let mut units = vec![FEED_UNIT.to_owned()];
-        if pipeline::backfill_mode(&stored) != BackfillMode::None {
+        // Segments are units of their own, claimed by any replica, except
+        // for a watermark backfill: it reads its chunks where the feed is
+        // read, in the feed unit.
+        if matches!(
+            pipeline::backfill_mode(&stored),
+            BackfillMode::Tombstones | BackfillMode::Touch
+        ) {
             units.extend(crate::context::segment_units(pipeline::segments(&stored)));
         }
         r.ctx
@@ -350,6 +382,26 @@ async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked, St
         .table(&source_store)
         .await
         .map_err(|e| store_status(&e, "spec.source"))?;
+    if pipeline::backfill_mode(&Pipeline {
+        spec: Some(spec.clone()),
+        ..Pipeline::default()
+    }) == BackfillMode::Watermark
+        && source
+            .dynamo
+            .as_ref()
+            .and_then(|t| t.key_type(&source.schema.partition))
+            .is_some_and(|t| t != "S")
+    {
+        return Err(Status::failed_precondition(format!(
+            "spec.backfill.mode: BACKFILL_MODE_WATERMARK writes watermark items under the string partition key prefix {:?}, and {} is not a string; use BACKFILL_MODE_TOMBSTONES",
+            spec.backfill
+                .as_ref()
+                .map(|b| b.watermark_key_prefix.as_str())
+                .filter(|p| !p.is_empty())
+                .unwrap_or(pipeline::DEFAULT_WATERMARK_PREFIX),
+            source.schema.partition
+        )));
+    }
     lines.push(format!(
         "spec.source: table {} exists (partition key {}{})",
         crate::jobs::store_name(&source_store),
@@ -567,23 +619,11 @@ pub async fn resume(
 
 /// The lag now, from the feed unit's last checkpointed counters.
 async fn lag(r: &Replicator, p: &Pipeline) -> Result<(PipelineLag, i64), Status> {
-    let units = if p.run_id.is_empty() {
-        Vec::new()
+    let feed = if p.run_id.is_empty() {
+        tidemark_proto::job_tracker::v1::Unit::default()
     } else {
-        r.ctx
-            .jobs
-            .clone()
-            .list_units(ListUnitsRequest {
-                run_id: p.run_id.clone(),
-                unit_keys: vec![FEED_UNIT.to_owned()],
-                ..Default::default()
-            })
-            .await
-            .map_err(jobs_status)?
-            .into_inner()
-            .units
+        feed_unit(r, &p.run_id).await?
     };
-    let feed = units.into_iter().next().unwrap_or_default();
     let c = |k: &str| feed.counters.get(k).copied().unwrap_or_default();
     let backfill_done = p.state == PipelineState::Streaming as i32;
     let feed_caught_up = c("caught_up") == 1;

@@ -129,6 +129,17 @@ async fn units(jobs: &mut JobTrackerServiceClient<Channel>, run_id: &str) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backfill_and_mid_stream_loses_nothing() {
+    kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Tombstones).await;
+}
+
+/// The same with a DBLog backfill, whose progress the feed unit checkpoints
+/// with its feed position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_watermark_backfill_and_mid_stream_loses_nothing() {
+    kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Watermark).await;
+}
+
+async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
     // The job-tracker in this process; replicas as real processes.
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -204,6 +215,7 @@ async fn kill_9_mid_backfill_and_mid_stream_loses_nothing() {
                     ..Default::default()
                 }],
                 backfill: Some(pb::BackfillOptions {
+                    mode: mode as i32,
                     segments: 2,
                     chunk_size: 25,
                     ..Default::default()
@@ -218,14 +230,23 @@ async fn kill_9_mid_backfill_and_mid_stream_loses_nothing() {
         .into_inner()
         .pipeline
         .unwrap();
-    // Kill as soon as a segment has checkpointed but not finished.
+    // Kill as soon as the backfill has checkpointed but not finished: a
+    // segment unit, or the feed unit's watermark chunks.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let u = units(&mut jobs, &pipeline.run_id).await;
         let mid = u.iter().any(|u| {
-            u.unit_key.starts_with("segment-")
-                && !u.checkpoint.is_empty()
-                && u.status == jt::UnitStatus::InProgress as i32
+            let c = |k: &str| u.counters.get(k).copied().unwrap_or_default();
+            match mode {
+                pb::BackfillMode::Watermark => {
+                    u.unit_key == "feed" && c("backfill_chunks") >= 1 && c("backfill_pending") == 1
+                }
+                _ => {
+                    u.unit_key.starts_with("segment-")
+                        && !u.checkpoint.is_empty()
+                        && u.status == jt::UnitStatus::InProgress as i32
+                }
+            }
         });
         if mid {
             break;

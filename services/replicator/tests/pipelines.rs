@@ -404,6 +404,155 @@ async fn bad_pipelines_are_refused_with_what_to_fix() {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 }
 
+/// BACKFILL_MODE_WATERMARK (DBLog): items that predate the stream come
+/// from chunks read between watermarks in the feed unit, while writers
+/// update, delete and insert; the index ends equal to the table, no deleted
+/// item comes back, and the watermark item is gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_backfill_copies_a_live_table_and_resurrects_nothing() {
+    use aws_sdk_dynamodb::types::{StreamSpecification, StreamViewType};
+    let table_name = unique_name("dblog");
+    let client = dynamo().await;
+    let table = Arc::new(
+        DynamoTable::create(client.clone(), &table_name, &schema(), false)
+            .await
+            .unwrap(),
+    );
+    // Older than the stream: only the backfill can bring these.
+    futures::future::try_join_all((0..240).map(|i| {
+        let table = Arc::clone(&table);
+        async move {
+            table
+                .put(
+                    &doc("post", &format!("d{i:03}"), AttrValue::n(i64::from(i))),
+                    None,
+                )
+                .await
+        }
+    }))
+    .await
+    .unwrap();
+    client
+        .update_table()
+        .table_name(&table_name)
+        .stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::NewAndOldImages)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let index = unique_name("dblog");
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let reader = ElasticsearchSink::connect(&es, &index, schema())
+        .await
+        .unwrap();
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("dblog");
+    let mut spec = spec(
+        &table_name,
+        &index,
+        pb::BackfillMode::Watermark,
+        pb::StartPosition::Latest,
+    );
+    spec.backfill.as_mut().unwrap().chunk_size = 60;
+    let created = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec),
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    assert_eq!(
+        created.state,
+        pb::PipelineState::Backfilling as i32,
+        "{created:?}"
+    );
+    let writer = {
+        let table = Arc::clone(&table);
+        tokio::spawn(async move {
+            for i in 0..40 {
+                table
+                    .put(
+                        &doc(
+                            "post",
+                            &format!("d{:03}", i * 3),
+                            AttrValue::n(5000 + i64::from(i)),
+                        ),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                table
+                    .delete(&key("post", &format!("d{:03}", i * 3 + 1)), None)
+                    .await
+                    .unwrap();
+                table
+                    .put(
+                        &doc("page", &format!("n{i:03}"), AttrValue::n(i64::from(i))),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    writer.await.unwrap();
+    wait_streaming(&mut plane, &name).await;
+    let lag = drain(&mut plane, &name).await;
+    assert!(lag.caught_up, "{lag:?}");
+
+    let source = scan_all(&table).await;
+    assert!(
+        source
+            .keys()
+            .all(|k| !k.to_string().contains("__tidemark_watermark")),
+        "the watermark item is removed when the backfill ends"
+    );
+    assert_eq!(source.len(), 240 - 40 + 40);
+    let mut all_keys: Vec<Key> = source.keys().cloned().collect();
+    all_keys.extend((0..40).map(|i| key("post", &format!("d{:03}", i * 3 + 1))));
+    let target = index_contents(&reader, all_keys.iter().cloned()).await;
+    for (k, item) in &source {
+        let (_, got) = target
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing from the index"));
+        assert_eq!(got, item, "{k}");
+    }
+    assert_eq!(target.len(), source.len(), "no deleted item came back");
+
+    // The chunks ran in the feed unit (no segment units), several of them.
+    let units = plane
+        .jobs
+        .list_units(tidemark_proto::job_tracker::v1::ListUnitsRequest {
+            run_id: created.run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .units;
+    assert_eq!(units.len(), 1, "{units:?}");
+    let c = |k: &str| units[0].counters.get(k).copied().unwrap_or(-1);
+    eprintln!("feed unit counters: {:?}", units[0].counters);
+    assert_eq!(c("backfill_pending"), 0, "{:?}", units[0].counters);
+    assert!(c("backfill_chunks") >= 4, "{:?}", units[0].counters);
+    assert!(
+        c("backfill_copied") + c("backfill_dropped") >= 200,
+        "{:?}",
+        units[0].counters
+    );
+}
+
 /// A validate-only CreatePipeline checks the source, its stream and every
 /// sink as a real one would, says what it found, and creates nothing.
 #[tokio::test]
