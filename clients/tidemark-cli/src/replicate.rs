@@ -68,6 +68,10 @@ pub struct CreateArgs {
     /// (default: the source's own).
     #[arg(long, default_value = "")]
     feed: String,
+    /// Consumers of a Kafka feed's group, each a unit any replica may hold
+    /// (the group spreads the topic's partitions over them).
+    #[arg(long, default_value_t = 1)]
+    consumers: u32,
     /// Where the feed starts without a checkpoint.
     #[arg(long, value_enum, default_value = "latest")]
     start: Start,
@@ -194,6 +198,7 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
                 topic: Some(t),
                 consumer_group: String::new(),
                 start_position: start,
+                consumers: a.consumers,
             })
         }
         (other, _) => {

@@ -592,6 +592,7 @@ impl CutoverPlan {
                     topic: Some(t),
                     consumer_group: String::new(),
                     start_position: start,
+                    consumers: 0,
                 })
             }
             (other, _) => {

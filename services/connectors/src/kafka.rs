@@ -173,20 +173,21 @@ impl KafkaFeed {
                 }
             }
         }
-        let mut unknown = TopicPartitionList::new();
-        for (p, s) in &self.partitions {
-            if s.committed.is_none() {
-                unknown.add_partition(&self.topic, *p);
-            }
+        // Every partition's committed offset, each time: other consumers of
+        // the group commit the partitions they were given, and the lag
+        // reported here is the whole topic's.
+        let mut all = TopicPartitionList::new();
+        for p in self.partitions.keys() {
+            all.add_partition(&self.topic, *p);
         }
-        if unknown.count() > 0
-            && let Ok(committed) = self.consumer.committed_offsets(unknown, timeout)
+        if all.count() > 0
+            && let Ok(committed) = self.consumer.committed_offsets(all, timeout)
         {
             for e in committed.elements() {
                 if let (Offset::Offset(o), Some(state)) =
                     (e.offset(), self.partitions.get_mut(&e.partition()))
                 {
-                    state.committed = Some(o - 1);
+                    state.committed = state.committed.max(Some(o - 1));
                 }
             }
         }

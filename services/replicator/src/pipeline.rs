@@ -64,6 +64,31 @@ pub struct Opened {
     pub watermark_prefix: String,
 }
 
+/// The pipeline's feed units: `feed`, and `feed-<i>` for every further
+/// consumer of a Kafka feed's group.
+pub fn feed_units(pipeline: &Pipeline) -> Vec<String> {
+    let consumers = match pipeline
+        .spec
+        .as_ref()
+        .and_then(|s| s.feed.as_ref())
+        .and_then(|f| f.feed.as_ref())
+    {
+        Some(Feed::Kafka(k)) => k.consumers.max(1),
+        _ => 1,
+    };
+    std::iter::once(FEED_UNIT.to_owned())
+        .chain((1..consumers).map(|i| format!("{FEED_UNIT}-{i}")))
+        .collect()
+}
+
+pub fn is_feed_unit(unit_key: &str) -> bool {
+    unit_key == FEED_UNIT
+        || unit_key
+            .strip_prefix(FEED_UNIT)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+}
+
 pub fn backfill_mode(pipeline: &Pipeline) -> BackfillMode {
     let mode = pipeline
         .spec
@@ -260,7 +285,7 @@ async fn wait_while_paused(
 
 pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     let pipeline = decode(&claim.job).map_err(UnitFailure::terminal)?;
-    if claim.unit.unit_key == FEED_UNIT {
+    if is_feed_unit(&claim.unit.unit_key) {
         Box::pin(follow(ctx, claim, pipeline)).await
     } else {
         Box::pin(backfill_segment(ctx, claim, pipeline)).await
@@ -356,6 +381,7 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
     let dead = ctx.dead_letters.clone();
     let mut feed = open_feed(&ctx, &pipeline, &opened, &state.feed).await?;
     let mut backfill = if backfill_mode(&pipeline) == BackfillMode::Watermark
+        && claim.unit.unit_key == FEED_UNIT
         && !state.watermark.as_ref().is_some_and(|p| p.done)
     {
         let key =

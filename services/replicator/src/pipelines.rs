@@ -77,6 +77,17 @@ fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
             if k.topic.as_ref().is_none_or(|t| t.topic.is_empty()) {
                 v.push(FieldError::required("spec.feed.kafka.topic.topic"));
             }
+            if k.consumers > 64 {
+                v.push(FieldError::new("spec.feed.kafka.consumers", "1 to 64 (0 means 1)"));
+            }
+            if k.consumers > 1
+                && spec.backfill.as_ref().map(|b| b.mode) == Some(BackfillMode::Watermark as i32)
+            {
+                v.push(FieldError::new(
+                    "spec.feed.kafka.consumers",
+                    "BACKFILL_MODE_WATERMARK needs one consumer (its chunks must see every partition); use 1, or BACKFILL_MODE_TOMBSTONES",
+                ));
+            }
         }
         (Some(_), Some(_)) => v.push(FieldError::new(
             "spec.feed",
@@ -174,7 +185,8 @@ async fn view(r: &Replicator, job: &Job) -> Result<Pipeline, Status> {
                 // Every unit but the feed done: the backfill is over (a
                 // watermark backfill runs in the feed unit and says when).
                 let watermark = pipeline::backfill_mode(&p) == BackfillMode::Watermark;
-                if units.migrated + 1 >= units.total
+                let feeds = i64::try_from(pipeline::feed_units(&p).len()).unwrap_or(1);
+                if units.migrated + feeds >= units.total
                     && (!watermark || !watermark_pending(r, &run.run_id).await?)
                 {
                     PipelineState::Streaming as i32
@@ -323,7 +335,7 @@ pub async fn create(
         .job
         .unwrap_or_default();
     if job.last_run.is_none() {
-        let mut units = vec![FEED_UNIT.to_owned()];
+        let mut units = pipeline::feed_units(&stored);
         // Segments are units of their own, claimed by any replica, except
         // for a watermark backfill: it reads its chunks where the feed is
         // read, in the feed unit.
@@ -618,43 +630,80 @@ pub async fn resume(
 }
 
 /// The lag now, from the feed unit's last checkpointed counters.
+/// The pipeline's lag from the counters its feed units' holders checkpoint,
+/// one partition entry per feed unit; with the oldest of their observation
+/// times (a drain waits until every unit reported after it began).
 async fn lag(r: &Replicator, p: &Pipeline) -> Result<(PipelineLag, i64), Status> {
-    let feed = if p.run_id.is_empty() {
-        tidemark_proto::job_tracker::v1::Unit::default()
+    let keys = pipeline::feed_units(p);
+    let mut feeds = if p.run_id.is_empty() {
+        Vec::new()
     } else {
-        feed_unit(r, &p.run_id).await?
+        r.ctx
+            .jobs
+            .clone()
+            .list_units(ListUnitsRequest {
+                run_id: p.run_id.clone(),
+                unit_keys: keys.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(jobs_status)?
+            .into_inner()
+            .units
     };
-    let c = |k: &str| feed.counters.get(k).copied().unwrap_or_default();
+    // A unit not listed yet reports nothing: behind, never observed.
+    for key in &keys {
+        if !feeds.iter().any(|u| &u.unit_key == key) {
+            feeds.push(tidemark_proto::job_tracker::v1::Unit {
+                unit_key: key.clone(),
+                ..Default::default()
+            });
+        }
+    }
     let backfill_done = p.state == PipelineState::Streaming as i32;
-    let feed_caught_up = c("caught_up") == 1;
-    let lag_ms = c("lag_ms");
-    let partition = PartitionLag {
-        partition: FEED_UNIT.to_owned(),
-        records_behind: Some(c("lag_records")),
-        time_behind: Some(prost_types::Duration {
-            seconds: lag_ms / 1000,
-            nanos: i32::try_from((lag_ms % 1000) * 1_000_000).unwrap_or(0),
-        }),
-        caught_up: feed_caught_up,
-        position: String::new(),
-        owner: feed
-            .lease
-            .as_ref()
-            .filter(|_| feed.status == UnitStatus::InProgress as i32)
-            .map(|l| l.owner.clone())
-            .unwrap_or_default(),
-        closed: false,
-    };
+    let mut partitions = Vec::with_capacity(feeds.len());
+    let mut records = 0i64;
+    let mut observed = i64::MAX;
+    for feed in &feeds {
+        let c = |k: &str| feed.counters.get(k).copied().unwrap_or_default();
+        let lag_ms = c("lag_ms");
+        records = records.max(c("lag_records"));
+        observed = observed.min(c("observed_ms"));
+        partitions.push(PartitionLag {
+            partition: feed.unit_key.clone(),
+            records_behind: Some(c("lag_records")),
+            time_behind: Some(prost_types::Duration {
+                seconds: lag_ms / 1000,
+                nanos: i32::try_from((lag_ms % 1000) * 1_000_000).unwrap_or(0),
+            }),
+            caught_up: c("caught_up") == 1,
+            position: String::new(),
+            owner: feed
+                .lease
+                .as_ref()
+                .filter(|_| feed.status == UnitStatus::InProgress as i32)
+                .map(|l| l.owner.clone())
+                .unwrap_or_default(),
+            closed: false,
+        });
+    }
+    let max_time_behind = partitions
+        .iter()
+        .filter_map(|p| p.time_behind)
+        .max_by_key(|d| (d.seconds, d.nanos));
+    let caught_up = partitions.iter().all(|p| p.caught_up);
+    // Each consumer of a Kafka group reports the whole topic's lag (the
+    // group's committed offsets), so the most behind is the figure.
     let lag = PipelineLag {
         pipeline_name: p.name.clone(),
         state: p.state,
-        records_behind: Some(c("lag_records")),
-        max_time_behind: partition.time_behind,
-        caught_up: feed_caught_up && backfill_done,
-        observe_time: Some(micros_ts(c("observed_ms"))),
-        partitions: vec![partition],
+        records_behind: Some(records),
+        max_time_behind,
+        caught_up: caught_up && backfill_done,
+        observe_time: Some(micros_ts(observed)),
+        partitions,
     };
-    Ok((lag, c("observed_ms")))
+    Ok((lag, observed))
 }
 
 fn duration_of(d: Option<&prost_types::Duration>) -> Option<Duration> {

@@ -778,6 +778,158 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
     assert_eq!(first.pipeline_name, name);
 }
 
+/// A Kafka feed with two consumers: two feed units, each a member of the
+/// pipeline's group; the group splits the topic's partitions between them,
+/// both apply records, and the index ends with every key's latest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_feed_is_shared_by_the_consumers_of_its_group() {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tidemark_connectors::proto::{encode_change, kafka_key};
+
+    let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+    let topic = unique_name("shared");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    for version in 1..=2u64 {
+        for i in 0..60 {
+            let k = key("post", &format!("k{i:02}"));
+            let image = doc("post", &format!("k{i:02}"), AttrValue::n(version));
+            let payload = encode_change(&k, Some(&image), version, 1_700_000_000_000_000);
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&kafka_key(&k, "documentType"))
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let index = unique_name("shared");
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("shared");
+    let created = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(common_pb::DataStore {
+                    store: Some(common_pb::data_store::Store::SqliteTable(
+                        common_pb::SqliteTableRef {
+                            table_name: "docs".to_owned(),
+                            database: String::new(),
+                            key_attribute_names: vec![
+                                "documentType".to_owned(),
+                                "documentId".to_owned(),
+                            ],
+                        },
+                    )),
+                }),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
+                        topic: Some(common_pb::KafkaTopicRef {
+                            topic: topic.clone(),
+                            bootstrap_servers: String::new(),
+                        }),
+                        consumer_group: unique_name("group"),
+                        start_position: pb::StartPosition::TrimHorizon as i32,
+                        consumers: 2,
+                    })),
+                }),
+                sinks: vec![pb::Sink {
+                    name: "search".to_owned(),
+                    store: Some(index_ref(&index)),
+                    ..Default::default()
+                }],
+                backfill: Some(pb::BackfillOptions {
+                    mode: pb::BackfillMode::None as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    // Every key at its last version, then a drain over both units.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut done = 0;
+        for i in 0..60 {
+            if let Some((v, _)) = reader
+                .read(&key("post", &format!("k{i:02}")))
+                .await
+                .unwrap()
+                && v == 2
+            {
+                done += 1;
+            }
+        }
+        if done == 60 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{done} of 60 keys at version 2"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let lag = drain(&mut plane, &name).await;
+    assert_eq!(lag.partitions.len(), 2, "{lag:?}");
+    assert!(lag.caught_up, "{lag:?}");
+    let units = plane
+        .jobs
+        .list_units(tidemark_proto::job_tracker::v1::ListUnitsRequest {
+            run_id: created.run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .units;
+    let mut keys: Vec<&str> = units.iter().map(|u| u.unit_key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["feed", "feed-1"]);
+    let applied: Vec<i64> = units
+        .iter()
+        .map(|u| u.counters.get("applied").copied().unwrap_or_default())
+        .collect();
+    assert!(
+        applied.iter().all(|a| *a > 0),
+        "both consumers applied records: {applied:?}"
+    );
+    assert_eq!(applied.iter().sum::<i64>(), 120, "{applied:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_feed_applies_latest_values_and_deletes() {
     use rdkafka::ClientConfig;
@@ -843,6 +995,7 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
                 }),
                 consumer_group: unique_name("group"),
                 start_position: pb::StartPosition::TrimHorizon as i32,
+                consumers: 1,
             })),
         }),
         sinks: vec![pb::Sink {
