@@ -214,14 +214,20 @@ pub async fn backfill(client: &Tidemark, a: BackfillArgs, out: Output) -> CliRes
         correlation_id: String::new(),
     };
     let started = client.backfill_attribute(request).await?;
-    if out == Output::Text {
-        eprintln!(
-            "backfilling {} on {} as job {}, run {}",
-            a.attribute, a.table, started.job_name, started.run_id
-        );
-    }
-    let outcome = follow(client, &started.run_id, "backfill", &a.follow, out).await?;
-    report_run(&started.job_name, &started.run_id, outcome, out)
+    let said = format!(
+        "backfilling {} on {} as job {}, run {}",
+        a.attribute, a.table, started.job_name, started.run_id
+    );
+    follow_started(
+        client,
+        &started.job_name,
+        &started.run_id,
+        "backfill",
+        &said,
+        &a.follow,
+        out,
+    )
+    .await
 }
 
 pub async fn migrate(client: &Tidemark, a: MigrateArgs, out: Output) -> CliResult {
@@ -415,14 +421,20 @@ pub async fn extract(client: &Tidemark, a: ExtractArgs, out: Output) -> CliResul
         );
         return Ok(());
     }
-    if out == Output::Text {
-        eprintln!(
-            "extracting {} changed by {} as job {}, run {}",
-            a.source, a.changed_at, created.job_name, created.run_id
-        );
-    }
-    let outcome = follow(client, &created.run_id, "extract", &a.follow, out).await?;
-    report_run(&created.job_name, &created.run_id, outcome, out)
+    let said = format!(
+        "extracting {} changed by {} as job {}, run {}",
+        a.source, a.changed_at, created.job_name, created.run_id
+    );
+    follow_started(
+        client,
+        &created.job_name,
+        &created.run_id,
+        "extract",
+        &said,
+        &a.follow,
+        out,
+    )
+    .await
 }
 
 fn parse_time(text: &str) -> Result<prost_types::Timestamp, String> {
@@ -437,9 +449,23 @@ fn parse_time(text: &str) -> Result<prost_types::Timestamp, String> {
 /// `tidemark jobs run JOB`: a run now over the job's default units.
 pub async fn run_job(client: &Tidemark, job: &str, f: &Follow, out: Output) -> CliResult {
     let run = client.start_run(job, &f.actor).await?;
+    let said = format!("started run {} of {job}", run.run_id);
+    follow_started(client, job, &run.run_id, "run", &said, f, out).await
+}
+
+/// Says what started (text output only), follows the run and reports it.
+async fn follow_started(
+    client: &Tidemark,
+    job: &str,
+    run_id: &str,
+    what: &str,
+    said: &str,
+    f: &Follow,
+    out: Output,
+) -> CliResult {
     if out == Output::Text {
-        eprintln!("started run {} of {job}", run.run_id);
+        eprintln!("{said}");
     }
-    let outcome = follow(client, &run.run_id, "run", f, out).await?;
-    report_run(job, &run.run_id, outcome, out)
+    let outcome = follow(client, run_id, what, f, out).await?;
+    report_run(job, run_id, outcome, out)
 }

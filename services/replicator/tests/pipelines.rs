@@ -778,6 +778,72 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
     assert_eq!(first.pipeline_name, name);
 }
 
+fn producer(brokers: &str) -> rdkafka::producer::FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap()
+}
+
+/// Sends one change record keyed by the item key, as a change-data producer
+/// would.
+async fn send(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    k: &Key,
+    image: Option<&Item>,
+    version: u64,
+) {
+    use tidemark_connectors::proto::{encode_change, kafka_key};
+    let payload = encode_change(k, image, version, 1_700_000_000_000_000);
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .key(&kafka_key(k, "documentType"))
+                .payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+}
+
+/// A pipeline from a Kafka topic (an embedded source table names the key)
+/// into an index, with `consumers` in the group, no backfill.
+fn kafka_spec(topic: &str, index: &str, consumers: u32) -> pb::PipelineSpec {
+    pb::PipelineSpec {
+        source: Some(common_pb::DataStore {
+            store: Some(common_pb::data_store::Store::SqliteTable(
+                common_pb::SqliteTableRef {
+                    table_name: "docs".to_owned(),
+                    database: String::new(),
+                    key_attribute_names: vec!["documentType".to_owned(), "documentId".to_owned()],
+                },
+            )),
+        }),
+        feed: Some(pb::ChangeFeed {
+            feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
+                topic: Some(common_pb::KafkaTopicRef {
+                    topic: topic.to_owned(),
+                    bootstrap_servers: String::new(),
+                }),
+                consumer_group: unique_name("group"),
+                start_position: pb::StartPosition::TrimHorizon as i32,
+                consumers,
+            })),
+        }),
+        sinks: vec![pb::Sink {
+            name: "search".to_owned(),
+            store: Some(index_ref(index)),
+            ..Default::default()
+        }],
+        backfill: Some(pb::BackfillOptions {
+            mode: pb::BackfillMode::None as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A Kafka feed with two consumers: two feed units, each a member of the
 /// pipeline's group; the group splits the topic's partitions between them,
 /// both apply records, and the index ends with every key's latest value.
@@ -786,8 +852,6 @@ async fn a_kafka_feed_is_shared_by_the_consumers_of_its_group() {
     use rdkafka::ClientConfig;
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    use tidemark_connectors::proto::{encode_change, kafka_key};
 
     let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
     let topic = unique_name("shared");
@@ -803,24 +867,12 @@ async fn a_kafka_feed_is_shared_by_the_consumers_of_its_group() {
         .await
         .unwrap();
     assert!(created.iter().all(Result::is_ok), "{created:?}");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
+    let producer = producer(&brokers);
     for version in 1..=2u64 {
         for i in 0..60 {
             let k = key("post", &format!("k{i:02}"));
             let image = doc("post", &format!("k{i:02}"), AttrValue::n(version));
-            let payload = encode_change(&k, Some(&image), version, 1_700_000_000_000_000);
-            producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key(&kafka_key(&k, "documentType"))
-                        .payload(&payload),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
+            send(&producer, &topic, &k, Some(&image), version).await;
         }
     }
     let index = unique_name("shared");
@@ -837,41 +889,7 @@ async fn a_kafka_feed_is_shared_by_the_consumers_of_its_group() {
         .replicator
         .create_pipeline(pb::CreatePipelineRequest {
             name: name.clone(),
-            spec: Some(pb::PipelineSpec {
-                source: Some(common_pb::DataStore {
-                    store: Some(common_pb::data_store::Store::SqliteTable(
-                        common_pb::SqliteTableRef {
-                            table_name: "docs".to_owned(),
-                            database: String::new(),
-                            key_attribute_names: vec![
-                                "documentType".to_owned(),
-                                "documentId".to_owned(),
-                            ],
-                        },
-                    )),
-                }),
-                feed: Some(pb::ChangeFeed {
-                    feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
-                        topic: Some(common_pb::KafkaTopicRef {
-                            topic: topic.clone(),
-                            bootstrap_servers: String::new(),
-                        }),
-                        consumer_group: unique_name("group"),
-                        start_position: pb::StartPosition::TrimHorizon as i32,
-                        consumers: 2,
-                    })),
-                }),
-                sinks: vec![pb::Sink {
-                    name: "search".to_owned(),
-                    store: Some(index_ref(&index)),
-                    ..Default::default()
-                }],
-                backfill: Some(pb::BackfillOptions {
-                    mode: pb::BackfillMode::None as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            spec: Some(kafka_spec(&topic, &index, 2)),
             actor: "t".to_owned(),
             ..Default::default()
         })
@@ -932,39 +950,15 @@ async fn a_kafka_feed_is_shared_by_the_consumers_of_its_group() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_feed_applies_latest_values_and_deletes() {
-    use rdkafka::ClientConfig;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    use tidemark_connectors::proto::{encode_change, kafka_key};
-
     let topic = unique_name("changes");
-    let producer: FutureProducer = ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            local_env("TIDEMARK_TEST_KAFKA_BROKERS"),
-        )
-        .create()
-        .unwrap();
+    let producer = producer(&local_env("TIDEMARK_TEST_KAFKA_BROKERS"));
     // Three versions of each of ten keys, and the last three keys deleted.
     for version in 1..=3u64 {
         for i in 0..10 {
             let k = key("post", &format!("k{i}"));
             let image = doc("post", &format!("k{i}"), AttrValue::n(version));
             let deleted = version == 3 && i >= 7;
-            let payload = encode_change(
-                &k,
-                (!deleted).then_some(&image),
-                version,
-                1_700_000_000_000_000,
-            );
-            producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key(&kafka_key(&k, "documentType"))
-                        .payload(&payload),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
+            send(&producer, &topic, &k, (!deleted).then_some(&image), version).await;
         }
     }
     let index = unique_name("kafka");
@@ -977,38 +971,7 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
     .unwrap();
     let mut plane = plane(|_| {}).await;
     let name = unique_name("kafka");
-    let spec = pb::PipelineSpec {
-        source: Some(common_pb::DataStore {
-            store: Some(common_pb::data_store::Store::SqliteTable(
-                common_pb::SqliteTableRef {
-                    table_name: "docs".to_owned(),
-                    database: String::new(),
-                    key_attribute_names: vec!["documentType".to_owned(), "documentId".to_owned()],
-                },
-            )),
-        }),
-        feed: Some(pb::ChangeFeed {
-            feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
-                topic: Some(common_pb::KafkaTopicRef {
-                    topic: topic.clone(),
-                    bootstrap_servers: String::new(),
-                }),
-                consumer_group: unique_name("group"),
-                start_position: pb::StartPosition::TrimHorizon as i32,
-                consumers: 1,
-            })),
-        }),
-        sinks: vec![pb::Sink {
-            name: "search".to_owned(),
-            store: Some(index_ref(&index)),
-            ..Default::default()
-        }],
-        backfill: Some(pb::BackfillOptions {
-            mode: pb::BackfillMode::None as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let spec = kafka_spec(&topic, &index, 1);
     // Checked first: a topic that does not exist is refused with what to
     // fix, the real one is found with its partitions.
     let mut absent = spec.clone();
