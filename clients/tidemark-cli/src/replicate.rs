@@ -68,10 +68,11 @@ pub struct CreateArgs {
     /// (default: the source's own).
     #[arg(long, default_value = "")]
     feed: String,
-    /// Consumers of a Kafka feed's group, each a unit any replica may hold
-    /// (the group spreads the topic's partitions over them).
+    /// Feed units sharing the feed, each held by any replica: DynamoDB
+    /// Streams readers (shards hashed over them) or a Kafka group's
+    /// consumers (partitions spread by the group).
     #[arg(long, default_value_t = 1)]
-    consumers: u32,
+    readers: u32,
     /// Where the feed starts without a checkpoint.
     #[arg(long, value_enum, default_value = "latest")]
     start: Start,
@@ -180,6 +181,7 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
         ("dynamodb-streams", _) | ("", "dynamodb") => {
             pb::change_feed::Feed::DynamodbStreams(pb::DynamoDbStreamsFeed {
                 start_position: start,
+                readers: a.readers,
             })
         }
         ("embedded-change-log", _) | ("", "sqlite") => {
@@ -198,7 +200,7 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
                 topic: Some(t),
                 consumer_group: String::new(),
                 start_position: start,
-                consumers: a.consumers,
+                consumers: a.readers,
             })
         }
         (other, _) => {

@@ -574,6 +574,7 @@ impl CutoverPlan {
             ("dynamodb-streams", _) | ("", "dynamodb") => {
                 rp::change_feed::Feed::DynamodbStreams(rp::DynamoDbStreamsFeed {
                     start_position: start,
+                    readers: 0,
                 })
             }
             ("embedded-change-log", _) | ("", "sqlite") => {
@@ -1651,7 +1652,7 @@ final_verify = "1m"
         assert_eq!(spec.version_attribute, "tidemark_version");
         assert!(matches!(
             spec.feed.unwrap().feed,
-            Some(rp::change_feed::Feed::DynamodbStreams(rp::DynamoDbStreamsFeed { start_position }))
+            Some(rp::change_feed::Feed::DynamodbStreams(rp::DynamoDbStreamsFeed { start_position, .. }))
                 if start_position == rp::StartPosition::TrimHorizon as i32
         ));
         assert_eq!(

@@ -90,6 +90,9 @@ struct ShardState {
     /// Open the first iterator at LATEST (initial shards of a LATEST feed).
     start_latest: bool,
     finished: bool,
+    /// Read by another reader of a shared feed: tracked only so that its
+    /// children know when it is done (from [`ChangeFeed::learn_peers`]).
+    foreign: bool,
 }
 
 /// Sequence numbers are decimal strings of varying length.
@@ -101,6 +104,8 @@ fn seq_le(a: &str, b: &str) -> bool {
 pub struct ShardedFeed<S> {
     source: S,
     start: StartPosition,
+    /// This reader's index among the readers sharing the stream.
+    share: Option<(u32, u32)>,
     shards: BTreeMap<String, ShardState>,
     listed_at: Option<Instant>,
     refresh_every: Duration,
@@ -133,11 +138,41 @@ impl<S: ShardSource> ShardedFeed<S> {
         Self {
             source,
             start,
+            share: None,
             first_listing: shards.is_empty(),
             shards,
             listed_at: None,
             refresh_every: Duration::from_secs(2),
         }
+    }
+
+    /// Shares the stream among `readers` feeds (one per replica or unit):
+    /// this one, number `index`, reads the shards whose id hashes to it. A
+    /// child shard whose parent another reader has waits until that reader's
+    /// checkpoint, passed to [`ChangeFeed::learn_peers`], says the parent is
+    /// done, so the order per key holds across the split.
+    #[must_use]
+    pub fn shared(mut self, index: u32, readers: u32) -> Self {
+        if readers > 1 {
+            self.share = Some((index, readers));
+        }
+        self
+    }
+
+    /// Which of `readers` reads shard `id` (FNV-1a of the id: stable across
+    /// processes and releases).
+    pub fn reader_of(id: &str, readers: u32) -> u32 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        u32::try_from(hash % u64::from(readers.max(1))).unwrap_or(0)
+    }
+
+    fn owns(&self, id: &str) -> bool {
+        self.share
+            .is_none_or(|(index, readers)| Self::reader_of(id, readers) == index)
     }
 
     /// How often the shard list is refreshed (new shards appear on splits).
@@ -157,11 +192,16 @@ impl<S: ShardSource> ShardedFeed<S> {
         let listed = self.source.list_shards().await?;
         let first = std::mem::take(&mut self.first_listing);
         for shard in &listed {
+            let foreign = !self.owns(&shard.id);
             self.shards.entry(shard.id.clone()).or_insert_with(|| {
                 let mut state = ShardState {
                     parent: shard.parent.clone(),
+                    foreign,
                     ..ShardState::default()
                 };
+                if foreign {
+                    return state;
+                }
                 if first && self.start == StartPosition::Latest {
                     // Starting at LATEST: closed shards hold only the past.
                     if shard.closed {
@@ -210,7 +250,7 @@ impl<S: ShardSource> ChangeFeed for ShardedFeed<S> {
             }
             let (ready, parent_version) = {
                 let s = &self.shards[&id];
-                if s.finished || s.exhausted {
+                if s.finished || s.exhausted || s.foreign {
                     continue;
                 }
                 self.parent_done(s.parent.as_ref())
@@ -323,6 +363,7 @@ impl<S: ShardSource> ChangeFeed for ShardedFeed<S> {
             partitions: self
                 .shards
                 .iter()
+                .filter(|(_, s)| !s.foreign)
                 .map(|(id, s)| {
                     (
                         id.clone(),
@@ -338,6 +379,15 @@ impl<S: ShardSource> ChangeFeed for ShardedFeed<S> {
         }
     }
 
+    fn learn_peers(&mut self, peers: &FeedCheckpoint) {
+        for (id, p) in &peers.partitions {
+            if let Some(s) = self.shards.get_mut(id).filter(|s| s.foreign) {
+                s.finished |= p.finished;
+                s.committed_version = s.committed_version.max(p.version);
+            }
+        }
+    }
+
     fn lag(&self) -> Vec<PartitionLag> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -345,7 +395,7 @@ impl<S: ShardSource> ChangeFeed for ShardedFeed<S> {
             .as_micros();
         self.shards
             .iter()
-            .filter(|(_, s)| !s.finished)
+            .filter(|(_, s)| !s.finished && !s.foreign)
             .map(|(id, s)| PartitionLag {
                 partition: id.clone(),
                 records: s.uncommitted.len() as u64,

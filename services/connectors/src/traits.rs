@@ -147,6 +147,11 @@ pub trait ChangeFeed: Send {
     async fn commit(&mut self, position: &Position) -> ConnectorResult<()>;
     fn checkpoint(&self) -> FeedCheckpoint;
     fn lag(&self) -> Vec<PartitionLag>;
+    /// What the other readers of a shared feed checkpointed (their
+    /// partitions' progress), so that a partition waiting on one of theirs
+    /// (a child shard on its parent) can go on. Ignored by feeds that are
+    /// not shared this way.
+    fn learn_peers(&mut self, _peers: &FeedCheckpoint) {}
 }
 
 /// A write to a sink: the item's full new image (or its deletion) with the

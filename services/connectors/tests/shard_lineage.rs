@@ -144,3 +144,63 @@ async fn latest_start_skips_history_but_reads_new_shards_fully() {
         "a shard born after the start is read from its beginning"
     );
 }
+
+/// Two readers share one stream: each reads only the shards that hash to
+/// it, and a child whose parent the other reader has waits until that
+/// reader's checkpoint says the parent is done; versions still continue
+/// across the split.
+#[tokio::test]
+async fn shared_readers_split_the_shards_and_a_child_waits_for_the_other_reader() {
+    let reader_of = |id: &str| ShardedFeed::<ScriptedStream>::reader_of(id, 2);
+    let parent = (0..)
+        .map(|i| format!("shard-p{i}"))
+        .find(|id| reader_of(id) == 0)
+        .unwrap();
+    let child = (0..)
+        .map(|i| format!("shard-c{i}"))
+        .find(|id| reader_of(id) == 1)
+        .unwrap();
+    let stream = ScriptedStream::new();
+    stream.add_shard(&parent, None);
+    stream.push(&parent, record("k", 1, 100));
+    stream.push(&parent, record("k", 2, 100));
+    stream.split(&parent, &[&child]);
+    stream.push(&child, record("k", 3, 100));
+
+    let mut a = feed(&stream, &FeedCheckpoint::default()).shared(0, 2);
+    let mut b = feed(&stream, &FeedCheckpoint::default()).shared(1, 2);
+    assert!(
+        b.poll(10).await.unwrap().is_empty(),
+        "the child waits for the parent's reader"
+    );
+    let from_a = a.poll(10).await.unwrap();
+    assert_eq!(from_a.iter().map(n_of).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(
+        a.poll(10).await.unwrap().is_empty(),
+        "a reader never reads the other's shard"
+    );
+    b.learn_peers(&a.checkpoint());
+    assert!(
+        b.poll(10).await.unwrap().is_empty(),
+        "delivered is not done: the parent's records are not committed yet"
+    );
+    for r in &from_a {
+        a.commit(&r.position).await.unwrap();
+    }
+    b.learn_peers(&a.checkpoint());
+    let from_b = b.poll(10).await.unwrap();
+    assert_eq!(from_b.iter().map(n_of).collect::<Vec<_>>(), vec![3]);
+    assert!(
+        from_b[0].version > from_a[1].version,
+        "versions continue across the readers"
+    );
+    assert_eq!(
+        a.checkpoint().partitions.keys().collect::<Vec<_>>(),
+        vec![&parent]
+    );
+    assert_eq!(
+        b.checkpoint().partitions.keys().collect::<Vec<_>>(),
+        vec![&child]
+    );
+    assert!(a.lag().iter().all(|l| l.partition == parent));
+}

@@ -46,6 +46,8 @@ const SINK_BATCH: usize = 500;
 const SINK_CONCURRENCY: usize = 4;
 /// The feed unit's counter saying a watermark backfill is still going on.
 pub const BACKFILL_PENDING: &str = "backfill_pending";
+/// How often a feed unit sharing its feed reads the others' progress.
+const PEERS_EVERY: Duration = Duration::from_secs(2);
 /// How often the feed unit publishes its lag (as unit counters).
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -64,21 +66,36 @@ pub struct Opened {
     pub watermark_prefix: String,
 }
 
-/// The pipeline's feed units: `feed`, and `feed-<i>` for every further
-/// consumer of a Kafka feed's group.
-pub fn feed_units(pipeline: &Pipeline) -> Vec<String> {
-    let consumers = match pipeline
+/// How many feed units share the pipeline's feed: a Kafka group's
+/// consumers, or DynamoDB Streams readers.
+pub fn feed_readers(pipeline: &Pipeline) -> u32 {
+    match pipeline
         .spec
         .as_ref()
         .and_then(|s| s.feed.as_ref())
         .and_then(|f| f.feed.as_ref())
     {
         Some(Feed::Kafka(k)) => k.consumers.max(1),
+        Some(Feed::DynamodbStreams(d)) => d.readers.max(1),
         _ => 1,
-    };
+    }
+}
+
+/// The pipeline's feed units: `feed`, and `feed-<i>` for every further
+/// reader (see [`feed_readers`]).
+pub fn feed_units(pipeline: &Pipeline) -> Vec<String> {
     std::iter::once(FEED_UNIT.to_owned())
-        .chain((1..consumers).map(|i| format!("{FEED_UNIT}-{i}")))
+        .chain((1..feed_readers(pipeline)).map(|i| format!("{FEED_UNIT}-{i}")))
         .collect()
+}
+
+/// A feed unit's index among the readers: `feed` is 0, `feed-<i>` is i.
+fn reader_index(unit_key: &str) -> u32 {
+    unit_key
+        .strip_prefix(FEED_UNIT)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn is_feed_unit(unit_key: &str) -> bool {
@@ -308,7 +325,7 @@ struct FeedState {
 async fn open_feed(
     ctx: &Context,
     pipeline: &Pipeline,
-    opened: &Opened,
+    unit_key: &str,
     checkpoint: &FeedCheckpoint,
 ) -> Result<Box<dyn ChangeFeed>, UnitFailure> {
     let spec = pipeline.spec.clone().unwrap_or_default();
@@ -327,15 +344,13 @@ async fn open_feed(
             let ddb = ctx.stores.dynamodb_client(&t.endpoint, &t.region).await;
             let streams = ctx.stores.streams_client(&t.endpoint, &t.region).await;
             let source = DynamoStreamSource::for_table(&ddb, streams, &t.table_name).await?;
-            Ok(Box::new(ShardedFeed::new(
-                source,
-                start_of(f.start_position),
-                checkpoint,
-            )))
+            Ok(Box::new(
+                ShardedFeed::new(source, start_of(f.start_position), checkpoint)
+                    .shared(reader_index(unit_key), f.readers),
+            ))
         }
         (Some(Feed::EmbeddedChangeLog(_)), Some(Store::SqliteTable(t))) => {
             let store = ctx.stores.embedded(&t.database)?;
-            let _ = opened;
             Ok(Box::new(store.feed(&t.table_name, checkpoint)))
         }
         (Some(Feed::Kafka(k)), _) => {
@@ -379,7 +394,12 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
     };
     let opened = open(&ctx, &pipeline).await?;
     let dead = ctx.dead_letters.clone();
-    let mut feed = open_feed(&ctx, &pipeline, &opened, &state.feed).await?;
+    let mut feed = open_feed(&ctx, &pipeline, &claim.unit.unit_key, &state.feed).await?;
+    let peers: Vec<String> = feed_units(&pipeline)
+        .into_iter()
+        .filter(|u| u != &claim.unit.unit_key)
+        .collect();
+    let mut peers_read = Instant::now() - PEERS_EVERY;
     let mut backfill = if backfill_mode(&pipeline) == BackfillMode::Watermark
         && claim.unit.unit_key == FEED_UNIT
         && !state.watermark.as_ref().is_some_and(|p| p.done)
@@ -409,6 +429,10 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         }
         if let (Some(b), Some(p)) = (backfill.as_mut(), state.watermark.as_ref()) {
             b.select(&opened, p).await?;
+        }
+        if !peers.is_empty() && peers_read.elapsed() >= PEERS_EVERY {
+            peers_read = Instant::now();
+            learn_peers(&ctx, &claim.unit.run_id, &peers, feed.as_mut()).await;
         }
         let records = feed.poll(SINK_BATCH * SINK_CONCURRENCY).await?;
         let caught_up = records.is_empty();
@@ -503,6 +527,33 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             dirty = true;
+        }
+    }
+}
+
+/// Passes the other feed units' checkpointed progress to the feed (a shared
+/// stream's child shard waits on its parent's reader). Best effort: an
+/// unanswered read is tried again later.
+async fn learn_peers(ctx: &Context, run_id: &str, peers: &[String], feed: &mut dyn ChangeFeed) {
+    let units = match ctx
+        .jobs
+        .clone()
+        .list_units(tidemark_proto::job_tracker::v1::ListUnitsRequest {
+            run_id: run_id.to_owned(),
+            unit_keys: peers.to_vec(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().units,
+        Err(s) => {
+            tracing::debug!(error = %s, "reading the other feed units failed");
+            return;
+        }
+    };
+    for unit in units {
+        if let Ok(peer) = serde_json::from_slice::<FeedState>(&unit.checkpoint) {
+            feed.learn_peers(&peer.feed);
         }
     }
 }

@@ -59,6 +59,7 @@ fn micros_ts(ms: i64) -> prost_types::Timestamp {
 
 fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
     let mut v = Vec::new();
+    let watermark = spec.backfill.as_ref().map(|b| b.mode) == Some(BackfillMode::Watermark as i32);
     let source = spec.source.as_ref().and_then(|s| s.store.as_ref());
     match source {
         Some(Store::DynamodbTable(t)) if !t.table_name.is_empty() => {}
@@ -71,8 +72,18 @@ fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
     }
     match (spec.feed.as_ref().and_then(|f| f.feed.as_ref()), source) {
         (None, _) => v.push(FieldError::required("spec.feed")),
-        (Some(Feed::DynamodbStreams(_)), Some(Store::DynamodbTable(_)) | None)
-        | (Some(Feed::EmbeddedChangeLog(_)), Some(Store::SqliteTable(_)) | None) => {}
+        (Some(Feed::DynamodbStreams(d)), Some(Store::DynamodbTable(_)) | None) => {
+            if d.readers > 64 {
+                v.push(FieldError::new("spec.feed.dynamodb_streams.readers", "1 to 64 (0 means 1)"));
+            }
+            if d.readers > 1 && watermark {
+                v.push(FieldError::new(
+                    "spec.feed.dynamodb_streams.readers",
+                    "BACKFILL_MODE_WATERMARK needs one reader (its chunks must see every shard); use 1, or BACKFILL_MODE_TOMBSTONES",
+                ));
+            }
+        }
+        (Some(Feed::EmbeddedChangeLog(_)), Some(Store::SqliteTable(_)) | None) => {}
         (Some(Feed::Kafka(k)), _) => {
             if k.topic.as_ref().is_none_or(|t| t.topic.is_empty()) {
                 v.push(FieldError::required("spec.feed.kafka.topic.topic"));
@@ -80,9 +91,7 @@ fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
             if k.consumers > 64 {
                 v.push(FieldError::new("spec.feed.kafka.consumers", "1 to 64 (0 means 1)"));
             }
-            if k.consumers > 1
-                && spec.backfill.as_ref().map(|b| b.mode) == Some(BackfillMode::Watermark as i32)
-            {
+            if k.consumers > 1 && watermark {
                 v.push(FieldError::new(
                     "spec.feed.kafka.consumers",
                     "BACKFILL_MODE_WATERMARK needs one consumer (its chunks must see every partition); use 1, or BACKFILL_MODE_TOMBSTONES",

@@ -63,6 +63,7 @@ fn spec(
             feed: Some(pb::change_feed::Feed::DynamodbStreams(
                 pb::DynamoDbStreamsFeed {
                     start_position: start as i32,
+                    readers: 1,
                 },
             )),
         }),
@@ -550,6 +551,109 @@ async fn a_watermark_backfill_copies_a_live_table_and_resurrects_nothing() {
         c("backfill_copied") + c("backfill_dropped") >= 200,
         "{:?}",
         units[0].counters
+    );
+}
+
+/// DynamoDB Streams read by two feed units: each reads the shards that hash
+/// to it (the local stream has one shard, so one of them idles), lag and
+/// drain cover both, and the index ends equal to the table. The shard split
+/// across readers is tested on a scripted stream in the connectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_shared_by_two_readers_replicates_everything() {
+    let table_name = unique_name("readers");
+    let table = DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        table
+            .put(
+                &doc("post", &format!("r{i:02}"), AttrValue::n(i64::from(i))),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let index = unique_name("readers");
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("readers");
+    let mut spec = spec(
+        &table_name,
+        &index,
+        pb::BackfillMode::Tombstones,
+        pb::StartPosition::Latest,
+    );
+    if let Some(pb::change_feed::Feed::DynamodbStreams(d)) =
+        spec.feed.as_mut().and_then(|f| f.feed.as_mut())
+    {
+        d.readers = 2;
+    }
+    let created = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    for i in 0..10 {
+        table
+            .put(
+                &doc(
+                    "post",
+                    &format!("r{i:02}"),
+                    AttrValue::n(100 + i64::from(i)),
+                ),
+                None,
+            )
+            .await
+            .unwrap();
+        table
+            .delete(&key("post", &format!("r{:02}", i + 10)), None)
+            .await
+            .unwrap();
+    }
+    wait_streaming(&mut plane, &name).await;
+    let lag = drain(&mut plane, &name).await;
+    assert_eq!(lag.partitions.len(), 2, "{lag:?}");
+    assert!(lag.caught_up, "{lag:?}");
+    let source = scan_all(&table).await;
+    assert_eq!(source.len(), 10);
+    for i in 0..20 {
+        let k = key("post", &format!("r{i:02}"));
+        let got = reader.read(&k).await.unwrap().map(|(_, item)| item);
+        assert_eq!(got.as_ref(), source.get(&k), "{k}");
+    }
+    let units = plane
+        .jobs
+        .list_units(tidemark_proto::job_tracker::v1::ListUnitsRequest {
+            run_id: created.run_id,
+            unit_keys: vec!["feed".to_owned(), "feed-1".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .units;
+    assert_eq!(units.len(), 2, "{units:?}");
+    let applied: i64 = units
+        .iter()
+        .map(|u| u.counters.get("applied").copied().unwrap_or_default())
+        .sum();
+    assert!(
+        applied >= 20,
+        "the stream's records were applied: {applied}"
     );
 }
 
