@@ -237,73 +237,15 @@ impl ElasticsearchSink {
     /// # Errors
     /// When the key does not match the schema.
     pub fn document_id(&self, key: &Key) -> Result<String, String> {
-        if key.0.len() != self.schema.names().count() {
-            return Err(format!("key {key} does not match the key schema"));
-        }
-        let mut id = String::new();
-        for (i, name) in self.schema.names().enumerate() {
-            let text = key
-                .get(name)
-                .and_then(AttrValue::key_text)
-                .ok_or_else(|| format!("key {key} lacks a scalar {name:?}"))?;
-            if i > 0 {
-                id.push('#');
-            }
-            for c in text.chars() {
-                if c == '#' || c == '\\' {
-                    id.push('\\');
-                }
-                id.push(c);
-            }
-        }
-        if id.len() > MAX_ID_BYTES {
-            return Err(format!(
-                "document id of {} bytes exceeds Elasticsearch's {MAX_ID_BYTES}",
-                id.len()
-            ));
-        }
-        Ok(id)
-    }
-
-    /// The action and source lines of one record, or why it cannot be sent.
-    fn bulk_lines(&self, record: &SinkRecord) -> Result<String, String> {
-        let id = self.document_id(&record.key)?;
-        let version = i64::try_from(record.version)
-            .map_err(|_| format!("version {} exceeds a long", record.version))?;
-        let mut source = Map::new();
-        match &record.op {
-            SinkOp::Upsert(item) => {
-                if let Some(name) = item.keys().find(|n| is_reserved(n)) {
-                    return Err(format!(
-                        "attribute {name:?} uses the reserved prefix _tidemark_"
-                    ));
-                }
-                for (name, value) in item {
-                    source.insert(name.clone(), to_plain_json(value));
-                }
-                source.insert(ITEM_FIELD.to_owned(), Value::String(canonical_item(item)));
-            }
-            SinkOp::Delete => {
-                source.insert(DELETED_FIELD.to_owned(), Value::Bool(true));
-            }
-        }
-        source.insert(VERSION_FIELD.to_owned(), json!(version));
-        source.insert(KEY_FIELD.to_owned(), Value::String(id.clone()));
-        let action = json!({"index": {
-            "_index": self.index,
-            "_id": id,
-            "version": version,
-            "version_type": "external",
-        }});
-        let mut lines = action.to_string();
-        lines.push('\n');
-        lines.push_str(&Value::Object(source).to_string());
-        lines.push('\n');
-        Ok(lines)
+        document_id_in(&self.schema, key)
     }
 
     /// Sends one `_bulk` body; one (status, reason) per action, in order.
-    async fn send_bulk(&self, body: String, actions: usize) -> ConnectorResult<Vec<(u16, String)>> {
+    async fn send_bulk(
+        &self,
+        body: bytes::Bytes,
+        actions: usize,
+    ) -> ConnectorResult<Vec<(u16, String)>> {
         let url = self.url(&["_bulk"]);
         let response = self
             .http
@@ -314,57 +256,30 @@ impl ElasticsearchSink {
             .await
             .map_err(|e| request_error(&e))?;
         let status = response.status();
-        let text = response.text().await.map_err(|e| request_error(&e))?;
+        let bytes = response.bytes().await.map_err(|e| request_error(&e))?;
         if !status.is_success() {
-            return Err(status_error(status, &text));
+            return Err(status_error(status, &String::from_utf8_lossy(&bytes)));
         }
-        let parsed: Value = serde_json::from_str(&text)
-            .map_err(|e| ConnectorError::terminal(BACKEND, format!("bad _bulk response: {e}")))?;
-        let items = parsed
-            .get("items")
-            .and_then(Value::as_array)
-            .filter(|items| items.len() == actions)
-            .ok_or_else(|| {
-                ConnectorError::terminal(
-                    BACKEND,
-                    format!("_bulk answered {actions} actions with {text:.200}"),
-                )
-            })?;
-        Ok(items
-            .iter()
-            .map(|item| {
-                let result = item.as_object().and_then(|o| o.values().next());
-                let status = result
-                    .and_then(|r| r.get("status"))
-                    .and_then(Value::as_u64)
-                    .and_then(|s| u16::try_from(s).ok())
-                    .unwrap_or(500);
-                let reason = result
-                    .and_then(|r| r.get("error"))
-                    .map(|e| {
-                        let kind = e.get("type").and_then(Value::as_str).unwrap_or("error");
-                        let why = e.get("reason").and_then(Value::as_str).unwrap_or_default();
-                        format!("{kind}: {why}")
-                    })
-                    .unwrap_or_default();
-                (status, reason)
-            })
-            .collect())
+        bulk_outcomes(&bytes, actions)
     }
 
-    /// Applies `lines` (record index, bulk lines) as one request, retrying
-    /// items that were throttled or failed on the server side.
+    /// Applies one chunk (its body, and each record's index and byte range
+    /// in it) as one request, retrying items that were throttled or failed
+    /// on the server side.
     async fn apply_chunk(
         &self,
-        chunk: &[(usize, String)],
+        body: &[u8],
+        entries: &[(usize, std::ops::Range<usize>)],
         outcomes: &mut [Option<RecordOutcome>],
     ) -> ConnectorResult<()> {
-        let mut pending: Vec<&(usize, String)> = chunk.iter().collect();
+        let mut pending: Vec<&(usize, std::ops::Range<usize>)> = entries.iter().collect();
+        // The first attempt sends the chunk as built; retries only the items
+        // still failing.
+        let mut request = bytes::Bytes::copy_from_slice(body);
         let mut attempt = 0;
         loop {
-            let body: String = pending.iter().map(|(_, l)| l.as_str()).collect();
             let results = retry(&self.retry, "bulk", || {
-                self.send_bulk(body.clone(), pending.len())
+                self.send_bulk(request.clone(), pending.len())
             })
             .await?;
             let mut again = Vec::new();
@@ -394,6 +309,11 @@ impl ElasticsearchSink {
             }
             tracing::debug!(items = again.len(), attempt, "retrying bulk items");
             tokio::time::sleep(self.retry.delay(attempt)).await;
+            let mut retried = Vec::with_capacity(again.iter().map(|(_, r)| r.len()).sum());
+            for (_, range) in &again {
+                retried.extend_from_slice(&body[range.clone()]);
+            }
+            request = bytes::Bytes::from(retried);
             pending = again;
         }
     }
@@ -454,6 +374,203 @@ impl ElasticsearchSink {
 
 fn is_reserved(name: &str) -> bool {
     name.starts_with("_tidemark_")
+}
+
+/// The document id of `key` under `schema`: key texts in schema order,
+/// `#`-joined, `#` and `\` escaped by a backslash.
+///
+/// # Errors
+/// When the key does not match the schema or the id is too long.
+pub fn document_id_in(schema: &KeySchema, key: &Key) -> Result<String, String> {
+    if key.0.len() != schema.names().count() {
+        return Err(format!("key {key} does not match the key schema"));
+    }
+    let mut id = String::new();
+    for (i, name) in schema.names().enumerate() {
+        let text = key
+            .get(name)
+            .and_then(AttrValue::key_text)
+            .ok_or_else(|| format!("key {key} lacks a scalar {name:?}"))?;
+        if i > 0 {
+            id.push('#');
+        }
+        for c in text.chars() {
+            if c == '#' || c == '\\' {
+                id.push('\\');
+            }
+            id.push(c);
+        }
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(format!(
+            "document id of {} bytes exceeds Elasticsearch's {MAX_ID_BYTES}",
+            id.len()
+        ));
+    }
+    Ok(id)
+}
+
+/// Appends to `out` the `_bulk` action and source lines that the sink sends
+/// for `record` into `index`: an `index` action at the record's external
+/// version, and the item as plain JSON plus the reserved fields (a
+/// tombstone for a delete). Appends nothing when the record cannot be sent.
+///
+/// # Errors
+/// Why the record cannot be sent (a key off the schema, a version above a
+/// long, an attribute under the reserved prefix).
+pub fn bulk_lines(
+    index: &str,
+    schema: &KeySchema,
+    record: &SinkRecord,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let id = document_id_in(schema, &record.key)?;
+    let version = i64::try_from(record.version)
+        .map_err(|_| format!("version {} exceeds a long", record.version))?;
+    if let SinkOp::Upsert(item) = &record.op
+        && let Some(name) = item.keys().find(|n| is_reserved(n))
+    {
+        return Err(format!(
+            "attribute {name:?} uses the reserved prefix _tidemark_"
+        ));
+    }
+    out.extend_from_slice(b"{\"index\":{\"_index\":");
+    json(out, index);
+    out.extend_from_slice(b",\"_id\":");
+    json(out, id.as_str());
+    let _ = write!(
+        out,
+        ",\"version\":{version},\"version_type\":\"external\"}}}}\n{{"
+    );
+    match &record.op {
+        SinkOp::Upsert(item) => {
+            for (name, value) in item {
+                json(out, name.as_str());
+                out.push(b':');
+                json(out, &Plain(value));
+                out.push(b',');
+            }
+            json(out, ITEM_FIELD);
+            out.push(b':');
+            json(out, canonical_item(item).as_str());
+        }
+        SinkOp::Delete => {
+            json(out, DELETED_FIELD);
+            out.extend_from_slice(b":true");
+        }
+    }
+    out.push(b',');
+    json(out, VERSION_FIELD);
+    let _ = write!(out, ":{version},");
+    json(out, KEY_FIELD);
+    out.push(b':');
+    json(out, id.as_str());
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// `v` as JSON, appended to `out` (writing into a `Vec` cannot fail, and
+/// these values always serialise).
+fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    serde_json::to_writer(out, v).expect("plain values always serialise");
+}
+
+/// An attribute value serialised as [`to_plain_json`] renders it, without
+/// building the intermediate [`Value`].
+struct Plain<'a>(&'a AttrValue);
+
+struct PlainNumber<'a>(&'a Number);
+
+struct Base64<'a>(&'a [u8]);
+
+impl serde::Serialize for Plain<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            AttrValue::S(v) => s.serialize_str(v),
+            AttrValue::N(n) => PlainNumber(n).serialize(s),
+            AttrValue::B(b) => Base64(b).serialize(s),
+            AttrValue::Bool(b) => s.serialize_bool(*b),
+            AttrValue::Null(_) => s.serialize_unit(),
+            AttrValue::Ss(set) => s.collect_seq(set),
+            AttrValue::Ns(set) => s.collect_seq(set.iter().map(PlainNumber)),
+            AttrValue::Bs(set) => s.collect_seq(set.iter().map(|b| Base64(b))),
+            AttrValue::L(list) => s.collect_seq(list.iter().map(Plain)),
+            AttrValue::M(map) => s.collect_map(map.iter().map(|(k, v)| (k, Plain(v)))),
+        }
+    }
+}
+
+impl serde::Serialize for PlainNumber<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match number_json(self.0) {
+            Value::Number(n) => n.serialize(s),
+            other => other.serialize(s),
+        }
+    }
+}
+
+impl serde::Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+/// One (status, reason) per action of a `_bulk` response, in order.
+///
+/// # Errors
+/// A response that is not a `_bulk` answer to `actions` actions.
+fn bulk_outcomes(body: &[u8], actions: usize) -> ConnectorResult<Vec<(u16, String)>> {
+    #[derive(serde::Deserialize)]
+    struct Response {
+        items: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(alias = "create", alias = "update", alias = "delete")]
+        index: Outcome,
+    }
+    #[derive(serde::Deserialize)]
+    struct Outcome {
+        status: Option<u64>,
+        error: Option<Value>,
+    }
+    let bad = || {
+        ConnectorError::terminal(
+            BACKEND,
+            format!(
+                "_bulk answered {actions} actions with {:.200}",
+                String::from_utf8_lossy(body)
+            ),
+        )
+    };
+    let parsed: Response = serde_json::from_slice(body)
+        .map_err(|e| ConnectorError::terminal(BACKEND, format!("bad _bulk response: {e}")))?;
+    if parsed.items.len() != actions {
+        return Err(bad());
+    }
+    Ok(parsed
+        .items
+        .into_iter()
+        .map(|entry| {
+            let status = entry
+                .index
+                .status
+                .and_then(|s| u16::try_from(s).ok())
+                .unwrap_or(500);
+            let reason = entry
+                .index
+                .error
+                .map(|e| {
+                    let kind = e.get("type").and_then(Value::as_str).unwrap_or("error");
+                    let why = e.get("reason").and_then(Value::as_str).unwrap_or_default();
+                    format!("{kind}: {why}")
+                })
+                .unwrap_or_default();
+            (status, reason)
+        })
+        .collect())
 }
 
 /// The live (version, item) of a document source, `None` for a tombstone.
@@ -556,27 +673,28 @@ impl Sink for ElasticsearchSink {
     #[tracing::instrument(skip_all, fields(sink = %self.index, records = batch.len()))]
     async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>> {
         let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
-        let mut chunk: Vec<(usize, String)> = Vec::new();
-        let mut bytes = 0;
+        // One body per chunk, each record's lines a range of it.
+        let mut body: Vec<u8> = Vec::new();
+        let mut entries: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         for (i, record) in batch.iter().enumerate() {
-            let lines = match self.bulk_lines(record) {
-                Ok(lines) => lines,
-                Err(reason) => {
-                    outcomes[i] = Some(RecordOutcome::Rejected(reason));
-                    continue;
-                }
-            };
-            if !chunk.is_empty() && (chunk.len() >= MAX_ACTIONS || bytes + lines.len() > MAX_BYTES)
-            {
-                self.apply_chunk(&chunk, &mut outcomes).await?;
-                chunk.clear();
-                bytes = 0;
+            let start = body.len();
+            if let Err(reason) = bulk_lines(&self.index, &self.schema, record, &mut body) {
+                body.truncate(start);
+                outcomes[i] = Some(RecordOutcome::Rejected(reason));
+                continue;
             }
-            bytes += lines.len();
-            chunk.push((i, lines));
+            let len = body.len() - start;
+            if !entries.is_empty() && (entries.len() >= MAX_ACTIONS || body.len() > MAX_BYTES) {
+                // This record starts the next chunk.
+                let lines = body.split_off(start);
+                self.apply_chunk(&body, &entries, &mut outcomes).await?;
+                body = lines;
+                entries.clear();
+            }
+            entries.push((i, body.len() - len..body.len()));
         }
-        if !chunk.is_empty() {
-            self.apply_chunk(&chunk, &mut outcomes).await?;
+        if !entries.is_empty() {
+            self.apply_chunk(&body, &entries, &mut outcomes).await?;
         }
         let stale = outcomes
             .iter()
@@ -752,6 +870,111 @@ mod tests {
             s.document_id(&Key::single("pk", AttrValue::s("x")))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn bulk_lines_are_the_action_and_the_plain_item_with_reserved_fields() {
+        let s = sink();
+        let item: Item = [
+            ("pk", AttrValue::s("a#b")),
+            ("sk", AttrValue::s("1")),
+            ("n", AttrValue::n(42i64)),
+            ("d", AttrValue::N(Number::parse("0.1").unwrap())),
+            (
+                "big",
+                AttrValue::N(Number::parse("12345678901234567890123").unwrap()),
+            ),
+            ("b", AttrValue::B(vec![1, 2, 255])),
+            ("t", AttrValue::Bool(true)),
+            ("z", AttrValue::Null(true)),
+            (
+                "ss",
+                AttrValue::Ss(["x".to_owned(), "y\"".to_owned()].into()),
+            ),
+            (
+                "ns",
+                AttrValue::Ns([Number::parse("1").unwrap(), Number::parse("2.5").unwrap()].into()),
+            ),
+            ("bs", AttrValue::Bs([vec![0u8], vec![9u8]].into())),
+            (
+                "l",
+                AttrValue::L(vec![AttrValue::s("\u{e9}\n"), AttrValue::n(-7i64)]),
+            ),
+            (
+                "m",
+                AttrValue::M([("k".to_owned(), AttrValue::Bool(false))].into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let key = s.schema.key_of(&item).unwrap();
+        let record = |op| SinkRecord {
+            key: key.clone(),
+            version: 7,
+            op,
+        };
+        let mut out = Vec::new();
+        bulk_lines(
+            "i",
+            &s.schema,
+            &record(SinkOp::Upsert(item.clone())),
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let id = r"a\#b#1";
+        let action = json!({"index": {
+            "_index": "i", "_id": id, "version": 7, "version_type": "external",
+        }});
+        let mut source: Map<String, Value> = item
+            .iter()
+            .map(|(k, v)| (k.clone(), to_plain_json(v)))
+            .collect();
+        source.insert(ITEM_FIELD.into(), Value::String(canonical_item(&item)));
+        source.insert(VERSION_FIELD.into(), json!(7));
+        source.insert(KEY_FIELD.into(), json!(id));
+        assert_eq!(lines, vec![action.clone(), Value::Object(source)]);
+        assert!(text.ends_with('\n') && text.lines().count() == 2);
+
+        let mut out = Vec::new();
+        bulk_lines("i", &s.schema, &record(SinkOp::Delete), &mut out).unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let tombstone = json!({DELETED_FIELD: true, VERSION_FIELD: 7, KEY_FIELD: id});
+        assert_eq!(lines, vec![action, tombstone]);
+
+        let mut reserved = item;
+        reserved.insert("_tidemark_x".into(), AttrValue::s("no"));
+        let mut out = b"kept".to_vec();
+        assert!(bulk_lines("i", &s.schema, &record(SinkOp::Upsert(reserved)), &mut out).is_err());
+        assert_eq!(out, b"kept");
+    }
+
+    #[test]
+    fn bulk_responses_give_one_outcome_per_action() {
+        let body = br#"{"took":1,"errors":true,"items":[
+            {"index":{"_id":"a","status":201}},
+            {"index":{"_id":"b","status":409,"error":{"type":"version_conflict_engine_exception","reason":"old"}}},
+            {"create":{"_id":"c","status":429,"error":{"type":"es_rejected_execution_exception"}}}
+        ]}"#;
+        assert_eq!(
+            bulk_outcomes(body, 3).unwrap(),
+            vec![
+                (201, String::new()),
+                (409, "version_conflict_engine_exception: old".to_owned()),
+                (429, "es_rejected_execution_exception: ".to_owned()),
+            ]
+        );
+        assert!(bulk_outcomes(body, 2).is_err());
+        assert!(bulk_outcomes(b"not json", 1).is_err());
     }
 
     #[test]
