@@ -320,6 +320,39 @@ struct FeedState {
     /// the feed position it was reached at.
     #[serde(default)]
     watermark: Option<watermark::Progress>,
+    /// Each partition's lag when last reported.
+    #[serde(default)]
+    lag: Vec<ReportedLag>,
+}
+
+/// One shard's or partition's lag as its feed unit last reported it.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct ReportedLag {
+    pub partition: String,
+    pub records: u64,
+    pub millis: u64,
+}
+
+/// What a feed unit's checkpoint says of its partitions: each one's lag,
+/// and its position (last applied sequence or offset) and whether it is
+/// closed and read to its end.
+pub struct FeedReport {
+    pub lag: Vec<ReportedLag>,
+    pub positions: std::collections::BTreeMap<String, (Option<String>, bool)>,
+}
+
+/// Reads a feed unit's checkpoint; `None` when it has none yet.
+pub fn feed_report(checkpoint: &[u8]) -> Option<FeedReport> {
+    let state: FeedState = serde_json::from_slice(checkpoint).ok()?;
+    Some(FeedReport {
+        lag: state.lag,
+        positions: state
+            .feed
+            .partitions
+            .into_iter()
+            .map(|(id, p)| (id, (p.sequence, p.finished)))
+            .collect(),
+    })
 }
 
 async fn open_feed(
@@ -475,6 +508,19 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         if dirty && (caught_up || last_report.elapsed() >= REPORT_EVERY) {
             state.feed = feed.checkpoint();
             let lag = feed.lag();
+            state.lag = lag
+                .iter()
+                .map(|l| ReportedLag {
+                    partition: l.partition.clone(),
+                    records: l.records,
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "milliseconds of lag"
+                    )]
+                    millis: (l.seconds * 1000.0) as u64,
+                })
+                .collect();
             let mut p = Progress {
                 items_processed: i64::try_from(state.applied + state.stale).unwrap_or(i64::MAX),
                 items_failed: i64::try_from(state.dead_lettered).unwrap_or(i64::MAX),

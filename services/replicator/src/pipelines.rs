@@ -670,39 +670,74 @@ async fn lag(r: &Replicator, p: &Pipeline) -> Result<(PipelineLag, i64), Status>
         }
     }
     let backfill_done = p.state == PipelineState::Streaming as i32;
-    let mut partitions = Vec::with_capacity(feeds.len());
-    let mut records = 0i64;
+    // One entry per shard or partition, from the checkpoint of the feed unit
+    // reading it; a unit that reads none yet stands for itself. Consumers of
+    // one Kafka group each report the whole topic: the most behind counts.
+    let mut by_partition: std::collections::BTreeMap<String, PartitionLag> =
+        std::collections::BTreeMap::new();
     let mut observed = i64::MAX;
+    let mut units_caught_up = true;
     for feed in &feeds {
         let c = |k: &str| feed.counters.get(k).copied().unwrap_or_default();
-        let lag_ms = c("lag_ms");
-        records = records.max(c("lag_records"));
         observed = observed.min(c("observed_ms"));
-        partitions.push(PartitionLag {
-            partition: feed.unit_key.clone(),
-            records_behind: Some(c("lag_records")),
-            time_behind: Some(prost_types::Duration {
-                seconds: lag_ms / 1000,
-                nanos: i32::try_from((lag_ms % 1000) * 1_000_000).unwrap_or(0),
-            }),
-            caught_up: c("caught_up") == 1,
-            position: String::new(),
-            owner: feed
-                .lease
-                .as_ref()
-                .filter(|_| feed.status == UnitStatus::InProgress as i32)
-                .map(|l| l.owner.clone())
-                .unwrap_or_default(),
-            closed: false,
-        });
+        let unit_caught_up = c("caught_up") == 1;
+        units_caught_up &= unit_caught_up;
+        let owner = feed
+            .lease
+            .as_ref()
+            .filter(|_| feed.status == UnitStatus::InProgress as i32)
+            .map(|l| l.owner.clone())
+            .unwrap_or_default();
+        let report = pipeline::feed_report(&feed.checkpoint);
+        let mut entries = Vec::new();
+        if let Some(report) = report.filter(|r| !r.lag.is_empty() || !r.positions.is_empty()) {
+            let mut names: BTreeSet<&String> = report.positions.keys().collect();
+            names.extend(report.lag.iter().map(|l| &l.partition));
+            for name in names {
+                let lag = report.lag.iter().find(|l| &l.partition == name);
+                let (position, closed) = report.positions.get(name).cloned().unwrap_or_default();
+                let records = lag.map_or(0, |l| l.records);
+                let millis = i64::try_from(lag.map_or(0, |l| l.millis)).unwrap_or(i64::MAX);
+                entries.push(PartitionLag {
+                    partition: name.clone(),
+                    records_behind: Some(i64::try_from(records).unwrap_or(i64::MAX)),
+                    time_behind: Some(millis_duration(millis)),
+                    caught_up: closed || (unit_caught_up && records == 0),
+                    position: position.unwrap_or_default(),
+                    owner: owner.clone(),
+                    closed,
+                });
+            }
+        } else {
+            entries.push(PartitionLag {
+                partition: feed.unit_key.clone(),
+                records_behind: Some(c("lag_records")),
+                time_behind: Some(millis_duration(c("lag_ms"))),
+                caught_up: unit_caught_up,
+                position: String::new(),
+                owner,
+                closed: false,
+            });
+        }
+        for e in entries {
+            match by_partition.get(&e.partition) {
+                Some(have) if have.records_behind >= e.records_behind => {}
+                _ => {
+                    by_partition.insert(e.partition.clone(), e);
+                }
+            }
+        }
     }
+    let partitions: Vec<PartitionLag> = by_partition.into_values().collect();
+    let records: i64 = partitions
+        .iter()
+        .map(|p| p.records_behind.unwrap_or_default())
+        .sum();
     let max_time_behind = partitions
         .iter()
         .filter_map(|p| p.time_behind)
         .max_by_key(|d| (d.seconds, d.nanos));
-    let caught_up = partitions.iter().all(|p| p.caught_up);
-    // Each consumer of a Kafka group reports the whole topic's lag (the
-    // group's committed offsets), so the most behind is the figure.
+    let caught_up = units_caught_up && partitions.iter().all(|p| p.caught_up);
     let lag = PipelineLag {
         pipeline_name: p.name.clone(),
         state: p.state,
@@ -713,6 +748,13 @@ async fn lag(r: &Replicator, p: &Pipeline) -> Result<(PipelineLag, i64), Status>
         partitions,
     };
     Ok((lag, observed))
+}
+
+fn millis_duration(ms: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: ms / 1000,
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
 }
 
 fn duration_of(d: Option<&prost_types::Duration>) -> Option<Duration> {

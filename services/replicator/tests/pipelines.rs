@@ -5,7 +5,7 @@
 //! the index rejects lands in the dead-letter store; replaying the whole
 //! stream changes nothing; pause stops writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -626,8 +626,18 @@ async fn a_stream_shared_by_two_readers_replicates_everything() {
     }
     wait_streaming(&mut plane, &name).await;
     let lag = drain(&mut plane, &name).await;
-    assert_eq!(lag.partitions.len(), 2, "{lag:?}");
     assert!(lag.caught_up, "{lag:?}");
+    // The shard, read by one reader with its position, and the other
+    // reader, which has no shard of this one-shard stream.
+    assert_eq!(lag.partitions.len(), 2, "{lag:?}");
+    let owners: BTreeSet<&str> = lag.partitions.iter().map(|p| p.owner.as_str()).collect();
+    assert!(!owners.contains(""), "every entry has its reader: {lag:?}");
+    assert!(
+        lag.partitions
+            .iter()
+            .any(|p| p.partition != "feed" && p.partition != "feed-1" && !p.position.is_empty()),
+        "{lag:?}"
+    );
     let source = scan_all(&table).await;
     assert_eq!(source.len(), 10);
     for i in 0..20 {
@@ -1026,8 +1036,18 @@ async fn a_kafka_feed_is_shared_by_the_consumers_of_its_group() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let lag = drain(&mut plane, &name).await;
-    assert_eq!(lag.partitions.len(), 2, "{lag:?}");
     assert!(lag.caught_up, "{lag:?}");
+    // One entry per partition of the topic, each with its committed offset.
+    let names: Vec<String> = lag.partitions.iter().map(|p| p.partition.clone()).collect();
+    assert_eq!(
+        names,
+        (0..4).map(|p| format!("{topic}/{p}")).collect::<Vec<_>>(),
+        "{lag:?}"
+    );
+    assert!(
+        lag.partitions.iter().all(|p| p.records_behind == Some(0)),
+        "{lag:?}"
+    );
     let units = plane
         .jobs
         .list_units(tidemark_proto::job_tracker::v1::ListUnitsRequest {
