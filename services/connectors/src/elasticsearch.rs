@@ -29,6 +29,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::retry::{RetryPolicy, retry};
 use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, fold_digest};
+use crate::transform::Template;
 use crate::value::{AttrValue, Item, Key, KeySchema, Number, canonical_item};
 
 const BACKEND: &str = "elasticsearch";
@@ -57,6 +58,10 @@ pub struct ElasticsearchSink {
     base: reqwest::Url,
     index: String,
     schema: KeySchema,
+    /// Names documents instead of the key texts (`{documentType}#{documentId}`):
+    /// a template over the key attributes only, so deletes and reads by key
+    /// find the same document.
+    ids: Option<Template>,
     retry: RetryPolicy,
 }
 
@@ -132,6 +137,7 @@ impl ElasticsearchSink {
             base,
             index: index.to_owned(),
             schema,
+            ids: None,
             retry: RetryPolicy::default(),
         })
     }
@@ -237,7 +243,30 @@ impl ElasticsearchSink {
     /// # Errors
     /// When the key does not match the schema.
     pub fn document_id(&self, key: &Key) -> Result<String, String> {
-        document_id_in(&self.schema, key)
+        match &self.ids {
+            None => document_id_in(&self.schema, key),
+            Some(template) => {
+                let id = template.render(&key.0)?;
+                if id.is_empty() || id.len() > MAX_ID_BYTES {
+                    return Err(format!(
+                        "document id {id:.64?} must be 1 to {MAX_ID_BYTES} bytes"
+                    ));
+                }
+                Ok(id)
+            }
+        }
+    }
+
+    /// Names documents by `template` over the key attributes (each must be
+    /// named, so two items never share a document) instead of the key texts.
+    ///
+    /// # Errors
+    /// A template naming an attribute that is not part of the key, or
+    /// leaving one out.
+    pub fn with_document_id(mut self, template: Template) -> Result<Self, String> {
+        check_key_template(&template, &self.schema)?;
+        self.ids = Some(template);
+        Ok(self)
     }
 
     /// Sends one `_bulk` body; one (status, reason) per action, in order.
@@ -410,6 +439,23 @@ pub fn document_id_in(schema: &KeySchema, key: &Key) -> Result<String, String> {
     Ok(id)
 }
 
+/// Checks that a document-id template names every key attribute of
+/// `schema` and nothing else.
+///
+/// # Errors
+/// What is missing or extra.
+pub fn check_key_template(template: &Template, schema: &KeySchema) -> Result<(), String> {
+    let named: std::collections::BTreeSet<&str> = template.attributes().collect();
+    let key: std::collections::BTreeSet<&str> = schema.names().collect();
+    if named == key {
+        Ok(())
+    } else {
+        Err(format!(
+            "a document id template must name exactly the key attributes {key:?} (it names {named:?}): reads and deletes know only the key, and two items must never share a document"
+        ))
+    }
+}
+
 /// Appends to `out` the `_bulk` action and source lines that the sink sends
 /// for `record` into `index`: an `index` action at the record's external
 /// version, and the item as plain JSON plus the reserved fields (a
@@ -424,8 +470,21 @@ pub fn bulk_lines(
     record: &SinkRecord,
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
-    use std::io::Write as _;
     let id = document_id_in(schema, &record.key)?;
+    bulk_lines_as(index, &id, record, out)
+}
+
+/// Like [`bulk_lines`] for a document id computed by the caller.
+///
+/// # Errors
+/// A version above a long, an attribute under the reserved prefix.
+pub fn bulk_lines_as(
+    index: &str,
+    id: &str,
+    record: &SinkRecord,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    use std::io::Write as _;
     let version = i64::try_from(record.version)
         .map_err(|_| format!("version {} exceeds a long", record.version))?;
     if let SinkOp::Upsert(item) = &record.op
@@ -438,7 +497,7 @@ pub fn bulk_lines(
     out.extend_from_slice(b"{\"index\":{\"_index\":");
     json(out, index);
     out.extend_from_slice(b",\"_id\":");
-    json(out, id.as_str());
+    json(out, id);
     let _ = write!(
         out,
         ",\"version\":{version},\"version_type\":\"external\"}}}}\n{{"
@@ -465,7 +524,7 @@ pub fn bulk_lines(
     let _ = write!(out, ":{version},");
     json(out, KEY_FIELD);
     out.push(b':');
-    json(out, id.as_str());
+    json(out, id);
     out.extend_from_slice(b"}\n");
     Ok(())
 }
@@ -678,7 +737,10 @@ impl Sink for ElasticsearchSink {
         let mut entries: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         for (i, record) in batch.iter().enumerate() {
             let start = body.len();
-            if let Err(reason) = bulk_lines(&self.index, &self.schema, record, &mut body) {
+            let lines = self
+                .document_id(&record.key)
+                .and_then(|id| bulk_lines_as(&self.index, &id, record, &mut body));
+            if let Err(reason) = lines {
                 body.truncate(start);
                 outcomes[i] = Some(RecordOutcome::Rejected(reason));
                 continue;
@@ -841,13 +903,27 @@ mod tests {
     use super::*;
 
     fn sink() -> ElasticsearchSink {
-        ElasticsearchSink {
-            http: reqwest::Client::new(),
-            base: reqwest::Url::parse("http://127.0.0.1:9").unwrap(),
-            index: "i".into(),
-            schema: KeySchema::new("pk", Some("sk")),
-            retry: RetryPolicy::default(),
-        }
+        ElasticsearchSink::unopened("http://127.0.0.1:9", "i", KeySchema::new("pk", Some("sk")))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_document_id_template_names_exactly_the_key() {
+        let t = |text: &str| Template::parse(text).unwrap();
+        let s = sink().with_document_id(t("{pk}/{sk}")).unwrap();
+        let key = Key::new([
+            ("pk".to_owned(), AttrValue::s("a#b")),
+            ("sk".to_owned(), AttrValue::n(7i64)),
+        ]);
+        assert_eq!(s.document_id(&key).unwrap(), "a#b/7");
+        assert!(
+            sink().with_document_id(t("{pk}")).is_err(),
+            "a key attribute left out"
+        );
+        assert!(
+            sink().with_document_id(t("{pk}/{sk}/{title}")).is_err(),
+            "an attribute outside the key"
+        );
     }
 
     #[test]

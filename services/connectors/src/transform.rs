@@ -155,6 +155,14 @@ impl Template {
         Ok(Self { parts })
     }
 
+    /// The attributes the template names, in order.
+    pub fn attributes(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Attribute(a) => Some(a.as_str()),
+            Part::Text(_) => None,
+        })
+    }
+
     /// Renders against a source item.
     ///
     /// # Errors
@@ -340,6 +348,16 @@ impl Transform {
 
     pub fn has_document_id_template(&self) -> bool {
         self.document_id.is_some()
+    }
+
+    /// The document-id template, when one is set.
+    pub fn document_id_template(&self) -> Option<&Template> {
+        self.document_id.as_ref()
+    }
+
+    /// The index-name template, when one is set.
+    pub fn index_name_template(&self) -> Option<&Template> {
+        self.index_name.as_ref()
     }
 }
 

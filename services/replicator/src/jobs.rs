@@ -286,6 +286,31 @@ pub async fn set_backfill_rate(
     })
 }
 
+/// What is wrong with a job's transform for its target, if anything.
+fn transform_violation(
+    transform: Option<&tidemark_proto::common::v1::Transform>,
+    target: Option<&DataStore>,
+) -> Option<FieldError> {
+    let t = transform?;
+    if let Err(e) = Transform::from_proto(t) {
+        return Some(FieldError::new(
+            format!("spec.transform.{}", e.field),
+            e.reason,
+        ));
+    }
+    (!t.document_id_template.is_empty()
+        && matches!(
+            target.and_then(|s| s.store.as_ref()),
+            Some(Store::S3Prefix(_))
+        ))
+    .then(|| {
+        FieldError::new(
+            "spec.transform.document_id_template",
+            crate::stores::S3_TEMPLATE,
+        )
+    })
+}
+
 fn validate_migrate_spec(spec: &MigrateUnitSpec) -> Vec<FieldError> {
     let mut violations = Vec::new();
     if let Err(e) = source_kind(spec.source.as_ref(), "spec.source") {
@@ -326,14 +351,10 @@ fn validate_migrate_spec(spec: &MigrateUnitSpec) -> Vec<FieldError> {
         )),
         None => violations.push(FieldError::required("spec.target")),
     }
-    if let Some(t) = &spec.transform
-        && let Err(e) = Transform::from_proto(t)
-    {
-        violations.push(FieldError::new(
-            format!("spec.transform.{}", e.field),
-            e.reason,
-        ));
-    }
+    violations.extend(transform_violation(
+        spec.transform.as_ref(),
+        spec.target.as_ref(),
+    ));
     violations
 }
 
@@ -571,14 +592,10 @@ pub async fn create_incremental_extract(
             ));
         }
     }
-    if let Some(t) = &spec.transform
-        && let Err(e) = Transform::from_proto(t)
-    {
-        violations.push(FieldError::new(
-            format!("spec.transform.{}", e.field),
-            e.reason,
-        ));
-    }
+    violations.extend(transform_violation(
+        spec.transform.as_ref(),
+        spec.target.as_ref(),
+    ));
     if !violations.is_empty() {
         return Err(invalid_argument(violations));
     }

@@ -150,7 +150,12 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
         let schema = crate::migrate::target_schema(&source.schema, &transform);
         let handle = ctx
             .stores
-            .sink(s.store.as_ref().unwrap_or(&Default::default()), &schema, "")
+            .sink(
+                s.store.as_ref().unwrap_or(&Default::default()),
+                &schema,
+                "",
+                transform.document_id_template(),
+            )
             .await?;
         sinks.push(OpenSink {
             name: s.name.clone(),

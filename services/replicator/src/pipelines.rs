@@ -303,7 +303,12 @@ pub async fn create(
         let schema = crate::migrate::target_schema(&checks.schema, &transform);
         r.ctx
             .stores
-            .sink(s.store.as_ref().unwrap_or(&Default::default()), &schema, "")
+            .sink(
+                s.store.as_ref().unwrap_or(&Default::default()),
+                &schema,
+                "",
+                transform.document_id_template(),
+            )
             .await
             .map_err(|e| store_status(&e, &format!("spec.sinks[{i}].store")))?;
     }
@@ -476,6 +481,26 @@ async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked, St
             ));
         }
         _ => lines.push("spec.feed: the embedded change log of the source".to_owned()),
+    }
+    for (i, s) in spec.sinks.iter().enumerate() {
+        let transform =
+            Transform::from_proto(&s.transform.clone().unwrap_or_default()).unwrap_or_default();
+        if let Some(t) = transform.document_id_template() {
+            let field = format!("spec.sinks[{i}].transform.document_id_template");
+            let checked = match s.store.as_ref().and_then(|d| d.store.as_ref()) {
+                Some(Store::S3Prefix(_)) => Err(crate::stores::S3_TEMPLATE.to_owned()),
+                Some(Store::ElasticsearchIndex(_)) => {
+                    tidemark_connectors::elasticsearch::check_key_template(
+                        t,
+                        &crate::migrate::target_schema(&source.schema, &transform),
+                    )
+                }
+                _ => Ok(()),
+            };
+            if let Err(reason) = checked {
+                return Err(invalid_argument(vec![FieldError::new(field, reason)]));
+            }
+        }
     }
     for (i, s) in spec.sinks.iter().enumerate() {
         let field = format!("spec.sinks[{i}].store");

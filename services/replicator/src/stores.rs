@@ -11,6 +11,7 @@ use tidemark_connectors::dynamodb::{DynamoSink, DynamoTable};
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_connectors::s3::S3Sink;
 use tidemark_connectors::sqlite::EmbeddedStore;
+use tidemark_connectors::transform::Template;
 use tidemark_connectors::{ConnectorError, ConnectorResult, KeySchema, Sink, SourceTable};
 use tidemark_proto::common::v1::DataStore;
 use tidemark_proto::common::v1::data_store::Store;
@@ -225,7 +226,11 @@ impl Stores {
         store: &DataStore,
         schema: &KeySchema,
         prefix_suffix: &str,
+        document_ids: Option<&Template>,
     ) -> ConnectorResult<SinkHandle> {
+        if document_ids.is_some() && matches!(store.store, Some(Store::S3Prefix(_))) {
+            return Err(invalid(S3_TEMPLATE.to_owned()));
+        }
         match &store.store {
             Some(Store::DynamodbTable(t)) => {
                 let client = self.dynamodb_client(&t.endpoint, &t.region).await;
@@ -234,7 +239,10 @@ impl Stores {
             }
             Some(Store::ElasticsearchIndex(i)) => {
                 let url = self.elasticsearch_endpoint(&i.endpoint)?;
-                let sink = ElasticsearchSink::connect(&url, &i.index, schema.clone()).await?;
+                let mut sink = ElasticsearchSink::connect(&url, &i.index, schema.clone()).await?;
+                if let Some(t) = document_ids {
+                    sink = sink.with_document_id(t.clone()).map_err(invalid)?;
+                }
                 Ok(SinkHandle::Elasticsearch(Arc::new(sink)))
             }
             Some(Store::S3Prefix(p)) => {
@@ -256,6 +264,9 @@ impl Stores {
         }
     }
 }
+
+/// Why an S3 sink takes no document-id template.
+pub const S3_TEMPLATE: &str = "document_id_template is not supported for s3_prefix sinks: objects are named by the item key (k-<key>.json), which reads and deletes rely on";
 
 fn no_bucket(bucket: &str) -> ConnectorError {
     ConnectorError::Precondition(format!(

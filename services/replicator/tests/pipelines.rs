@@ -13,6 +13,7 @@ use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_connectors::proto::key_to_proto;
 use tidemark_connectors::testing::{local_env, unique_name};
+use tidemark_connectors::transform::Template;
 use tidemark_connectors::{AttrValue, Item, Key, KeySchema, ScanRequest, Sink, SourceTable};
 use tidemark_proto::common::v1 as common_pb;
 use tidemark_proto::replicator::v1 as pb;
@@ -665,6 +666,125 @@ async fn a_stream_shared_by_two_readers_replicates_everything() {
         applied >= 20,
         "the stream's records were applied: {applied}"
     );
+}
+
+/// A sink's document-id template names the Elasticsearch documents (from
+/// the key attributes, so a delete finds its document); a template naming
+/// anything but the key, or one on an S3 sink, is refused with the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_id_template_names_the_documents() {
+    let table_name = unique_name("ids");
+    let table = DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+        .await
+        .unwrap();
+    for i in 0..6 {
+        table
+            .put(
+                &doc("post", &format!("i{i}"), AttrValue::n(i64::from(i))),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let index = unique_name("ids");
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let mut plane = plane(|_| {}).await;
+    let with_template = |template: &str, store: common_pb::DataStore| {
+        let mut spec = spec(
+            &table_name,
+            &index,
+            pb::BackfillMode::Tombstones,
+            pb::StartPosition::Latest,
+        );
+        spec.sinks[0].store = Some(store);
+        spec.sinks[0].transform = Some(common_pb::Transform {
+            document_id_template: template.to_owned(),
+            ..Default::default()
+        });
+        spec
+    };
+    for (template, store, why) in [
+        (
+            "{documentType}:{title}",
+            index_ref(&index),
+            "exactly the key attributes",
+        ),
+        (
+            "{documentId}",
+            index_ref(&index),
+            "exactly the key attributes",
+        ),
+        (
+            "{documentType}:{documentId}",
+            common_pb::DataStore {
+                store: Some(common_pb::data_store::Store::S3Prefix(
+                    common_pb::S3PrefixRef {
+                        bucket: "any".to_owned(),
+                        ..Default::default()
+                    },
+                )),
+            },
+            "not supported for s3_prefix",
+        ),
+    ] {
+        let status = plane
+            .replicator
+            .create_pipeline(pb::CreatePipelineRequest {
+                name: unique_name("ids-bad"),
+                spec: Some(with_template(template, store)),
+                actor: "t".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{template}: {status:?}"
+        );
+        let violations = status.get_details_bad_request().unwrap().field_violations;
+        assert!(
+            violations.iter().any(
+                |v| v.field == "spec.sinks[0].transform.document_id_template"
+                    && v.description.contains(why)
+            ),
+            "{template}: {violations:?}"
+        );
+    }
+
+    let name = unique_name("ids");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(with_template(
+                "{documentType}:{documentId}",
+                index_ref(&index),
+            )),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    table.delete(&key("post", "i5"), None).await.unwrap();
+    wait_streaming(&mut plane, &name).await;
+    drain(&mut plane, &name).await;
+    // Read by the same template: every live item, the deleted one gone.
+    let named = ElasticsearchSink::connect(&es, &index, schema())
+        .await
+        .unwrap()
+        .with_document_id(Template::parse("{documentType}:{documentId}").unwrap())
+        .unwrap();
+    assert_eq!(named.document_id(&key("post", "i0")).unwrap(), "post:i0");
+    for i in 0..6 {
+        let got = named.read(&key("post", &format!("i{i}"))).await.unwrap();
+        assert_eq!(got.is_some(), i != 5, "post:i{i}: {got:?}");
+    }
+    // Nothing under the default names.
+    let default = ElasticsearchSink::open(&es, &index, schema())
+        .await
+        .unwrap();
+    assert!(default.read(&key("post", "i0")).await.unwrap().is_none());
 }
 
 /// A validate-only CreatePipeline checks the source, its stream and every

@@ -327,7 +327,7 @@ impl Sides {
                 segments: 1,
                 dynamo: None,
             },
-            other => open_sink(other, &source_schema, spec.segments, env).await?,
+            other => open_sink(other, &source_schema, spec.segments, None, env).await?,
         };
         let source = Side(Arc::new(Inner {
             backend: source_backend,
@@ -341,7 +341,15 @@ impl Sides {
         let target = match &spec.target {
             None => None,
             Some(store) => Some(Side(Arc::new(Inner {
-                backend: open_sink(store, &target_schema, spec.segments, env).await?,
+                // The target's documents are named as the pipeline names them.
+                backend: open_sink(
+                    store,
+                    &target_schema,
+                    spec.segments,
+                    spec.transform.document_id_template(),
+                    env,
+                )
+                .await?,
                 versions_known: true,
                 version_attribute: spec.version_attribute.clone(),
                 shaper: None,
@@ -357,6 +365,7 @@ async fn open_sink(
     store: &Store,
     schema: &KeySchema,
     segments: u32,
+    document_ids: Option<&tidemark_connectors::transform::Template>,
     env: &Env,
 ) -> ConnectorResult<Backend> {
     Ok(match store {
@@ -384,8 +393,14 @@ async fn open_sink(
                         "the store names no endpoint and none is configured (elasticsearch_url)",
                     )
                 })?;
+            let mut sink = ElasticsearchSink::open(url, index, schema.clone()).await?;
+            if let Some(t) = document_ids {
+                sink = sink
+                    .with_document_id(t.clone())
+                    .map_err(|m| ConnectorError::invalid("elasticsearch", m))?;
+            }
             Backend::Sink {
-                sink: Arc::new(ElasticsearchSink::open(url, index, schema.clone()).await?),
+                sink: Arc::new(sink),
                 dynamo: None,
                 segments,
             }
