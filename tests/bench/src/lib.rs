@@ -10,7 +10,9 @@
 //! [`benches::all`].
 
 pub mod benches;
+pub mod dynalite;
 pub mod framework;
+pub mod hot_path;
 pub mod load;
 pub mod machine;
 pub mod proxy;

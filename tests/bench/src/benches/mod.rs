@@ -3,6 +3,7 @@
 
 use crate::framework::Benchmark;
 
+pub mod hot_path;
 pub mod job_tracker;
 pub mod noop_rpc;
 pub mod replicator;
@@ -14,6 +15,7 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(noop_rpc::NoopRpc),
         Box::new(job_tracker::JobTrackerClaims),
         Box::new(replicator::ReplicatorBench),
+        Box::new(hot_path::HotPath),
         Box::new(verifier::Verification),
         Box::new(stats_aggregator::StatsAggregatorBench),
     ]

@@ -1,0 +1,124 @@
+//! `hot-path`: change record → transform → Elasticsearch bulk line, items/s
+//! per core without I/O (DESIGN.md §6), over the functions the pipeline
+//! calls ([`crate::hot_path`]). The raw baseline is the protobuf decode of
+//! the same payloads into the generated message type alone: the floor of
+//! any consumer of the feed. The criterion bench `hot_path` times the same
+//! stages for `cargo bench`.
+
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use tidemark_proto::common::v1 as common;
+
+use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
+use crate::hot_path::{Fixture, RECORDS};
+
+pub struct HotPath;
+
+const TARGET: f64 = 500_000.0;
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> anyhow::Result<Duration> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    use nix::sys::time::TimeValLike as _;
+    let usage = getrusage(UsageWho::RUSAGE_THREAD)?;
+    let micros = usage.user_time().num_microseconds() + usage.system_time().num_microseconds();
+    Ok(Duration::from_micros(u64::try_from(micros)?))
+}
+
+/// Items per CPU second of `f` (called with 0, 1, 2…) on this thread for
+/// about `budget` of wall time, after a short warm-up.
+fn per_core(budget: Duration, mut f: impl FnMut(usize)) -> anyhow::Result<f64> {
+    for i in 0..RECORDS {
+        f(i);
+    }
+    let cpu = thread_cpu()?;
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < budget {
+        for _ in 0..1024 {
+            f(n);
+            n += 1;
+        }
+    }
+    let used = thread_cpu()?.saturating_sub(cpu).as_secs_f64();
+    anyhow::ensure!(used > 0.0, "no CPU time measured");
+    #[allow(clippy::cast_precision_loss)]
+    Ok(n as f64 / used)
+}
+
+struct Figures {
+    raw_decode: f64,
+    decode: f64,
+    transform: f64,
+    full: f64,
+    line_bytes: usize,
+}
+
+fn measure(budget: Duration) -> anyhow::Result<Figures> {
+    let fixture = Fixture::new();
+    let raw_decode = per_core(budget, |i| {
+        let record = common::ChangeRecord::decode(fixture.payloads[i % RECORDS].as_slice());
+        std::hint::black_box(record.expect("the fixture decodes"));
+    })?;
+    let decode = per_core(budget, |i| {
+        std::hint::black_box(fixture.decode(i).expect("the fixture decodes"));
+    })?;
+    let transform = per_core(budget, |i| {
+        let change = fixture.decode(i).expect("the fixture decodes");
+        std::hint::black_box(fixture.transform(&change).expect("the fixture passes"));
+    })?;
+    let mut out = Vec::with_capacity(1 << 20);
+    fixture.one(0, &mut out).map_err(anyhow::Error::msg)?;
+    let line_bytes = out.len();
+    let full = per_core(budget, |i| {
+        if out.len() > 1 << 20 {
+            out.clear();
+        }
+        fixture.one(i, &mut out).expect("the fixture is sent");
+        std::hint::black_box(&out);
+    })?;
+    Ok(Figures {
+        raw_decode,
+        decode,
+        transform,
+        full,
+        line_bytes,
+    })
+}
+
+#[async_trait::async_trait]
+impl Benchmark for HotPath {
+    fn name(&self) -> &'static str {
+        "hot-path"
+    }
+
+    fn description(&self) -> &'static str {
+        "The replicator's per-record path without I/O on one thread: a Kafka change record's protobuf → `decode_change` → the sink's `Transform` (recency filter, projection, rename) → the Elasticsearch sink's `bulk_lines`, items/s per core (CPU time of the thread) ÷ the protobuf decode of the same payloads alone."
+    }
+
+    async fn run(&self, ctx: &Context) -> anyhow::Result<Report> {
+        let budget = ctx.time(Duration::from_secs(3));
+        let f = tokio::task::spawn_blocking(move || measure(budget)).await??;
+        let row = |figure: &str, v: f64| Row::new(figure, "items/s", v, f.raw_decode);
+        Ok(Report {
+            rows: vec![
+                row("record → transform → bulk line, per core", f.full)
+                    .with_target(Target::SystemAtLeast(TARGET)),
+                row("stage: decode_change", f.decode),
+                row("stage: decode_change + transform", f.transform),
+            ],
+            notes: vec![
+                format!(
+                    "fixture: {RECORDS} upserts of a 12-attribute content item (strings, integer and decimal numbers, a boolean, a string set, a list, a map; composite key); the transform keeps items changed in the last day, projects 9 attributes and renames one; one record's bulk lines are {} bytes",
+                    f.line_bytes
+                ),
+                format!(
+                    "items per second of the measuring thread's CPU time (getrusage), about {} s per figure after a warm-up pass; baseline: `prost` decode of the same payloads into `tidemark.common.v1.ChangeRecord`, nothing else",
+                    fmt_num(budget.as_secs_f64())
+                ),
+                "per-stage costs by difference: bulk lines ≈ 1/full − 1/(decode + transform); `cargo bench -p tidemark-bench --bench hot_path` times the stages with criterion".to_owned(),
+            ],
+        })
+    }
+}
