@@ -198,3 +198,70 @@ async fn the_log_forgets_what_the_window_no_longer_covers() {
     );
     cleanup(&prefix).await;
 }
+
+/// Batches sent at once to one process: an id in two of them counts once,
+/// and a batch Redis refuses (an overflow) fails alone while the others
+/// land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_count_each_id_once_and_fail_alone() {
+    let prefix = RedisBuffer::prefix_for(&unique_name("evlog-group"));
+    let a = Arc::new(buffer(&prefix).await);
+    let window = Duration::from_secs(600);
+    a.apply_events(&[inc("big", "full", i64::MAX - 1)], window)
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move {
+                let mut accepted = 0;
+                let mut failed = 0;
+                for round in 0..20 {
+                    // Ids shared by every task: each counts once.
+                    let mut batch: Vec<BufferEvent> = (0..50)
+                        .map(|i| inc(&format!("r{round}-{i}"), &format!("e{}", i % 5), 1))
+                        .collect();
+                    if t == 3 && round % 5 == 0 {
+                        batch.push(inc(&format!("over-{round}"), "full", 5));
+                    }
+                    match a.apply_events(&batch, window).await {
+                        Ok(dups) => accepted += batch.len() - dups.len(),
+                        Err(e) => {
+                            assert!(!e.is_retryable(), "{e:?}");
+                            assert_eq!(t, 3, "only the overflowing batch fails: {e:?}");
+                            failed += 1;
+                        }
+                    }
+                }
+                (accepted, failed)
+            })
+        })
+        .collect();
+    let (mut accepted, mut failed) = (0, 0);
+    for t in tasks {
+        let (x, y) = t.await.unwrap();
+        accepted += x;
+        failed += y;
+    }
+    assert_eq!(failed, 4);
+    // Every shared id landed once, through whichever batch carried it
+    // first (a failed batch's ids are left to the others).
+    assert_eq!(accepted, 20 * 50);
+    let total: i64 = (0..5)
+        .map(|e| format!("e{e}"))
+        .map(|e| {
+            let a = Arc::clone(&a);
+            async move { a.peek(&e).await.unwrap().increments["n"] }
+        })
+        .collect::<futures::future::JoinAll<_>>()
+        .await
+        .into_iter()
+        .sum();
+    assert_eq!(total, 20 * 50);
+    assert_eq!(
+        a.peek("full").await.unwrap().increments["n"],
+        i64::MAX - 1,
+        "the overflowing increments left nothing behind"
+    );
+    cleanup(&prefix).await;
+}

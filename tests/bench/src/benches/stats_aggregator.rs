@@ -8,6 +8,7 @@
 //! same shape at the same concurrency on the same DynamoDB endpoint, all
 //! measured in this run.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -277,31 +278,70 @@ async fn raw_round<B: Buffer + ?Sized + 'static>(
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Redis's own CPU time (user + system, from `INFO cpu`) per event while
-/// the buffer is called directly for half a round.
-async fn redis_cpu_per_event(
-    buffer: &Arc<EventLogBuffer>,
-    next: &Arc<AtomicU64>,
-) -> anyhow::Result<f64> {
-    let client = redis::Client::open(local_env("TIDEMARK_TEST_REDIS_URL"))?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let cpu = |info: String| -> f64 {
-        info.lines()
+/// CPU seconds used so far: this process (client, aggregator and the direct
+/// calls) and Redis (its `INFO cpu`, every client's commands included).
+struct Cpu {
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl Cpu {
+    async fn now(&mut self) -> anyhow::Result<(f64, f64)> {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut self.conn)
+            .await?;
+        let redis: f64 = info
+            .lines()
             .filter_map(|l| {
                 let (k, v) = l.split_once(':')?;
                 (k == "used_cpu_sys" || k == "used_cpu_user")
                     .then(|| v.trim().parse::<f64>().ok())
                     .flatten()
             })
-            .sum()
-    };
-    let before: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
+            .sum();
+        let own = crate::load::process_cpu_time()
+            .context("getrusage")?
+            .as_secs_f64();
+        Ok((own, redis))
+    }
+}
+
+/// Totals of one side's rounds: events, and CPU seconds of this process and
+/// of Redis.
+#[derive(Default)]
+struct Spent {
+    events: u64,
+    own: f64,
+    redis: f64,
+}
+
+impl Spent {
+    fn per_event(&self) -> String {
+        #[allow(clippy::cast_precision_loss)]
+        let n = self.events.max(1) as f64;
+        format!(
+            "{:.2} µs here + {:.2} µs in Redis",
+            self.own * 1e6 / n,
+            self.redis * 1e6 / n
+        )
+    }
+}
+
+/// Runs one round, adding its events and CPU to `spent`.
+async fn metered(
+    cpu: &mut Cpu,
+    spent: &mut Spent,
+    next: &Arc<AtomicU64>,
+    round: impl Future<Output = anyhow::Result<f64>>,
+) -> anyhow::Result<f64> {
+    let (own, redis) = cpu.now().await?;
     let first = next.load(Ordering::Relaxed);
-    raw_round(buffer, ROUND / 2, next).await?;
-    let events = next.load(Ordering::Relaxed) - first;
-    let after: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
-    #[allow(clippy::cast_precision_loss)]
-    Ok((cpu(after) - cpu(before)) * 1e6 / events as f64)
+    let rate = round.await?;
+    let (own_after, redis_after) = cpu.now().await?;
+    spent.events += next.load(Ordering::Relaxed) - first;
+    spent.own += own_after - own;
+    spent.redis += redis_after - redis;
+    Ok(rate)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -421,17 +461,47 @@ impl Benchmark for StatsAggregatorBench {
         raw_round(&buffer, round / 4, &next).await?;
         raw_round(&old, round / 4, &next).await?;
         ingest_round(&agg, round / 4, &next).await?;
+        let mut cpu = Cpu {
+            conn: redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?,
+        };
         let (mut raw, mut system, mut previous) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut raw_cpu, mut system_cpu, mut previous_cpu) =
+            (Spent::default(), Spent::default(), Spent::default());
         for side in interleaved(ROUNDS) {
             match side {
-                Side::Baseline => raw.push(raw_round(&buffer, round, &next).await?),
+                Side::Baseline => raw.push(
+                    metered(
+                        &mut cpu,
+                        &mut raw_cpu,
+                        &next,
+                        raw_round(&buffer, round, &next),
+                    )
+                    .await?,
+                ),
                 Side::System => {
-                    system.push(ingest_round(&agg, round, &next).await?);
-                    previous.push(raw_round(&old, round, &next).await?);
+                    system.push(
+                        metered(
+                            &mut cpu,
+                            &mut system_cpu,
+                            &next,
+                            ingest_round(&agg, round, &next),
+                        )
+                        .await?,
+                    );
+                    previous.push(
+                        metered(
+                            &mut cpu,
+                            &mut previous_cpu,
+                            &next,
+                            raw_round(&old, round, &next),
+                        )
+                        .await?,
+                    );
                 }
             }
         }
-        let redis_cpu = redis_cpu_per_event(&buffer, &next).await?;
         let ingested = next.load(Ordering::Relaxed);
         // Empty the buffer so the flush rounds measure only their own items.
         let stats = buffer.stats().await?;
@@ -482,9 +552,12 @@ impl Benchmark for StatsAggregatorBench {
                     round.as_secs_f64(),
                     fmt_num(f64::from(u32::try_from(ingested).unwrap_or(u32::MAX)))
                 ),
+                "the second row's baseline is the design this one replaced, called directly in the same rounds: its script looks every id up (SMISMEMBER over the window's sets) and remembers it (SADD) in Redis".to_owned(),
                 format!(
-                    "the second row's baseline is the design this one replaced, called directly in the same rounds: its script looks every id up (SMISMEMBER over the window's sets) and remembers it (SADD) in Redis; Redis CPU (its own user + system time ÷ events, the aggregator's buffer called directly for {} s): {redis_cpu:.2} µs an event now",
-                    (round / 2).as_secs_f64()
+                    "where the CPU goes, per event (this process's getrusage and Redis's `INFO cpu` around each round ÷ its events; Redis's figure counts any other client of that Redis too): gRPC ingest {}; the buffer called directly {}; the previous design's script called directly {}",
+                    system_cpu.per_event(),
+                    raw_cpu.per_event(),
+                    previous_cpu.per_event()
                 ),
                 "client, aggregator and Redis share the machine's 2 cores: the event generator of the client is part of both sides".to_owned(),
                 format!(
