@@ -62,6 +62,12 @@ pub struct ElasticsearchSink {
     /// a template over the key attributes only, so deletes and reads by key
     /// find the same document.
     ids: Option<Template>,
+    /// Names each document's index from its key (`content-{documentType}`);
+    /// `index` is then the fallback, and reads of the whole sink cover every
+    /// index the template can name.
+    indexes: Option<Template>,
+    /// Indexes this sink has made sure of (created with the mapping).
+    ensured: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     retry: RetryPolicy,
 }
 
@@ -138,6 +144,8 @@ impl ElasticsearchSink {
             index: index.to_owned(),
             schema,
             ids: None,
+            indexes: None,
+            ensured: std::sync::Arc::default(),
             retry: RetryPolicy::default(),
         })
     }
@@ -181,7 +189,15 @@ impl ElasticsearchSink {
     /// # Errors
     /// When Elasticsearch refuses the index or cannot be reached.
     #[tracing::instrument(skip_all, fields(index = %self.index))]
-    pub async fn ensure_index(&self, mut properties: Map<String, Value>) -> ConnectorResult<()> {
+    pub async fn ensure_index(&self, properties: Map<String, Value>) -> ConnectorResult<()> {
+        self.create_index(&self.index, properties).await
+    }
+
+    async fn create_index(
+        &self,
+        name: &str,
+        mut properties: Map<String, Value>,
+    ) -> ConnectorResult<()> {
         properties.insert(
             ITEM_FIELD.to_owned(),
             json!({"type": "keyword", "index": false, "doc_values": false}),
@@ -190,7 +206,7 @@ impl ElasticsearchSink {
         properties.insert(DELETED_FIELD.to_owned(), json!({"type": "boolean"}));
         properties.insert(KEY_FIELD.to_owned(), json!({"type": "keyword"}));
         let body = json!({"mappings": {"properties": properties}});
-        let url = self.url(&[&self.index]);
+        let url = self.url(&[name]);
         retry(&self.retry, "create index", || async {
             let response = self
                 .http
@@ -217,7 +233,7 @@ impl ElasticsearchSink {
     /// # Errors
     /// When Elasticsearch cannot be reached or the index is missing.
     pub async fn refresh(&self) -> ConnectorResult<()> {
-        let url = self.url(&[&self.index, "_refresh"]);
+        let url = self.url(&[&self.search_target(), "_refresh"]);
         retry(&self.retry, "refresh", || async {
             let response = self
                 .http
@@ -255,6 +271,78 @@ impl ElasticsearchSink {
                 Ok(id)
             }
         }
+    }
+
+    /// Puts each document in the index `template` names from its key
+    /// attributes (only those: a delete or read knows only the key). The
+    /// sink's own index stays the fallback and is searched with the rest.
+    ///
+    /// # Errors
+    /// A template naming an attribute that is not part of the key.
+    pub fn with_index_name(mut self, template: Template) -> Result<Self, String> {
+        let key: std::collections::BTreeSet<&str> = self.schema.names().collect();
+        if let Some(a) = template.attributes().find(|a| !key.contains(a)) {
+            return Err(format!(
+                "an index name template may name only key attributes {key:?}, not {a:?}: a delete knows only the key"
+            ));
+        }
+        self.indexes = Some(template);
+        Ok(self)
+    }
+
+    /// The index of the document with this key.
+    ///
+    /// # Errors
+    /// A rendered name Elasticsearch would refuse.
+    pub fn index_of(&self, key: &Key) -> Result<std::borrow::Cow<'_, str>, String> {
+        let Some(t) = &self.indexes else {
+            return Ok(std::borrow::Cow::Borrowed(&self.index));
+        };
+        let name = t.render(&key.0)?;
+        let bad = name.is_empty()
+            || name.len() > 255
+            || name.starts_with(['-', '_', '+', '.'])
+            || name.chars().any(|c| {
+                c.is_uppercase()
+                    || matches!(
+                        c,
+                        '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ' ' | ',' | '#' | ':'
+                    )
+            });
+        if bad {
+            return Err(format!(
+                "index name {name:?} is not valid in Elasticsearch (lowercase, no spaces or \\/*?\"<>|,#:)"
+            ));
+        }
+        Ok(std::borrow::Cow::Owned(name))
+    }
+
+    /// What searches of the whole sink name: its index, and the pattern of
+    /// the templated ones.
+    fn search_target(&self) -> String {
+        match &self.indexes {
+            None => self.index.clone(),
+            Some(t) => format!("{},{}", t.pattern(), self.index),
+        }
+    }
+
+    /// Creates a templated index the first time this sink writes to it.
+    async fn ensure_named(&self, name: &str) -> ConnectorResult<()> {
+        if name == self.index
+            || self
+                .ensured
+                .lock()
+                .expect("ensured indexes lock")
+                .contains(name)
+        {
+            return Ok(());
+        }
+        self.create_index(name, Map::new()).await?;
+        self.ensured
+            .lock()
+            .expect("ensured indexes lock")
+            .insert(name.to_owned());
+        Ok(())
     }
 
     /// Names documents by `template` over the key attributes (each must be
@@ -348,7 +436,7 @@ impl ElasticsearchSink {
     }
 
     async fn search(&self, body: &Value) -> ConnectorResult<Value> {
-        let url = self.url(&[&self.index, "_search"]);
+        let url = self.url(&[&self.search_target(), "_search"]);
         retry(&self.retry, "search", || async {
             let response = self
                 .http
@@ -375,7 +463,7 @@ impl ElasticsearchSink {
     /// When Elasticsearch cannot be reached or the index is missing.
     pub async fn count(&self) -> ConnectorResult<u64> {
         self.refresh().await?;
-        let url = self.url(&[&self.index, "_count"]);
+        let url = self.url(&[&self.search_target(), "_count"]);
         let body = json!({"query": Self::live_filter()});
         retry(&self.retry, "count", || async {
             let response = self
@@ -737,9 +825,17 @@ impl Sink for ElasticsearchSink {
         let mut entries: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
         for (i, record) in batch.iter().enumerate() {
             let start = body.len();
+            let index = match self.index_of(&record.key) {
+                Ok(index) => index,
+                Err(reason) => {
+                    outcomes[i] = Some(RecordOutcome::Rejected(reason));
+                    continue;
+                }
+            };
+            self.ensure_named(&index).await?;
             let lines = self
                 .document_id(&record.key)
-                .and_then(|id| bulk_lines_as(&self.index, &id, record, &mut body));
+                .and_then(|id| bulk_lines_as(&index, &id, record, &mut body));
             if let Err(reason) = lines {
                 body.truncate(start);
                 outcomes[i] = Some(RecordOutcome::Rejected(reason));
@@ -773,7 +869,10 @@ impl Sink for ElasticsearchSink {
         let id = self
             .document_id(key)
             .map_err(|m| ConnectorError::invalid(BACKEND, m))?;
-        let url = self.url(&[&self.index, "_doc", &id]);
+        let index = self
+            .index_of(key)
+            .map_err(|m| ConnectorError::invalid(BACKEND, m))?;
+        let url = self.url(&[&index, "_doc", &id]);
         let doc: Value = retry(&self.retry, "get", || async {
             let response = self
                 .http

@@ -163,6 +163,18 @@ impl Template {
         })
     }
 
+    /// The template with `*` for each placeholder: a pattern matching every
+    /// name it renders (an index pattern).
+    pub fn pattern(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => t.as_str(),
+                Part::Attribute(_) => "*",
+            })
+            .collect()
+    }
+
     /// Renders against a source item.
     ///
     /// # Errors

@@ -125,7 +125,7 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
             spec.target.as_ref().unwrap_or(&Default::default()),
             &schema,
             "",
-            transform.document_id_template(),
+            &transform,
         )
         .await?
         .sink();

@@ -96,7 +96,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             spec.target.as_ref().unwrap_or(&Default::default()),
             &schema,
             &format!("{unit_key}/"),
-            transform.document_id_template(),
+            &transform,
         )
         .await?;
     let unit = Unit {

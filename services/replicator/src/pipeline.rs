@@ -154,7 +154,7 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
                 s.store.as_ref().unwrap_or(&Default::default()),
                 &schema,
                 "",
-                transform.document_id_template(),
+                &transform,
             )
             .await?;
         sinks.push(OpenSink {

@@ -307,7 +307,7 @@ pub async fn create(
                 s.store.as_ref().unwrap_or(&Default::default()),
                 &schema,
                 "",
-                transform.document_id_template(),
+                &transform,
             )
             .await
             .map_err(|e| store_status(&e, &format!("spec.sinks[{i}].store")))?;
@@ -499,6 +499,21 @@ async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked, St
             };
             if let Err(reason) = checked {
                 return Err(invalid_argument(vec![FieldError::new(field, reason)]));
+            }
+        }
+        if let (Some(t), Some(Store::ElasticsearchIndex(_))) = (
+            transform.index_name_template(),
+            s.store.as_ref().and_then(|d| d.store.as_ref()),
+        ) {
+            let schema = crate::migrate::target_schema(&source.schema, &transform);
+            let key: BTreeSet<&str> = schema.names().collect();
+            if let Some(a) = t.attributes().find(|a| !key.contains(a)) {
+                return Err(invalid_argument(vec![FieldError::new(
+                    format!("spec.sinks[{i}].transform.index_name_template"),
+                    format!(
+                        "may name only the key attributes {key:?}, not {a:?}: a delete knows only the key"
+                    ),
+                )]));
             }
         }
     }

@@ -11,7 +11,7 @@ use tidemark_connectors::dynamodb::{DynamoSink, DynamoTable};
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_connectors::s3::S3Sink;
 use tidemark_connectors::sqlite::EmbeddedStore;
-use tidemark_connectors::transform::Template;
+use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{ConnectorError, ConnectorResult, KeySchema, Sink, SourceTable};
 use tidemark_proto::common::v1::DataStore;
 use tidemark_proto::common::v1::data_store::Store;
@@ -226,9 +226,11 @@ impl Stores {
         store: &DataStore,
         schema: &KeySchema,
         prefix_suffix: &str,
-        document_ids: Option<&Template>,
+        transform: &Transform,
     ) -> ConnectorResult<SinkHandle> {
-        if document_ids.is_some() && matches!(store.store, Some(Store::S3Prefix(_))) {
+        if transform.document_id_template().is_some()
+            && matches!(store.store, Some(Store::S3Prefix(_)))
+        {
             return Err(invalid(S3_TEMPLATE.to_owned()));
         }
         match &store.store {
@@ -240,8 +242,11 @@ impl Stores {
             Some(Store::ElasticsearchIndex(i)) => {
                 let url = self.elasticsearch_endpoint(&i.endpoint)?;
                 let mut sink = ElasticsearchSink::connect(&url, &i.index, schema.clone()).await?;
-                if let Some(t) = document_ids {
+                if let Some(t) = transform.document_id_template() {
                     sink = sink.with_document_id(t.clone()).map_err(invalid)?;
+                }
+                if let Some(t) = transform.index_name_template() {
+                    sink = sink.with_index_name(t.clone()).map_err(invalid)?;
                 }
                 Ok(SinkHandle::Elasticsearch(Arc::new(sink)))
             }

@@ -787,6 +787,83 @@ async fn a_document_id_template_names_the_documents() {
     assert!(default.read(&key("post", "i0")).await.unwrap().is_none());
 }
 
+/// An index-name template puts each document in the index its key names
+/// (`<prefix>-{documentType}`); deletes find it there, and the sink read as a
+/// whole (digest, count) covers every such index. A template naming an
+/// attribute outside the key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_name_template_spreads_documents_over_indexes() {
+    let table_name = unique_name("perindex");
+    let table = DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+        .await
+        .unwrap();
+    for (t, id) in [("post", "a"), ("post", "b"), ("page", "c"), ("page", "d")] {
+        table
+            .put(&doc(t, id, AttrValue::n(1i64)), None)
+            .await
+            .unwrap();
+    }
+    let index = unique_name("perindex");
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let mut plane = plane(|_| {}).await;
+    let with_template = |template: String| {
+        let mut spec = spec(
+            &table_name,
+            &index,
+            pb::BackfillMode::Tombstones,
+            pb::StartPosition::Latest,
+        );
+        spec.sinks[0].transform = Some(common_pb::Transform {
+            index_name_template: template,
+            ..Default::default()
+        });
+        spec
+    };
+    let status = plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: unique_name("perindex-bad"),
+            spec: Some(with_template(format!("{index}-{{title}}"))),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let name = unique_name("perindex");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(with_template(format!("{index}-{{documentType}}"))),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    table.delete(&key("page", "d"), None).await.unwrap();
+    wait_streaming(&mut plane, &name).await;
+    drain(&mut plane, &name).await;
+    // Each type in its own index, under the default document ids.
+    for (t, ids) in [("post", ["a", "b"]), ("page", ["c", "d"])] {
+        let one = ElasticsearchSink::open(&es, &format!("{index}-{t}"), schema())
+            .await
+            .unwrap();
+        for id in ids {
+            let got = one.read(&key(t, id)).await.unwrap();
+            assert_eq!(got.is_some(), id != "d", "{t}/{id}: {got:?}");
+        }
+    }
+    // The sink as a whole covers every templated index.
+    let all = ElasticsearchSink::open(&es, &index, schema())
+        .await
+        .unwrap()
+        .with_index_name(Template::parse(&format!("{index}-{{documentType}}")).unwrap())
+        .unwrap();
+    assert_eq!(all.count().await.unwrap(), 3);
+    assert!(all.read(&key("page", "c")).await.unwrap().is_some());
+}
+
 /// A validate-only CreatePipeline checks the source, its stream and every
 /// sink as a real one would, says what it found, and creates nothing.
 #[tokio::test]

@@ -346,7 +346,7 @@ impl Sides {
                     store,
                     &target_schema,
                     spec.segments,
-                    spec.transform.document_id_template(),
+                    Some(&spec.transform),
                     env,
                 )
                 .await?,
@@ -365,7 +365,7 @@ async fn open_sink(
     store: &Store,
     schema: &KeySchema,
     segments: u32,
-    document_ids: Option<&tidemark_connectors::transform::Template>,
+    transform: Option<&Transform>,
     env: &Env,
 ) -> ConnectorResult<Backend> {
     Ok(match store {
@@ -394,10 +394,12 @@ async fn open_sink(
                     )
                 })?;
             let mut sink = ElasticsearchSink::open(url, index, schema.clone()).await?;
-            if let Some(t) = document_ids {
-                sink = sink
-                    .with_document_id(t.clone())
-                    .map_err(|m| ConnectorError::invalid("elasticsearch", m))?;
+            let invalid = |m: String| ConnectorError::invalid("elasticsearch", m);
+            if let Some(t) = transform.and_then(Transform::document_id_template) {
+                sink = sink.with_document_id(t.clone()).map_err(invalid)?;
+            }
+            if let Some(t) = transform.and_then(Transform::index_name_template) {
+                sink = sink.with_index_name(t.clone()).map_err(invalid)?;
             }
             Backend::Sink {
                 sink: Arc::new(sink),
