@@ -351,7 +351,8 @@ pub async fn spawn_plane_in(dir: Option<&Path>, options: PlaneOptions) -> Server
     };
     let backends = match &options.stats_table {
         Some(table) => {
-            let buffer = tidemark_connectors::redis::RedisBuffer::connect(
+            // The buffer the aggregator deploys with (the id log on Redis).
+            let buffer = stats_aggregator::EventLogBuffer::connect(
                 &local_env("TIDEMARK_TEST_REDIS_URL"),
                 tidemark_connectors::redis::RedisBuffer::prefix_for(&stats.buffer_name),
             )
@@ -365,8 +366,8 @@ pub async fn spawn_plane_in(dir: Option<&Path>, options: PlaneOptions) -> Server
             .await
             .expect("open the stats table");
             stats_aggregator::Backends {
-                buffer: std::sync::Arc::new(buffer.clone()),
-                redis: Some(buffer),
+                redis: Some(buffer.redis().clone()),
+                buffer: std::sync::Arc::new(buffer),
                 store: std::sync::Arc::new(store),
                 publisher: None,
             }
