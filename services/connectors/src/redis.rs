@@ -463,6 +463,21 @@ impl From<RedisError> for ConnectorError {
     }
 }
 
+/// A reconnecting connection to the Redis at `url`, as the buffers use it.
+///
+/// # Errors
+/// `InvalidInput` for a malformed URL, `Retryable` when Redis cannot be
+/// reached.
+pub async fn connection(url: &str) -> ConnectorResult<ConnectionManager> {
+    let client = redis::Client::open(url)
+        .map_err(|e| ConnectorError::invalid(BACKEND, format!("{url}: {e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        // Generous: a flush of many entities is one script.
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
 /// The aggregation buffer in Redis (see the module documentation for the
 /// layout). Cheap to clone; clones share the connection.
 ///
@@ -490,14 +505,7 @@ impl RedisBuffer {
     /// `InvalidInput` for a malformed URL, `Retryable` when Redis cannot be
     /// reached.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> ConnectorResult<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| ConnectorError::invalid(BACKEND, format!("{url}: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            // Generous: a flush of many entities is one script.
-            .set_response_timeout(Some(Duration::from_secs(30)));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self::new(conn, prefix))
+        Ok(Self::new(connection(url).await?, prefix))
     }
 
     /// A buffer over an existing connection, its keys under `prefix`.

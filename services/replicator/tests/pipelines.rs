@@ -555,25 +555,29 @@ async fn a_watermark_backfill_copies_a_live_table_and_resurrects_nothing() {
     );
 }
 
+/// A new table with a stream holding `n` post documents, ids from `id`,
+/// `n` equal to their number.
+async fn posts_table(prefix: &str, id: impl Fn(u32) -> String, n: u32) -> (String, DynamoTable) {
+    let table_name = unique_name(prefix);
+    let table = DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+        .await
+        .unwrap();
+    for i in 0..n {
+        table
+            .put(&doc("post", &id(i), AttrValue::n(i64::from(i))), None)
+            .await
+            .unwrap();
+    }
+    (table_name, table)
+}
+
 /// DynamoDB Streams read by two feed units: each reads the shards that hash
 /// to it (the local stream has one shard, so one of them idles), lag and
 /// drain cover both, and the index ends equal to the table. The shard split
 /// across readers is tested on a scripted stream in the connectors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_shared_by_two_readers_replicates_everything() {
-    let table_name = unique_name("readers");
-    let table = DynamoTable::create(dynamo().await, &table_name, &schema(), true)
-        .await
-        .unwrap();
-    for i in 0..20 {
-        table
-            .put(
-                &doc("post", &format!("r{i:02}"), AttrValue::n(i64::from(i))),
-                None,
-            )
-            .await
-            .unwrap();
-    }
+    let (table_name, table) = posts_table("readers", |i| format!("r{i:02}"), 20).await;
     let index = unique_name("readers");
     let reader = ElasticsearchSink::connect(
         &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
@@ -673,19 +677,7 @@ async fn a_stream_shared_by_two_readers_replicates_everything() {
 /// anything but the key, or one on an S3 sink, is refused with the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_id_template_names_the_documents() {
-    let table_name = unique_name("ids");
-    let table = DynamoTable::create(dynamo().await, &table_name, &schema(), true)
-        .await
-        .unwrap();
-    for i in 0..6 {
-        table
-            .put(
-                &doc("post", &format!("i{i}"), AttrValue::n(i64::from(i))),
-                None,
-            )
-            .await
-            .unwrap();
-    }
+    let (table_name, table) = posts_table("ids", |i| format!("i{i}"), 6).await;
     let index = unique_name("ids");
     let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
     let mut plane = plane(|_| {}).await;

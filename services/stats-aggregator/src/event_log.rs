@@ -50,7 +50,7 @@ use std::hash::{BuildHasher as _, Hasher as _};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tidemark_connectors::redis::RedisBuffer;
 use tidemark_connectors::{
@@ -363,13 +363,10 @@ impl EventLogBuffer {
     /// `InvalidInput` for a malformed URL, `Retryable` when Redis cannot be
     /// reached.
     pub async fn connect(url: &str, prefix: impl Into<String>) -> ConnectorResult<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| ConnectorError::invalid(BACKEND, format!("{url}: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(30)));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self::new(conn, prefix))
+        Ok(Self::new(
+            tidemark_connectors::redis::connection(url).await?,
+            prefix,
+        ))
     }
 
     /// A buffer over an existing connection, its keys under `prefix`.
