@@ -252,6 +252,11 @@ impl ChangeFeed for KafkaFeed {
         Ok(out)
     }
 
+    /// An empty poll already waited for the broker to deliver.
+    fn idle_wait(&self) -> Duration {
+        Duration::ZERO
+    }
+
     async fn commit(&mut self, position: &Position) -> ConnectorResult<()> {
         let partition: i32 = position
             .partition

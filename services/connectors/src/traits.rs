@@ -152,6 +152,12 @@ pub trait ChangeFeed: Send {
     /// (a child shard on its parent) can go on. Ignored by feeds that are
     /// not shared this way.
     fn learn_peers(&mut self, _peers: &FeedCheckpoint) {}
+    /// How long a reader waits after an empty poll before polling again:
+    /// what the feed's own reads cost its source (DynamoDB Streams allows
+    /// five GetRecords a second per shard, shared by every reader).
+    fn idle_wait(&self) -> Duration {
+        Duration::from_millis(200)
+    }
 }
 
 /// A write to a sink: the item's full new image (or its deletion) with the

@@ -17,7 +17,7 @@ use tidemark_connectors::suite::{self, PK, SK};
 use tidemark_connectors::testing::{dynamodb_clients, local_env, unique_name};
 use tidemark_connectors::{
     AttrValue, Buffer, BufferOp, ChangeFeed, Item, Key, KeySchema, Number, RecordOutcome, Sink,
-    SinkOp, SinkRecord,
+    SinkOp, SinkRecord, SourceTable as _,
 };
 
 fn schema() -> KeySchema {
@@ -45,6 +45,51 @@ async fn embedded_change_feed() {
         Box::new(store.feed("t", &checkpoint)) as Box<dyn ChangeFeed>
     })
     .await;
+}
+
+#[tokio::test]
+async fn embedded_change_feed_from_the_end_skips_earlier_changes_and_resumes_at_its_checkpoint() {
+    let store = EmbeddedStore::in_memory().unwrap();
+    let table = store.table("t", schema());
+    let other = store.table("u", schema());
+    let item = |pk: &str| -> Item {
+        [
+            (PK.to_owned(), AttrValue::s(pk)),
+            (SK.to_owned(), AttrValue::s("s")),
+        ]
+        .into_iter()
+        .collect()
+    };
+    table.put(&item("before"), None).await.unwrap();
+    let mut feed = store.feed_from_end("t").await.unwrap();
+    assert!(feed.poll(10).await.unwrap().is_empty(), "nothing new yet");
+    // Another table's changes are not this feed's.
+    other.put(&item("elsewhere"), None).await.unwrap();
+    table.put(&item("after"), None).await.unwrap();
+    let records = feed.poll(10).await.unwrap();
+    let keys: Vec<_> = records.iter().map(|r| r.key.get(PK).cloned()).collect();
+    assert_eq!(keys, vec![Some(AttrValue::s("after"))]);
+    feed.commit(&records[0].position).await.unwrap();
+    let checkpoint = feed.checkpoint();
+    table.put(&item("later"), None).await.unwrap();
+    // Resumed from its checkpoint, not from the end again.
+    let mut resumed = store.feed("t", &checkpoint);
+    let keys: Vec<_> = resumed
+        .poll(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.key.get(PK).cloned())
+        .collect();
+    assert_eq!(keys, vec![Some(AttrValue::s("later"))]);
+    // An empty log: from its start.
+    let mut empty = store.feed_from_end("v").await.unwrap();
+    store
+        .table("v", schema())
+        .put(&item("first"), None)
+        .await
+        .unwrap();
+    assert_eq!(empty.poll(10).await.unwrap().len(), 1);
 }
 
 #[tokio::test]

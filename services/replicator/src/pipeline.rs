@@ -387,9 +387,14 @@ async fn open_feed(
                     .shared(reader_index(unit_key), f.readers),
             ))
         }
-        (Some(Feed::EmbeddedChangeLog(_)), Some(Store::SqliteTable(t))) => {
+        (Some(Feed::EmbeddedChangeLog(f)), Some(Store::SqliteTable(t))) => {
             let store = ctx.stores.embedded(&t.database)?;
-            Ok(Box::new(store.feed(&t.table_name, checkpoint)))
+            let fresh = checkpoint.partitions.is_empty();
+            if fresh && matches!(start_of(f.start_position), FeedStart::Latest) {
+                Ok(Box::new(store.feed_from_end(&t.table_name).await?))
+            } else {
+                Ok(Box::new(store.feed(&t.table_name, checkpoint)))
+            }
         }
         (Some(Feed::Kafka(k)), _) => {
             let topic = k.topic.unwrap_or_default();
@@ -453,6 +458,11 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
     };
     let mut last_report = Instant::now() - REPORT_EVERY;
     let mut dirty = true;
+    let mut was_caught_up = false;
+    // Polled, not yet written: written while the next poll is read, so the
+    // source's read time hides behind the sink's write time. One batch is
+    // written at a time, and acknowledged only once every sink has it.
+    let mut pending: Vec<ChangeRecord> = Vec::new();
     loop {
         if lease.lost().is_cancelled() {
             return Err(UnitFailure::LeaseLost);
@@ -463,6 +473,15 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
             revision = r;
         }
         if paused(&pipeline) {
+            flush(
+                &opened,
+                &dead,
+                &pipeline.name,
+                feed.as_mut(),
+                &mut state,
+                &mut pending,
+            )
+            .await?;
             pipeline = wait_while_paused(&ctx, &lease, &job, pipeline, &mut revision).await?;
         }
         if let (Some(b), Some(p)) = (backfill.as_mut(), state.watermark.as_ref()) {
@@ -472,45 +491,52 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
             peers_read = Instant::now();
             learn_peers(&ctx, &claim.unit.run_id, &peers, feed.as_mut()).await;
         }
-        let records = feed.poll(SINK_BATCH * SINK_CONCURRENCY).await?;
-        let caught_up = records.is_empty();
-        if let Some(b) = backfill.as_mut() {
-            b.observe(&records);
-        }
-        if !records.is_empty() {
-            let changes: Vec<(Key, Option<Item>, u64, String)> = records
-                .iter()
-                .filter(|r| !opened.reserved(&r.key))
-                .map(|r| change_of(&opened, r))
-                .collect();
-            let (applied, stale, dead_lettered) =
-                opened.write(&changes, &dead, &pipeline.name).await?;
-            state.applied += applied;
-            state.stale += stale;
-            state.dead_lettered += dead_lettered;
-            // Acknowledge only now that every sink has the records.
-            let mut last: std::collections::BTreeMap<String, tidemark_connectors::Position> =
-                std::collections::BTreeMap::new();
-            for r in &records {
-                last.insert(r.position.partition.clone(), r.position.clone());
-            }
-            for position in last.values() {
-                feed.commit(position).await?;
-            }
+        let changes = changes_of(&opened, &pending);
+        let (polled, written) = tokio::join!(
+            feed.poll(SINK_BATCH * SINK_CONCURRENCY),
+            opened.write(&changes, &dead, &pipeline.name),
+        );
+        // A failed poll leaves the written batch unacknowledged: it is
+        // delivered again, and the sinks' version checks make that a no-op.
+        let records = polled?;
+        if !pending.is_empty() {
+            acknowledge(feed.as_mut(), &mut state, written?, &pending).await?;
             dirty = true;
         }
-        // A chunk goes out after the feed records polled with its high
-        // watermark, which are written above.
-        if let (Some(b), Some(p)) = (backfill.as_mut(), state.watermark.as_mut())
+        pending = records;
+        let caught_up = pending.is_empty();
+        if let Some(b) = backfill.as_mut() {
+            b.observe(&pending);
+        }
+        // A chunk goes out once the feed records polled with its high
+        // watermark are written.
+        if let Some(b) = backfill.as_mut()
             && b.ready()
         {
+            flush(
+                &opened,
+                &dead,
+                &pipeline.name,
+                feed.as_mut(),
+                &mut state,
+                &mut pending,
+            )
+            .await?;
+            let p = state
+                .watermark
+                .as_mut()
+                .expect("a watermark backfill keeps its progress");
             b.emit(&opened, &dead, &pipeline.name, p).await?;
             if p.done {
                 backfill = None;
             }
             dirty = true;
         }
-        if dirty && (caught_up || last_report.elapsed() >= REPORT_EVERY) {
+        // Report on catching up (Drain waits for it), then every
+        // REPORT_EVERY, busy or idle (Drain wants fresh observations).
+        let report = (caught_up && !was_caught_up) || last_report.elapsed() >= REPORT_EVERY;
+        was_caught_up = caught_up;
+        if dirty && report {
             state.feed = feed.checkpoint();
             let lag = feed.lag();
             state.lag = lag
@@ -575,11 +601,57 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         if caught_up {
             tokio::select! {
                 () = lease.lost().cancelled() => return Err(UnitFailure::LeaseLost),
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = tokio::time::sleep(feed.idle_wait()) => {}
             }
-            dirty = true;
         }
     }
+}
+
+fn changes_of(opened: &Opened, records: &[ChangeRecord]) -> Vec<(Key, Option<Item>, u64, String)> {
+    records
+        .iter()
+        .filter(|r| !opened.reserved(&r.key))
+        .map(|r| change_of(opened, r))
+        .collect()
+}
+
+/// Writes and acknowledges what was polled, before what must come after
+/// it (a pause, a watermark chunk).
+async fn flush(
+    opened: &Opened,
+    dead: &DeadLetters,
+    pipeline: &str,
+    feed: &mut dyn ChangeFeed,
+    state: &mut FeedState,
+    pending: &mut Vec<ChangeRecord>,
+) -> Result<(), UnitFailure> {
+    let records = std::mem::take(pending);
+    let written = opened
+        .write(&changes_of(opened, &records), dead, pipeline)
+        .await?;
+    acknowledge(feed, state, written, &records).await
+}
+
+/// Counts a written batch and acknowledges it to the feed, the last
+/// position of each partition.
+async fn acknowledge(
+    feed: &mut dyn ChangeFeed,
+    state: &mut FeedState,
+    (applied, stale, dead_lettered): (u64, u64, u64),
+    records: &[ChangeRecord],
+) -> Result<(), UnitFailure> {
+    state.applied += applied;
+    state.stale += stale;
+    state.dead_lettered += dead_lettered;
+    let mut last: std::collections::BTreeMap<&str, &tidemark_connectors::Position> =
+        std::collections::BTreeMap::new();
+    for r in records {
+        last.insert(&r.position.partition, &r.position);
+    }
+    for position in last.values() {
+        feed.commit(position).await?;
+    }
+    Ok(())
 }
 
 /// Passes the other feed units' checkpointed progress to the feed (a shared

@@ -1081,6 +1081,62 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
     assert_eq!(first.pipeline_name, name);
 }
 
+/// An embedded change log read from its end: items written before the
+/// pipeline existed are not replicated (no backfill asked), later ones are.
+#[tokio::test]
+async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = common::plane_in(dir.path(), |_| {}).await;
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let store =
+        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
+            .unwrap();
+    let table = store.table("docs", schema());
+    table
+        .put(&doc("post", "before", AttrValue::n(1i64)), None)
+        .await
+        .unwrap();
+    let index = unique_name("latest");
+    let mut spec = kafka_spec("unused", &index, 1);
+    spec.feed = Some(pb::ChangeFeed {
+        feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+            pb::EmbeddedChangeLogFeed {
+                start_position: pb::StartPosition::Latest as i32,
+            },
+        )),
+    });
+    let name = unique_name("latest");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_streaming(&mut plane, &name).await;
+    drain(&mut plane, &name).await;
+    table
+        .put(&doc("post", "after", AttrValue::n(2i64)), None)
+        .await
+        .unwrap();
+    drain(&mut plane, &name).await;
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    assert!(reader.read(&key("post", "after")).await.unwrap().is_some());
+    assert!(
+        reader.read(&key("post", "before")).await.unwrap().is_none(),
+        "a change from before the pipeline was replicated"
+    );
+}
+
 fn producer(brokers: &str) -> rdkafka::producer::FutureProducer {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
