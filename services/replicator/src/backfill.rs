@@ -151,7 +151,29 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
         Predicate::AttributeNotExists(attribute.clone()),
     ]));
     let lease = claim.lease.clone();
-    while !cp.done {
+    let scan = |start_after: Option<Key>| {
+        let table = Arc::clone(&table.table);
+        let filter = Predicate::AttributeNotExists(attribute.clone());
+        async move {
+            table
+                .scan(&ScanRequest {
+                    segment,
+                    total_segments: total,
+                    start_after,
+                    limit: PAGE,
+                    filter: Some(filter),
+                    consistent: false,
+                })
+                .await
+                .map_err(UnitFailure::from)
+        }
+    };
+    let mut page = if cp.done {
+        None
+    } else {
+        Some(scan(cp.start_after.clone()).await?)
+    };
+    while let Some(current) = page.take() {
         if lease.lost().is_cancelled() {
             return Err(UnitFailure::LeaseLost);
         }
@@ -175,23 +197,11 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
                 tracing::info!(job = %job.name, rate = spec.write_units_per_second, "backfill rate changed");
             }
         }
-        let page = table
-            .table
-            .scan(&ScanRequest {
-                segment,
-                total_segments: total,
-                start_after: cp.start_after.clone(),
-                limit: PAGE,
-                filter: Some(Predicate::AttributeNotExists(attribute.clone())),
-                consistent: false,
-            })
-            .await
-            .map_err(UnitFailure::from)?;
-        let scanned = i64::try_from(page.scanned).unwrap_or(i64::MAX);
-        let candidates = i64::try_from(page.items.len()).unwrap_or(i64::MAX);
+        let scanned = i64::try_from(current.scanned).unwrap_or(i64::MAX);
+        let candidates = i64::try_from(current.items.len()).unwrap_or(i64::MAX);
         cp.scanned += scanned;
         cp.already_set += scanned - candidates;
-        let outcomes: Vec<Result<bool, ConnectorError>> = futures::stream::iter(page.items)
+        let updates = futures::stream::iter(current.items)
             .map(|item| {
                 let limiter = Arc::clone(&limiter);
                 let source = Arc::clone(&table.table);
@@ -216,8 +226,16 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
                 }
             })
             .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
+            .collect::<Vec<Result<bool, ConnectorError>>>();
+        // The next page is read while this one's updates run (its keys
+        // follow this page's, so neither sees the other's writes).
+        let next = async {
+            match &current.last_key {
+                Some(last) => scan(Some(last.clone())).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (outcomes, next) = tokio::join!(updates, next);
         for outcome in outcomes {
             match outcome {
                 Ok(true) => cp.updated += 1,
@@ -225,8 +243,9 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
                 Err(e) => return Err(UnitFailure::from(e)),
             }
         }
-        cp.start_after.clone_from(&page.last_key);
-        cp.done = page.last_key.is_none();
+        // Checkpointed only now that every update of the page is done.
+        cp.start_after.clone_from(&current.last_key);
+        cp.done = current.last_key.is_none();
         if !cp.done {
             let bytes = serde_json::to_vec(&cp).expect("checkpoint serialises");
             match lease.checkpoint(bytes, &progress(&cp)).await {
@@ -237,6 +256,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
                 }
             }
         }
+        page = next?;
     }
     match lease.complete(&progress(&cp), None).await {
         Ok(_) => Ok(()),

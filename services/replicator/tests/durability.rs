@@ -139,9 +139,15 @@ async fn kill_9_mid_watermark_backfill_and_mid_stream_loses_nothing() {
     kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Watermark).await;
 }
 
-async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
-    // The job-tracker in this process; replicas as real processes.
-    let dir = tempfile::tempdir().unwrap();
+/// The job-tracker in this process, storing in `dir` (replicas run as real
+/// processes); it stops when the token is cancelled.
+async fn job_tracker(
+    dir: &std::path::Path,
+) -> (
+    SocketAddr,
+    JobTrackerServiceClient<Channel>,
+    CancellationToken,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let jobs_addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -153,7 +159,7 @@ async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
     job_tracker::register(
         &job_tracker::Config {
             server,
-            data_dir: dir.path().to_owned(),
+            data_dir: dir.to_owned(),
             ..job_tracker::Config::default()
         },
         &mut host,
@@ -161,11 +167,138 @@ async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
     .await
     .unwrap();
     tokio::spawn(async move { host.serve(listener).await });
-    let mut jobs = JobTrackerServiceClient::new(
+    let jobs = JobTrackerServiceClient::new(
         Channel::from_shared(format!("http://{jobs_addr}"))
             .unwrap()
             .connect_lazy(),
     );
+    (jobs_addr, jobs, stop)
+}
+
+/// BackfillAttribute (problem 4) killed with `kill -9` once a segment has
+/// checkpointed a page: another replica finishes the run from the
+/// checkpoints, and every item ends with the attribute, each page's work
+/// done once (a restart from scratch would count the first pages' items
+/// again, as already set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_attribute_backfill_resumes_from_the_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs_addr, mut jobs, stop) = job_tracker(dir.path()).await;
+    let table_name = unique_name("durable-attr");
+    let table = Arc::new(
+        DynamoTable::create(dynamo().await, &table_name, &schema(), false)
+            .await
+            .unwrap(),
+    );
+    // Two segments of about two pages (200 items) each.
+    const N: u32 = 800;
+    futures::future::try_join_all((0..N).map(|i| {
+        let table = Arc::clone(&table);
+        async move { table.put(&row(i, 0), None).await }
+    }))
+    .await
+    .unwrap();
+    let (mut first, addr) = replica("replica-a", jobs_addr, &dir.path().join("a"));
+    let started = connect(addr)
+        .await
+        .backfill_attribute(pb::BackfillAttributeRequest {
+            spec: Some(pb::BackfillAttributeSpec {
+                table: Some(table_ref(&table_name)),
+                attribute_name: "migrated".to_owned(),
+                value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
+                    1i64,
+                ))),
+                segments: 2,
+                // Slow enough to be killed between pages.
+                write_units_per_second: 100,
+            }),
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let checkpointed = loop {
+        let units = units(&mut jobs, &started.run_id).await;
+        let done = units
+            .iter()
+            .filter(|u| u.status == jt::UnitStatus::Migrated as i32)
+            .count();
+        let updated: i64 = units
+            .iter()
+            .filter(|u| !u.checkpoint.is_empty())
+            .map(|u| u.counters.get("updated").copied().unwrap_or(0))
+            .sum();
+        assert_eq!(done, 0, "a segment finished before the kill: slow it down");
+        if updated > 0 {
+            break updated;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint: {units:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    first.kill_9();
+    let (_second, _) = replica("replica-b", jobs_addr, &dir.path().join("b"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let run = jobs
+            .get_run(jt::GetRunRequest {
+                run_id: started.run_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+        if run.status != jt::RunStatus::Running as i32 && run.status != jt::RunStatus::Queued as i32
+        {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "never finished: {run:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+    let rows = scan(&table).await;
+    assert_eq!(rows.len(), N as usize);
+    for (key, item) in &rows {
+        assert_eq!(
+            item.get("migrated"),
+            Some(&AttrValue::n(1i64)),
+            "{key:?} lacks the attribute"
+        );
+    }
+    let units = units(&mut jobs, &started.run_id).await;
+    let count = |name: &str| -> i64 {
+        units
+            .iter()
+            .map(|u| u.counters.get(name).copied().unwrap_or(0))
+            .sum()
+    };
+    assert!(
+        units.iter().any(|u| u.attempts >= 2),
+        "no unit was taken over: {units:?}"
+    );
+    // Every item counted once: updated by one replica or the other, or
+    // found already set when the uncheckpointed page was read again.
+    assert_eq!(count("updated") + count("already_set"), i64::from(N));
+    assert!(
+        count("updated") >= checkpointed,
+        "checkpointed work was forgotten"
+    );
+    // Only pages after the last checkpoints are read again: fewer items
+    // than one page per segment.
+    assert!(
+        count("already_set") < 2 * 200,
+        "the backfill started over: {} items found already set",
+        count("already_set")
+    );
+    stop.cancel();
+}
+
+async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
+    // The job-tracker in this process; replicas as real processes.
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs_addr, mut jobs, stop) = job_tracker(dir.path()).await;
 
     let table_name = unique_name("durable");
     let table = Arc::new(

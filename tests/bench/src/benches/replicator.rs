@@ -291,9 +291,11 @@ async fn backfill_update(
     Ok(())
 }
 
-/// A raw client doing what the replicator does, at its concurrency:
+/// A raw client sending the replicator's requests at its concurrency:
 /// `UNITS` segments at a time, pages of `PAGE`, `IN_FLIGHT` conditional
-/// updates each, with the replicator's request parameters.
+/// updates each, with the replicator's request parameters; each segment's
+/// pages one after another (the replicator reads a segment's next page
+/// while it updates the current one).
 async fn raw_parallel(
     endpoint: &str,
     table: &str,
