@@ -496,20 +496,7 @@ async fn run_pipeline(
             ..Default::default()
         })
         .await?;
-    let drained = replicator
-        .drain(pb::DrainRequest {
-            name: name.to_owned(),
-            timeout: Some(prost_types::Duration {
-                seconds: 600,
-                nanos: 0,
-            }),
-        })
-        .await?
-        .into_inner();
-    anyhow::ensure!(
-        drained.lag.is_some_and(|l| l.caught_up),
-        "pipeline did not catch up"
-    );
+    drain(replicator, name).await?;
     #[allow(clippy::cast_precision_loss)]
     Ok(docs as f64 / started.elapsed().as_secs_f64())
 }
