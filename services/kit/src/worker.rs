@@ -155,6 +155,9 @@ pub struct UnitLease {
     fencing_token: u64,
     lease_duration: Duration,
     job_revision: Arc<AtomicU64>,
+    /// When the job-tracker last confirmed the lease (claim, heartbeat or
+    /// checkpoint), on this process's monotonic clock.
+    confirmed: Arc<std::sync::Mutex<tokio::time::Instant>>,
     lost: CancellationToken,
     done: CancellationToken,
 }
@@ -218,7 +221,22 @@ impl UnitLease {
             .into_inner();
         self.job_revision
             .fetch_max(response.job_revision, Ordering::Relaxed);
+        self.confirm();
         Ok(())
+    }
+
+    /// Records that the job-tracker extended the lease just now.
+    fn confirm(&self) {
+        *self.confirmed.lock().expect("lease clock lock") = tokio::time::Instant::now();
+    }
+
+    /// How long the lease may still be ours for sure: its length minus the
+    /// time since the job-tracker last confirmed it, minus a margin for clock
+    /// drift and the call that confirmed it. At zero another worker may hold
+    /// the unit, so this one must stop writing.
+    pub fn time_left(&self) -> Duration {
+        let since = self.confirmed.lock().expect("lease clock lock").elapsed();
+        (self.lease_duration - self.lease_duration / 5).saturating_sub(since)
     }
 
     /// Marks the unit done.
@@ -289,14 +307,25 @@ impl UnitLease {
     }
 
     /// Extends the lease every third of its length until the unit is done or
-    /// the lease is lost.
+    /// the lease is lost. When heartbeats keep failing, the lease is given up
+    /// locally before it can expire at the job-tracker (see
+    /// [`Self::time_left`]): past that point another worker may have claimed
+    /// the unit, and two writers must never work on one unit.
     async fn keep_alive(self) {
         let period = self.lease_duration / 3;
         loop {
+            // Beat early enough that one failed beat still leaves time for
+            // another before the lease can lapse.
+            let wait = period.min(self.time_left() / 2);
             tokio::select! {
                 () = self.done.cancelled() => return,
                 () = self.lost.cancelled() => return,
-                () = tokio::time::sleep(period) => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            if self.time_left().is_zero() {
+                tracing::warn!(run_id = %self.run_id, unit = %self.unit_key, "unit lease not confirmed in time; giving it up");
+                self.lost.cancel();
+                return;
             }
             let request = HeartbeatRequest {
                 run_id: self.run_id.clone(),
@@ -304,19 +333,24 @@ impl UnitLease {
                 fencing_token: self.fencing_token,
                 lease_duration: Some(self.duration()),
             };
-            match self.client.clone().heartbeat(request).await {
-                Ok(r) => {
+            let mut client = self.client.clone();
+            match tokio::time::timeout(self.time_left(), client.heartbeat(request)).await {
+                Ok(Ok(r)) => {
                     self.job_revision
                         .fetch_max(r.into_inner().job_revision, Ordering::Relaxed);
+                    self.confirm();
                 }
-                Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                Ok(Err(s)) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
                     tracing::warn!(run_id = %self.run_id, unit = %self.unit_key, reason = %s.message(), "unit lease lost");
                     self.lost.cancel();
                     return;
                 }
                 // The next beat may get through before the lease runs out.
-                Err(s) => {
+                Ok(Err(s)) => {
                     tracing::debug!(run_id = %self.run_id, unit = %self.unit_key, error = %s, "heartbeat failed");
+                }
+                Err(_) => {
+                    tracing::debug!(run_id = %self.run_id, unit = %self.unit_key, "heartbeat timed out");
                 }
             }
         }
@@ -385,6 +419,9 @@ pub async fn run_worker(
             ..ClaimUnitRequest::default()
         };
         let mut claimer = client.clone();
+        // The lease runs from before the claim was sent: the job-tracker may
+        // have started it any time after.
+        let claimed_at = tokio::time::Instant::now();
         let claimed = tokio::select! {
             () = shutdown.cancelled() => break,
             r = claimer.claim_unit(request) => r,
@@ -414,19 +451,28 @@ pub async fn run_worker(
             fencing_token: unit.lease.as_ref().map_or(0, |l| l.fencing_token),
             lease_duration: options.lease.max(Duration::from_secs(1)),
             job_revision: Arc::new(AtomicU64::new(job.revision)),
+            confirmed: Arc::new(std::sync::Mutex::new(claimed_at)),
             lost: shutdown.child_token(),
             done: CancellationToken::new(),
         };
         tracing::info!(job = %job.name, run_id = %unit.run_id, unit = %unit.unit_key, attempt = unit.attempts, "claimed unit");
         tasks.spawn(lease.clone().keep_alive());
-        let work = executor(Claim {
+        let done = lease.done.clone();
+        let work = tokio::spawn(executor(Claim {
             unit,
             run,
             job,
             lease,
-        });
+        }));
         tasks.spawn(async move {
-            work.await;
+            // However the executor ended (finished the unit, failed to report
+            // it, or panicked), the unit is no longer worked on here: stop
+            // its heartbeats so its lease lapses and another worker resumes
+            // it from the checkpoint.
+            if let Err(e) = work.await {
+                tracing::error!(error = %e, "unit executor panicked");
+            }
+            done.cancel();
             drop(permit);
         });
         // Reap finished tasks so the set does not grow without bound.
