@@ -162,12 +162,7 @@ fn from_json(text: &str) -> ConnectorResult<Item> {
         .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt item: {e}")))
 }
 
-fn now_micros() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
-}
+use crate::now_micros;
 
 /// A table in the embedded store. Every write is logged to its change feed
 /// in the same transaction.

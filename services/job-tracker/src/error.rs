@@ -1,6 +1,6 @@
 //! The job-tracker's errors and their one mapping to gRPC status codes.
 
-use tidemark_kit::FieldError;
+use tidemark_kit::{FieldError, ServiceError};
 use tonic::Status;
 
 use crate::kv::KvError;
@@ -41,18 +41,24 @@ impl From<serde_json::Error> for TrackerError {
     }
 }
 
-impl From<TrackerError> for Status {
+impl From<TrackerError> for ServiceError {
     fn from(e: TrackerError) -> Self {
         match e {
-            TrackerError::NotFound(m) => Status::not_found(m),
-            TrackerError::AlreadyExists(m) => Status::already_exists(m),
-            TrackerError::Precondition(m) => Status::failed_precondition(m),
+            TrackerError::NotFound(m) => Self::not_found(m),
+            TrackerError::AlreadyExists(m) => Self::already_exists(m),
+            TrackerError::Precondition(m) => Self::precondition(m),
             TrackerError::Invalid(f) => f.into(),
-            TrackerError::Unavailable(m) => Status::unavailable(m),
-            TrackerError::Internal(m) => {
-                tracing::error!(error = %m, "job-tracker internal error");
-                Status::internal("internal error; see the job-tracker log")
+            TrackerError::Unavailable(m) => {
+                Self::unavailable("the job-tracker's store is unavailable; retry later")
+                    .caused_by(m)
             }
+            TrackerError::Internal(m) => Self::internal(m),
         }
+    }
+}
+
+impl From<TrackerError> for Status {
+    fn from(e: TrackerError) -> Self {
+        ServiceError::from(e).into()
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod jobs;
 pub mod main_support;
 pub mod metrics;
 pub mod rpc;
@@ -16,7 +17,7 @@ pub mod telemetry;
 pub mod worker;
 
 pub use config::{ConfigError, ServerConfig, ServerFlags, ServiceConfig};
-pub use error::{FieldError, KitError, KitResult};
+pub use error::{ErrorKind, FieldError, KitError, KitResult, ServiceError};
 pub use health::Health;
 pub use metrics::Metrics;
 pub use server::ServiceHost;

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use tidemark_connectors::retry::{RetryPolicy, retry};
@@ -24,12 +24,7 @@ use crate::gauges::Gauges;
 use crate::publish::Publisher;
 use crate::store::{StatsStore, WriteOutcome};
 
-pub fn now_micros() -> i64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
-}
+pub use tidemark_connectors::now_micros;
 
 /// How paused writers treat new events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

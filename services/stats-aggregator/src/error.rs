@@ -3,9 +3,8 @@
 use std::time::Duration;
 
 use tidemark_connectors::ConnectorError;
-use tidemark_kit::{FieldError, KitError};
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt as _};
+use tidemark_kit::{FieldError, KitError, ServiceError};
+use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
@@ -33,36 +32,33 @@ pub enum StatsError {
 
 pub type StatsResult<T> = Result<T, StatsError>;
 
-impl From<StatsError> for Status {
+impl From<StatsError> for ServiceError {
     fn from(e: StatsError) -> Self {
         match e {
             StatsError::Invalid(f) => f.into(),
-            StatsError::NotFound(m) => Status::not_found(m),
-            StatsError::Paused(_) => Status::failed_precondition(e.to_string()),
-            StatsError::Rejecting { retry_after, .. } => Status::with_error_details(
-                Code::Unavailable,
-                e.to_string(),
-                ErrorDetails::with_retry_info(Some(retry_after)),
-            ),
-            StatsError::Backend(b) => match b {
-                ConnectorError::Retryable { .. } => {
-                    tracing::warn!(error = %b, "backend unavailable");
-                    Status::unavailable(format!("a backend is unavailable; retry later ({b})"))
-                }
-                ConnectorError::Precondition(m) => Status::failed_precondition(m),
-                ConnectorError::NotFound { .. }
-                | ConnectorError::InvalidInput { .. }
-                | ConnectorError::IteratorExpired { .. }
-                | ConnectorError::Terminal { .. } => tidemark_kit::error::internal(&b),
-            },
-            StatsError::Kit(k) => tidemark_kit::error::internal(&k),
-            StatsError::Startup(m) => Status::failed_precondition(m),
+            StatsError::NotFound(m) => Self::not_found(m),
+            StatsError::Paused(_) => Self::precondition(e.to_string()),
+            StatsError::Rejecting { retry_after, .. } => {
+                Self::unavailable(e.to_string()).with_retry_after(retry_after)
+            }
+            StatsError::Backend(b) => b.into(),
+            StatsError::Kit(k) => k.into(),
+            StatsError::Startup(m) => Self::precondition(m),
         }
+    }
+}
+
+impl From<StatsError> for Status {
+    fn from(e: StatsError) -> Self {
+        ServiceError::from(e).into()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+    use tonic_types::StatusExt as _;
+
     use super::*;
 
     #[test]

@@ -19,8 +19,6 @@ use crate::{Live, REPORT_TYPE, SPEC_TYPE, State};
 /// The unit result holds every mismatch up to this size; the job-tracker
 /// takes at most 1 MiB.
 const STORED_BYTES: usize = 1000 * 1000;
-/// Tries at finishing the run when the job-tracker is briefly unreachable.
-const RUN_FINISH_ATTEMPTS: u32 = 8;
 /// Progress checkpoints while a check runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
@@ -263,43 +261,31 @@ async fn finish(
         report.error.clone()
     };
     let passed = report.verdict == pb::Verdict::Pass as i32;
-    // The unit is done, so no other worker will finish this run: retry a
-    // job-tracker that is briefly unreachable rather than leave it RUNNING.
-    let mut done = Ok(());
-    for attempt in 0..RUN_FINISH_ATTEMPTS {
-        let mut jobs = state.jobs.clone();
-        done = if passed {
-            jobs.complete_run(jpb::CompleteRunRequest {
-                run_id: lease.run_id().to_owned(),
+    // The unit is done, so no other worker will finish this run; the
+    // typed client retries a job-tracker that is briefly unreachable rather
+    // than leave it RUNNING.
+    let run_id = lease.run_id().to_owned();
+    let done = if passed {
+        state
+            .jobs
+            .complete_run(jpb::CompleteRunRequest {
+                run_id,
                 last_processed: None,
-                result: result.clone(),
+                result,
                 actor: "verifier".to_owned(),
             })
             .await
-            .map(drop)
-        } else {
-            jobs.fail_run(jpb::FailRunRequest {
-                run_id: lease.run_id().to_owned(),
-                error: error.clone(),
-                result: result.clone(),
+    } else {
+        state
+            .jobs
+            .fail_run(jpb::FailRunRequest {
+                run_id,
+                error,
+                result,
                 actor: "verifier".to_owned(),
             })
             .await
-            .map(drop)
-        };
-        match &done {
-            Ok(()) => break,
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-                ) =>
-            {
-                tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
-            }
-            Err(_) => break,
-        }
-    }
+    };
     if let Err(e) = done {
         tracing::warn!(error = %e, "cannot finish the verification run");
     }

@@ -24,22 +24,22 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tidemark_kit::config::{ConfigError, ServerConfig, ServiceConfig, check_url};
-use tidemark_kit::error::invalid_argument;
-use tidemark_kit::worker::{JobTrackerClient, WorkerOptions, job_tracker_client, run_worker};
-use tidemark_kit::{CancellationToken, FieldError, KitError, ServiceHost};
+use tidemark_kit::jobs::{JobSpec as _, JobTracker};
+use tidemark_kit::worker::{WorkerOptions, run_worker};
+use tidemark_kit::{CancellationToken, FieldError, KitError, ServiceError, ServiceHost};
 use tidemark_proto::job_tracker::v1::JobKind;
 use tidemark_proto::verifier::v1 as pb;
 use tidemark_proto::verifier::v1::verifier_service_server::VerifierServiceServer;
 use tokio::net::TcpListener;
-use tonic::{Code, Status};
+use tonic::Status;
 
 pub use checks::classify;
 pub use spec::Spec;
 
 /// Type name of the job spec in `google.protobuf.Any`.
-pub const SPEC_TYPE: &str = "tidemark.verifier.v1.VerificationSpec";
+pub const SPEC_TYPE: &str = pb::VerificationSpec::TYPE;
 /// Type name of the run and unit results.
-pub const REPORT_TYPE: &str = "tidemark.verifier.v1.Report";
+pub const REPORT_TYPE: &str = pb::Report::TYPE;
 /// The one unit of a verification run.
 pub const UNIT_KEY: &str = "verify";
 
@@ -123,58 +123,42 @@ pub enum VerifierError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    /// A backend (job-tracker, replicator, a store) cannot be reached.
+    /// A backend (the replicator) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
-    /// The job-tracker refused a request for a reason the caller caused
-    /// (a bad schedule, the failure gate): its status is passed on.
-    #[error("job-tracker: {0}")]
-    JobTracker(Status),
+    /// A store fault or a job-tracker answer, already classified by the
+    /// kit's error table.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     #[error("{0}")]
     Internal(String),
 }
 
-impl From<VerifierError> for Status {
+impl From<tidemark_connectors::ConnectorError> for VerifierError {
+    fn from(e: tidemark_connectors::ConnectorError) -> Self {
+        Self::Service(e.into())
+    }
+}
+
+impl From<VerifierError> for ServiceError {
     fn from(e: VerifierError) -> Self {
         match e {
-            VerifierError::Invalid(v) => invalid_argument(v),
-            VerifierError::NotFound(m) => Status::not_found(m),
-            VerifierError::AlreadyExists(m) => Status::already_exists(m),
-            VerifierError::FailedPrecondition(m) => Status::failed_precondition(m),
-            VerifierError::Unavailable(m) => Status::unavailable(m),
-            VerifierError::JobTracker(s) => s,
+            VerifierError::Invalid(v) => Self::invalid(v),
+            VerifierError::NotFound(m) => Self::not_found(m),
+            VerifierError::AlreadyExists(m) => Self::already_exists(m),
+            VerifierError::FailedPrecondition(m) => Self::precondition(m),
+            VerifierError::Unavailable(m) => Self::unavailable(m),
+            VerifierError::Service(s) => s,
             e @ (VerifierError::Kit(_) | VerifierError::Config(_) | VerifierError::Internal(_)) => {
-                tidemark_kit::error::internal(&e)
+                Self::internal(e.to_string())
             }
         }
     }
 }
 
-impl VerifierError {
-    /// Classifies a job-tracker failure: the caller's causes pass through,
-    /// transport and server trouble is UNAVAILABLE (safe to retry).
-    pub fn from_job_tracker(status: Status) -> Self {
-        match status.code() {
-            Code::NotFound
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::InvalidArgument
-            | Code::PermissionDenied
-            | Code::Unauthenticated => Self::JobTracker(status),
-            _ => Self::Unavailable(format!("job-tracker unavailable: {}", status.message())),
-        }
-    }
-
-    /// Classifies a store failure met while opening or reading it.
-    pub fn from_store(e: &tidemark_connectors::ConnectorError) -> Self {
-        use tidemark_connectors::ConnectorError as C;
-        match e {
-            C::NotFound { .. } => Self::NotFound(e.to_string()),
-            C::InvalidInput { .. } | C::Precondition(_) => Self::FailedPrecondition(e.to_string()),
-            C::Retryable { .. } | C::IteratorExpired { .. } | C::Terminal { .. } => {
-                Self::Unavailable(e.to_string())
-            }
-        }
+impl From<VerifierError> for Status {
+    fn from(e: VerifierError) -> Self {
+        ServiceError::from(e).into()
     }
 }
 
@@ -187,7 +171,7 @@ pub(crate) struct Live {
 
 /// Everything the RPCs and the worker share.
 pub(crate) struct State {
-    pub jobs: JobTrackerClient,
+    pub jobs: JobTracker,
     pub replicator: replicator::Replicator,
     pub env: side::Env,
     pub live: Mutex<HashMap<String, Arc<Mutex<Live>>>>,
@@ -218,7 +202,8 @@ pub async fn register_with(
     host: &mut ServiceHost,
 ) -> Result<(), VerifierError> {
     let token = config.server.auth_token.as_deref();
-    let jobs = job_tracker_client(&config.job_tracker_url, token).map_err(VerifierError::Config)?;
+    let jobs =
+        JobTracker::connect(&config.job_tracker_url, token).map_err(VerifierError::Config)?;
     let replicator = replicator::Replicator::connect(&config.replicator_url, token)
         .map_err(VerifierError::Config)?;
     let mut env = side::Env::new(
@@ -241,7 +226,7 @@ pub async fn register_with(
     let executor = executor::executor(state);
     host.spawn(
         "verification-worker",
-        run_worker(jobs, options, executor, host.shutdown_token()),
+        run_worker(jobs.raw(), options, executor, host.shutdown_token()),
     );
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidemark_kit::FieldError;
+use tidemark_kit::jobs::NewRun;
 use tidemark_kit::rpc::BoxStream;
 use tidemark_kit::worker::{pack_any, unpack_any};
 use tidemark_proto::job_tracker::v1 as jpb;
@@ -45,24 +46,13 @@ fn finished(status: i32) -> bool {
 
 impl Verifier {
     async fn get_run(&self, id: &str) -> Result<jpb::Run, VerifierError> {
-        let run = self
-            .state
-            .jobs
-            .clone()
-            .get_run(jpb::GetRunRequest {
-                run_id: id.to_owned(),
-            })
-            .await
-            .map_err(|s| {
-                if s.code() == Code::NotFound {
-                    VerifierError::NotFound(format!("no verification {id:?}"))
-                } else {
-                    VerifierError::from_job_tracker(s)
-                }
-            })?
-            .into_inner()
-            .run
-            .ok_or_else(|| VerifierError::Internal("GetRun answered without a run".to_owned()))?;
+        let run = self.state.jobs.get_run(id).await.map_err(|e| {
+            if e.code() == Code::NotFound {
+                VerifierError::NotFound(format!("no verification {id:?}"))
+            } else {
+                e.into()
+            }
+        })?;
         if run.job_kind != jpb::JobKind::Verification as i32 {
             return Err(VerifierError::NotFound(format!(
                 "{id:?} is not a verification"
@@ -72,18 +62,7 @@ impl Verifier {
     }
 
     async fn job_spec(&self, job_name: &str) -> Result<VerificationSpec, VerifierError> {
-        let job = self
-            .state
-            .jobs
-            .clone()
-            .get_job(jpb::GetJobRequest {
-                name: job_name.to_owned(),
-            })
-            .await
-            .map_err(VerifierError::from_job_tracker)?
-            .into_inner()
-            .job
-            .unwrap_or_default();
+        let job = self.state.jobs.get_job(job_name).await?;
         unpack_any(job.spec.as_ref(), SPEC_TYPE).map_err(VerifierError::Internal)
     }
 
@@ -143,17 +122,8 @@ impl Verifier {
         spec: Option<&VerificationSpec>,
         schedule: Option<&jpb::Schedule>,
     ) -> Result<VerificationSpec, VerifierError> {
-        let mut jobs = self.state.jobs.clone();
-        let existing = match jobs
-            .get_job(jpb::GetJobRequest {
-                name: name.to_owned(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner().job,
-            Err(s) if s.code() == Code::NotFound => None,
-            Err(s) => return Err(VerifierError::from_job_tracker(s)),
-        };
+        let jobs = &self.state.jobs;
+        let existing = jobs.find_job(name).await?;
         if let Some(job) = existing {
             if job.kind != jpb::JobKind::Verification as i32 {
                 return Err(VerifierError::AlreadyExists(format!(
@@ -171,20 +141,13 @@ impl Verifier {
             if let Some(schedule) = schedule
                 && job.schedule.as_ref() != Some(schedule)
             {
-                jobs.update_job(jpb::UpdateJobRequest {
-                    job: Some(jpb::Job {
-                        name: name.to_owned(),
-                        schedule: Some(schedule.clone()),
-                        ..jpb::Job::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["schedule".to_owned()],
-                    }),
-                    expected_revision: 0,
-                    actor: "verifier".to_owned(),
-                })
-                .await
-                .map_err(VerifierError::from_job_tracker)?;
+                let change = jpb::Job {
+                    name: name.to_owned(),
+                    schedule: Some(schedule.clone()),
+                    ..jpb::Job::default()
+                };
+                jobs.update_job(change, &["schedule"], 0, "verifier")
+                    .await?;
             }
             return Ok(stored);
         }
@@ -195,26 +158,24 @@ impl Verifier {
             )])
         })?;
         let created = jobs
-            .create_job(jpb::CreateJobRequest {
-                job: Some(jpb::Job {
-                    name: name.to_owned(),
-                    kind: jpb::JobKind::Verification as i32,
-                    description: "verification (StartVerification)".to_owned(),
-                    spec: Some(pack_any(SPEC_TYPE, spec)),
-                    schedule: schedule.cloned(),
-                    default_unit_keys: vec![UNIT_KEY.to_owned()],
-                    explicit_completion: true,
-                    ..jpb::Job::default()
-                }),
+            .ensure_job(jpb::Job {
+                name: name.to_owned(),
+                kind: jpb::JobKind::Verification as i32,
+                description: "verification (StartVerification)".to_owned(),
+                spec: Some(pack_any(SPEC_TYPE, spec)),
+                schedule: schedule.cloned(),
+                default_unit_keys: vec![UNIT_KEY.to_owned()],
+                explicit_completion: true,
+                ..jpb::Job::default()
             })
             .await;
         match created {
             Ok(_) => Ok(spec.clone()),
             // Created meanwhile by a concurrent call: compare with that one.
-            Err(s) if s.code() == Code::AlreadyExists => {
+            Err(e) if e.code() == Code::AlreadyExists => {
                 Box::pin(self.ensure_job(name, Some(spec), None)).await
             }
-            Err(s) => Err(VerifierError::from_job_tracker(s)),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -249,9 +210,7 @@ impl Verifier {
             .ensure_job(&name, r.spec.as_ref(), r.schedule.as_ref())
             .await?;
         let spec = Spec::from_proto(&spec_pb, "spec").map_err(VerifierError::Invalid)?;
-        Sides::open(&spec, &self.state.env)
-            .await
-            .map_err(|e| VerifierError::from_store(&e))?;
+        Sides::open(&spec, &self.state.env).await?;
         if let Some(pipeline) = &spec.recheck.pipeline {
             self.state
                 .replicator
@@ -268,24 +227,16 @@ impl Verifier {
         let run = self
             .state
             .jobs
-            .clone()
-            .start_run(jpb::StartRunRequest {
+            .start_run(NewRun {
                 job_name: name.clone(),
-                units: vec![jpb::UnitSpec {
-                    unit_key: UNIT_KEY.to_owned(),
-                    after_unit_keys: Vec::new(),
-                }],
-                trigger: jpb::RunTrigger::Api as i32,
+                units: vec![UNIT_KEY.to_owned()],
+                trigger: jpb::RunTrigger::Api,
                 correlation_id: r.correlation_id.clone(),
                 actor: r.actor.clone(),
                 reason: "StartVerification".to_owned(),
-                ..jpb::StartRunRequest::default()
+                ..NewRun::default()
             })
-            .await
-            .map_err(VerifierError::from_job_tracker)?
-            .into_inner()
-            .run
-            .ok_or_else(|| VerifierError::Internal("StartRun answered without a run".to_owned()))?;
+            .await?;
         Ok(StartVerificationResponse {
             verification_id: run.run_id,
             job_name: name,
@@ -297,16 +248,8 @@ impl Verifier {
         let units = self
             .state
             .jobs
-            .clone()
-            .list_units(jpb::ListUnitsRequest {
-                run_id: run_id.to_owned(),
-                unit_keys: vec![UNIT_KEY.to_owned()],
-                ..jpb::ListUnitsRequest::default()
-            })
-            .await
-            .map_err(VerifierError::from_job_tracker)?
-            .into_inner()
-            .units;
+            .list_units(run_id, &[UNIT_KEY.to_owned()], &[])
+            .await?;
         let Some(result) = units.into_iter().find_map(|u| u.result) else {
             return Ok(Vec::new());
         };

@@ -20,10 +20,11 @@ use tidemark_connectors::{
 };
 
 use crate::spec::{Spec, Store};
+// The replicator's watermark items (its default prefix) live in the source
+// but are never replicated, so neither side counts them.
+use tidemark_connectors::DEFAULT_WATERMARK_PREFIX as WATERMARK_PREFIX;
+use tidemark_connectors::now_micros;
 
-/// Partition-key prefix of the replicator's watermark items (its default):
-/// they live in the source but are never replicated.
-const WATERMARK_PREFIX: &str = "__tidemark_watermark#";
 /// Attributes Tidemark itself writes into source items (the touch marker).
 const BOOKKEEPING_PREFIX: &str = "_tidemark_";
 /// Entries handed to a consumer at once.
@@ -228,13 +229,6 @@ pub struct Side(Arc<Inner>);
 pub struct Sides {
     pub source: Side,
     pub target: Option<Side>,
-}
-
-fn now_micros() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
 }
 
 fn schema_of(names: &[String]) -> KeySchema {
