@@ -59,6 +59,21 @@ pub struct Outcome {
     pub rounds: u32,
 }
 
+/// Why a `versions_only` digest cannot run on a pair of sides.
+pub const VERSIONS_ONLY_NEEDS_VERSIONS: &str = "versions_only compares versions, and one side has none: name the version_attribute of both sides, or compare contents (versions_only = false)";
+
+/// A digest's verdict: it passes only when the digests agreed, or when the
+/// drill-down named the differing keys and every one of them was resolved
+/// (on re-check or by repair). Buckets that differ while the drill-down names
+/// no key prove nothing either way, so they fail.
+pub fn digest_verdict(differing_buckets: usize, found_any: bool, remaining: usize) -> pb::Verdict {
+    if remaining > 0 || (differing_buckets > 0 && !found_any) {
+        pb::Verdict::Fail
+    } else {
+        pb::Verdict::Pass
+    }
+}
+
 /// How two entries of one key differ, or `None` when they agree.
 pub fn classify(
     source: Option<&Entry>,
@@ -447,6 +462,14 @@ impl Runner<'_> {
         let source = &self.sides.source;
         let target = self.target()?;
         let versions = source.versions_known() && target.versions_known();
+        if versions_only && !versions {
+            // Comparing versions that one side does not have would compare
+            // nothing and pass whatever the stores hold.
+            return Err(tidemark_connectors::ConnectorError::invalid(
+                "verifier",
+                VERSIONS_ONLY_NEEDS_VERSIONS,
+            ));
+        }
         let (s, t) = (Digests::new(buckets), Digests::new(buckets));
         tokio::try_join!(
             source.walk(s.consumer(versions, versions_only, Some(self.progress.clone()))),
@@ -499,6 +522,7 @@ impl Runner<'_> {
             // Stable order for reports and streams.
             found.sort_by(|x, y| x.key.cmp(&y.key));
         }
+        let found_any = !found.is_empty();
         let (mut remaining, resolved, rounds) =
             self.recheck(found, versions, versions_only).await?;
         let mut detail = String::new();
@@ -526,11 +550,12 @@ impl Runner<'_> {
                 }
             }
         }
-        let verdict = if remaining.is_empty() {
-            pb::Verdict::Pass
-        } else {
-            pb::Verdict::Fail
-        };
+        let verdict = digest_verdict(wanted.len(), found_any, remaining.len());
+        if !found_any && !wanted.is_empty() {
+            detail.push_str(
+                "; the drill-down found no differing key in the differing buckets (did the data change between the reads?): inconclusive, run the check again",
+            );
+        }
         let detail = format!(
             "source {source_count}, target {target_count}, {} of {buckets} buckets differ, {} mismatches, {resolved} resolved on re-check, {} repaired{detail}",
             wanted.len(),
@@ -722,6 +747,14 @@ mod tests {
             classify(Some(&entry(0, "x")), Some(&entry(9, "y")), false, false),
             Some(K::DifferentContent)
         );
+    }
+
+    #[test]
+    fn differing_buckets_without_a_differing_key_do_not_pass() {
+        assert_eq!(digest_verdict(0, false, 0), pb::Verdict::Pass);
+        assert_eq!(digest_verdict(3, true, 0), pb::Verdict::Pass);
+        assert_eq!(digest_verdict(3, true, 1), pb::Verdict::Fail);
+        assert_eq!(digest_verdict(3, false, 0), pb::Verdict::Fail);
     }
 
     #[test]

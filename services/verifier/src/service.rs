@@ -6,19 +6,20 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tidemark_kit::FieldError;
 use tidemark_kit::jobs::NewRun;
 use tidemark_kit::rpc::BoxStream;
 use tidemark_kit::worker::{pack_any, unpack_any};
+use tidemark_kit::{FieldError, ServiceError};
 use tidemark_proto::job_tracker::v1 as jpb;
 use tidemark_proto::verifier::v1::verifier_service_server::VerifierService;
 use tidemark_proto::verifier::v1::*;
 use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
+use crate::checks::VERSIONS_ONLY_NEEDS_VERSIONS;
 use crate::executor::pending_report;
 use crate::side::Sides;
-use crate::spec::Spec;
+use crate::spec::{CheckKind, Spec};
 use crate::{REPORT_TYPE, SPEC_TYPE, UNIT_KEY, Verifier, VerifierError};
 
 /// Mismatches per stream message.
@@ -210,7 +211,23 @@ impl Verifier {
             .ensure_job(&name, r.spec.as_ref(), r.schedule.as_ref())
             .await?;
         let spec = Spec::from_proto(&spec_pb, "spec").map_err(VerifierError::Invalid)?;
-        Sides::open(&spec, &self.state.env).await?;
+        let sides = Sides::open(&spec, &self.state.env).await?;
+        let versions = sides.source.versions_known()
+            && sides.target.as_ref().is_some_and(|t| t.versions_known());
+        if let Some(i) = spec.checks.iter().position(|c| {
+            matches!(
+                c.kind,
+                CheckKind::Digest {
+                    versions_only: true,
+                    ..
+                }
+            )
+        }) && !versions
+        {
+            return Err(ServiceError::precondition(VERSIONS_ONLY_NEEDS_VERSIONS)
+                .on_field(&format!("spec.checks[{i}].digest.versions_only"))
+                .into());
+        }
         if let Some(pipeline) = &spec.recheck.pipeline {
             self.state
                 .replicator

@@ -749,6 +749,47 @@ async fn dynamodb_target_without_source_versions_compares_content() {
 }
 
 #[tokio::test]
+async fn versions_only_without_versions_is_refused_not_passed() {
+    // Without a version attribute on the source there are no versions to
+    // compare: a versions-only digest would compare nothing and pass.
+    let mut h = harness().await;
+    let (table, name) = dynamo_source().await;
+    let (client, _) = dynamodb_clients().await;
+    let target_name = unique_name("verify-dst");
+    let target = DynamoTable::create(client, &target_name, &KeySchema::new("id", None), false)
+        .await
+        .unwrap();
+    seed(&table, &DynamoSink::new(target), 10, true).await;
+    let mut check = digest("digest", 8);
+    if let Some(pb::check::Kind::Digest(d)) = &mut check.kind {
+        d.versions_only = true;
+    }
+    let mut s = spec(
+        dynamo_store(&name),
+        Some(dynamo_store(&target_name)),
+        vec![count("count"), check],
+    );
+    s.version_attribute = String::new();
+    let refused = h
+        .client
+        .start_verification(pb::StartVerificationRequest {
+            job_name: unique_name("verify"),
+            spec: Some(s),
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("spec.checks[1].digest.versions_only"),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
 async fn predicates_on_dynamodb_and_sqlite() {
     let mut h = harness().await;
     let (table, name) = dynamo_source().await;
