@@ -69,6 +69,11 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key.
     pub tls_key: Option<PathBuf>,
+    /// Serve on a non-loopback address with neither `auth_token` nor TLS
+    /// (for example behind a mesh whose sidecar does mTLS and authorisation).
+    /// Off: such a configuration is refused, so a pod never listens on
+    /// 0.0.0.0 open to anyone by accident.
+    pub insecure: bool,
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info` or `info,replicator=debug`.
     pub log_level: String,
@@ -86,6 +91,7 @@ impl Default for ServerConfig {
             auth_token: None,
             tls_cert: None,
             tls_key: None,
+            insecure: false,
             log_format: LogFormat::Json,
             log_level: "info".to_owned(),
         }
@@ -145,6 +151,19 @@ impl ServerConfig {
                 "must not be empty when set",
             ));
         }
+        if !self.listen.ip().is_loopback()
+            && self.auth_token.is_none()
+            && self.tls_cert.is_none()
+            && !self.insecure
+        {
+            return Err(ConfigError::invalid(
+                "listen",
+                format!(
+                    "{} is reachable from other hosts, and neither auth_token nor TLS (tls_cert, tls_key) is set: set one, or set insecure = true (TIDEMARK_INSECURE=true, --insecure) when something in front (a mesh) authenticates callers",
+                    self.listen
+                ),
+            ));
+        }
         if self.metrics_listen == Some(self.listen) {
             return Err(ConfigError::invalid(
                 "metrics_listen",
@@ -179,6 +198,10 @@ pub struct ServerFlags {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve on a non-loopback address without auth_token or TLS.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// Log format.
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -339,5 +362,33 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn an_open_non_loopback_listener_needs_a_token_tls_or_insecure() {
+        let open = ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            ..ServerConfig::default()
+        };
+        let err = open.validate().unwrap_err();
+        assert!(err.to_string().starts_with("listen:"), "{err}");
+        assert!(err.to_string().contains("insecure"), "{err}");
+        let with_token = ServerConfig {
+            auth_token: Some("s3cret".into()),
+            ..open.clone()
+        };
+        with_token.validate().unwrap();
+        let declared = ServerConfig {
+            insecure: true,
+            ..open
+        };
+        declared.validate().unwrap();
+        ServerConfig::default().validate().unwrap();
+        ServerConfig {
+            listen: "[::1]:50051".parse().unwrap(),
+            ..ServerConfig::default()
+        }
+        .validate()
+        .unwrap();
     }
 }
