@@ -1,14 +1,22 @@
-//! What every executor of a claimed unit shares, and how a unit's failure is
-//! reported back to the job-tracker.
+//! What every executor of a claimed unit and every RPC handler shares: the
+//! stores and clients ([`Context`]), why a unit stopped ([`UnitFailure`]) and
+//! the segment unit keys. It imports no executor, so executors can import
+//! it without a circle (the dispatch lives in `worker`).
 
 use std::sync::Arc;
 
 use tidemark_connectors::ConnectorError;
-use tidemark_kit::worker::{Claim, Executor, JobTrackerClient, Progress};
-use tidemark_proto::job_tracker::v1::JobKind;
+use tidemark_kit::worker::{JobTrackerClient, Progress};
 
-use crate::Config;
+use crate::config::Config;
 use crate::stores::Stores;
+
+/// The `ReplicatorService` implementation: the RPC handlers' view of the
+/// shared context.
+#[derive(Clone)]
+pub struct Replicator {
+    pub(crate) ctx: Context,
+}
 
 #[derive(Clone)]
 pub struct Context {
@@ -96,47 +104,4 @@ pub fn segment_of(unit_key: &str, total: u32) -> Result<u32, String> {
 
 pub fn segment_units(total: u32) -> Vec<String> {
     (0..total).map(|i| format!("segment-{i}")).collect()
-}
-
-/// The executor the worker loop runs for every claimed unit: dispatch on
-/// the job kind, then report a failure to the job-tracker.
-pub fn executor(ctx: Context) -> Executor {
-    Arc::new(move |claim: Claim| {
-        let ctx = ctx.clone();
-        Box::pin(async move {
-            let lease = claim.lease.clone();
-            let kind = JobKind::try_from(claim.job.kind).unwrap_or(JobKind::Unspecified);
-            let job = claim.job.name.clone();
-            let unit = claim.unit.unit_key.clone();
-            let result = match kind {
-                JobKind::BackfillAttribute => Box::pin(crate::backfill::execute(ctx, claim)).await,
-                JobKind::UnitMigration => Box::pin(crate::migrate::execute(ctx, claim)).await,
-                JobKind::IncrementalExtract => Box::pin(crate::extract::execute(ctx, claim)).await,
-                JobKind::Replication => Box::pin(crate::pipeline::execute(ctx, claim)).await,
-                _ => Err(UnitFailure::terminal(format!(
-                    "the replicator does not execute {kind:?} jobs"
-                ))),
-            };
-            match result {
-                Ok(()) => tracing::info!(%job, %unit, "unit done"),
-                Err(UnitFailure::LeaseLost) => {
-                    tracing::info!(%job, %unit, "unit lease lost; another worker continues it");
-                }
-                Err(UnitFailure::Failed {
-                    message,
-                    retryable,
-                    rolled_back,
-                    progress,
-                }) => {
-                    tracing::warn!(%job, %unit, error = %message, retryable, rolled_back, "unit failed");
-                    if let Err(e) = lease
-                        .fail(&message, retryable, rolled_back, &progress)
-                        .await
-                    {
-                        tracing::warn!(%job, %unit, error = %e, "could not report the unit's failure; its lease will lapse");
-                    }
-                }
-            }
-        })
-    })
 }

@@ -1,13 +1,14 @@
-//! `ReplicatorService` RPCs: thin wrappers over `jobs` (one-shot jobs) and
-//! `pipelines`.
+//! `ReplicatorService` RPCs: thin wrappers over the handlers of each
+//! operation (`pipeline`, `backfill`, `migrate`, `extract`).
 
 use tidemark_kit::rpc::BoxStream;
 use tidemark_proto::replicator::v1::replicator_service_server::ReplicatorService;
 use tidemark_proto::replicator::v1::*;
 use tonic::{Request, Response, Status};
 
-use crate::Replicator;
-use crate::{jobs, pipelines};
+use crate::context::Replicator;
+use crate::pipeline::{lag, repair, rpc as pipelines};
+use crate::{backfill, extract, migrate};
 
 #[tonic::async_trait]
 impl ReplicatorService for Replicator {
@@ -60,7 +61,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
-        pipelines::drain(self, request.into_inner())
+        lag::drain(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -71,7 +72,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<WatchLagRequest>,
     ) -> Result<Response<Self::WatchLagStream>, Status> {
-        pipelines::watch_lag(self, request.into_inner())
+        lag::watch_lag(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -80,7 +81,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<RepairRequest>,
     ) -> Result<Response<RepairResponse>, Status> {
-        pipelines::repair(self, request.into_inner())
+        repair::repair(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -89,7 +90,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
-        pipelines::list_dead_letters(self, request.into_inner())
+        repair::list_dead_letters(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -98,7 +99,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<ReplayDeadLettersRequest>,
     ) -> Result<Response<ReplayDeadLettersResponse>, Status> {
-        pipelines::replay_dead_letters(self, request.into_inner())
+        repair::replay_dead_letters(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -107,7 +108,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<BackfillAttributeRequest>,
     ) -> Result<Response<BackfillAttributeResponse>, Status> {
-        jobs::backfill_attribute(self, request.into_inner())
+        backfill::rpc::backfill_attribute(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -116,7 +117,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<SetBackfillRateRequest>,
     ) -> Result<Response<SetBackfillRateResponse>, Status> {
-        jobs::set_backfill_rate(self, request.into_inner())
+        backfill::rpc::set_backfill_rate(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -125,7 +126,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<MigrateUnitRequest>,
     ) -> Result<Response<MigrateUnitResponse>, Status> {
-        jobs::migrate_unit(self, request.into_inner())
+        migrate::rpc::migrate_unit(self, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -134,7 +135,7 @@ impl ReplicatorService for Replicator {
         &self,
         request: Request<CreateIncrementalExtractRequest>,
     ) -> Result<Response<CreateIncrementalExtractResponse>, Status> {
-        jobs::create_incremental_extract(self, request.into_inner())
+        extract::rpc::create_incremental_extract(self, request.into_inner())
             .await
             .map(Response::new)
     }

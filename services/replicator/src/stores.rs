@@ -16,7 +16,7 @@ use tidemark_connectors::{ConnectorError, ConnectorResult, KeySchema, Sink, Sour
 use tidemark_proto::common::v1::DataStore;
 use tidemark_proto::common::v1::data_store::Store;
 
-use crate::Config;
+use crate::config::Config;
 
 /// A source table and what the replicator needs to know about it.
 #[derive(Clone)]

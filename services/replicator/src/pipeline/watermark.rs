@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::{AttrValue, ChangeRecord, Item, Key, ScanRequest};
 
+use super::open::Opened;
 use crate::context::UnitFailure;
 use crate::dead_letters::DeadLetters;
-use crate::pipeline::Opened;
 
 /// The attribute of the watermark item saying `low` or `high`.
 pub const KIND_ATTRIBUTE: &str = "_tidemark_watermark";

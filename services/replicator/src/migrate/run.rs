@@ -22,6 +22,7 @@ use tidemark_proto::job_tracker::v1::{RouteTarget, SetRouteRequest};
 use tidemark_proto::replicator::v1::{MigrateUnitSpec, UnitKeyType};
 
 use crate::context::{Context, UnitFailure};
+use crate::schema::target_schema;
 use crate::stores::SinkHandle;
 
 pub const SPEC_TYPE: &str = "tidemark.replicator.v1.MigrateUnitSpec";
@@ -39,31 +40,6 @@ pub fn unit_value(spec: &MigrateUnitSpec, unit_key: &str) -> Result<AttrValue, S
             .map(AttrValue::N)
             .map_err(|e| format!("unit key {unit_key:?} is not a number: {e}")),
         _ => Ok(AttrValue::s(unit_key)),
-    }
-}
-
-/// The key schema as the target names it (renamed key attributes).
-pub fn target_schema(schema: &KeySchema, transform: &Transform) -> KeySchema {
-    let renamed = transform.shape_key(&Key(schema
-        .names()
-        .map(|n| (n.to_owned(), AttrValue::Null(true)))
-        .collect()));
-    let rename = |name: &str| -> String {
-        if renamed.get(name).is_some() {
-            name.to_owned()
-        } else {
-            // The one attribute of the renamed key not among the originals.
-            renamed
-                .0
-                .keys()
-                .find(|k| !schema.names().any(|n| n == k.as_str()))
-                .cloned()
-                .unwrap_or_else(|| name.to_owned())
-        }
-    };
-    KeySchema {
-        partition: rename(&schema.partition),
-        sort: schema.sort.as_deref().map(rename),
     }
 }
 

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use tidemark_connectors::proto::value_from_proto;
 use tidemark_connectors::transform::{TimeEncoding, Transform};
 use tidemark_connectors::{
-    AttrValue, Key, Number, RecordOutcome, ScanPage, ScanRequest, SinkOp, SinkRecord,
+    AttrValue, Item, Key, Number, RecordOutcome, ScanPage, ScanRequest, Sink, SinkOp, SinkRecord,
 };
-use tidemark_kit::worker::{Claim, LeaseError, Progress, unpack_any};
+use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::job_tracker::v1::{
     CompleteRunRequest, FailRunRequest, ListUnitsRequest, RunStatus, Watermark,
@@ -26,6 +26,7 @@ use tidemark_proto::job_tracker::v1::{
 use tidemark_proto::replicator::v1::{ChangedItemsIndex, IncrementalExtractSpec};
 
 use crate::context::{Context, UnitFailure, segment_of};
+use crate::stores::OpenTable;
 
 pub const SPEC_TYPE: &str = "tidemark.replicator.v1.IncrementalExtractSpec";
 pub const DEFAULT_SEGMENTS: u32 = 8;
@@ -118,7 +119,7 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
         .stores
         .table(spec.source.as_ref().unwrap_or(&Default::default()))
         .await?;
-    let schema = crate::migrate::target_schema(&source.schema, &transform);
+    let schema = crate::schema::target_schema(&source.schema, &transform);
     let target = ctx
         .stores
         .sink(
@@ -168,53 +169,20 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
             }
         };
         state.scanned += page.scanned;
-        let mut batch = Vec::new();
-        for item in &page.items {
-            let Some(changed) = item
-                .get(&spec.changed_at_attribute)
-                .and_then(|v| encoding.micros(v))
-            else {
-                continue;
-            };
-            if changed < start || changed >= end {
-                continue;
-            }
-            let key = source.schema.key_of(item).map_err(UnitFailure::terminal)?;
-            let version = if spec.version_attribute.is_empty() {
-                u64::try_from(changed).unwrap_or(0)
-            } else {
-                item.get(&spec.version_attribute)
-                    .and_then(AttrValue::as_number)
-                    .and_then(Number::as_u64)
-                    .unwrap_or_else(|| u64::try_from(changed).unwrap_or(0))
-            };
-            batch.push(SinkRecord {
-                key: transform.shape_key(&key),
-                version,
-                op: SinkOp::Upsert(transform.shape(item, &source.schema)),
-            });
-        }
+        let batch = changed_records(
+            &spec,
+            encoding,
+            &transform,
+            &source,
+            &page.items,
+            (start, end),
+        )?;
         if !batch.is_empty() {
-            let outcomes = target.apply(&batch).await?;
-            for (record, outcome) in batch.iter().zip(outcomes) {
-                match outcome {
-                    RecordOutcome::Applied => {
-                        state.extracted += 1;
-                        fold(&mut state.checksum, &record.key, record.version);
-                    }
-                    RecordOutcome::Stale => state.skipped_older += 1,
-                    RecordOutcome::Rejected(reason) => {
-                        return Err(UnitFailure::terminal(format!(
-                            "the target refused item {}: {reason}",
-                            record.key
-                        )));
-                    }
-                }
-            }
+            write_batch(target.as_ref(), &batch, &mut state).await?;
         }
         state.start_after.clone_from(&page.last_key);
-        let bytes = serde_json::to_vec(&state).expect("extract state serialises");
         if page.last_key.is_some() {
+            let bytes = serde_json::to_vec(&state).expect("extract state serialises");
             match lease.checkpoint(bytes, &progress(&state)).await {
                 Ok(()) => continue,
                 Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
@@ -224,34 +192,112 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
                 }
             }
         }
-        // The final state must be readable by whoever writes the manifest.
-        lease
-            .checkpoint(bytes, &progress(&state))
-            .await
-            .map_err(|e| match e {
-                LeaseError::Lost(_) => UnitFailure::LeaseLost,
-                LeaseError::Rpc(s) => UnitFailure::retryable(s.message()),
-            })?;
-        let run_progress = match lease.complete(&progress(&state), None).await {
-            Ok(p) => p,
-            Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
-            Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
-        };
-        let all_done = run_progress.as_ref().is_some_and(|p| {
-            let u = p.units.unwrap_or_default();
-            u.migrated == u.total && p.status == RunStatus::Running as i32
-        });
-        if all_done {
-            finish_run(ctx, claim, &spec, start, end).await?;
-        }
-        return Ok(());
+        return finish_segment(ctx, claim, &spec, &lease, &state, (start, end)).await;
     }
+}
+
+/// The page's items changed inside the window `[start, end)`, as sink
+/// records carrying their version.
+fn changed_records(
+    spec: &IncrementalExtractSpec,
+    encoding: TimeEncoding,
+    transform: &Transform,
+    source: &OpenTable,
+    items: &[Item],
+    (start, end): (i64, i64),
+) -> Result<Vec<SinkRecord>, UnitFailure> {
+    let mut batch = Vec::new();
+    for item in items {
+        let Some(changed) = item
+            .get(&spec.changed_at_attribute)
+            .and_then(|v| encoding.micros(v))
+        else {
+            continue;
+        };
+        if changed < start || changed >= end {
+            continue;
+        }
+        let key = source.schema.key_of(item).map_err(UnitFailure::terminal)?;
+        let version = if spec.version_attribute.is_empty() {
+            u64::try_from(changed).unwrap_or(0)
+        } else {
+            item.get(&spec.version_attribute)
+                .and_then(AttrValue::as_number)
+                .and_then(Number::as_u64)
+                .unwrap_or_else(|| u64::try_from(changed).unwrap_or(0))
+        };
+        batch.push(SinkRecord {
+            key: transform.shape_key(&key),
+            version,
+            op: SinkOp::Upsert(transform.shape(item, &source.schema)),
+        });
+    }
+    Ok(batch)
+}
+
+/// Writes a batch to the target and counts it into the segment's state.
+async fn write_batch(
+    target: &dyn Sink,
+    batch: &[SinkRecord],
+    state: &mut SegmentState,
+) -> Result<(), UnitFailure> {
+    let outcomes = target.apply(batch).await?;
+    for (record, outcome) in batch.iter().zip(outcomes) {
+        match outcome {
+            RecordOutcome::Applied => {
+                state.extracted += 1;
+                fold(&mut state.checksum, &record.key, record.version);
+            }
+            RecordOutcome::Stale => state.skipped_older += 1,
+            RecordOutcome::Rejected(reason) => {
+                return Err(UnitFailure::terminal(format!(
+                    "the target refused item {}: {reason}",
+                    record.key
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Completes the segment; the worker that completes the run's last one
+/// writes the manifest and completes the run.
+async fn finish_segment(
+    ctx: &Context,
+    claim: &Claim,
+    spec: &IncrementalExtractSpec,
+    lease: &UnitLease,
+    state: &SegmentState,
+    (start, end): (i64, i64),
+) -> Result<(), UnitFailure> {
+    let bytes = serde_json::to_vec(state).expect("extract state serialises");
+    // The final state must be readable by whoever writes the manifest.
+    lease
+        .checkpoint(bytes, &progress(state))
+        .await
+        .map_err(|e| match e {
+            LeaseError::Lost(_) => UnitFailure::LeaseLost,
+            LeaseError::Rpc(s) => UnitFailure::retryable(s.message()),
+        })?;
+    let run_progress = match lease.complete(&progress(state), None).await {
+        Ok(p) => p,
+        Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+        Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
+    };
+    let all_done = run_progress.as_ref().is_some_and(|p| {
+        let u = p.units.unwrap_or_default();
+        u.migrated == u.total && p.status == RunStatus::Running as i32
+    });
+    if all_done {
+        finish_run(ctx, claim, spec, start, end).await?;
+    }
+    Ok(())
 }
 
 /// The items of one partition value of the index changed in the window,
 /// read by key (the index may project only keys), as one page.
 async fn query_window(
-    source: &crate::stores::OpenTable,
+    source: &OpenTable,
     index: &ChangedItemsIndex,
     unit: u32,
     encoding: TimeEncoding,

@@ -14,13 +14,14 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::proto::value_from_proto;
 use tidemark_connectors::{ConnectorError, Item, Key, Predicate, ScanRequest};
-use tidemark_kit::worker::{Claim, LeaseError, Progress, unpack_any};
+use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
 use tidemark_proto::job_tracker::v1::GetJobRequest;
 use tidemark_proto::replicator::v1::BackfillAttributeSpec;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::context::{Context, UnitFailure, segment_of};
+use crate::stores::OpenTable;
 
 pub const SPEC_TYPE: &str = "tidemark.replicator.v1.BackfillAttributeSpec";
 pub const DEFAULT_SEGMENTS: u32 = 16;
@@ -178,55 +179,13 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             return Err(UnitFailure::LeaseLost);
         }
         if lease.job_revision() > revision {
-            // SetBackfillRate changed the spec: pick up the new rate.
-            let job = ctx
-                .jobs
-                .clone()
-                .get_job(GetJobRequest {
-                    name: claim.job.name.clone(),
-                })
-                .await
-                .map_err(|s| UnitFailure::retryable(s.message()))?
-                .into_inner()
-                .job
-                .unwrap_or_default();
-            revision = job.revision;
-            if let Ok(new) = unpack_any::<BackfillAttributeSpec>(job.spec.as_ref(), SPEC_TYPE) {
-                spec = new;
-                limiter.set_rate(share(&spec)).await;
-                tracing::info!(job = %job.name, rate = spec.write_units_per_second, "backfill rate changed");
-            }
+            revision = refresh_rate(&ctx, &claim.job.name, &limiter, &mut spec).await?;
         }
         let scanned = i64::try_from(current.scanned).unwrap_or(i64::MAX);
         let candidates = i64::try_from(current.items.len()).unwrap_or(i64::MAX);
         cp.scanned += scanned;
         cp.already_set += scanned - candidates;
-        let updates = futures::stream::iter(current.items)
-            .map(|item| {
-                let limiter = Arc::clone(&limiter);
-                let source = Arc::clone(&table.table);
-                let key = table.schema.key_of(&item);
-                let set = Arc::clone(&set);
-                let condition = Arc::clone(&condition);
-                async move {
-                    let key = key.map_err(|e| ConnectorError::invalid("backfill", e))?;
-                    loop {
-                        limiter.acquire().await;
-                        match source.update(&key, &set, Some(&condition)).await {
-                            Ok(_) => return Ok(true),
-                            Err(ConnectorError::Precondition(_)) => return Ok(false),
-                            Err(ConnectorError::Retryable { .. }) => {
-                                // The connector's own retries ran out: the
-                                // table is throttling; slow the whole segment.
-                                limiter.throttled().await;
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .collect::<Vec<Result<bool, ConnectorError>>>();
+        let updates = update_items(current.items, &table, &limiter, &set, &condition);
         // The next page is read while this one's updates run (its keys
         // follow this page's, so neither sees the other's writes).
         let next = async {
@@ -247,14 +206,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
         cp.start_after.clone_from(&current.last_key);
         cp.done = current.last_key.is_none();
         if !cp.done {
-            let bytes = serde_json::to_vec(&cp).expect("checkpoint serialises");
-            match lease.checkpoint(bytes, &progress(&cp)).await {
-                Ok(()) => {}
-                Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
-                Err(LeaseError::Rpc(s)) => {
-                    tracing::warn!(error = %s, "checkpoint failed; continuing");
-                }
-            }
+            save(&lease, &cp).await?;
         }
         page = next?;
     }
@@ -263,6 +215,84 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
         Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
         Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
     }
+}
+
+/// SetBackfillRate changed the spec: picks up the new rate. Returns the
+/// job's revision now.
+async fn refresh_rate(
+    ctx: &Context,
+    job_name: &str,
+    limiter: &RateLimiter,
+    spec: &mut BackfillAttributeSpec,
+) -> Result<u64, UnitFailure> {
+    let job = ctx
+        .jobs
+        .clone()
+        .get_job(GetJobRequest {
+            name: job_name.to_owned(),
+        })
+        .await
+        .map_err(|s| UnitFailure::retryable(s.message()))?
+        .into_inner()
+        .job
+        .unwrap_or_default();
+    if let Ok(new) = unpack_any::<BackfillAttributeSpec>(job.spec.as_ref(), SPEC_TYPE) {
+        *spec = new;
+        limiter.set_rate(share(spec)).await;
+        tracing::info!(job = %job.name, rate = spec.write_units_per_second, "backfill rate changed");
+    }
+    Ok(job.revision)
+}
+
+/// Updates one page's items, [`IN_FLIGHT`] at a time, each conditional:
+/// `Ok(true)` updated, `Ok(false)` refused by the condition.
+async fn update_items(
+    items: Vec<Item>,
+    table: &OpenTable,
+    limiter: &Arc<RateLimiter>,
+    set: &Arc<Item>,
+    condition: &Arc<Predicate>,
+) -> Vec<Result<bool, ConnectorError>> {
+    futures::stream::iter(items)
+        .map(|item| {
+            let limiter = Arc::clone(limiter);
+            let source = Arc::clone(&table.table);
+            let key = table.schema.key_of(&item);
+            let set = Arc::clone(set);
+            let condition = Arc::clone(condition);
+            async move {
+                let key = key.map_err(|e| ConnectorError::invalid("backfill", e))?;
+                loop {
+                    limiter.acquire().await;
+                    match source.update(&key, &set, Some(&condition)).await {
+                        Ok(_) => return Ok(true),
+                        Err(ConnectorError::Precondition(_)) => return Ok(false),
+                        Err(ConnectorError::Retryable { .. }) => {
+                            // The connector's own retries ran out: the
+                            // table is throttling; slow the whole segment.
+                            limiter.throttled().await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await
+}
+
+/// Checkpoints the segment; a failed checkpoint only costs a longer rescan.
+async fn save(lease: &UnitLease, cp: &Checkpoint) -> Result<(), UnitFailure> {
+    let bytes = serde_json::to_vec(cp).expect("checkpoint serialises");
+    match lease.checkpoint(bytes, &progress(cp)).await {
+        Ok(()) => {}
+        Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+        Err(LeaseError::Rpc(s)) => {
+            tracing::warn!(error = %s, "checkpoint failed; continuing");
+        }
+    }
+    Ok(())
 }
 
 fn progress(cp: &Checkpoint) -> Progress {

@@ -1,0 +1,159 @@
+//! BackfillAttribute and SetBackfillRate: validate, create the job and its
+//! run in the job-tracker, return the run id at once (workers do the rest,
+//! by pull); change a running backfill's write rate.
+
+use tidemark_connectors::proto::value_from_proto;
+use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_kit::worker::{pack_any, unpack_any};
+use tidemark_proto::job_tracker::v1::{GetJobRequest, Job, JobKind, UpdateJobRequest};
+use tidemark_proto::replicator::v1::{
+    BackfillAttributeRequest, BackfillAttributeResponse, BackfillAttributeSpec,
+    SetBackfillRateRequest, SetBackfillRateResponse,
+};
+use tonic::Status;
+
+use super::run as backfill;
+use crate::context::{Replicator, segment_units};
+use crate::jobs::{
+    ensure_job, generated_name, jobs_status, open_source, source_kind, start_run, store_name,
+};
+
+pub async fn backfill_attribute(
+    r: &Replicator,
+    req: BackfillAttributeRequest,
+) -> Result<BackfillAttributeResponse, Status> {
+    let mut violations = Vec::new();
+    if req.actor.trim().is_empty() {
+        violations.push(FieldError::required("actor"));
+    }
+    let Some(spec) = req.spec else {
+        violations.push(FieldError::required("spec"));
+        return Err(invalid_argument(violations));
+    };
+    if let Err(e) = source_kind(spec.table.as_ref(), "spec.table") {
+        violations.push(e);
+    }
+    if spec.attribute_name.is_empty() {
+        violations.push(FieldError::required("spec.attribute_name"));
+    }
+    match spec.value.as_ref().map(value_from_proto) {
+        None => violations.push(FieldError::required("spec.value")),
+        Some(Err(e)) => violations.push(FieldError::new(
+            if e.field.is_empty() {
+                "spec.value".to_owned()
+            } else {
+                format!("spec.value.{}", e.field)
+            },
+            e.reason,
+        )),
+        Some(Ok(_)) => {}
+    }
+    if spec.segments > 1000 {
+        violations.push(FieldError::new(
+            "spec.segments",
+            "at most 1000 (0 means 16)",
+        ));
+    }
+    if !violations.is_empty() {
+        return Err(invalid_argument(violations));
+    }
+    let table_ref = spec.table.clone().unwrap_or_default();
+    let table = open_source(r, &table_ref, "spec.table").await?;
+    if table.schema.names().any(|n| n == spec.attribute_name) {
+        return Err(invalid_argument(vec![FieldError::new(
+            "spec.attribute_name",
+            format!(
+                "{:?} is a key attribute of the table; backfill a non-key attribute",
+                spec.attribute_name
+            ),
+        )]));
+    }
+    let job_name = if req.job_name.is_empty() {
+        generated_name("backfill", &store_name(&table_ref))
+    } else {
+        req.job_name.clone()
+    };
+    let units = segment_units(backfill::segments(&spec));
+    let job = ensure_job(
+        r,
+        Job {
+            name: job_name.clone(),
+            kind: JobKind::BackfillAttribute as i32,
+            description: format!(
+                "set {} on every item of {} lacking it",
+                spec.attribute_name,
+                store_name(&table_ref)
+            ),
+            spec: Some(pack_any(backfill::SPEC_TYPE, &spec)),
+            default_unit_keys: units.clone(),
+            max_attempts: 5,
+            ..Job::default()
+        },
+    )
+    .await?;
+    let run_id = start_run(r, &job.name, units, &req.actor, &req.correlation_id, false).await?;
+    Ok(BackfillAttributeResponse { job_name, run_id })
+}
+
+pub async fn set_backfill_rate(
+    r: &Replicator,
+    req: SetBackfillRateRequest,
+) -> Result<SetBackfillRateResponse, Status> {
+    let mut violations = Vec::new();
+    if req.job_name.is_empty() {
+        violations.push(FieldError::required("job_name"));
+    }
+    if req.actor.trim().is_empty() {
+        violations.push(FieldError::required("actor"));
+    }
+    if !violations.is_empty() {
+        return Err(invalid_argument(violations));
+    }
+    let job = r
+        .ctx
+        .jobs
+        .clone()
+        .get_job(GetJobRequest {
+            name: req.job_name.clone(),
+        })
+        .await
+        .map_err(jobs_status)?
+        .into_inner()
+        .job
+        .unwrap_or_default();
+    if job.kind != JobKind::BackfillAttribute as i32 {
+        return Err(Status::failed_precondition(format!(
+            "job {:?} is not a BACKFILL_ATTRIBUTE job",
+            req.job_name
+        )));
+    }
+    let mut spec: BackfillAttributeSpec =
+        unpack_any(job.spec.as_ref(), backfill::SPEC_TYPE).map_err(Status::failed_precondition)?;
+    spec.write_units_per_second = req.write_units_per_second;
+    let updated = r
+        .ctx
+        .jobs
+        .clone()
+        .update_job(UpdateJobRequest {
+            job: Some(Job {
+                name: job.name.clone(),
+                kind: job.kind,
+                spec: Some(pack_any(backfill::SPEC_TYPE, &spec)),
+                ..Job::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["spec".to_owned()],
+            }),
+            expected_revision: job.revision,
+            actor: req.actor,
+        })
+        .await
+        .map_err(jobs_status)?
+        .into_inner()
+        .job
+        .unwrap_or_default();
+    Ok(SetBackfillRateResponse {
+        write_units_per_second: spec.write_units_per_second,
+        job_revision: updated.revision,
+    })
+}

@@ -1,0 +1,297 @@
+//! The change feed as a feed unit reads it: what the unit checkpoints
+//! ([`FeedState`], read back by the lag RPCs), opening the feed the spec
+//! names, and writing then acknowledging what was polled (nothing is
+//! acknowledged before every sink has it, invariant 1).
+
+use serde::{Deserialize, Serialize};
+use tidemark_connectors::kafka::{KafkaFeed, KafkaStart};
+use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
+use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Item, Key};
+use tidemark_kit::worker::{LeaseError, Progress, UnitLease};
+use tidemark_proto::common::v1::data_store::Store;
+use tidemark_proto::replicator::v1::change_feed::Feed;
+use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, StartPosition};
+
+use super::open::Opened;
+use super::spec::{BACKFILL_PENDING, backfill_mode, reader_index};
+use super::watermark;
+use crate::context::{Context, UnitFailure};
+use crate::dead_letters::DeadLetters;
+
+/// What the feed unit checkpoints: the feed's own checkpoint plus totals.
+#[derive(Default, Serialize, Deserialize)]
+pub struct FeedState {
+    pub feed: FeedCheckpoint,
+    pub applied: u64,
+    pub stale: u64,
+    pub dead_lettered: u64,
+    /// The DBLog backfill's progress (BACKFILL_MODE_WATERMARK), saved with
+    /// the feed position it was reached at.
+    #[serde(default)]
+    pub watermark: Option<watermark::Progress>,
+    /// Each partition's lag when last reported.
+    #[serde(default)]
+    pub lag: Vec<ReportedLag>,
+}
+
+/// One shard's or partition's lag as its feed unit last reported it.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct ReportedLag {
+    pub partition: String,
+    pub records: u64,
+    pub millis: u64,
+}
+
+/// What a feed unit's checkpoint says of its partitions: each one's lag,
+/// and its position (last applied sequence or offset) and whether it is
+/// closed and read to its end.
+pub struct FeedReport {
+    pub lag: Vec<ReportedLag>,
+    pub positions: std::collections::BTreeMap<String, (Option<String>, bool)>,
+}
+
+/// Reads a feed unit's checkpoint; `None` when it has none yet.
+pub fn feed_report(checkpoint: &[u8]) -> Option<FeedReport> {
+    let state: FeedState = serde_json::from_slice(checkpoint).ok()?;
+    Some(FeedReport {
+        lag: state.lag,
+        positions: state
+            .feed
+            .partitions
+            .into_iter()
+            .map(|(id, p)| (id, (p.sequence, p.finished)))
+            .collect(),
+    })
+}
+
+pub async fn open_feed(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    unit_key: &str,
+    checkpoint: &FeedCheckpoint,
+) -> Result<Box<dyn ChangeFeed>, UnitFailure> {
+    let spec = pipeline.spec.clone().unwrap_or_default();
+    let feed = spec.feed.and_then(|f| f.feed);
+    let backfilling = backfill_mode(pipeline) != BackfillMode::None;
+    let start_of = |p: i32| {
+        // A backfilling pipeline must see every change made while it scans.
+        if backfilling || p == StartPosition::TrimHorizon as i32 {
+            FeedStart::TrimHorizon
+        } else {
+            FeedStart::Latest
+        }
+    };
+    match (feed, spec.source.and_then(|s| s.store)) {
+        (Some(Feed::DynamodbStreams(f)), Some(Store::DynamodbTable(t))) => {
+            let ddb = ctx.stores.dynamodb_client(&t.endpoint, &t.region).await;
+            let streams = ctx.stores.streams_client(&t.endpoint, &t.region).await;
+            let source = DynamoStreamSource::for_table(&ddb, streams, &t.table_name).await?;
+            Ok(Box::new(
+                ShardedFeed::new(source, start_of(f.start_position), checkpoint)
+                    .shared(reader_index(unit_key), f.readers),
+            ))
+        }
+        (Some(Feed::EmbeddedChangeLog(f)), Some(Store::SqliteTable(t))) => {
+            let store = ctx.stores.embedded(&t.database)?;
+            let fresh = checkpoint.partitions.is_empty();
+            if fresh && matches!(start_of(f.start_position), FeedStart::Latest) {
+                Ok(Box::new(store.feed_from_end(&t.table_name).await?))
+            } else {
+                Ok(Box::new(store.feed(&t.table_name, checkpoint)))
+            }
+        }
+        (Some(Feed::Kafka(k)), _) => {
+            let topic = k.topic.unwrap_or_default();
+            let brokers = if topic.bootstrap_servers.is_empty() {
+                ctx.config.kafka_brokers.clone().ok_or_else(|| {
+                    UnitFailure::terminal("no Kafka brokers: set the topic's bootstrap_servers or the replicator's kafka_brokers")
+                })?
+            } else {
+                topic.bootstrap_servers.clone()
+            };
+            let group = if k.consumer_group.is_empty() {
+                format!("tidemark-pipeline-{}", pipeline.name)
+            } else {
+                k.consumer_group.clone()
+            };
+            let start = match start_of(k.start_position) {
+                FeedStart::TrimHorizon => KafkaStart::Earliest,
+                FeedStart::Latest => KafkaStart::Latest,
+            };
+            Ok(Box::new(KafkaFeed::subscribe(
+                &brokers,
+                &topic.topic,
+                &group,
+                start,
+            )?))
+        }
+        _ => Err(UnitFailure::terminal("the feed does not match the source")),
+    }
+}
+
+/// Checkpoints the feed's position, totals and lag with the unit's
+/// counters (what Drain, WatchLag and GetPipeline read).
+pub async fn report_progress(
+    lease: &UnitLease,
+    feed: &mut dyn ChangeFeed,
+    state: &mut FeedState,
+    caught_up: bool,
+) -> Result<(), UnitFailure> {
+    state.feed = feed.checkpoint();
+    let lag = feed.lag();
+    state.lag = lag
+        .iter()
+        .map(|l| ReportedLag {
+            partition: l.partition.clone(),
+            records: l.records,
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "milliseconds of lag"
+            )]
+            millis: (l.seconds * 1000.0) as u64,
+        })
+        .collect();
+    let mut p = Progress {
+        items_processed: i64::try_from(state.applied + state.stale).unwrap_or(i64::MAX),
+        items_failed: i64::try_from(state.dead_lettered).unwrap_or(i64::MAX),
+        ..Progress::default()
+    };
+    p.add("applied", i64::try_from(state.applied).unwrap_or(i64::MAX));
+    p.add("stale", i64::try_from(state.stale).unwrap_or(i64::MAX));
+    p.add(
+        "dead_lettered",
+        i64::try_from(state.dead_lettered).unwrap_or(i64::MAX),
+    );
+    let records_behind: u64 = lag.iter().map(|l| l.records).sum();
+    let seconds_behind = lag.iter().map(|l| l.seconds).fold(0.0, f64::max);
+    p.add(
+        "lag_records",
+        i64::try_from(records_behind).unwrap_or(i64::MAX),
+    );
+    #[allow(clippy::cast_possible_truncation, reason = "milliseconds of lag")]
+    p.add("lag_ms", (seconds_behind * 1000.0) as i64);
+    p.add("caught_up", i64::from(caught_up && records_behind == 0));
+    p.add("observed_ms", chrono::Utc::now().timestamp_millis());
+    if let Some(w) = &state.watermark {
+        p.add(BACKFILL_PENDING, i64::from(!w.done));
+        p.add(
+            "backfill_copied",
+            i64::try_from(w.copied).unwrap_or(i64::MAX),
+        );
+        p.add(
+            "backfill_dropped",
+            i64::try_from(w.dropped).unwrap_or(i64::MAX),
+        );
+        p.add(
+            "backfill_chunks",
+            i64::try_from(w.chunks).unwrap_or(i64::MAX),
+        );
+    }
+    let bytes = serde_json::to_vec(state).expect("feed state serialises");
+    match lease.checkpoint(bytes, &p).await {
+        Ok(()) => {}
+        Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+        Err(LeaseError::Rpc(s)) => tracing::warn!(error = %s, "feed checkpoint failed"),
+    }
+    Ok(())
+}
+
+pub fn changes_of(
+    opened: &Opened,
+    records: &[ChangeRecord],
+) -> Vec<(Key, Option<Item>, u64, String)> {
+    records
+        .iter()
+        .filter(|r| !opened.reserved(&r.key))
+        .map(|r| change_of(opened, r))
+        .collect()
+}
+
+/// Writes and acknowledges what was polled, before what must come after
+/// it (a pause, a watermark chunk).
+pub async fn flush(
+    opened: &Opened,
+    dead: &DeadLetters,
+    pipeline: &str,
+    feed: &mut dyn ChangeFeed,
+    state: &mut FeedState,
+    pending: &mut Vec<ChangeRecord>,
+) -> Result<(), UnitFailure> {
+    let records = std::mem::take(pending);
+    let written = opened
+        .write(&changes_of(opened, &records), dead, pipeline)
+        .await?;
+    acknowledge(feed, state, written, &records).await
+}
+
+/// Counts a written batch and acknowledges it to the feed, the last
+/// position of each partition.
+pub async fn acknowledge(
+    feed: &mut dyn ChangeFeed,
+    state: &mut FeedState,
+    (applied, stale, dead_lettered): (u64, u64, u64),
+    records: &[ChangeRecord],
+) -> Result<(), UnitFailure> {
+    state.applied += applied;
+    state.stale += stale;
+    state.dead_lettered += dead_lettered;
+    let mut last: std::collections::BTreeMap<&str, &tidemark_connectors::Position> =
+        std::collections::BTreeMap::new();
+    for r in records {
+        last.insert(&r.position.partition, &r.position);
+    }
+    for position in last.values() {
+        feed.commit(position).await?;
+    }
+    Ok(())
+}
+
+/// Passes the other feed units' checkpointed progress to the feed (a shared
+/// stream's child shard waits on its parent's reader). Best effort: an
+/// unanswered read is tried again later.
+pub async fn learn_peers(ctx: &Context, run_id: &str, peers: &[String], feed: &mut dyn ChangeFeed) {
+    let units = match ctx
+        .jobs
+        .clone()
+        .list_units(tidemark_proto::job_tracker::v1::ListUnitsRequest {
+            run_id: run_id.to_owned(),
+            unit_keys: peers.to_vec(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().units,
+        Err(s) => {
+            tracing::debug!(error = %s, "reading the other feed units failed");
+            return;
+        }
+    };
+    for unit in units {
+        if let Ok(peer) = serde_json::from_slice::<FeedState>(&unit.checkpoint) {
+            feed.learn_peers(&peer.feed);
+        }
+    }
+}
+
+fn change_of(opened: &Opened, r: &ChangeRecord) -> (Key, Option<Item>, u64, String) {
+    let version = if opened.version_attribute.is_empty() {
+        r.version
+    } else {
+        // Versions come from the item alone; mixing in feed-derived ones
+        // (microseconds, far above any counter) would freeze the target.
+        // An image without the attribute ranks below every versioned one;
+        // a delete ranks just above the version it removed.
+        match (&r.new_image, &r.old_image) {
+            (Some(image), _) => opened.version_of(image, 0),
+            (None, Some(old)) => opened.version_of(old, 0) + 1,
+            (None, None) => r.version,
+        }
+    };
+    (
+        r.key.clone(),
+        r.new_image.clone(),
+        version,
+        format!("{}/{}", r.position.partition, r.position.sequence),
+    )
+}

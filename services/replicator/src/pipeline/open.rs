@@ -1,0 +1,154 @@
+//! A pipeline's source and sinks, opened, and how a batch of changes is
+//! written to every sink (rejected records go to the dead-letter store).
+
+use std::sync::Arc;
+
+use tidemark_connectors::transform::Transform;
+use tidemark_connectors::{AttrValue, Item, Key, Number, RecordOutcome, Sink, SinkOp, SinkRecord};
+use tidemark_proto::replicator::v1::Pipeline;
+
+use super::spec::DEFAULT_WATERMARK_PREFIX;
+use crate::context::{Context, UnitFailure};
+use crate::dead_letters::DeadLetters;
+use crate::stores::OpenTable;
+
+/// Records per sink request, and sink requests in flight per poll.
+pub const SINK_BATCH: usize = 500;
+pub const SINK_CONCURRENCY: usize = 4;
+
+/// One sink of a pipeline, opened, with its transform.
+pub struct OpenSink {
+    pub name: String,
+    pub sink: Arc<dyn Sink>,
+    pub transform: Transform,
+}
+
+/// A pipeline's source and sinks, opened.
+pub struct Opened {
+    pub source: OpenTable,
+    pub sinks: Vec<OpenSink>,
+    pub version_attribute: String,
+    pub watermark_prefix: String,
+}
+
+/// Opens what a pipeline reads and writes.
+///
+/// # Errors
+/// A store that cannot be opened.
+pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFailure> {
+    let spec = pipeline.spec.clone().unwrap_or_default();
+    let source = ctx
+        .stores
+        .table(spec.source.as_ref().unwrap_or(&Default::default()))
+        .await?;
+    let mut sinks = Vec::new();
+    for s in &spec.sinks {
+        let transform = Transform::from_proto(&s.transform.clone().unwrap_or_default())
+            .map_err(|e| UnitFailure::terminal(format!("sink {}: transform.{e}", s.name)))?;
+        let schema = crate::schema::target_schema(&source.schema, &transform);
+        let handle = ctx
+            .stores
+            .sink(
+                s.store.as_ref().unwrap_or(&Default::default()),
+                &schema,
+                "",
+                &transform,
+            )
+            .await?;
+        sinks.push(OpenSink {
+            name: s.name.clone(),
+            sink: handle.sink(),
+            transform,
+        });
+    }
+    let watermark_prefix = spec
+        .backfill
+        .as_ref()
+        .map(|b| b.watermark_key_prefix.clone())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_WATERMARK_PREFIX.to_owned());
+    Ok(Opened {
+        source,
+        sinks,
+        version_attribute: spec.version_attribute,
+        watermark_prefix,
+    })
+}
+
+impl Opened {
+    /// Items under the reserved watermark prefix are Tidemark's own and
+    /// never forwarded.
+    pub(crate) fn reserved(&self, key: &Key) -> bool {
+        key.get(&self.source.schema.partition)
+            .and_then(AttrValue::as_s)
+            .is_some_and(|p| p.starts_with(&self.watermark_prefix))
+    }
+
+    pub(crate) fn version_of(&self, item: &Item, derived: u64) -> u64 {
+        if self.version_attribute.is_empty() {
+            return derived;
+        }
+        item.get(&self.version_attribute)
+            .and_then(AttrValue::as_number)
+            .and_then(Number::as_u64)
+            .unwrap_or(derived)
+    }
+
+    /// Writes changes (key, image or `None` for a delete, version, where it
+    /// came from) to every sink; records a sink rejects go to the dead-letter
+    /// store. Returns (applied, stale, dead-lettered).
+    pub async fn write(
+        &self,
+        changes: &[(Key, Option<Item>, u64, String)],
+        dead: &DeadLetters,
+        pipeline: &str,
+    ) -> Result<(u64, u64, u64), UnitFailure> {
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut totals = (0, 0, 0);
+        for sink in &self.sinks {
+            let mut batch = Vec::with_capacity(changes.len());
+            let mut origin = Vec::with_capacity(changes.len());
+            for (key, image, version, position) in changes {
+                let op = match image {
+                    Some(item) if sink.transform.passes(item, now) => {
+                        SinkOp::Upsert(sink.transform.shape(item, &self.source.schema))
+                    }
+                    // Filtered out: not written (a target never holds it
+                    // unless an earlier image passed, which a delete fixes).
+                    Some(_) => continue,
+                    None => SinkOp::Delete,
+                };
+                batch.push(SinkRecord {
+                    key: sink.transform.shape_key(key),
+                    version: *version,
+                    op,
+                });
+                origin.push(position);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            // Writes are conditional on version, so chunks of one poll may be
+            // applied concurrently without ever moving a target backwards; the
+            // feed is acknowledged only after all of them.
+            let requests: Vec<_> = batch
+                .chunks(SINK_BATCH)
+                .map(|chunk| sink.sink.apply(chunk))
+                .collect();
+            let chunks = futures::future::try_join_all(requests).await?;
+            let outcomes = chunks.into_iter().flatten();
+            for ((record, position), outcome) in batch.iter().zip(origin).zip(outcomes) {
+                match outcome {
+                    RecordOutcome::Applied => totals.0 += 1,
+                    RecordOutcome::Stale => totals.1 += 1,
+                    RecordOutcome::Rejected(reason) => {
+                        dead.add(pipeline, &sink.name, record, position, &reason)
+                            .await?;
+                        totals.2 += 1;
+                    }
+                }
+            }
+        }
+        Ok(totals)
+    }
+}

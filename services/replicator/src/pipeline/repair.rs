@@ -1,0 +1,286 @@
+//! Repair and dead letters: rewrite chosen keys from the source's current
+//! state, list what the sinks refused, replay it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use tidemark_connectors::proto::key_from_proto;
+use tidemark_connectors::{Key, RecordOutcome, SinkOp, SinkRecord};
+use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_proto::replicator::v1::*;
+use tonic::Status;
+
+use super::open::{OpenSink, Opened, open};
+use super::rpc::get;
+use crate::context::Replicator;
+use crate::context::UnitFailure;
+use crate::dead_letters::DeadLetters;
+
+/// Re-reads keys from the source and rewrites their current image to the
+/// sinks (deleting those the source no longer has). A derived version one
+/// second in the past keeps any change made after the read winning over the
+/// repair write.
+async fn rewrite(
+    opened: &Opened,
+    keys: &[Key],
+    only: &[String],
+    dead: &DeadLetters,
+    pipeline: &str,
+) -> Result<(i64, i64, i64), UnitFailure> {
+    let now = chrono::Utc::now().timestamp();
+    let derived = u64::try_from((now - 1).max(1)).unwrap_or(1) * 1_000_000;
+    let mut rewritten = 0;
+    let mut deleted = 0;
+    let mut changes = Vec::with_capacity(keys.len());
+    for key in keys {
+        let item = opened.source.table.get(key).await?;
+        match &item {
+            Some(_) => rewritten += 1,
+            None => deleted += 1,
+        }
+        let unversioned = if opened.version_attribute.is_empty() {
+            derived
+        } else {
+            0
+        };
+        let version = item
+            .as_ref()
+            .map_or(derived, |i| opened.version_of(i, unversioned));
+        changes.push((key.clone(), item, version, "repair".to_owned()));
+    }
+    let sinks: Vec<&OpenSink> = opened
+        .sinks
+        .iter()
+        .filter(|s| only.is_empty() || only.contains(&s.name))
+        .collect();
+    let subset = Opened {
+        source: opened.source.clone(),
+        sinks: sinks
+            .into_iter()
+            .map(|s| OpenSink {
+                name: s.name.clone(),
+                sink: Arc::clone(&s.sink),
+                transform: s.transform.clone(),
+            })
+            .collect(),
+        version_attribute: opened.version_attribute.clone(),
+        watermark_prefix: opened.watermark_prefix.clone(),
+    };
+    let (_, _, dead_lettered) = subset.write(&changes, dead, pipeline).await?;
+    let dl = i64::try_from(dead_lettered).unwrap_or(i64::MAX);
+    Ok((rewritten - dl.min(rewritten), deleted, dl))
+}
+
+pub async fn repair(r: &Replicator, req: RepairRequest) -> Result<RepairResponse, Status> {
+    if req.keys.is_empty() || req.keys.len() > 1000 {
+        return Err(invalid_argument(vec![FieldError::new(
+            "keys",
+            "give 1 to 1000 keys",
+        )]));
+    }
+    let p = get(r, &req.name).await?;
+    if p.state == PipelineState::Creating as i32 {
+        return Err(Status::failed_precondition(format!(
+            "pipeline {:?} is still CREATING",
+            req.name
+        )));
+    }
+    let opened = open(&r.ctx, &p)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    for s in &req.sink_names {
+        if !opened.sinks.iter().any(|o| &o.name == s) {
+            return Err(Status::not_found(format!(
+                "pipeline {:?} has no sink {s:?}",
+                req.name
+            )));
+        }
+    }
+    let mut keys = Vec::with_capacity(req.keys.len());
+    for (i, k) in req.keys.iter().enumerate() {
+        let key = key_from_proto(k).map_err(|e| {
+            invalid_argument(vec![FieldError::new(
+                format!("keys[{i}].{}", e.field),
+                e.reason,
+            )])
+        })?;
+        let names: BTreeSet<&str> = key.0.keys().map(String::as_str).collect();
+        let wanted: BTreeSet<&str> = opened.source.schema.names().collect();
+        if names != wanted {
+            return Err(invalid_argument(vec![FieldError::new(
+                format!("keys[{i}]"),
+                format!("must hold exactly the key attributes {wanted:?}"),
+            )]));
+        }
+        keys.push(key);
+    }
+    let (rewritten, deleted, dead) = rewrite(
+        &opened,
+        &keys,
+        &req.sink_names,
+        &r.ctx.dead_letters,
+        &p.name,
+    )
+    .await
+    .map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(RepairResponse {
+        rewritten_count: rewritten,
+        deleted_count: deleted,
+        dead_lettered_count: dead,
+    })
+}
+
+pub async fn list_dead_letters(
+    r: &Replicator,
+    req: ListDeadLettersRequest,
+) -> Result<ListDeadLettersResponse, Status> {
+    let size = match req.page_size {
+        0 => 100,
+        n @ 1..=1000 => usize::try_from(n).unwrap_or(100),
+        _ => {
+            return Err(invalid_argument(vec![FieldError::new(
+                "page_size",
+                "0 to 1000",
+            )]));
+        }
+    };
+    let start: usize = if req.page_token.is_empty() {
+        0
+    } else {
+        req.page_token.parse().map_err(|_| {
+            invalid_argument(vec![FieldError::new(
+                "page_token",
+                "not a token this call issued",
+            )])
+        })?
+    };
+    let p = get(r, &req.name).await?;
+    check_sink(&p, &req.sink_name)?;
+    let all = r
+        .ctx
+        .dead_letters
+        .list(&req.name, &req.sink_name)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let page: Vec<DeadLetter> = all
+        .iter()
+        .skip(start)
+        .take(size)
+        .map(|s| s.letter.clone())
+        .collect();
+    let next = start + page.len();
+    Ok(ListDeadLettersResponse {
+        dead_letters: page,
+        next_page_token: if next < all.len() {
+            next.to_string()
+        } else {
+            String::new()
+        },
+    })
+}
+
+fn check_sink(p: &Pipeline, sink: &str) -> Result<(), Status> {
+    if sink.is_empty()
+        || p.spec
+            .as_ref()
+            .is_some_and(|s| s.sinks.iter().any(|x| x.name == sink))
+    {
+        Ok(())
+    } else {
+        Err(Status::not_found(format!(
+            "pipeline {:?} has no sink {sink:?}",
+            p.name
+        )))
+    }
+}
+
+pub async fn replay_dead_letters(
+    r: &Replicator,
+    req: ReplayDeadLettersRequest,
+) -> Result<ReplayDeadLettersResponse, Status> {
+    if req.ids.len() > 1000 {
+        return Err(invalid_argument(vec![FieldError::new(
+            "ids",
+            "at most 1000",
+        )]));
+    }
+    let p = get(r, &req.name).await?;
+    check_sink(&p, &req.sink_name)?;
+    let opened = open(&r.ctx, &p)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let all = r
+        .ctx
+        .dead_letters
+        .list(&req.name, &req.sink_name)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    for id in &req.ids {
+        if !all.iter().any(|s| &s.letter.id == id) {
+            return Err(Status::not_found(format!(
+                "no dead letter {id:?} in pipeline {:?}",
+                req.name
+            )));
+        }
+    }
+    let mut response = ReplayDeadLettersResponse::default();
+    let now = chrono::Utc::now().timestamp();
+    let derived = u64::try_from((now - 1).max(1)).unwrap_or(1) * 1_000_000;
+    for stored in all
+        .iter()
+        .filter(|s| req.ids.is_empty() || req.ids.contains(&s.letter.id))
+    {
+        let Some(sink) = opened
+            .sinks
+            .iter()
+            .find(|s| s.name == stored.letter.sink_name)
+        else {
+            continue;
+        };
+        let source_key = stored.key.clone();
+        let item = opened
+            .source
+            .table
+            .get(&source_key)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let record = SinkRecord {
+            key: sink.transform.shape_key(&source_key),
+            version: stored.letter.version.max(derived),
+            op: match &item {
+                Some(i) => SinkOp::Upsert(sink.transform.shape(i, &opened.source.schema)),
+                None => SinkOp::Delete,
+            },
+        };
+        let outcome = sink
+            .sink
+            .apply(std::slice::from_ref(&record))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        match outcome.into_iter().next() {
+            Some(RecordOutcome::Rejected(reason)) => {
+                r.ctx
+                    .dead_letters
+                    .retried(stored, &reason)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                response.still_failing_count += 1;
+                if response.still_failing.len() < 100 {
+                    let mut letter = stored.letter.clone();
+                    letter.reason = reason;
+                    letter.attempts += 1;
+                    response.still_failing.push(letter);
+                }
+            }
+            _ => {
+                r.ctx
+                    .dead_letters
+                    .remove(&req.name, &stored.letter.id)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                response.replayed_count += 1;
+            }
+        }
+    }
+    Ok(response)
+}
