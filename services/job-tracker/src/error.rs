@@ -1,5 +1,6 @@
 //! The job-tracker's errors and their one mapping to gRPC status codes.
 
+use tidemark_connectors::ConnectorError;
 use tidemark_kit::{FieldError, ServiceError};
 use tonic::Status;
 
@@ -20,6 +21,9 @@ pub enum TrackerError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// A fault of the job-tracker's own store, classified by its connector.
+    #[error(transparent)]
+    Store(#[from] ConnectorError),
 }
 
 pub type TrackerResult<T> = Result<T, TrackerError>;
@@ -53,6 +57,7 @@ impl From<TrackerError> for ServiceError {
                     .caused_by(m)
             }
             TrackerError::Internal(m) => Self::internal(m),
+            TrackerError::Store(e) => e.into(),
         }
     }
 }

@@ -155,6 +155,9 @@ impl ErrorKind {
 
 type Cause = Box<dyn std::error::Error + Send + Sync>;
 
+/// `google.rpc.ErrorInfo`: reason, domain, metadata.
+type ErrorInfo = (String, String, std::collections::HashMap<String, String>);
+
 /// An error on its way to a caller: the kind decides the code, `message` is
 /// what the caller reads, `violations` become `google.rpc.BadRequest`
 /// details, and the cause is logged (with the trace id) when the status is
@@ -165,6 +168,9 @@ pub struct ServiceError {
     message: String,
     violations: Vec<FieldError>,
     retry_after: Option<Duration>,
+    /// `google.rpc.ErrorInfo`: a machine-readable reason, its domain and
+    /// figures a client can act on.
+    info: Option<Box<ErrorInfo>>,
     cause: Option<Cause>,
 }
 
@@ -193,6 +199,7 @@ impl ServiceError {
             message: message.into(),
             violations: Vec::new(),
             retry_after: None,
+            info: None,
             cause: None,
         }
     }
@@ -212,6 +219,10 @@ impl ServiceError {
 
     pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::invalid(vec![FieldError::new(field, description)])
+    }
+
+    pub fn deadline(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::DeadlineExceeded, message)
     }
 
     pub fn precondition(message: impl Into<String>) -> Self {
@@ -263,6 +274,19 @@ impl ServiceError {
     #[must_use]
     pub fn caused_by(mut self, cause: impl Into<Cause>) -> Self {
         self.cause = Some(cause.into());
+        self
+    }
+
+    /// Adds a `google.rpc.ErrorInfo` (e.g. reason `DRAIN_TIMEOUT` in domain
+    /// `tidemark.replicator.v1` with the lag left).
+    #[must_use]
+    pub fn with_info(
+        mut self,
+        reason: &str,
+        domain: &str,
+        metadata: std::collections::HashMap<String, String>,
+    ) -> Self {
+        self.info = Some(Box::new((reason.to_owned(), domain.to_owned(), metadata)));
         self
     }
 
@@ -404,6 +428,9 @@ impl From<ServiceError> for Status {
         }
         if let Some(after) = e.retry_after {
             details.set_retry_info(Some(after));
+        }
+        if let Some((reason, domain, metadata)) = e.info.map(|i| *i) {
+            details.set_error_info(reason, domain, metadata);
         }
         Status::with_error_details(code, message, details)
     }

@@ -328,6 +328,35 @@ impl JobTracker {
         }
     }
 
+    /// Points readers of one unit at `target`. Retried: setting a route
+    /// twice to the same target changes nothing.
+    ///
+    /// # Errors
+    /// The job-tracker's refusals; `UNAVAILABLE`.
+    pub async fn set_route(&self, request: jpb::SetRouteRequest) -> Result<(), ServiceError> {
+        self.retried("set_route", request, |mut c, r| async move {
+            c.set_route(r).await
+        })
+        .await
+        .map(drop)
+        .map_err(|s| upstream(&s))
+    }
+
+    /// A page of jobs.
+    ///
+    /// # Errors
+    /// The job-tracker's refusals; `UNAVAILABLE`.
+    pub async fn list_jobs(
+        &self,
+        request: jpb::ListJobsRequest,
+    ) -> Result<jpb::ListJobsResponse, ServiceError> {
+        self.retried("list_jobs", request, |mut c, r| async move {
+            c.list_jobs(r).await
+        })
+        .await
+        .map_err(|s| upstream(&s))
+    }
+
     /// Ends a run whose job completes explicitly (`explicit_completion`).
     ///
     /// # Errors

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use tidemark_connectors::ConnectorError;
-use tidemark_kit::worker::{JobTrackerClient, Progress};
+use tidemark_kit::jobs::JobTracker;
+use tidemark_kit::worker::Progress;
 
 use crate::config::Config;
 use crate::stores::Stores;
@@ -22,7 +23,7 @@ pub struct Replicator {
 pub struct Context {
     pub config: Arc<Config>,
     pub stores: Stores,
-    pub jobs: JobTrackerClient,
+    pub jobs: JobTracker,
     pub dead_letters: crate::dead_letters::DeadLetters,
 }
 

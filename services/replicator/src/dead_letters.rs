@@ -42,7 +42,7 @@ fn timestamp(micros: u64) -> prost_types::Timestamp {
 }
 
 fn now_micros() -> u64 {
-    u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0)
+    u64::try_from(tidemark_connectors::now_micros()).unwrap_or(0)
 }
 
 /// A dead letter as stored: the record to write again and where it failed.

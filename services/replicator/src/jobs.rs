@@ -1,35 +1,18 @@
 //! What the RPCs that start one-shot jobs (BackfillAttribute, MigrateUnit,
-//! CreateIncrementalExtract) and pipelines share: store and job-tracker
-//! errors as statuses, source checks, creating a job and starting its run.
+//! CreateIncrementalExtract) and pipelines share: source checks, creating a
+//! job and starting its run.
 //! The handlers themselves live with their operation (`*/rpc.rs`).
 
-use tidemark_connectors::ConnectorError;
 use tidemark_connectors::transform::Transform;
-use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_kit::error::FieldError;
+use tidemark_kit::jobs::NewRun;
 use tidemark_proto::common::v1::DataStore;
 use tidemark_proto::common::v1::data_store::Store;
-use tidemark_proto::job_tracker::v1::{
-    CreateJobRequest, Job, RunTrigger, StartRunRequest, UnitSpec,
-};
-use tonic::{Code, Status};
+use tidemark_proto::job_tracker::v1::{Job, RunTrigger};
 
 use crate::context::Replicator;
+use crate::error::{ReplicatorError, ReplicatorResult};
 use crate::stores::OpenTable;
-
-/// Maps a store error met while validating a request.
-pub fn store_status(e: &ConnectorError, field: &str) -> Status {
-    match e {
-        ConnectorError::NotFound { message, .. } => {
-            Status::not_found(format!("{field}: {message}"))
-        }
-        ConnectorError::InvalidInput { message, .. } => {
-            invalid_argument(vec![FieldError::new(field, message.clone())])
-        }
-        ConnectorError::Retryable { .. } => Status::unavailable(format!("{field}: {e}")),
-        ConnectorError::Precondition(m) => Status::failed_precondition(format!("{field}: {m}")),
-        _ => Status::internal(format!("{field}: {e}")),
-    }
-}
 
 pub fn source_kind(store: Option<&DataStore>, field: &str) -> Result<(), FieldError> {
     match store.and_then(|s| s.store.as_ref()) {
@@ -53,12 +36,12 @@ pub async fn open_source(
     r: &Replicator,
     store: &DataStore,
     field: &str,
-) -> Result<OpenTable, Status> {
+) -> ReplicatorResult<OpenTable> {
     r.ctx
         .stores
         .table(store)
         .await
-        .map_err(|e| store_status(&e, field))
+        .map_err(ReplicatorError::store_of(field))
 }
 
 pub fn store_name(store: &DataStore) -> String {
@@ -69,27 +52,10 @@ pub fn store_name(store: &DataStore) -> String {
     }
 }
 
-pub fn jobs_status(s: Status) -> Status {
-    // The job-tracker's answers already name the job and say what to do;
-    // only an unreachable job-tracker needs context.
-    if s.code() == Code::Unavailable {
-        Status::unavailable(format!("job-tracker unavailable: {}", s.message()))
-    } else {
-        s
-    }
-}
-
 /// Creates the job if it does not exist (an identical definition is
 /// accepted as is) and returns the stored job.
-pub async fn ensure_job(r: &Replicator, job: Job) -> Result<Job, Status> {
-    let created = r
-        .ctx
-        .jobs
-        .clone()
-        .create_job(CreateJobRequest { job: Some(job) })
-        .await
-        .map_err(jobs_status)?;
-    Ok(created.into_inner().job.unwrap_or_default())
+pub async fn ensure_job(r: &Replicator, job: Job) -> ReplicatorResult<Job> {
+    Ok(r.ctx.jobs.ensure_job(job).await?)
 }
 
 pub async fn start_run(
@@ -99,30 +65,21 @@ pub async fn start_run(
     actor: &str,
     correlation_id: &str,
     force_remigrate: bool,
-) -> Result<String, Status> {
+) -> ReplicatorResult<String> {
     let run = r
         .ctx
         .jobs
-        .clone()
-        .start_run(StartRunRequest {
+        .start_run(NewRun {
             job_name: job_name.to_owned(),
-            units: units
-                .into_iter()
-                .map(|unit_key| UnitSpec {
-                    unit_key,
-                    after_unit_keys: Vec::new(),
-                })
-                .collect(),
-            trigger: RunTrigger::Api as i32,
+            units,
+            trigger: RunTrigger::Api,
             correlation_id: correlation_id.to_owned(),
             actor: actor.to_owned(),
-            reason: String::new(),
             force_remigrate,
-            window_start: None,
+            ..NewRun::default()
         })
-        .await
-        .map_err(jobs_status)?;
-    Ok(run.into_inner().run.unwrap_or_default().run_id)
+        .await?;
+    Ok(run.run_id)
 }
 
 pub fn generated_name(prefix: &str, table: &str) -> String {

@@ -6,6 +6,7 @@ mod backfill;
 mod config;
 mod context;
 mod dead_letters;
+mod error;
 mod extract;
 mod jobs;
 mod migrate;
@@ -17,22 +18,15 @@ mod worker;
 
 pub use config::Config;
 pub use context::Replicator;
+pub use error::{ReplicatorError, ReplicatorResult};
 
 use std::sync::Arc;
 
 use tidemark_kit::worker::WorkerOptions;
-use tidemark_kit::{CancellationToken, KitError, ServiceHost};
+use tidemark_kit::{CancellationToken, ServiceHost};
 use tidemark_proto::job_tracker::v1::JobKind;
 use tidemark_proto::replicator::v1::replicator_service_server::ReplicatorServiceServer;
 use tokio::net::TcpListener;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplicatorError {
-    #[error(transparent)]
-    Kit(#[from] KitError),
-    #[error("{0}")]
-    Setup(String),
-}
 
 /// Adds this service to `host` and starts its worker loop, which claims the
 /// units of the job kinds the replicator executes.
@@ -53,7 +47,7 @@ pub async fn register_with(
     host: &mut ServiceHost,
     aws: Option<aws_config::SdkConfig>,
 ) -> Result<(), ReplicatorError> {
-    let jobs = tidemark_kit::worker::job_tracker_client(
+    let jobs = tidemark_kit::jobs::JobTracker::connect(
         &config.job_tracker_url,
         config.server.auth_token.as_deref(),
     )
@@ -100,7 +94,7 @@ pub async fn register_with(
     let executor = worker::executor(ctx.clone());
     host.spawn(
         "replicator-worker",
-        tidemark_kit::worker::run_worker(jobs, options, executor, host.shutdown_token()),
+        tidemark_kit::worker::run_worker(jobs.raw(), options, executor, host.shutdown_token()),
     );
     host.add_service(ReplicatorServiceServer::new(Replicator { ctx }));
     Ok(())

@@ -19,6 +19,7 @@ impl ReplicatorService for Replicator {
         pipelines::create(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn get_pipeline(
@@ -28,6 +29,7 @@ impl ReplicatorService for Replicator {
         pipelines::get(self, &request.into_inner().name)
             .await
             .map(|p| Response::new(GetPipelineResponse { pipeline: Some(p) }))
+            .map_err(Into::into)
     }
 
     async fn list_pipelines(
@@ -37,6 +39,7 @@ impl ReplicatorService for Replicator {
         pipelines::list(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn pause_pipeline(
@@ -46,6 +49,7 @@ impl ReplicatorService for Replicator {
         pipelines::pause(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn resume_pipeline(
@@ -55,6 +59,7 @@ impl ReplicatorService for Replicator {
         pipelines::resume(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn drain(
@@ -64,6 +69,7 @@ impl ReplicatorService for Replicator {
         lag::drain(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     type WatchLagStream = BoxStream<WatchLagResponse>;
@@ -75,6 +81,7 @@ impl ReplicatorService for Replicator {
         lag::watch_lag(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn repair(
@@ -84,6 +91,7 @@ impl ReplicatorService for Replicator {
         repair::repair(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn list_dead_letters(
@@ -93,6 +101,7 @@ impl ReplicatorService for Replicator {
         repair::list_dead_letters(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn replay_dead_letters(
@@ -102,6 +111,7 @@ impl ReplicatorService for Replicator {
         repair::replay_dead_letters(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn backfill_attribute(
@@ -111,6 +121,7 @@ impl ReplicatorService for Replicator {
         backfill::rpc::backfill_attribute(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn set_backfill_rate(
@@ -120,6 +131,7 @@ impl ReplicatorService for Replicator {
         backfill::rpc::set_backfill_rate(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn migrate_unit(
@@ -129,6 +141,7 @@ impl ReplicatorService for Replicator {
         migrate::rpc::migrate_unit(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 
     async fn create_incremental_extract(
@@ -138,5 +151,6 @@ impl ReplicatorService for Replicator {
         extract::rpc::create_incremental_extract(self, request.into_inner())
             .await
             .map(Response::new)
+            .map_err(Into::into)
     }
 }

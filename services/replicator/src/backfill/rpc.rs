@@ -3,32 +3,31 @@
 //! by pull); change a running backfill's write rate.
 
 use tidemark_connectors::proto::value_from_proto;
-use tidemark_kit::error::{FieldError, invalid_argument};
-use tidemark_kit::worker::{pack_any, unpack_any};
-use tidemark_proto::job_tracker::v1::{GetJobRequest, Job, JobKind, UpdateJobRequest};
+use tidemark_kit::error::FieldError;
+use tidemark_kit::jobs::spec_of;
+use tidemark_kit::worker::pack_any;
+use tidemark_proto::job_tracker::v1::{Job, JobKind};
 use tidemark_proto::replicator::v1::{
     BackfillAttributeRequest, BackfillAttributeResponse, BackfillAttributeSpec,
     SetBackfillRateRequest, SetBackfillRateResponse,
 };
-use tonic::Status;
 
 use super::run as backfill;
 use crate::context::{Replicator, segment_units};
-use crate::jobs::{
-    ensure_job, generated_name, jobs_status, open_source, source_kind, start_run, store_name,
-};
+use crate::error::{ReplicatorError, ReplicatorResult};
+use crate::jobs::{ensure_job, generated_name, open_source, source_kind, start_run, store_name};
 
 pub async fn backfill_attribute(
     r: &Replicator,
     req: BackfillAttributeRequest,
-) -> Result<BackfillAttributeResponse, Status> {
+) -> ReplicatorResult<BackfillAttributeResponse> {
     let mut violations = Vec::new();
     if req.actor.trim().is_empty() {
         violations.push(FieldError::required("actor"));
     }
     let Some(spec) = req.spec else {
         violations.push(FieldError::required("spec"));
-        return Err(invalid_argument(violations));
+        return Err(ReplicatorError::Invalid(violations));
     };
     if let Err(e) = source_kind(spec.table.as_ref(), "spec.table") {
         violations.push(e);
@@ -55,12 +54,12 @@ pub async fn backfill_attribute(
         ));
     }
     if !violations.is_empty() {
-        return Err(invalid_argument(violations));
+        return Err(ReplicatorError::Invalid(violations));
     }
     let table_ref = spec.table.clone().unwrap_or_default();
     let table = open_source(r, &table_ref, "spec.table").await?;
     if table.schema.names().any(|n| n == spec.attribute_name) {
-        return Err(invalid_argument(vec![FieldError::new(
+        return Err(ReplicatorError::Invalid(vec![FieldError::new(
             "spec.attribute_name",
             format!(
                 "{:?} is a key attribute of the table; backfill a non-key attribute",
@@ -98,7 +97,7 @@ pub async fn backfill_attribute(
 pub async fn set_backfill_rate(
     r: &Replicator,
     req: SetBackfillRateRequest,
-) -> Result<SetBackfillRateResponse, Status> {
+) -> ReplicatorResult<SetBackfillRateResponse> {
     let mut violations = Vec::new();
     if req.job_name.is_empty() {
         violations.push(FieldError::required("job_name"));
@@ -107,51 +106,18 @@ pub async fn set_backfill_rate(
         violations.push(FieldError::required("actor"));
     }
     if !violations.is_empty() {
-        return Err(invalid_argument(violations));
+        return Err(ReplicatorError::Invalid(violations));
     }
-    let job = r
-        .ctx
-        .jobs
-        .clone()
-        .get_job(GetJobRequest {
-            name: req.job_name.clone(),
-        })
-        .await
-        .map_err(jobs_status)?
-        .into_inner()
-        .job
-        .unwrap_or_default();
+    let job = r.ctx.jobs.get_job(&req.job_name).await?;
     if job.kind != JobKind::BackfillAttribute as i32 {
-        return Err(Status::failed_precondition(format!(
+        return Err(ReplicatorError::Precondition(format!(
             "job {:?} is not a BACKFILL_ATTRIBUTE job",
             req.job_name
         )));
     }
-    let mut spec: BackfillAttributeSpec =
-        unpack_any(job.spec.as_ref(), backfill::SPEC_TYPE).map_err(Status::failed_precondition)?;
+    let mut spec: BackfillAttributeSpec = spec_of(&job)?;
     spec.write_units_per_second = req.write_units_per_second;
-    let updated = r
-        .ctx
-        .jobs
-        .clone()
-        .update_job(UpdateJobRequest {
-            job: Some(Job {
-                name: job.name.clone(),
-                kind: job.kind,
-                spec: Some(pack_any(backfill::SPEC_TYPE, &spec)),
-                ..Job::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["spec".to_owned()],
-            }),
-            expected_revision: job.revision,
-            actor: req.actor,
-        })
-        .await
-        .map_err(jobs_status)?
-        .into_inner()
-        .job
-        .unwrap_or_default();
+    let updated = r.ctx.jobs.update_spec(&job, &spec, &req.actor).await?;
     Ok(SetBackfillRateResponse {
         write_units_per_second: spec.write_units_per_second,
         job_revision: updated.revision,

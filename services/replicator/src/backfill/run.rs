@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use tidemark_connectors::proto::value_from_proto;
 use tidemark_connectors::{ConnectorError, Item, Key, Predicate, ScanRequest};
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
-use tidemark_proto::job_tracker::v1::GetJobRequest;
 use tidemark_proto::replicator::v1::BackfillAttributeSpec;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -23,7 +22,7 @@ use tokio::time::Instant;
 use crate::context::{Context, UnitFailure, segment_of};
 use crate::stores::OpenTable;
 
-pub const SPEC_TYPE: &str = "tidemark.replicator.v1.BackfillAttributeSpec";
+pub const SPEC_TYPE: &str = <BackfillAttributeSpec as tidemark_kit::jobs::JobSpec>::TYPE;
 pub const DEFAULT_SEGMENTS: u32 = 16;
 /// Items examined per scan page (and per checkpoint).
 const PAGE: u32 = 200;
@@ -227,15 +226,9 @@ async fn refresh_rate(
 ) -> Result<u64, UnitFailure> {
     let job = ctx
         .jobs
-        .clone()
-        .get_job(GetJobRequest {
-            name: job_name.to_owned(),
-        })
+        .get_job(job_name)
         .await
-        .map_err(|s| UnitFailure::retryable(s.message()))?
-        .into_inner()
-        .job
-        .unwrap_or_default();
+        .map_err(|e| UnitFailure::retryable(e.message()))?;
     if let Ok(new) = unpack_any::<BackfillAttributeSpec>(job.spec.as_ref(), SPEC_TYPE) {
         *spec = new;
         limiter.set_rate(share(spec)).await;

@@ -3,17 +3,17 @@
 
 use tidemark_connectors::proto::value_from_proto;
 use tidemark_connectors::transform::TimeEncoding;
-use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_kit::error::FieldError;
 use tidemark_kit::worker::pack_any;
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::job_tracker::v1::{Job, JobKind};
 use tidemark_proto::replicator::v1::{
     CreateIncrementalExtractRequest, CreateIncrementalExtractResponse,
 };
-use tonic::Status;
 
 use super::run as extract;
 use crate::context::{Replicator, segment_units};
+use crate::error::{ReplicatorError, ReplicatorResult};
 use crate::jobs::{
     ensure_job, open_source, source_kind, start_run, store_name, transform_violation,
 };
@@ -21,7 +21,7 @@ use crate::jobs::{
 pub async fn create_incremental_extract(
     r: &Replicator,
     req: CreateIncrementalExtractRequest,
-) -> Result<CreateIncrementalExtractResponse, Status> {
+) -> ReplicatorResult<CreateIncrementalExtractResponse> {
     let mut violations = Vec::new();
     if req.job_name.is_empty() {
         violations.push(FieldError::required("job_name"));
@@ -31,7 +31,7 @@ pub async fn create_incremental_extract(
     }
     let Some(spec) = req.spec else {
         violations.push(FieldError::required("spec"));
-        return Err(invalid_argument(violations));
+        return Err(ReplicatorError::Invalid(violations));
     };
     if let Err(e) = source_kind(spec.source.as_ref(), "spec.source") {
         violations.push(e);
@@ -89,7 +89,7 @@ pub async fn create_incremental_extract(
         spec.target.as_ref(),
     ));
     if !violations.is_empty() {
-        return Err(invalid_argument(violations));
+        return Err(ReplicatorError::Invalid(violations));
     }
     let source = spec.source.clone().unwrap_or_default();
     open_source(r, &source, "spec.source").await?;

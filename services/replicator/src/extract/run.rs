@@ -20,15 +20,13 @@ use tidemark_connectors::{
 };
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
 use tidemark_proto::common::v1::data_store::Store;
-use tidemark_proto::job_tracker::v1::{
-    CompleteRunRequest, FailRunRequest, ListUnitsRequest, RunStatus, Watermark,
-};
+use tidemark_proto::job_tracker::v1::{CompleteRunRequest, FailRunRequest, RunStatus, Watermark};
 use tidemark_proto::replicator::v1::{ChangedItemsIndex, IncrementalExtractSpec};
 
 use crate::context::{Context, UnitFailure, segment_of};
 use crate::stores::OpenTable;
 
-pub const SPEC_TYPE: &str = "tidemark.replicator.v1.IncrementalExtractSpec";
+pub const SPEC_TYPE: &str = <IncrementalExtractSpec as tidemark_kit::jobs::JobSpec>::TYPE;
 pub const DEFAULT_SEGMENTS: u32 = 8;
 
 /// Units of a run: one per partition value of the index, else scan segments.
@@ -91,7 +89,6 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             let message = failure.to_string();
             let _ = ctx
                 .jobs
-                .clone()
                 .fail_run(FailRunRequest {
                     run_id: claim.run.run_id.clone(),
                     error: format!("unit {}: {message}", claim.unit.unit_key),
@@ -365,16 +362,9 @@ async fn finish_run(
 ) -> Result<(), UnitFailure> {
     let units = ctx
         .jobs
-        .clone()
-        .list_units(ListUnitsRequest {
-            run_id: claim.run.run_id.clone(),
-            page_size: 1000,
-            ..Default::default()
-        })
+        .list_units(&claim.run.run_id, &[], &[])
         .await
-        .map_err(|s| UnitFailure::retryable(s.message()))?
-        .into_inner()
-        .units;
+        .map_err(|e| UnitFailure::retryable(e.message()))?;
     let mut total = SegmentState::default();
     for unit in &units {
         let s: SegmentState = serde_json::from_slice(&unit.checkpoint).unwrap_or_default();
@@ -410,7 +400,6 @@ async fn finish_run(
         .await
         .map_err(|e| UnitFailure::retryable(format!("writing the manifest: {e}")))?;
     ctx.jobs
-        .clone()
         .complete_run(CompleteRunRequest {
             run_id: claim.run.run_id.clone(),
             last_processed: Some(Watermark {
@@ -421,6 +410,6 @@ async fn finish_run(
             actor: ctx.config.worker_id.clone(),
         })
         .await
-        .map_err(|s| UnitFailure::retryable(format!("CompleteRun: {}", s.message())))?;
+        .map_err(|e| UnitFailure::retryable(format!("CompleteRun: {}", e.message())))?;
     Ok(())
 }

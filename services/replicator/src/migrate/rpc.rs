@@ -2,19 +2,18 @@
 //! units and say which of them were already migrated by an earlier run.
 
 use prost::Message as _;
-use tidemark_kit::error::{FieldError, invalid_argument};
-use tidemark_kit::worker::{pack_any, unpack_any};
+use tidemark_kit::error::FieldError;
+use tidemark_kit::jobs::spec_of;
+use tidemark_kit::worker::pack_any;
 use tidemark_proto::common::v1::data_store::Store;
-use tidemark_proto::job_tracker::v1::{
-    GetJobRequest, Job, JobKind, ListUnitsRequest, UnitStatus, UpdateJobRequest,
-};
+use tidemark_proto::job_tracker::v1::{Job, JobKind, UnitStatus};
 use tidemark_proto::replicator::v1::{MigrateUnitRequest, MigrateUnitResponse, MigrateUnitSpec};
-use tonic::{Code, Status};
 
 use super::run as migrate;
 use crate::context::Replicator;
+use crate::error::{ReplicatorError, ReplicatorResult};
 use crate::jobs::{
-    ensure_job, jobs_status, open_source, source_kind, start_run, store_name, transform_violation,
+    ensure_job, open_source, source_kind, start_run, store_name, transform_violation,
 };
 
 fn validate_migrate_spec(spec: &MigrateUnitSpec) -> Vec<FieldError> {
@@ -67,10 +66,10 @@ fn validate_migrate_spec(spec: &MigrateUnitSpec) -> Vec<FieldError> {
 pub async fn migrate_unit(
     r: &Replicator,
     req: MigrateUnitRequest,
-) -> Result<MigrateUnitResponse, Status> {
+) -> ReplicatorResult<MigrateUnitResponse> {
     let violations = validate_request(&req);
     if !violations.is_empty() {
-        return Err(invalid_argument(violations));
+        return Err(ReplicatorError::Invalid(violations));
     }
     let concurrency = if req.concurrency == 0 {
         4
@@ -79,24 +78,16 @@ pub async fn migrate_unit(
     };
     let job = stored_job(r, &req, concurrency).await?;
     if job.max_concurrent_units != concurrency {
+        let change = Job {
+            name: job.name.clone(),
+            kind: job.kind,
+            max_concurrent_units: concurrency,
+            ..Job::default()
+        };
         r.ctx
             .jobs
-            .clone()
-            .update_job(UpdateJobRequest {
-                job: Some(Job {
-                    name: job.name.clone(),
-                    kind: job.kind,
-                    max_concurrent_units: concurrency,
-                    ..Job::default()
-                }),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["max_concurrent_units".to_owned()],
-                }),
-                expected_revision: 0,
-                actor: req.actor.clone(),
-            })
-            .await
-            .map_err(jobs_status)?;
+            .update_job(change, &["max_concurrent_units"], 0, &req.actor)
+            .await?;
     }
     let run_id = start_run(
         r,
@@ -163,28 +154,15 @@ async fn stored_job(
     r: &Replicator,
     req: &MigrateUnitRequest,
     concurrency: u32,
-) -> Result<Job, Status> {
-    let existing = match r
-        .ctx
-        .jobs
-        .clone()
-        .get_job(GetJobRequest {
-            name: req.job_name.clone(),
-        })
-        .await
-    {
-        Ok(j) => j.into_inner().job,
-        Err(s) if s.code() == Code::NotFound => None,
-        Err(s) => return Err(jobs_status(s)),
-    };
+) -> ReplicatorResult<Job> {
+    let existing = r.ctx.jobs.find_job(&req.job_name).await?;
     Ok(match existing {
         Some(job) => {
-            let stored: MigrateUnitSpec = unpack_any(job.spec.as_ref(), migrate::SPEC_TYPE)
-                .map_err(Status::failed_precondition)?;
+            let stored: MigrateUnitSpec = spec_of(&job)?;
             if let Some(spec) = &req.spec
                 && spec.encode_to_vec() != stored.encode_to_vec()
             {
-                return Err(Status::failed_precondition(format!(
+                return Err(ReplicatorError::Precondition(format!(
                     "job {:?} exists with another spec; omit spec to rerun it or pick another job name",
                     req.job_name
                 )));
@@ -193,7 +171,7 @@ async fn stored_job(
         }
         None => {
             let Some(spec) = &req.spec else {
-                return Err(invalid_argument(vec![FieldError::new(
+                return Err(ReplicatorError::Invalid(vec![FieldError::new(
                     "spec",
                     format!("required: job {:?} does not exist yet", req.job_name),
                 )]));
@@ -223,36 +201,18 @@ async fn stored_job(
 
 /// The run's units the job-tracker registered MIGRATED when the run
 /// started.
-async fn already_migrated(r: &Replicator, run_id: &str) -> Result<Vec<String>, Status> {
-    let mut already = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = r
-            .ctx
-            .jobs
-            .clone()
-            .list_units(ListUnitsRequest {
-                run_id: run_id.to_owned(),
-                statuses: vec![UnitStatus::Migrated as i32],
-                unit_keys: Vec::new(),
-                page_size: 1000,
-                page_token,
-            })
-            .await
-            .map_err(jobs_status)?
-            .into_inner();
-        // Units MIGRATED this early were registered so by the job-tracker
-        // (done in an earlier run), not by a worker of this run.
-        already.extend(
-            page.units
-                .into_iter()
-                .filter(|u| u.attempts == 0)
-                .map(|u| u.unit_key),
-        );
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
+async fn already_migrated(r: &Replicator, run_id: &str) -> ReplicatorResult<Vec<String>> {
+    let migrated = r
+        .ctx
+        .jobs
+        .list_units(run_id, &[], &[UnitStatus::Migrated])
+        .await?;
+    // Units MIGRATED this early were registered so by the job-tracker
+    // (done in an earlier run), not by a worker of this run.
+    let already = migrated
+        .into_iter()
+        .filter(|u| u.attempts == 0)
+        .map(|u| u.unit_key)
+        .collect();
     Ok(already)
 }

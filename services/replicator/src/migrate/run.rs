@@ -25,7 +25,7 @@ use crate::context::{Context, UnitFailure};
 use crate::schema::target_schema;
 use crate::stores::SinkHandle;
 
-pub const SPEC_TYPE: &str = "tidemark.replicator.v1.MigrateUnitSpec";
+pub const SPEC_TYPE: &str = <MigrateUnitSpec as tidemark_kit::jobs::JobSpec>::TYPE;
 /// Parallel scan segments used to find one unit's items without an index.
 const SCAN_SEGMENTS: u32 = 4;
 const BATCH: usize = 100;
@@ -127,9 +127,16 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             progress,
         });
     }
-    // Readers switch only once the copy is complete and counted.
-    ctx.jobs
-        .clone()
+    // The unit is committed first and its readers switched after: were the
+    // route switched first, a refused CompleteUnit would send the unit back
+    // to the queue, and its retry would delete the copy readers already use.
+    match lease.complete(&progress, None).await {
+        Ok(_) => {}
+        Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+        Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
+    }
+    let switched = ctx
+        .jobs
         .set_route(SetRouteRequest {
             job_name: claim.job.name.clone(),
             unit_key: unit_key.clone(),
@@ -138,13 +145,13 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             reason: format!("unit migrated in run {}", claim.run.run_id),
             expected_revision: 0,
         })
-        .await
-        .map_err(|s| UnitFailure::retryable(format!("SetRoute: {}", s.message())))?;
-    match lease.complete(&progress, None).await {
-        Ok(_) => Ok(()),
-        Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
-        Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
+        .await;
+    if let Err(e) = switched {
+        // MIGRATED with readers still on the source: both copies are
+        // complete, so nothing is lost; the operator switches the route.
+        tracing::error!(job = %claim.job.name, unit = %unit_key, error = %e, "unit migrated but its route was not switched; set it with SetRoute");
     }
+    Ok(())
 }
 
 impl Unit<'_> {

@@ -6,16 +6,15 @@ use std::time::Duration;
 
 use tidemark_connectors::KeySchema;
 use tidemark_connectors::transform::Transform;
-use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_kit::error::FieldError;
 use tidemark_proto::common::v1::DataStore;
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::replicator::v1::change_feed::Feed;
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineSpec};
-use tonic::Status;
 
 use super::spec;
 use crate::context::Replicator;
-use crate::jobs::store_status;
+use crate::error::{ReplicatorError, ReplicatorResult};
 
 pub fn check_name(name: &str) -> Result<(), FieldError> {
     let ok = !name.is_empty()
@@ -147,7 +146,7 @@ pub struct Checked {
 
 /// Checks every store a spec names, creating nothing: the source table, its
 /// stream or the Kafka topic, every sink.
-pub async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked, Status> {
+pub async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> ReplicatorResult<Checked> {
     let mut lines = Vec::new();
     let source_store = spec.source.clone().unwrap_or_default();
     let source = r
@@ -155,7 +154,7 @@ pub async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked
         .stores
         .table(&source_store)
         .await
-        .map_err(|e| store_status(&e, "spec.source"))?;
+        .map_err(ReplicatorError::store_of("spec.source"))?;
     if spec::backfill_mode(&Pipeline {
         spec: Some(spec.clone()),
         ..Pipeline::default()
@@ -166,7 +165,7 @@ pub async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked
             .and_then(|t| t.key_type(&source.schema.partition))
             .is_some_and(|t| t != "S")
     {
-        return Err(Status::failed_precondition(format!(
+        return Err(ReplicatorError::Precondition(format!(
             "spec.backfill.mode: BACKFILL_MODE_WATERMARK writes watermark items under the string partition key prefix {:?}, and {} is not a string; use BACKFILL_MODE_TOMBSTONES",
             spec.backfill
                 .as_ref()
@@ -195,7 +194,7 @@ pub async fn check_stores(r: &Replicator, spec: &PipelineSpec) -> Result<Checked
             .stores
             .check_sink(s.store.as_ref().unwrap_or(&Default::default()))
             .await
-            .map_err(|e| store_status(&e, &field))?;
+            .map_err(ReplicatorError::store_of(&field))?;
         lines.push(format!("{field} ({}): {line}", s.name));
     }
     Ok(Checked {
@@ -210,7 +209,7 @@ async fn check_feed(
     r: &Replicator,
     spec: &PipelineSpec,
     source_store: &DataStore,
-) -> Result<String, Status> {
+) -> ReplicatorResult<String> {
     match (
         spec.feed.as_ref().and_then(|f| f.feed.as_ref()),
         source_store.store.as_ref(),
@@ -224,7 +223,7 @@ async fn check_feed(
                 &t.table_name,
             )
             .await
-            .map_err(|e| Status::failed_precondition(format!("spec.source: {e}")))?;
+            .map_err(|e| ReplicatorError::Precondition(format!("spec.source: {e}")))?;
             Ok(format!(
                 "spec.feed: table {} has a stream with new images",
                 t.table_name
@@ -244,7 +243,7 @@ async fn check_feed(
             )
             .await
             .map_err(|e| {
-                Status::failed_precondition(format!(
+                ReplicatorError::Precondition(format!(
                     "spec.feed.kafka.topic: {e} (brokers {brokers})"
                 ))
             })?;
@@ -259,7 +258,7 @@ async fn check_feed(
 
 /// Checks the sinks' document id and index name templates against the key
 /// as each sink names it.
-fn check_templates(spec: &PipelineSpec, source_schema: &KeySchema) -> Result<(), Status> {
+fn check_templates(spec: &PipelineSpec, source_schema: &KeySchema) -> ReplicatorResult<()> {
     for (i, s) in spec.sinks.iter().enumerate() {
         let transform =
             Transform::from_proto(&s.transform.clone().unwrap_or_default()).unwrap_or_default();
@@ -276,7 +275,9 @@ fn check_templates(spec: &PipelineSpec, source_schema: &KeySchema) -> Result<(),
                 _ => Ok(()),
             };
             if let Err(reason) = checked {
-                return Err(invalid_argument(vec![FieldError::new(field, reason)]));
+                return Err(ReplicatorError::Invalid(vec![FieldError::new(
+                    field, reason,
+                )]));
             }
         }
         if let (Some(t), Some(Store::ElasticsearchIndex(_))) = (
@@ -286,7 +287,7 @@ fn check_templates(spec: &PipelineSpec, source_schema: &KeySchema) -> Result<(),
             let schema = crate::schema::target_schema(source_schema, &transform);
             let key: BTreeSet<&str> = schema.names().collect();
             if let Some(a) = t.attributes().find(|a| !key.contains(a)) {
-                return Err(invalid_argument(vec![FieldError::new(
+                return Err(ReplicatorError::Invalid(vec![FieldError::new(
                     format!("spec.sinks[{i}].transform.index_name_template"),
                     format!(
                         "may name only the key attributes {key:?}, not {a:?}: a delete knows only the key"

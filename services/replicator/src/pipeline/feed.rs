@@ -251,17 +251,8 @@ pub async fn acknowledge(
 /// stream's child shard waits on its parent's reader). Best effort: an
 /// unanswered read is tried again later.
 pub async fn learn_peers(ctx: &Context, run_id: &str, peers: &[String], feed: &mut dyn ChangeFeed) {
-    let units = match ctx
-        .jobs
-        .clone()
-        .list_units(tidemark_proto::job_tracker::v1::ListUnitsRequest {
-            run_id: run_id.to_owned(),
-            unit_keys: peers.to_vec(),
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(r) => r.into_inner().units,
+    let units = match ctx.jobs.list_units(run_id, peers, &[]).await {
+        Ok(units) => units,
         Err(s) => {
             tracing::debug!(error = %s, "reading the other feed units failed");
             return;

@@ -5,18 +5,17 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_kit::ServiceError;
+use tidemark_kit::error::FieldError;
 use tidemark_kit::rpc::BoxStream;
-use tidemark_proto::job_tracker::v1::{ListUnitsRequest, UnitStatus};
+use tidemark_proto::job_tracker::v1::UnitStatus;
 use tidemark_proto::replicator::v1::*;
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt as _};
 
 use super::feed::feed_report;
 use super::rpc::get;
 use super::spec;
 use crate::context::Replicator;
-use crate::jobs::jobs_status;
+use crate::error::{ReplicatorError, ReplicatorResult};
 
 fn micros_ts(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -29,23 +28,12 @@ fn micros_ts(ms: i64) -> prost_types::Timestamp {
 /// The pipeline's lag from the counters its feed units' holders checkpoint,
 /// one partition entry per feed unit; with the oldest of their observation
 /// times (a drain waits until every unit reported after it began).
-async fn lag(r: &Replicator, p: &Pipeline) -> Result<(PipelineLag, i64), Status> {
+async fn lag(r: &Replicator, p: &Pipeline) -> ReplicatorResult<(PipelineLag, i64)> {
     let keys = spec::feed_units(p);
     let mut feeds = if p.run_id.is_empty() {
         Vec::new()
     } else {
-        r.ctx
-            .jobs
-            .clone()
-            .list_units(ListUnitsRequest {
-                run_id: p.run_id.clone(),
-                unit_keys: keys.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(jobs_status)?
-            .into_inner()
-            .units
+        r.ctx.jobs.list_units(&p.run_id, &keys, &[]).await?
     };
     // A unit not listed yet reports nothing: behind, never observed.
     for key in &keys {
@@ -152,11 +140,11 @@ fn duration_of(d: Option<&prost_types::Duration>) -> Option<Duration> {
     })
 }
 
-pub async fn drain(r: &Replicator, req: DrainRequest) -> Result<DrainResponse, Status> {
+pub async fn drain(r: &Replicator, req: DrainRequest) -> ReplicatorResult<DrainResponse> {
     let Some(timeout) = duration_of(req.timeout.as_ref())
         .filter(|t| !t.is_zero() && *t <= Duration::from_secs(3600))
     else {
-        return Err(invalid_argument(vec![FieldError::new(
+        return Err(ReplicatorError::Invalid(vec![FieldError::new(
             "timeout",
             "required, positive and at most 1 h",
         )]));
@@ -165,7 +153,7 @@ pub async fn drain(r: &Replicator, req: DrainRequest) -> Result<DrainResponse, S
     let call_ms = chrono::Utc::now().timestamp_millis();
     let mut p = get(r, &req.name).await?;
     if p.state != PipelineState::Streaming as i32 {
-        return Err(Status::failed_precondition(format!(
+        return Err(ReplicatorError::Precondition(format!(
             "pipeline {:?} is {:?}, not STREAMING: drain after the backfill, and resume a paused pipeline first",
             req.name,
             PipelineState::try_from(p.state).unwrap_or(PipelineState::Unspecified)
@@ -192,14 +180,12 @@ pub async fn drain(r: &Replicator, req: DrainRequest) -> Result<DrainResponse, S
             }
             let secs = lag.max_time_behind.map_or(0, |d| d.seconds);
             metadata.insert("seconds_behind".to_owned(), secs.to_string());
-            return Err(Status::with_error_details(
-                Code::DeadlineExceeded,
-                format!(
-                    "pipeline {:?} did not reach lag 0 within {timeout:?}",
-                    req.name
-                ),
-                ErrorDetails::with_error_info("DRAIN_TIMEOUT", "tidemark.replicator.v1", metadata),
-            ));
+            return Err(ServiceError::deadline(format!(
+                "pipeline {:?} did not reach lag 0 within {timeout:?}",
+                req.name
+            ))
+            .with_info("DRAIN_TIMEOUT", "tidemark.replicator.v1", metadata)
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         p = get(r, &req.name).await?;
@@ -209,13 +195,13 @@ pub async fn drain(r: &Replicator, req: DrainRequest) -> Result<DrainResponse, S
 pub async fn watch_lag(
     r: &Replicator,
     req: WatchLagRequest,
-) -> Result<BoxStream<WatchLagResponse>, Status> {
+) -> ReplicatorResult<BoxStream<WatchLagResponse>> {
     let interval = match req.interval.as_ref() {
         None => Duration::from_secs(1),
         Some(d) => duration_of(Some(d))
             .filter(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(60))
             .ok_or_else(|| {
-                invalid_argument(vec![FieldError::new("interval", "100 ms to 1 min")])
+                ReplicatorError::Invalid(vec![FieldError::new("interval", "100 ms to 1 min")])
             })?,
     };
     get(r, &req.name).await?;
@@ -243,10 +229,13 @@ pub async fn watch_lag(
 fn async_stream<T, F, Fut>(f: F) -> BoxStream<T>
 where
     T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    F: FnOnce(tokio::sync::mpsc::Sender<ReplicatorResult<T>>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    Box::pin(tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        |item| item.map_err(tonic::Status::from),
+    ))
 }

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use tidemark_connectors::proto::key_from_proto;
 use tidemark_connectors::{Key, RecordOutcome, SinkOp, SinkRecord};
-use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_kit::error::FieldError;
 use tidemark_proto::replicator::v1::*;
-use tonic::Status;
 
 use super::open::{OpenSink, Opened, open};
 use super::rpc::get;
 use crate::context::Replicator;
 use crate::context::UnitFailure;
 use crate::dead_letters::DeadLetters;
+use crate::error::{ReplicatorError, ReplicatorResult};
 
 /// Re-reads keys from the source and rewrites their current image to the
 /// sinks (deleting those the source no longer has). A derived version one
@@ -71,26 +71,24 @@ async fn rewrite(
     Ok((rewritten - dl.min(rewritten), deleted, dl))
 }
 
-pub async fn repair(r: &Replicator, req: RepairRequest) -> Result<RepairResponse, Status> {
+pub async fn repair(r: &Replicator, req: RepairRequest) -> ReplicatorResult<RepairResponse> {
     if req.keys.is_empty() || req.keys.len() > 1000 {
-        return Err(invalid_argument(vec![FieldError::new(
+        return Err(ReplicatorError::Invalid(vec![FieldError::new(
             "keys",
             "give 1 to 1000 keys",
         )]));
     }
     let p = get(r, &req.name).await?;
     if p.state == PipelineState::Creating as i32 {
-        return Err(Status::failed_precondition(format!(
+        return Err(ReplicatorError::Precondition(format!(
             "pipeline {:?} is still CREATING",
             req.name
         )));
     }
-    let opened = open(&r.ctx, &p)
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let opened = open(&r.ctx, &p).await?;
     for s in &req.sink_names {
         if !opened.sinks.iter().any(|o| &o.name == s) {
-            return Err(Status::not_found(format!(
+            return Err(ReplicatorError::NotFound(format!(
                 "pipeline {:?} has no sink {s:?}",
                 req.name
             )));
@@ -99,7 +97,7 @@ pub async fn repair(r: &Replicator, req: RepairRequest) -> Result<RepairResponse
     let mut keys = Vec::with_capacity(req.keys.len());
     for (i, k) in req.keys.iter().enumerate() {
         let key = key_from_proto(k).map_err(|e| {
-            invalid_argument(vec![FieldError::new(
+            ReplicatorError::Invalid(vec![FieldError::new(
                 format!("keys[{i}].{}", e.field),
                 e.reason,
             )])
@@ -107,7 +105,7 @@ pub async fn repair(r: &Replicator, req: RepairRequest) -> Result<RepairResponse
         let names: BTreeSet<&str> = key.0.keys().map(String::as_str).collect();
         let wanted: BTreeSet<&str> = opened.source.schema.names().collect();
         if names != wanted {
-            return Err(invalid_argument(vec![FieldError::new(
+            return Err(ReplicatorError::Invalid(vec![FieldError::new(
                 format!("keys[{i}]"),
                 format!("must hold exactly the key attributes {wanted:?}"),
             )]));
@@ -121,8 +119,7 @@ pub async fn repair(r: &Replicator, req: RepairRequest) -> Result<RepairResponse
         &r.ctx.dead_letters,
         &p.name,
     )
-    .await
-    .map_err(|e| Status::unavailable(e.to_string()))?;
+    .await?;
     Ok(RepairResponse {
         rewritten_count: rewritten,
         deleted_count: deleted,
@@ -133,12 +130,12 @@ pub async fn repair(r: &Replicator, req: RepairRequest) -> Result<RepairResponse
 pub async fn list_dead_letters(
     r: &Replicator,
     req: ListDeadLettersRequest,
-) -> Result<ListDeadLettersResponse, Status> {
+) -> ReplicatorResult<ListDeadLettersResponse> {
     let size = match req.page_size {
         0 => 100,
         n @ 1..=1000 => usize::try_from(n).unwrap_or(100),
         _ => {
-            return Err(invalid_argument(vec![FieldError::new(
+            return Err(ReplicatorError::Invalid(vec![FieldError::new(
                 "page_size",
                 "0 to 1000",
             )]));
@@ -148,7 +145,7 @@ pub async fn list_dead_letters(
         0
     } else {
         req.page_token.parse().map_err(|_| {
-            invalid_argument(vec![FieldError::new(
+            ReplicatorError::Invalid(vec![FieldError::new(
                 "page_token",
                 "not a token this call issued",
             )])
@@ -161,7 +158,7 @@ pub async fn list_dead_letters(
         .dead_letters
         .list(&req.name, &req.sink_name)
         .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+        .map_err(ReplicatorError::Store)?;
     let page: Vec<DeadLetter> = all
         .iter()
         .skip(start)
@@ -179,7 +176,7 @@ pub async fn list_dead_letters(
     })
 }
 
-fn check_sink(p: &Pipeline, sink: &str) -> Result<(), Status> {
+fn check_sink(p: &Pipeline, sink: &str) -> ReplicatorResult<()> {
     if sink.is_empty()
         || p.spec
             .as_ref()
@@ -187,7 +184,7 @@ fn check_sink(p: &Pipeline, sink: &str) -> Result<(), Status> {
     {
         Ok(())
     } else {
-        Err(Status::not_found(format!(
+        Err(ReplicatorError::NotFound(format!(
             "pipeline {:?} has no sink {sink:?}",
             p.name
         )))
@@ -197,27 +194,25 @@ fn check_sink(p: &Pipeline, sink: &str) -> Result<(), Status> {
 pub async fn replay_dead_letters(
     r: &Replicator,
     req: ReplayDeadLettersRequest,
-) -> Result<ReplayDeadLettersResponse, Status> {
+) -> ReplicatorResult<ReplayDeadLettersResponse> {
     if req.ids.len() > 1000 {
-        return Err(invalid_argument(vec![FieldError::new(
+        return Err(ReplicatorError::Invalid(vec![FieldError::new(
             "ids",
             "at most 1000",
         )]));
     }
     let p = get(r, &req.name).await?;
     check_sink(&p, &req.sink_name)?;
-    let opened = open(&r.ctx, &p)
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let opened = open(&r.ctx, &p).await?;
     let all = r
         .ctx
         .dead_letters
         .list(&req.name, &req.sink_name)
         .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
+        .map_err(ReplicatorError::Store)?;
     for id in &req.ids {
         if !all.iter().any(|s| &s.letter.id == id) {
-            return Err(Status::not_found(format!(
+            return Err(ReplicatorError::NotFound(format!(
                 "no dead letter {id:?} in pipeline {:?}",
                 req.name
             )));
@@ -243,7 +238,7 @@ pub async fn replay_dead_letters(
             .table
             .get(&source_key)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(ReplicatorError::Store)?;
         let record = SinkRecord {
             key: sink.transform.shape_key(&source_key),
             version: stored.letter.version.max(derived),
@@ -256,14 +251,14 @@ pub async fn replay_dead_letters(
             .sink
             .apply(std::slice::from_ref(&record))
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(ReplicatorError::Store)?;
         match outcome.into_iter().next() {
             Some(RecordOutcome::Rejected(reason)) => {
                 r.ctx
                     .dead_letters
                     .retried(stored, &reason)
                     .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                    .map_err(ReplicatorError::Store)?;
                 response.still_failing_count += 1;
                 if response.still_failing.len() < 100 {
                     let mut letter = stored.letter.clone();
@@ -277,7 +272,7 @@ pub async fn replay_dead_letters(
                     .dead_letters
                     .remove(&req.name, &stored.letter.id)
                     .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                    .map_err(ReplicatorError::Store)?;
                 response.replayed_count += 1;
             }
         }

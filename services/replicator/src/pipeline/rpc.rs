@@ -6,44 +6,31 @@
 use std::time::Duration;
 
 use tidemark_connectors::transform::Transform;
-use tidemark_kit::error::{FieldError, invalid_argument};
+use tidemark_kit::error::FieldError;
+use tidemark_kit::jobs::NewRun;
 use tidemark_kit::worker::pack_any;
-use tidemark_proto::job_tracker::v1::{
-    CreateJobRequest, GetJobRequest, GetRunRequest, Job, JobKind, ListJobsRequest,
-    ListUnitsRequest, RunStatus, UnitSpec, UpdateJobRequest,
-};
+use tidemark_proto::job_tracker::v1::{Job, JobKind, ListJobsRequest, RunStatus, RunTrigger};
 use tidemark_proto::replicator::v1::change_feed::Feed;
 use tidemark_proto::replicator::v1::*;
-use tonic::{Code, Status};
+use tonic::Code;
 
 use super::checks::{Checked, check_name, check_stores, validate_spec};
 use super::spec::{self, FEED_UNIT};
 use crate::context::Replicator;
-use crate::jobs::{jobs_status, store_status};
+use crate::error::{ReplicatorError, ReplicatorResult};
 
 fn job_name(name: &str) -> String {
     format!("pipeline/{name}")
 }
 
 /// The pipeline with its output fields filled from the job and run.
-async fn view(r: &Replicator, job: &Job) -> Result<Pipeline, Status> {
-    let mut p = spec::decode(job).map_err(Status::internal)?;
+async fn view(r: &Replicator, job: &Job) -> ReplicatorResult<Pipeline> {
+    let mut p = spec::decode(job).map_err(ReplicatorError::Internal)?;
     p.job_name.clone_from(&job.name);
     p.create_time = job.create_time;
     p.update_time = job.update_time;
     let run = match &job.last_run {
-        Some(run) => {
-            r.ctx
-                .jobs
-                .clone()
-                .get_run(GetRunRequest {
-                    run_id: run.run_id.clone(),
-                })
-                .await
-                .map_err(jobs_status)?
-                .into_inner()
-                .run
-        }
+        Some(run) => Some(r.ctx.jobs.get_run(&run.run_id).await?),
         None => None,
     };
     if let Some(run) = &run {
@@ -84,7 +71,7 @@ async fn view(r: &Replicator, job: &Job) -> Result<Pipeline, Status> {
 
 /// Whether the feed unit's watermark backfill is still going on (it is
 /// until the unit first reports otherwise).
-async fn watermark_pending(r: &Replicator, run_id: &str) -> Result<bool, Status> {
+async fn watermark_pending(r: &Replicator, run_id: &str) -> ReplicatorResult<bool> {
     let feed = feed_unit(r, run_id).await?;
     Ok(feed.counters.get(spec::BACKFILL_PENDING) != Some(&0))
 }
@@ -92,49 +79,31 @@ async fn watermark_pending(r: &Replicator, run_id: &str) -> Result<bool, Status>
 async fn feed_unit(
     r: &Replicator,
     run_id: &str,
-) -> Result<tidemark_proto::job_tracker::v1::Unit, Status> {
+) -> ReplicatorResult<tidemark_proto::job_tracker::v1::Unit> {
     Ok(r.ctx
         .jobs
-        .clone()
-        .list_units(ListUnitsRequest {
-            run_id: run_id.to_owned(),
-            unit_keys: vec![FEED_UNIT.to_owned()],
-            ..Default::default()
-        })
-        .await
-        .map_err(jobs_status)?
-        .into_inner()
-        .units
+        .list_units(run_id, &[FEED_UNIT.to_owned()], &[])
+        .await?
         .into_iter()
         .next()
         .unwrap_or_default())
 }
 
-async fn get_job(r: &Replicator, name: &str) -> Result<Job, Status> {
+async fn get_job(r: &Replicator, name: &str) -> ReplicatorResult<Job> {
     if name.is_empty() {
-        return Err(invalid_argument(vec![FieldError::required("name")]));
+        return Err(ReplicatorError::Invalid(vec![FieldError::required("name")]));
     }
-    match r
-        .ctx
+    r.ctx
         .jobs
-        .clone()
-        .get_job(GetJobRequest {
-            name: job_name(name),
-        })
-        .await
-    {
-        Ok(j) => Ok(j.into_inner().job.unwrap_or_default()),
-        Err(s) if s.code() == Code::NotFound => {
-            Err(Status::not_found(format!("no pipeline named {name:?}")))
-        }
-        Err(s) => Err(jobs_status(s)),
-    }
+        .find_job(&job_name(name))
+        .await?
+        .ok_or_else(|| ReplicatorError::NotFound(format!("no pipeline named {name:?}")))
 }
 
 pub async fn create(
     r: &Replicator,
     req: CreatePipelineRequest,
-) -> Result<CreatePipelineResponse, Status> {
+) -> ReplicatorResult<CreatePipelineResponse> {
     let mut violations = Vec::new();
     if let Err(e) = check_name(&req.name) {
         violations.push(e);
@@ -146,7 +115,7 @@ pub async fn create(
         violations.extend(validate_spec(&spec));
     }
     if !violations.is_empty() {
-        return Err(invalid_argument(violations));
+        return Err(ReplicatorError::Invalid(violations));
     }
     if let Some(Feed::Kafka(k)) = spec.feed.as_ref().and_then(|f| f.feed.as_ref())
         && k.topic
@@ -154,7 +123,7 @@ pub async fn create(
             .is_some_and(|t| t.bootstrap_servers.is_empty())
         && r.ctx.config.kafka_brokers.is_none()
     {
-        return Err(invalid_argument(vec![FieldError::new(
+        return Err(ReplicatorError::Invalid(vec![FieldError::new(
             "spec.feed.kafka.topic.bootstrap_servers",
             "required: this replicator has no kafka_brokers configured",
         )]));
@@ -181,25 +150,16 @@ pub async fn create(
         max_attempts: 1000,
         ..Job::default()
     };
-    let job = r
-        .ctx
-        .jobs
-        .clone()
-        .create_job(CreateJobRequest { job: Some(job) })
-        .await
-        .map_err(|s| {
-            if s.code() == Code::AlreadyExists {
-                Status::already_exists(format!(
-                    "a pipeline named {:?} exists with another spec",
-                    req.name
-                ))
-            } else {
-                jobs_status(s)
-            }
-        })?
-        .into_inner()
-        .job
-        .unwrap_or_default();
+    let job = r.ctx.jobs.ensure_job(job).await.map_err(|e| {
+        if e.code() == Code::AlreadyExists {
+            ReplicatorError::AlreadyExists(format!(
+                "a pipeline named {:?} exists with another spec",
+                req.name
+            ))
+        } else {
+            e.into()
+        }
+    })?;
     if job.last_run.is_none() {
         start_first_run(r, &job, &stored, &req).await?;
     }
@@ -215,7 +175,7 @@ async fn open_sinks(
     r: &Replicator,
     spec: &PipelineSpec,
     source_schema: &tidemark_connectors::KeySchema,
-) -> Result<(), Status> {
+) -> ReplicatorResult<()> {
     for (i, s) in spec.sinks.iter().enumerate() {
         // Opening creates what a sink may create (an index with its mapping).
         let transform =
@@ -230,7 +190,7 @@ async fn open_sinks(
                 &transform,
             )
             .await
-            .map_err(|e| store_status(&e, &format!("spec.sinks[{i}].store")))?;
+            .map_err(ReplicatorError::store_of(&format!("spec.sinks[{i}].store")))?;
     }
     Ok(())
 }
@@ -242,7 +202,7 @@ async fn start_first_run(
     job: &Job,
     stored: &Pipeline,
     req: &CreatePipelineRequest,
-) -> Result<(), Status> {
+) -> ReplicatorResult<()> {
     let mut units = spec::feed_units(stored);
     // Segments are units of their own, claimed by any replica, except
     // for a watermark backfill: it reads its chunks where the feed is
@@ -255,27 +215,19 @@ async fn start_first_run(
     }
     r.ctx
         .jobs
-        .clone()
-        .start_run(tidemark_proto::job_tracker::v1::StartRunRequest {
+        .start_run(NewRun {
             job_name: job.name.clone(),
-            units: units
-                .into_iter()
-                .map(|unit_key| UnitSpec {
-                    unit_key,
-                    after_unit_keys: Vec::new(),
-                })
-                .collect(),
-            trigger: tidemark_proto::job_tracker::v1::RunTrigger::Api as i32,
+            units,
+            trigger: RunTrigger::Api,
             correlation_id: format!("create-{}", req.name),
             actor: if req.actor.is_empty() {
                 "replicator".to_owned()
             } else {
                 req.actor.clone()
             },
-            ..Default::default()
+            ..NewRun::default()
         })
-        .await
-        .map_err(jobs_status)?;
+        .await?;
     Ok(())
 }
 
@@ -286,18 +238,18 @@ async fn validate_only(
     name: &str,
     spec: PipelineSpec,
     checked: Checked,
-) -> Result<CreatePipelineResponse, Status> {
+) -> ReplicatorResult<CreatePipelineResponse> {
     let pipeline = match get_job(r, name).await {
         Ok(job) => {
             let existing = view(r, &job).await?;
             if existing.spec.as_ref() != Some(&spec) {
-                return Err(Status::already_exists(format!(
+                return Err(ReplicatorError::AlreadyExists(format!(
                     "a pipeline named {name:?} exists with another spec"
                 )));
             }
             existing
         }
-        Err(s) if s.code() == Code::NotFound => Pipeline {
+        Err(ReplicatorError::NotFound(_)) => Pipeline {
             name: name.to_owned(),
             spec: Some(spec),
             state: PipelineState::Creating as i32,
@@ -311,7 +263,7 @@ async fn validate_only(
     })
 }
 
-pub async fn get(r: &Replicator, name: &str) -> Result<Pipeline, Status> {
+pub async fn get(r: &Replicator, name: &str) -> ReplicatorResult<Pipeline> {
     let job = get_job(r, name).await?;
     view(r, &job).await
 }
@@ -319,19 +271,16 @@ pub async fn get(r: &Replicator, name: &str) -> Result<Pipeline, Status> {
 pub async fn list(
     r: &Replicator,
     req: ListPipelinesRequest,
-) -> Result<ListPipelinesResponse, Status> {
+) -> ReplicatorResult<ListPipelinesResponse> {
     let page = r
         .ctx
         .jobs
-        .clone()
         .list_jobs(ListJobsRequest {
             kind: JobKind::Replication as i32,
             page_size: req.page_size,
             page_token: req.page_token,
         })
-        .await
-        .map_err(jobs_status)?
-        .into_inner();
+        .await?;
     let mut pipelines = Vec::with_capacity(page.jobs.len());
     for job in &page.jobs {
         if spec::decode(job).is_ok() {
@@ -350,42 +299,27 @@ async fn set_state(
     state: PipelineState,
     reason: &str,
     actor: &str,
-) -> Result<Pipeline, Status> {
+) -> ReplicatorResult<Pipeline> {
     let job = get_job(r, name).await?;
-    let mut stored = spec::decode(&job).map_err(Status::internal)?;
+    let mut stored = spec::decode(&job).map_err(ReplicatorError::Internal)?;
     stored.state = state as i32;
     reason.clone_into(&mut stored.state_reason);
-    r.ctx
-        .jobs
-        .clone()
-        .update_job(UpdateJobRequest {
-            job: Some(Job {
-                name: job.name.clone(),
-                kind: job.kind,
-                spec: Some(pack_any(spec::SPEC_TYPE, &stored)),
-                ..Job::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["spec".to_owned()],
-            }),
-            expected_revision: job.revision,
-            actor: actor.to_owned(),
-        })
-        .await
-        .map_err(jobs_status)?;
+    r.ctx.jobs.update_spec(&job, &stored, actor).await?;
     get(r, name).await
 }
 
 pub async fn pause(
     r: &Replicator,
     req: PausePipelineRequest,
-) -> Result<PausePipelineResponse, Status> {
+) -> ReplicatorResult<PausePipelineResponse> {
     if req.actor.is_empty() {
-        return Err(invalid_argument(vec![FieldError::required("actor")]));
+        return Err(ReplicatorError::Invalid(vec![FieldError::required(
+            "actor",
+        )]));
     }
     let current = get(r, &req.name).await?;
     if current.state == PipelineState::Failed as i32 {
-        return Err(Status::failed_precondition(format!(
+        return Err(ReplicatorError::Precondition(format!(
             "pipeline {:?} is FAILED ({}); resume it instead",
             req.name, current.state_reason
         )));
@@ -408,9 +342,11 @@ pub async fn pause(
 pub async fn resume(
     r: &Replicator,
     req: ResumePipelineRequest,
-) -> Result<ResumePipelineResponse, Status> {
+) -> ReplicatorResult<ResumePipelineResponse> {
     if req.actor.is_empty() {
-        return Err(invalid_argument(vec![FieldError::required("actor")]));
+        return Err(ReplicatorError::Invalid(vec![FieldError::required(
+            "actor",
+        )]));
     }
     let current = get(r, &req.name).await?;
     if current.state != PipelineState::Paused as i32

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::{AttrValue, ChangeRecord, Item, Key, Predicate, ScanRequest};
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease};
-use tidemark_proto::job_tracker::v1::GetJobRequest;
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineState};
 
 use super::feed::{
@@ -42,15 +41,9 @@ const REPORT_EVERY: Duration = Duration::from_millis(500);
 async fn refresh(ctx: &Context, name: &str) -> Result<(Pipeline, u64), UnitFailure> {
     let job = ctx
         .jobs
-        .clone()
-        .get_job(GetJobRequest {
-            name: name.to_owned(),
-        })
+        .get_job(name)
         .await
-        .map_err(|s| UnitFailure::retryable(s.message()))?
-        .into_inner()
-        .job
-        .unwrap_or_default();
+        .map_err(|e| UnitFailure::retryable(e.message()))?;
     let pipeline = decode(&job).map_err(UnitFailure::terminal)?;
     Ok((pipeline, job.revision))
 }

@@ -6,10 +6,10 @@ use tidemark_kit::worker::unpack_any;
 use tidemark_proto::replicator::v1::change_feed::Feed;
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline};
 
-pub const SPEC_TYPE: &str = "tidemark.replicator.v1.Pipeline";
+pub const SPEC_TYPE: &str = <Pipeline as tidemark_kit::jobs::JobSpec>::TYPE;
 pub const FEED_UNIT: &str = "feed";
 pub const DEFAULT_SEGMENTS: u32 = 8;
-pub const DEFAULT_WATERMARK_PREFIX: &str = "__tidemark_watermark#";
+pub use tidemark_connectors::DEFAULT_WATERMARK_PREFIX;
 pub const DEFAULT_TOUCH_ATTRIBUTE: &str = "_tidemark_touch";
 /// The feed unit's counter saying a watermark backfill is still going on.
 pub const BACKFILL_PENDING: &str = "backfill_pending";
