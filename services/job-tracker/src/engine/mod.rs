@@ -1,0 +1,296 @@
+//! Every rule of the job-tracker, written once over a [`KvStore`]: the run
+//! and unit state machines, leases with fencing tokens, the failure gate,
+//! never re-migrating a MIGRATED unit, routes and the transition history.
+//!
+//! Records (partition key / sort key):
+//! - `jobs` / `<name>`: the job
+//! - `job#<name>` / `run#<run id>`: a run (ids are time-ordered UUIDv7)
+//! - `job#<name>` / `route#<unit key>`: a route (`route#` alone: job-wide)
+//! - `job#<name>` / `done#<unit key>`: the unit was MIGRATED (unit migrations)
+//! - `job#<name>` / `corr#<id>`: correlation id → run id
+//! - `job#<name>` / `t#…`, `run#<id>` / `t#…`: transitions
+//! - `run#<id>` / `#run`: the run's job name
+//! - `run#<id>` / `unit#<key>`: a unit
+//! - `run#<id>` / `q#<key>`: the unit is waiting to be claimed
+//! - `run#<id>` / `p#<key>`: the unit is leased (body: lease expiry, µs)
+//! - `active` / `<run id>`: a QUEUED or RUNNING run (what workers poll)
+//!
+//! Every change is a conditional write on the revision read, retried on
+//! conflict, so any number of job-tracker replicas can share one store.
+
+mod history;
+mod jobs;
+mod leases;
+mod routes;
+mod runs;
+mod schedules;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tidemark_kit::CancellationToken;
+use tokio::sync::Notify;
+
+use crate::error::{TrackerError, TrackerResult};
+use crate::kv::{Entry, Expect, KvError, KvStore, Op};
+use crate::model::{Job, JobKind, Run, RunTrigger, Spec, Unit, UnitCounts};
+
+const JOBS: &str = "jobs";
+const ACTIVE: &str = "active";
+const CONFLICT_RETRIES: usize = 64;
+
+fn job_pk(name: &str) -> String {
+    format!("job#{name}")
+}
+
+fn run_pk(run_id: &str) -> String {
+    format!("run#{run_id}")
+}
+
+fn to_body<T: Serialize>(value: &T) -> TrackerResult<String> {
+    Ok(serde_json::to_string(value)?)
+}
+
+fn parse<T: DeserializeOwned>(entry: &Entry) -> TrackerResult<T> {
+    Ok(serde_json::from_str(&entry.body)?)
+}
+
+fn put<T: Serialize>(pk: &str, sk: &str, value: &T, expect: Expect) -> TrackerResult<Op> {
+    Ok(Op::Put {
+        pk: pk.to_owned(),
+        sk: sk.to_owned(),
+        body: to_body(value)?,
+        expect,
+    })
+}
+
+fn delete(pk: &str, sk: &str, expect: Expect) -> Op {
+    Op::Delete {
+        pk: pk.to_owned(),
+        sk: sk.to_owned(),
+        expect,
+    }
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+/// An entry in the `active` partition.
+#[derive(Serialize, Deserialize)]
+struct ActiveRun {
+    job_name: String,
+    kind: JobKind,
+}
+
+/// What a new job is made of (the caller validated it).
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub name: String,
+    pub kind: JobKind,
+    pub description: String,
+    pub spec: Option<Spec>,
+    pub schedule: Option<crate::model::Schedule>,
+    pub default_unit_keys: Vec<String>,
+    pub explicit_completion: bool,
+    pub max_attempts: u32,
+    pub max_concurrent_units: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct UnitSpec {
+    pub unit_key: String,
+    pub after_unit_keys: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StartRun {
+    pub job_name: String,
+    pub units: Vec<UnitSpec>,
+    pub trigger: RunTrigger,
+    pub correlation_id: String,
+    pub actor: String,
+    pub reason: String,
+    pub force_remigrate: bool,
+    pub window_start: Option<DateTime<Utc>>,
+    pub scheduled_time: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ClaimRequest {
+    pub worker_id: String,
+    pub kinds: Vec<JobKind>,
+    pub job_name: String,
+    pub run_id: String,
+    pub unit_key: String,
+    pub lease: Duration,
+    pub wait: Duration,
+}
+
+/// A unit together with the run and job it belongs to. The run comes
+/// without unit counts: computing them reads every unit, which a claim on
+/// the hot path must not do (`get_run` gives them).
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub unit: Unit,
+    pub run: Run,
+    pub job: Job,
+}
+
+/// See [`Tracker::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrackerStats {
+    pub active_runs: u64,
+    pub blocked_jobs: u64,
+    pub units: UnitCounts,
+}
+
+/// Identifies the holder of a unit's lease.
+#[derive(Clone, Debug)]
+pub struct Fence {
+    pub run_id: String,
+    pub unit_key: String,
+    pub fencing_token: u64,
+}
+
+/// How a unit ends (CompleteUnit / FailUnit).
+#[derive(Clone, Debug)]
+pub enum UnitOutcome {
+    Completed {
+        result: Option<Spec>,
+    },
+    Failed {
+        error: String,
+        retryable: bool,
+        rolled_back: bool,
+    },
+}
+
+/// The job-tracker's state machine over a store.
+pub struct Tracker {
+    kv: Arc<dyn KvStore>,
+    /// Wakes long-polling claimers and watchers when something changed here.
+    changed: Notify,
+    shutdown: CancellationToken,
+    sequence: AtomicU64,
+    /// Run id → job name. Never changes once written, so it is cached to
+    /// spare every call on a run the pointer read.
+    run_jobs: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl Tracker {
+    pub fn new(kv: Arc<dyn KvStore>, shutdown: CancellationToken) -> Self {
+        Self {
+            kv,
+            changed: Notify::new(),
+            shutdown,
+            sequence: AtomicU64::new(0),
+            run_jobs: std::sync::Mutex::default(),
+        }
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.kv
+    }
+
+    /// Waits until something changed in this replica, `timeout` passed, or
+    /// shutdown began.
+    pub async fn wait_for_change(&self, timeout: Duration) {
+        tokio::select! {
+            () = self.changed.notified() => {}
+            () = tokio::time::sleep(timeout) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+
+    async fn retrying<T, F, Fut>(&self, what: &str, mut attempt: F) -> TrackerResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = TrackerResult<Option<T>>>,
+    {
+        for n in 0..CONFLICT_RETRIES {
+            match attempt().await {
+                Ok(Some(v)) => {
+                    self.notify();
+                    return Ok(v);
+                }
+                Ok(None) => {
+                    // Lost a race: back off a little, growing with contention.
+                    let jitter = rand::random::<u64>() % (1 + 2 * n as u64);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(TrackerError::Unavailable(format!(
+            "{what}: too many concurrent writers; retry"
+        )))
+    }
+
+    /// Runs `ops`: `Some(())` when applied, `None` on a conflict (retry).
+    async fn apply(&self, ops: Vec<Op>) -> TrackerResult<Option<()>> {
+        match self.kv.transact(ops).await {
+            Ok(()) => Ok(Some(())),
+            Err(KvError::Conflict) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn load_job(&self, name: &str) -> TrackerResult<(Job, u64)> {
+        let entry = self
+            .kv
+            .get(JOBS, name)
+            .await?
+            .ok_or_else(|| TrackerError::NotFound(format!("job {name:?} does not exist")))?;
+        Ok((parse(&entry)?, entry.rev))
+    }
+
+    async fn run_job_name(&self, run_id: &str) -> TrackerResult<String> {
+        if let Some(job) = self.run_jobs.lock().expect("run cache lock").get(run_id) {
+            return Ok(job.clone());
+        }
+        let entry = self
+            .kv
+            .get(&run_pk(run_id), "#run")
+            .await?
+            .ok_or_else(|| TrackerError::NotFound(format!("run {run_id:?} does not exist")))?;
+        let mut cache = self.run_jobs.lock().expect("run cache lock");
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(run_id.to_owned(), entry.body.clone());
+        Ok(entry.body)
+    }
+
+    async fn load_run(&self, run_id: &str) -> TrackerResult<(Run, u64)> {
+        let job = self.run_job_name(run_id).await?;
+        let entry = self
+            .kv
+            .get(&job_pk(&job), &format!("run#{run_id}"))
+            .await?
+            .ok_or_else(|| TrackerError::NotFound(format!("run {run_id:?} does not exist")))?;
+        Ok((parse(&entry)?, entry.rev))
+    }
+
+    async fn load_unit(&self, run_id: &str, key: &str) -> TrackerResult<(Unit, u64)> {
+        let entry = self
+            .kv
+            .get(&run_pk(run_id), &format!("unit#{key}"))
+            .await?
+            .ok_or_else(|| {
+                TrackerError::NotFound(format!("unit {key:?} of run {run_id} does not exist"))
+            })?;
+        Ok((parse(&entry)?, entry.rev))
+    }
+}
