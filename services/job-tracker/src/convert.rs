@@ -198,9 +198,9 @@ pub fn new_job(job: Option<&pb::Job>) -> Result<NewJob, FieldError> {
         .schedule
         .as_ref()
         .map(|s| -> Result<Schedule, FieldError> {
-            crate::schedule::parse_cron(&s.cron)
+            crate::calendar::parse_cron(&s.cron)
                 .map_err(|e| FieldError::new("job.schedule.cron", e))?;
-            crate::schedule::parse_zone(&s.time_zone)
+            crate::calendar::parse_zone(&s.time_zone)
                 .map_err(|e| FieldError::new("job.schedule.time_zone", e))?;
             let max_wait =
                 from_duration(s.max_wait.as_ref(), "job.schedule.max_wait", Duration::ZERO)?;

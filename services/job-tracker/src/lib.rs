@@ -3,6 +3,7 @@
 //! checkpoints, the failure gate, schedules and per-unit routes. It never
 //! calls out; workers pull units from it (DESIGN.md §2, "How work flows").
 
+pub mod calendar;
 pub mod convert;
 pub mod engine;
 pub mod error;
@@ -11,6 +12,8 @@ pub mod kv;
 pub mod model;
 pub mod schedule;
 mod service;
+/// Behaviour suites for the stores; test code, so only built on request.
+#[cfg(feature = "testsuite")]
 pub mod suite;
 
 use std::path::PathBuf;

@@ -178,6 +178,9 @@ fn precondition<T: std::fmt::Debug>(r: Result<T, TrackerError>, what: &str) -> S
     }
 }
 
+/// How long the suite's claims lease a unit: longer than any check takes.
+const LEASE: Duration = Duration::from_secs(30);
+
 /// The job-tracker's rules on `store`. `prefix` keeps job names unique when
 /// stores are shared between test runs.
 ///
@@ -186,36 +189,52 @@ fn precondition<T: std::fmt::Debug>(r: Result<T, TrackerError>, what: &str) -> S
 pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     let tracker = Arc::new(Tracker::new(store, CancellationToken::new()));
     let name = |n: &str| format!("{prefix}-{n}");
-    let lease = Duration::from_secs(30);
+    creating_a_job_is_idempotent(&tracker, &name("race"), &name("missing")).await;
+    let (run_id, claimed) = each_unit_is_claimed_once(&tracker, &name("race")).await;
+    lost_races_read_the_queue_again(&tracker, &name("burst")).await;
+    let new_fence = stale_tokens_are_refused(&tracker, &run_id, &claimed).await;
+    completing_every_unit_ends_the_run(&tracker, &run_id, &claimed, &new_fence).await;
+    let (migrated, failed) = a_failure_blocks_until_acknowledged(&tracker, &name("courses")).await;
+    migrated_units_are_not_claimed_again(&tracker, &name("courses"), &migrated, &failed).await;
+    force_remigrate_claims_again(&tracker, &name("courses")).await;
+    retries_stop_at_max_attempts(&tracker, &name("flaky")).await;
+    extracts_resume_at_the_watermark(&tracker, &name("extract")).await;
+    routes_fall_back_to_the_job(&tracker, &name("race")).await;
+    schedules_start_or_skip_due_runs(&tracker, &name("hourly")).await;
+}
 
-    // Creating the same job twice is idempotent; a different one conflicts.
+/// Creating the same job twice is idempotent; a different one conflicts.
+async fn creating_a_job_is_idempotent(tracker: &Arc<Tracker>, job_name: &str, missing: &str) {
     let created = tracker
-        .create_job(job(&name("race"), JobKind::BackfillAttribute), "suite")
+        .create_job(job(job_name, JobKind::BackfillAttribute), "suite")
         .await
         .unwrap();
     let again = tracker
-        .create_job(job(&name("race"), JobKind::BackfillAttribute), "suite")
+        .create_job(job(job_name, JobKind::BackfillAttribute), "suite")
         .await
         .unwrap();
     assert_eq!(created.create_time, again.create_time);
-    let mut other = job(&name("race"), JobKind::BackfillAttribute);
+    let mut other = job(job_name, JobKind::BackfillAttribute);
     other.description = "different".into();
     assert!(matches!(
         tracker.create_job(other, "suite").await,
         Err(TrackerError::AlreadyExists(_))
     ));
     assert!(matches!(
-        tracker.get_job(&name("missing")).await,
+        tracker.get_job(missing).await,
         Err(TrackerError::NotFound(_))
     ));
+}
 
-    // N concurrent claimers racing for M units: each unit claimed exactly once.
+/// N concurrent claimers racing for M units: each unit claimed exactly once.
+/// Returns the run and the `(unit key, fencing token)` of every claim.
+async fn each_unit_is_claimed_once(
+    tracker: &Arc<Tracker>,
+    job_name: &str,
+) -> (String, Vec<(String, u64)>) {
     let keys: Vec<String> = (0..24).map(|i| format!("segment-{i:02}")).collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let run = tracker
-        .start_run(start(&name("race"), &key_refs))
-        .await
-        .unwrap();
+    let run = tracker.start_run(start(job_name, &key_refs)).await.unwrap();
     assert_eq!(run.run.status, RunStatus::Running);
     assert_eq!(run.units.total, 24);
     let mut workers = Vec::new();
@@ -225,7 +244,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             while let Some(c) = tracker
-                .claim_unit(&claim(&format!("w{w}"), &run_id, lease))
+                .claim_unit(&claim(&format!("w{w}"), &run_id, LEASE))
                 .await
                 .unwrap()
             {
@@ -245,16 +264,20 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     assert_eq!(claimed.len(), 24, "every unit claimed once: {claimed:?}");
     assert_eq!(distinct.len(), 24, "no unit claimed twice");
 
-    // Claimers that lose a race read the queue again: N one-shot claims on
-    // N waiting units all succeed (none reports "nothing to claim").
+    (run.run.run_id, claimed)
+}
+
+/// Claimers that lose a race read the queue again: N one-shot claims on
+/// N waiting units all succeed (none reports "nothing to claim").
+async fn lost_races_read_the_queue_again(tracker: &Arc<Tracker>, job_name: &str) {
     tracker
-        .create_job(job(&name("burst"), JobKind::BackfillAttribute), "suite")
+        .create_job(job(job_name, JobKind::BackfillAttribute), "suite")
         .await
         .unwrap();
     let burst_keys: Vec<String> = (0..24).map(|i| format!("b{i:02}")).collect();
     let burst_refs: Vec<&str> = burst_keys.iter().map(String::as_str).collect();
     let burst = tracker
-        .start_run(start(&name("burst"), &burst_refs))
+        .start_run(start(job_name, &burst_refs))
         .await
         .unwrap();
     let mut shots = Vec::new();
@@ -263,7 +286,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         let run_id = burst.run.run_id.clone();
         shots.push(tokio::spawn(async move {
             tracker
-                .claim_unit(&claim(&format!("b{w}"), &run_id, lease))
+                .claim_unit(&claim(&format!("b{w}"), &run_id, LEASE))
                 .await
                 .unwrap()
         }));
@@ -276,11 +299,18 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
             .expect("every one-shot claim gets a unit while units wait");
         assert!(got.insert(claimed.unit.unit_key), "no unit twice");
     }
+}
 
-    // A stale fencing token is refused, an expired lease can be reclaimed.
+/// A stale fencing token is refused, an expired lease can be reclaimed.
+/// Returns the fence of the unit's new holder.
+async fn stale_tokens_are_refused(
+    tracker: &Arc<Tracker>,
+    run_id: &str,
+    claimed: &[(String, u64)],
+) -> Fence {
     let (key, token) = claimed[0].clone();
     let fence = Fence {
-        run_id: run.run.run_id.clone(),
+        run_id: run_id.to_owned(),
         unit_key: key.clone(),
         fencing_token: token,
     };
@@ -309,7 +339,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let taken = tracker
-        .claim_unit(&claim("w-new", &run.run.run_id, lease))
+        .claim_unit(&claim("w-new", run_id, LEASE))
         .await
         .unwrap()
         .expect("expired lease is reclaimable");
@@ -326,18 +356,26 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         "old holder completes",
     );
     assert!(m.contains("w-new"), "names the new holder: {m}");
-    let new_fence = Fence {
+    Fence {
         fencing_token: taken.unit.lease.unwrap().fencing_token,
-        ..fence.clone()
-    };
+        ..fence
+    }
+}
 
-    // Completing every unit ends the run SUCCEEDED; completing twice is an illegal transition.
-    for (k, t) in &claimed {
-        let f = if *k == key {
+/// Completing every unit ends the run SUCCEEDED; completing twice is an
+/// illegal transition.
+async fn completing_every_unit_ends_the_run(
+    tracker: &Arc<Tracker>,
+    run_id: &str,
+    claimed: &[(String, u64)],
+    new_fence: &Fence,
+) {
+    for (k, t) in claimed {
+        let f = if *k == new_fence.unit_key {
             new_fence.clone()
         } else {
             Fence {
-                run_id: run.run.run_id.clone(),
+                run_id: run_id.to_owned(),
                 unit_key: k.clone(),
                 fencing_token: *t,
             }
@@ -350,7 +388,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     let m = precondition(
         tracker
             .finish_unit(
-                &new_fence,
+                new_fence,
                 UnitOutcome::Completed { result: None },
                 None,
                 "suite",
@@ -359,7 +397,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         "complete twice",
     );
     assert!(m.contains("Migrated"), "names the current state: {m}");
-    let done = tracker.get_run(&run.run.run_id).await.unwrap();
+    let done = tracker.get_run(run_id).await.unwrap();
     assert_eq!(
         done.run.status,
         RunStatus::Succeeded,
@@ -368,24 +406,29 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     );
     assert_eq!(done.units.migrated, 24);
     assert_eq!(done.totals.items_processed, 10, "progress of units adds up");
+}
 
-    // Unit migration: a MIGRATED unit is never migrated again unless forced;
-    // a failure blocks the job until acknowledged.
+/// Unit migration: a failed unit fails the run, and the failure blocks the
+/// job until acknowledged. Returns the keys of the MIGRATED and the failed unit.
+async fn a_failure_blocks_until_acknowledged(
+    tracker: &Arc<Tracker>,
+    job_name: &str,
+) -> (String, String) {
     tracker
-        .create_job(job(&name("courses"), JobKind::UnitMigration), "suite")
+        .create_job(job(job_name, JobKind::UnitMigration), "suite")
         .await
         .unwrap();
     let first = tracker
-        .start_run(start(&name("courses"), &["c1", "c2"]))
+        .start_run(start(job_name, &["c1", "c2"]))
         .await
         .unwrap();
     let a = tracker
-        .claim_unit(&claim("w", &first.run.run_id, lease))
+        .claim_unit(&claim("w", &first.run.run_id, LEASE))
         .await
         .unwrap()
         .unwrap();
     let b = tracker
-        .claim_unit(&claim("w", &first.run.run_id, lease))
+        .claim_unit(&claim("w", &first.run.run_id, LEASE))
         .await
         .unwrap()
         .unwrap();
@@ -420,9 +463,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     let ended = tracker.get_run(&first.run.run_id).await.unwrap();
     assert_eq!(ended.run.status, RunStatus::Failed);
     let m = precondition(
-        tracker
-            .start_run(start(&name("courses"), &["c1", "c2"]))
-            .await,
+        tracker.start_run(start(job_name, &["c1", "c2"])).await,
         "gate",
     );
     assert!(
@@ -431,37 +472,47 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     );
     let m = precondition(
         tracker
-            .acknowledge_failure(&name("courses"), "not-the-run", "ops", "seen")
+            .acknowledge_failure(job_name, "not-the-run", "ops", "seen")
             .await,
         "wrong run",
     );
     assert!(m.contains(&first.run.run_id));
     let acked = tracker
-        .acknowledge_failure(&name("courses"), "", "ops", "fault understood")
+        .acknowledge_failure(job_name, "", "ops", "fault understood")
         .await
         .unwrap();
     assert_eq!(acked.status, RunStatus::FailedAcknowledged);
+    (a.unit.unit_key, b.unit.unit_key)
+}
+
+/// A MIGRATED unit is never migrated again by a later run.
+async fn migrated_units_are_not_claimed_again(
+    tracker: &Arc<Tracker>,
+    job_name: &str,
+    migrated: &str,
+    failed: &str,
+) {
     let second = tracker
-        .start_run(start(&name("courses"), &["c1", "c2"]))
+        .start_run(start(job_name, &["c1", "c2"]))
         .await
         .unwrap();
     let units = tracker.list_units(&second.run.run_id).await.unwrap();
     let status_of = |k: &str| units.iter().find(|u| u.unit_key == k).unwrap().status;
     assert_eq!(
-        status_of(&a.unit.unit_key),
+        status_of(migrated),
         UnitStatus::Migrated,
         "a MIGRATED unit is not claimed again"
     );
-    assert_eq!(status_of(&b.unit.unit_key), UnitStatus::NotMigrated);
+    assert_eq!(status_of(failed), UnitStatus::NotMigrated);
     let c = tracker
-        .claim_unit(&claim("w", &second.run.run_id, lease))
+        .claim_unit(&claim("w", &second.run.run_id, LEASE))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(c.unit.unit_key, b.unit.unit_key);
+    assert_eq!(c.unit.unit_key, failed);
     assert!(
         tracker
-            .claim_unit(&claim("w", &second.run.run_id, lease))
+            .claim_unit(&claim("w", &second.run.run_id, LEASE))
             .await
             .unwrap()
             .is_none()
@@ -484,7 +535,12 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
             .status,
         RunStatus::Succeeded
     );
-    let mut forced = start(&name("courses"), &["c1"]);
+}
+
+/// A run with `force_remigrate` migrates a MIGRATED unit again, and the
+/// history says so.
+async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
+    let mut forced = start(job_name, &["c1"]);
     forced.force_remigrate = true;
     let third = tracker.start_run(forced).await.unwrap();
     assert_eq!(
@@ -500,7 +556,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         "recorded in the history: {history:?}"
     );
     let x = tracker
-        .claim_unit(&claim("w", &third.run.run_id, lease))
+        .claim_unit(&claim("w", &third.run.run_id, LEASE))
         .await
         .unwrap()
         .unwrap();
@@ -517,18 +573,17 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         )
         .await
         .unwrap();
+}
 
-    // Retryable failures go back to the queue until max attempts.
-    let mut flaky = job(&name("flaky"), JobKind::BackfillAttribute);
+/// Retryable failures go back to the queue until max attempts.
+async fn retries_stop_at_max_attempts(tracker: &Arc<Tracker>, job_name: &str) {
+    let mut flaky = job(job_name, JobKind::BackfillAttribute);
     flaky.max_attempts = 2;
     tracker.create_job(flaky, "suite").await.unwrap();
-    let r = tracker
-        .start_run(start(&name("flaky"), &["s0"]))
-        .await
-        .unwrap();
+    let r = tracker.start_run(start(job_name, &["s0"])).await.unwrap();
     for attempt in 1..=2 {
         let u = tracker
-            .claim_unit(&claim("w", &r.run.run_id, lease))
+            .claim_unit(&claim("w", &r.run.run_id, LEASE))
             .await
             .unwrap()
             .expect("claimable again");
@@ -558,14 +613,16 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         (RunStatus::Failed, 1),
         "gives up after max attempts"
     );
+}
 
-    // Incremental extract: explicit completion with a watermark; the next
-    // run starts where the last successful one stopped.
-    let mut extract = job(&name("extract"), JobKind::IncrementalExtract);
+/// Incremental extract: explicit completion with a watermark; the next
+/// run starts where the last successful one stopped.
+async fn extracts_resume_at_the_watermark(tracker: &Arc<Tracker>, job_name: &str) {
+    let mut extract = job(job_name, JobKind::IncrementalExtract);
     extract.explicit_completion = true;
     tracker.create_job(extract, "suite").await.unwrap();
     let e1 = tracker
-        .start_run(start(&name("extract"), &["window"]))
+        .start_run(start(job_name, &["window"]))
         .await
         .unwrap();
     assert_eq!(
@@ -573,7 +630,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         "the first run has no previous watermark"
     );
     let u = tracker
-        .claim_unit(&claim("w", &e1.run.run_id, lease))
+        .claim_unit(&claim("w", &e1.run.run_id, LEASE))
         .await
         .unwrap()
         .unwrap();
@@ -609,7 +666,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         .await
         .unwrap();
     let e2 = tracker
-        .start_run(start(&name("extract"), &["window"]))
+        .start_run(start(job_name, &["window"]))
         .await
         .unwrap();
     let got = e2.run.window_start.expect("window start");
@@ -618,9 +675,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         "starts from the last processed timestamp"
     );
     let m = precondition(
-        tracker
-            .start_run(start(&name("extract"), &["window"]))
-            .await,
+        tracker.start_run(start(job_name, &["window"])).await,
         "second active run",
     );
     assert!(m.contains("active run"), "{m}");
@@ -629,43 +684,42 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         .await
         .unwrap();
     precondition(
-        tracker
-            .start_run(start(&name("extract"), &["window"]))
-            .await,
+        tracker.start_run(start(job_name, &["window"])).await,
         "gate after FailRun",
     );
+}
 
-    // Routes: per unit, job-wide fallback, revisions.
-    let rj = name("race");
+/// Routes: per unit, job-wide fallback, revisions.
+async fn routes_fall_back_to_the_job(tracker: &Arc<Tracker>, rj: &str) {
     assert_eq!(
-        tracker.get_route(&rj, "u1").await.unwrap().target,
+        tracker.get_route(rj, "u1").await.unwrap().target,
         RouteTarget::Source
     );
     tracker
-        .set_route(&rj, "", RouteTarget::Target, 0, "ops", "all moved")
+        .set_route(rj, "", RouteTarget::Target, 0, "ops", "all moved")
         .await
         .unwrap();
     let r1 = tracker
-        .set_route(&rj, "u1", RouteTarget::Source, 0, "ops", "pin")
+        .set_route(rj, "u1", RouteTarget::Source, 0, "ops", "pin")
         .await
         .unwrap();
     assert_eq!(r1.revision, 1);
     assert_eq!(
-        tracker.get_route(&rj, "u1").await.unwrap().target,
+        tracker.get_route(rj, "u1").await.unwrap().target,
         RouteTarget::Source
     );
     assert_eq!(
-        tracker.get_route(&rj, "u2").await.unwrap().target,
+        tracker.get_route(rj, "u2").await.unwrap().target,
         RouteTarget::Target,
         "job-wide route"
     );
     precondition(
         tracker
-            .set_route(&rj, "u1", RouteTarget::Target, 5, "ops", "stale")
+            .set_route(rj, "u1", RouteTarget::Target, 5, "ops", "stale")
             .await,
         "route revision",
     );
-    let h = tracker.list_transitions(&rj, "", "u1").await.unwrap();
+    let h = tracker.list_transitions(rj, "", "u1").await.unwrap();
     assert!(h.iter().any(|t| matches!(
         t.change,
         Change::Route {
@@ -674,9 +728,12 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         }
     ) && t.actor == "ops"
         && t.reason == "pin"));
+}
 
-    // Schedules: a due run starts; a blocked job's due run is skipped after max wait.
-    let mut hourly = job(&name("hourly"), JobKind::IncrementalExtract);
+/// Schedules: a due run starts; a blocked job's due run is skipped after
+/// max wait.
+async fn schedules_start_or_skip_due_runs(tracker: &Arc<Tracker>, job_name: &str) {
+    let mut hourly = job(job_name, JobKind::IncrementalExtract);
     hourly.explicit_completion = true;
     hourly.default_unit_keys = vec!["window".into()];
     hourly.schedule = Some(Schedule {
@@ -688,8 +745,8 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     });
     tracker.create_job(hourly, "suite").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    crate::schedule::tick(&tracker, Utc::now()).await.unwrap();
-    let runs = tracker.list_runs(&name("hourly"), &[]).await.unwrap();
+    crate::schedule::tick(tracker, Utc::now()).await.unwrap();
+    let runs = tracker.list_runs(job_name, &[]).await.unwrap();
     assert_eq!(runs.len(), 1, "one scheduled run: {runs:?}");
     assert_eq!(
         (runs[0].status, runs[0].trigger),
@@ -700,10 +757,10 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    crate::schedule::tick(&tracker, Utc::now()).await.unwrap();
+    crate::schedule::tick(tracker, Utc::now()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    crate::schedule::tick(&tracker, Utc::now()).await.unwrap();
-    let runs = tracker.list_runs(&name("hourly"), &[]).await.unwrap();
+    crate::schedule::tick(tracker, Utc::now()).await.unwrap();
+    let runs = tracker.list_runs(job_name, &[]).await.unwrap();
     let skipped = runs
         .iter()
         .find(|r| r.status == RunStatus::Skipped)

@@ -22,7 +22,7 @@ impl Tracker {
             description: new.description,
             spec: new.spec,
             next_run_time: match &new.schedule {
-                Some(s) => crate::schedule::next_fire(s, now)
+                Some(s) => crate::calendar::next_fire(s, now)
                     .map_err(|e| FieldError::new("job.schedule.cron", e))?,
                 None => None,
             },
@@ -130,7 +130,7 @@ impl Tracker {
                     "schedule" => {
                         job.schedule.clone_from(&patch.schedule);
                         job.next_run_time = match &job.schedule {
-                            Some(s) => crate::schedule::next_fire(s, Utc::now())
+                            Some(s) => crate::calendar::next_fire(s, Utc::now())
                                 .map_err(|e| FieldError::new("job.schedule.cron", e))?,
                             None => None,
                         };
