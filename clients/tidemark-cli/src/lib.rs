@@ -18,6 +18,7 @@ macro_rules! retried {
 
 pub mod cutover;
 pub mod dev;
+pub mod error;
 pub mod jobs;
 pub mod output;
 pub mod progress;

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tidemark_cli::output::{CliResult, EXIT_CONFIG, Output, report};
+use tidemark_cli::error::{CliResult, EXIT_CONFIG, report};
+use tidemark_cli::output::Output;
 use tidemark_cli::{cutover, dev, jobs, replicate, stats, verify, work};
 use tidemark_client::spec::parse_duration;
 use tidemark_client::{Options, Tidemark};

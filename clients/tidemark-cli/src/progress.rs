@@ -6,40 +6,33 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tidemark_proto::job_tracker::v1 as jt;
-use tidemark_proto::replicator::v1 as rp;
 
-use crate::output::Output;
+use crate::output::{Output, run_status};
 
 /// A bar for a run's items (or units when the run cannot estimate items).
 pub fn bar(out: Output, message: &str) -> ProgressBar {
-    let pb = if out == Output::Json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(message.to_owned());
-    pb.enable_steady_tick(Duration::from_millis(200));
-    pb
+    let style = ProgressStyle::with_template(
+        "{spinner} {msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    ticking(out, style, message)
 }
 
 /// A spinner for work without a known length (lag, steps).
 pub fn spinner(out: Output, message: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+        .expect("a valid template");
+    ticking(out, style, message)
+}
+
+fn ticking(out: Output, style: ProgressStyle, message: &str) -> ProgressBar {
     let pb = if out == Output::Json {
         ProgressBar::hidden()
     } else {
         ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
     };
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .expect("a valid template"),
-    );
+    pb.set_style(style);
     pb.set_message(message.to_owned());
     pb.enable_steady_tick(Duration::from_millis(200));
     pb
@@ -61,29 +54,11 @@ pub fn show_run(pb: &ProgressBar, p: &jt::RunProgress) {
     counters.sort();
     pb.set_message(format!(
         "{} units {}/{} done, {} failed; {} items {}",
-        crate::jobs::run_status(p.status),
+        run_status(p.status),
         units.migrated,
         units.total,
         units.failed + units.rolled_back,
         p.items_processed,
         counters.join(" ")
     ));
-}
-
-/// One line of a pipeline's lag.
-pub fn lag_line(l: &rp::PipelineLag) -> String {
-    let behind = l
-        .records_behind
-        .map_or_else(|| "? records".to_owned(), |r| format!("{r} records"));
-    let secs = l
-        .max_time_behind
-        .as_ref()
-        .map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9);
-    format!(
-        "{} {}: {behind}, {secs:.1}s behind over {} partitions{}",
-        l.pipeline_name,
-        tidemark_client::state_name(l.state),
-        l.partitions.len(),
-        if l.caught_up { ", caught up" } else { "" }
-    )
 }

@@ -4,13 +4,12 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use serde_json::{Value, json};
-use tidemark_client::spec::{parse_duration, std_duration};
+use tidemark_client::spec::parse_duration;
 use tidemark_client::{StoreSpec, Tidemark, state_name};
 use tidemark_proto::replicator::v1 as pb;
 
-use crate::jobs::time;
-use crate::output::{CliError, CliResult, Output, table};
+use crate::error::{CliError, CliResult};
+use crate::output::{self, Output};
 use crate::progress;
 
 #[derive(clap::Subcommand, Debug)]
@@ -125,53 +124,6 @@ fn parse_sink(text: &str) -> Result<(String, StoreSpec), String> {
     Ok((name.to_owned(), store))
 }
 
-fn pipeline_json(p: &pb::Pipeline) -> Value {
-    let spec = p.spec.clone().unwrap_or_default();
-    json!({
-        "name": p.name, "state": state_name(p.state), "reason": p.state_reason, "job": p.job_name,
-        "run_id": p.run_id, "dead_letters": p.dead_letter_count, "created": time(p.create_time.as_ref()),
-        "sinks": spec.sinks.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-    })
-}
-
-fn lag_json(l: &pb::PipelineLag) -> Value {
-    json!({
-        "pipeline": l.pipeline_name, "state": state_name(l.state), "caught_up": l.caught_up,
-        "records_behind": l.records_behind,
-        "seconds_behind": std_duration(l.max_time_behind.as_ref()).as_secs_f64(),
-        "partitions": l.partitions.iter().map(|p| json!({
-            "partition": p.partition, "records_behind": p.records_behind,
-            "seconds_behind": std_duration(p.time_behind.as_ref()).as_secs_f64(),
-            "caught_up": p.caught_up, "owner": p.owner, "closed": p.closed,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-fn lag_table(l: &pb::PipelineLag) -> String {
-    let rows: Vec<Vec<String>> = l
-        .partitions
-        .iter()
-        .map(|p| {
-            vec![
-                p.partition.clone(),
-                p.records_behind
-                    .map_or_else(|| "?".to_owned(), |r| r.to_string()),
-                format!("{:.1}s", std_duration(p.time_behind.as_ref()).as_secs_f64()),
-                if p.caught_up { "yes" } else { "no" }.to_owned(),
-                p.owner.clone(),
-            ]
-        })
-        .collect();
-    format!(
-        "{}\n{}",
-        progress::lag_line(l),
-        table(
-            &["PARTITION", "BEHIND", "TIME", "CAUGHT UP", "OWNER"],
-            &rows
-        )
-    )
-}
-
 fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
     let start = match a.start {
         Start::Latest => pb::StartPosition::Latest,
@@ -248,97 +200,8 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
 pub async fn run(client: &Tidemark, command: ReplicateCommand, out: Output) -> CliResult {
     let svc = client.replicator();
     match command {
-        ReplicateCommand::Create(a) => {
-            let req = pb::CreatePipelineRequest {
-                name: a.name.clone(),
-                spec: Some(create_spec(&a)?),
-                actor: a.actor.clone(),
-                validate_only: a.validate_only,
-            };
-            let created = retried!(client, svc, create_pipeline, req)?;
-            let mut p = created.pipeline.unwrap_or_default();
-            if a.validate_only {
-                let mut value = pipeline_json(&p);
-                value["checks"] = json!(created.checks);
-                out.print(&value, || {
-                    let mut text = format!(
-                        "pipeline {} is valid ({}); nothing was created\n",
-                        p.name,
-                        state_name(p.state)
-                    );
-                    for line in &created.checks {
-                        text.push_str(&format!("  ok  {line}\n"));
-                    }
-                    text
-                });
-                return Ok(());
-            }
-            if a.wait {
-                let pb = progress::spinner(out, "backfilling");
-                let waited = client
-                    .wait_streaming(&a.name, a.timeout, |l| {
-                        pb.set_message(progress::lag_line(l));
-                    })
-                    .await;
-                pb.finish_and_clear();
-                p = waited?;
-            }
-            out.print(&pipeline_json(&p), || {
-                format!(
-                    "pipeline {} {} (job {}); watch it with `tidemark replicate lag {} --follow`\n",
-                    p.name,
-                    state_name(p.state),
-                    p.job_name,
-                    p.name
-                )
-            });
-        }
-        ReplicateCommand::Ls => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = retried!(
-                    client,
-                    svc,
-                    list_pipelines,
-                    pb::ListPipelinesRequest {
-                        page_size: 1000,
-                        page_token: token.clone(),
-                    }
-                )?;
-                all.extend(page.pipelines);
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
-            }
-            out.print(
-                &Value::Array(all.iter().map(pipeline_json).collect()),
-                || {
-                    let rows: Vec<Vec<String>> = all
-                        .iter()
-                        .map(|p| {
-                            let spec = p.spec.clone().unwrap_or_default();
-                            vec![
-                                p.name.clone(),
-                                state_name(p.state),
-                                spec.sinks
-                                    .iter()
-                                    .map(|s| s.name.clone())
-                                    .collect::<Vec<_>>()
-                                    .join(","),
-                                p.dead_letter_count.to_string(),
-                                p.state_reason.clone(),
-                            ]
-                        })
-                        .collect();
-                    table(
-                        &["PIPELINE", "STATE", "SINKS", "DEAD LETTERS", "REASON"],
-                        &rows,
-                    )
-                },
-            );
-        }
+        ReplicateCommand::Create(a) => create(client, &a, out).await?,
+        ReplicateCommand::Ls => ls(client, out).await?,
         ReplicateCommand::Pause {
             name,
             reason,
@@ -352,7 +215,7 @@ pub async fn run(client: &Tidemark, command: ReplicateCommand, out: Output) -> C
             let p = retried!(client, svc, pause_pipeline, req)?
                 .pipeline
                 .unwrap_or_default();
-            out.print(&pipeline_json(&p), || {
+            output::pipeline(out, &p, |p| {
                 format!(
                     "pipeline {} paused; `tidemark replicate resume {}` resumes it\n",
                     p.name, p.name
@@ -364,35 +227,11 @@ pub async fn run(client: &Tidemark, command: ReplicateCommand, out: Output) -> C
             let p = retried!(client, svc, resume_pipeline, req)?
                 .pipeline
                 .unwrap_or_default();
-            out.print(&pipeline_json(&p), || {
+            output::pipeline(out, &p, |p| {
                 format!("pipeline {} {}\n", p.name, state_name(p.state))
             });
         }
-        ReplicateCommand::Drain { name, timeout } => {
-            let pb = progress::spinner(out, &format!("draining {name}"));
-            let lag_pb = pb.clone();
-            // Show the lag going down while the drain call waits.
-            let mut watch = client.watch_lag(&name, Duration::from_secs(1));
-            let watcher = tokio::spawn(async move {
-                while let Some(Ok(l)) = watch.next().await {
-                    lag_pb.set_message(format!("draining: {}", progress::lag_line(&l)));
-                }
-            });
-            let drained = client.drain(&name, timeout).await;
-            watcher.abort();
-            pb.finish_and_clear();
-            let r = drained?;
-            let lag = r.lag.unwrap_or_default();
-            let elapsed = std_duration(r.elapsed.as_ref());
-            let mut value = lag_json(&lag);
-            value["elapsed_seconds"] = json!(elapsed.as_secs_f64());
-            out.print(&value, || {
-                format!(
-                    "pipeline {name} drained (lag 0) in {:.1}s\n",
-                    elapsed.as_secs_f64()
-                )
-            });
-        }
+        ReplicateCommand::Drain { name, timeout } => drain(client, &name, timeout, out).await?,
         ReplicateCommand::Lag {
             name,
             follow,
@@ -400,13 +239,89 @@ pub async fn run(client: &Tidemark, command: ReplicateCommand, out: Output) -> C
         } => {
             let mut watch = client.watch_lag(&name, interval);
             while let Some(l) = watch.next().await {
-                let l = l?;
-                out.print(&lag_json(&l), || lag_table(&l));
+                output::lag(out, &l?);
                 if !follow {
                     break;
                 }
             }
         }
     }
+    Ok(())
+}
+
+async fn create(client: &Tidemark, a: &CreateArgs, out: Output) -> CliResult {
+    let svc = client.replicator();
+    let req = pb::CreatePipelineRequest {
+        name: a.name.clone(),
+        spec: Some(create_spec(a)?),
+        actor: a.actor.clone(),
+        validate_only: a.validate_only,
+    };
+    let created = retried!(client, svc, create_pipeline, req)?;
+    let mut p = created.pipeline.unwrap_or_default();
+    if a.validate_only {
+        output::pipeline_valid(out, &p, &created.checks);
+        return Ok(());
+    }
+    if a.wait {
+        let pb = progress::spinner(out, "backfilling");
+        let waited = client
+            .wait_streaming(&a.name, a.timeout, |l| {
+                pb.set_message(output::lag_line(l));
+            })
+            .await;
+        pb.finish_and_clear();
+        p = waited?;
+    }
+    output::pipeline(out, &p, |p| {
+        format!(
+            "pipeline {} {} (job {}); watch it with `tidemark replicate lag {} --follow`\n",
+            p.name,
+            state_name(p.state),
+            p.job_name,
+            p.name
+        )
+    });
+    Ok(())
+}
+
+async fn ls(client: &Tidemark, out: Output) -> CliResult {
+    let svc = client.replicator();
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = retried!(
+            client,
+            svc,
+            list_pipelines,
+            pb::ListPipelinesRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+            }
+        )?;
+        all.extend(page.pipelines);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    output::pipelines(out, &all);
+    Ok(())
+}
+
+async fn drain(client: &Tidemark, name: &str, timeout: Duration, out: Output) -> CliResult {
+    let pb = progress::spinner(out, &format!("draining {name}"));
+    let lag_pb = pb.clone();
+    // Show the lag going down while the drain call waits.
+    let mut watch = client.watch_lag(name, Duration::from_secs(1));
+    let watcher = tokio::spawn(async move {
+        while let Some(Ok(l)) = watch.next().await {
+            lag_pb.set_message(format!("draining: {}", output::lag_line(&l)));
+        }
+    });
+    let drained = client.drain(name, timeout).await;
+    watcher.abort();
+    pb.finish_and_clear();
+    output::drained(out, name, &drained?);
     Ok(())
 }

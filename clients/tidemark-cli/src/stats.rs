@@ -2,16 +2,16 @@
 //! counters, and handle the writer pause by hand.
 
 use std::io::BufRead as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tidemark_client::Tidemark;
 use tidemark_client::spec::{parse_duration, proto_duration};
 use tidemark_proto::stats_aggregator::v1 as pb;
 
-use crate::jobs::time;
-use crate::output::{CliError, CliResult, Output, table};
+use crate::error::{CliError, CliResult};
+use crate::output::{self, Output};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum StatsCommand {
@@ -108,165 +108,21 @@ fn event_from_json(line: &str, n: usize) -> Result<pb::Event, CliError> {
     })
 }
 
-fn state_json(s: &pb::BufferState) -> Value {
-    json!({
-        "dirty_keys": s.dirty_keys, "pending_events": s.pending_events,
-        "last_flush_sequence": s.last_flush_sequence, "last_flush": time(s.last_flush_time.as_ref()),
-        "flush_in_progress": s.flush_in_progress, "paused": s.paused, "quiesced": s.quiesced,
-        "pause_reason": s.pause_reason, "auto_resume": time(s.auto_resume_time.as_ref()),
-    })
-}
-
-fn state_text(s: &pb::BufferState) -> String {
-    format!(
-        "writers {}{}; {} events buffered over {} entities; last flush #{} at {}\n",
-        if s.paused { "PAUSED" } else { "running" },
-        if s.paused {
-            format!(
-                " ({}, quiesced={}, resume by itself at {})",
-                s.pause_reason,
-                s.quiesced,
-                time(s.auto_resume_time.as_ref())
-            )
-        } else {
-            String::new()
-        },
-        s.pending_events,
-        s.dirty_keys,
-        s.last_flush_sequence,
-        time(s.last_flush_time.as_ref())
-    )
-}
-
 pub async fn run(client: &Tidemark, command: StatsCommand, out: Output) -> CliResult {
     let mut svc = client.stats();
     match command {
-        StatsCommand::Ingest(a) => {
-            let events = if let Some(file) = &a.file {
-                let reader: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
-                    Box::new(std::io::stdin().lock())
-                } else {
-                    Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(
-                        |e| CliError::invalid(format!("cannot read {}: {e}", file.display()), ""),
-                    )?))
-                };
-                let mut events = Vec::new();
-                for (i, line) in reader.lines().enumerate() {
-                    let line = line.map_err(|e| CliError::invalid(e.to_string(), ""))?;
-                    if !line.trim().is_empty() {
-                        events.push(event_from_json(&line, i + 1)?);
-                    }
-                }
-                events
-            } else {
-                let (Some(entity), Some(metric)) = (a.entity, a.metric) else {
-                    return Err(CliError::invalid(
-                        "an event needs --entity and --metric (or --file)",
-                        "e.g. tidemark stats ingest --entity c1 --metric views --increment 1",
-                    ));
-                };
-                let op = match (a.increment, a.replace) {
-                    (Some(d), None) => pb::event::Op::Increment(pb::Increment { delta: d }),
-                    (None, Some(v)) => pb::event::Op::Replace(pb::Replace { value: v }),
-                    _ => {
-                        return Err(CliError::invalid(
-                            "an event needs --increment N or --replace V",
-                            "",
-                        ));
-                    }
-                };
-                vec![pb::Event {
-                    event_id: a.event_id.unwrap_or_else(|| {
-                        format!("cli-{}-{:016x}", std::process::id(), rand_id())
-                    }),
-                    entity_key: entity,
-                    metric,
-                    op: Some(op),
-                    event_time: None,
-                }]
-            };
-            let (mut accepted, mut duplicates, mut rejected) = (0, 0, 0);
-            let mut rejections = Vec::new();
-            // Batches of at most 10000 events, the API's limit per message;
-            // each retried as a whole (event ids make that safe).
-            for chunk in events.chunks(10_000) {
-                let req = pb::IngestBatchRequest {
-                    events: chunk.to_vec(),
-                };
-                let r = retried!(client, svc, ingest_batch, req)?;
-                accepted += r.accepted_count;
-                duplicates += r.duplicate_count;
-                rejected += r.rejected_count;
-                rejections.extend(r.rejections);
-            }
-            let value = json!({
-                "accepted": accepted, "duplicates": duplicates, "rejected": rejected,
-                "rejections": rejections.iter().map(|r| json!({"index": r.event_index, "event_id": r.event_id, "field": r.field, "reason": r.description})).collect::<Vec<_>>(),
-            });
-            out.print(&value, || {
-                let mut text =
-                    format!("{accepted} accepted, {duplicates} duplicates, {rejected} rejected\n");
-                for r in &rejections {
-                    text.push_str(&format!(
-                        "  event {} ({}): {} {}\n",
-                        r.event_index, r.event_id, r.field, r.description
-                    ));
-                }
-                text
-            });
-            if rejected > 0 {
-                return Err(CliError::invalid(
-                    format!("{rejected} events were rejected (the others were accepted)"),
-                    "fix the fields named above and resend only those events",
-                ));
-            }
-        }
+        StatsCommand::Ingest(a) => return ingest(client, a, out).await,
         StatsCommand::Get { entity, metrics } => {
             let req = pb::GetStatsRequest {
                 entity_key: entity,
                 metrics,
             };
             let r = retried!(client, svc, get_stats, req)?;
-            let mut names: Vec<&String> = r.metrics.keys().collect();
-            names.sort();
-            let value = json!({
-                "entity": r.entity_key, "version": r.version, "last_flush_sequence": r.last_flush_sequence,
-                "metrics": r.metrics.iter().map(|(k, m)| (k.clone(), json!({
-                    "stored": m.stored_value, "pending_delta": m.pending_delta,
-                    "pending_replace": m.pending_replace, "effective": m.effective_value,
-                }))).collect::<serde_json::Map<_, _>>(),
-            });
-            out.print(&value, || {
-                let rows: Vec<Vec<String>> = names
-                    .iter()
-                    .map(|k| {
-                        let m = &r.metrics[*k];
-                        vec![
-                            (*k).clone(),
-                            m.effective_value.clone(),
-                            m.stored_value.clone(),
-                            m.pending_delta.to_string(),
-                            m.pending_replace.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                format!(
-                    "{} (version {})\n{}",
-                    r.entity_key,
-                    r.version,
-                    table(
-                        &["METRIC", "VALUE", "STORED", "PENDING +", "PENDING ="],
-                        &rows
-                    )
-                )
-            });
+            output::entity_stats(out, &r);
         }
         StatsCommand::Flush => {
             let r = svc.flush(pb::FlushRequest {}).await?.into_inner();
-            out.print(
-                &json!({"flush_sequence": r.flush_sequence, "items_written": r.items_written, "records_published": r.records_published}),
-                || format!("flush #{}: {} items written\n", r.flush_sequence, r.items_written),
-            );
+            output::flushed(out, &r);
         }
         StatsCommand::Pause {
             mode,
@@ -284,7 +140,7 @@ pub async fn run(client: &Tidemark, command: StatsCommand, out: Output) -> CliRe
             let s = retried!(client, svc, pause_writers, req)?
                 .state
                 .unwrap_or_default();
-            out.print(&state_json(&s), || state_text(&s));
+            output::buffer_state(out, &s);
         }
         StatsCommand::Resume { flush } => {
             let s = retried!(
@@ -295,16 +151,95 @@ pub async fn run(client: &Tidemark, command: StatsCommand, out: Output) -> CliRe
             )?
             .state
             .unwrap_or_default();
-            out.print(&state_json(&s), || state_text(&s));
+            output::buffer_state(out, &s);
         }
         StatsCommand::State => {
             let s = retried!(client, svc, get_buffer_state, pb::GetBufferStateRequest {})?
                 .state
                 .unwrap_or_default();
-            out.print(&state_json(&s), || state_text(&s));
+            output::buffer_state(out, &s);
         }
     }
     Ok(())
+}
+
+async fn ingest(client: &Tidemark, a: IngestArgs, out: Output) -> CliResult {
+    let svc = client.stats();
+    let events = if let Some(file) = &a.file {
+        read_events(file)?
+    } else {
+        vec![flag_event(a)?]
+    };
+    let (mut accepted, mut duplicates, mut rejected) = (0, 0, 0);
+    let mut rejections = Vec::new();
+    // Batches of at most 10000 events, the API's limit per message;
+    // each retried as a whole (event ids make that safe).
+    for chunk in events.chunks(10_000) {
+        let req = pb::IngestBatchRequest {
+            events: chunk.to_vec(),
+        };
+        let r = retried!(client, svc, ingest_batch, req)?;
+        accepted += r.accepted_count;
+        duplicates += r.duplicate_count;
+        rejected += r.rejected_count;
+        rejections.extend(r.rejections);
+    }
+    output::ingested(out, accepted, duplicates, rejected, &rejections);
+    if rejected > 0 {
+        return Err(CliError::invalid(
+            format!("{rejected} events were rejected (the others were accepted)"),
+            "fix the fields named above and resend only those events",
+        ));
+    }
+    Ok(())
+}
+
+/// Events as JSON lines from a file, or stdin for `-`.
+fn read_events(file: &Path) -> Result<Vec<pb::Event>, CliError> {
+    let reader: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(
+            |e| CliError::invalid(format!("cannot read {}: {e}", file.display()), ""),
+        )?))
+    };
+    let mut events = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(|e| CliError::invalid(e.to_string(), ""))?;
+        if !line.trim().is_empty() {
+            events.push(event_from_json(&line, i + 1)?);
+        }
+    }
+    Ok(events)
+}
+
+/// The one event given by --entity, --metric and --increment or --replace.
+fn flag_event(a: IngestArgs) -> Result<pb::Event, CliError> {
+    let (Some(entity), Some(metric)) = (a.entity, a.metric) else {
+        return Err(CliError::invalid(
+            "an event needs --entity and --metric (or --file)",
+            "e.g. tidemark stats ingest --entity c1 --metric views --increment 1",
+        ));
+    };
+    let op = match (a.increment, a.replace) {
+        (Some(d), None) => pb::event::Op::Increment(pb::Increment { delta: d }),
+        (None, Some(v)) => pb::event::Op::Replace(pb::Replace { value: v }),
+        _ => {
+            return Err(CliError::invalid(
+                "an event needs --increment N or --replace V",
+                "",
+            ));
+        }
+    };
+    Ok(pb::Event {
+        event_id: a
+            .event_id
+            .unwrap_or_else(|| format!("cli-{}-{:016x}", std::process::id(), rand_id())),
+        entity_key: entity,
+        metric,
+        op: Some(op),
+        event_time: None,
+    })
 }
 
 fn rand_id() -> u64 {

@@ -3,13 +3,12 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use tidemark_client::spec::{parse_duration, parse_value, proto_duration};
 use tidemark_client::{StoreSpec, Tidemark, verdict_name};
 use tidemark_proto::verifier::v1 as pb;
 
-use crate::jobs::time;
-use crate::output::{CliError, CliResult, Output, table};
+use crate::error::{CliError, CliResult};
+use crate::output::{self, Output};
 use crate::progress;
 
 #[derive(clap::Args, Debug)]
@@ -124,67 +123,6 @@ fn spec(a: &VerifyArgs) -> Result<pb::VerificationSpec, CliError> {
     })
 }
 
-pub fn report_json(r: &pb::Report) -> Value {
-    json!({
-        "verification_id": r.verification_id, "job": r.job_name, "verdict": verdict_name(r.verdict),
-        "items_compared": r.items_compared, "rounds": r.rounds, "error": r.error,
-        "started": time(r.start_time.as_ref()), "finished": time(r.finish_time.as_ref()),
-        "checks": r.checks.iter().map(|c| {
-            let m = c.mismatches.unwrap_or_default();
-            json!({
-                "name": c.name, "verdict": verdict_name(c.verdict), "detail": c.detail,
-                "source_count": c.source_count, "target_count": c.target_count, "error": c.error,
-                "missing_in_target": m.missing_in_target, "extra_in_target": m.extra_in_target,
-                "stale_version": m.stale_version, "different_content": m.different_content,
-                "resolved_on_recheck": c.resolved_on_recheck,
-            })
-        }).collect::<Vec<_>>(),
-    })
-}
-
-pub fn report_text(r: &pb::Report) -> String {
-    let rows: Vec<Vec<String>> = r
-        .checks
-        .iter()
-        .map(|c| {
-            let m = c.mismatches.unwrap_or_default();
-            vec![
-                c.name.clone(),
-                verdict_name(c.verdict),
-                c.source_count.to_string(),
-                c.target_count.to_string(),
-                format!(
-                    "{}/{}/{}/{}",
-                    m.missing_in_target, m.extra_in_target, m.stale_version, m.different_content
-                ),
-                if c.error.is_empty() {
-                    c.detail.clone()
-                } else {
-                    c.error.clone()
-                },
-            ]
-        })
-        .collect();
-    format!(
-        "verification {} ({}): {}, {} items compared\n{}",
-        r.verification_id,
-        r.job_name,
-        verdict_name(r.verdict),
-        r.items_compared,
-        table(
-            &[
-                "CHECK",
-                "VERDICT",
-                "SOURCE",
-                "TARGET",
-                "MISSING/EXTRA/STALE/DIFFERENT",
-                "DETAIL"
-            ],
-            &rows
-        )
-    )
-}
-
 pub async fn run(client: &Tidemark, a: VerifyArgs, out: Output) -> CliResult {
     let request = pb::StartVerificationRequest {
         job_name: a.job.clone(),
@@ -196,15 +134,12 @@ pub async fn run(client: &Tidemark, a: VerifyArgs, out: Output) -> CliResult {
     let pb = progress::spinner(out, "verifying");
     let report = client
         .verify(request, a.timeout, |r| {
-            pb.set_message(format!(
-                "verifying: {} items compared, round {}",
-                r.items_compared, r.rounds
-            ));
+            pb.set_message(output::verify_progress(r));
         })
         .await;
     pb.finish_and_clear();
     let report = report?;
-    out.print(&report_json(&report), || report_text(&report));
+    output::verification(out, &report);
     if report.verdict == pb::Verdict::Pass as i32 {
         Ok(())
     } else {

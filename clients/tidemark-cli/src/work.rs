@@ -4,15 +4,14 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use tidemark_client::spec::{parse_duration, parse_value};
 use tidemark_client::{RunOutcome, StoreSpec, Tidemark};
 use tidemark_proto::common::v1 as common;
 use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::replicator::v1 as rp;
 
-use crate::jobs::{run_json, run_status, unit_status};
-use crate::output::{CliError, CliResult, Output, table};
+use crate::error::{CliError, CliResult};
+use crate::output::{self, Output, run_status};
 use crate::progress;
 
 #[derive(clap::Args, Debug)]
@@ -190,16 +189,6 @@ fn failed_run(run: &jt::Run, job: &str) -> CliError {
     )
 }
 
-fn counters_text(run: &jt::Run) -> String {
-    let mut c: Vec<String> = run
-        .counters
-        .iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect();
-    c.sort();
-    c.join(", ")
-}
-
 pub async fn backfill(client: &Tidemark, a: BackfillArgs, out: Output) -> CliResult {
     let request = rp::BackfillAttributeRequest {
         job_name: a.job.clone(),
@@ -267,28 +256,11 @@ pub async fn migrate(client: &Tidemark, a: MigrateArgs, out: Output) -> CliResul
             &a.follow.actor,
         )
         .await?;
-    if out == Output::Text {
-        eprintln!(
-            "migrating {} units of {} (run {}){}",
-            a.units.len(),
-            a.job,
-            started.run_id,
-            if started.already_migrated_unit_keys.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; already migrated, skipped: {}",
-                    started.already_migrated_unit_keys.join(", ")
-                )
-            }
-        );
-    }
+    output::announce(out, &output::migrating(&a.job, a.units.len(), &started));
     let outcome = follow(client, &started.run_id, "migrate", &a.follow, out).await?;
     let Some(outcome) = outcome else {
-        out.print(
-            &json!({"job": a.job, "run_id": started.run_id, "already_migrated": started.already_migrated_unit_keys}),
-            || format!("started run {} of {}; follow it with `tidemark jobs show {}`\n", started.run_id, a.job, a.job),
-        );
+        let skipped = &started.already_migrated_unit_keys;
+        output::run_started(out, &a.job, &started.run_id, Some(skipped));
         return Ok(());
     };
     let jobs = client.jobs();
@@ -304,38 +276,13 @@ pub async fn migrate(client: &Tidemark, a: MigrateArgs, out: Output) -> CliResul
     )?
     .units;
     let run = &outcome.run;
-    let mut value = run_json(run);
-    value["job"] = Value::from(a.job.clone());
-    value["already_migrated"] = json!(started.already_migrated_unit_keys);
-    value["unit_results"] = Value::Array(
-        units
-            .iter()
-            .map(|u| {
-                json!({"unit": u.unit_key, "status": unit_status(u.status), "error": u.last_error,
-                       "items": u.items_processed, "counters": u.counters})
-            })
-            .collect(),
+    output::migration_finished(
+        out,
+        &a.job,
+        run,
+        &started.already_migrated_unit_keys,
+        &units,
     );
-    out.print(&value, || {
-        let rows: Vec<Vec<String>> = units
-            .iter()
-            .map(|u| {
-                vec![
-                    u.unit_key.clone(),
-                    unit_status(u.status),
-                    u.items_processed.to_string(),
-                    u.last_error.clone(),
-                ]
-            })
-            .collect();
-        format!(
-            "run {} of {}: {}\n{}",
-            run.run_id,
-            a.job,
-            run_status(run.status),
-            table(&["UNIT", "STATUS", "ITEMS", "ERROR"], &rows)
-        )
-    });
     if outcome.succeeded() {
         Ok(())
     } else {
@@ -347,23 +294,11 @@ pub async fn migrate(client: &Tidemark, a: MigrateArgs, out: Output) -> CliResul
 /// failed run into the operation-failed exit code.
 fn report_run(job: &str, run_id: &str, outcome: Option<RunOutcome>, out: Output) -> CliResult {
     let Some(outcome) = outcome else {
-        out.print(&json!({"job": job, "run_id": run_id}), || {
-            format!("started run {run_id} of {job}; follow it with `tidemark jobs show {job}`\n")
-        });
+        output::run_started(out, job, run_id, None);
         return Ok(());
     };
     let run = &outcome.run;
-    let mut value = run_json(run);
-    value["job"] = Value::from(job.to_owned());
-    value["counters"] = json!(run.counters);
-    out.print(&value, || {
-        format!(
-            "run {} of {job}: {} ({})\n",
-            run.run_id,
-            run_status(run.status),
-            counters_text(run)
-        )
-    });
+    output::run_finished(out, job, run);
     if outcome.succeeded() {
         Ok(())
     } else {
@@ -404,21 +339,7 @@ pub async fn extract(client: &Tidemark, a: ExtractArgs, out: Output) -> CliResul
     };
     let created = client.incremental_extract(request).await?;
     if !a.run_now {
-        out.print(
-            &json!({"job": created.job_name, "schedule": a.cron}),
-            || {
-                format!(
-                    "extract job {} is ready{}; start a run with `tidemark jobs run {}`\n",
-                    created.job_name,
-                    if a.cron.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", scheduled \"{}\"", a.cron)
-                    },
-                    created.job_name
-                )
-            },
-        );
+        output::extract_ready(out, &created.job_name, &a.cron);
         return Ok(());
     }
     let said = format!(
@@ -463,9 +384,7 @@ async fn follow_started(
     f: &Follow,
     out: Output,
 ) -> CliResult {
-    if out == Output::Text {
-        eprintln!("{said}");
-    }
+    output::announce(out, said);
     let outcome = follow(client, run_id, what, f, out).await?;
     report_run(job, run_id, outcome, out)
 }

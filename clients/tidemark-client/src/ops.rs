@@ -9,8 +9,9 @@ use tidemark_proto::replicator::v1 as rp;
 use tidemark_proto::verifier::v1 as vf;
 use tonic::{Code, Request};
 
+use crate::connect::Tidemark;
+use crate::error::{ClientError, ClientResult};
 use crate::spec::proto_duration;
-use crate::{ClientError, ClientResult, Tidemark};
 
 /// Streams are followed for as long as the work lasts; their deadline only
 /// guards against a server that never ends them.
@@ -297,6 +298,27 @@ impl Tidemark {
             })
             .await?
             .run
+            .unwrap_or_default())
+    }
+
+    /// The effective route of a unit (or the job-wide route).
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown job.
+    pub async fn get_route(&self, job: &str, unit: &str) -> ClientResult<jt::Route> {
+        let svc = self.jobs();
+        let req = jt::GetRouteRequest {
+            job_name: job.to_owned(),
+            unit_key: unit.to_owned(),
+        };
+        Ok(self
+            .idempotent(|| {
+                let mut svc = svc.clone();
+                let req = req.clone();
+                async move { svc.get_route(req).await }
+            })
+            .await?
+            .route
             .unwrap_or_default())
     }
 

@@ -1,0 +1,201 @@
+//! A plan as the services take it: the CreatePipeline spec and the
+//! VerificationSpec of both proofs.
+
+use tidemark_proto::common::v1 as common;
+use tidemark_proto::replicator::v1 as rp;
+use tidemark_proto::verifier::v1 as vf;
+
+use crate::cutover::plan::{CheckChoice, CheckPlan, CutoverPlan, FeedChoice, SinkPlan};
+use crate::spec::{SpecError, proto_duration};
+
+impl CutoverPlan {
+    /// The pipeline as CreatePipeline takes it.
+    ///
+    /// # Errors
+    /// A field that cannot be sent.
+    pub fn pipeline_spec(&self) -> Result<rp::PipelineSpec, SpecError> {
+        let p = &self.pipeline;
+        let start = p.start_position()? as i32;
+        let feed = match p.feed_choice()? {
+            FeedChoice::DynamodbStreams => {
+                rp::change_feed::Feed::DynamodbStreams(rp::DynamoDbStreamsFeed {
+                    start_position: start,
+                    readers: 0,
+                })
+            }
+            FeedChoice::EmbeddedChangeLog => {
+                rp::change_feed::Feed::EmbeddedChangeLog(rp::EmbeddedChangeLogFeed {
+                    start_position: start,
+                })
+            }
+            FeedChoice::Kafka(topic) => {
+                let Some(common::data_store::Store::KafkaTopic(t)) = topic.to_proto().store else {
+                    unreachable!("kafka: parses as a topic")
+                };
+                rp::change_feed::Feed::Kafka(rp::KafkaFeed {
+                    topic: Some(t),
+                    consumer_group: String::new(),
+                    start_position: start,
+                    consumers: 0,
+                })
+            }
+        };
+        let mode = p.backfill_mode()?;
+        p.require_sinks()?;
+        Ok(rp::PipelineSpec {
+            source: Some(p.source.to_proto()),
+            feed: Some(rp::ChangeFeed { feed: Some(feed) }),
+            sinks: p
+                .sinks
+                .iter()
+                .map(|s| rp::Sink {
+                    name: s.name.clone(),
+                    store: Some(s.store.to_proto()),
+                    transform: s.transform(),
+                    version_attribute: s.version_attribute.clone(),
+                })
+                .collect(),
+            backfill: Some(rp::BackfillOptions {
+                mode: mode as i32,
+                segments: p.segments,
+                ..Default::default()
+            }),
+            version_attribute: p.version_attribute.clone(),
+            dead_letter_store: None,
+        })
+    }
+
+    /// The verification both proofs run.
+    ///
+    /// # Errors
+    /// A check that cannot be sent.
+    pub fn verification_spec(&self) -> Result<vf::VerificationSpec, SpecError> {
+        let sink = self.verified_sink()?;
+        let mut checks = Vec::new();
+        for (i, c) in self.verify.checks.iter().enumerate() {
+            checks.push(vf::Check {
+                name: c.name.clone(),
+                kind: Some(check_kind(c, i)?),
+            });
+        }
+        if checks.is_empty() {
+            checks.push(vf::Check {
+                name: "content".to_owned(),
+                kind: Some(vf::check::Kind::Digest(vf::DigestCheck::default())),
+            });
+        }
+        Ok(vf::VerificationSpec {
+            source: Some(self.pipeline.source.to_proto()),
+            target: Some(sink.store.to_proto()),
+            transform: sink.transform(),
+            version_attribute: self.pipeline.version_attribute.clone(),
+            checks,
+            recheck: Some(vf::RecheckPolicy {
+                rounds: self.verify.recheck_rounds,
+                min_wait: Some(proto_duration(self.verify.recheck_min_wait)),
+                pipeline_name: self.pipeline.name.clone(),
+            }),
+            repair: false,
+            segments: self.verify.segments,
+            sample_size: 20,
+        })
+    }
+}
+
+/// One check of a VerificationSpec; `i` is its index in the plan.
+fn check_kind(c: &CheckPlan, i: usize) -> Result<vf::check::Kind, SpecError> {
+    Ok(match c.choice(&format!("verify.checks[{i}]"))? {
+        CheckChoice::Count(n) => vf::check::Kind::Count(vf::CountCheck {
+            unit_attribute: n.unit_attribute.clone(),
+            unit_keys: n.unit_keys.clone(),
+            index_name: n.index_name.clone(),
+        }),
+        CheckChoice::Digest(d) => vf::check::Kind::Digest(vf::DigestCheck {
+            buckets: d.buckets,
+            versions_only: d.versions_only,
+        }),
+        CheckChoice::Predicate {
+            plan: p,
+            side,
+            values,
+        } => vf::check::Kind::Predicate(vf::PredicateCheck {
+            side: side as i32,
+            filter_expression: p.filter.clone(),
+            expression_attribute_names: p.names.clone().into_iter().collect(),
+            expression_attribute_values: values,
+            expected_count: p.expected,
+        }),
+    })
+}
+
+impl SinkPlan {
+    fn transform(&self) -> Option<common::Transform> {
+        if self.projection.is_empty()
+            && self.renames.is_empty()
+            && self.document_id_template.is_empty()
+            && self.index_name_template.is_empty()
+        {
+            return None;
+        }
+        Some(common::Transform {
+            projection: self.projection.clone(),
+            renames: self.renames.clone().into_iter().collect(),
+            document_id_template: self.document_id_template.clone(),
+            index_name_template: self.index_name_template.clone(),
+            filter: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cutover::plan::Step;
+    use crate::spec::StoreSpec;
+
+    const PLAN: &str = include_str!("testdata/plan.toml");
+
+    #[test]
+    fn a_plan_reads_from_toml_into_requests() {
+        let plan = CutoverPlan::from_toml(PLAN).unwrap();
+        assert_eq!(plan.route_job(), "pipeline/counters-v2");
+        assert_eq!(plan.deadlines.drain, Duration::from_secs(20));
+        assert_eq!(plan.deadlines.pause_writers, Duration::from_secs(10));
+        let spec = plan.pipeline_spec().unwrap();
+        assert_eq!(spec.sinks.len(), 2);
+        assert_eq!(spec.version_attribute, "tidemark_version");
+        assert!(matches!(
+            spec.feed.unwrap().feed,
+            Some(rp::change_feed::Feed::DynamodbStreams(rp::DynamoDbStreamsFeed { start_position, .. }))
+                if start_position == rp::StartPosition::TrimHorizon as i32
+        ));
+        assert_eq!(
+            spec.backfill.unwrap().mode,
+            rp::BackfillMode::Tombstones as i32
+        );
+        assert!(spec.sinks[0].transform.is_none());
+        assert_eq!(
+            spec.sinks[1]
+                .transform
+                .as_ref()
+                .unwrap()
+                .document_id_template,
+            "{pk}"
+        );
+        let v = plan.verification_spec().unwrap();
+        assert_eq!(v.checks.len(), 3);
+        assert_eq!(v.recheck.unwrap().pipeline_name, "counters-v2");
+        assert_eq!(
+            v.target,
+            Some("dynamodb:stats-v2".parse::<StoreSpec>().unwrap().to_proto())
+        );
+        let steps: Vec<Step> = plan.describe().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, Step::ALL);
+        assert_eq!(plan.verification_job(true), "cutover/counters-v2/final");
+        // The pause outlives every step after it, so a dead client cannot
+        // leave writers paused for ever, nor resume them mid-cut-over.
+        assert!(plan.max_pause() > Duration::from_secs(10 + 20 + 60 + 10 + 30));
+    }
+}
