@@ -73,6 +73,12 @@ fn job(name: &str) -> pb::Job {
 #[tokio::test]
 async fn bad_input_names_the_field() {
     let mut s = serve().await;
+    bad_jobs_name_the_field(&mut s).await;
+    unknown_names_are_not_found(&mut s).await;
+    unit_writes_check_size_token_and_state(&mut s).await;
+}
+
+async fn bad_jobs_name_the_field(s: &mut Server) {
     let cases: Vec<(pb::Job, &str)> = vec![
         (job(""), "job.name"),
         (job("bad name"), "job.name"),
@@ -113,6 +119,9 @@ async fn bad_input_names_the_field() {
             .unwrap_err();
         assert_eq!(violation(&err).field, field, "{err:?}");
     }
+}
+
+async fn unknown_names_are_not_found(s: &mut Server) {
     let err = s
         .client
         .get_job(pb::GetJobRequest {
@@ -129,7 +138,11 @@ async fn bad_input_names_the_field() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
 
+/// An oversized checkpoint names the field; a stale token or a second
+/// completion is a precondition failure naming the unit's state.
+async fn unit_writes_check_size_token_and_state(s: &mut Server) {
     s.client
         .create_job(pb::CreateJobRequest {
             job: Some(job("m")),

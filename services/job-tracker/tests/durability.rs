@@ -81,6 +81,18 @@ async fn kill_mid_run(env: Vec<(&'static str, String)>) {
     let addr = free_port();
     let mut child = start(addr, &env);
     let mut client = connect(addr).await;
+    let run = start_durable_run(&mut client).await;
+    let acked = work_until_killed(&mut client, &mut child, &run).await;
+
+    // Restart on the same store: every acknowledged transition is there.
+    let child = start(addr, &env);
+    let mut client = connect(addr).await;
+    assert_acknowledged_state(&mut client, &run, &acked).await;
+    drop(child);
+}
+
+/// Creates a unit-migration job and starts a run of [`UNITS`] units.
+async fn start_durable_run(client: &mut JobTrackerServiceClient<Channel>) -> pb::Run {
     let job = unique_name("durable");
     client
         .create_job(pb::CreateJobRequest {
@@ -99,7 +111,7 @@ async fn kill_mid_run(env: Vec<(&'static str, String)>) {
             after_unit_keys: vec![],
         })
         .collect();
-    let run = client
+    client
         .start_run(pb::StartRunRequest {
             job_name: job.clone(),
             units,
@@ -109,8 +121,16 @@ async fn kill_mid_run(env: Vec<(&'static str, String)>) {
         .unwrap()
         .into_inner()
         .run
-        .unwrap();
+        .unwrap()
+}
 
+/// Claims, checkpoints and completes units until `child` is killed after a
+/// random number of calls; returns what the client was told per unit.
+async fn work_until_killed(
+    client: &mut JobTrackerServiceClient<Channel>,
+    child: &mut Server,
+    run: &pb::Run,
+) -> HashMap<String, Acked> {
     // Claim, checkpoint and complete until the process is killed under us.
     let mut acked: HashMap<String, Acked> = HashMap::new();
     // Killed after a random number of acknowledged calls, well before the
@@ -188,10 +208,15 @@ async fn kill_mid_run(env: Vec<(&'static str, String)>) {
         !acked.is_empty(),
         "nothing was acknowledged before the kill"
     );
+    acked
+}
 
-    // Restart on the same store: every acknowledged transition is there.
-    let child = start(addr, &env);
-    let mut client = connect(addr).await;
+/// Every acknowledged claim, checkpoint and completion survived the kill.
+async fn assert_acknowledged_state(
+    client: &mut JobTrackerServiceClient<Channel>,
+    run: &pb::Run,
+    acked: &HashMap<String, Acked>,
+) {
     let units = client
         .list_units(pb::ListUnitsRequest {
             run_id: run.run_id.clone(),
@@ -231,7 +256,6 @@ async fn kill_mid_run(env: Vec<(&'static str, String)>) {
             }
         }
     }
-    drop(child);
 }
 
 const UNITS: usize = 60;
