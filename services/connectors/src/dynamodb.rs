@@ -6,9 +6,11 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue as DdbValue, BillingMode, KeySchemaElement, KeyType,
-    ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType, TableStatus,
+    ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType, TableDescription,
+    TableStatus,
 };
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
@@ -85,6 +87,122 @@ where
             message: err.to_string(),
         },
     }
+}
+
+/// The table's description, or `NotFound`: also the cheapest probe that
+/// DynamoDB answers and the table exists.
+///
+/// # Errors
+/// `NotFound` when the table does not exist; the classified failure.
+pub async fn describe_table(client: &Client, name: &str) -> ConnectorResult<TableDescription> {
+    client
+        .describe_table()
+        .table_name(name)
+        .send()
+        .await
+        .map_err(|e| classify(BACKEND, &e))?
+        .table
+        .ok_or_else(|| ConnectorError::terminal(BACKEND, "DescribeTable returned no table"))
+}
+
+fn create_table_request(
+    client: &Client,
+    name: &str,
+    schema: &KeySchema,
+    stream: bool,
+) -> ConnectorResult<CreateTableFluentBuilder> {
+    let mut request = client
+        .create_table()
+        .table_name(name)
+        .billing_mode(BillingMode::PayPerRequest);
+    for (name, key_type) in std::iter::once((&schema.partition, KeyType::Hash))
+        .chain(schema.sort.as_ref().map(|s| (s, KeyType::Range)))
+    {
+        request = request
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(name)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(name)
+                    .key_type(key_type)
+                    .build()
+                    .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
+            );
+    }
+    if stream {
+        request = request.stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::NewAndOldImages)
+                .build()
+                .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
+        );
+    }
+    Ok(request)
+}
+
+/// Creates an on-demand table with string key attributes (and a
+/// NEW_AND_OLD_IMAGES stream when `stream`), without waiting for it. Tables
+/// in production come from deploy/cloudformation; this serves tests,
+/// benchmarks and local set-up.
+///
+/// # Errors
+/// The classified failure, for example when the table already exists.
+pub async fn create_table(
+    client: &Client,
+    name: &str,
+    schema: &KeySchema,
+    stream: bool,
+) -> ConnectorResult<()> {
+    create_table_request(client, name, schema, stream)?
+        .send()
+        .await
+        .map_err(|e| classify(BACKEND, &e))?;
+    Ok(())
+}
+
+/// Creates the table as [`create_table`] does unless it exists; another
+/// process creating it at the same moment counts as existing.
+///
+/// # Errors
+/// When the table can be neither described nor created.
+pub async fn ensure_table(client: &Client, name: &str, schema: &KeySchema) -> ConnectorResult<()> {
+    match describe_table(client, name).await {
+        Ok(_) => return Ok(()),
+        Err(ConnectorError::NotFound { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    match create_table_request(client, name, schema, false)?
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("ResourceInUseException") => Ok(()),
+        Err(e) => Err(classify(BACKEND, &e)),
+    }
+}
+
+/// Waits until the table is ACTIVE, a minute at most: a table being created
+/// refuses reads and writes.
+///
+/// # Errors
+/// The classified failure of DescribeTable, or a terminal error after a minute.
+pub async fn wait_active(client: &Client, name: &str) -> ConnectorResult<()> {
+    for _ in 0..600 {
+        if describe_table(client, name).await?.table_status == Some(TableStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(ConnectorError::terminal(
+        BACKEND,
+        format!("table {name} did not become active"),
+    ))
 }
 
 /// Conversions between [`AttrValue`] and an SDK's `AttributeValue`; the
@@ -188,15 +306,7 @@ impl DynamoTable {
     /// # Errors
     /// `NotFound` when the table does not exist.
     pub async fn open(client: Client, name: &str) -> ConnectorResult<Self> {
-        let out = client
-            .describe_table()
-            .table_name(name)
-            .send()
-            .await
-            .map_err(|e| classify(BACKEND, &e))?;
-        let table = out
-            .table
-            .ok_or_else(|| ConnectorError::terminal(BACKEND, "DescribeTable returned no table"))?;
+        let table = describe_table(&client, name).await?;
         let mut schema = KeySchema::new("", None);
         for element in table.key_schema() {
             match element.key_type {
@@ -242,55 +352,9 @@ impl DynamoTable {
         schema: &KeySchema,
         stream: bool,
     ) -> ConnectorResult<Self> {
-        let mut request = client
-            .create_table()
-            .table_name(name)
-            .billing_mode(BillingMode::PayPerRequest);
-        for (name, key_type) in std::iter::once((&schema.partition, KeyType::Hash))
-            .chain(schema.sort.as_ref().map(|s| (s, KeyType::Range)))
-        {
-            request = request
-                .attribute_definitions(
-                    AttributeDefinition::builder()
-                        .attribute_name(name)
-                        .attribute_type(ScalarAttributeType::S)
-                        .build()
-                        .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
-                )
-                .key_schema(
-                    KeySchemaElement::builder()
-                        .attribute_name(name)
-                        .key_type(key_type)
-                        .build()
-                        .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
-                );
-        }
-        if stream {
-            request = request.stream_specification(
-                StreamSpecification::builder()
-                    .stream_enabled(true)
-                    .stream_view_type(StreamViewType::NewAndOldImages)
-                    .build()
-                    .map_err(|e| ConnectorError::invalid(BACKEND, e.to_string()))?,
-            );
-        }
-        request.send().await.map_err(|e| classify(BACKEND, &e))?;
-        for _ in 0..600 {
-            let out = client
-                .describe_table()
-                .table_name(name)
-                .send()
-                .await
-                .map_err(|e| classify(BACKEND, &e))?;
-            if out.table.and_then(|t| t.table_status) == Some(TableStatus::Active) {
-                return Self::open(client, name).await;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        Err(ConnectorError::terminal(
-            BACKEND,
-            format!("table {name} did not become active"),
-        ))
+        create_table(&client, name, schema, stream).await?;
+        wait_active(&client, name).await?;
+        Self::open(client, name).await
     }
 
     pub fn client(&self) -> &Client {

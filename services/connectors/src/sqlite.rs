@@ -4,7 +4,7 @@
 //! real stores.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,7 +20,6 @@ use crate::traits::{
 use crate::value::{Item, Key, KeySchema, key_hash};
 
 const SCHEMA: &str = "
-PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
 CREATE TABLE IF NOT EXISTS tm_items (
     tbl TEXT NOT NULL, k TEXT NOT NULL, item TEXT NOT NULL,
@@ -43,10 +42,73 @@ CREATE TABLE IF NOT EXISTS tm_sink (
     PRIMARY KEY (sink, k)) WITHOUT ROWID;
 ";
 
+/// How long a statement waits for another connection's lock before failing
+/// with `DatabaseBusy` (a retryable error).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens (creating) the database file at `path` in WAL mode with
+/// [`BUSY_TIMEOUT`]: WAL lets readers run beside the writer and, with
+/// `synchronous = NORMAL`, survives a killed process without losing a
+/// committed transaction. Every embedded store of Tidemark opens its file
+/// here; each sets its own `synchronous` and schema.
+///
+/// # Errors
+/// When the file cannot be opened or switched to WAL.
+pub fn open_file(path: &Path) -> ConnectorResult<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL;")?;
+    Ok(conn)
+}
+
+/// One connection shared by every handle on a database: SQLite runs one
+/// writer at a time anyway, and a mutex queues them where separate
+/// connections would spin on busy errors. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedConnection {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SharedConnection {
+    pub fn new(conn: Connection) -> Self {
+        Self {
+            conn: Arc::new(Mutex::new(conn)),
+        }
+    }
+
+    /// The connection, on the calling thread: for callers whose statements
+    /// take microseconds, less than a hop to the blocking pool.
+    ///
+    /// # Errors
+    /// When a previous holder panicked.
+    pub fn lock(&self) -> ConnectorResult<MutexGuard<'_, Connection>> {
+        self.conn
+            .lock()
+            .map_err(|_| ConnectorError::terminal("sqlite", "connection lock poisoned"))
+    }
+
+    /// Runs `f` with the connection on the blocking pool, so a commit's
+    /// fsync never stalls the async runtime.
+    ///
+    /// # Errors
+    /// What `f` returns; a terminal error when the lock is poisoned or the
+    /// task panicked.
+    pub async fn run<T, F>(&self, f: F) -> ConnectorResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> ConnectorResult<T> + Send + 'static,
+    {
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || f(&mut *shared.lock()?))
+            .await
+            .map_err(|e| ConnectorError::terminal("sqlite", e.to_string()))?
+    }
+}
+
 /// A handle on one embedded database file. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    conn: Arc<Mutex<Connection>>,
+    conn: SharedConnection,
 }
 
 impl EmbeddedStore {
@@ -55,11 +117,10 @@ impl EmbeddedStore {
     /// # Errors
     /// When the file cannot be opened or the schema not created.
     pub fn open(path: &Path) -> ConnectorResult<Self> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = open_file(path)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: SharedConnection::new(conn),
         })
     }
 
@@ -71,24 +132,8 @@ impl EmbeddedStore {
         let conn = Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: SharedConnection::new(conn),
         })
-    }
-
-    async fn with<T, F>(&self, f: F) -> ConnectorResult<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> ConnectorResult<T> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| ConnectorError::terminal("sqlite", "connection lock poisoned"))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| ConnectorError::terminal("sqlite", e.to_string()))?
     }
 
     pub fn table(&self, name: &str, schema: KeySchema) -> EmbeddedTable {
@@ -135,7 +180,8 @@ impl EmbeddedStore {
     pub async fn feed_from_end(&self, name: &str) -> ConnectorResult<EmbeddedFeed> {
         let tbl = name.to_owned();
         let end: i64 = self
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 Ok(conn.query_row(
                     "SELECT COALESCE(MAX(seq), 0) FROM tm_changes WHERE tbl = ?1",
                     params![tbl],
@@ -157,7 +203,11 @@ fn to_json(item: &Item) -> String {
     crate::value::canonical_item(item)
 }
 
-fn from_json(text: &str) -> ConnectorResult<Item> {
+/// Reads an item stored as [`canonical_item`](crate::value::canonical_item) JSON.
+///
+/// # Errors
+/// A terminal error when the text is no item.
+pub fn item_from_json(text: &str) -> ConnectorResult<Item> {
     serde_json::from_str(text)
         .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt item: {e}")))
 }
@@ -180,7 +230,7 @@ fn read_item(tx: &Connection, tbl: &str, k: &str) -> ConnectorResult<Option<Item
         |r| r.get::<_, String>(0),
     )
     .optional()?
-    .map(|t| from_json(&t))
+    .map(|t| item_from_json(&t))
     .transpose()
 }
 
@@ -225,7 +275,8 @@ impl EmbeddedTable {
     {
         let tbl = self.name.clone();
         self.store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 let tx = conn.transaction()?;
                 let k = key.canonical();
                 let old = read_item(&tx, &tbl, &k)?;
@@ -274,7 +325,8 @@ impl SourceTable for EmbeddedTable {
         let tbl = self.name.clone();
         let request = request.clone();
         self.store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 let mut after = request
                     .start_after
                     .as_ref()
@@ -304,7 +356,7 @@ impl SourceTable for EmbeddedTable {
                             continue;
                         }
                         page.scanned += 1;
-                        let item = from_json(&text)?;
+                        let item = item_from_json(&text)?;
                         if request
                             .filter
                             .as_ref()
@@ -325,7 +377,10 @@ impl SourceTable for EmbeddedTable {
     async fn get(&self, key: &Key) -> ConnectorResult<Option<Item>> {
         let tbl = self.name.clone();
         let k = key.canonical();
-        self.store.with(move |conn| read_item(conn, &tbl, &k)).await
+        self.store
+            .conn
+            .run(move |conn| read_item(conn, &tbl, &k))
+            .await
     }
 
     async fn put(&self, item: &Item, condition: Option<&Predicate>) -> ConnectorResult<()> {
@@ -393,7 +448,8 @@ impl ChangeFeed for EmbeddedFeed {
         type Row = (i64, String, String, Option<String>, Option<String>, i64);
         let rows: Vec<Row> = self
             .store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 let mut stmt = conn.prepare_cached(
                     "SELECT seq, k, kind, new_image, old_image, created_micros FROM tm_changes
                      WHERE tbl = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -420,8 +476,8 @@ impl ChangeFeed for EmbeddedFeed {
             out.push(ChangeRecord {
                 key,
                 kind: parse_kind(&kind),
-                new_image: new_image.as_deref().map(from_json).transpose()?,
-                old_image: old_image.as_deref().map(from_json).transpose()?,
+                new_image: new_image.as_deref().map(item_from_json).transpose()?,
+                old_image: old_image.as_deref().map(item_from_json).transpose()?,
                 version: u64::try_from(seq).unwrap_or_default(),
                 created_at_micros: created,
                 position: Position {
@@ -500,7 +556,7 @@ impl Sink for EmbeddedSink {
         let sink = self.name.clone();
         let batch = batch.to_vec();
         self.store
-            .with(move |conn| {
+            .conn.run(move |conn| {
                 let tx = conn.transaction()?;
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for record in &batch {
@@ -530,7 +586,7 @@ impl Sink for EmbeddedSink {
         let sink = self.name.clone();
         let k = key.canonical();
         self.store
-            .with(move |conn| {
+            .conn.run(move |conn| {
                 let row: Option<(i64, Option<String>)> = conn
                     .query_row(
                         "SELECT version, item FROM tm_sink WHERE sink = ?1 AND k = ?2 AND deleted = 0",
@@ -538,7 +594,7 @@ impl Sink for EmbeddedSink {
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
-                row.map(|(v, item)| Ok((u64::try_from(v).unwrap_or(0), from_json(item.as_deref().unwrap_or("{}"))?)))
+                row.map(|(v, item)| Ok((u64::try_from(v).unwrap_or(0), item_from_json(item.as_deref().unwrap_or("{}"))?)))
                     .transpose()
             })
             .await
@@ -553,7 +609,8 @@ impl Sink for EmbeddedSink {
         }
         let sink = self.name.clone();
         self.store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 let mut out = vec![BucketDigest::default(); buckets as usize];
                 let mut stmt = conn.prepare(
                     "SELECT k, version, item FROM tm_sink WHERE sink = ?1 AND deleted = 0",
@@ -565,7 +622,7 @@ impl Sink for EmbeddedSink {
                         ConnectorError::terminal("sqlite", format!("corrupt key: {e}"))
                     })?;
                     let version: i64 = row.get(1)?;
-                    let item = from_json(&row.get::<_, String>(2)?)?;
+                    let item = item_from_json(&row.get::<_, String>(2)?)?;
                     fold_digest(&mut out, &key, u64::try_from(version).unwrap_or(0), &item);
                 }
                 Ok(out)
@@ -582,7 +639,7 @@ impl Sink for EmbeddedSink {
             let from = after.clone();
             let rows: Vec<(String, i64, String)> = self
                 .store
-                .with(move |conn| {
+                .conn.run(move |conn| {
                     let mut stmt = conn.prepare_cached(
                         "SELECT k, version, item FROM tm_sink WHERE sink = ?1 AND k > ?2 AND deleted = 0
                          ORDER BY k LIMIT 4096",
@@ -600,7 +657,11 @@ impl Sink for EmbeddedSink {
             for (k, version, text) in rows {
                 let key: Key = serde_json::from_str(&k)
                     .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt key: {e}")))?;
-                visit(key, u64::try_from(version).unwrap_or(0), from_json(&text)?);
+                visit(
+                    key,
+                    u64::try_from(version).unwrap_or(0),
+                    item_from_json(&text)?,
+                );
             }
         }
     }
@@ -745,7 +806,7 @@ impl Buffer for EmbeddedBuffer {
         let buf = self.name.clone();
         let ops = ops.to_vec();
         self.store
-            .with(move |conn| {
+            .conn.run(move |conn| {
                 let tx = conn.transaction()?;
                 for op in &ops {
                     match op {
@@ -788,7 +849,7 @@ impl Buffer for EmbeddedBuffer {
         }
         let buf = self.name.clone();
         self.store
-            .with(move |conn| {
+            .conn.run(move |conn| {
                 let tx = conn.transaction()?;
                 match pending(&tx, &buf)? {
                     Some(p) if p == seq => return read_deltas(&tx, &buf, seq, None),
@@ -825,7 +886,8 @@ impl Buffer for EmbeddedBuffer {
             .map_err(|_| ConnectorError::invalid("sqlite", "flush sequence exceeds i64"))?;
         let buf = self.name.clone();
         self.store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 let tx = conn.transaction()?;
                 // Acknowledging a flush that is not the pending one does
                 // nothing (a repeated ack is harmless).
@@ -849,7 +911,8 @@ impl Buffer for EmbeddedBuffer {
     async fn pending_flush(&self) -> ConnectorResult<Option<(u64, Vec<EntityDelta>)>> {
         let buf = self.name.clone();
         self.store
-            .with(move |conn| match pending(conn, &buf)? {
+            .conn
+            .run(move |conn| match pending(conn, &buf)? {
                 Some(seq) => Ok(Some((
                     u64::try_from(seq).unwrap_or(0),
                     read_deltas(conn, &buf, seq, None)?,
@@ -863,7 +926,8 @@ impl Buffer for EmbeddedBuffer {
         let buf = self.name.clone();
         let entity = entity.to_owned();
         self.store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 Ok(read_deltas(conn, &buf, 0, Some(&entity))?
                     .pop()
                     .unwrap_or(EntityDelta {
@@ -877,7 +941,8 @@ impl Buffer for EmbeddedBuffer {
     async fn dirty_count(&self) -> ConnectorResult<u64> {
         let buf = self.name.clone();
         self.store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 let n: i64 = conn.query_row(
                     "SELECT COUNT(DISTINCT entity) FROM tm_buffer WHERE buf = ?1 AND flush = 0",
                     params![buf],
@@ -897,7 +962,7 @@ impl Buffer for EmbeddedBuffer {
         let events = events.to_vec();
         let window = i64::try_from(dedup_window.as_micros()).unwrap_or(i64::MAX);
         self.store
-            .with(move |conn| {
+            .conn.run(move |conn| {
                 let now = now_micros();
                 let tx = conn.transaction()?;
                 let mut dups = Vec::new();
@@ -930,7 +995,8 @@ impl Buffer for EmbeddedBuffer {
         let buf = self.name.clone();
         let entity = entity.to_owned();
         self.store
-            .with(move |conn| {
+            .conn
+            .run(move |conn| {
                 let Some(seq) = pending(conn, &buf)? else {
                     return Ok(None);
                 };
@@ -944,7 +1010,7 @@ impl Buffer for EmbeddedBuffer {
     async fn stats(&self) -> ConnectorResult<BufferStats> {
         let buf = self.name.clone();
         self.store
-            .with(move |conn| {
+            .conn.run(move |conn| {
                 let tx = conn.transaction()?;
                 let pending_flush = pending(&tx, &buf)?;
                 let (dirty, events): (i64, i64) = tx.query_row(

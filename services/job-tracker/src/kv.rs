@@ -7,17 +7,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement,
-    KeyType, ScalarAttributeType, TransactWriteItem, Update,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, TransactWriteItem, Update};
 use rusqlite::{OptionalExtension, params};
-use tidemark_connectors::ConnectorError;
+use tidemark_connectors::sqlite::{SharedConnection, open_file};
+use tidemark_connectors::{ConnectorError, KeySchema, dynamodb};
 
 /// A stored record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +71,19 @@ pub enum KvError {
 
 pub type KvResult<T> = Result<T, KvError>;
 
+/// Both stores' errors as the connector layer classifies them, in the terms
+/// the engine acts on: a failed condition is a conflict to retry on fresh
+/// reads; throttling, timeouts and a busy database are temporary.
+impl From<ConnectorError> for KvError {
+    fn from(e: ConnectorError) -> Self {
+        match e {
+            ConnectorError::Precondition(_) => Self::Conflict,
+            ConnectorError::Retryable { message, .. } => Self::Unavailable(message),
+            other => Self::Failed(other.to_string()),
+        }
+    }
+}
+
 #[async_trait]
 pub trait KvStore: Send + Sync {
     async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>>;
@@ -109,7 +120,7 @@ pub async fn query_all(store: &dyn KvStore, pk: &str, prefix: &str) -> KvResult<
 
 /// The embedded store: one SQLite file.
 pub struct SqliteKv {
-    conn: Arc<Mutex<rusqlite::Connection>>,
+    conn: SharedConnection,
     _checkpointer: Checkpointer,
 }
 
@@ -127,9 +138,7 @@ impl Drop for Checkpointer {
 }
 
 fn checkpoint_in_background(path: &Path) -> KvResult<Checkpointer> {
-    let conn = rusqlite::Connection::open(path).map_err(sqlite_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(sqlite_err)?;
+    let conn = open_file(path)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::Builder::new()
@@ -156,14 +165,11 @@ impl SqliteKv {
         std::fs::create_dir_all(dir)
             .map_err(|e| KvError::Failed(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("job-tracker.db");
-        let conn = rusqlite::Connection::open(&path).map_err(sqlite_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(sqlite_err)?;
+        let conn = open_file(&path)?;
         // WAL + NORMAL survives a killed process (kill -9) without losing a
         // committed transaction; FULL is only needed against power loss.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
+            "PRAGMA synchronous = NORMAL;
              PRAGMA wal_autocheckpoint = 0;
              CREATE TABLE IF NOT EXISTS kv (
                  pk TEXT NOT NULL, sk TEXT NOT NULL, rev INTEGER NOT NULL, body TEXT NOT NULL,
@@ -171,7 +177,7 @@ impl SqliteKv {
         )
         .map_err(sqlite_err)?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: SharedConnection::new(conn),
             _checkpointer: checkpoint_in_background(&path)?,
         })
     }
@@ -185,22 +191,12 @@ impl SqliteKv {
         // a hop to the blocking pool and back (measured: that hop dominated
         // a claim's cost). The slow part of WAL, checkpointing, runs on its
         // own connection in the background (see `checkpoint_in_background`).
-        let mut guard = self
-            .conn
-            .lock()
-            .map_err(|_| KvError::Failed("sqlite lock poisoned".into()))?;
-        f(&mut guard)
+        f(&mut *self.conn.lock()?)
     }
 }
 
-#[allow(clippy::needless_pass_by_value)] // used as `map_err(sqlite_err)`
 fn sqlite_err(e: rusqlite::Error) -> KvError {
-    match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-            KvError::Unavailable(e.to_string())
-        }
-        _ => KvError::Failed(e.to_string()),
-    }
+    ConnectorError::from(e).into()
 }
 
 fn current_rev(tx: &rusqlite::Transaction<'_>, pk: &str, sk: &str) -> KvResult<Option<u64>> {
@@ -403,19 +399,12 @@ fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }
 
-/// DynamoDB errors as the connector layer classifies them, in the terms
-/// the engine acts on: a failed condition is a conflict to retry on fresh
-/// reads; throttling and timeouts are temporary.
 #[allow(clippy::needless_pass_by_value)] // used as `map_err(ddb_err)`
 fn ddb_err<E>(e: SdkError<E, HttpResponse>) -> KvError
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match tidemark_connectors::dynamodb::classify("dynamodb", &e) {
-        ConnectorError::Precondition(_) => KvError::Conflict,
-        ConnectorError::Retryable { message, .. } => KvError::Unavailable(message),
-        other => KvError::Failed(other.to_string()),
-    }
+    dynamodb::classify("dynamodb", &e).into()
 }
 
 impl DynamoKv {
@@ -432,54 +421,8 @@ impl DynamoKv {
     /// # Errors
     /// When the table cannot be described or created.
     pub async fn ensure_table(&self) -> KvResult<()> {
-        match self
-            .client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e)
-                if aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e)
-                    == Some("ResourceNotFoundException") => {}
-            Err(e) => return Err(ddb_err(e)),
-        }
-        let attr = |n: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(n)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(|e| KvError::Failed(e.to_string()))
-        };
-        let key = |n: &str, t: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(n)
-                .key_type(t)
-                .build()
-                .map_err(|e| KvError::Failed(e.to_string()))
-        };
-        let created = self
-            .client
-            .create_table()
-            .table_name(&self.table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attr("pk")?)
-            .attribute_definitions(attr("sk")?)
-            .key_schema(key("pk", KeyType::Hash)?)
-            .key_schema(key("sk", KeyType::Range)?)
-            .send()
-            .await;
-        match created {
-            Ok(_) => Ok(()),
-            Err(e)
-                if aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e)
-                    == Some("ResourceInUseException") =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(ddb_err(e)),
-        }
+        let schema = KeySchema::new("pk", Some("sk"));
+        Ok(dynamodb::ensure_table(&self.client, &self.table, &schema).await?)
     }
 
     fn condition(expect: Expect) -> (Option<String>, Option<HashMap<String, AttributeValue>>) {
@@ -662,12 +605,7 @@ impl KvStore for DynamoKv {
     }
 
     async fn ping(&self) -> KvResult<()> {
-        self.client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map(drop)
-            .map_err(ddb_err)
+        dynamodb::describe_table(&self.client, &self.table).await?;
+        Ok(())
     }
 }

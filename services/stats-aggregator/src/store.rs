@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -15,7 +14,9 @@ use aws_sdk_dynamodb::types::{
     AttributeValue as DdbValue, ReturnValue, ReturnValuesOnConditionCheckFailure,
 };
 use rusqlite::{Connection, OptionalExtension, params};
-use tidemark_connectors::dynamodb::{classify, item_from_ddb};
+use tidemark_connectors::dynamodb::{classify, describe_table, item_from_ddb};
+use tidemark_connectors::sqlite::{SharedConnection, item_from_json, open_file};
+use tidemark_connectors::value::canonical_item;
 use tidemark_connectors::{AttrValue, ConnectorError, ConnectorResult, EntityDelta, Item, Number};
 
 use crate::decimal;
@@ -221,12 +222,7 @@ impl StatsStore for DynamoStatsStore {
 
     #[tracing::instrument(skip_all, fields(table = %self.table))]
     async fn ping(&self) -> ConnectorResult<()> {
-        self.client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(|e| classify(BACKEND, &e))?;
+        describe_table(&self.client, &self.table).await?;
         Ok(())
     }
 }
@@ -236,7 +232,7 @@ impl StatsStore for DynamoStatsStore {
 /// transaction.
 #[derive(Clone)]
 pub struct EmbeddedStatsStore {
-    conn: Arc<Mutex<Connection>>,
+    conn: SharedConnection,
     key_attribute: String,
 }
 
@@ -246,33 +242,15 @@ impl EmbeddedStatsStore {
     /// # Errors
     /// When the file cannot be opened or the table not created.
     pub fn open(path: &Path, key_attribute: &str) -> ConnectorResult<Self> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let conn = open_file(path)?;
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE IF NOT EXISTS stats_items (
+            "CREATE TABLE IF NOT EXISTS stats_items (
                  entity TEXT NOT NULL PRIMARY KEY, item TEXT NOT NULL) WITHOUT ROWID;",
         )?;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: SharedConnection::new(conn),
             key_attribute: key_attribute.to_owned(),
         })
-    }
-
-    async fn with<T, F>(&self, f: F) -> ConnectorResult<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> ConnectorResult<T> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| ConnectorError::terminal("sqlite", "connection lock poisoned"))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| ConnectorError::terminal("sqlite", e.to_string()))?
     }
 }
 
@@ -284,11 +262,7 @@ fn read_item(conn: &Connection, entity: &str) -> ConnectorResult<Option<Item>> {
             |r| r.get(0),
         )
         .optional()?;
-    text.map(|t| {
-        serde_json::from_str(&t)
-            .map_err(|e| ConnectorError::terminal("sqlite", format!("corrupt stats item: {e}")))
-    })
-    .transpose()
+    text.as_deref().map(item_from_json).transpose()
 }
 
 fn number(v: &impl ToString) -> ConnectorResult<AttrValue> {
@@ -302,59 +276,61 @@ impl StatsStore for EmbeddedStatsStore {
     async fn apply(&self, delta: &EntityDelta, sequence: u64) -> ConnectorResult<WriteOutcome> {
         let delta = delta.clone();
         let key_attribute = self.key_attribute.clone();
-        self.with(move |conn| {
-            let tx = conn.transaction()?;
-            let mut item = read_item(&tx, &delta.entity)?.unwrap_or_default();
-            let current = StoredItem::from_image(item.clone());
-            if current.last_flush_sequence >= sequence && item.contains_key(SEQUENCE_ATTR) {
-                return Ok(WriteOutcome::AlreadyApplied(Some(current)));
-            }
-            item.insert(key_attribute, AttrValue::s(delta.entity.clone()));
-            for (metric, value) in replacements(&delta)? {
-                item.insert(metric.to_owned(), number(&value)?);
-            }
-            for (metric, n) in &delta.increments {
-                if delta.replaces.contains_key(metric) {
-                    continue;
+        self.conn
+            .run(move |conn| {
+                let tx = conn.transaction()?;
+                let mut item = read_item(&tx, &delta.entity)?.unwrap_or_default();
+                let current = StoredItem::from_image(item.clone());
+                if current.last_flush_sequence >= sequence && item.contains_key(SEQUENCE_ATTR) {
+                    return Ok(WriteOutcome::AlreadyApplied(Some(current)));
                 }
-                let before = item
-                    .get(metric)
-                    .and_then(AttrValue::as_number)
-                    .map_or_else(|| "0".to_owned(), |n| n.as_str().to_owned());
-                let after = decimal::add(&before, i128::from(*n))
-                    .map_err(|e| ConnectorError::invalid("sqlite", e))?;
-                item.insert(metric.clone(), number(&after)?);
-            }
-            item.insert(SEQUENCE_ATTR.to_owned(), number(&sequence)?);
-            item.insert(VERSION_ATTR.to_owned(), number(&(current.version + 1))?);
-            if let Some(t) = delta.last_event_micros {
-                item.insert(EVENT_TIME_ATTR.to_owned(), number(&t)?);
-            }
-            let text = serde_json::to_string(&item)
-                .map_err(|e| ConnectorError::terminal("sqlite", e.to_string()))?;
-            tx.execute(
-                "INSERT INTO stats_items (entity, item) VALUES (?1, ?2)
+                item.insert(key_attribute, AttrValue::s(delta.entity.clone()));
+                for (metric, value) in replacements(&delta)? {
+                    item.insert(metric.to_owned(), number(&value)?);
+                }
+                for (metric, n) in &delta.increments {
+                    if delta.replaces.contains_key(metric) {
+                        continue;
+                    }
+                    let before = item
+                        .get(metric)
+                        .and_then(AttrValue::as_number)
+                        .map_or_else(|| "0".to_owned(), |n| n.as_str().to_owned());
+                    let after = decimal::add(&before, i128::from(*n))
+                        .map_err(|e| ConnectorError::invalid("sqlite", e))?;
+                    item.insert(metric.clone(), number(&after)?);
+                }
+                item.insert(SEQUENCE_ATTR.to_owned(), number(&sequence)?);
+                item.insert(VERSION_ATTR.to_owned(), number(&(current.version + 1))?);
+                if let Some(t) = delta.last_event_micros {
+                    item.insert(EVENT_TIME_ATTR.to_owned(), number(&t)?);
+                }
+                let text = canonical_item(&item);
+                tx.execute(
+                    "INSERT INTO stats_items (entity, item) VALUES (?1, ?2)
                  ON CONFLICT (entity) DO UPDATE SET item = excluded.item",
-                params![delta.entity, text],
-            )?;
-            tx.commit()?;
-            Ok(WriteOutcome::Written(StoredItem::from_image(item)))
-        })
-        .await
+                    params![delta.entity, text],
+                )?;
+                tx.commit()?;
+                Ok(WriteOutcome::Written(StoredItem::from_image(item)))
+            })
+            .await
     }
 
     async fn get(&self, entity: &str) -> ConnectorResult<Option<StoredItem>> {
         let entity = entity.to_owned();
-        self.with(move |conn| Ok(read_item(conn, &entity)?.map(StoredItem::from_image)))
+        self.conn
+            .run(move |conn| Ok(read_item(conn, &entity)?.map(StoredItem::from_image)))
             .await
     }
 
     async fn ping(&self) -> ConnectorResult<()> {
-        self.with(|conn| {
-            conn.query_row("SELECT 1", [], |_| Ok(()))?;
-            Ok(())
-        })
-        .await
+        self.conn
+            .run(|conn| {
+                conn.query_row("SELECT 1", [], |_| Ok(()))?;
+                Ok(())
+            })
+            .await
     }
 }
 
