@@ -263,6 +263,86 @@ async fn route(jobs: &mut JobTrackerServiceClient<Channel>, job: &str, unit: &st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_switch_to_a_unit_only_once_it_is_committed() {
+    // Were the route switched before CompleteUnit, a refused complete would
+    // send the unit back to the queue while readers already use its copy.
+    let name = unique_name("routes");
+    let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
+        .await
+        .unwrap();
+    let units: Vec<(String, usize)> = (0..6).map(|i| (format!("r{i}"), 15)).collect();
+    let refs: Vec<(&str, usize)> = units.iter().map(|(u, n)| (u.as_str(), *n)).collect();
+    seed_units(&table, &refs).await;
+    let s3 = s3_client().await;
+    let bucket = unique_name("routes");
+    S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
+    let job = unique_name("migrate");
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = plane_in(dir.path(), |_| {}).await;
+    let started = plane
+        .replicator
+        .migrate_unit(pb::MigrateUnitRequest {
+            job_name: job.clone(),
+            spec: Some(pb::MigrateUnitSpec {
+                source: Some(table_ref(&name)),
+                unit_attribute: "courseId".to_owned(),
+                target: Some(common_pb::DataStore {
+                    store: Some(common_pb::data_store::Store::S3Prefix(
+                        common_pb::S3PrefixRef {
+                            bucket: bucket.clone(),
+                            prefix: "courses/".to_owned(),
+                            ..Default::default()
+                        },
+                    )),
+                }),
+                ..Default::default()
+            }),
+            unit_keys: units.iter().map(|(u, _)| u.clone()).collect(),
+            concurrency: 3,
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A snapshot of the routes first (some may be switched already), then
+    // every change.
+    let mut routes = plane
+        .jobs
+        .watch_routes(jt::WatchRoutesRequest {
+            job_name: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut switched = 0;
+    while switched < units.len() {
+        let message = tokio::time::timeout(Duration::from_secs(120), routes.message())
+            .await
+            .expect("every unit's route switches")
+            .unwrap()
+            .expect("the route stream stays open");
+        for r in message.routes {
+            if r.target != jt::RouteTarget::Target as i32 {
+                continue;
+            }
+            // Read as soon as the switch is seen: the unit must already be
+            // committed.
+            let statuses = unit_statuses(&mut plane.jobs, &started.run_id).await;
+            assert_eq!(
+                statuses[&r.unit_key],
+                jt::UnitStatus::Migrated as i32,
+                "readers were switched to {} before it was committed: {statuses:?}",
+                r.unit_key
+            );
+            switched += 1;
+        }
+    }
+    let run = wait_run(&mut plane.jobs, &started.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_unit_is_rolled_back_alone_and_a_rerun_completes_it() {
     let name = unique_name("units");
     let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
