@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tidemark_connectors::proto::key_from_proto;
-use tidemark_connectors::{Key, RecordOutcome, SinkOp, SinkRecord};
+use tidemark_connectors::{AttrValue, Item, Key, Number, RecordOutcome, SinkOp, SinkRecord};
 use tidemark_kit::error::FieldError;
 use tidemark_proto::replicator::v1::*;
 
@@ -16,10 +16,55 @@ use crate::context::UnitFailure;
 use crate::dead_letters::DeadLetters;
 use crate::error::{ReplicatorError, ReplicatorResult};
 
+/// The version a rewrite of a key's current source image (`None`: the key is
+/// gone) carries. Without a version attribute, versions are derived from
+/// time and `floor` (a second in the past, so a change made after the read
+/// still wins) is the one to use. With one, versions are the items' own
+/// counters: a time-derived version would rank above every later update and
+/// freeze the key, so an image keeps its own version and a delete ranks just
+/// above the version the sinks hold (`removed`).
+pub(crate) fn rewrite_version(
+    version_attribute: &str,
+    image: Option<&Item>,
+    floor: u64,
+    removed: Option<u64>,
+) -> u64 {
+    if version_attribute.is_empty() {
+        return floor;
+    }
+    match image {
+        Some(item) => item
+            .get(version_attribute)
+            .and_then(AttrValue::as_number)
+            .and_then(Number::as_u64)
+            .unwrap_or(0),
+        None => removed.map_or(1, |v| v.saturating_add(1)),
+    }
+}
+
+/// The highest version any of `sinks` holds for `key`, when versions are
+/// the items' own (`version_attribute` set); `None` otherwise or when no
+/// sink holds the key.
+async fn held_version(
+    sinks: &[OpenSink],
+    key: &Key,
+    version_attribute: &str,
+) -> Result<Option<u64>, UnitFailure> {
+    if version_attribute.is_empty() {
+        return Ok(None);
+    }
+    let mut held = None;
+    for s in sinks {
+        if let Some((v, _)) = s.sink.read(&s.transform.shape_key(key)).await? {
+            held = held.max(Some(v));
+        }
+    }
+    Ok(held)
+}
+
 /// Re-reads keys from the source and rewrites their current image to the
-/// sinks (deleting those the source no longer has). A derived version one
-/// second in the past keeps any change made after the read winning over the
-/// repair write.
+/// sinks (deleting those the source no longer has), versioned by
+/// [`rewrite_version`].
 async fn rewrite(
     opened: &Opened,
     keys: &[Key],
@@ -29,25 +74,6 @@ async fn rewrite(
 ) -> Result<(i64, i64, i64), UnitFailure> {
     let now = chrono::Utc::now().timestamp();
     let derived = u64::try_from((now - 1).max(1)).unwrap_or(1) * 1_000_000;
-    let mut rewritten = 0;
-    let mut deleted = 0;
-    let mut changes = Vec::with_capacity(keys.len());
-    for key in keys {
-        let item = opened.source.table.get(key).await?;
-        match &item {
-            Some(_) => rewritten += 1,
-            None => deleted += 1,
-        }
-        let unversioned = if opened.version_attribute.is_empty() {
-            derived
-        } else {
-            0
-        };
-        let version = item
-            .as_ref()
-            .map_or(derived, |i| opened.version_of(i, unversioned));
-        changes.push((key.clone(), item, version, "repair".to_owned()));
-    }
     let sinks: Vec<&OpenSink> = opened
         .sinks
         .iter()
@@ -66,6 +92,24 @@ async fn rewrite(
         version_attribute: opened.version_attribute.clone(),
         watermark_prefix: opened.watermark_prefix.clone(),
     };
+    let mut rewritten = 0;
+    let mut deleted = 0;
+    let mut changes = Vec::with_capacity(keys.len());
+    for key in keys {
+        let item = opened.source.table.get(key).await?;
+        let removed = match &item {
+            Some(_) => {
+                rewritten += 1;
+                None
+            }
+            None => {
+                deleted += 1;
+                held_version(&subset.sinks, key, &opened.version_attribute).await?
+            }
+        };
+        let version = rewrite_version(&opened.version_attribute, item.as_ref(), derived, removed);
+        changes.push((key.clone(), item, version, "repair".to_owned()));
+    }
     let (_, _, dead_lettered) = subset.write(&changes, dead, pipeline).await?;
     let dl = i64::try_from(dead_lettered).unwrap_or(i64::MAX);
     Ok((rewritten - dl.min(rewritten), deleted, dl))
@@ -239,9 +283,24 @@ pub async fn replay_dead_letters(
             .get(&source_key)
             .await
             .map_err(ReplicatorError::Store)?;
+        let key = sink.transform.shape_key(&source_key);
+        let removed = match (&item, opened.version_attribute.is_empty()) {
+            (None, false) => sink
+                .sink
+                .read(&key)
+                .await
+                .map_err(ReplicatorError::Store)?
+                .map(|(v, _)| v),
+            _ => None,
+        };
         let record = SinkRecord {
-            key: sink.transform.shape_key(&source_key),
-            version: stored.letter.version.max(derived),
+            key,
+            version: rewrite_version(
+                &opened.version_attribute,
+                item.as_ref(),
+                stored.letter.version.max(derived),
+                removed,
+            ),
             op: match &item {
                 Some(i) => SinkOp::Upsert(sink.transform.shape(i, &opened.source.schema)),
                 None => SinkOp::Delete,
@@ -278,4 +337,34 @@ pub async fn replay_dead_letters(
         }
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn versioned(v: i64) -> Item {
+        [
+            ("id".to_owned(), AttrValue::s("a")),
+            ("v".to_owned(), AttrValue::n(v)),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn a_rewrite_keeps_the_items_own_version_scale() {
+        let floor = 1_765_000_000_000_000; // a time-derived version, in µs
+        // With a version attribute the image keeps its version, so the next
+        // update (v = 6) still wins over the replayed or repaired write.
+        let replayed = rewrite_version("v", Some(&versioned(5)), floor, None);
+        assert_eq!(replayed, 5);
+        assert!(replayed < 6, "a later update would be refused as stale");
+        // A delete ranks just above what the sinks hold, not at a time.
+        assert_eq!(rewrite_version("v", None, floor, Some(5)), 6);
+        assert_eq!(rewrite_version("v", None, floor, None), 1);
+        // Without one, versions are time-derived and the floor is used.
+        assert_eq!(rewrite_version("", Some(&versioned(5)), floor, None), floor);
+        assert_eq!(rewrite_version("", None, floor, Some(5)), floor);
+    }
 }
