@@ -458,6 +458,56 @@ impl Runner<'_> {
         }
     }
 
+    /// The differing keys of the buckets whose digests differ, read from
+    /// both sides and classified, in key order.
+    async fn drill_down(
+        &self,
+        buckets: u32,
+        wanted: &BTreeSet<u32>,
+        versions: bool,
+        versions_only: bool,
+    ) -> ConnectorResult<Vec<Found>> {
+        let source = &self.sides.source;
+        let target = self.target()?;
+        let mut found = Vec::new();
+        if !wanted.is_empty() {
+            tracing::info!(
+                buckets = wanted.len(),
+                "drilling down into mismatching buckets"
+            );
+            let (se, te) = tokio::try_join!(
+                source.bucket_entries(buckets, wanted),
+                target.bucket_entries(buckets, wanted)
+            )?;
+            let now = SystemTime::now();
+            let mut by_key: HashMap<Key, (Option<Entry>, Option<Entry>)> = HashMap::new();
+            for e in se {
+                let key = e.key.clone();
+                by_key.entry(key).or_default().0 = Some(e);
+            }
+            for e in te {
+                let key = e.key.clone();
+                by_key.entry(key).or_default().1 = Some(e);
+            }
+            for (key, (a, b)) in by_key {
+                if let Some(kind) = classify(a.as_ref(), b.as_ref(), versions, versions_only) {
+                    found.push(Found {
+                        key,
+                        kind,
+                        source_version: a.as_ref().map_or(0, |e| e.version),
+                        target_version: b.as_ref().map_or(0, |e| e.version),
+                        first_seen: now,
+                        rounds: 0,
+                        repaired: false,
+                    });
+                }
+            }
+            // Stable order for reports and streams.
+            found.sort_by(|x, y| x.key.cmp(&y.key));
+        }
+        Ok(found)
+    }
+
     async fn digest(&self, buckets: u32, versions_only: bool) -> ConnectorResult<Outcome> {
         let source = &self.sides.source;
         let target = self.target()?;
@@ -486,42 +536,9 @@ impl Runner<'_> {
         };
         let source_count = i64::try_from(s.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
         let target_count = i64::try_from(t.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-        let mut found = Vec::new();
-        if !wanted.is_empty() {
-            tracing::info!(
-                buckets = wanted.len(),
-                "drilling down into mismatching buckets"
-            );
-            let (se, te) = tokio::try_join!(
-                source.bucket_entries(buckets, &wanted),
-                target.bucket_entries(buckets, &wanted)
-            )?;
-            let now = SystemTime::now();
-            let mut by_key: HashMap<Key, (Option<Entry>, Option<Entry>)> = HashMap::new();
-            for e in se {
-                let key = e.key.clone();
-                by_key.entry(key).or_default().0 = Some(e);
-            }
-            for e in te {
-                let key = e.key.clone();
-                by_key.entry(key).or_default().1 = Some(e);
-            }
-            for (key, (a, b)) in by_key {
-                if let Some(kind) = classify(a.as_ref(), b.as_ref(), versions, versions_only) {
-                    found.push(Found {
-                        key,
-                        kind,
-                        source_version: a.as_ref().map_or(0, |e| e.version),
-                        target_version: b.as_ref().map_or(0, |e| e.version),
-                        first_seen: now,
-                        rounds: 0,
-                        repaired: false,
-                    });
-                }
-            }
-            // Stable order for reports and streams.
-            found.sort_by(|x, y| x.key.cmp(&y.key));
-        }
+        let found = self
+            .drill_down(buckets, &wanted, versions, versions_only)
+            .await?;
         let found_any = !found.is_empty();
         let (mut remaining, resolved, rounds) =
             self.recheck(found, versions, versions_only).await?;

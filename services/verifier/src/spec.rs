@@ -296,26 +296,7 @@ impl Spec {
                 "at least one check is required",
             ));
         }
-        let mut names = BTreeSet::new();
-        let mut checks = Vec::new();
-        for (i, c) in spec.checks.iter().enumerate() {
-            let field = format!("{prefix}.checks[{i}]");
-            if c.name.trim().is_empty() {
-                errors.push(FieldError::required(format!("{field}.name")));
-            } else if !names.insert(c.name.clone()) {
-                errors.push(FieldError::new(
-                    format!("{field}.name"),
-                    format!("duplicate check name {:?}", c.name),
-                ));
-            }
-            match check(c, &field) {
-                Ok(kind) => checks.push(Check {
-                    name: c.name.clone(),
-                    kind,
-                }),
-                Err(e) => errors.push(e),
-            }
-        }
+        let checks = checks_of(spec, prefix, &mut errors);
         let transform = spec
             .transform
             .as_ref()
@@ -363,51 +344,7 @@ impl Spec {
         else {
             return Err(errors);
         };
-        let needs_target = checks.iter().any(|c| {
-            !matches!(
-                c.kind,
-                CheckKind::Predicate {
-                    side: SideKind::Source,
-                    ..
-                }
-            )
-        });
-        if needs_target && target.is_none() {
-            errors.push(FieldError::new(
-                f("target"),
-                "is required unless every check is a SOURCE predicate",
-            ));
-        }
-        for (i, c) in checks.iter().enumerate() {
-            if let CheckKind::Predicate { side, .. } = c.kind {
-                let store = match side {
-                    SideKind::Source => Some(&source),
-                    SideKind::Target => target.as_ref(),
-                };
-                if store.is_some_and(|s| !s.evaluates_predicates()) {
-                    errors.push(FieldError::new(
-                        format!("{prefix}.checks[{i}].predicate.side"),
-                        "only a DynamoDB table or a SQLite table can evaluate a predicate",
-                    ));
-                }
-            }
-        }
-        let knows_key = |s: &Store| match s {
-            Store::Dynamo { .. } => true,
-            Store::Sqlite { key_names, .. } => !key_names.is_empty(),
-            _ => false,
-        };
-        if !knows_key(&source) && !target.as_ref().is_some_and(knows_key) {
-            errors.push(FieldError::new(
-                f("source"),
-                "one side must be a DynamoDB table or a SQLite table with key_attribute_names (the key schema comes from it)",
-            ));
-        }
-        if matches!(&source, Store::Sqlite { key_names, .. } if key_names.is_empty()) {
-            errors.push(FieldError::required(f(
-                "source.sqlite_table.key_attribute_names",
-            )));
-        }
+        check_sides(&source, target.as_ref(), &checks, prefix, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -439,6 +376,93 @@ impl Spec {
                 spec.sample_size as usize
             },
         })
+    }
+}
+
+/// The checks of `spec`, each validated; names must be unique.
+fn checks_of(
+    spec: &pb::VerificationSpec,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) -> Vec<Check> {
+    let mut names = BTreeSet::new();
+    let mut checks = Vec::new();
+    for (i, c) in spec.checks.iter().enumerate() {
+        let field = format!("{prefix}.checks[{i}]");
+        if c.name.trim().is_empty() {
+            errors.push(FieldError::required(format!("{field}.name")));
+        } else if !names.insert(c.name.clone()) {
+            errors.push(FieldError::new(
+                format!("{field}.name"),
+                format!("duplicate check name {:?}", c.name),
+            ));
+        }
+        match check(c, &field) {
+            Ok(kind) => checks.push(Check {
+                name: c.name.clone(),
+                kind,
+            }),
+            Err(e) => errors.push(e),
+        }
+    }
+    checks
+}
+
+/// What the checks need of the two sides: a target unless every check is a
+/// source predicate, predicates only where the store evaluates them, and a
+/// side that knows the key schema.
+fn check_sides(
+    source: &Store,
+    target: Option<&Store>,
+    checks: &[Check],
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    let f = |name: &str| format!("{prefix}.{name}");
+    let needs_target = checks.iter().any(|c| {
+        !matches!(
+            c.kind,
+            CheckKind::Predicate {
+                side: SideKind::Source,
+                ..
+            }
+        )
+    });
+    if needs_target && target.is_none() {
+        errors.push(FieldError::new(
+            f("target"),
+            "is required unless every check is a SOURCE predicate",
+        ));
+    }
+    for (i, c) in checks.iter().enumerate() {
+        if let CheckKind::Predicate { side, .. } = c.kind {
+            let store = match side {
+                SideKind::Source => Some(source),
+                SideKind::Target => target,
+            };
+            if store.is_some_and(|s| !s.evaluates_predicates()) {
+                errors.push(FieldError::new(
+                    format!("{prefix}.checks[{i}].predicate.side"),
+                    "only a DynamoDB table or a SQLite table can evaluate a predicate",
+                ));
+            }
+        }
+    }
+    let knows_key = |s: &Store| match s {
+        Store::Dynamo { .. } => true,
+        Store::Sqlite { key_names, .. } => !key_names.is_empty(),
+        _ => false,
+    };
+    if !knows_key(source) && !target.is_some_and(knows_key) {
+        errors.push(FieldError::new(
+        f("source"),
+        "one side must be a DynamoDB table or a SQLite table with key_attribute_names (the key schema comes from it)",
+        ));
+    }
+    if matches!(source, Store::Sqlite { key_names, .. } if key_names.is_empty()) {
+        errors.push(FieldError::required(f(
+            "source.sqlite_table.key_attribute_names",
+        )));
     }
 }
 
