@@ -12,8 +12,6 @@ use aws_sdk_dynamodb::types::{
     ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType, TableDescription,
     TableStatus,
 };
-use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
-use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use crate::error::{ConnectorError, ConnectorResult};
@@ -27,67 +25,9 @@ use crate::value::{AttrValue, Item, Key, KeySchema, Number};
 
 const BACKEND: &str = "dynamodb";
 
-/// Builds an SDK configuration from the standard AWS environment
-/// (`AWS_REGION`, credentials chain, `AWS_ENDPOINT_URL`), with an explicit
-/// endpoint override when one is configured.
-pub async fn sdk_config(endpoint: Option<&str>) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(url) = endpoint.filter(|u| !u.is_empty()) {
-        loader = loader.endpoint_url(url);
-    }
-    loader.load().await
-}
-
-/// Maps an SDK error to a [`ConnectorError`] by its error code and status.
-pub fn classify<E>(backend: &'static str, err: &SdkError<E, HttpResponse>) -> ConnectorError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let retryable = |message: String| ConnectorError::Retryable {
-        backend,
-        message,
-        retry_after: None,
-    };
-    match err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            retryable(format!("{err:?}"))
-        }
-        SdkError::ServiceError(service) => {
-            let e = service.err();
-            let code = e.code().unwrap_or_default();
-            let message = format!("{code}: {}", e.message().unwrap_or_default());
-            match code {
-                "ConditionalCheckFailedException" => ConnectorError::Precondition(message),
-                "TransactionCanceledException" if message.contains("ConditionalCheckFailed") => {
-                    ConnectorError::Precondition(message)
-                }
-                "ProvisionedThroughputExceededException"
-                | "ThrottlingException"
-                | "RequestLimitExceeded"
-                | "LimitExceededException"
-                | "InternalServerError"
-                | "InternalFailure"
-                | "ServiceUnavailable"
-                | "TransactionConflictException"
-                | "TransactionInProgressException"
-                | "TransactionCanceledException" => retryable(message),
-                "ResourceNotFoundException" => ConnectorError::NotFound { backend, message },
-                "ValidationException" | "SerializationException" => {
-                    ConnectorError::InvalidInput { backend, message }
-                }
-                "ExpiredIteratorException" | "TrimmedDataAccessException" => {
-                    ConnectorError::IteratorExpired { backend }
-                }
-                _ if service.raw().status().is_server_error() => retryable(message),
-                _ => ConnectorError::Terminal { backend, message },
-            }
-        }
-        _ => ConnectorError::Terminal {
-            backend,
-            message: err.to_string(),
-        },
-    }
-}
+// Where they always were, for the services that build their clients and
+// classify their own DynamoDB calls.
+pub use crate::aws::{classify, sdk_config};
 
 /// The table's description, or `NotFound`: also the cheapest probe that
 /// DynamoDB answers and the table exists.
@@ -261,6 +201,7 @@ attribute_conversions!(
     from_ddb,
     aws_sdk_dynamodb::primitives::Blob
 );
+#[cfg(feature = "streams")]
 attribute_conversions!(
     aws_sdk_dynamodbstreams::types::AttributeValue,
     to_streams,

@@ -66,6 +66,7 @@ impl ConnectorError {
     }
 }
 
+#[cfg(feature = "sqlite")]
 impl From<rusqlite::Error> for ConnectorError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {

@@ -1,20 +1,37 @@
 //! Store connectors (DESIGN.md §2): every store sits behind one of four small
 //! traits — [`SourceTable`], [`ChangeFeed`], [`Sink`], [`Buffer`] — with real
 //! implementations (DynamoDB, DynamoDB Streams, Redis) and an embedded one (SQLite).
+//!
+//! Each backend is a Cargo feature of the same name (`dynamodb`, `streams`,
+//! `kafka`, `elasticsearch`, `s3`, `redis`, `sqlite`; all by default), so a
+//! service links only the clients it uses. The behaviour suites, the
+//! scripted stream and the local-component helpers are behind `testsuite`.
 
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "dynamodb")]
 pub mod dynamodb;
+#[cfg(feature = "elasticsearch")]
 pub mod elasticsearch;
 pub mod error;
+#[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(all(feature = "testsuite", feature = "streams"))]
 pub mod memory;
 pub mod predicate;
 pub mod proto;
+#[cfg(feature = "redis")]
 pub mod redis;
 pub mod retry;
+#[cfg(feature = "s3")]
 pub mod s3;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(feature = "streams")]
 pub mod streams;
+#[cfg(feature = "testsuite")]
 pub mod suite;
+#[cfg(feature = "testsuite")]
 pub mod testing;
 pub mod traits;
 pub mod transform;

@@ -27,7 +27,7 @@
 //!
 //! **Errors** ([`classify`]): 412 / 409 conditional conflicts →
 //! `Precondition`; `NoSuchBucket` → `NotFound`; `SlowDown`, 5xx, timeouts and
-//! dispatch failures → `Retryable`; the rest as in [`crate::dynamodb::classify`].
+//! dispatch failures → `Retryable`; the rest as in [`crate::aws::classify`].
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -95,7 +95,7 @@ where
             _ => {}
         }
     }
-    crate::dynamodb::classify(BACKEND, err)
+    crate::aws::classify(BACKEND, err)
 }
 
 fn is_no_such_key<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {

@@ -125,6 +125,7 @@ impl EmbeddedStore {
     }
 
     /// A private in-memory database (tests).
+    #[cfg(feature = "testsuite")]
     ///
     /// # Errors
     /// When SQLite cannot allocate it.

@@ -439,7 +439,7 @@ impl DynamoStreamSource {
             .table_name(table)
             .send()
             .await
-            .map_err(|e| crate::dynamodb::classify("dynamodb", &e))?;
+            .map_err(|e| crate::aws::classify("dynamodb", &e))?;
         let arn = out.table.and_then(|t| t.latest_stream_arn).ok_or_else(|| {
             ConnectorError::NotFound {
                 backend: STREAMS,
@@ -483,7 +483,7 @@ impl ShardSource for DynamoStreamSource {
                 .set_exclusive_start_shard_id(start.take())
                 .send()
                 .await
-                .map_err(|e| crate::dynamodb::classify(STREAMS, &e))?;
+                .map_err(|e| crate::aws::classify(STREAMS, &e))?;
             let Some(description) = out.stream_description else {
                 return Ok(shards);
             };
@@ -523,7 +523,7 @@ impl ShardSource for DynamoStreamSource {
         let out = request
             .send()
             .await
-            .map_err(|e| crate::dynamodb::classify(STREAMS, &e))?;
+            .map_err(|e| crate::aws::classify(STREAMS, &e))?;
         out.shard_iterator.ok_or_else(|| {
             ConnectorError::terminal(STREAMS, format!("no iterator for shard {shard}"))
         })
@@ -537,7 +537,7 @@ impl ShardSource for DynamoStreamSource {
             .limit(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
             .send()
             .await
-            .map_err(|e| crate::dynamodb::classify(STREAMS, &e))?;
+            .map_err(|e| crate::aws::classify(STREAMS, &e))?;
         let mut records = Vec::with_capacity(out.records().len());
         for record in out.records() {
             use aws_sdk_dynamodbstreams::types::OperationType;

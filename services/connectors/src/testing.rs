@@ -4,6 +4,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+// The same type, re-exported by each SDK: take it from whichever is linked.
+#[cfg(feature = "dynamodb")]
+use aws_sdk_dynamodb::config::Credentials;
+#[cfg(all(feature = "s3", not(feature = "dynamodb")))]
+use aws_sdk_s3::config::Credentials;
+
 /// The workspace root (this crate lives at `services/connectors`).
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -37,6 +43,7 @@ pub fn local_env(key: &str) -> String {
     }
 }
 
+#[cfg(feature = "aws")]
 /// SDK configuration for a local endpoint named by `endpoint_env`, with the
 /// test credentials and region the local set-up uses.
 pub async fn local_sdk_config(endpoint_env: &str) -> aws_config::SdkConfig {
@@ -45,7 +52,7 @@ pub async fn local_sdk_config(endpoint_env: &str) -> aws_config::SdkConfig {
         .region(aws_config::Region::new(
             std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned()),
         ))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+        .credentials_provider(Credentials::new(
             "test",
             "test",
             None,
@@ -56,6 +63,7 @@ pub async fn local_sdk_config(endpoint_env: &str) -> aws_config::SdkConfig {
         .await
 }
 
+#[cfg(feature = "streams")]
 /// A DynamoDB client for the local endpoint, with the test credentials the
 /// local set-up uses.
 pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbstreams::Client) {
@@ -66,6 +74,7 @@ pub async fn dynamodb_clients() -> (aws_sdk_dynamodb::Client, aws_sdk_dynamodbst
     )
 }
 
+#[cfg(feature = "s3")]
 /// An S3 client for the local endpoint (`TIDEMARK_TEST_S3_ENDPOINT`) with
 /// the test credentials, using path-style addressing (the endpoint is an IP
 /// address, so virtual-hosted bucket names cannot resolve).
