@@ -45,6 +45,26 @@ pub async fn describe_table(client: &Client, name: &str) -> ConnectorResult<Tabl
         .ok_or_else(|| ConnectorError::terminal(BACKEND, "DescribeTable returned no table"))
 }
 
+/// Reads the item at `key` consistently, as the SDK returns it.
+///
+/// # Errors
+/// The classified failure.
+pub async fn get_item(
+    client: &Client,
+    table: &str,
+    key: HashMap<String, DdbValue>,
+) -> ConnectorResult<Option<HashMap<String, DdbValue>>> {
+    Ok(client
+        .get_item()
+        .table_name(table)
+        .set_key(Some(key))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| classify(BACKEND, &e))?
+        .item)
+}
+
 fn create_table_request(
     client: &Client,
     name: &str,
@@ -380,16 +400,11 @@ impl SourceTable for DynamoTable {
     #[tracing::instrument(skip_all, fields(table = %self.name))]
     async fn get(&self, key: &Key) -> ConnectorResult<Option<Item>> {
         retry(&self.retry, "get", || async {
-            let out = self
-                .client
-                .get_item()
-                .table_name(&self.name)
-                .set_key(Some(key_to_ddb(key)))
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(|e| classify(BACKEND, &e))?;
-            out.item.as_ref().map(item_from_ddb).transpose()
+            get_item(&self.client, &self.name, key_to_ddb(key))
+                .await?
+                .as_ref()
+                .map(item_from_ddb)
+                .transpose()
         })
         .await
     }

@@ -838,10 +838,7 @@ impl Buffer for RedisBuffer {
             return Ok(Vec::new());
         }
         let window = dedup_window.as_secs().max(1);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = u64::try_from(crate::now_micros() / 1_000_000).unwrap_or(0);
         let bucket = now / window;
         // Entities in order of first appearance, with their latest event time.
         let mut entities: Vec<(&str, i64)> = Vec::new();

@@ -389,10 +389,7 @@ impl<S: ShardSource> ChangeFeed for ShardedFeed<S> {
     }
 
     fn lag(&self) -> Vec<PartitionLag> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros();
+        let now = crate::now_micros();
         self.shards
             .iter()
             .filter(|(_, s)| !s.finished && !s.foreign)
@@ -400,8 +397,8 @@ impl<S: ShardSource> ChangeFeed for ShardedFeed<S> {
                 partition: id.clone(),
                 records: s.uncommitted.len() as u64,
                 seconds: s.uncommitted.front().map_or(0.0, |(_, _, micros)| {
-                    let age = now.saturating_sub(u128::try_from(*micros).unwrap_or(0));
-                    Duration::from_micros(u64::try_from(age).unwrap_or(u64::MAX)).as_secs_f64()
+                    let age = now.saturating_sub(*micros).max(0);
+                    Duration::from_micros(u64::try_from(age).unwrap_or(0)).as_secs_f64()
                 }),
             })
             .collect()

@@ -469,16 +469,11 @@ impl DynamoKv {
 #[async_trait]
 impl KvStore for DynamoKv {
     async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(pk, sk)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(ddb_err)?;
-        out.item.as_ref().map(Self::entry).transpose()
+        dynamodb::get_item(&self.client, &self.table, Self::key(pk, sk))
+            .await?
+            .as_ref()
+            .map(Self::entry)
+            .transpose()
     }
 
     async fn query(

@@ -14,7 +14,7 @@ use aws_sdk_dynamodb::types::{
     AttributeValue as DdbValue, ReturnValue, ReturnValuesOnConditionCheckFailure,
 };
 use rusqlite::{Connection, OptionalExtension, params};
-use tidemark_connectors::dynamodb::{classify, describe_table, item_from_ddb};
+use tidemark_connectors::dynamodb::{classify, describe_table, get_item, item_from_ddb};
 use tidemark_connectors::sqlite::{SharedConnection, item_from_json, open_file};
 use tidemark_connectors::value::canonical_item;
 use tidemark_connectors::{AttrValue, ConnectorError, ConnectorResult, EntityDelta, Item, Number};
@@ -208,16 +208,11 @@ impl StatsStore for DynamoStatsStore {
 
     #[tracing::instrument(skip_all, fields(table = %self.table, entity))]
     async fn get(&self, entity: &str) -> ConnectorResult<Option<StoredItem>> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.key(entity)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| classify(BACKEND, &e))?;
-        out.item.as_ref().map(Self::stored).transpose()
+        get_item(&self.client, &self.table, self.key(entity))
+            .await?
+            .as_ref()
+            .map(Self::stored)
+            .transpose()
     }
 
     #[tracing::instrument(skip_all, fields(table = %self.table))]
