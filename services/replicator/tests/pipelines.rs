@@ -1137,6 +1137,82 @@ async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_leaving_a_sinks_filter_leaves_the_target() {
+    // Only items touched in the last hour go to the index; an update that
+    // moves an item out of that window must take it out of the index too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = common::plane_in(dir.path(), |_| {}).await;
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let store =
+        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
+            .unwrap();
+    let table = store.table("docs", schema());
+    let now = chrono::Utc::now().timestamp();
+    let touched = |id: &str, at: i64| {
+        let mut item = doc("post", id, AttrValue::n(1i64));
+        item.insert("touchedAt".to_owned(), AttrValue::n(at));
+        item
+    };
+    let index = unique_name("filtered");
+    let mut spec = kafka_spec("unused", &index, 1);
+    spec.feed = Some(pb::ChangeFeed {
+        feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+            pb::EmbeddedChangeLogFeed {
+                start_position: pb::StartPosition::Latest as i32,
+            },
+        )),
+    });
+    spec.sinks[0].transform = Some(common_pb::Transform {
+        filter: Some(common_pb::RecencyFilter {
+            attribute_name: "touchedAt".to_owned(),
+            encoding: common_pb::TimeEncoding::EpochSeconds as i32,
+            max_age: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        }),
+        ..Default::default()
+    });
+    let name = unique_name("filtered");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_streaming(&mut plane, &name).await;
+    // The feed reads from the log's end: let it take its position first.
+    drain(&mut plane, &name).await;
+    for id in ["stays", "leaves"] {
+        table.put(&touched(id, now), None).await.unwrap();
+    }
+    drain(&mut plane, &name).await;
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    assert!(reader.read(&key("post", "leaves")).await.unwrap().is_some());
+    // A day old now: outside the filter.
+    table
+        .put(&touched("leaves", now - 86_400), None)
+        .await
+        .unwrap();
+    drain(&mut plane, &name).await;
+    assert!(
+        reader.read(&key("post", "leaves")).await.unwrap().is_none(),
+        "an item that left the filter kept its old image in the target"
+    );
+    assert!(reader.read(&key("post", "stays")).await.unwrap().is_some());
+}
+
 fn producer(brokers: &str) -> rdkafka::producer::FutureProducer {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)

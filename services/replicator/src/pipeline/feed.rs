@@ -12,7 +12,7 @@ use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::replicator::v1::change_feed::Feed;
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, StartPosition};
 
-use super::open::Opened;
+use super::open::{Filtered, Opened};
 use super::spec::{BACKFILL_PENDING, backfill_mode, reader_index};
 use super::watermark;
 use crate::context::{Context, UnitFailure};
@@ -220,7 +220,12 @@ pub async fn flush(
 ) -> Result<(), UnitFailure> {
     let records = std::mem::take(pending);
     let written = opened
-        .write(&changes_of(opened, &records), dead, pipeline)
+        .write(
+            &changes_of(opened, &records),
+            dead,
+            pipeline,
+            Filtered::Delete,
+        )
         .await?;
     acknowledge(feed, state, written, &records).await
 }

@@ -102,6 +102,7 @@ impl Opened {
         changes: &[(Key, Option<Item>, u64, String)],
         dead: &DeadLetters,
         pipeline: &str,
+        filtered: Filtered,
     ) -> Result<(u64, u64, u64), UnitFailure> {
         let now = chrono::Utc::now().timestamp_micros();
         let mut totals = (0, 0, 0);
@@ -113,10 +114,8 @@ impl Opened {
                     Some(item) if sink.transform.passes(item, now) => {
                         SinkOp::Upsert(sink.transform.shape(item, &self.source.schema))
                     }
-                    // Filtered out: not written (a target never holds it
-                    // unless an earlier image passed, which a delete fixes).
-                    Some(_) => continue,
-                    None => SinkOp::Delete,
+                    Some(_) if filtered == Filtered::Skip => continue,
+                    Some(_) | None => SinkOp::Delete,
                 };
                 batch.push(SinkRecord {
                     key: sink.transform.shape_key(key),
@@ -151,4 +150,17 @@ impl Opened {
         }
         Ok(totals)
     }
+}
+
+/// What a write does with an image a sink's filter leaves out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filtered {
+    /// A change of the key: its earlier image may have passed and be in the
+    /// target, so the target's copy is deleted (versioned like any write).
+    Delete,
+    /// A backfill read: its version ranks below every change of the key
+    /// from the feed, so only a change can have put the key in the target,
+    /// and that change's own write handles it; a tombstone here would only
+    /// fill the target with the keys it is meant not to hold.
+    Skip,
 }

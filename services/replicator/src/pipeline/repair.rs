@@ -9,7 +9,7 @@ use tidemark_connectors::{AttrValue, Item, Key, Number, RecordOutcome, SinkOp, S
 use tidemark_kit::error::FieldError;
 use tidemark_proto::replicator::v1::*;
 
-use super::open::{OpenSink, Opened, open};
+use super::open::{Filtered, OpenSink, Opened, open};
 use super::rpc::get;
 use crate::context::Replicator;
 use crate::context::UnitFailure;
@@ -110,7 +110,9 @@ async fn rewrite(
         let version = rewrite_version(&opened.version_attribute, item.as_ref(), derived, removed);
         changes.push((key.clone(), item, version, "repair".to_owned()));
     }
-    let (_, _, dead_lettered) = subset.write(&changes, dead, pipeline).await?;
+    let (_, _, dead_lettered) = subset
+        .write(&changes, dead, pipeline, Filtered::Delete)
+        .await?;
     let dl = i64::try_from(dead_lettered).unwrap_or(i64::MAX);
     Ok((rewritten - dl.min(rewritten), deleted, dl))
 }

@@ -24,7 +24,7 @@ use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineState};
 use super::feed::{
     FeedState, acknowledge, changes_of, flush, learn_peers, open_feed, report_progress,
 };
-use super::open::{Opened, SINK_BATCH, SINK_CONCURRENCY, open};
+use super::open::{Filtered, Opened, SINK_BATCH, SINK_CONCURRENCY, open};
 use super::spec::{
     DEFAULT_TOUCH_ATTRIBUTE, FEED_UNIT, backfill_mode, chunk_size, decode, feed_units,
     is_feed_unit, segments,
@@ -141,7 +141,7 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         let changes = changes_of(&opened, &pending);
         let (polled, written) = tokio::join!(
             feed.poll(SINK_BATCH * SINK_CONCURRENCY),
-            opened.write(&changes, &dead, &pipeline.name),
+            opened.write(&changes, &dead, &pipeline.name, Filtered::Delete),
         );
         // A failed poll leaves the written batch unacknowledged: it is
         // delivered again, and the sinks' version checks make that a no-op.
@@ -302,7 +302,9 @@ async fn backfill_segment(
                         )
                     })
                     .collect();
-                opened.write(&changes, &dead, &pipeline.name).await?;
+                opened
+                    .write(&changes, &dead, &pipeline.name, Filtered::Skip)
+                    .await?;
             }
         }
         state.copied += u64::try_from(rows.len()).unwrap_or(u64::MAX);

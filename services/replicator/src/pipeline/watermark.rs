@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::{AttrValue, ChangeRecord, Item, Key, ScanRequest};
 
-use super::open::Opened;
+use super::open::{Filtered, Opened};
 use crate::context::UnitFailure;
 use crate::dead_letters::DeadLetters;
 
@@ -266,7 +266,9 @@ impl Backfill {
                 (k, Some(item), version, position.clone())
             })
             .collect();
-        opened.write(&changes, dead, pipeline).await?;
+        opened
+            .write(&changes, dead, pipeline, Filtered::Skip)
+            .await?;
         progress.copied += u64::try_from(changes.len()).unwrap_or(u64::MAX);
         progress.dropped += dropped;
         progress.chunks += 1;
