@@ -122,6 +122,11 @@ pub struct ExtractArgs {
     /// The source attribute holding item versions (empty: the change time).
     #[arg(long, default_value = "")]
     version_attribute: String,
+    /// Seconds before each run's trigger the extract stops, so writes not
+    /// yet visible to the scan or index are left to the next run (unset:
+    /// the replicator's 2 s).
+    #[arg(long, value_name = "SECONDS")]
+    settle_lag: Option<u32>,
     /// When to run, a cron expression with seconds, e.g. "0 0 * * * *"
     /// for hourly (empty: only when started).
     #[arg(long, default_value = "")]
@@ -327,6 +332,10 @@ pub async fn extract(client: &Tidemark, a: ExtractArgs, out: Output) -> CliResul
             target: Some(a.target.to_proto()),
             transform: None,
             version_attribute: a.version_attribute.clone(),
+            settle_lag: a.settle_lag.map(|s| prost_types::Duration {
+                seconds: i64::from(s),
+                nanos: 0,
+            }),
         }),
         schedule: (!a.cron.is_empty()).then(|| jt::Schedule {
             cron: a.cron.clone(),

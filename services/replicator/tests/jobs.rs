@@ -582,7 +582,24 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
         .await
         .expect("run 1 manifest");
     assert_eq!(m1["count"], 20);
-    // Changes after run 1's window end belong to run 2 only.
+    // A write stamped just before run 1's trigger but visible only after
+    // run 1 read (an eventually consistent scan or index): run 1 ended its
+    // extract a settle lag before its trigger, so run 2 still takes it.
+    let trigger_millis = run1.window_end.as_ref().map_or(0, |t| t.seconds * 1000)
+        + i64::from(run1.window_end.as_ref().map_or(0, |t| t.nanos)) / 1_000_000;
+    table
+        .put(
+            &item(&[
+                ("id", AttrValue::s("late")),
+                ("updated_at", AttrValue::n(trigger_millis - 500)),
+                ("v", AttrValue::n(1i64)),
+            ]),
+            None,
+        )
+        .await
+        .unwrap();
+    // Changes after run 1's window end belong to run 2 only (once they are
+    // older than the settle lag, 2 s by default).
     tokio::time::sleep(Duration::from_millis(20)).await;
     for i in 0..5 {
         let it = item(&[
@@ -592,6 +609,7 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
         ]);
         table.put(&it, None).await.unwrap();
     }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let second = start(&mut plane.jobs, &job).await.unwrap();
     let run2 = wait_run(&mut plane.jobs, &second).await;
     assert_eq!(run2.status, jt::RunStatus::Succeeded as i32, "{run2:?}");
@@ -602,18 +620,18 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
     );
     assert_eq!(
         run2.counters.get("extracted"),
-        Some(&5),
-        "{:?}",
+        Some(&6),
+        "the 5 changes and the late-visible write: {:?}",
         run2.counters
     );
     assert_eq!(
         manifest(&s3, &bucket, &second)
             .await
             .expect("run 2 manifest")["count"],
-        5
+        6
     );
     let objects = S3Sink::new(s3.clone(), &bucket, "out/");
-    assert_eq!(objects.count().await.unwrap(), 20, "one object per key");
+    assert_eq!(objects.count().await.unwrap(), 21, "one object per key");
     let r00 = objects.read(&schema_key("r00")).await.unwrap().unwrap();
     assert_eq!(
         r00.1.get("v"),
@@ -668,7 +686,7 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
     let c = |k: &str| run.counters.get(k).copied().unwrap_or_default();
     assert_eq!(
         c("extracted") + c("skipped_older"),
-        20,
+        21,
         "{:?}",
         run.counters
     );
@@ -677,7 +695,7 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
             .count()
             .await
             .unwrap(),
-        20
+        21
     );
 }
 
@@ -880,6 +898,8 @@ async fn an_extract_queries_its_changed_items_index_per_partition_value() {
     for i in [1, 2, 3] {
         table.put(&put(i, 0, 2), None).await.unwrap();
     }
+    // Past the default settle lag (2 s), so run 2's window holds them.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let second = start(&mut plane.jobs, &job).await.unwrap();
     let run2 = wait_run(&mut plane.jobs, &second).await;
     assert_eq!(run2.status, jt::RunStatus::Succeeded as i32, "{run2:?}");

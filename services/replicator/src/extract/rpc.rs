@@ -53,6 +53,16 @@ pub async fn create_incremental_extract(
     if spec.segments > 1000 {
         violations.push(FieldError::new("spec.segments", "1 to 1000 (0 means 8)"));
     }
+    if spec.settle_lag.is_some_and(|d| {
+        d.seconds < 0
+            || d.nanos < 0
+            || extract::settle_lag_micros(&spec) > extract::MAX_SETTLE_LAG_MICROS
+    }) {
+        violations.push(FieldError::new(
+            "spec.settle_lag",
+            "0 to 1 h (unset means 2 s)",
+        ));
+    }
     if let Some(index) = &spec.index {
         if index.index_name.is_empty() {
             violations.push(FieldError::required("spec.index.index_name"));

@@ -51,6 +51,37 @@ struct SegmentState {
     checksum: [u8; 32],
 }
 
+/// The settle lag when the spec leaves it unset.
+const DEFAULT_SETTLE_LAG_MICROS: i64 = 2_000_000;
+/// The longest settle lag a spec may ask for.
+pub const MAX_SETTLE_LAG_MICROS: i64 = 3_600_000_000;
+
+/// The spec's settle lag in microseconds (unset: the default).
+pub fn settle_lag_micros(spec: &IncrementalExtractSpec) -> i64 {
+    spec.settle_lag
+        .as_ref()
+        .map_or(DEFAULT_SETTLE_LAG_MICROS, |d| {
+            d.seconds.saturating_mul(1_000_000) + i64::from(d.nanos) / 1000
+        })
+}
+
+/// Where a run's extract ends: its window end less the settle lag (never
+/// before its start), so a change not yet visible when the run reads lies
+/// in the next run's window instead of behind both.
+pub fn window_end(start: i64, end: i64, settle_lag_micros: i64) -> i64 {
+    if end == i64::MAX {
+        return end;
+    }
+    end.saturating_sub(settle_lag_micros).max(start)
+}
+
+fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
 fn micros(t: Option<&prost_types::Timestamp>) -> Option<i64> {
     t.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000)
 }
@@ -111,7 +142,11 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
     let transform = Transform::from_proto(&spec.transform.clone().unwrap_or_default())
         .map_err(|e| UnitFailure::terminal(format!("transform.{e}")))?;
     let start = micros(claim.run.window_start.as_ref()).unwrap_or(i64::MIN);
-    let end = micros(claim.run.window_end.as_ref()).unwrap_or(i64::MAX);
+    let end = window_end(
+        start,
+        micros(claim.run.window_end.as_ref()).unwrap_or(i64::MAX),
+        settle_lag_micros(&spec),
+    );
     let source = ctx
         .stores
         .table(spec.source.as_ref().unwrap_or(&Default::default()))
@@ -402,8 +437,10 @@ async fn finish_run(
     ctx.jobs
         .complete_run(CompleteRunRequest {
             run_id: claim.run.run_id.clone(),
+            // Where this run's extract ended (the window end less the
+            // settle lag): the next run starts there.
             last_processed: Some(Watermark {
-                time: claim.run.window_end,
+                time: (end != i64::MAX).then(|| timestamp(end)),
                 position: String::new(),
             }),
             result: None,
