@@ -33,7 +33,7 @@ impl From<KvError> for TrackerError {
         match e {
             // A conflict that reaches here outlived every retry.
             KvError::Conflict => Self::Unavailable("too many concurrent writers; retry".to_owned()),
-            KvError::Unavailable(m) => Self::Unavailable(m),
+            KvError::Store(e) => Self::Store(e),
             KvError::Failed(m) => Self::Internal(m),
         }
     }

@@ -63,8 +63,11 @@ pub enum KvError {
     /// An expectation did not hold: someone else wrote first.
     #[error("conflicting write")]
     Conflict,
-    #[error("storage temporarily unavailable: {0}")]
-    Unavailable(String),
+    /// A fault of the store, as its connector classified it (retryable,
+    /// not found, terminal…); the kit's error table gives it its code.
+    #[error(transparent)]
+    Store(ConnectorError),
+    /// A record this store cannot read back, or its own set-up failing.
     #[error("storage failure: {0}")]
     Failed(String),
 }
@@ -78,8 +81,7 @@ impl From<ConnectorError> for KvError {
     fn from(e: ConnectorError) -> Self {
         match e {
             ConnectorError::Precondition(_) => Self::Conflict,
-            ConnectorError::Retryable { message, .. } => Self::Unavailable(message),
-            other => Self::Failed(other.to_string()),
+            other => Self::Store(other),
         }
     }
 }

@@ -69,6 +69,22 @@ fn per_service(fault: fn() -> ConnectorError) -> Vec<(&'static str, Status)> {
     ]
 }
 
+/// The job-tracker meets store faults through its KV store, where a failed
+/// condition is its compare-and-set conflict (retried inside the engine, not
+/// a caller's precondition); every other fault keeps the table's code.
+#[test]
+fn the_job_trackers_store_faults_keep_the_tables_codes() {
+    for (fault, code) in faults() {
+        if matches!(fault(), ConnectorError::Precondition(_)) {
+            continue;
+        }
+        let kv = job_tracker::kv::KvError::from(fault());
+        let status = Status::from(job_tracker::error::TrackerError::from(kv));
+        assert_eq!(status.code(), code, "{status:?} for {:?}", fault());
+        assert!(!status.message().contains("secret detail"), "{status:?}");
+    }
+}
+
 #[test]
 fn the_same_store_fault_gives_the_same_code_from_every_service() {
     for (fault, code) in faults() {
