@@ -109,7 +109,7 @@ impl JobTracker {
     /// Runs `call` again while the job-tracker cannot be reached (a restart,
     /// a lost connection, a timed-out call), with jittered backoff. Only for
     /// calls that are safe to repeat.
-    async fn retried<Req, T, F, Fut>(
+    pub(crate) async fn retried<Req, T, F, Fut>(
         &self,
         what: &'static str,
         request: Req,

@@ -202,27 +202,34 @@ impl UnitLease {
         checkpoint: Vec<u8>,
         progress: &Progress,
     ) -> Result<(), LeaseError> {
+        let request = CheckpointRequest {
+            run_id: self.run_id.clone(),
+            unit_key: self.unit_key.clone(),
+            fencing_token: self.fencing_token,
+            checkpoint,
+            items_processed: progress.items_processed,
+            items_failed: progress.items_failed,
+            items_estimated: progress.items_estimated,
+            counters: progress.counters.clone(),
+            lease_duration: Some(self.duration()),
+        };
+        // The same checkpoint under the same token: safe to send again.
         let response = self
-            .client
-            .clone()
-            .checkpoint(CheckpointRequest {
-                run_id: self.run_id.clone(),
-                unit_key: self.unit_key.clone(),
-                fencing_token: self.fencing_token,
-                checkpoint,
-                items_processed: progress.items_processed,
-                items_failed: progress.items_failed,
-                items_estimated: progress.items_estimated,
-                counters: progress.counters.clone(),
-                lease_duration: Some(self.duration()),
+            .tracker()
+            .retried("checkpoint", request, |mut c, r| async move {
+                c.checkpoint(r).await
             })
             .await
-            .inspect_err(|s| self.on_error(s))?
-            .into_inner();
+            .inspect_err(|s| self.on_error(s))?;
         self.job_revision
             .fetch_max(response.job_revision, Ordering::Relaxed);
         self.confirm();
         Ok(())
+    }
+
+    /// The job-tracker with its retries of unreachable answers.
+    fn tracker(&self) -> crate::jobs::JobTracker {
+        crate::jobs::JobTracker::new(self.client.clone())
     }
 
     /// Records that the job-tracker extended the lease just now.
@@ -248,21 +255,25 @@ impl UnitLease {
         progress: &Progress,
         result: Option<prost_types::Any>,
     ) -> Result<Option<RunProgress>, LeaseError> {
+        let request = CompleteUnitRequest {
+            run_id: self.run_id.clone(),
+            unit_key: self.unit_key.clone(),
+            fencing_token: self.fencing_token,
+            items_processed: progress.items_processed,
+            items_failed: progress.items_failed,
+            counters: progress.counters.clone(),
+            result,
+        };
+        // Sent again only when the answer did not arrive; had the first one
+        // been applied, the repeat is refused as not in progress and the
+        // executor stops quietly, as for a lost lease.
         let response = self
-            .client
-            .clone()
-            .complete_unit(CompleteUnitRequest {
-                run_id: self.run_id.clone(),
-                unit_key: self.unit_key.clone(),
-                fencing_token: self.fencing_token,
-                items_processed: progress.items_processed,
-                items_failed: progress.items_failed,
-                counters: progress.counters.clone(),
-                result,
+            .tracker()
+            .retried("complete_unit", request, |mut c, r| async move {
+                c.complete_unit(r).await
             })
             .await
-            .inspect_err(|s| self.on_error(s))?
-            .into_inner();
+            .inspect_err(|s| self.on_error(s))?;
         self.done.cancel();
         Ok(response.progress)
     }
@@ -279,23 +290,24 @@ impl UnitLease {
         rolled_back: bool,
         progress: &Progress,
     ) -> Result<Unit, LeaseError> {
+        let request = FailUnitRequest {
+            run_id: self.run_id.clone(),
+            unit_key: self.unit_key.clone(),
+            fencing_token: self.fencing_token,
+            error: error.to_owned(),
+            retryable,
+            rolled_back,
+            items_processed: progress.items_processed,
+            items_failed: progress.items_failed,
+            counters: progress.counters.clone(),
+        };
         let response = self
-            .client
-            .clone()
-            .fail_unit(FailUnitRequest {
-                run_id: self.run_id.clone(),
-                unit_key: self.unit_key.clone(),
-                fencing_token: self.fencing_token,
-                error: error.to_owned(),
-                retryable,
-                rolled_back,
-                items_processed: progress.items_processed,
-                items_failed: progress.items_failed,
-                counters: progress.counters.clone(),
+            .tracker()
+            .retried("fail_unit", request, |mut c, r| async move {
+                c.fail_unit(r).await
             })
             .await
-            .inspect_err(|s| self.on_error(s))?
-            .into_inner();
+            .inspect_err(|s| self.on_error(s))?;
         self.done.cancel();
         Ok(response.unit.unwrap_or_default())
     }
