@@ -1,0 +1,305 @@
+//! The document a record becomes: the `_bulk` action and source lines, the
+//! plain JSON of each attribute for search, and reading a source back.
+
+use serde_json::{Value, json};
+
+use super::ids::document_id_in;
+use super::{BACKEND, DELETED_FIELD, ITEM_FIELD, KEY_FIELD, VERSION_FIELD};
+use crate::error::{ConnectorError, ConnectorResult};
+use crate::traits::{SinkOp, SinkRecord};
+use crate::value::{AttrValue, Item, KeySchema, Number, canonical_item};
+
+fn is_reserved(name: &str) -> bool {
+    name.starts_with("_tidemark_")
+}
+
+/// Appends to `out` the `_bulk` action and source lines that the sink sends
+/// for `record` into `index`: an `index` action at the record's external
+/// version, and the item as plain JSON plus the reserved fields (a
+/// tombstone for a delete). Appends nothing when the record cannot be sent.
+///
+/// # Errors
+/// Why the record cannot be sent (a key off the schema, a version above a
+/// long, an attribute under the reserved prefix).
+pub fn bulk_lines(
+    index: &str,
+    schema: &KeySchema,
+    record: &SinkRecord,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let id = document_id_in(schema, &record.key)?;
+    bulk_lines_as(index, &id, record, out)
+}
+
+/// Like [`bulk_lines`] for a document id computed by the caller.
+///
+/// # Errors
+/// A version above a long, an attribute under the reserved prefix.
+pub fn bulk_lines_as(
+    index: &str,
+    id: &str,
+    record: &SinkRecord,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let version = i64::try_from(record.version)
+        .map_err(|_| format!("version {} exceeds a long", record.version))?;
+    if let SinkOp::Upsert(item) = &record.op
+        && let Some(name) = item.keys().find(|n| is_reserved(n))
+    {
+        return Err(format!(
+            "attribute {name:?} uses the reserved prefix _tidemark_"
+        ));
+    }
+    out.extend_from_slice(b"{\"index\":{\"_index\":");
+    json(out, index);
+    out.extend_from_slice(b",\"_id\":");
+    json(out, id);
+    let _ = write!(
+        out,
+        ",\"version\":{version},\"version_type\":\"external\"}}}}\n{{"
+    );
+    match &record.op {
+        SinkOp::Upsert(item) => {
+            for (name, value) in item {
+                json(out, name.as_str());
+                out.push(b':');
+                json(out, &Plain(value));
+                out.push(b',');
+            }
+            json(out, ITEM_FIELD);
+            out.push(b':');
+            json(out, canonical_item(item).as_str());
+        }
+        SinkOp::Delete => {
+            json(out, DELETED_FIELD);
+            out.extend_from_slice(b":true");
+        }
+    }
+    out.push(b',');
+    json(out, VERSION_FIELD);
+    let _ = write!(out, ":{version},");
+    json(out, KEY_FIELD);
+    out.push(b':');
+    json(out, id);
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// `v` as JSON, appended to `out` (writing into a `Vec` cannot fail, and
+/// these values always serialise).
+fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    serde_json::to_writer(out, v).expect("plain values always serialise");
+}
+
+/// An attribute value serialised as [`to_plain_json`] renders it, without
+/// building the intermediate [`Value`].
+struct Plain<'a>(&'a AttrValue);
+
+struct PlainNumber<'a>(&'a Number);
+
+struct Base64<'a>(&'a [u8]);
+
+impl serde::Serialize for Plain<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            AttrValue::S(v) => s.serialize_str(v),
+            AttrValue::N(n) => PlainNumber(n).serialize(s),
+            AttrValue::B(b) => Base64(b).serialize(s),
+            AttrValue::Bool(b) => s.serialize_bool(*b),
+            AttrValue::Null(_) => s.serialize_unit(),
+            AttrValue::Ss(set) => s.collect_seq(set),
+            AttrValue::Ns(set) => s.collect_seq(set.iter().map(PlainNumber)),
+            AttrValue::Bs(set) => s.collect_seq(set.iter().map(|b| Base64(b))),
+            AttrValue::L(list) => s.collect_seq(list.iter().map(Plain)),
+            AttrValue::M(map) => s.collect_map(map.iter().map(|(k, v)| (k, Plain(v)))),
+        }
+    }
+}
+
+impl serde::Serialize for PlainNumber<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match number_json(self.0) {
+            Value::Number(n) => n.serialize(s),
+            other => other.serialize(s),
+        }
+    }
+}
+
+impl serde::Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+/// The live (version, item) of a document source, `None` for a tombstone.
+pub(super) fn live_of(source: &Value) -> ConnectorResult<Option<(u64, Item)>> {
+    if source.get(DELETED_FIELD).and_then(Value::as_bool) == Some(true) {
+        return Ok(None);
+    }
+    let bad = |what: &str| {
+        ConnectorError::terminal(
+            BACKEND,
+            format!("document without {what}: not written by this sink"),
+        )
+    };
+    let version = source
+        .get(VERSION_FIELD)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad(VERSION_FIELD))?;
+    let text = source
+        .get(ITEM_FIELD)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(ITEM_FIELD))?;
+    let item: Item = serde_json::from_str(text)
+        .map_err(|e| ConnectorError::terminal(BACKEND, format!("bad {ITEM_FIELD}: {e}")))?;
+    Ok(Some((version, item)))
+}
+
+/// Plain JSON for search: numbers as numbers when exact, otherwise strings.
+pub fn to_plain_json(value: &AttrValue) -> Value {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
+    match value {
+        AttrValue::S(s) => Value::String(s.clone()),
+        AttrValue::N(n) => number_json(n),
+        AttrValue::B(b) => b64(b),
+        AttrValue::Bool(b) => Value::Bool(*b),
+        AttrValue::Null(_) => Value::Null,
+        AttrValue::Ss(set) => set.iter().cloned().map(Value::String).collect(),
+        AttrValue::Ns(set) => set.iter().map(number_json).collect(),
+        AttrValue::Bs(set) => set.iter().map(|b| b64(b)).collect(),
+        AttrValue::L(list) => list.iter().map(to_plain_json).collect(),
+        AttrValue::M(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), to_plain_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+fn number_json(n: &Number) -> Value {
+    if let Some(i) = n.as_i64() {
+        return json!(i);
+    }
+    // Exact only when the f64 prints back to the same normalised decimal.
+    if let Ok(f) = n.as_str().parse::<f64>()
+        && f.is_finite()
+        && Number::parse(&f.to_string()).is_ok_and(|back| &back == n)
+        && let Some(num) = serde_json::Number::from_f64(f)
+    {
+        return Value::Number(num);
+    }
+    Value::String(n.as_str().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Map;
+
+    use super::*;
+
+    #[test]
+    fn bulk_lines_are_the_action_and_the_plain_item_with_reserved_fields() {
+        let schema = KeySchema::new("pk", Some("sk"));
+        let item: Item = [
+            ("pk", AttrValue::s("a#b")),
+            ("sk", AttrValue::s("1")),
+            ("n", AttrValue::n(42i64)),
+            ("d", AttrValue::N(Number::parse("0.1").unwrap())),
+            (
+                "big",
+                AttrValue::N(Number::parse("12345678901234567890123").unwrap()),
+            ),
+            ("b", AttrValue::B(vec![1, 2, 255])),
+            ("t", AttrValue::Bool(true)),
+            ("z", AttrValue::Null(true)),
+            (
+                "ss",
+                AttrValue::Ss(["x".to_owned(), "y\"".to_owned()].into()),
+            ),
+            (
+                "ns",
+                AttrValue::Ns([Number::parse("1").unwrap(), Number::parse("2.5").unwrap()].into()),
+            ),
+            ("bs", AttrValue::Bs([vec![0u8], vec![9u8]].into())),
+            (
+                "l",
+                AttrValue::L(vec![AttrValue::s("\u{e9}\n"), AttrValue::n(-7i64)]),
+            ),
+            (
+                "m",
+                AttrValue::M([("k".to_owned(), AttrValue::Bool(false))].into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let key = schema.key_of(&item).unwrap();
+        let record = |op| SinkRecord {
+            key: key.clone(),
+            version: 7,
+            op,
+        };
+        let mut out = Vec::new();
+        bulk_lines(
+            "i",
+            &schema,
+            &record(SinkOp::Upsert(item.clone())),
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let id = r"a\#b#1";
+        let action = json!({"index": {
+            "_index": "i", "_id": id, "version": 7, "version_type": "external",
+        }});
+        let mut source: Map<String, Value> = item
+            .iter()
+            .map(|(k, v)| (k.clone(), to_plain_json(v)))
+            .collect();
+        source.insert(ITEM_FIELD.into(), Value::String(canonical_item(&item)));
+        source.insert(VERSION_FIELD.into(), json!(7));
+        source.insert(KEY_FIELD.into(), json!(id));
+        assert_eq!(lines, vec![action.clone(), Value::Object(source)]);
+        assert!(text.ends_with('\n') && text.lines().count() == 2);
+
+        let mut out = Vec::new();
+        bulk_lines("i", &schema, &record(SinkOp::Delete), &mut out).unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let tombstone = json!({DELETED_FIELD: true, VERSION_FIELD: 7, KEY_FIELD: id});
+        assert_eq!(lines, vec![action, tombstone]);
+
+        let mut reserved = item;
+        reserved.insert("_tidemark_x".into(), AttrValue::s("no"));
+        let mut out = b"kept".to_vec();
+        assert!(bulk_lines("i", &schema, &record(SinkOp::Upsert(reserved)), &mut out).is_err());
+        assert_eq!(out, b"kept");
+    }
+
+    #[test]
+    fn numbers_are_json_numbers_only_when_exact() {
+        let n = |t: &str| number_json(&Number::parse(t).unwrap());
+        assert_eq!(n("42"), json!(42));
+        assert_eq!(n("-7"), json!(-7));
+        assert_eq!(n("1.5"), json!(1.5));
+        assert_eq!(n("0.1"), json!(0.1));
+        assert_eq!(
+            n("12345678901234567890123"),
+            json!("12345678901234567890123")
+        );
+        assert_eq!(
+            n("0.12345678901234567890123"),
+            json!("0.12345678901234567890123")
+        );
+    }
+}
