@@ -129,7 +129,10 @@ def check(root, rendered):
         pod = dep["spec"]["template"]["spec"]
         (c,) = [c for c in pod["containers"] if c["name"] == svc]
         grpc_name, streams = proto_rpcs(root, svc)
-        keys = server_keys | struct_fields(root / f"services/{svc}/src/lib.rs", "Config")
+        # A service keeps its Config in config.rs when it has one, else in lib.rs.
+        config_rs = root / f"services/{svc}/src/config.rs"
+        src = config_rs if config_rs.exists() else root / f"services/{svc}/src/lib.rs"
+        keys = server_keys | struct_fields(src, "Config")
 
         if c.get("command") != [svc]:
             problem(where, f"command {c.get('command')} is not [{svc!r}]")
