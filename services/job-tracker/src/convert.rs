@@ -52,6 +52,28 @@ pub fn from_duration(
     }
 }
 
+/// The lease lengths the API allows (proto: "1 s to 10 min"): a longer one
+/// would only delay the takeover of a dead worker's unit, and an unbounded
+/// one overflowed the expiry time.
+const LEASES: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(600);
+
+/// A request's `lease_duration`: unset is `default`; outside [`LEASES`] is
+/// refused naming the field.
+///
+/// # Errors
+/// A violation of `lease_duration`.
+pub fn lease_duration(
+    d: Option<&prost_types::Duration>,
+    default: Duration,
+) -> Result<Duration, FieldError> {
+    let lease = from_duration(d, "lease_duration", default)?;
+    if !LEASES.contains(&lease) {
+        return Err(FieldError::new("lease_duration", "must be 1s to 10min"));
+    }
+    Ok(lease)
+}
+
 fn duration(d: chrono::Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.num_seconds(),

@@ -273,18 +273,11 @@ impl JobTrackerService for JobTracker {
             job_name: req.job_name.clone(),
             run_id: req.run_id.clone(),
             unit_key: req.unit_key.clone(),
-            lease: convert::from_duration(
-                req.lease_duration.as_ref(),
-                "lease_duration",
-                DEFAULT_LEASE,
-            )?,
+            lease: convert::lease_duration(req.lease_duration.as_ref(), DEFAULT_LEASE)?,
             wait: convert::from_duration(req.wait.as_ref(), "wait", Duration::ZERO)?,
         };
         if claim.wait > MAX_WAIT {
             return Err(FieldError::new("wait", "must be at most 60s").into());
-        }
-        if claim.lease.is_zero() {
-            return Err(FieldError::new("lease_duration", "must be positive").into());
         }
         if !claim.unit_key.is_empty() && claim.run_id.is_empty() {
             return Err(FieldError::new("run_id", "is required when unit_key is given").into());
@@ -307,8 +300,7 @@ impl JobTrackerService for JobTracker {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.get_ref();
         let fence = fence(&req.run_id, &req.unit_key, req.fencing_token)?;
-        let lease =
-            convert::from_duration(req.lease_duration.as_ref(), "lease_duration", DEFAULT_LEASE)?;
+        let lease = convert::lease_duration(req.lease_duration.as_ref(), DEFAULT_LEASE)?;
         let (lease, job_revision) = self.tracker.heartbeat(&fence, lease).await?;
         Ok(Response::new(pb::HeartbeatResponse {
             lease: Some(convert::lease_to(&lease)),
@@ -333,7 +325,7 @@ impl JobTrackerService for JobTracker {
         let lease = req
             .lease_duration
             .as_ref()
-            .map(|d| convert::from_duration(Some(d), "lease_duration", DEFAULT_LEASE))
+            .map(|d| convert::lease_duration(Some(d), DEFAULT_LEASE))
             .transpose()?;
         let (lease, job_revision) = self
             .tracker

@@ -71,6 +71,25 @@ fn job(name: &str) -> pb::Job {
 }
 
 #[tokio::test]
+async fn an_unbounded_lease_is_refused_naming_the_field() {
+    // A lease of i64::MAX seconds overflowed the expiry time (a panic in the
+    // handler); leases are 1 s to 10 min, as the proto says.
+    let mut s = serve().await;
+    for seconds in [i64::MAX, 601] {
+        let err = s
+            .client
+            .claim_unit(pb::ClaimUnitRequest {
+                worker_id: "w".into(),
+                lease_duration: Some(prost_types::Duration { seconds, nanos: 0 }),
+                ..pb::ClaimUnitRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violation(&err).field, "lease_duration", "{err:?}");
+    }
+}
+
+#[tokio::test]
 async fn bad_input_names_the_field() {
     let mut s = serve().await;
     bad_jobs_name_the_field(&mut s).await;
