@@ -15,6 +15,22 @@ pub enum StatsError {
     /// Flushes are stopped while writers are paused.
     #[error("writers are paused ({0}); resume them to flush")]
     Paused(String),
+    /// PauseWriters set the pause, but these live replicas did not confirm
+    /// in time that they have seen it with no flush running.
+    #[error(
+        "writers are paused, but replicas {} did not confirm within {waited:?} that they saw the pause with no flush running; the pause holds: call PauseWriters again to wait longer, or ResumeWriters to give up",
+        replicas.join(", ")
+    )]
+    PauseUnconfirmed {
+        replicas: Vec<String>,
+        waited: Duration,
+    },
+    /// The pause ended (ResumeWriters, or its max_pause) while PauseWriters
+    /// waited for the replicas.
+    #[error(
+        "the pause ended (ResumeWriters or max_pause) before every replica confirmed it; writers are not paused"
+    )]
+    PauseEnded,
     /// Writers are paused in REJECT mode: the client should retry later.
     #[error("writers are paused and events are refused ({reason}); retry later")]
     Rejecting {
@@ -37,7 +53,8 @@ impl From<StatsError> for ServiceError {
         match e {
             StatsError::Invalid(f) => f.into(),
             StatsError::NotFound(m) => Self::not_found(m),
-            StatsError::Paused(_) => Self::precondition(e.to_string()),
+            StatsError::Paused(_) | StatsError::PauseEnded => Self::precondition(e.to_string()),
+            StatsError::PauseUnconfirmed { .. } => Self::deadline(e.to_string()),
             StatsError::Rejecting { retry_after, .. } => {
                 Self::unavailable(e.to_string()).with_retry_after(retry_after)
             }
@@ -70,6 +87,24 @@ mod tests {
         assert_eq!(status.code(), Code::Unavailable);
         let retry = status.get_details_retry_info().expect("RetryInfo");
         assert_eq!(retry.retry_delay, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn an_unconfirmed_pause_names_the_replicas() {
+        let status = Status::from(StatsError::PauseUnconfirmed {
+            replicas: vec!["pod-a-1".into(), "pod-b-2".into()],
+            waited: Duration::from_secs(10),
+        });
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert!(
+            status.message().contains("pod-a-1, pod-b-2"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            Status::from(StatsError::PauseEnded).code(),
+            Code::FailedPrecondition
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod event_log;
 mod gauges;
 pub mod publish;
 mod service;
+pub mod shared_pause;
 pub mod store;
 
 use std::path::PathBuf;
@@ -19,7 +20,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::Buffer;
 use tidemark_connectors::redis::RedisBuffer;
-use tidemark_connectors::retry::RetryPolicy;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_kit::config::{ConfigError, ServerConfig, ServiceConfig, check_url};
 use tidemark_kit::{CancellationToken, ServiceHost};
@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 pub use engine::Engine;
 pub use error::{StatsError, StatsResult};
 pub use event_log::EventLogBuffer;
+pub use shared_pause::SharedPause;
 pub use store::{DynamoStatsStore, EmbeddedStatsStore, StatsStore};
 
 /// Where events are buffered between ingestion and flush.
@@ -83,6 +84,9 @@ pub struct Config {
     pub flush_concurrency: usize,
     /// How long an event id is remembered to drop client retries.
     pub dedup_window_secs: u64,
+    /// How long PauseWriters waits for every live replica to confirm the
+    /// pause (less when the caller's deadline is sooner).
+    pub pause_confirm_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -102,6 +106,7 @@ impl Default for Config {
             flush_interval_ms: 300_000,
             flush_concurrency: 16,
             dedup_window_secs: 3600,
+            pause_confirm_timeout_ms: 10_000,
         }
     }
 }
@@ -161,6 +166,14 @@ impl ServiceConfig for Config {
                 "must be at least 1",
             ));
         }
+        if self.pause_confirm_timeout_ms < 100
+            || self.pause_confirm_timeout_ms >= self.server.request_timeout_ms
+        {
+            return Err(ConfigError::invalid(
+                "pause_confirm_timeout_ms",
+                "must be at least 100 and below request_timeout_ms (PauseWriters answers within it)",
+            ));
+        }
         if self.kafka_brokers.is_some() && self.kafka_topic.trim().is_empty() {
             return Err(ConfigError::invalid(
                 "kafka_topic",
@@ -184,6 +197,8 @@ pub struct StatsAggregator {
 pub struct Backends {
     pub buffer: Arc<dyn Buffer>,
     /// The Redis buffer again, for the health probe; `None` when embedded.
+    /// When set, the replicas of this buffer share the writer pause in the
+    /// Redis at the config's `redis_url`, under this buffer's prefix.
     pub redis: Option<RedisBuffer>,
     pub store: Arc<dyn StatsStore>,
     pub publisher: Option<publish::Publisher>,
@@ -283,21 +298,25 @@ pub fn register_with(config: &Config, backends: Backends, host: &mut ServiceHost
         dedup_window: Duration::from_secs(config.dedup_window_secs),
         flush_interval: Duration::from_millis(config.flush_interval_ms),
         flush_concurrency: config.flush_concurrency,
-        key_attribute: config.stats_key_attribute.clone(),
-        retry: RetryPolicy::default(),
+        pause_confirm_timeout: Duration::from_millis(config.pause_confirm_timeout_ms),
+        ..engine::Settings::new(&config.stats_key_attribute)
     };
     let gauges = gauges::Gauges::register(&host.metrics());
-    let engine = Arc::new(Engine::new(
-        buffer,
-        store,
-        publisher,
-        settings,
-        Some(gauges),
-    ));
+    let mut engine = Engine::new(buffer, store, publisher, settings, Some(gauges));
+    if let Some(redis) = &redis {
+        // Replicas share the buffer, so they share the pause beside it.
+        engine = engine.with_shared_pause(SharedPause::new(
+            &config.redis_url,
+            redis.prefix(),
+            SharedPause::replica_name(),
+        ));
+    }
+    let engine = Arc::new(engine);
     host.add_service(StatsAggregatorServiceServer::new(StatsAggregator {
         engine: engine.clone(),
     }));
     host.spawn("flusher", engine.clone().run_flusher(host.shutdown_token()));
+    host.spawn("replica", engine.clone().run_replica(host.shutdown_token()));
     host.spawn(
         "gauges",
         engine

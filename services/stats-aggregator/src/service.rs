@@ -1,6 +1,7 @@
 //! `StatsAggregatorService` RPCs over the [`Engine`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tidemark_kit::FieldError;
 use tidemark_proto::stats_aggregator::v1::stats_aggregator_service_server::StatsAggregatorService;
@@ -21,6 +22,24 @@ fn check_size(events: &[Event]) -> Result<(), Status> {
         .into());
     }
     Ok(())
+}
+
+/// The caller's `grpc-timeout`, less a margin to answer in: PauseWriters
+/// reports which replicas did not confirm rather than being cut off.
+fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Some(timeout.saturating_sub(timeout / 10 + Duration::from_millis(20)))
 }
 
 fn engine(s: &StatsAggregator) -> &Arc<Engine> {
@@ -99,6 +118,7 @@ impl StatsAggregatorService for StatsAggregator {
         &self,
         request: Request<PauseWritersRequest>,
     ) -> Result<Response<PauseWritersResponse>, Status> {
+        let deadline = caller_deadline(request.metadata());
         let r = request.into_inner();
         let mode = match PauseMode::try_from(r.mode) {
             Ok(PauseMode::Buffer) => Mode::Buffer,
@@ -108,7 +128,9 @@ impl StatsAggregatorService for StatsAggregator {
             }
         };
         let max_pause = convert::max_pause(r.max_pause)?;
-        let state = engine(self).pause(mode, r.reason, max_pause).await?;
+        let state = engine(self)
+            .pause(mode, r.reason, max_pause, deadline)
+            .await?;
         Ok(Response::new(PauseWritersResponse { state: Some(state) }))
     }
 
@@ -117,16 +139,18 @@ impl StatsAggregatorService for StatsAggregator {
         &self,
         request: Request<ResumeWritersRequest>,
     ) -> Result<Response<ResumeWritersResponse>, Status> {
-        let state = engine(self)
-            .resume(request.into_inner().flush_now)
-            .await
-            .map_err(|e| {
+        let engine = engine(self);
+        let mut state = engine.resume(false).await?;
+        if request.into_inner().flush_now {
+            engine.flush().await.map_err(|e| {
                 let status = Status::from(e);
                 Status::unavailable(format!(
                     "writers are resumed, but the flush did not complete: {}",
                     status.message()
                 ))
             })?;
+            state = engine.state().await?;
+        }
         Ok(Response::new(ResumeWritersResponse { state: Some(state) }))
     }
 
@@ -138,5 +162,22 @@ impl StatsAggregatorService for StatsAggregator {
         Ok(Response::new(GetBufferStateResponse {
             state: Some(engine(self).state().await?),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callers_deadline_keeps_a_margin() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(caller_deadline(&m), None);
+        m.insert("grpc-timeout", "2S".parse().unwrap());
+        assert_eq!(caller_deadline(&m), Some(Duration::from_millis(1780)));
+        m.insert("grpc-timeout", "500m".parse().unwrap());
+        assert_eq!(caller_deadline(&m), Some(Duration::from_millis(430)));
+        m.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(caller_deadline(&m), None);
     }
 }
