@@ -304,8 +304,31 @@ mod tests {
             }),
             "op"
         );
-        for bad in ["NaN", "Infinity", "-inf", "", "1E+126", "1x"] {
+        for bad in [
+            "NaN",
+            "Infinity",
+            "-inf",
+            "",
+            "1x",
+            // Beyond DynamoDB's numbers: magnitude 1E-130 to below 1E+126,
+            // 38 significant digits.
+            "1E+126",
+            "-1E+126",
+            "1E+300",
+            "1E-131",
+            "-9.9E-131",
+            "123456789012345678901234567890123456789",
+            "0.123456789012345678901234567890123456789",
+        ] {
             assert_eq!(field_of(replace(bad)), "replace.value", "{bad}");
+        }
+        for good in [
+            "9.9999999999999999999999999999999999999E+125",
+            "-9.9999999999999999999999999999999999999E+125",
+            "1E-130",
+            "12345678901234567890123456789012345678",
+        ] {
+            assert!(event(replace(good), &checks()).is_ok(), "{good}");
         }
         let future = prost_types::Timestamp {
             seconds: 1_000_000_000 + 3601,

@@ -127,6 +127,22 @@ pub fn in_dynamodb_range(n: &Number) -> bool {
     frac.len() - frac.trim_start_matches('0').len() < 130
 }
 
+/// Whether decimal text can be stored as a DynamoDB number: at most 38
+/// significant digits and within [`in_dynamodb_range`].
+///
+/// # Errors
+/// What is wrong with it.
+pub fn storable(value: &str) -> Result<(), String> {
+    let n = Number::parse(value)?;
+    if in_dynamodb_range(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value} is beyond DynamoDB's number range (magnitude 1E-130 to below 1E+126)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +185,8 @@ mod tests {
         assert!(ok("1E-130"));
         assert!(!ok("1E-131"));
         assert!(ok("-4.5"));
+        assert!(storable("12345678901234567890123456789012345678").is_ok());
+        assert!(storable("123456789012345678901234567890123456789").is_err());
+        assert!(storable("1E+126").is_err());
     }
 }

@@ -15,6 +15,7 @@ pub struct Gauges {
     last_flush_duration_ms: Gauge,
     last_flush_items: Gauge,
     last_flush_unix_seconds: Gauge,
+    dead_lettered: Gauge,
 }
 
 fn clamp(n: u64) -> i64 {
@@ -52,6 +53,10 @@ impl Gauges {
                 "stats_last_flush_unix_seconds",
                 "when the last flush completed (alert when it falls far behind the flush interval)",
             ),
+            dead_lettered: metrics.gauge(
+                "stats_dead_lettered_entities",
+                "entity changes the stats table or Kafka refused for good, kept as dead letters (alert when above 0)",
+            ),
         }
     }
 
@@ -59,6 +64,10 @@ impl Gauges {
         self.dirty_keys.set(clamp(stats.dirty_keys));
         self.pending_events.set(clamp(stats.pending_events));
         self.paused.set(i64::from(paused));
+    }
+
+    pub fn dead_letters(&self, count: u64) {
+        self.dead_lettered.set(clamp(count));
     }
 
     pub fn flushed(&self, report: &FlushReport) {

@@ -3,11 +3,13 @@
 //! publishes absolute values to Kafka and pauses writers for a cut-over.
 
 pub mod convert;
+pub mod dead_letters;
 pub mod decimal;
 pub mod engine;
 pub mod error;
 pub mod event_log;
 mod gauges;
+mod lazy_redis;
 pub mod publish;
 mod service;
 pub mod shared_pause;
@@ -17,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dead_letters::{DeadLetters, EmbeddedDeadLetters, RedisDeadLetters};
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::Buffer;
 use tidemark_connectors::redis::RedisBuffer;
@@ -197,8 +200,9 @@ pub struct StatsAggregator {
 pub struct Backends {
     pub buffer: Arc<dyn Buffer>,
     /// The Redis buffer again, for the health probe; `None` when embedded.
-    /// When set, the replicas of this buffer share the writer pause in the
-    /// Redis at the config's `redis_url`, under this buffer's prefix.
+    /// When set, the replicas of this buffer share the writer pause and the
+    /// dead letters in the Redis at the config's `redis_url`, under this
+    /// buffer's prefix; otherwise dead letters go to `data_dir`.
     pub redis: Option<RedisBuffer>,
     pub store: Arc<dyn StatsStore>,
     pub publisher: Option<publish::Publisher>,
@@ -311,7 +315,13 @@ pub fn register_with(config: &Config, backends: Backends, host: &mut ServiceHost
             SharedPause::replica_name(),
         ));
     }
-    let engine = Arc::new(engine);
+    let letters: Arc<dyn DeadLetters> = match &redis {
+        Some(redis) => Arc::new(RedisDeadLetters::new(&config.redis_url, redis.prefix())),
+        None => Arc::new(EmbeddedDeadLetters::new(
+            &config.data_dir.join("stats-dead-letters.db"),
+        )),
+    };
+    let engine = Arc::new(engine.with_dead_letters(letters));
     host.add_service(StatsAggregatorServiceServer::new(StatsAggregator {
         engine: engine.clone(),
     }));

@@ -30,7 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tidemark_connectors::{ConnectorError, ConnectorResult};
-use tokio::sync::OnceCell;
+
+use crate::lazy_redis::LazyRedis;
 
 const BACKEND: &str = "redis";
 
@@ -155,8 +156,7 @@ pub struct Confirmations {
 
 /// One replica's handle on the shared pause.
 pub struct SharedPause {
-    url: String,
-    conn: OnceCell<ConnectionManager>,
+    conn: LazyRedis,
     prefix: String,
     replica: String,
     pause: Script,
@@ -226,8 +226,7 @@ impl SharedPause {
     pub fn new(url: &str, prefix: &str, replica: impl Into<String>) -> Self {
         let script = |body: &str| Script::new(&format!("{LUA_NOW}{body}"));
         Self {
-            url: url.to_owned(),
-            conn: OnceCell::new(),
+            conn: LazyRedis::new(url),
             prefix: prefix.to_owned(),
             replica: replica.into(),
             pause: script(LUA_PAUSE),
@@ -266,10 +265,7 @@ impl SharedPause {
     }
 
     async fn conn(&self) -> ConnectorResult<ConnectionManager> {
-        self.conn
-            .get_or_try_init(|| tidemark_connectors::redis::connection(&self.url))
-            .await
-            .cloned()
+        self.conn.get().await
     }
 
     /// Sets the pause (a new id; `since` kept when one is in force already)

@@ -444,7 +444,7 @@ async fn an_interrupted_flush_is_completed_once_and_still_published() {
     let (dynamo, _) = dynamodb_clients().await;
     let store = DynamoStatsStore::open(dynamo, &s.table, KEY).await.unwrap();
     let a = taken.iter().find(|d| d.entity == "a").unwrap();
-    stats_aggregator::StatsStore::apply(&store, a, 7)
+    stats_aggregator::StatsStore::apply_part(&store, a, 7, stats_aggregator::store::Part::WHOLE)
         .await
         .unwrap();
     // Events after the crash belong to a later flush.

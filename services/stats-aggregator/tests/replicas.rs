@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use stats_aggregator::engine::{PauseMode, Settings};
-use stats_aggregator::store::{StoredItem, WriteOutcome};
+use stats_aggregator::store::{Part, StoredItem, WriteOutcome};
 use stats_aggregator::{
     DynamoStatsStore, Engine, EventLogBuffer, SharedPause, StatsError, StatsStore,
 };
@@ -32,9 +32,14 @@ struct Slow {
 
 #[async_trait]
 impl StatsStore for Slow {
-    async fn apply(&self, delta: &EntityDelta, sequence: u64) -> ConnectorResult<WriteOutcome> {
+    async fn apply_part(
+        &self,
+        delta: &EntityDelta,
+        sequence: u64,
+        part: Part,
+    ) -> ConnectorResult<WriteOutcome> {
         tokio::time::sleep(self.delay).await;
-        self.inner.apply(delta, sequence).await
+        self.inner.apply_part(delta, sequence, part).await
     }
     async fn get(&self, entity: &str) -> ConnectorResult<Option<StoredItem>> {
         self.inner.get(entity).await

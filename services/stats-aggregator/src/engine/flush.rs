@@ -6,13 +6,77 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use tidemark_connectors::EntityDelta;
 use tidemark_connectors::retry::retry;
+use tidemark_connectors::{ConnectorError, EntityDelta};
 use tidemark_kit::CancellationToken;
 
 use super::{Engine, FlushReport, Running, now_micros};
+use crate::dead_letters::{DeadLetter, DeadLetters, Stage};
 use crate::error::{StatsError, StatsResult};
-use crate::store::WriteOutcome;
+use crate::store::{Part, WriteOutcome};
+
+/// What became of one entity of a flush.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Written,
+    AlreadyApplied,
+    DeadLettered,
+}
+
+struct Written {
+    fate: Fate,
+    published: bool,
+}
+
+impl Written {
+    fn dead_lettered() -> Self {
+        Self {
+            fate: Fate::DeadLettered,
+            published: false,
+        }
+    }
+}
+
+/// Whether the store refused this entity's change for good: invalid for
+/// the store (not a fault of the store itself, which would be retryable or
+/// terminal for every entity alike).
+fn poisoned(e: &ConnectorError) -> bool {
+    matches!(e, ConnectorError::InvalidInput { .. })
+}
+
+/// The dead letter of `delta` of flush `sequence`; `parts` is (applied, of).
+fn letter(
+    sequence: u64,
+    stage: Stage,
+    error: &ConnectorError,
+    delta: EntityDelta,
+    parts: (u32, u32),
+) -> DeadLetter {
+    DeadLetter {
+        entity: delta.entity.clone(),
+        sequence,
+        stage,
+        reason: error.to_string(),
+        delta,
+        applied_parts: parts.0,
+        parts: parts.1,
+        at_micros: now_micros(),
+    }
+}
+
+/// The parts of one entity's delta as one delta.
+pub(super) fn merged(entity: &str, parts: Option<&[EntityDelta]>) -> EntityDelta {
+    let mut out = EntityDelta {
+        entity: entity.to_owned(),
+        ..EntityDelta::default()
+    };
+    for p in parts.unwrap_or_default() {
+        out.increments.extend(p.increments.clone());
+        out.replaces.extend(p.replaces.clone());
+        out.last_event_micros = out.last_event_micros.max(p.last_event_micros);
+    }
+    out
+}
 
 impl Engine {
     /// Flushes now: first completes a flush left pending by a crash, then
@@ -80,18 +144,18 @@ impl Engine {
         content: Vec<EntityDelta>,
         report: &mut FlushReport,
     ) -> StatsResult<()> {
-        let outcomes: Vec<(bool, bool)> = futures::stream::iter(content)
+        let outcomes: Vec<Written> = futures::stream::iter(content)
             .map(|delta| self.write_one(sequence, delta))
             .buffer_unordered(self.settings.flush_concurrency.max(1))
             .try_collect()
             .await?;
-        for (written, published) in outcomes {
-            if written {
-                report.items_written += 1;
-            } else {
-                report.items_already_applied += 1;
+        for outcome in outcomes {
+            match outcome.fate {
+                Fate::Written => report.items_written += 1,
+                Fate::AlreadyApplied => report.items_already_applied += 1,
+                Fate::DeadLettered => report.items_dead_lettered += 1,
             }
-            if published {
+            if outcome.published {
                 report.records_published += 1;
             }
         }
@@ -99,51 +163,90 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes one entity of flush `sequence` and publishes the result:
-    /// (written, published).
-    async fn write_one(&self, sequence: u64, delta: EntityDelta) -> StatsResult<(bool, bool)> {
-        if !self.registered() {
-            return Err(Self::unregistered());
-        }
+    /// Writes one entity of flush `sequence`, part by part, and publishes
+    /// the result. An entity the store refuses for good is set aside as a
+    /// dead letter (its parts from the refused one on), so it does not
+    /// hold up the others.
+    async fn write_one(&self, sequence: u64, delta: EntityDelta) -> StatsResult<Written> {
         let policy = &self.settings.retry;
-        let outcome = retry(policy, "update stats item", || {
-            self.store.apply(&delta, sequence)
-        })
-        .await?;
-        let (written, item) = match outcome {
-            WriteOutcome::Written(item) => (true, Some(item)),
-            WriteOutcome::AlreadyApplied(item) => {
-                // Applied before a crash, maybe never published: publish the
-                // item as it is (absolute values are safe to send twice).
-                let item = match item {
-                    Some(item) => Some(item),
-                    None if self.publisher.is_some() => {
-                        retry(policy, "read stats item", || self.store.get(&delta.entity)).await?
-                    }
-                    None => None,
-                };
-                if let Some(i) = &item
-                    && i.last_flush_sequence > sequence
-                {
-                    tracing::error!(
-                        entity = %delta.entity,
-                        sequence,
-                        stored = i.last_flush_sequence,
-                        "the item carries a later flush than this one; this flush's changes to it were skipped"
-                    );
-                }
-                (false, item)
+        let parts = self.store.split(&delta);
+        let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        let (mut fate, mut item) = (Fate::AlreadyApplied, None);
+        for (index, part) in (1..).zip(&parts) {
+            if !self.registered() {
+                return Err(Self::unregistered());
             }
-        };
+            let at = Part { index, count };
+            match retry(policy, "update stats item", || {
+                self.store.apply_part(part, sequence, at)
+            })
+            .await
+            {
+                Ok(WriteOutcome::Written(now)) => (fate, item) = (Fate::Written, Some(now)),
+                Ok(WriteOutcome::AlreadyApplied(now)) => item = now.or(item),
+                Err(e) => {
+                    let Some(letters) = self.dead_letters.as_ref().filter(|_| poisoned(&e)) else {
+                        return Err(e.into());
+                    };
+                    let rest = merged(&delta.entity, parts.get(at.index as usize - 1..));
+                    let letter = letter(sequence, Stage::Write, &e, rest, (index - 1, count));
+                    self.set_aside(letters.as_ref(), letter).await?;
+                    return Ok(Written::dead_lettered());
+                }
+            }
+        }
+        if fate == Fate::AlreadyApplied {
+            // Applied before a crash, maybe never published: publish the
+            // item as it is (absolute values are safe to send twice).
+            if item.is_none() && self.publisher.is_some() {
+                item = retry(policy, "read stats item", || self.store.get(&delta.entity)).await?;
+            }
+            if let Some(i) = item.as_ref().filter(|i| i.last_flush_sequence > sequence) {
+                tracing::error!(
+                    entity = %delta.entity,
+                    sequence,
+                    stored = i.last_flush_sequence,
+                    "the item carries a later flush than this one; this flush's changes to it were skipped"
+                );
+            }
+        }
         let mut published = false;
         if let (Some(publisher), Some(item)) = (&self.publisher, &item) {
-            retry(policy, "publish stats item", || {
+            match retry(policy, "publish stats item", || {
                 publisher.publish(&delta.entity, item)
             })
-            .await?;
-            published = true;
+            .await
+            {
+                Ok(()) => published = true,
+                Err(e) => {
+                    let Some(letters) = self.dead_letters.as_ref().filter(|_| !e.is_retryable())
+                    else {
+                        return Err(e.into());
+                    };
+                    let letter = letter(sequence, Stage::Publish, &e, delta, (count, count));
+                    self.set_aside(letters.as_ref(), letter).await?;
+                }
+            }
         }
-        Ok((written, published))
+        Ok(Written { fate, published })
+    }
+
+    /// Keeps `letter`. The flush is not acknowledged before it is kept: a
+    /// failure here fails the flush, which is completed later, the letter
+    /// written again.
+    async fn set_aside(&self, letters: &dyn DeadLetters, letter: DeadLetter) -> StatsResult<()> {
+        tracing::error!(
+            entity = %letter.entity,
+            sequence = letter.sequence,
+            stage = ?letter.stage,
+            reason = %letter.reason,
+            "an entity's change was refused for good; set aside as a dead letter, the flush goes on"
+        );
+        retry(&self.settings.retry, "keep a dead letter", || {
+            letters.put(&letter)
+        })
+        .await?;
+        Ok(())
     }
 
     /// Flushes every `flush_interval` until `shutdown`; at start-up at once

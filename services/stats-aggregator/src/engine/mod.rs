@@ -25,6 +25,7 @@ use tidemark_proto::stats_aggregator::v1 as pb;
 use tokio::sync::Notify;
 
 use crate::convert::{self, Checks};
+use crate::dead_letters::{DeadLetter, DeadLetters};
 use crate::error::{StatsError, StatsResult};
 use crate::gauges::Gauges;
 use crate::publish::Publisher;
@@ -106,6 +107,8 @@ pub struct FlushReport {
     pub items_written: i64,
     pub items_already_applied: i64,
     pub records_published: i64,
+    /// Entities set aside as dead letters.
+    pub items_dead_lettered: i64,
     pub duration: Duration,
 }
 
@@ -122,6 +125,9 @@ pub struct Engine {
     /// The pause shared by the replicas of one buffer; `None`: this
     /// process is the only replica (the embedded buffer).
     shared_pause: Option<SharedPause>,
+    /// Where entities refused for good are set aside; `None`: such an
+    /// entity fails its flush.
+    dead_letters: Option<Arc<dyn DeadLetters>>,
 }
 
 /// Marks a flush as running while alive.
@@ -151,6 +157,26 @@ impl Engine {
             wake: Notify::new(),
             gauges,
             shared_pause: None,
+            dead_letters: None,
+        }
+    }
+
+    /// Sets entities the store refuses for good aside in `letters`, so the
+    /// rest of a flush goes on.
+    #[must_use]
+    pub fn with_dead_letters(mut self, letters: Arc<dyn DeadLetters>) -> Self {
+        self.dead_letters = Some(letters);
+        self
+    }
+
+    /// The entities set aside.
+    ///
+    /// # Errors
+    /// The dead-letter store's failure.
+    pub async fn dead_letters(&self) -> StatsResult<Vec<DeadLetter>> {
+        match &self.dead_letters {
+            Some(letters) => Ok(letters.list().await?),
+            None => Ok(Vec::new()),
         }
     }
 
@@ -222,6 +248,12 @@ impl Engine {
             match self.buffer.stats().await {
                 Ok(stats) => gauges.buffer(&stats, self.current_pause().is_some()),
                 Err(e) => tracing::debug!(error = %e, "gauges: buffer stats unavailable"),
+            }
+            if let Some(letters) = &self.dead_letters {
+                match letters.count().await {
+                    Ok(n) => gauges.dead_letters(n),
+                    Err(e) => tracing::debug!(error = %e, "gauges: dead letters unavailable"),
+                }
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,

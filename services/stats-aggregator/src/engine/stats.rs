@@ -7,6 +7,7 @@ use tidemark_kit::FieldError;
 use tidemark_proto::stats_aggregator::v1 as pb;
 
 use super::Engine;
+use super::flush::merged;
 use crate::convert;
 use crate::decimal;
 use crate::error::{StatsError, StatsResult};
@@ -30,11 +31,16 @@ impl Engine {
             self.buffer.peek_pending(entity),
             self.buffer.peek(entity),
         )?;
-        // A pending flush already applied to the item is in its stored values.
-        let pending = pending.filter(|(sequence, _)| {
-            stored
-                .as_ref()
-                .is_none_or(|s| s.last_flush_sequence < *sequence)
+        // What of a pending flush is applied to the item is in its stored
+        // values: all of it, or its parts up to the item's last one.
+        let pending = pending.and_then(|(sequence, delta)| match stored.as_ref() {
+            Some(s) if s.last_flush_sequence > sequence => None,
+            Some(s) if s.last_flush_sequence == sequence => {
+                let applied = usize::try_from(s.last_flush_part?).unwrap_or(usize::MAX);
+                let parts = self.store.split(&delta);
+                Some((sequence, merged(&delta.entity, parts.get(applied..))))
+            }
+            _ => Some((sequence, delta)),
         });
         let live_empty = live.increments.is_empty() && live.replaces.is_empty();
         if stored.is_none() && pending.is_none() && live_empty {
