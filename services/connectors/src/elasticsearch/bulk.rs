@@ -73,7 +73,10 @@ impl ElasticsearchSink {
         body: bytes::Bytes,
         actions: usize,
     ) -> ConnectorResult<Vec<(u16, String)>> {
-        let url = self.url(&["_bulk"]);
+        let mut url = self.url(&["_bulk"])?;
+        // Every name the sink writes is an alias it set up: one that
+        // vanished must fail the write, not become a plain index.
+        url.set_query(Some("require_alias=true"));
         let response = self
             .http
             .post(url)
@@ -119,6 +122,14 @@ impl ElasticsearchSink {
                         last_reason = reason;
                         again.push(*entry);
                         None
+                    }
+                    404 if reason.starts_with("index_not_found_exception") => {
+                        return Err(ConnectorError::NotFound {
+                            backend: BACKEND,
+                            message: format!(
+                                "the alias the sink writes through is gone (deleted?): {reason}"
+                            ),
+                        });
                     }
                     _ => Some(RecordOutcome::Rejected(reason)),
                 };

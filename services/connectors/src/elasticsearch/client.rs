@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::{BACKEND, ElasticsearchSink};
 use crate::error::{ConnectorError, ConnectorResult};
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, retry};
 use crate::value::KeySchema;
 
 impl ElasticsearchSink {
@@ -16,8 +16,7 @@ impl ElasticsearchSink {
         index: &str,
         schema: KeySchema,
     ) -> ConnectorResult<Self> {
-        let base = reqwest::Url::parse(base_url)
-            .map_err(|e| ConnectorError::invalid(BACKEND, format!("bad url {base_url:?}: {e}")))?;
+        let base = endpoint_url(base_url)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
@@ -30,18 +29,77 @@ impl ElasticsearchSink {
             ids: None,
             indexes: None,
             ensured: std::sync::Arc::default(),
+            properties: std::sync::Arc::default(),
             retry: RetryPolicy::default(),
         })
     }
 
-    pub(super) fn url(&self, segments: &[&str]) -> reqwest::Url {
+    /// Sends a request (a JSON body when given) under the retry policy:
+    /// connection failures, 429 and 5xx are retried; any other answer is
+    /// returned as its status and body for the caller to judge.
+    pub(super) async fn call(
+        &self,
+        what: &str,
+        method: reqwest::Method,
+        url: reqwest::Url,
+        body: Option<&serde_json::Value>,
+    ) -> ConnectorResult<(reqwest::StatusCode, String)> {
+        retry(&self.retry, what, || async {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request.send().await.map_err(|e| request_error(&e))?;
+            let status = response.status();
+            let text = response.text().await.map_err(|e| request_error(&e))?;
+            if status.as_u16() == 429 || status.is_server_error() {
+                return Err(status_error(status, &text));
+            }
+            Ok((status, text))
+        })
+        .await
+    }
+
+    /// `segments` below the base URL, each percent-encoded as one segment.
+    ///
+    /// # Errors
+    /// A base URL without a path (only when built around [`endpoint_url`]).
+    pub(super) fn url(&self, segments: &[&str]) -> ConnectorResult<reqwest::Url> {
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .expect("http urls have paths")
+            .map_err(|()| not_a_base(self.base.as_str()))?
             .pop_if_empty()
             .extend(segments);
-        url
+        Ok(url)
     }
+}
+
+/// The endpoint as a base URL: `http` or `https`, with a host, so that
+/// paths can be put below it. A configuration error, named as such: it
+/// reaches the client as `INVALID_ARGUMENT` on the field holding it.
+///
+/// # Errors
+/// A malformed URL, another scheme, or a URL that cannot be a base.
+pub(super) fn endpoint_url(base_url: &str) -> ConnectorResult<reqwest::Url> {
+    let base = reqwest::Url::parse(base_url).map_err(|e| {
+        ConnectorError::invalid(BACKEND, format!("endpoint {base_url:?} is not a URL: {e}"))
+    })?;
+    if !matches!(base.scheme(), "http" | "https")
+        || base.cannot_be_a_base()
+        || base.host_str().is_none_or(str::is_empty)
+    {
+        return Err(not_a_base(base_url));
+    }
+    Ok(base)
+}
+
+fn not_a_base(base_url: &str) -> ConnectorError {
+    ConnectorError::invalid(
+        BACKEND,
+        format!(
+            "endpoint {base_url:?} must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:9200"
+        ),
+    )
 }
 
 pub(super) fn request_error(e: &reqwest::Error) -> ConnectorError {
@@ -71,5 +129,41 @@ pub(super) fn status_error(status: reqwest::StatusCode, text: &str) -> Connector
         },
         400 => ConnectorError::invalid(BACKEND, message),
         _ => ConnectorError::terminal(BACKEND, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A URL that parses but has no path to put `_bulk` below (`mailto:`,
+    /// `data:`) used to panic in `url`; it is now invalid input naming the
+    /// endpoint, which the error table turns into `INVALID_ARGUMENT`.
+    #[test]
+    fn an_endpoint_that_is_not_an_http_base_url_is_invalid_input() {
+        let schema = || KeySchema::new("pk", None);
+        for bad in [
+            "mailto:ops@example.com",
+            "data:text/plain,x",
+            "unix:/var/run/es.sock",
+            "ftp://127.0.0.1:9200",
+            "http://",
+            "not a url",
+        ] {
+            match ElasticsearchSink::unopened(bad, "i", schema()) {
+                Err(ConnectorError::InvalidInput { message, .. }) => {
+                    assert!(message.starts_with("endpoint "), "{bad}: {message}");
+                    assert!(message.contains(bad), "{bad}: {message}");
+                }
+                Err(other) => panic!("{bad}: expected invalid input, got {other:?}"),
+                Ok(_) => panic!("{bad}: accepted"),
+            }
+        }
+        let sink = ElasticsearchSink::unopened("https://es.example:9243/prefix/", "i", schema())
+            .expect("an https base with a path");
+        assert_eq!(
+            sink.url(&["a b", "_doc", "x#1"]).unwrap().as_str(),
+            "https://es.example:9243/prefix/a%20b/_doc/x%231"
+        );
     }
 }

@@ -4,7 +4,8 @@
 use serde_json::{Value, json};
 
 use super::ids::document_id_in;
-use super::{BACKEND, DELETED_FIELD, ITEM_FIELD, KEY_FIELD, VERSION_FIELD};
+use super::purge::now_millis;
+use super::{BACKEND, DELETED_AT_FIELD, DELETED_FIELD, ITEM_FIELD, KEY_FIELD, VERSION_FIELD};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::traits::{SinkOp, SinkRecord};
 use crate::value::{AttrValue, Item, KeySchema, Number, canonical_item};
@@ -21,6 +22,9 @@ fn is_reserved(name: &str) -> bool {
 /// # Errors
 /// Why the record cannot be sent (a key off the schema, a version above a
 /// long, an attribute under the reserved prefix).
+///
+/// A tombstone also records when it was written ([`DELETED_AT_FIELD`], epoch
+/// milliseconds), which is what the purge of old tombstones goes by.
 pub fn bulk_lines(
     index: &str,
     schema: &KeySchema,
@@ -73,7 +77,9 @@ pub fn bulk_lines_as(
         }
         SinkOp::Delete => {
             json(out, DELETED_FIELD);
-            out.extend_from_slice(b":true");
+            out.extend_from_slice(b":true,");
+            json(out, DELETED_AT_FIELD);
+            let _ = write!(out, ":{}", now_millis());
         }
     }
     out.push(b',');
@@ -270,12 +276,19 @@ mod tests {
         assert!(text.ends_with('\n') && text.lines().count() == 2);
 
         let mut out = Vec::new();
+        let before = now_millis();
         bulk_lines("i", &schema, &record(SinkOp::Delete), &mut out).unwrap();
-        let lines: Vec<Value> = String::from_utf8(out)
+        let mut lines: Vec<Value> = String::from_utf8(out)
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
+        let written = lines[1]
+            .as_object_mut()
+            .and_then(|o| o.remove(DELETED_AT_FIELD))
+            .and_then(|v| v.as_i64())
+            .expect("a tombstone records when it was written");
+        assert!((before..=now_millis()).contains(&written), "{written}");
         let tombstone = json!({DELETED_FIELD: true, VERSION_FIELD: 7, KEY_FIELD: id});
         assert_eq!(lines, vec![action, tombstone]);
 

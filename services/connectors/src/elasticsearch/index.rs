@@ -1,18 +1,32 @@
-//! Index management: creating an index with the reserved fields' mapping,
-//! and the index-name template that spreads documents over indexes.
+//! Index management: the reserved fields' mapping, the composable index
+//! template that carries it to every backing index, and the index-name
+//! template that spreads documents over indexes. The alias layout itself
+//! (a backing index behind each name) is in `alias`.
 
 use serde_json::{Map, Value, json};
 
 use super::client::{request_error, status_error};
-use super::{DELETED_FIELD, ElasticsearchSink, ITEM_FIELD, KEY_FIELD, VERSION_FIELD};
+use super::{
+    DELETED_AT_FIELD, DELETED_FIELD, ElasticsearchSink, ITEM_FIELD, KEY_FIELD, VERSION_FIELD,
+};
 use crate::error::ConnectorResult;
 use crate::retry::retry;
 use crate::transform::Template;
 use crate::value::Key;
 
+/// Priority of the sink's index templates, plus the literal characters of
+/// their pattern: above Elasticsearch's built-in templates (100), and the
+/// more specific of two overlapping patterns wins.
+const TEMPLATE_PRIORITY: usize = 1000;
+
 impl ElasticsearchSink {
+    /// Whether the name exists, as an index, an alias or a data stream.
     pub(super) async fn index_exists(&self) -> ConnectorResult<bool> {
-        let url = self.url(&[&self.index]);
+        self.name_exists(&self.index).await
+    }
+
+    pub(super) async fn name_exists(&self, name: &str) -> ConnectorResult<bool> {
+        let url = self.url(&[name])?;
         retry(&self.retry, "head index", || async {
             let response = self
                 .http
@@ -29,49 +43,71 @@ impl ElasticsearchSink {
         .await
     }
 
-    /// Creates the index with the reserved fields' mapping plus
-    /// `properties`, unless it exists already (its mapping is left alone).
+    /// Makes sure the sink's name is an alias over a backing index with the
+    /// reserved fields' mapping plus the sink's `properties` (created when
+    /// missing; an existing alias and its mapping are left alone).
     ///
     /// # Errors
-    /// When Elasticsearch refuses the index or cannot be reached.
+    /// `Precondition` when the name is a plain index; Elasticsearch
+    /// refusing the index or unreachable.
     #[tracing::instrument(skip_all, fields(index = %self.index))]
     pub async fn ensure_index(&self, properties: Map<String, Value>) -> ConnectorResult<()> {
-        self.create_index(&self.index, properties).await
+        *self.properties.lock().expect("properties lock") = properties;
+        self.ensure_alias(&self.index, &self.index).await
     }
 
-    async fn create_index(
-        &self,
-        name: &str,
-        mut properties: Map<String, Value>,
-    ) -> ConnectorResult<()> {
+    /// The mappings of a backing index: the sink's properties and the
+    /// reserved fields.
+    pub(super) fn mappings(&self) -> Value {
+        let mut properties = self.properties.lock().expect("properties lock").clone();
         properties.insert(
             ITEM_FIELD.to_owned(),
             json!({"type": "keyword", "index": false, "doc_values": false}),
         );
         properties.insert(VERSION_FIELD.to_owned(), json!({"type": "long"}));
         properties.insert(DELETED_FIELD.to_owned(), json!({"type": "boolean"}));
+        properties.insert(
+            DELETED_AT_FIELD.to_owned(),
+            json!({"type": "date", "format": "epoch_millis"}),
+        );
         properties.insert(KEY_FIELD.to_owned(), json!({"type": "keyword"}));
-        let body = json!({"mappings": {"properties": properties}});
-        let url = self.url(&[name]);
-        retry(&self.retry, "create index", || async {
-            let response = self
-                .http
-                .put(url.clone())
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| request_error(&e))?;
-            let status = response.status();
-            if status.is_success() {
-                return Ok(());
-            }
-            let text = response.text().await.unwrap_or_default();
-            if text.contains("resource_already_exists_exception") {
-                return Ok(());
-            }
-            Err(status_error(status, &text))
-        })
-        .await
+        json!({"properties": properties})
+    }
+
+    /// Installs (or replaces) the composable index template giving every
+    /// backing index of the names `pattern` matches (`<pattern>-tm-*`) the
+    /// sink's mapping, so a backing index made by anyone else (a reindex
+    /// into `-tm-2`) gets it too. The sink also sends the mapping when it
+    /// creates a backing index itself, so a template refused for
+    /// overlapping another at the same priority is only a warning.
+    ///
+    /// # Errors
+    /// Elasticsearch unreachable, or refusing for another reason.
+    pub(super) async fn install_template(&self, pattern: &str) -> ConnectorResult<()> {
+        let backing = format!("{pattern}-tm-*");
+        let name = format!("tidemark-{}", pattern.replace('*', "_"));
+        let priority = TEMPLATE_PRIORITY + backing.chars().filter(|c| *c != '*').count();
+        let body = json!({
+            "index_patterns": [backing],
+            "priority": priority,
+            "template": {"mappings": self.mappings()},
+        });
+        let (status, text) = self
+            .call(
+                "put index template",
+                reqwest::Method::PUT,
+                self.url(&["_index_template", &name])?,
+                Some(&body),
+            )
+            .await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        if status == reqwest::StatusCode::BAD_REQUEST && text.contains("priority") {
+            tracing::warn!(template = %name, error = %format!("{text:.300}"), "index template not installed; backing indexes this sink creates still get the mapping");
+            return Ok(());
+        }
+        Err(status_error(status, &text))
     }
 
     /// Puts each document in the index `template` names from its key
@@ -119,7 +155,8 @@ impl ElasticsearchSink {
     }
 
     /// What searches of the whole sink name: its index, and the pattern of
-    /// the templated ones.
+    /// the templated ones (aliases, so tombstones are filtered out of
+    /// searches; the sink's own queries filter them anyway).
     pub(super) fn search_target(&self) -> String {
         match &self.indexes {
             None => self.index.clone(),
@@ -127,7 +164,8 @@ impl ElasticsearchSink {
         }
     }
 
-    /// Creates a templated index the first time this sink writes to it.
+    /// Sets up a templated name (alias and backing index) the first time
+    /// this sink writes to it.
     pub(super) async fn ensure_named(&self, name: &str) -> ConnectorResult<()> {
         if name == self.index
             || self
@@ -138,7 +176,11 @@ impl ElasticsearchSink {
         {
             return Ok(());
         }
-        self.create_index(name, Map::new()).await?;
+        let pattern = self
+            .indexes
+            .as_ref()
+            .map_or_else(|| name.to_owned(), Template::pattern);
+        self.ensure_alias(name, &pattern).await?;
         self.ensured
             .lock()
             .expect("ensured indexes lock")

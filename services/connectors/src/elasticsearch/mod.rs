@@ -8,12 +8,26 @@
 //!   `version_type=external` and the record's version, so an older or
 //!   replayed write is a per-item 409, reported as [`RecordOutcome::Stale`].
 //! - **Tombstones**: Elasticsearch forgets deleted versions after
-//!   `index.gc_deletes` (60 s) and the local stand-in keeps none at all, so a
-//!   delete is written as a tombstone document at the delete's version
-//!   (`_tidemark_deleted: true`, no item fields) and an older upsert arriving
-//!   later is still a 409. [`Sink::read`] and [`Sink::digest`] ignore
-//!   tombstones; queries against the index must filter them out with
-//!   [`ElasticsearchSink::live_filter`].
+//!   `index.gc_deletes` (60 s), so a delete is written as a tombstone
+//!   document at the delete's version (`_tidemark_deleted: true` and the
+//!   time it was written, no item fields) and an older upsert arriving later
+//!   is still a 409. [`Sink::read`] and [`Sink::digest`] ignore tombstones.
+//! - **Aliases** (issue #18): the sink's index name is an alias over a
+//!   backing index `<name>-tm-<n>`, the alias's write index, with a filter
+//!   that excludes tombstones, so a user's plain `GET <name>/_search` or
+//!   `_count` sees live documents only. Writes go through the alias into the
+//!   backing index (`require_alias`, so a vanished alias is an error rather
+//!   than a new plain index), where tombstones still refuse older versions;
+//!   gets by id ignore alias filters and see tombstones as such. The mapping
+//!   is also a composable index template (`tidemark-<name>` over
+//!   `<name>-tm-*`). A name that is a plain index is refused
+//!   (`Precondition`, the fix in the message) unless the sink is opened with
+//!   [`ElasticsearchSink::adopt`]. Searching the backing indexes directly
+//!   (`<name>-tm-*`, or a wildcard such as `content-*` that matches both)
+//!   sees the tombstones: filter with [`ElasticsearchSink::live_filter`].
+//! - **Purge**: tombstones written longer ago than a retention well past
+//!   the change feed's are deleted by [`ElasticsearchSink::purge_tombstones`],
+//!   which the replicator schedules.
 //! - **Values**: each attribute is also indexed as plain JSON for search
 //!   (numbers as JSON numbers when an `i64` or `f64` holds them exactly,
 //!   otherwise strings; binaries as base64; sets as arrays), while the exact
@@ -21,18 +35,22 @@
 //!   that is neither indexed nor in doc values, and `read` returns that.
 //!
 //! By concern: `client` (the HTTP client, URLs, error classification),
-//! `index` (creating indexes with the mapping, index-name templates), `ids`
+//! `index` (the mapping, the index template, index-name templates), `alias`
+//! (backing indexes behind aliases, adopting a plain index), `purge` (old
+//! tombstones), `ids`
 //! (document ids), `document` (the `_bulk` lines of a record and reading a
 //! source back), `bulk` (the writer and its response), `read` (gets,
 //! searches, counts, the digest walk).
 //!
 //! [`AttrValue::key_text`]: crate::value::AttrValue::key_text
 
+mod alias;
 mod bulk;
 mod client;
 mod document;
 mod ids;
 mod index;
+mod purge;
 mod read;
 
 use async_trait::async_trait;
@@ -44,6 +62,7 @@ use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkRecord};
 use crate::transform::Template;
 use crate::value::{Item, Key, KeySchema};
 
+pub use alias::backing_index;
 pub use document::{bulk_lines, bulk_lines_as, to_plain_json};
 pub use ids::{check_key_template, document_id_in};
 
@@ -55,6 +74,8 @@ pub const ITEM_FIELD: &str = "_tidemark_item";
 pub const VERSION_FIELD: &str = "_tidemark_version";
 /// `true` on tombstones.
 pub const DELETED_FIELD: &str = "_tidemark_deleted";
+/// On tombstones: when it was written, epoch milliseconds (the purge's clock).
+pub const DELETED_AT_FIELD: &str = "_tidemark_deleted_at";
 /// The document id as a keyword: `_id` cannot be sorted on, this can.
 pub const KEY_FIELD: &str = "_tidemark_key";
 
@@ -74,24 +95,27 @@ pub struct ElasticsearchSink {
     indexes: Option<Template>,
     /// Indexes this sink has made sure of (created with the mapping).
     ensured: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Extra field mappings for the backing indexes it creates.
+    properties: std::sync::Arc<std::sync::Mutex<Map<String, Value>>>,
     retry: RetryPolicy,
 }
 
 impl ElasticsearchSink {
-    /// A sink writing to `index` at `base_url`, creating the index with the
-    /// reserved fields' mapping when it is missing.
+    /// A sink writing to `index` at `base_url`, creating the alias and its
+    /// backing index with the reserved fields' mapping when missing.
     ///
     /// # Errors
-    /// When the URL is malformed or the index cannot be created.
+    /// `InvalidInput` for an endpoint that is not an http(s) URL;
+    /// `Precondition` when `index` is a plain index; the index refused.
     pub async fn connect(base_url: &str, index: &str, schema: KeySchema) -> ConnectorResult<Self> {
         Self::connect_with_mapping(base_url, index, schema, Map::new()).await
     }
 
     /// Like [`Self::connect`], with extra field mappings (`properties`) for
-    /// the item's attributes, used only when the index is created.
+    /// the item's attributes, used only when a backing index is created.
     ///
     /// # Errors
-    /// When the URL is malformed or the index cannot be created.
+    /// As [`Self::connect`].
     pub async fn connect_with_mapping(
         base_url: &str,
         index: &str,
@@ -108,7 +132,8 @@ impl ElasticsearchSink {
     }
 
     /// A sink over an index that must exist already (a verification reads
-    /// it and must not create it).
+    /// it and must not create it): an alias, or a plain index another
+    /// writer filled (reads filter tombstones themselves).
     ///
     /// # Errors
     /// `NotFound` when the index does not exist; a malformed URL.
@@ -124,15 +149,18 @@ impl ElasticsearchSink {
         }
     }
 
-    /// Whether `index` exists at `base_url`, creating nothing: a check that
-    /// the cluster answers before anything is set up (a validate-only
-    /// request), where a missing index is one the sink would create.
+    /// Whether `index` exists at `base_url` as the sink's alias, creating
+    /// nothing: a check that the cluster answers before anything is set up
+    /// (a validate-only request), where a missing index is one the sink
+    /// would create.
     ///
     /// # Errors
-    /// A malformed URL, or a cluster that cannot be reached or refuses.
+    /// `Precondition` when `index` is a plain index ([`Self::connect`]
+    /// would refuse it); a malformed URL; a cluster that cannot be reached
+    /// or refuses.
     pub async fn probe(base_url: &str, index: &str) -> ConnectorResult<bool> {
         Self::unopened(base_url, index, KeySchema::new(String::new(), None))?
-            .index_exists()
+            .probe_alias()
             .await
     }
 }

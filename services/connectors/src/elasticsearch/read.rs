@@ -26,7 +26,7 @@ impl ElasticsearchSink {
     /// # Errors
     /// When Elasticsearch cannot be reached or the index is missing.
     pub async fn refresh(&self) -> ConnectorResult<()> {
-        let url = self.url(&[&self.search_target(), "_refresh"]);
+        let url = self.url(&[&self.search_target(), "_refresh"])?;
         retry(&self.retry, "refresh", || async {
             let response = self
                 .http
@@ -48,7 +48,7 @@ impl ElasticsearchSink {
     }
 
     async fn search(&self, body: &Value) -> ConnectorResult<Value> {
-        let url = self.url(&[&self.search_target(), "_search"]);
+        let url = self.url(&[&self.search_target(), "_search"])?;
         retry(&self.retry, "search", || async {
             let response = self
                 .http
@@ -75,7 +75,7 @@ impl ElasticsearchSink {
     /// When Elasticsearch cannot be reached or the index is missing.
     pub async fn count(&self) -> ConnectorResult<u64> {
         self.refresh().await?;
-        let url = self.url(&[&self.search_target(), "_count"]);
+        let url = self.url(&[&self.search_target(), "_count"])?;
         let body = json!({"query": Self::live_filter()});
         retry(&self.retry, "count", || async {
             let response = self
@@ -108,7 +108,7 @@ impl ElasticsearchSink {
         let index = self
             .index_of(key)
             .map_err(|m| ConnectorError::invalid(BACKEND, m))?;
-        let url = self.url(&[&index, "_doc", &id]);
+        let url = self.url(&[&index, "_doc", &id])?;
         let doc: Value = retry(&self.retry, "get", || async {
             let response = self
                 .http
