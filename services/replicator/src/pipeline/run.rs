@@ -95,6 +95,8 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
             .map_err(|e| UnitFailure::terminal(format!("unreadable feed checkpoint: {e}")))?
     };
     let opened = open(&ctx, &pipeline).await?;
+    // Old tombstones are purged while this unit runs (stops on drop).
+    let _purge = super::purge::start(&ctx, &claim.unit.unit_key, &pipeline, &opened).await;
     let dead = ctx.dead_letters.clone();
     let mut feed = open_feed(&ctx, &pipeline, &claim.unit.unit_key, &state.feed).await?;
     let peers: Vec<String> = feed_units(&pipeline)
