@@ -2,9 +2,14 @@
 //! Elasticsearch on a composite-key table (`documentType`, `documentId`),
 //! deletes included (a delete stands in for a TTL expiry), driven by
 //! `tidemark replicate create|drain|lag|pause|resume|ls` and proven by
-//! `tidemark verify`.
+//! `tidemark verify`. A user's own `GET <index>/_count`, with no filter,
+//! counts what the table holds: tombstones stay behind the index's alias
+//! (#18).
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
@@ -28,6 +33,57 @@ fn doc(t: &str, id: &str, n: i64) -> Item {
     item.insert("n".to_owned(), AttrValue::n(n));
     item.insert("title".to_owned(), AttrValue::s(format!("{t} {id} v{n}")));
     item
+}
+
+/// One plain HTTP/1.1 request on a fresh connection; the response body.
+async fn http(base_url: &str, method: &str, path: &str) -> String {
+    let host = base_url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .expect("connect to elasticsearch");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 8192];
+    // Read the head, then exactly Content-Length bytes of body.
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap();
+        response.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())
+                    .flatten()
+            });
+            if n == 0 || length.is_some_and(|len| body.len() >= len) {
+                assert!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {text}");
+                return body.to_owned();
+            }
+        }
+        assert!(n > 0, "{method} {path}: connection closed early");
+    }
+}
+
+/// What a user's own `GET <index>/_count` says: no query, no filter (after
+/// a refresh, which Elasticsearch would otherwise do within a second).
+async fn plain_count(index: &str) -> u64 {
+    let url = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    http(&url, "POST", &format!("/{index}/_refresh")).await;
+    let body = http(&url, "GET", &format!("/{index}/_count")).await;
+    let parsed: serde_json::Value = serde_json::from_str(&body).expect("a _count answer");
+    parsed["count"].as_u64().expect("a count")
+}
+
+async fn table_count(table: &DynamoTable) -> u64 {
+    let names = HashMap::from([("#t".to_owned(), "documentType".to_owned())]);
+    table
+        .count_where("attribute_exists(#t)", &names, &HashMap::new(), 0, 1)
+        .await
+        .expect("count the source table")
 }
 
 fn kind(i: usize) -> &'static str {
@@ -148,6 +204,10 @@ async fn streams_carry_upserts_and_deletes_of_a_composite_key_table_into_elastic
         }
     };
     expect_index_equals_table().await;
+    // Live, with ten deletes behind it: the user's plain count is the
+    // table's, not the table's plus the tombstones.
+    assert_eq!(plain_count(&index).await, table_count(&table).await);
+    assert_eq!(plain_count(&index).await, 40);
 
     let lag = tidemark_json(&url, &["replicate", "lag", &name], 0).await;
     assert_eq!(lag["caught_up"], true, "{lag}");
@@ -216,4 +276,7 @@ async fn streams_carry_upserts_and_deletes_of_a_composite_key_table_into_elastic
         reader.read(&key(kind(0), "d000")).await.unwrap().is_none(),
         "the delete made while paused reached the index"
     );
+    // Done (#18): the user's own GET <index>/_count, no filter in it,
+    // equals the source table's item count.
+    assert_eq!(plain_count(&index).await, table_count(&table).await);
 }
