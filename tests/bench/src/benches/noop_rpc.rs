@@ -162,43 +162,7 @@ impl Benchmark for NoopRpc {
                 .with_context(|| format!("{side} server does not answer SERVING"))?;
         }
 
-        for side in [Side::Baseline, Side::System] {
-            ClosedLoop {
-                concurrency: CONCURRENCY,
-                warmup: Duration::ZERO,
-                duration: ctx.time(WARMUP),
-            }
-            .run(check_op(clients.get(side)))
-            .await?;
-        }
-
-        let mut closed = Rounds::default();
-        for side in interleaved(ROUNDS) {
-            let r = ClosedLoop {
-                concurrency: CONCURRENCY,
-                warmup: ctx.time(ROUND_SETTLE),
-                duration: ctx.time(CLOSED_ROUND),
-            }
-            .run(check_op(clients.get(side)))
-            .await?;
-            eprintln!("  closed loop, {side:<8}: {}", r.summary());
-            closed.push(side, r);
-        }
-
-        let mut open = Rounds::default();
-        for side in interleaved(ROUNDS) {
-            let r = OpenLoop {
-                rate: OPEN_LOOP_RATE,
-                warmup: ctx.time(ROUND_SETTLE),
-                duration: ctx.time(OPEN_ROUND),
-                max_in_flight: 4_096,
-            }
-            .run(check_op(clients.get(side)))
-            .await?;
-            eprintln!("  open loop,   {side:<8}: {}", r.summary());
-            open.push(side, r);
-        }
-
+        let (closed, open) = measure(ctx, &clients).await?;
         drop(clients);
         shutdown.cancel();
         for (name, server) in [("bare", bare), ("kit", kit)] {
@@ -208,125 +172,180 @@ impl Benchmark for NoopRpc {
                 .with_context(|| format!("{name} server panicked"))??;
         }
 
-        let throughput = |r: &LoadResult| r.throughput();
-        let p50 = |r: &LoadResult| r.latency_us(0.5);
-        let p99 = |r: &LoadResult| r.latency_us(0.99);
-        let service_p99 = |r: &LoadResult| r.service_time_us(0.99);
-        let lag_p99 = |r: &LoadResult| lag_us(r, 0.99);
-        let cpu = |r: &LoadResult| r.cpu_per_request_us();
-        let rate = fmt_num(OPEN_LOOP_RATE);
-        let closed_fig = |what: &str| format!("closed loop, {CONCURRENCY} concurrent: {what}");
-        let open_fig = |what: &str| format!("open loop, {rate} req/s: {what}");
-        let figures: [(&Rounds, String, &'static str, fn(&LoadResult) -> f64); 7] = [
-            (&closed, closed_fig("throughput"), "req/s", throughput),
-            (&closed, closed_fig("CPU per request"), "µs", cpu),
-            (&closed, closed_fig("p50 latency"), "µs", p50),
-            (&closed, closed_fig("p99 latency"), "µs", p99),
-            (&open, open_fig("p50 latency"), "µs", p50),
-            (&open, open_fig("p99 latency"), "µs", p99),
-            (&open, open_fig("CPU per request"), "µs", cpu),
-        ];
-        let rows: Vec<_> = figures
-            .iter()
-            .map(|(rounds, figure, unit, f)| rounds.row(figure.clone(), unit, *f))
-            .collect();
-        let within_noise: Vec<&str> = figures
-            .iter()
-            .filter(|(rounds, .., f)| rounds.overlap(*f))
-            .map(|(_, figure, ..)| figure.as_str())
-            .collect();
-
-        let extra_cpu_us = rows[1].system - rows[1].baseline;
-        let pooled = [
-            closed.pooled(Side::System),
-            closed.pooled(Side::Baseline),
-            open.pooled(Side::System),
-            open.pooled(Side::Baseline),
-        ];
-        let errors: u64 = pooled.iter().map(|r| r.errors).sum();
-        let first_error = pooled.iter().find_map(|r| r.first_error.clone());
-        let counted = kit_counted_checks(&kit_metrics);
-        let mut notes = vec![
-            format!(
-                "Client: tonic, one `Channel` (one HTTP/2 connection) per closed-loop worker, \
-                 {CONCURRENCY} per side; the open loop sends request i on connection i mod \
-                 {CONCURRENCY}. Client and both servers share this process's tokio runtime, \
-                 so each side's figures include the client's own cost; a ratio near 1 means \
-                 the stack costs little next to one RPC through tonic and the kernel."
-            ),
-            format!(
-                "Rounds: {}s warm-up per side, then {ROUNDS} rounds per side in the order \
-                 baseline, system, system, baseline, …: closed loop {:.1}s, open loop {:.1}s \
-                 each (after a {}ms settle). Each figure is the median over a side's rounds.",
-                ctx.time(WARMUP).as_secs_f64(),
-                ctx.time(CLOSED_ROUND).as_secs_f64(),
-                ctx.time(OPEN_ROUND).as_secs_f64(),
-                ctx.time(ROUND_SETTLE).as_millis(),
-            ),
-            format!(
-                "Spread of the rounds: closed-loop throughput {}; open-loop p99 {}.",
-                closed.spread("req/s", throughput),
-                open.spread("µs", p99),
-            ),
-            format!(
-                "Open-loop latency runs from each request's scheduled send time (no \
-                 coordinated omission). Service time from the actual send, p99: system \
-                 {:.0} µs, baseline {:.0} µs; the generator's own send lag p99: {:.0} µs / \
-                 {:.0} µs.",
-                open.median(Side::System, service_p99),
-                open.median(Side::Baseline, service_p99),
-                open.median(Side::System, lag_p99),
-                open.median(Side::Baseline, lag_p99),
-            ),
-            format!(
-                "CPU per request is the whole process's user + system CPU time (client, \
-                 server, runtime) over a round ÷ its requests: steadier than throughput on a \
-                 shared VM, since another process taking the cores lowers throughput but not \
-                 the CPU each request costs. The stack adds about {extra_cpu_us:.1} µs of CPU \
-                 per request (closed loop, system − baseline)."
-            ),
-            format!(
-                "The kit's own metrics counted {counted} successful Health/Check calls, \
-                 warm-up included: every system request went through its stack."
-            ),
-        ];
-        let lag = open
-            .median(Side::System, lag_p99)
-            .max(open.median(Side::Baseline, lag_p99));
-        let open_p99 = rows[5].system.min(rows[5].baseline);
-        if lag > open_p99 / 2.0 {
-            notes.push(format!(
-                "The generator itself sent up to {lag:.0} µs late (p99), against an open-loop \
-                 p99 of {open_p99:.0} µs: the open-loop tail mostly measures contention for \
-                 this machine's cores (another process, or the generator's own thread), not \
-                 the stack."
-            ));
-        }
-        if within_noise.len() == figures.len() {
-            notes.push(
-                "Every figure is within this run's noise: for each, the two sides' rounds \
-                 overlap."
-                    .to_owned(),
-            );
-        } else if !within_noise.is_empty() {
-            notes.push(format!(
-                "Within this run's noise (the two sides' rounds overlap): {}.",
-                within_noise.join("; ")
-            ));
-        }
-        notes.push(if tracing::dispatcher::has_been_set() {
-            "A tracing subscriber like the kit's (JSON at `info`, written to a sink) was \
-             installed, so the per-RPC span is live as in a deployed service."
-                .to_owned()
-        } else {
-            "No tracing subscriber was installed: the per-RPC span cost nothing.".to_owned()
-        });
-        notes.push(match first_error {
-            Some(e) => format!("{errors} requests failed; first error: {e}"),
-            None => "No request failed on either side.".to_owned(),
-        });
-        Ok(Report { rows, notes })
+        Ok(report(
+            ctx,
+            &closed,
+            &open,
+            kit_counted_checks(&kit_metrics),
+        ))
     }
+}
+
+/// Warms both sides up, then runs the closed-loop and the open-loop rounds.
+async fn measure(ctx: &Context, clients: &Sides<Clients>) -> anyhow::Result<(Rounds, Rounds)> {
+    for side in [Side::Baseline, Side::System] {
+        ClosedLoop {
+            concurrency: CONCURRENCY,
+            warmup: Duration::ZERO,
+            duration: ctx.time(WARMUP),
+        }
+        .run(check_op(clients.get(side)))
+        .await?;
+    }
+
+    let mut closed = Rounds::default();
+    for side in interleaved(ROUNDS) {
+        let r = ClosedLoop {
+            concurrency: CONCURRENCY,
+            warmup: ctx.time(ROUND_SETTLE),
+            duration: ctx.time(CLOSED_ROUND),
+        }
+        .run(check_op(clients.get(side)))
+        .await?;
+        eprintln!("  closed loop, {side:<8}: {}", r.summary());
+        closed.push(side, r);
+    }
+
+    let mut open = Rounds::default();
+    for side in interleaved(ROUNDS) {
+        let r = OpenLoop {
+            rate: OPEN_LOOP_RATE,
+            warmup: ctx.time(ROUND_SETTLE),
+            duration: ctx.time(OPEN_ROUND),
+            max_in_flight: 4_096,
+        }
+        .run(check_op(clients.get(side)))
+        .await?;
+        eprintln!("  open loop,   {side:<8}: {}", r.summary());
+        open.push(side, r);
+    }
+
+    Ok((closed, open))
+}
+
+/// One figure of the report: the rounds it reads, its name, its unit and
+/// what it reads from each round.
+type Figure<'a> = (&'a Rounds, String, &'static str, fn(&LoadResult) -> f64);
+
+/// The figures of both loops and the notes that say how to read them.
+fn report(ctx: &Context, closed: &Rounds, open: &Rounds, counted: u64) -> Report {
+    let throughput = |r: &LoadResult| r.throughput();
+    let p50 = |r: &LoadResult| r.latency_us(0.5);
+    let p99 = |r: &LoadResult| r.latency_us(0.99);
+    let service_p99 = |r: &LoadResult| r.service_time_us(0.99);
+    let lag_p99 = |r: &LoadResult| lag_us(r, 0.99);
+    let cpu = |r: &LoadResult| r.cpu_per_request_us();
+    let rate = fmt_num(OPEN_LOOP_RATE);
+    let closed_fig = |what: &str| format!("closed loop, {CONCURRENCY} concurrent: {what}");
+    let open_fig = |what: &str| format!("open loop, {rate} req/s: {what}");
+    let figures: [Figure<'_>; 7] = [
+        (closed, closed_fig("throughput"), "req/s", throughput),
+        (closed, closed_fig("CPU per request"), "µs", cpu),
+        (closed, closed_fig("p50 latency"), "µs", p50),
+        (closed, closed_fig("p99 latency"), "µs", p99),
+        (open, open_fig("p50 latency"), "µs", p50),
+        (open, open_fig("p99 latency"), "µs", p99),
+        (open, open_fig("CPU per request"), "µs", cpu),
+    ];
+    let rows: Vec<_> = figures
+        .iter()
+        .map(|(rounds, figure, unit, f)| rounds.row(figure.clone(), unit, *f))
+        .collect();
+    let within_noise: Vec<&str> = figures
+        .iter()
+        .filter(|(rounds, .., f)| rounds.overlap(*f))
+        .map(|(_, figure, ..)| figure.as_str())
+        .collect();
+
+    let extra_cpu_us = rows[1].system - rows[1].baseline;
+    let pooled = [
+        closed.pooled(Side::System),
+        closed.pooled(Side::Baseline),
+        open.pooled(Side::System),
+        open.pooled(Side::Baseline),
+    ];
+    let errors: u64 = pooled.iter().map(|r| r.errors).sum();
+    let first_error = pooled.iter().find_map(|r| r.first_error.clone());
+    let mut notes = vec![
+        format!(
+            "Client: tonic, one `Channel` (one HTTP/2 connection) per closed-loop worker, \
+             {CONCURRENCY} per side; the open loop sends request i on connection i mod \
+             {CONCURRENCY}. Client and both servers share this process's tokio runtime, \
+             so each side's figures include the client's own cost; a ratio near 1 means \
+             the stack costs little next to one RPC through tonic and the kernel."
+        ),
+        format!(
+            "Rounds: {}s warm-up per side, then {ROUNDS} rounds per side in the order \
+             baseline, system, system, baseline, …: closed loop {:.1}s, open loop {:.1}s \
+             each (after a {}ms settle). Each figure is the median over a side's rounds.",
+            ctx.time(WARMUP).as_secs_f64(),
+            ctx.time(CLOSED_ROUND).as_secs_f64(),
+            ctx.time(OPEN_ROUND).as_secs_f64(),
+            ctx.time(ROUND_SETTLE).as_millis(),
+        ),
+        format!(
+            "Spread of the rounds: closed-loop throughput {}; open-loop p99 {}.",
+            closed.spread("req/s", throughput),
+            open.spread("µs", p99),
+        ),
+        format!(
+            "Open-loop latency runs from each request's scheduled send time (no \
+             coordinated omission). Service time from the actual send, p99: system \
+             {:.0} µs, baseline {:.0} µs; the generator's own send lag p99: {:.0} µs / \
+             {:.0} µs.",
+            open.median(Side::System, service_p99),
+            open.median(Side::Baseline, service_p99),
+            open.median(Side::System, lag_p99),
+            open.median(Side::Baseline, lag_p99),
+        ),
+        format!(
+            "CPU per request is the whole process's user + system CPU time (client, \
+             server, runtime) over a round ÷ its requests: steadier than throughput on a \
+             shared VM, since another process taking the cores lowers throughput but not \
+             the CPU each request costs. The stack adds about {extra_cpu_us:.1} µs of CPU \
+             per request (closed loop, system − baseline)."
+        ),
+        format!(
+            "The kit's own metrics counted {counted} successful Health/Check calls, \
+             warm-up included: every system request went through its stack."
+        ),
+    ];
+    let lag = open
+        .median(Side::System, lag_p99)
+        .max(open.median(Side::Baseline, lag_p99));
+    let open_p99 = rows[5].system.min(rows[5].baseline);
+    if lag > open_p99 / 2.0 {
+        notes.push(format!(
+            "The generator itself sent up to {lag:.0} µs late (p99), against an open-loop \
+             p99 of {open_p99:.0} µs: the open-loop tail mostly measures contention for \
+             this machine's cores (another process, or the generator's own thread), not \
+             the stack."
+        ));
+    }
+    if within_noise.len() == figures.len() {
+        notes.push(
+            "Every figure is within this run's noise: for each, the two sides' rounds \
+             overlap."
+                .to_owned(),
+        );
+    } else if !within_noise.is_empty() {
+        notes.push(format!(
+            "Within this run's noise (the two sides' rounds overlap): {}.",
+            within_noise.join("; ")
+        ));
+    }
+    notes.push(if tracing::dispatcher::has_been_set() {
+        "A tracing subscriber like the kit's (JSON at `info`, written to a sink) was \
+         installed, so the per-RPC span is live as in a deployed service."
+            .to_owned()
+    } else {
+        "No tracing subscriber was installed: the per-RPC span cost nothing.".to_owned()
+    });
+    notes.push(match first_error {
+        Some(e) => format!("{errors} requests failed; first error: {e}"),
+        None => "No request failed on either side.".to_owned(),
+    });
+    Report { rows, notes }
 }
 
 fn lag_us(r: &LoadResult, q: f64) -> f64 {

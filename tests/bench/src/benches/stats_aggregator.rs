@@ -532,38 +532,83 @@ impl Benchmark for StatsAggregatorBench {
             let _ = dynamo.delete_table().table_name(t).send().await;
         }
 
-        let (raw, system, previous) = (median(raw), median(system), median(previous));
-        let (raw_flush, flush) = (median(raw_flush), median(flush));
-        Ok(Report {
-            rows: vec![
-                Row::new("ingest, client streaming, dedup on", "events/s", system, raw)
-                    .with_target(Target::SystemAtLeast(INGEST_TARGET)),
-                Row::new(
-                    "ingest ÷ the previous design's script straight to Redis",
-                    "events/s",
-                    system,
-                    previous,
-                ),
-                Row::new("flush ÷ raw UpdateItem, 16 in flight", "items/s", flush, raw_flush),
-            ],
-            notes: vec![
-                format!(
-                    "ingest: medians of {ROUNDS} interleaved rounds of {} s; {} events in all. The baseline of the first row is the aggregator's own buffer called directly: the same dedup (ids looked up in the process's mirror of the Redis id log), the same folding per entity field and the same one script per batch (HINCRBY per entity field, SADD + ZADD GT of the batch's entities, RPUSH of the packed ids, conditional on the log's position); what it leaves out is gRPC, protobuf decoding and validation, so the ratio is what they cost",
-                    round.as_secs_f64(),
-                    fmt_num(f64::from(u32::try_from(ingested).unwrap_or(u32::MAX)))
-                ),
-                "the second row's baseline is the design this one replaced, called directly in the same rounds: its script looks every id up (SMISMEMBER over the window's sets) and remembers it (SADD) in Redis".to_owned(),
-                format!(
-                    "where the CPU goes, per event (this process's getrusage and Redis's `INFO cpu` around each round ÷ its events; Redis's figure counts any other client of that Redis too): gRPC ingest {}; the buffer called directly {}; the previous design's script called directly {}",
-                    system_cpu.per_event(),
-                    raw_cpu.per_event(),
-                    previous_cpu.per_event()
-                ),
-                "client, aggregator and Redis share the machine's 2 cores: the event generator of the client is part of both sides".to_owned(),
-                format!(
-                    "flush: medians of {FLUSH_ROUNDS} rounds of {FLUSH_ITEMS} items; the local DynamoDB endpoint is an emulator bound to one core, so both sides measure mostly the emulator"
-                ),
-            ],
-        })
+        Ok(report(
+            Rounds {
+                raw,
+                system,
+                previous,
+            },
+            &Spent3 {
+                raw: raw_cpu,
+                system: system_cpu,
+                previous: previous_cpu,
+            },
+            (raw_flush, flush),
+            round,
+            ingested,
+        ))
+    }
+}
+
+/// The per-round figures of one run.
+struct Rounds {
+    raw: Vec<f64>,
+    system: Vec<f64>,
+    previous: Vec<f64>,
+}
+
+/// Where the CPU went, per side.
+struct Spent3 {
+    raw: Spent,
+    system: Spent,
+    previous: Spent,
+}
+
+/// The rows and notes of a run.
+fn report(
+    rounds: Rounds,
+    cpu: &Spent3,
+    (raw_flush, flush): (Vec<f64>, Vec<f64>),
+    round: Duration,
+    ingested: u64,
+) -> Report {
+    let Rounds {
+        raw,
+        system,
+        previous,
+    } = rounds;
+    let (raw_cpu, system_cpu, previous_cpu) = (&cpu.raw, &cpu.system, &cpu.previous);
+    let (raw, system, previous) = (median(raw), median(system), median(previous));
+    let (raw_flush, flush) = (median(raw_flush), median(flush));
+    Report {
+        rows: vec![
+            Row::new("ingest, client streaming, dedup on", "events/s", system, raw)
+                .with_target(Target::SystemAtLeast(INGEST_TARGET)),
+            Row::new(
+                "ingest ÷ the previous design's script straight to Redis",
+                "events/s",
+                system,
+                previous,
+            ),
+            Row::new("flush ÷ raw UpdateItem, 16 in flight", "items/s", flush, raw_flush),
+        ],
+        notes: vec![
+            format!(
+                "ingest: medians of {ROUNDS} interleaved rounds of {} s; {} events in all. The baseline of the first row is the aggregator's own buffer called directly: the same dedup (ids looked up in the process's mirror of the Redis id log), the same folding per entity field and the same one script per batch (HINCRBY per entity field, SADD + ZADD GT of the batch's entities, RPUSH of the packed ids, conditional on the log's position); what it leaves out is gRPC, protobuf decoding and validation, so the ratio is what they cost",
+                round.as_secs_f64(),
+                fmt_num(f64::from(u32::try_from(ingested).unwrap_or(u32::MAX)))
+            ),
+            "the second row's baseline is the design this one replaced, called directly in the same rounds: its script looks every id up (SMISMEMBER over the window's sets) and remembers it (SADD) in Redis".to_owned(),
+            format!(
+                "where the CPU goes, per event (this process's getrusage and Redis's `INFO cpu` around each round ÷ its events; Redis's figure counts any other client of that Redis too): gRPC ingest {}; the buffer called directly {}; the previous design's script called directly {}",
+                system_cpu.per_event(),
+                raw_cpu.per_event(),
+                previous_cpu.per_event()
+            ),
+            "client, aggregator and Redis share the machine's 2 cores: the event generator of the client is part of both sides".to_owned(),
+            format!(
+                "flush: medians of {FLUSH_ROUNDS} rounds of {FLUSH_ITEMS} items; the local DynamoDB endpoint is an emulator bound to one core, so both sides measure mostly the emulator"
+            ),
+        ],
     }
 }
