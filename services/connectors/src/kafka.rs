@@ -7,11 +7,17 @@
 //! takes over a partition resumes after the last record written.
 //!
 //! A message that is not a valid `ChangeRecord` cannot be applied and must
-//! not block its partition: it is delivered as an error-free skip with an
-//! error log and counted in [`KafkaFeed::undecodable`]; its offset is
-//! committed with the next record of the partition.
+//! not block its partition: it is handed to the reader through
+//! [`ChangeFeed::take_undecodable`] (the replicator keeps it as a dead
+//! letter), counted in [`KafkaFeed::undecodable`], and its offset is
+//! committed with the records polled alongside it.
+//!
+//! librdkafka's commit, metadata, committed-offset and watermark calls block
+//! their thread until the broker answers: they run on tokio's blocking pool
+//! (`spawn_blocking`), never on a runtime worker.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,6 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::traits::{
     ChangeFeed, ChangeRecord, FeedCheckpoint, PartitionCheckpoint, PartitionLag, Position,
+    Undecodable,
 };
 
 const BACKEND: &str = "kafka";
@@ -95,10 +102,12 @@ struct PartitionState {
 }
 
 pub struct KafkaFeed {
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
     topic: String,
     partitions: BTreeMap<i32, PartitionState>,
     undecodable: u64,
+    /// Undecodable messages of the last polls, not yet taken by the reader.
+    rejected: Vec<Undecodable>,
     watermarks_at: Option<Instant>,
     start: KafkaStart,
 }
@@ -131,10 +140,11 @@ impl KafkaFeed {
             .map_err(|e| kafka_error(&e))?;
         consumer.subscribe(&[topic]).map_err(|e| kafka_error(&e))?;
         Ok(Self {
-            consumer,
+            consumer: Arc::new(consumer),
             topic: topic.to_owned(),
             partitions: BTreeMap::new(),
             undecodable: 0,
+            rejected: Vec::new(),
             watermarks_at: None,
             start,
         })
@@ -152,8 +162,9 @@ impl KafkaFeed {
     /// Refreshes, at most once a second, every partition of the topic with
     /// its watermarks and the group's committed offset, so lag also counts
     /// partitions from which nothing was delivered yet. Bounded metadata
-    /// round trips, so a slow broker cannot stall polling for long.
-    fn refresh_watermarks(&mut self) {
+    /// round trips on the blocking pool, so a slow broker stalls neither
+    /// polling for long nor a runtime worker at all.
+    async fn refresh_watermarks(&mut self) {
         if self
             .watermarks_at
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
@@ -161,49 +172,93 @@ impl KafkaFeed {
             return;
         }
         self.watermarks_at = Some(Instant::now());
-        let timeout = Duration::from_millis(500);
-        if let Ok(metadata) = self
-            .consumer
-            .client()
-            .fetch_metadata(Some(&self.topic), timeout)
-        {
-            for topic in metadata.topics() {
-                for p in topic.partitions() {
-                    self.partitions.entry(p.id()).or_default();
-                }
+        let consumer = Arc::clone(&self.consumer);
+        let topic = self.topic.clone();
+        let known: Vec<i32> = self.partitions.keys().copied().collect();
+        let Ok(seen) = tokio::task::spawn_blocking(move || observe(&consumer, &topic, known)).await
+        else {
+            return;
+        };
+        for (p, observed) in seen {
+            let state = self.partitions.entry(p).or_default();
+            if let Some(c) = observed.committed {
+                state.committed = state.committed.max(Some(c));
             }
-        }
-        // Every partition's committed offset, each time: other consumers of
-        // the group commit the partitions they were given, and the lag
-        // reported here is the whole topic's.
-        let mut all = TopicPartitionList::new();
-        for p in self.partitions.keys() {
-            all.add_partition(&self.topic, *p);
-        }
-        if all.count() > 0
-            && let Ok(committed) = self.consumer.committed_offsets(all, timeout)
-        {
-            for e in committed.elements() {
-                if let (Offset::Offset(o), Some(state)) =
-                    (e.offset(), self.partitions.get_mut(&e.partition()))
-                {
-                    state.committed = state.committed.max(Some(o - 1));
-                }
-            }
-        }
-        let ids: Vec<i32> = self.partitions.keys().copied().collect();
-        for p in ids {
-            if let Ok((low, high)) =
-                self.consumer
-                    .client()
-                    .fetch_watermarks(&self.topic, p, timeout)
-                && let Some(state) = self.partitions.get_mut(&p)
-            {
+            if let Some((low, high)) = observed.watermarks {
                 state.low_watermark = Some(low);
                 state.high_watermark = Some(high);
             }
         }
     }
+
+    /// Keeps an undecodable message for the reader to dead-letter.
+    fn reject(&mut self, message: &rdkafka::message::BorrowedMessage<'_>, reason: String) {
+        let partition = message.partition();
+        let offset = message.offset();
+        tracing::error!(topic = %self.topic, partition, offset, reason, "a message that is not a change record: dead-lettered");
+        self.undecodable += 1;
+        let payload = message.payload().unwrap_or_default();
+        self.rejected.push(Undecodable {
+            position: Position {
+                partition: self.partition_name(partition),
+                sequence: offset.to_string(),
+            },
+            key: message.key().map(<[u8]>::to_vec),
+            payload: payload[..payload.len().min(Undecodable::KEPT_BYTES)].to_vec(),
+            payload_len: payload.len(),
+            created_at_micros: message
+                .timestamp()
+                .to_millis()
+                .map_or_else(crate::now_micros, |ms| ms.saturating_mul(1000)),
+            reason,
+        });
+    }
+}
+
+/// What one metadata round found of a partition.
+#[derive(Default)]
+struct Observed {
+    /// The group's last committed record (Kafka's committed offset − 1).
+    committed: Option<i64>,
+    watermarks: Option<(i64, i64)>,
+}
+
+/// The topic's partitions with the group's committed offsets and the
+/// watermarks, each call bounded; blocking (librdkafka waits for the
+/// broker), so it runs on the blocking pool.
+fn observe(consumer: &StreamConsumer, topic: &str, known: Vec<i32>) -> BTreeMap<i32, Observed> {
+    let timeout = Duration::from_millis(500);
+    let mut out: BTreeMap<i32, Observed> = known
+        .into_iter()
+        .map(|p| (p, Observed::default()))
+        .collect();
+    if let Ok(metadata) = consumer.client().fetch_metadata(Some(topic), timeout) {
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                out.entry(p.id()).or_default();
+            }
+        }
+    }
+    // Every partition's committed offset, each time: other consumers of
+    // the group commit the partitions they were given, and the lag
+    // reported here is the whole topic's.
+    let mut all = TopicPartitionList::new();
+    for p in out.keys() {
+        all.add_partition(topic, *p);
+    }
+    if all.count() > 0
+        && let Ok(committed) = consumer.committed_offsets(all, timeout)
+    {
+        for e in committed.elements() {
+            if let (Offset::Offset(o), Some(observed)) = (e.offset(), out.get_mut(&e.partition())) {
+                observed.committed = Some(o - 1);
+            }
+        }
+    }
+    for (p, observed) in &mut out {
+        observed.watermarks = consumer.client().fetch_watermarks(topic, *p, timeout).ok();
+    }
+    out
 }
 
 #[async_trait]
@@ -212,8 +267,9 @@ impl ChangeFeed for KafkaFeed {
         let mut out = Vec::new();
         let first_wait = Duration::from_millis(200);
         let mut wait = first_wait;
+        let consumer = Arc::clone(&self.consumer);
         while out.len() < max {
-            let message = match tokio::time::timeout(wait, self.consumer.recv()).await {
+            let message = match tokio::time::timeout(wait, consumer.recv()).await {
                 Err(_) => break,
                 Ok(Err(e)) => return Err(kafka_error(&e)),
                 Ok(Ok(m)) => m,
@@ -238,17 +294,11 @@ impl ChangeFeed for KafkaFeed {
                         .get_or_insert(record.created_at_micros);
                     out.push(record);
                 }
-                Some(Err(e)) => {
-                    self.undecodable += 1;
-                    tracing::error!(topic = %self.topic, partition, offset, error = %e, "skipping a message that is not a change record");
-                }
-                None => {
-                    self.undecodable += 1;
-                    tracing::error!(topic = %self.topic, partition, offset, "skipping a message without payload");
-                }
+                Some(Err(e)) => self.reject(&message, e.to_string()),
+                None => self.reject(&message, "a message without payload".to_owned()),
             }
         }
-        self.refresh_watermarks();
+        self.refresh_watermarks().await;
         Ok(out)
     }
 
@@ -273,8 +323,10 @@ impl ChangeFeed for KafkaFeed {
         // Kafka's committed offset is the next one to read.
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset + 1))
             .map_err(|e| kafka_error(&e))?;
-        self.consumer
-            .commit(&tpl, CommitMode::Sync)
+        let consumer = Arc::clone(&self.consumer);
+        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
             .map_err(|e| kafka_error(&e))?;
         let state = self.partitions.entry(partition).or_default();
         state.committed = Some(offset);
@@ -282,6 +334,10 @@ impl ChangeFeed for KafkaFeed {
             state.oldest_uncommitted_micros = None;
         }
         Ok(())
+    }
+
+    fn take_undecodable(&mut self) -> Vec<Undecodable> {
+        std::mem::take(&mut self.rejected)
     }
 
     fn checkpoint(&self) -> FeedCheckpoint {

@@ -158,6 +158,34 @@ pub trait ChangeFeed: Send {
     fn idle_wait(&self) -> Duration {
         Duration::from_millis(200)
     }
+    /// The messages of the last poll that were not change records. The
+    /// reader keeps each as a dead letter before it commits anything after
+    /// it (invariant 1: nothing is dropped silently); their positions are
+    /// committed with the records polled alongside them.
+    fn take_undecodable(&mut self) -> Vec<Undecodable> {
+        Vec::new()
+    }
+}
+
+/// A message of a feed that cannot be applied: not a change record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Undecodable {
+    pub position: Position,
+    /// The message's key as sent (Kafka: the item key's bytes), if any.
+    pub key: Option<Vec<u8>>,
+    /// The message's first [`Undecodable::KEPT_BYTES`] bytes.
+    pub payload: Vec<u8>,
+    /// The whole payload's length.
+    pub payload_len: usize,
+    /// When the message was produced, in microseconds since the epoch.
+    pub created_at_micros: i64,
+    pub reason: String,
+}
+
+impl Undecodable {
+    /// How much of a payload is kept: a dead letter is one item of the
+    /// dead-letter table, well under DynamoDB's 400 KB.
+    pub const KEPT_BYTES: usize = 64 * 1024;
 }
 
 /// A write to a sink: the item's full new image (or its deletion) with the

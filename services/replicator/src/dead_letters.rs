@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tidemark_connectors::proto::key_to_proto;
 use tidemark_connectors::{
     AttrValue, ConnectorResult, Item, Key, Predicate, ScanRequest, SinkOp, SinkRecord, SourceTable,
+    Undecodable,
 };
 use tidemark_proto::replicator::v1::DeadLetter;
 
@@ -39,6 +40,23 @@ fn timestamp(micros: u64) -> prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
     }
+}
+
+/// A time-ordered id (UUIDv7 layout) that is the same for the same message:
+/// its timestamp, then a digest of the pipeline and the position.
+fn position_id(pipeline: &str, position: &str, created_micros: i64) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(pipeline.as_bytes())
+        .chain_update([0])
+        .chain_update(position.as_bytes())
+        .finalize();
+    let mut tail = [0u8; 10];
+    tail.copy_from_slice(&digest[..10]);
+    let millis = u64::try_from(created_micros / 1000).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(millis, &tail)
+        .into_uuid()
+        .to_string()
 }
 
 fn now_micros() -> u64 {
@@ -86,6 +104,55 @@ impl DeadLetters {
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         tracing::warn!(pipeline, sink, key = %record.key, reason, "record dead-lettered");
+        self.table.put(&item, None).await
+    }
+
+    /// Keeps a feed message that is not a change record. It has no sink
+    /// (`sink` is empty) and is never replayed: the reason, the message's
+    /// key and the first bytes of its payload say what it was. Its id is
+    /// derived from the message's position, so the same message delivered
+    /// again after a restart (its offset not yet committed) is kept once.
+    pub async fn add_undecodable(
+        &self,
+        pipeline: &str,
+        message: &Undecodable,
+    ) -> ConnectorResult<()> {
+        let now = now_micros();
+        let position = format!(
+            "{}/{}",
+            message.position.partition, message.position.sequence
+        );
+        let id = position_id(pipeline, &position, message.created_at_micros);
+        let key =
+            message
+                .key
+                .as_deref()
+                .map_or_else(String::new, |k| match std::str::from_utf8(k) {
+                    Ok(s) => format!("; message key {s:?}"),
+                    Err(_) => format!("; message key of {} bytes (binary)", k.len()),
+                });
+        let reason = format!(
+            "not a change record: {}{key}; payload of {} bytes",
+            message.reason, message.payload_len
+        );
+        let item: Item = [
+            ("pipeline", AttrValue::s(pipeline)),
+            ("id", AttrValue::s(id)),
+            ("sink", AttrValue::s("")),
+            ("key", AttrValue::s("{}")),
+            ("version", AttrValue::n(0u64)),
+            ("deleted", AttrValue::Bool(false)),
+            ("position", AttrValue::s(&position)),
+            ("reason", AttrValue::s(&reason)),
+            ("payload", AttrValue::B(message.payload.clone())),
+            ("created", AttrValue::n(now)),
+            ("attempted", AttrValue::n(now)),
+            ("attempts", AttrValue::n(1u64)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        tracing::warn!(pipeline, position, reason, "feed message dead-lettered");
         self.table.put(&item, None).await
     }
 

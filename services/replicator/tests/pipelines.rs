@@ -1496,3 +1496,102 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
         }
     }
 }
+
+/// Messages of a Kafka feed that are not change records (bytes that do not
+/// decode, a message without payload) are kept as dead letters with their
+/// position, not dropped; the records around them are applied, and their
+/// offsets are committed (the lag ends at 0 with one of them last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_kafka_messages_are_dead_lettered_and_committed() {
+    let topic = unique_name("changes");
+    let producer = producer(&local_env("TIDEMARK_TEST_KAFKA_BROKERS"));
+    let image = |id: &str| doc("post", id, AttrValue::n(1u64));
+    send(&producer, &topic, &key("post", "k0"), Some(&image("k0")), 1).await;
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&topic)
+                .key("garbage")
+                .payload(&b"\xff\xfenot a change record"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    send(&producer, &topic, &key("post", "k1"), Some(&image("k1")), 1).await;
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::<str, [u8]>::to(&topic).key("empty"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let index = unique_name("kafka-dead");
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("kafka-dead");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(kafka_spec(&topic, &index, 1)),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while reader.read(&key("post", "k1")).await.unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record after the undecodable message never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(reader.read(&key("post", "k0")).await.unwrap().is_some());
+    // The last message of the partition is an undecodable one: once its
+    // offset is committed the lag is 0.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let lag = drain(&mut plane, &name).await;
+        if lag.caught_up && lag.records_behind == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the undecodable message's offset was never committed: {lag:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let letters = plane
+        .replicator
+        .list_dead_letters(pb::ListDeadLettersRequest {
+            name: name.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter.sink_name, "", "{letter:?}");
+        assert!(
+            letter.record_position.starts_with(&format!("{topic}/")),
+            "{letter:?}"
+        );
+        assert!(letter.reason.contains("not a change record"), "{letter:?}");
+    }
+    assert!(
+        letters.iter().any(|l| l.reason.contains("\"garbage\"")),
+        "the message key is in the reason: {letters:?}"
+    );
+    assert!(
+        letters.iter().any(|l| l.reason.contains("without payload")),
+        "{letters:?}"
+    );
+}

@@ -3,10 +3,12 @@
 //! names, and writing then acknowledging what was polled (nothing is
 //! acknowledged before every sink has it, invariant 1).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::kafka::{KafkaFeed, KafkaStart};
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
-use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Item, Key};
+use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Item, Key, Position};
 use tidemark_kit::worker::{LeaseError, Progress, UnitLease};
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::replicator::v1::change_feed::Feed;
@@ -47,7 +49,7 @@ pub struct ReportedLag {
 /// closed and read to its end.
 pub struct FeedReport {
     pub lag: Vec<ReportedLag>,
-    pub positions: std::collections::BTreeMap<String, (Option<String>, bool)>,
+    pub positions: BTreeMap<String, (Option<String>, bool)>,
 }
 
 /// Reads a feed unit's checkpoint; `None` when it has none yet.
@@ -208,6 +210,42 @@ pub fn changes_of(
         .collect()
 }
 
+/// One poll's yield, not yet acknowledged: its change records, and the
+/// positions of the messages in it that were not change records (already
+/// dead-lettered by [`Polled::take`]).
+#[derive(Default)]
+pub struct Polled {
+    pub records: Vec<ChangeRecord>,
+    pub rejected: Vec<Position>,
+}
+
+impl Polled {
+    /// The feed's last poll: `records`, and its undecodable messages kept
+    /// as dead letters (before anything after them is acknowledged).
+    pub async fn take(
+        records: Vec<ChangeRecord>,
+        feed: &mut dyn ChangeFeed,
+        dead: &DeadLetters,
+        pipeline: &str,
+        state: &mut FeedState,
+    ) -> Result<Self, UnitFailure> {
+        let undecodable = feed.take_undecodable();
+        let mut rejected = Vec::with_capacity(undecodable.len());
+        for u in undecodable {
+            dead.add_undecodable(pipeline, &u)
+                .await
+                .map_err(UnitFailure::from)?;
+            state.dead_lettered += 1;
+            rejected.push(u.position);
+        }
+        Ok(Self { records, rejected })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.rejected.is_empty()
+    }
+}
+
 /// Writes and acknowledges what was polled, before what must come after
 /// it (a pause, a watermark chunk).
 pub async fn flush(
@@ -216,40 +254,53 @@ pub async fn flush(
     pipeline: &str,
     feed: &mut dyn ChangeFeed,
     state: &mut FeedState,
-    pending: &mut Vec<ChangeRecord>,
+    pending: &mut Polled,
 ) -> Result<(), UnitFailure> {
-    let records = std::mem::take(pending);
+    let polled = std::mem::take(pending);
     let written = opened
         .write(
-            &changes_of(opened, &records),
+            &changes_of(opened, &polled.records),
             dead,
             pipeline,
             Filtered::Delete,
         )
         .await?;
-    acknowledge(feed, state, written, &records).await
+    acknowledge(feed, state, written, &polled).await
 }
 
 /// Counts a written batch and acknowledges it to the feed, the last
-/// position of each partition.
+/// position of each partition (a dead-lettered message's included).
 pub async fn acknowledge(
     feed: &mut dyn ChangeFeed,
     state: &mut FeedState,
     (applied, stale, dead_lettered): (u64, u64, u64),
-    records: &[ChangeRecord],
+    polled: &Polled,
 ) -> Result<(), UnitFailure> {
     state.applied += applied;
     state.stale += stale;
     state.dead_lettered += dead_lettered;
-    let mut last: std::collections::BTreeMap<&str, &tidemark_connectors::Position> =
-        std::collections::BTreeMap::new();
-    for r in records {
-        last.insert(&r.position.partition, &r.position);
+    let mut last: BTreeMap<&str, &Position> = BTreeMap::new();
+    for position in polled
+        .records
+        .iter()
+        .map(|r| &r.position)
+        .chain(&polled.rejected)
+    {
+        let slot = last.entry(&position.partition).or_insert(position);
+        if later(position, slot) {
+            *slot = position;
+        }
     }
     for position in last.values() {
         feed.commit(position).await?;
     }
     Ok(())
+}
+
+/// Whether `a` comes after `b` in their partition: sequence numbers and
+/// offsets are decimal strings of any length.
+fn later(a: &Position, b: &Position) -> bool {
+    (a.sequence.len(), &a.sequence) > (b.sequence.len(), &b.sequence)
 }
 
 /// Passes the other feed units' checkpointed progress to the feed (a shared

@@ -17,12 +17,12 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tidemark_connectors::{AttrValue, ChangeRecord, Item, Key, Predicate, ScanRequest};
+use tidemark_connectors::{AttrValue, Item, Key, Predicate, ScanRequest};
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease};
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineState};
 
 use super::feed::{
-    FeedState, acknowledge, changes_of, flush, learn_peers, open_feed, report_progress,
+    FeedState, Polled, acknowledge, changes_of, flush, learn_peers, open_feed, report_progress,
 };
 use super::open::{Filtered, Opened, SINK_BATCH, SINK_CONCURRENCY, open};
 use super::spec::{
@@ -111,7 +111,7 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
     // Polled, not yet written: written while the next poll is read, so the
     // source's read time hides behind the sink's write time. One batch is
     // written at a time, and acknowledged only once every sink has it.
-    let mut pending: Vec<ChangeRecord> = Vec::new();
+    let mut pending = Polled::default();
     loop {
         if lease.lost().is_cancelled() {
             return Err(UnitFailure::LeaseLost);
@@ -140,7 +140,7 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
             peers_read = Instant::now();
             learn_peers(&ctx, &claim.unit.run_id, &peers, feed.as_mut()).await;
         }
-        let changes = changes_of(&opened, &pending);
+        let changes = changes_of(&opened, &pending.records);
         let (polled, written) = tokio::join!(
             feed.poll(SINK_BATCH * SINK_CONCURRENCY),
             opened.write(&changes, &dead, &pipeline.name, Filtered::Delete),
@@ -148,14 +148,16 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         // A failed poll leaves the written batch unacknowledged: it is
         // delivered again, and the sinks' version checks make that a no-op.
         let records = polled?;
+        let polled =
+            Polled::take(records, feed.as_mut(), &dead, &pipeline.name, &mut state).await?;
         if !pending.is_empty() {
             acknowledge(feed.as_mut(), &mut state, written?, &pending).await?;
             dirty = true;
         }
-        pending = records;
+        pending = polled;
         let caught_up = pending.is_empty();
         if let Some(b) = backfill.as_mut() {
-            b.observe(&pending);
+            b.observe(&pending.records);
         }
         // A chunk goes out once the feed records polled with its high
         // watermark are written.
