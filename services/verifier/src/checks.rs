@@ -26,6 +26,7 @@ use tidemark_proto::replicator::v1 as rpb;
 use tidemark_proto::verifier::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
+use crate::drill::DrillLimits;
 use crate::replicator::Replicator;
 use crate::side::{Consumer, Entry, Side, Sides};
 use crate::spec::{Check, CheckKind, SideKind, Spec};
@@ -202,6 +203,8 @@ pub struct Runner<'a> {
     pub progress: Arc<AtomicI64>,
     /// Cancelled when the lease is lost or the worker stops.
     pub cancel: CancellationToken,
+    /// How much of the differing buckets a drill-down holds.
+    pub limits: DrillLimits,
 }
 
 impl Runner<'_> {
@@ -260,7 +263,7 @@ impl Runner<'_> {
         outcome
     }
 
-    fn target(&self) -> ConnectorResult<&Side> {
+    pub(crate) fn target(&self) -> ConnectorResult<&Side> {
         self.sides.target.as_ref().ok_or_else(|| {
             tidemark_connectors::ConnectorError::invalid("verifier", "the spec has no target")
         })
@@ -458,56 +461,6 @@ impl Runner<'_> {
         }
     }
 
-    /// The differing keys of the buckets whose digests differ, read from
-    /// both sides and classified, in key order.
-    async fn drill_down(
-        &self,
-        buckets: u32,
-        wanted: &BTreeSet<u32>,
-        versions: bool,
-        versions_only: bool,
-    ) -> ConnectorResult<Vec<Found>> {
-        let source = &self.sides.source;
-        let target = self.target()?;
-        let mut found = Vec::new();
-        if !wanted.is_empty() {
-            tracing::info!(
-                buckets = wanted.len(),
-                "drilling down into mismatching buckets"
-            );
-            let (se, te) = tokio::try_join!(
-                source.bucket_entries(buckets, wanted),
-                target.bucket_entries(buckets, wanted)
-            )?;
-            let now = SystemTime::now();
-            let mut by_key: HashMap<Key, (Option<Entry>, Option<Entry>)> = HashMap::new();
-            for e in se {
-                let key = e.key.clone();
-                by_key.entry(key).or_default().0 = Some(e);
-            }
-            for e in te {
-                let key = e.key.clone();
-                by_key.entry(key).or_default().1 = Some(e);
-            }
-            for (key, (a, b)) in by_key {
-                if let Some(kind) = classify(a.as_ref(), b.as_ref(), versions, versions_only) {
-                    found.push(Found {
-                        key,
-                        kind,
-                        source_version: a.as_ref().map_or(0, |e| e.version),
-                        target_version: b.as_ref().map_or(0, |e| e.version),
-                        first_seen: now,
-                        rounds: 0,
-                        repaired: false,
-                    });
-                }
-            }
-            // Stable order for reports and streams.
-            found.sort_by(|x, y| x.key.cmp(&y.key));
-        }
-        Ok(found)
-    }
-
     async fn digest(&self, buckets: u32, versions_only: bool) -> ConnectorResult<Outcome> {
         let source = &self.sides.source;
         let target = self.target()?;
@@ -525,20 +478,25 @@ impl Runner<'_> {
             source.walk(s.consumer(versions, versions_only, Some(self.progress.clone()))),
             target.walk(t.consumer(versions, versions_only, None)),
         )?;
-        let wanted: BTreeSet<u32> = {
+        let (wanted, counts): (BTreeSet<u32>, Vec<(u64, u64)>) = {
             let (a, b) = (
                 s.buckets.lock().expect("digest lock"),
                 t.buckets.lock().expect("digest lock"),
             );
-            (0..buckets)
-                .filter(|&i| a[i as usize] != b[i as usize])
-                .collect()
+            (
+                (0..buckets)
+                    .filter(|&i| a[i as usize] != b[i as usize])
+                    .collect(),
+                a.iter().zip(b.iter()).map(|(x, y)| (x.0, y.0)).collect(),
+            )
         };
         let source_count = i64::try_from(s.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
         let target_count = i64::try_from(t.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-        let found = self
-            .drill_down(buckets, &wanted, versions, versions_only)
+        let drilled = self
+            .drill_down(buckets, &wanted, &counts, (versions, versions_only))
             .await?;
+        drop(counts);
+        let found = drilled.found;
         let found_any = !found.is_empty();
         let (mut remaining, resolved, rounds) =
             self.recheck(found, versions, versions_only).await?;
@@ -567,7 +525,20 @@ impl Runner<'_> {
                 }
             }
         }
-        let verdict = digest_verdict(wanted.len(), found_any, remaining.len());
+        let verdict = if drilled.unread_buckets > 0 {
+            pb::Verdict::Fail
+        } else {
+            digest_verdict(wanted.len(), found_any, remaining.len())
+        };
+        if drilled.unread_buckets > 0 {
+            detail.push_str(&format!(
+                "; the drill-down stopped at {} mismatches (max_mismatches_kept): {} more differing buckets holding {} source and {} target entries were not read, and their mismatches are not counted; repair or fix these, then verify again",
+                self.limits.max_kept,
+                drilled.unread_buckets,
+                drilled.unread_entries.0,
+                drilled.unread_entries.1,
+            ));
+        }
         if !found_any && !wanted.is_empty() {
             detail.push_str(
                 "; the drill-down found no differing key in the differing buckets (did the data change between the reads?): inconclusive, run the check again",

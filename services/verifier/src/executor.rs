@@ -167,6 +167,7 @@ async fn execute(state: Arc<State>, claim: Claim) {
                     .map(|_| state.replicator.clone()),
                 progress: progress.clone(),
                 cancel: lease.lost().clone(),
+                limits: state.limits,
             };
             for (i, check) in spec.checks.iter().enumerate() {
                 let outcome = runner.run(check).await;

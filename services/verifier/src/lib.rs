@@ -12,6 +12,7 @@
 //! `StreamMismatches`.
 
 mod checks;
+pub mod drill;
 mod executor;
 mod replicator;
 mod service;
@@ -62,6 +63,12 @@ pub struct Config {
     pub worker_id: String,
     /// Verifications this process runs at once.
     pub concurrency: usize,
+    /// A digest's drill-down reads the differing buckets this many entries
+    /// (source and target together) at a time.
+    pub drill_batch_entries: u64,
+    /// Mismatches kept per check (re-check, repair, StreamMismatches); the
+    /// drill-down stops there and the check fails saying what it did not read.
+    pub max_mismatches_kept: usize,
 }
 
 impl Default for Config {
@@ -75,6 +82,8 @@ impl Default for Config {
             data_dir: PathBuf::from(".tidemark"),
             worker_id: format!("verifier-{}", std::process::id()),
             concurrency: 2,
+            drill_batch_entries: drill::DrillLimits::default().batch_entries,
+            max_mismatches_kept: drill::DrillLimits::default().max_kept,
         }
     }
 }
@@ -102,6 +111,18 @@ impl ServiceConfig for Config {
             return Err(ConfigError::invalid(
                 "concurrency",
                 "must be between 1 and 64",
+            ));
+        }
+        if self.drill_batch_entries == 0 {
+            return Err(ConfigError::invalid(
+                "drill_batch_entries",
+                "must be at least 1",
+            ));
+        }
+        if self.max_mismatches_kept == 0 {
+            return Err(ConfigError::invalid(
+                "max_mismatches_kept",
+                "must be at least 1",
             ));
         }
         Ok(())
@@ -175,6 +196,7 @@ pub(crate) struct State {
     pub replicator: replicator::Replicator,
     pub env: side::Env,
     pub live: Mutex<HashMap<String, Arc<Mutex<Live>>>>,
+    pub limits: drill::DrillLimits,
 }
 
 /// The `VerifierService` implementation.
@@ -217,6 +239,10 @@ pub async fn register_with(
         replicator,
         env,
         live: Mutex::default(),
+        limits: drill::DrillLimits {
+            batch_entries: config.drill_batch_entries,
+            max_kept: config.max_mismatches_kept,
+        },
     });
     host.add_service(VerifierServiceServer::new(Verifier {
         state: state.clone(),

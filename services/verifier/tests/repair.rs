@@ -80,6 +80,7 @@ async fn plane() -> Plane {
         data_dir: data.clone(),
         worker_id: unique_name("verifier"),
         concurrency: 2,
+        ..verifier::Config::default()
     };
     let mut vhost = ServiceHost::new(vconfig.server.clone(), stop.clone());
     verifier::register_with(&vconfig, Some(aws), &mut vhost)

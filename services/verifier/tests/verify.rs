@@ -74,6 +74,10 @@ fn server(addr: std::net::SocketAddr) -> ServerConfig {
 
 /// A job-tracker and a verifier, each on its own port, sharing a data dir.
 async fn harness() -> Harness {
+    harness_with(|_| {}).await
+}
+
+async fn harness_with(tweak: impl FnOnce(&mut verifier::Config)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let (jl, ja) = listener().await;
@@ -94,7 +98,10 @@ async fn harness() -> Harness {
         data_dir: dir.path().to_owned(),
         worker_id: unique_name("verifier"),
         concurrency: 2,
+        ..verifier::Config::default()
     };
+    let mut config = config;
+    tweak(&mut config);
     let mut host = ServiceHost::new(config.server.clone(), stop.clone());
     verifier::register_with(&config, Some(aws_base().await), &mut host)
         .await
@@ -557,6 +564,58 @@ async fn stream_returns_every_mismatch_beyond_the_sample() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// An empty target differs in every bucket: the drill-down reads the
+/// differing buckets a batch at a time and stops at `drill.max_kept`
+/// mismatches instead of loading the whole source; the check fails and
+/// says how much it did not read.
+#[tokio::test]
+async fn a_drill_down_into_an_empty_target_keeps_a_bounded_number_of_mismatches() {
+    let mut h = harness_with(|c| {
+        c.drill_batch_entries = 200;
+        c.max_mismatches_kept = 150;
+    })
+    .await;
+    let store = sqlite_store(&h);
+    let (src, dst) = (unique_name("src"), unique_name("dst"));
+    let source = store.table(&src, KeySchema::new("id", None));
+    for i in 0..2000 {
+        source
+            .put(&item(&format!("m-{i:05}"), 1, "x"), None)
+            .await
+            .unwrap();
+    }
+    store
+        .sink(&dst)
+        .apply(&[upsert(&item("m-00000", 1, "x"))])
+        .await
+        .unwrap();
+    let id = start(
+        &mut h,
+        spec(
+            sqlite_ref(&src, &["id"]),
+            Some(sqlite_ref(&dst, &[])),
+            vec![digest("digest", 64)],
+        ),
+    )
+    .await;
+    let report = finished(&mut h, &id).await;
+    let d = check(&report, "digest");
+    assert_eq!(d.verdict, pb::Verdict::Fail as i32, "{d:?}");
+    assert_eq!(
+        d.mismatches.as_ref().unwrap().missing_in_target,
+        150,
+        "{d:?}"
+    );
+    assert!(d.detail.contains("were not read"), "{}", d.detail);
+    let all = all_mismatches(&mut h, &id, vec![]).await;
+    assert_eq!(all.len(), 150);
+    // The kept ones are real: every one is missing from the target.
+    assert!(
+        all.iter()
+            .all(|m| m.kind == pb::MismatchKind::MissingInTarget as i32 && key_id(m) != "m-00000")
+    );
 }
 
 #[tokio::test]
