@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 
 pub use engine::Engine;
 pub use error::{StatsError, StatsResult};
-pub use event_log::EventLogBuffer;
+pub use event_log::{EventLogBuffer, ReplicaWait};
 pub use shared_pause::SharedPause;
 pub use store::{DynamoStatsStore, EmbeddedStatsStore, StatsStore};
 
@@ -87,6 +87,13 @@ pub struct Config {
     pub flush_concurrency: usize,
     /// How long an event id is remembered to drop client retries.
     pub dedup_window_secs: u64,
+    /// Redis replicas that must have a batch of events before it is
+    /// acknowledged (Redis `WAIT`), so a failover cannot lose it; 0: no
+    /// wait. Fewer in time: the ingest answers `UNAVAILABLE`, and the
+    /// client's resend counts each event once (`EventLogBuffer::with_replica_wait`).
+    pub redis_wait_replicas: u32,
+    /// How long an ingest waits for those replicas.
+    pub redis_wait_timeout_ms: u64,
     /// How long PauseWriters waits for every live replica to confirm the
     /// pause (less when the caller's deadline is sooner).
     pub pause_confirm_timeout_ms: u64,
@@ -110,6 +117,8 @@ impl Default for Config {
             flush_concurrency: 16,
             dedup_window_secs: 3600,
             pause_confirm_timeout_ms: 10_000,
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 500,
         }
     }
 }
@@ -169,6 +178,15 @@ impl ServiceConfig for Config {
                 "must be at least 1",
             ));
         }
+        if self.redis_wait_replicas > 0
+            && (self.redis_wait_timeout_ms == 0
+                || self.redis_wait_timeout_ms >= self.server.request_timeout_ms)
+        {
+            return Err(ConfigError::invalid(
+                "redis_wait_timeout_ms",
+                "must be positive and below request_timeout_ms when redis_wait_replicas is set",
+            ));
+        }
         if self.pause_confirm_timeout_ms < 100
             || self.pause_confirm_timeout_ms >= self.server.request_timeout_ms
         {
@@ -208,6 +226,40 @@ pub struct Backends {
     pub publisher: Option<publish::Publisher>,
 }
 
+/// Opens the configured buffer; the Redis one (for the health probe and
+/// the state the replicas share) again beside it.
+///
+/// # Errors
+/// When the buffer cannot be reached or opened.
+pub async fn open_buffer(config: &Config) -> StatsResult<(Arc<dyn Buffer>, Option<RedisBuffer>)> {
+    let startup =
+        |what: &str, e: &dyn std::fmt::Display| StatsError::Startup(format!("{what}: {e}"));
+    Ok(match config.buffer {
+        BufferKind::Redis => {
+            let buffer = EventLogBuffer::connect(
+                &config.redis_url,
+                RedisBuffer::prefix_for(&config.buffer_name),
+            )
+            .await
+            .map_err(|e| startup("cannot reach the Redis buffer", &e))?
+            .with_replica_wait(ReplicaWait {
+                replicas: config.redis_wait_replicas,
+                timeout: Duration::from_millis(config.redis_wait_timeout_ms),
+            });
+            let redis = buffer.redis().clone();
+            (Arc::new(buffer), Some(redis))
+        }
+        BufferKind::Embedded => {
+            std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                startup(&format!("cannot create {}", config.data_dir.display()), &e)
+            })?;
+            let store = EmbeddedStore::open(&config.data_dir.join("stats-buffer.db"))
+                .map_err(|e| startup("cannot open the embedded buffer", &e))?;
+            (Arc::new(store.buffer(&config.buffer_name)), None)
+        }
+    })
+}
+
 /// Opens the configured buffer, store and publisher.
 ///
 /// # Errors
@@ -219,23 +271,7 @@ pub async fn open(config: &Config) -> StatsResult<Backends> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| startup(&format!("cannot create {}", config.data_dir.display()), &e))?;
     }
-    let (buffer, redis): (Arc<dyn Buffer>, _) = match config.buffer {
-        BufferKind::Redis => {
-            let buffer = EventLogBuffer::connect(
-                &config.redis_url,
-                RedisBuffer::prefix_for(&config.buffer_name),
-            )
-            .await
-            .map_err(|e| startup("cannot reach the Redis buffer", &e))?;
-            let redis = buffer.redis().clone();
-            (Arc::new(buffer), Some(redis))
-        }
-        BufferKind::Embedded => {
-            let store = EmbeddedStore::open(&config.data_dir.join("stats-buffer.db"))
-                .map_err(|e| startup("cannot open the embedded buffer", &e))?;
-            (Arc::new(store.buffer(&config.buffer_name)), None)
-        }
-    };
+    let (buffer, redis) = open_buffer(config).await?;
     let store: Arc<dyn StatsStore> = match config.store {
         StoreKind::Dynamodb => {
             let sdk =

@@ -42,21 +42,26 @@ impl Drop for Server {
 impl Server {
     /// Removes the test's Redis keys.
     async fn cleanup(&self) {
-        let Some(redis) = &self.redis else { return };
-        let client = redis::Client::open(local_env("TIDEMARK_TEST_REDIS_URL")).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", redis.prefix()))
+        if let Some(redis) = &self.redis {
+            cleanup_prefix(redis.prefix()).await;
+        }
+    }
+}
+
+async fn cleanup_prefix(prefix: &str) {
+    let client = redis::Client::open(local_env("TIDEMARK_TEST_REDIS_URL")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for chunk in keys.chunks(1000) {
+        let () = redis::cmd("DEL")
+            .arg(chunk)
             .query_async(&mut conn)
             .await
             .unwrap();
-        for chunk in keys.chunks(1000) {
-            let () = redis::cmd("DEL")
-                .arg(chunk)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
     }
 }
 
@@ -642,6 +647,74 @@ async fn a_pause_ends_by_itself_after_max_pause() {
         1
     );
     s.cleanup().await;
+}
+
+/// With `redis_wait_replicas` 1 on the local Redis, which has no replica:
+/// the ingest answers UNAVAILABLE (with a retry hint) once the WAIT timeout
+/// passed, and so does the resend; on an aggregator that waits for no
+/// replica the resend is all duplicates (the batch did land on the
+/// primary) and new events are accepted: each event counts once.
+#[tokio::test]
+async fn an_ingest_short_of_its_redis_replicas_is_unavailable_and_its_resend_counts_once() {
+    let table = stats_table("stats-wait").await;
+    let buffer_name = unique_name("api-wait");
+    let config = |replicas| Config {
+        buffer_name: buffer_name.clone(),
+        stats_table: table.clone(),
+        redis_url: local_env("TIDEMARK_TEST_REDIS_URL"),
+        flush_interval_ms: 600_000,
+        redis_wait_replicas: replicas,
+        redis_wait_timeout_ms: 200,
+        ..Config::default()
+    };
+    let serve_waiting_for = |replicas| {
+        let (config, table) = (config(replicas), table.clone());
+        async move {
+            let (buffer, redis) = stats_aggregator::open_buffer(&config)
+                .await
+                .expect("the Redis buffer");
+            let (dynamo, _) = dynamodb_clients().await;
+            let store = DynamoStatsStore::open(dynamo, &table, KEY).await.unwrap();
+            let backends = Backends {
+                buffer,
+                redis,
+                store: Arc::new(store),
+                publisher: None,
+            };
+            start(config, backends, table, None, tempfile::tempdir().unwrap()).await
+        }
+    };
+    let mut strict = serve_waiting_for(1).await;
+    let events = vec![inc("w1", "a", "views", 2), inc("w2", "a", "views", 3)];
+    for attempt in ["first", "resend"] {
+        let started = std::time::Instant::now();
+        let err = strict
+            .client
+            .ingest_batch(pb::IngestBatchRequest {
+                events: events.clone(),
+            })
+            .await
+            .expect_err("no replica acknowledges");
+        assert_eq!(err.code(), Code::Unavailable, "{attempt}: {err:?}");
+        assert!(err.get_details_retry_info().is_some(), "{attempt}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+            "{attempt}: bounded by the WAIT timeout, not retried inside: {took:?}"
+        );
+    }
+
+    let mut relaxed = serve_waiting_for(0).await;
+    let r = batch(&mut relaxed.client, events).await;
+    assert_eq!((r.accepted_count, r.duplicate_count), (0, 2));
+    let r = batch(&mut relaxed.client, vec![inc("w3", "a", "views", 4)]).await;
+    assert_eq!(r.accepted_count, 1);
+    assert_eq!(
+        stats(&mut relaxed.client, "a").await.metrics["views"].pending_delta,
+        9,
+        "each event counted once"
+    );
+    cleanup_prefix(&RedisBuffer::prefix_for(&buffer_name)).await;
 }
 
 /// `tidemark dev`'s backends: no Redis, no AWS.

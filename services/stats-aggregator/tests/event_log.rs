@@ -265,3 +265,51 @@ async fn concurrent_batches_count_each_id_once_and_fail_alone() {
     );
     cleanup(&prefix).await;
 }
+
+/// `WAIT` for one replica on the local Redis, which has none: the batch
+/// fails retryably, as a replica shortfall, within about the timeout, and
+/// so does its resend (duplicates are acknowledged only once replicated
+/// too); a buffer that waits for no replica finds the batch landed: all
+/// duplicates, counted once.
+#[tokio::test]
+async fn a_batch_short_of_its_replicas_fails_retryably_and_its_resend_counts_once() {
+    let prefix = RedisBuffer::prefix_for(&unique_name("evlog-wait"));
+    let window = Duration::from_secs(3600);
+    let strict = buffer(&prefix)
+        .await
+        .with_replica_wait(stats_aggregator::ReplicaWait {
+            replicas: 1,
+            timeout: Duration::from_millis(150),
+        });
+    let batch = [inc("w1", "a", 2), inc("w2", "a", 3)];
+    for attempt in ["first", "resend"] {
+        let started = std::time::Instant::now();
+        let err = strict
+            .apply_events(&batch, window)
+            .await
+            .expect_err("no replica");
+        assert!(
+            stats_aggregator::event_log::is_replica_shortfall(&err),
+            "{attempt}: {err:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150), "{attempt}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{attempt}");
+    }
+    let relaxed = buffer(&prefix).await;
+    assert_eq!(relaxed.apply_events(&batch, window).await.unwrap(), [0, 1]);
+    assert_eq!(relaxed.peek("a").await.unwrap().increments["n"], 5);
+    // Waiting for no replica is no WAIT at all.
+    let none = buffer(&prefix)
+        .await
+        .with_replica_wait(stats_aggregator::ReplicaWait {
+            replicas: 0,
+            timeout: Duration::from_millis(150),
+        });
+    assert!(
+        none.apply_events(&[inc("w3", "a", 1)], window)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    cleanup(&prefix).await;
+}

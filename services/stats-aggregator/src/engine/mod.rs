@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use crate::convert::{self, Checks};
 use crate::dead_letters::{DeadLetter, DeadLetters};
 use crate::error::{StatsError, StatsResult};
+use crate::event_log::is_replica_shortfall;
 use crate::gauges::Gauges;
 use crate::publish::Publisher;
 use crate::shared_pause::{Pause, SharedPause};
@@ -226,11 +227,20 @@ impl Engine {
             0
         } else {
             // Safe to retry: ids of a batch that landed make it all duplicates.
-            let dups = retry(&self.settings.retry, "buffer events", || {
-                self.buffer
+            // A batch short of its Redis replicas is not retried here: it
+            // waited its timeout already, and the client's resend is as safe
+            // (see `EventLogBuffer::with_replica_wait`).
+            let dups = retry(&self.settings.retry, "buffer events", || async {
+                match self
+                    .buffer
                     .apply_events(&checked.events, self.settings.dedup_window)
+                    .await
+                {
+                    Err(e) if is_replica_shortfall(&e) => Ok(Err(e)),
+                    other => other.map(Ok),
+                }
             })
-            .await?;
+            .await??;
             i64::try_from(dups.len()).unwrap_or(i64::MAX)
         };
         Ok(Ingested {
