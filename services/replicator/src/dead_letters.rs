@@ -63,6 +63,35 @@ fn now_micros() -> u64 {
     u64::try_from(tidemark_connectors::now_micros()).unwrap_or(0)
 }
 
+/// The table key of one dead letter.
+fn letter_key(pipeline: &str, id: &str) -> Key {
+    Key::new([
+        ("pipeline".to_owned(), AttrValue::s(pipeline)),
+        ("id".to_owned(), AttrValue::s(id)),
+    ])
+}
+
+/// A stored item read back as a dead letter.
+fn stored(item: &Item) -> Stored {
+    let key: BTreeMap<String, AttrValue> =
+        serde_json::from_str(&s(item, "key")).unwrap_or_default();
+    let key = Key(key);
+    let letter = DeadLetter {
+        id: s(item, "id"),
+        pipeline_name: s(item, "pipeline"),
+        sink_name: s(item, "sink"),
+        key: Some(key_to_proto(&key)),
+        version: n(item, "version"),
+        deleted: matches!(item.get("deleted"), Some(AttrValue::Bool(true))),
+        record_position: s(item, "position"),
+        reason: s(item, "reason"),
+        create_time: Some(timestamp(n(item, "created"))),
+        last_attempt_time: Some(timestamp(n(item, "attempted"))),
+        attempts: u32::try_from(n(item, "attempts")).unwrap_or(u32::MAX),
+    };
+    Stored { letter, key }
+}
+
 /// A dead letter as stored: the record to write again and where it failed.
 pub struct Stored {
     pub letter: DeadLetter,
@@ -156,8 +185,17 @@ impl DeadLetters {
         self.table.put(&item, None).await
     }
 
-    /// Every dead letter of a pipeline (optionally of one sink), oldest first.
-    pub async fn list(&self, pipeline: &str, sink: &str) -> ConnectorResult<Vec<Stored>> {
+    /// Up to `limit` dead letters of a pipeline (optionally of one sink),
+    /// oldest first, after the one with id `after`; and the id to pass as
+    /// `after` for the next page, `None` at the end. Memory is bounded by
+    /// `limit` whatever the table holds.
+    pub async fn page(
+        &self,
+        pipeline: &str,
+        sink: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> ConnectorResult<(Vec<Stored>, Option<String>)> {
         let mut filter = vec![Predicate::Equals(
             "pipeline".to_owned(),
             AttrValue::s(pipeline),
@@ -165,8 +203,8 @@ impl DeadLetters {
         if !sink.is_empty() {
             filter.push(Predicate::Equals("sink".to_owned(), AttrValue::s(sink)));
         }
-        let mut out = BTreeMap::new();
-        let mut start_after = None;
+        let mut out = Vec::new();
+        let mut start_after = after.map(|id| letter_key(pipeline, id));
         loop {
             let page = self
                 .table
@@ -174,53 +212,59 @@ impl DeadLetters {
                     start_after,
                     filter: Some(Predicate::And(filter.clone())),
                     consistent: true,
+                    limit: u32::try_from(limit.clamp(1, 1000)).unwrap_or(1000),
                     ..ScanRequest::segment(0, 1)
                 })
                 .await?;
-            for item in page.items {
-                let key: BTreeMap<String, AttrValue> =
-                    serde_json::from_str(&s(&item, "key")).unwrap_or_default();
-                let key = Key(key);
-                let letter = DeadLetter {
-                    id: s(&item, "id"),
-                    pipeline_name: s(&item, "pipeline"),
-                    sink_name: s(&item, "sink"),
-                    key: Some(key_to_proto(&key)),
-                    version: n(&item, "version"),
-                    deleted: matches!(item.get("deleted"), Some(AttrValue::Bool(true))),
-                    record_position: s(&item, "position"),
-                    reason: s(&item, "reason"),
-                    create_time: Some(timestamp(n(&item, "created"))),
-                    last_attempt_time: Some(timestamp(n(&item, "attempted"))),
-                    attempts: u32::try_from(n(&item, "attempts")).unwrap_or(u32::MAX),
-                };
-                out.insert(letter.id.clone(), Stored { letter, key });
+            let mut items = page.items.into_iter();
+            for item in items.by_ref() {
+                out.push(stored(&item));
+                if out.len() == limit {
+                    break;
+                }
+            }
+            let more = items.next().is_some() || page.last_key.is_some();
+            if out.len() == limit {
+                let next = out.last().filter(|_| more).map(|s| s.letter.id.clone());
+                return Ok((out, next));
             }
             match page.last_key {
                 Some(k) => start_after = Some(k),
-                None => break,
+                None => return Ok((out, None)),
             }
         }
-        Ok(out.into_values().collect())
+    }
+
+    /// How many dead letters a pipeline has, read a page at a time.
+    pub async fn count(&self, pipeline: &str) -> ConnectorResult<u64> {
+        let mut n = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let (page, next) = self.page(pipeline, "", after.as_deref(), 1000).await?;
+            n += page.len() as u64;
+            match next {
+                Some(id) => after = Some(id),
+                None => return Ok(n),
+            }
+        }
     }
 
     pub async fn remove(&self, pipeline: &str, id: &str) -> ConnectorResult<()> {
-        let key = Key::new([
-            ("pipeline".to_owned(), AttrValue::s(pipeline)),
-            ("id".to_owned(), AttrValue::s(id)),
-        ]);
-        self.table.delete(&key, None).await
+        self.table.delete(&letter_key(pipeline, id), None).await
+    }
+
+    /// One dead letter by id.
+    pub async fn get(&self, pipeline: &str, id: &str) -> ConnectorResult<Option<Stored>> {
+        Ok(self
+            .table
+            .get(&letter_key(pipeline, id))
+            .await?
+            .map(|item| stored(&item)))
     }
 
     /// Records another failed attempt with its new reason.
     pub async fn retried(&self, stored: &Stored, reason: &str) -> ConnectorResult<()> {
-        let key = Key::new([
-            (
-                "pipeline".to_owned(),
-                AttrValue::s(&stored.letter.pipeline_name),
-            ),
-            ("id".to_owned(), AttrValue::s(&stored.letter.id)),
-        ]);
+        let key = letter_key(&stored.letter.pipeline_name, &stored.letter.id);
         let set: Item = [
             ("reason".to_owned(), AttrValue::s(reason)),
             ("attempted".to_owned(), AttrValue::n(now_micros())),
@@ -235,5 +279,116 @@ impl DeadLetters {
             .update(&key, &set, Some(&Predicate::ItemExists))
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tidemark_connectors::dynamodb::DynamoTable;
+    use tidemark_connectors::sqlite::EmbeddedStore;
+    use tidemark_connectors::testing::{dynamodb_clients, unique_name};
+    use tidemark_connectors::{KeySchema, Position};
+
+    use super::*;
+
+    fn record(i: u64) -> SinkRecord {
+        SinkRecord {
+            key: Key::single("id", AttrValue::s(format!("k{i:04}"))),
+            version: i + 1,
+            op: SinkOp::Delete,
+        }
+    }
+
+    /// Pages of a pipeline's letters: bounded, in id order, each letter
+    /// once, other pipelines' letters never; the count and a get by id agree.
+    async fn pages_walk_every_letter_once(letters: DeadLetters) {
+        for i in 0..230 {
+            letters
+                .add("a", "search", &record(i), "p", "refused")
+                .await
+                .unwrap();
+        }
+        for i in 0..7 {
+            letters
+                .add("b", "search", &record(i), "p", "refused")
+                .await
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let (page, next) = letters.page("a", "", after.as_deref(), 100).await.unwrap();
+            assert!(page.len() <= 100);
+            pages += 1;
+            seen.extend(page.into_iter().map(|s| s.letter));
+            match next {
+                Some(id) => after = Some(id),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(seen.len(), 230);
+        assert!(
+            seen.windows(2).all(|w| w[0].id < w[1].id),
+            "oldest first, no repeat"
+        );
+        assert!(seen.iter().all(|l| l.pipeline_name == "a"));
+        assert_eq!(letters.count("a").await.unwrap(), 230);
+        assert_eq!(letters.count("b").await.unwrap(), 7);
+        let one = letters.get("a", &seen[42].id).await.unwrap().unwrap();
+        assert_eq!(one.letter, seen[42]);
+        assert!(letters.get("b", &seen[42].id).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn embedded_letters_are_read_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("d.db")).unwrap();
+        let table = store.table("dead", KeySchema::new("pipeline", Some("id")));
+        pages_walk_every_letter_once(DeadLetters::new(Arc::new(table))).await;
+    }
+
+    #[tokio::test]
+    async fn dynamodb_letters_are_read_a_page_at_a_time() {
+        let (client, _) = dynamodb_clients().await;
+        let name = unique_name("dead");
+        let table = DynamoTable::create(
+            client,
+            &name,
+            &KeySchema::new("pipeline", Some("id")),
+            false,
+        )
+        .await
+        .unwrap();
+        pages_walk_every_letter_once(DeadLetters::new(Arc::new(table))).await;
+    }
+
+    /// A feed message delivered twice (its offset not committed before a
+    /// restart) is kept once.
+    #[tokio::test]
+    async fn an_undecodable_message_is_kept_once_per_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("d.db")).unwrap();
+        let letters = DeadLetters::new(Arc::new(
+            store.table("dead", KeySchema::new("pipeline", Some("id"))),
+        ));
+        let message = Undecodable {
+            position: Position {
+                partition: "t/0".to_owned(),
+                sequence: "17".to_owned(),
+            },
+            key: Some(b"k".to_vec()),
+            payload: vec![0xff],
+            payload_len: 1,
+            created_at_micros: 1_700_000_000_000_000,
+            reason: "bad".to_owned(),
+        };
+        letters.add_undecodable("a", &message).await.unwrap();
+        letters.add_undecodable("a", &message).await.unwrap();
+        let (page, _) = letters.page("a", "", None, 10).await.unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].letter.record_position, "t/0/17");
+        assert_eq!(page[0].letter.sink_name, "");
     }
 }

@@ -13,7 +13,7 @@ use super::open::{Filtered, OpenSink, Opened, open};
 use super::rpc::get;
 use crate::context::Replicator;
 use crate::context::UnitFailure;
-use crate::dead_letters::DeadLetters;
+use crate::dead_letters::{DeadLetters, Stored};
 use crate::error::{ReplicatorError, ReplicatorResult};
 
 /// The version a rewrite of a key's current source image (`None`: the key is
@@ -187,38 +187,28 @@ pub async fn list_dead_letters(
             )]));
         }
     };
-    let start: usize = if req.page_token.is_empty() {
-        0
+    // The token is the last id of the previous page (a UUID).
+    let after = if req.page_token.is_empty() {
+        None
+    } else if uuid::Uuid::parse_str(&req.page_token).is_ok() {
+        Some(req.page_token.as_str())
     } else {
-        req.page_token.parse().map_err(|_| {
-            ReplicatorError::Invalid(vec![FieldError::new(
-                "page_token",
-                "not a token this call issued",
-            )])
-        })?
+        return Err(ReplicatorError::Invalid(vec![FieldError::new(
+            "page_token",
+            "not a token this call issued",
+        )]));
     };
     let p = get(r, &req.name).await?;
     check_sink(&p, &req.sink_name)?;
-    let all = r
+    let (page, next) = r
         .ctx
         .dead_letters
-        .list(&req.name, &req.sink_name)
+        .page(&req.name, &req.sink_name, after, size)
         .await
         .map_err(ReplicatorError::Store)?;
-    let page: Vec<DeadLetter> = all
-        .iter()
-        .skip(start)
-        .take(size)
-        .map(|s| s.letter.clone())
-        .collect();
-    let next = start + page.len();
     Ok(ListDeadLettersResponse {
-        dead_letters: page,
-        next_page_token: if next < all.len() {
-            next.to_string()
-        } else {
-            String::new()
-        },
+        dead_letters: page.into_iter().map(|s| s.letter).collect(),
+        next_page_token: next.unwrap_or_default(),
     })
 }
 
@@ -250,95 +240,130 @@ pub async fn replay_dead_letters(
     let p = get(r, &req.name).await?;
     check_sink(&p, &req.sink_name)?;
     let opened = open(&r.ctx, &p).await?;
-    let all = r
-        .ctx
-        .dead_letters
-        .list(&req.name, &req.sink_name)
-        .await
-        .map_err(ReplicatorError::Store)?;
-    for id in &req.ids {
-        if !all.iter().any(|s| &s.letter.id == id) {
-            return Err(ReplicatorError::NotFound(format!(
-                "no dead letter {id:?} in pipeline {:?}",
-                req.name
-            )));
-        }
-    }
-    let mut response = ReplayDeadLettersResponse::default();
     let now = chrono::Utc::now().timestamp();
     let derived = u64::try_from((now - 1).max(1)).unwrap_or(1) * 1_000_000;
-    for stored in all
-        .iter()
-        .filter(|s| req.ids.is_empty() || req.ids.contains(&s.letter.id))
-    {
-        let Some(sink) = opened
-            .sinks
-            .iter()
-            .find(|s| s.name == stored.letter.sink_name)
-        else {
-            continue;
-        };
-        let source_key = stored.key.clone();
-        let item = opened
-            .source
-            .table
-            .get(&source_key)
-            .await
-            .map_err(ReplicatorError::Store)?;
-        let key = sink.transform.shape_key(&source_key);
-        let removed = match (&item, opened.version_attribute.is_empty()) {
-            (None, false) => sink
-                .sink
-                .read(&key)
+    let mut response = ReplayDeadLettersResponse::default();
+    let letters = &r.ctx.dead_letters;
+    if !req.ids.is_empty() {
+        // Every id is checked before anything is written.
+        let mut chosen = Vec::with_capacity(req.ids.len());
+        for id in &req.ids {
+            match letters
+                .get(&req.name, id)
                 .await
                 .map_err(ReplicatorError::Store)?
-                .map(|(v, _)| v),
-            _ => None,
-        };
-        let record = SinkRecord {
-            key,
-            version: rewrite_version(
-                &opened.version_attribute,
-                item.as_ref(),
-                stored.letter.version.max(derived),
-                removed,
-            ),
-            op: match &item {
-                Some(i) => SinkOp::Upsert(sink.transform.shape(i, &opened.source.schema)),
-                None => SinkOp::Delete,
-            },
-        };
-        let outcome = sink
-            .sink
-            .apply(std::slice::from_ref(&record))
-            .await
-            .map_err(ReplicatorError::Store)?;
-        match outcome.into_iter().next() {
-            Some(RecordOutcome::Rejected(reason)) => {
-                r.ctx
-                    .dead_letters
-                    .retried(stored, &reason)
-                    .await
-                    .map_err(ReplicatorError::Store)?;
-                response.still_failing_count += 1;
-                if response.still_failing.len() < 100 {
-                    let mut letter = stored.letter.clone();
-                    letter.reason = reason;
-                    letter.attempts += 1;
-                    response.still_failing.push(letter);
+            {
+                Some(s) if req.sink_name.is_empty() || s.letter.sink_name == req.sink_name => {
+                    chosen.push(s);
+                }
+                _ => {
+                    return Err(ReplicatorError::NotFound(format!(
+                        "no dead letter {id:?} in pipeline {:?}",
+                        req.name
+                    )));
                 }
             }
-            _ => {
-                r.ctx
-                    .dead_letters
-                    .remove(&req.name, &stored.letter.id)
-                    .await
-                    .map_err(ReplicatorError::Store)?;
-                response.replayed_count += 1;
-            }
+        }
+        for stored in &chosen {
+            replay_one(r, &opened, stored, derived, &mut response).await?;
+        }
+        return Ok(response);
+    }
+    // All of them, a page at a time; a letter that fails again stays, so
+    // the next page starts after the last one read.
+    let mut after: Option<String> = None;
+    loop {
+        let (page, next) = letters
+            .page(&req.name, &req.sink_name, after.as_deref(), 100)
+            .await
+            .map_err(ReplicatorError::Store)?;
+        for stored in &page {
+            replay_one(r, &opened, stored, derived, &mut response).await?;
+        }
+        match next {
+            Some(id) => after = Some(id),
+            None => return Ok(response),
         }
     }
-    Ok(response)
+}
+
+/// Writes one dead letter again from the source's current item; removes it
+/// when the sink took it, records the new reason when it did not. Letters
+/// of no sink (feed messages that were not change records) are left alone.
+async fn replay_one(
+    r: &Replicator,
+    opened: &Opened,
+    stored: &Stored,
+    derived: u64,
+    response: &mut ReplayDeadLettersResponse,
+) -> ReplicatorResult<()> {
+    let Some(sink) = opened
+        .sinks
+        .iter()
+        .find(|s| s.name == stored.letter.sink_name)
+    else {
+        return Ok(());
+    };
+    let source_key = stored.key.clone();
+    let item = opened
+        .source
+        .table
+        .get(&source_key)
+        .await
+        .map_err(ReplicatorError::Store)?;
+    let key = sink.transform.shape_key(&source_key);
+    let removed = match (&item, opened.version_attribute.is_empty()) {
+        (None, false) => sink
+            .sink
+            .read(&key)
+            .await
+            .map_err(ReplicatorError::Store)?
+            .map(|(v, _)| v),
+        _ => None,
+    };
+    let record = SinkRecord {
+        key,
+        version: rewrite_version(
+            &opened.version_attribute,
+            item.as_ref(),
+            stored.letter.version.max(derived),
+            removed,
+        ),
+        op: match &item {
+            Some(i) => SinkOp::Upsert(sink.transform.shape(i, &opened.source.schema)),
+            None => SinkOp::Delete,
+        },
+    };
+    let outcome = sink
+        .sink
+        .apply(std::slice::from_ref(&record))
+        .await
+        .map_err(ReplicatorError::Store)?;
+    match outcome.into_iter().next() {
+        Some(RecordOutcome::Rejected(reason)) => {
+            r.ctx
+                .dead_letters
+                .retried(stored, &reason)
+                .await
+                .map_err(ReplicatorError::Store)?;
+            response.still_failing_count += 1;
+            if response.still_failing.len() < 100 {
+                let mut letter = stored.letter.clone();
+                letter.reason = reason;
+                letter.attempts += 1;
+                response.still_failing.push(letter);
+            }
+        }
+        _ => {
+            r.ctx
+                .dead_letters
+                .remove(&stored.letter.pipeline_name, &stored.letter.id)
+                .await
+                .map_err(ReplicatorError::Store)?;
+            response.replayed_count += 1;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -62,9 +62,9 @@ async fn view(r: &Replicator, job: &Job) -> ReplicatorResult<Pipeline> {
     p.dead_letter_count = r
         .ctx
         .dead_letters
-        .list(&p.name, "")
+        .count(&p.name)
         .await
-        .map(|l| i64::try_from(l.len()).unwrap_or(i64::MAX))
+        .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
         .unwrap_or_default();
     Ok(p)
 }
