@@ -180,6 +180,7 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
                     .then(|| transform.clone())
                     .flatten(),
                 version_attribute: String::new(),
+                tombstone_retention: None,
             })
             .collect(),
         backfill: Some(pb::BackfillOptions {

@@ -1083,6 +1083,96 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
 
 /// An embedded change log read from its end: items written before the
 /// pipeline existed are not replicated (no backfill asked), later ones are.
+/// A sink's `tombstone_retention` is the pipeline's own: with 1 s, the
+/// tombstone a delete left in the backing index is purged while the feed
+/// unit runs, and the live document stays.
+#[tokio::test]
+async fn a_sinks_tombstone_retention_purges_its_old_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = common::plane_in(dir.path(), |_| {}).await;
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let store =
+        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
+            .unwrap();
+    let table = store.table("docs", schema());
+    let index = unique_name("purged");
+    let mut spec = kafka_spec("unused", &index, 1);
+    spec.feed = Some(pb::ChangeFeed {
+        feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+            pb::EmbeddedChangeLogFeed {
+                start_position: pb::StartPosition::Latest as i32,
+            },
+        )),
+    });
+    spec.sinks[0].tombstone_retention = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let name = unique_name("purged");
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(spec),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_streaming(&mut plane, &name).await;
+    drain(&mut plane, &name).await;
+    for id in ["gone", "kept"] {
+        table
+            .put(&doc("post", id, AttrValue::n(1i64)), None)
+            .await
+            .unwrap();
+    }
+    table.delete(&key("post", "gone"), None).await.unwrap();
+    drain(&mut plane, &name).await;
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let http = reqwest::Client::new();
+    let tombstones = || async {
+        http.post(format!("{es}/{index}-tm-*/_refresh"))
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = http
+            .post(format!("{es}/{index}-tm-*/_count"))
+            .json(&serde_json::json!({"query": {"term": {"_tidemark_deleted": true}}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["count"].as_u64().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut saw_tombstone = false;
+    loop {
+        match tombstones().await {
+            0 if saw_tombstone || std::time::Instant::now() > deadline => break,
+            0 => {}
+            _ => saw_tombstone = true,
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tombstone was never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        tombstones().await,
+        0,
+        "the tombstone outlived its retention"
+    );
+    let reader = ElasticsearchSink::connect(&es, &index, schema())
+        .await
+        .unwrap();
+    assert!(reader.read(&key("post", "kept")).await.unwrap().is_some());
+    assert!(reader.read(&key("post", "gone")).await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,6 +53,7 @@ impl CutoverPlan {
                     store: Some(s.store.to_proto()),
                     transform: s.transform(),
                     version_attribute: s.version_attribute.clone(),
+                    tombstone_retention: None,
                 })
                 .collect(),
             backfill: Some(rp::BackfillOptions {

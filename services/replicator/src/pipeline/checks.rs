@@ -111,6 +111,16 @@ pub fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
             None => v.push(FieldError::required(format!("{field}.store"))),
             _ => v.push(FieldError::new(format!("{field}.store"), "names no table, index or bucket")),
         }
+        if sink
+            .tombstone_retention
+            .as_ref()
+            .is_some_and(|d| d.seconds < 1 || d.nanos < 0)
+        {
+            v.push(FieldError::new(
+                format!("{field}.tombstone_retention"),
+                "at least 1 s, and well past the feed's retention",
+            ));
+        }
         if let Some(t) = &sink.transform
             && let Err(e) = Transform::from_proto(t)
         {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_proto::common::v1::data_store::Store;
-use tidemark_proto::replicator::v1::Pipeline;
 use tidemark_proto::replicator::v1::change_feed::Feed;
+use tidemark_proto::replicator::v1::{Pipeline, Sink};
 
 use super::open::Opened;
 use super::spec::FEED_UNIT;
@@ -25,9 +25,15 @@ pub const STREAMS_TOMBSTONE_RETENTION: Duration = Duration::from_secs(48 * 3600)
 /// Twice Kafka's default 7-day log retention.
 pub const KAFKA_TOMBSTONE_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
 
-/// How long the pipeline's sinks keep a tombstone: well past the retention
-/// of its feed, the oldest a replayed record can be.
-pub fn tombstone_retention(pipeline: &Pipeline) -> Duration {
+/// How long a sink keeps a tombstone: its `tombstone_retention`, else well
+/// past the retention of the pipeline's feed, the oldest a replayed record
+/// can be.
+pub fn tombstone_retention(pipeline: &Pipeline, sink: &Sink) -> Duration {
+    if let Some(d) = &sink.tombstone_retention
+        && let (Ok(s), Ok(n)) = (u64::try_from(d.seconds), u32::try_from(d.nanos))
+    {
+        return Duration::new(s, n).max(Duration::from_secs(1));
+    }
     match pipeline
         .spec
         .as_ref()
@@ -68,12 +74,16 @@ pub async fn start(ctx: &Context, unit_key: &str, pipeline: &Pipeline, opened: &
     if sinks.is_empty() {
         return Purge(None);
     }
-    let retention = tombstone_retention(pipeline);
-    let every = purge_every(retention);
+    let every = sinks
+        .iter()
+        .map(|(_, retention)| purge_every(*retention))
+        .min()
+        .unwrap_or(HOUR);
     let name = pipeline.name.clone();
     Purge(Some(tokio::spawn(async move {
         loop {
-            for sink in &sinks {
+            for (sink, retention) in &sinks {
+                let retention = *retention;
                 match sink.purge_tombstones(retention).await {
                     Ok(deleted) => {
                         tracing::debug!(pipeline = %name, sink = %sink.index(), deleted, "tombstones purged");
@@ -89,13 +99,13 @@ pub async fn start(ctx: &Context, unit_key: &str, pipeline: &Pipeline, opened: &
 }
 
 /// The pipeline's Elasticsearch sinks, opened with their index-name
-/// templates (a sink that cannot be opened is left out, with a warning: the
-/// pipeline itself just opened it).
+/// templates, and their retentions (a sink that cannot be opened is left
+/// out, with a warning: the pipeline itself just opened it).
 async fn elasticsearch_sinks(
     ctx: &Context,
     pipeline: &Pipeline,
     opened: &Opened,
-) -> Vec<Arc<ElasticsearchSink>> {
+) -> Vec<(Arc<ElasticsearchSink>, Duration)> {
     let spec = pipeline.spec.clone().unwrap_or_default();
     let mut out = Vec::new();
     for (s, open) in spec.sinks.iter().zip(&opened.sinks) {
@@ -108,7 +118,9 @@ async fn elasticsearch_sinks(
         };
         let schema = crate::schema::target_schema(&opened.source.schema, &open.transform);
         match ctx.stores.sink(store, &schema, "", &open.transform).await {
-            Ok(SinkHandle::Elasticsearch(sink)) => out.push(sink),
+            Ok(SinkHandle::Elasticsearch(sink)) => {
+                out.push((sink, tombstone_retention(pipeline, s)));
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(pipeline = %pipeline.name, sink = %s.name, error = %e, "no tombstone purge for this sink");
@@ -138,16 +150,25 @@ mod tests {
 
     #[test]
     fn tombstones_outlive_the_feeds_retention_twice() {
+        let sink = Sink::default();
         let streams = with_feed(Feed::DynamodbStreams(DynamoDbStreamsFeed::default()));
         assert_eq!(
-            tombstone_retention(&streams),
+            tombstone_retention(&streams, &sink),
             Duration::from_secs(48 * 3600)
         );
         let kafka = with_feed(Feed::Kafka(KafkaFeed::default()));
         assert_eq!(
-            tombstone_retention(&kafka),
+            tombstone_retention(&kafka, &sink),
             Duration::from_secs(14 * 86_400)
         );
+        let set = Sink {
+            tombstone_retention: Some(prost_types::Duration {
+                seconds: 7200,
+                nanos: 0,
+            }),
+            ..Sink::default()
+        };
+        assert_eq!(tombstone_retention(&kafka, &set), Duration::from_secs(7200));
     }
 
     #[test]
