@@ -307,16 +307,7 @@ pub fn unit_specs(units: &[pb::UnitSpec], field: &str) -> Result<Vec<UnitSpec>, 
 }
 
 pub fn checkpoint_bytes(bytes: &[u8]) -> Result<Vec<u8>, FieldError> {
-    if bytes.len() > model::MAX_CHECKPOINT_BYTES {
-        return Err(FieldError::new(
-            "checkpoint",
-            format!(
-                "is {} bytes; checkpoints are limited to {} bytes",
-                bytes.len(),
-                model::MAX_CHECKPOINT_BYTES
-            ),
-        ));
-    }
+    crate::limits::check_checkpoint(bytes)?;
     Ok(bytes.to_vec())
 }
 

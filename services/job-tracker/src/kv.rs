@@ -409,6 +409,24 @@ where
     dynamodb::classify("dynamodb", &e).into()
 }
 
+/// A transaction cancelled because another one was writing the same item
+/// (`TransactionConflict`) lost a race like a failed condition: the engine
+/// reads again and retries rather than fail the request.
+#[allow(clippy::needless_pass_by_value)] // used as `map_err(transaction_err)`
+fn transaction_err(
+    e: SdkError<
+        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError,
+        HttpResponse,
+    >,
+) -> KvError {
+    let classified = dynamodb::classify("dynamodb", &e);
+    if classified.is_retryable() && classified.to_string().contains("TransactionConflict") {
+        KvError::Conflict
+    } else {
+        classified.into()
+    }
+}
+
 impl DynamoKv {
     pub fn new(client: aws_sdk_dynamodb::Client, table: &str) -> Self {
         Self {
@@ -597,7 +615,7 @@ impl KvStore for DynamoKv {
             .set_transact_items(Some(items))
             .send()
             .await
-            .map_err(ddb_err)?;
+            .map_err(transaction_err)?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 mod gauges;
 pub mod kv;
+pub mod limits;
 pub mod model;
 pub mod schedule;
 mod service;

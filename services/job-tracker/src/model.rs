@@ -278,10 +278,6 @@ pub struct RunView {
     pub totals: Progress,
 }
 
-/// Largest checkpoint accepted (a LastEvaluatedKey or a shard position is
-/// far smaller; anything bigger is a bug in the worker).
-pub const MAX_CHECKPOINT_BYTES: usize = 64 * 1024;
-
 /// Job names: letters, digits and `-_./:`, up to 200 characters.
 pub fn valid_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
@@ -299,13 +295,16 @@ pub fn valid_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Unit keys: any non-empty text up to 1 KiB without control characters.
+/// Unit keys: any non-empty text up to
+/// [`MAX_UNIT_KEY_BYTES`](crate::limits::MAX_UNIT_KEY_BYTES) without control
+/// characters.
 pub fn valid_unit_key(key: &str) -> Result<(), String> {
+    use crate::limits::MAX_UNIT_KEY_BYTES;
     if key.is_empty() {
         return Err("must not be empty".to_owned());
     }
-    if key.len() > 1024 {
-        return Err("must be at most 1024 bytes".to_owned());
+    if key.len() > MAX_UNIT_KEY_BYTES {
+        return Err(format!("must be at most {MAX_UNIT_KEY_BYTES} bytes"));
     }
     if key.chars().any(char::is_control) {
         return Err("must not contain control characters".to_owned());

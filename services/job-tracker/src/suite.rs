@@ -2,6 +2,16 @@
 //! first the key-value contract the engine relies on, then the job-tracker's
 //! own rules. Each check panics with what went wrong.
 
+mod blocked;
+mod caps;
+mod interleave;
+mod settle;
+mod support;
+
+pub use blocked::{blocked_units_do_not_stop_claims, dependency_cycles_are_refused};
+pub use caps::unit_sizes_are_capped;
+pub use settle::a_run_ends_only_when_every_unit_is_done;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

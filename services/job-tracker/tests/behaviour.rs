@@ -80,3 +80,55 @@ async fn sqlite_tracker_rules() {
 async fn dynamodb_tracker_rules() {
     Box::pin(suite::tracker_rules(dynamodb().await, &unique_name("t"))).await;
 }
+
+// #19.7: a run's end is decided from one consistent view of its units.
+#[tokio::test]
+async fn sqlite_a_run_ends_only_when_every_unit_is_done() {
+    let (_dir, kv) = sqlite();
+    Box::pin(suite::a_run_ends_only_when_every_unit_is_done(kv, "t")).await;
+}
+
+#[tokio::test]
+async fn dynamodb_a_run_ends_only_when_every_unit_is_done() {
+    let prefix = unique_name("t");
+    Box::pin(suite::a_run_ends_only_when_every_unit_is_done(
+        dynamodb().await,
+        &prefix,
+    ))
+    .await;
+}
+
+// #19.8: blocked units do not hide claimable ones; cycles are refused.
+#[tokio::test]
+async fn sqlite_blocked_units_do_not_stop_claims() {
+    let (_dir, kv) = sqlite();
+    suite::blocked_units_do_not_stop_claims(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_blocked_units_do_not_stop_claims() {
+    suite::blocked_units_do_not_stop_claims(dynamodb().await, &unique_name("t")).await;
+}
+
+#[tokio::test]
+async fn sqlite_dependency_cycles_are_refused() {
+    let (_dir, kv) = sqlite();
+    suite::dependency_cycles_are_refused(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_dependency_cycles_are_refused() {
+    suite::dependency_cycles_are_refused(dynamodb().await, &unique_name("t")).await;
+}
+
+// #19: a unit at every size cap still fits one DynamoDB item.
+#[tokio::test]
+async fn sqlite_unit_sizes_are_capped() {
+    let (_dir, kv) = sqlite();
+    suite::unit_sizes_are_capped(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_unit_sizes_are_capped() {
+    suite::unit_sizes_are_capped(dynamodb().await, &unique_name("t")).await;
+}

@@ -5,15 +5,25 @@ use std::time::Duration;
 
 use chrono::Utc;
 
+use super::deps::{Migrated, queue_body, queued_after};
+use super::finish::open_units_op;
 use super::{
     ACTIVE, ActiveRun, ClaimRequest, Claimed, Fence, Tracker, UnitOutcome, delete, job_pk, micros,
     parse, put, run_pk,
 };
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op, query_all};
+use crate::limits;
 use crate::model::{Job, JobKind, Lease, Progress, Run, RunStatus, RunView, Unit, UnitStatus};
 
-/// The result of one attempt to claim one unit.
+/// Queue entries a claim reads first: a claimable unit is usually near the
+/// front.
+const FIRST_PAGE: usize = 32;
+/// Entries per further page, read only while every entry so far waited for
+/// other units.
+const NEXT_PAGE: usize = 500;
+
+/// The result of one attempt to claim one unit (or of a pass over many).
 enum ClaimAttempt {
     Claimed(Box<Unit>),
     /// Another claimer wrote first: read the queue again.
@@ -26,6 +36,7 @@ impl Tracker {
     /// Claims a unit with a lease, waiting up to `req.wait` for one. `None`
     /// when nothing is claimable (or the server is shutting down).
     pub async fn claim_unit(&self, req: &ClaimRequest) -> TrackerResult<Option<Claimed>> {
+        limits::check_worker_id(&req.worker_id)?;
         let deadline = tokio::time::Instant::now() + req.wait;
         loop {
             if let Some(claimed) = self.try_claim(req).await? {
@@ -92,47 +103,39 @@ impl Tracker {
         req: &ClaimRequest,
     ) -> TrackerResult<Option<Unit>> {
         let pk = run_pk(&run.run_id);
-        let explicit = !req.unit_key.is_empty();
         for _ in 0..16 {
-            let mut candidates: Vec<String> = Vec::new();
-            if explicit {
-                candidates.push(req.unit_key.clone());
-            } else {
-                let cap = job.max_concurrent_units as usize;
-                let below_cap = cap == 0 || self.kv.query(&pk, "p#", None, cap).await?.len() < cap;
-                if below_cap {
-                    let mut fresh: Vec<String> = self
-                        .kv
-                        .query(&pk, "q#", None, 32)
-                        .await?
-                        .into_iter()
-                        .map(|e| e.sk[2..].to_owned())
-                        .collect();
-                    // Start at a random candidate: concurrent claimers then
-                    // rarely race for the same unit.
-                    if !fresh.is_empty() {
-                        let offset = rand::random::<u32>() as usize % fresh.len();
-                        fresh.rotate_left(offset);
-                    }
-                    candidates = fresh;
-                }
-                if candidates.is_empty() {
-                    // Leases that expired: their holders died; anyone may take over.
-                    let now = micros(Utc::now());
-                    candidates = query_all(self.kv.as_ref(), &pk, "p#")
-                        .await?
-                        .into_iter()
-                        .filter(|e| e.body.parse::<i64>().is_ok_and(|exp| exp < now))
-                        .map(|e| e.sk[2..].to_owned())
-                        .collect();
-                }
-            }
-            if candidates.is_empty() {
-                return Ok(None);
-            }
+            let mut seen = Migrated::default();
             let mut lost = false;
-            for key in candidates {
-                match self.claim_one(run, &key, req, explicit).await? {
+            if !req.unit_key.is_empty() {
+                match self
+                    .claim_one(run, &req.unit_key, req, true, &mut seen)
+                    .await?
+                {
+                    ClaimAttempt::Claimed(unit) => return Ok(Some(*unit)),
+                    ClaimAttempt::Lost => continue,
+                    ClaimAttempt::NotClaimable => return Ok(None),
+                }
+            }
+            let cap = job.max_concurrent_units as usize;
+            if cap == 0 || self.kv.query(&pk, "p#", None, cap).await?.len() < cap {
+                match self.claim_queued(run, req, &mut seen).await? {
+                    ClaimAttempt::Claimed(unit) => return Ok(Some(*unit)),
+                    ClaimAttempt::Lost => lost = true,
+                    ClaimAttempt::NotClaimable => {}
+                }
+            }
+            // Leases that expired: their holders died; anyone may take over.
+            // Looked at even while units wait in the queue: they may wait
+            // for one of these.
+            let now = micros(Utc::now());
+            let expired: Vec<String> = query_all(self.kv.as_ref(), &pk, "p#")
+                .await?
+                .into_iter()
+                .filter(|e| e.body.parse::<i64>().is_ok_and(|exp| exp < now))
+                .map(|e| e.sk[2..].to_owned())
+                .collect();
+            for key in expired {
+                match self.claim_one(run, &key, req, false, &mut seen).await? {
                     ClaimAttempt::Claimed(unit) => return Ok(Some(*unit)),
                     ClaimAttempt::Lost => lost = true,
                     ClaimAttempt::NotClaimable => {}
@@ -145,6 +148,58 @@ impl Tracker {
         Ok(None)
     }
 
+    /// Claims the first claimable unit of the queue, paging past units that
+    /// wait for others (#19.8): their entries name what they wait for, so
+    /// passing one reads no unit, and each unit waited for is read once.
+    async fn claim_queued(
+        &self,
+        run: &Run,
+        req: &ClaimRequest,
+        seen: &mut Migrated,
+    ) -> TrackerResult<ClaimAttempt> {
+        let pk = run_pk(&run.run_id);
+        let mut after: Option<String> = None;
+        let mut lost = false;
+        loop {
+            let limit = if after.is_none() {
+                FIRST_PAGE
+            } else {
+                NEXT_PAGE
+            };
+            let mut page = self.kv.query(&pk, "q#", after.as_deref(), limit).await?;
+            let last_page = page.len() < limit;
+            after = page.last().map(|e| e.sk.clone());
+            // Start at a random entry: concurrent claimers then rarely race
+            // for the same unit.
+            if !page.is_empty() {
+                let offset = rand::random::<u32>() as usize % page.len();
+                page.rotate_left(offset);
+            }
+            for entry in page {
+                if let Some(waits_for) = queued_after(&entry.body)
+                    && !self.all_migrated(&run.run_id, &waits_for, seen).await?
+                {
+                    continue;
+                }
+                match self
+                    .claim_one(run, &entry.sk[2..], req, false, seen)
+                    .await?
+                {
+                    ClaimAttempt::Claimed(unit) => return Ok(ClaimAttempt::Claimed(unit)),
+                    ClaimAttempt::Lost => lost = true,
+                    ClaimAttempt::NotClaimable => {}
+                }
+            }
+            if last_page {
+                return Ok(if lost {
+                    ClaimAttempt::Lost
+                } else {
+                    ClaimAttempt::NotClaimable
+                });
+            }
+        }
+    }
+
     /// One claim attempt of one unit.
     async fn claim_one(
         &self,
@@ -152,6 +207,7 @@ impl Tracker {
         key: &str,
         req: &ClaimRequest,
         explicit: bool,
+        seen: &mut Migrated,
     ) -> TrackerResult<ClaimAttempt> {
         let (mut unit, rev) = self.load_unit(&run.run_id, key).await?;
         let now = Utc::now();
@@ -176,11 +232,11 @@ impl Tracker {
                 ClaimAttempt::NotClaimable
             });
         }
-        for dep in &unit.after_unit_keys {
-            let (d, _) = self.load_unit(&run.run_id, dep).await?;
-            if d.status != UnitStatus::Migrated {
-                return Ok(ClaimAttempt::NotClaimable);
-            }
+        if !self
+            .all_migrated(&run.run_id, &unit.after_unit_keys, seen)
+            .await?
+        {
+            return Ok(ClaimAttempt::NotClaimable);
         }
         let pk = run_pk(&run.run_id);
         let from = unit.status;
@@ -195,9 +251,11 @@ impl Tracker {
                 "gave up after {} attempts; last error: {}",
                 run.max_attempts, unit.last_error
             );
+            let (open, expect) = self.open_units(&run.run_id).await?;
             ops.push(put(&pk, &format!("unit#{key}"), &unit, Expect::Rev(rev))?);
             ops.push(delete(&pk, &format!("q#{key}"), Expect::Any));
             ops.push(delete(&pk, &format!("p#{key}"), Expect::Any));
+            ops.push(open_units_op(&run.run_id, open.saturating_sub(1), expect));
             ops.push(self.unit_transition(
                 &unit,
                 Some(from),
@@ -290,6 +348,12 @@ impl Tracker {
         progress: Option<Progress>,
         extend: Option<Duration>,
     ) -> TrackerResult<(Lease, u64)> {
+        if let Some(c) = &checkpoint {
+            limits::check_checkpoint(c)?;
+        }
+        if let Some(p) = &progress {
+            limits::check_counters(&p.counters)?;
+        }
         let (lease, job_name) = self
             .retrying("checkpoint", || async {
                 let (mut unit, rev) = self.fenced(fence).await?;
@@ -340,6 +404,7 @@ impl Tracker {
         progress: Option<Progress>,
         actor: &str,
     ) -> TrackerResult<(Unit, RunView)> {
+        let outcome = capped(outcome, progress.as_ref())?;
         let unit = self
             .retrying("finish unit", || async {
                 let (mut unit, rev) = self.load_unit(&fence.run_id, &fence.unit_key).await?;
@@ -410,9 +475,13 @@ impl Tracker {
                     ops.push(Op::Put {
                         pk: pk.clone(),
                         sk: format!("q#{}", fence.unit_key),
-                        body: String::new(),
+                        body: queue_body(&unit.after_unit_keys)?,
                         expect: Expect::Any,
                     });
+                }
+                if !from.is_terminal() && to.is_terminal() {
+                    let (open, expect) = self.open_units(&fence.run_id).await?;
+                    ops.push(open_units_op(&fence.run_id, open.saturating_sub(1), expect));
                 }
                 if to == UnitStatus::Migrated && run.job_kind == JobKind::UnitMigration {
                     ops.push(Op::Put {
@@ -428,4 +497,28 @@ impl Tracker {
         self.maybe_finish_run(&fence.run_id, actor).await?;
         Ok((unit, self.get_run(&fence.run_id).await?))
     }
+}
+
+/// `outcome` within the size caps: a result or counters over theirs are
+/// refused, an error longer than its cap is truncated (a worker can always
+/// report a failure).
+fn capped(outcome: UnitOutcome, progress: Option<&Progress>) -> TrackerResult<UnitOutcome> {
+    if let Some(p) = progress {
+        limits::check_counters(&p.counters)?;
+    }
+    Ok(match outcome {
+        UnitOutcome::Completed { result } => {
+            limits::check_result(result.as_ref(), "result")?;
+            UnitOutcome::Completed { result }
+        }
+        UnitOutcome::Failed {
+            error,
+            retryable,
+            rolled_back,
+        } => UnitOutcome::Failed {
+            error: limits::truncate_error(&error),
+            retryable,
+            rolled_back,
+        },
+    })
 }

@@ -11,13 +11,17 @@
 //! - `job#<name>` / `t#…`, `run#<id>` / `t#…`: transitions
 //! - `run#<id>` / `#run`: the run's job name
 //! - `run#<id>` / `unit#<key>`: a unit
-//! - `run#<id>` / `q#<key>`: the unit is waiting to be claimed
+//! - `run#<id>` / `#open`: how many of its units are unfinished (`finish`)
+//! - `run#<id>` / `q#<key>`: the unit is waiting to be claimed (body: the
+//!   units it waits for, JSON, when any)
 //! - `run#<id>` / `p#<key>`: the unit is leased (body: lease expiry, µs)
 //! - `active` / `<run id>`: a QUEUED or RUNNING run (what workers poll)
 //!
 //! Every change is a conditional write on the revision read, retried on
 //! conflict, so any number of job-tracker replicas can share one store.
 
+mod deps;
+mod finish;
 mod history;
 mod jobs;
 mod leases;

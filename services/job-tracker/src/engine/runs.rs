@@ -1,24 +1,24 @@
-//! Runs and their units: start (behind the failure gate), register units,
-//! end a run when its last unit settles, and acknowledge a failed run.
+//! Runs and their units: start (behind the failure gate), register units
+//! (how a run ends is in `finish`), and acknowledge a failed run.
 
 use std::collections::HashSet;
 
-use chrono::Utc;
-use tidemark_kit::FieldError;
+use chrono::{DateTime, Utc};
 
+use super::deps::{check_units, queue_body};
+use super::finish::open_units_op;
 use super::{
-    ACTIVE, ActiveRun, JOBS, StartRun, Tracker, TrackerStats, UnitSpec, delete, job_pk, parse, put,
-    run_pk,
+    ACTIVE, ActiveRun, JOBS, StartRun, Tracker, TrackerStats, UnitSpec, job_pk, parse, put, run_pk,
 };
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op, query_all};
 use crate::model::{
-    Acknowledgement, Job, JobKind, Progress, Run, RunStatus, RunView, Spec, Unit, UnitCounts,
-    UnitStatus, Watermark,
+    Acknowledgement, Job, JobKind, Progress, Run, RunStatus, RunView, Unit, UnitCounts, UnitStatus,
 };
 
 /// Units registered per transaction: each writes up to three records (unit,
-/// queue entry, transition) and DynamoDB allows 100 per transaction.
+/// queue entry, transition), plus the run's count and a check of the run;
+/// DynamoDB allows 100 per transaction.
 const UNIT_BATCH: usize = 30;
 
 impl Tracker {
@@ -67,7 +67,7 @@ impl Tracker {
         Ok(units)
     }
 
-    async fn view(&self, run: Run) -> TrackerResult<RunView> {
+    pub(super) async fn view(&self, run: Run) -> TrackerResult<RunView> {
         let mut units = UnitCounts::default();
         let mut totals = Progress::default();
         for unit in self.list_units(&run.run_id).await? {
@@ -86,6 +86,8 @@ impl Tracker {
     /// (invariant 8) or another run is active. Units register while the run
     /// is QUEUED; it becomes RUNNING (claimable) once all are in.
     pub async fn start_run(&self, req: StartRun) -> TrackerResult<RunView> {
+        // Before anything is written: a refused declaration creates nothing.
+        check_units(&req.units)?;
         if !req.correlation_id.is_empty()
             && let Some(entry) = self
                 .kv
@@ -176,7 +178,7 @@ impl Tracker {
         } else {
             req.units
         };
-        self.add_units_to(&run, &units, &req.actor).await?;
+        self.add_units_to(&run.run_id, &units, &req.actor).await?;
         self.transition_run(
             &run.run_id,
             RunStatus::Queued,
@@ -231,6 +233,7 @@ impl Tracker {
         units: &[UnitSpec],
         actor: &str,
     ) -> TrackerResult<Vec<Unit>> {
+        check_units(units)?;
         let (run, _) = self.load_run(run_id).await?;
         if run.status.is_terminal() {
             return Err(TrackerError::Precondition(format!(
@@ -238,7 +241,7 @@ impl Tracker {
                 run.status
             )));
         }
-        self.add_units_to(&run, units, actor).await?;
+        self.add_units_to(run_id, units, actor).await?;
         let keys: HashSet<&str> = units.iter().map(|u| u.unit_key.as_str()).collect();
         Ok(self
             .list_units(run_id)
@@ -248,227 +251,86 @@ impl Tracker {
             .collect())
     }
 
-    async fn add_units_to(&self, run: &Run, units: &[UnitSpec], actor: &str) -> TrackerResult<()> {
-        let keys: HashSet<&str> = units.iter().map(|u| u.unit_key.as_str()).collect();
-        for (i, unit) in units.iter().enumerate() {
-            if let Some(dep) = unit
-                .after_unit_keys
-                .iter()
-                .find(|d| !keys.contains(d.as_str()))
-            {
-                return Err(FieldError::new(
-                    format!("units[{i}].after_unit_keys"),
-                    format!("{dep:?} is not a unit of this run"),
-                )
-                .into());
-            }
-        }
-        let migration = run.job_kind == JobKind::UnitMigration;
+    async fn add_units_to(
+        &self,
+        run_id: &str,
+        units: &[UnitSpec],
+        actor: &str,
+    ) -> TrackerResult<()> {
         for chunk in units.chunks(UNIT_BATCH) {
-            let mut ops = Vec::with_capacity(chunk.len() * 3);
-            let now = Utc::now();
-            for spec in chunk {
-                if self
-                    .kv
-                    .get(&run_pk(&run.run_id), &format!("unit#{}", spec.unit_key))
-                    .await?
-                    .is_some()
-                {
-                    continue;
-                }
-                let done = migration
-                    && self
-                        .kv
-                        .get(&job_pk(&run.job_name), &format!("done#{}", spec.unit_key))
-                        .await?
-                        .is_some();
-                let keep_migrated = done && !run.force_remigrate;
-                let unit = Unit {
-                    run_id: run.run_id.clone(),
-                    job_name: run.job_name.clone(),
-                    unit_key: spec.unit_key.clone(),
-                    status: if keep_migrated {
-                        UnitStatus::Migrated
-                    } else {
-                        UnitStatus::NotMigrated
-                    },
-                    checkpoint: Vec::new(),
-                    progress: Progress::default(),
-                    last_error: String::new(),
-                    attempts: 0,
-                    fencing_token: 0,
-                    lease: None,
-                    after_unit_keys: spec.after_unit_keys.clone(),
-                    result: None,
-                    create_time: now,
-                    update_time: now,
-                };
-                let reason = match (done, run.force_remigrate) {
-                    (true, false) => "already MIGRATED by an earlier run; not claimed again",
-                    (true, true) => {
-                        "force_remigrate: migrating again although an earlier run MIGRATED it"
-                    }
-                    _ => "registered",
-                };
-                ops.push(put(
-                    &run_pk(&run.run_id),
-                    &format!("unit#{}", unit.unit_key),
-                    &unit,
-                    Expect::Absent,
-                )?);
-                if !keep_migrated {
-                    ops.push(Op::Put {
-                        pk: run_pk(&run.run_id),
-                        sk: format!("q#{}", unit.unit_key),
-                        body: String::new(),
-                        expect: Expect::Absent,
-                    });
-                }
-                ops.push(self.unit_transition(&unit, None, actor, reason, 0)?);
-            }
-            if !ops.is_empty() {
-                self.kv.transact(ops).await?;
-            }
+            self.retrying("add units", || self.add_unit_batch(run_id, chunk, actor))
+                .await?;
         }
-        self.notify();
         Ok(())
     }
 
-    /// Ends a run when nothing is waiting or leased and the job does not
-    /// ask for explicit completion: SUCCEEDED if every unit MIGRATED.
-    pub(super) async fn maybe_finish_run(&self, run_id: &str, actor: &str) -> TrackerResult<()> {
-        let (run, _) = self.load_run(run_id).await?;
-        if run.status != RunStatus::Running || run.explicit_completion {
-            return Ok(());
-        }
-        let pk = run_pk(run_id);
-        if !self.kv.query(&pk, "q#", None, 1).await?.is_empty()
-            || !self.kv.query(&pk, "p#", None, 1).await?.is_empty()
-        {
-            return Ok(());
-        }
-        let view = self.view(run).await?;
-        let failed = view.units.failed + view.units.rolled_back;
-        let (status, reason) = if failed == 0 {
-            (
-                RunStatus::Succeeded,
-                format!("all {} units MIGRATED", view.units.total),
-            )
-        } else {
-            (
-                RunStatus::Failed,
-                format!("{failed} of {} units failed", view.units.total),
-            )
-        };
-        self.finish_run(run_id, status, &reason, None, None, actor)
-            .await
-            .map(drop)
-    }
-
-    async fn finish_run(
+    /// Registers the units of `chunk` not yet in the run, in one transaction
+    /// with the run's unfinished-unit count and a check of the run's
+    /// revision, so no unit joins a run that ended meanwhile. `None` on a
+    /// conflict.
+    async fn add_unit_batch(
         &self,
         run_id: &str,
-        status: RunStatus,
-        reason: &str,
-        watermark: Option<Watermark>,
-        result: Option<Spec>,
+        chunk: &[UnitSpec],
         actor: &str,
-    ) -> TrackerResult<Run> {
-        self.retrying("finish run", || async {
-            let (mut run, rev) = self.load_run(run_id).await?;
-            if run.status.is_terminal() {
-                return if run.status == status {
-                    Ok(Some(run))
-                } else {
-                    Err(TrackerError::Precondition(format!(
-                        "run {run_id} already ended {:?}",
-                        run.status
-                    )))
-                };
-            }
-            let (mut job, job_rev) = self.load_job(&run.job_name).await?;
-            let from = run.status;
-            run.status = status;
-            run.status_reason = reason.to_owned();
-            run.finish_time = Some(Utc::now());
-            run.last_processed.clone_from(&watermark);
-            if result.is_some() {
-                run.result.clone_from(&result);
-            }
-            if job.active_run_id.as_deref() == Some(run_id) {
-                job.active_run_id = None;
-            }
-            match status {
-                RunStatus::Failed => job.blocking_run_id = Some(run_id.to_owned()),
-                RunStatus::Succeeded if watermark.is_some() => {
-                    job.last_processed.clone_from(&watermark);
-                }
-                _ => {}
-            }
-            let ops = vec![
-                put(
-                    &job_pk(&run.job_name),
-                    &format!("run#{run_id}"),
-                    &run,
-                    Expect::Rev(rev),
-                )?,
-                put(JOBS, &job.name, &job, Expect::Rev(job_rev))?,
-                delete(ACTIVE, run_id, Expect::Any),
-                self.run_transition(&run, Some(from), actor, reason)?,
-            ];
-            Ok(self.apply(ops).await?.map(|()| run.clone()))
-        })
-        .await
-    }
-
-    /// Ends a run whose job asked for explicit completion, recording where
-    /// it stopped (the next incremental run starts there).
-    pub async fn complete_run(
-        &self,
-        run_id: &str,
-        watermark: Option<Watermark>,
-        result: Option<Spec>,
-        actor: &str,
-    ) -> TrackerResult<Run> {
-        let (run, _) = self.load_run(run_id).await?;
-        if run.status != RunStatus::Running {
+    ) -> TrackerResult<Option<()>> {
+        let (run, run_rev) = self.load_run(run_id).await?;
+        if run.status.is_terminal() {
             return Err(TrackerError::Precondition(format!(
-                "run {run_id} is {:?}; only a RUNNING run can complete",
+                "run {run_id} is {:?}; units can only be added to an active run",
                 run.status
             )));
         }
-        let view = self.view(run).await?;
-        let pending = view.units.not_migrated + view.units.in_progress;
-        if pending > 0 {
-            return Err(TrackerError::Precondition(format!(
-                "run {run_id} still has {pending} units pending"
-            )));
+        let migration = run.job_kind == JobKind::UnitMigration;
+        let pk = run_pk(run_id);
+        let now = Utc::now();
+        let mut ops = Vec::with_capacity(chunk.len() * 3 + 2);
+        let mut opened = 0;
+        for spec in chunk {
+            let unit_sk = format!("unit#{}", spec.unit_key);
+            if self.kv.get(&pk, &unit_sk).await?.is_some() {
+                continue;
+            }
+            let done = migration
+                && self
+                    .kv
+                    .get(&job_pk(&run.job_name), &format!("done#{}", spec.unit_key))
+                    .await?
+                    .is_some();
+            let keep_migrated = done && !run.force_remigrate;
+            let unit = new_unit(&run, spec, keep_migrated, now);
+            let reason = match (done, run.force_remigrate) {
+                (true, false) => "already MIGRATED by an earlier run; not claimed again",
+                (true, true) => {
+                    "force_remigrate: migrating again although an earlier run MIGRATED it"
+                }
+                _ => "registered",
+            };
+            ops.push(put(&pk, &unit_sk, &unit, Expect::Absent)?);
+            if !keep_migrated {
+                opened += 1;
+                ops.push(Op::Put {
+                    pk: pk.clone(),
+                    sk: format!("q#{}", unit.unit_key),
+                    body: queue_body(&unit.after_unit_keys)?,
+                    expect: Expect::Absent,
+                });
+            }
+            ops.push(self.unit_transition(&unit, None, actor, reason, 0)?);
         }
-        if view.units.failed + view.units.rolled_back > 0 {
-            return Err(TrackerError::Precondition(format!(
-                "run {run_id} has failed units; end it with FailRun instead"
-            )));
+        if ops.is_empty() {
+            return Ok(Some(()));
         }
-        self.finish_run(
-            run_id,
-            RunStatus::Succeeded,
-            "completed",
-            watermark,
-            result,
-            actor,
-        )
-        .await
-    }
-
-    pub async fn fail_run(
-        &self,
-        run_id: &str,
-        error: &str,
-        result: Option<Spec>,
-        actor: &str,
-    ) -> TrackerResult<Run> {
-        self.finish_run(run_id, RunStatus::Failed, error, None, result, actor)
-            .await
+        if opened > 0 {
+            let (open, expect) = self.open_units(run_id).await?;
+            ops.push(open_units_op(run_id, open + opened, expect));
+        }
+        ops.push(Op::Check {
+            pk: job_pk(&run.job_name),
+            sk: format!("run#{run_id}"),
+            expect: Expect::Rev(run_rev),
+        });
+        self.apply(ops).await
     }
 
     /// Opens the failure gate: the job's blocking FAILED run becomes
@@ -536,5 +398,30 @@ impl Tracker {
             stats.blocked_jobs += u64::from(job.blocking_run_id.is_some());
         }
         Ok(stats)
+    }
+}
+
+/// A unit as registered: waiting, or MIGRATED already when an earlier run
+/// of a unit migration migrated it.
+fn new_unit(run: &Run, spec: &UnitSpec, keep_migrated: bool, now: DateTime<Utc>) -> Unit {
+    Unit {
+        run_id: run.run_id.clone(),
+        job_name: run.job_name.clone(),
+        unit_key: spec.unit_key.clone(),
+        status: if keep_migrated {
+            UnitStatus::Migrated
+        } else {
+            UnitStatus::NotMigrated
+        },
+        checkpoint: Vec::new(),
+        progress: Progress::default(),
+        last_error: String::new(),
+        attempts: 0,
+        fencing_token: 0,
+        lease: None,
+        after_unit_keys: spec.after_unit_keys.clone(),
+        result: None,
+        create_time: now,
+        update_time: now,
     }
 }
