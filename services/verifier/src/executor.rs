@@ -16,9 +16,9 @@ use crate::side::Sides;
 use crate::spec::Spec;
 use crate::{Live, REPORT_TYPE, SPEC_TYPE, State};
 
-/// The unit result holds every mismatch up to this size; the job-tracker
-/// takes at most 1 MiB.
-const STORED_BYTES: usize = 1000 * 1000;
+/// The report and samples kept as the unit's result: the job-tracker takes
+/// 64 KiB as stored, which may be up to four times the value.
+const STORED_BYTES: usize = 12 * 1024;
 /// Progress checkpoints while a check runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
@@ -200,29 +200,31 @@ async fn execute(state: Arc<State>, claim: Claim) {
 
 /// The unit's result: the report with every mismatch as its samples, as
 /// many as fit the job-tracker's limit (the detail says when some did not).
-fn stored_report(report: &pb::Report, all: Vec<pb::Mismatch>) -> pb::Report {
+/// The report as the unit's result keeps it: the job-tracker caps a result
+/// (64 KiB as stored, ~16 KiB of value to be safe), so samples beyond what
+/// fits are cut, and the check's detail says so.
+fn stored_report(report: &pb::Report) -> pb::Report {
     let mut stored = report.clone();
-    for c in &mut stored.checks {
-        c.sample_mismatches.clear();
-    }
+    let mut samples: Vec<Vec<pb::Mismatch>> = stored
+        .checks
+        .iter_mut()
+        .map(|c| std::mem::take(&mut c.sample_mismatches))
+        .collect();
     let mut budget = STORED_BYTES.saturating_sub(stored.encoded_len());
-    let mut dropped: std::collections::HashMap<String, usize> = Default::default();
-    for m in all {
-        let size = m.encoded_len() + 8;
-        let Some(c) = stored.checks.iter_mut().find(|c| c.name == m.check_name) else {
-            continue;
-        };
-        if size > budget {
-            *dropped.entry(m.check_name).or_default() += 1;
-            continue;
+    for (c, kept) in stored.checks.iter_mut().zip(&mut samples) {
+        let mut cut = 0;
+        for m in kept.drain(..) {
+            let size = m.encoded_len() + 8;
+            if size > budget {
+                cut += 1;
+                continue;
+            }
+            budget -= size;
+            c.sample_mismatches.push(m);
         }
-        budget -= size;
-        c.sample_mismatches.push(m);
-    }
-    for c in &mut stored.checks {
-        if let Some(n) = dropped.get(&c.name) {
+        if cut > 0 {
             c.detail.push_str(&format!(
-                "; {n} mismatches not kept for StreamMismatches (size limit)"
+                "; {cut} samples left out of the stored report (size limit); StreamMismatches has them"
             ));
         }
     }
@@ -241,7 +243,13 @@ async fn finish(
     if !failed {
         summarise(&mut report);
     }
-    let stored = stored_report(&report, all);
+    // Every mismatch goes to the mismatch store; the unit's result keeps
+    // the report with what of the samples fits its size cap.
+    if let Err(e) = state.mismatches.replace(lease.run_id(), &all).await {
+        tracing::warn!(error = %e, "cannot keep the mismatches; the unit is retried");
+        return;
+    }
+    let stored = stored_report(&report);
     if let Err(e) = lease
         .complete(progress, Some(pack_any(REPORT_TYPE, &stored)))
         .await

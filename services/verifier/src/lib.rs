@@ -14,6 +14,7 @@
 mod checks;
 pub mod drill;
 mod executor;
+pub mod mismatches;
 mod replicator;
 mod service;
 pub mod side;
@@ -69,6 +70,10 @@ pub struct Config {
     /// Mismatches kept per check (re-check, repair, StreamMismatches); the
     /// drill-down stops there and the check fails saying what it did not read.
     pub max_mismatches_kept: usize,
+    /// DynamoDB table of finished verifications' mismatches, keyed by `run`
+    /// (S) and `seq` (S), shared by the replicas; unset: a table in
+    /// `data_dir`.
+    pub mismatch_table: Option<String>,
 }
 
 impl Default for Config {
@@ -84,6 +89,7 @@ impl Default for Config {
             concurrency: 2,
             drill_batch_entries: drill::DrillLimits::default().batch_entries,
             max_mismatches_kept: drill::DrillLimits::default().max_kept,
+            mismatch_table: None,
         }
     }
 }
@@ -197,6 +203,7 @@ pub(crate) struct State {
     pub env: side::Env,
     pub live: Mutex<HashMap<String, Arc<Mutex<Live>>>>,
     pub limits: drill::DrillLimits,
+    pub mismatches: mismatches::MismatchStore,
 }
 
 /// The `VerifierService` implementation.
@@ -234,6 +241,21 @@ pub async fn register_with(
         config.data_dir.clone(),
     );
     env.aws_base = aws;
+    let mismatch_table: Arc<dyn tidemark_connectors::SourceTable> = match &config.mismatch_table {
+        Some(name) => Arc::new(
+            env.own_dynamo(name)
+                .await
+                .map_err(|e| VerifierError::Config(format!("mismatch_table {name}: {e}")))?,
+        ),
+        None => Arc::new(
+            tidemark_connectors::sqlite::EmbeddedStore::open(&config.data_dir.join("verifier.db"))
+                .map_err(|e| VerifierError::Config(format!("mismatch store: {e}")))?
+                .table(
+                    "tidemark_mismatches",
+                    tidemark_connectors::KeySchema::new("run", Some("seq")),
+                ),
+        ),
+    };
     let state = Arc::new(State {
         jobs: jobs.clone(),
         replicator,
@@ -243,6 +265,7 @@ pub async fn register_with(
             batch_entries: config.drill_batch_entries,
             max_kept: config.max_mismatches_kept,
         },
+        mismatches: mismatches::MismatchStore::new(mismatch_table),
     });
     host.add_service(VerifierServiceServer::new(Verifier {
         state: state.clone(),

@@ -18,6 +18,7 @@ use tracing::instrument;
 
 use crate::checks::VERSIONS_ONLY_NEEDS_VERSIONS;
 use crate::executor::pending_report;
+use crate::mismatches::PAGE;
 use crate::side::Sides;
 use crate::spec::{CheckKind, Spec};
 use crate::{REPORT_TYPE, SPEC_TYPE, UNIT_KEY, Verifier, VerifierError};
@@ -259,41 +260,22 @@ impl Verifier {
             job_name: name,
         })
     }
-
-    /// Every stored mismatch of a finished run, per check in report order.
-    async fn stored_mismatches(&self, run_id: &str) -> Result<Vec<Mismatch>, VerifierError> {
-        let units = self
-            .state
-            .jobs
-            .list_units(run_id, &[UNIT_KEY.to_owned()], &[])
-            .await?;
-        let Some(result) = units.into_iter().find_map(|u| u.result) else {
-            return Ok(Vec::new());
-        };
-        let stored: Report =
-            unpack_any(Some(&result), REPORT_TYPE).map_err(VerifierError::Internal)?;
-        Ok(stored
-            .checks
-            .into_iter()
-            .flat_map(|c| c.sample_mismatches)
-            .collect())
-    }
 }
 
-/// Sends what `all` holds beyond `sent` (per check), filtered.
+/// What `batch` holds beyond the first `sent` of each check, filtered;
+/// `seen` counts each check's mismatches over the batches of one pass.
 fn fresh(
-    all: &[Mismatch],
-    sent: &mut HashMap<String, usize>,
+    batch: &[Mismatch],
+    seen: &mut HashMap<String, usize>,
+    sent: &HashMap<String, usize>,
     check: &str,
     kinds: &BTreeSet<i32>,
 ) -> Vec<Mismatch> {
-    let mut seen: HashMap<&str, usize> = HashMap::new();
     let mut out = Vec::new();
-    for m in all {
-        let n = seen.entry(m.check_name.as_str()).or_default();
+    for m in batch {
+        let n = seen.entry(m.check_name.clone()).or_default();
         *n += 1;
-        let already = sent.get(&m.check_name).copied().unwrap_or(0);
-        if *n <= already {
+        if *n <= sent.get(&m.check_name).copied().unwrap_or(0) {
             continue;
         }
         if (check.is_empty() || m.check_name == check)
@@ -301,9 +283,6 @@ fn fresh(
         {
             out.push(m.clone());
         }
-    }
-    for (name, n) in seen {
-        sent.insert(name.to_owned(), n);
     }
     out
 }
@@ -393,19 +372,33 @@ impl VerifierService for Verifier {
                     }
                 };
                 if finished(run.status) {
-                    match this.stored_mismatches(&run.run_id).await {
-                        Ok(all) => {
-                            send(fresh(&all, &mut sent, &r.check_name, &kinds)).await;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e.into())).await;
+                    // What the live phase sent is skipped, per check.
+                    let mut seen = HashMap::new();
+                    let mut after = None;
+                    loop {
+                        match this.state.mismatches.page(&run.run_id, after, PAGE).await {
+                            Ok((page, more)) => {
+                                after = page.last().map(|(seq, _)| *seq);
+                                let page: Vec<Mismatch> =
+                                    page.into_iter().map(|(_, m)| m).collect();
+                                let batch = fresh(&page, &mut seen, &sent, &r.check_name, &kinds);
+                                if !send(batch).await || !more {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(VerifierError::from(e).into())).await;
+                                return;
+                            }
                         }
                     }
-                    return;
                 }
                 if let Some(live) = this.live(&run.run_id) {
                     let all = live.lock().expect("live lock").mismatches.clone();
-                    if !send(fresh(&all, &mut sent, &r.check_name, &kinds)).await {
+                    let mut seen = HashMap::new();
+                    let batch = fresh(&all, &mut seen, &sent, &r.check_name, &kinds);
+                    sent = seen;
+                    if !send(batch).await {
                         return;
                     }
                 }

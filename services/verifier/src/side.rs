@@ -106,6 +106,14 @@ impl Env {
         builder.build()
     }
 
+    /// A DynamoDB table on the verifier's own endpoint and region.
+    ///
+    /// # Errors
+    /// When the table cannot be opened.
+    pub async fn own_dynamo(&self, table: &str) -> ConnectorResult<DynamoTable> {
+        self.dynamo(table, None, None).await
+    }
+
     async fn dynamo(
         &self,
         table: &str,
