@@ -21,6 +21,10 @@ pub struct Config {
     pub kafka_brokers: Option<String>,
     /// Elasticsearch URL for Elasticsearch sinks.
     pub elasticsearch_url: Option<String>,
+    /// Endpoints a request may name for its stores besides the ones above
+    /// (comma-separated URLs or host:port; `*`: any). The replicator calls
+    /// them with its own credentials, so the default allows only its own.
+    pub allowed_endpoints: String,
     /// Directory of embedded (SQLite) tables named by jobs.
     pub data_dir: PathBuf,
     /// Units this process works on at once.
@@ -43,6 +47,7 @@ impl Default for Config {
             worker_id: format!("replicator-{}", std::process::id()),
             aws_endpoint: None,
             kafka_brokers: None,
+            allowed_endpoints: String::new(),
             elasticsearch_url: None,
             data_dir: PathBuf::from("./.tidemark"),
             worker_concurrency: 4,

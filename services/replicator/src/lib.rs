@@ -2,6 +2,7 @@
 //! follows their change streams into Elasticsearch, DynamoDB and S3,
 //! idempotently and in version order; reports lag, drains, repairs.
 
+mod allow;
 mod backfill;
 mod config;
 mod context;
@@ -55,7 +56,10 @@ pub async fn register_with(
     let stores = stores::Stores::new(config, aws);
     let dead_table: Arc<dyn tidemark_connectors::SourceTable> = match &config.dead_letter_table {
         Some(name) => {
-            let client = stores.dynamodb_client("", "").await;
+            let client = stores
+                .dynamodb_client("", "")
+                .await
+                .map_err(|e| ReplicatorError::Setup(format!("dead_letter_table {name}: {e}")))?;
             Arc::new(
                 tidemark_connectors::dynamodb::DynamoTable::open(client, name)
                     .await

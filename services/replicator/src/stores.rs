@@ -29,6 +29,8 @@ pub struct OpenTable {
 
 #[derive(Clone)]
 pub struct Stores {
+    /// The endpoints a request may name (#19 security).
+    allow: crate::allow::AllowList,
     aws_endpoint: Option<String>,
     elasticsearch_url: Option<String>,
     data_dir: PathBuf,
@@ -45,7 +47,16 @@ fn invalid(message: String) -> ConnectorError {
 
 impl Stores {
     pub fn new(config: &Config, base: Option<aws_config::SdkConfig>) -> Self {
+        let own = [
+            config.aws_endpoint.as_deref(),
+            config.elasticsearch_url.as_deref(),
+            config.kafka_brokers.as_deref(),
+        ];
         Self {
+            allow: crate::allow::AllowList::new(
+                own.into_iter().flatten(),
+                &config.allowed_endpoints,
+            ),
             base,
             aws_endpoint: config.aws_endpoint.clone(),
             elasticsearch_url: config.elasticsearch_url.clone(),
@@ -55,7 +66,22 @@ impl Stores {
         }
     }
 
-    pub async fn aws(&self, endpoint: &str, region: &str) -> aws_config::SdkConfig {
+    /// Whether a request may name `endpoint` (AWS, Elasticsearch, Kafka).
+    ///
+    /// # Errors
+    /// `InvalidInput` saying how to allow it.
+    pub fn check_endpoint(&self, endpoint: &str) -> ConnectorResult<()> {
+        self.allow.check(endpoint)
+    }
+
+    /// # Errors
+    /// An endpoint a request may not name.
+    pub async fn aws(
+        &self,
+        endpoint: &str,
+        region: &str,
+    ) -> ConnectorResult<aws_config::SdkConfig> {
+        self.check_endpoint(endpoint)?;
         let endpoint = if endpoint.is_empty() {
             self.aws_endpoint.clone().unwrap_or_default()
         } else {
@@ -64,7 +90,7 @@ impl Stores {
         let mut cache = self.aws.lock().await;
         let entry = (endpoint.clone(), region.to_owned());
         if let Some(c) = cache.get(&entry) {
-            return c.clone();
+            return Ok(c.clone());
         }
         let mut config = match &self.base {
             Some(base) if endpoint.is_empty() => base.clone(),
@@ -78,27 +104,45 @@ impl Stores {
                 .build();
         }
         cache.insert(entry, config.clone());
-        config
+        Ok(config)
     }
 
-    pub async fn dynamodb_client(&self, endpoint: &str, region: &str) -> aws_sdk_dynamodb::Client {
-        aws_sdk_dynamodb::Client::new(&self.aws(endpoint, region).await)
+    /// # Errors
+    /// An endpoint a request may not name.
+    pub async fn dynamodb_client(
+        &self,
+        endpoint: &str,
+        region: &str,
+    ) -> ConnectorResult<aws_sdk_dynamodb::Client> {
+        Ok(aws_sdk_dynamodb::Client::new(
+            &self.aws(endpoint, region).await?,
+        ))
     }
 
+    /// # Errors
+    /// An endpoint a request may not name.
     pub async fn streams_client(
         &self,
         endpoint: &str,
         region: &str,
-    ) -> aws_sdk_dynamodbstreams::Client {
-        aws_sdk_dynamodbstreams::Client::new(&self.aws(endpoint, region).await)
+    ) -> ConnectorResult<aws_sdk_dynamodbstreams::Client> {
+        Ok(aws_sdk_dynamodbstreams::Client::new(
+            &self.aws(endpoint, region).await?,
+        ))
     }
 
-    pub async fn s3_client(&self, endpoint: &str, region: &str) -> aws_sdk_s3::Client {
-        let config = self.aws(endpoint, region).await;
+    /// # Errors
+    /// An endpoint a request may not name.
+    pub async fn s3_client(
+        &self,
+        endpoint: &str,
+        region: &str,
+    ) -> ConnectorResult<aws_sdk_s3::Client> {
+        let config = self.aws(endpoint, region).await?;
         let s3 = aws_sdk_s3::config::Builder::from(&config)
             .force_path_style(!endpoint.is_empty() || self.aws_endpoint.is_some())
             .build();
-        aws_sdk_s3::Client::from_conf(s3)
+        Ok(aws_sdk_s3::Client::from_conf(s3))
     }
 
     /// The embedded database `name` (empty: "default") under the data dir.
@@ -134,7 +178,7 @@ impl Stores {
     pub async fn table(&self, store: &DataStore) -> ConnectorResult<OpenTable> {
         match &store.store {
             Some(Store::DynamodbTable(t)) => {
-                let client = self.dynamodb_client(&t.endpoint, &t.region).await;
+                let client = self.dynamodb_client(&t.endpoint, &t.region).await?;
                 let table = DynamoTable::open(client, &t.table_name).await?;
                 let schema = table.key_schema().clone();
                 Ok(OpenTable {
@@ -166,6 +210,7 @@ impl Stores {
     /// # Errors
     /// Unsupported kinds; stores that cannot be reached or created.
     fn elasticsearch_endpoint(&self, endpoint: &str) -> ConnectorResult<String> {
+        self.check_endpoint(endpoint)?;
         if endpoint.is_empty() {
             self.elasticsearch_url.clone().ok_or_else(|| {
                 invalid("no Elasticsearch endpoint: set the index's endpoint or the replicator's elasticsearch_url".to_owned())
@@ -184,7 +229,7 @@ impl Stores {
     pub async fn check_sink(&self, store: &DataStore) -> ConnectorResult<String> {
         match &store.store {
             Some(Store::DynamodbTable(t)) => {
-                let client = self.dynamodb_client(&t.endpoint, &t.region).await;
+                let client = self.dynamodb_client(&t.endpoint, &t.region).await?;
                 DynamoTable::open(client, &t.table_name).await?;
                 Ok(format!("DynamoDB table {} exists", t.table_name))
             }
@@ -200,7 +245,7 @@ impl Stores {
                 })
             }
             Some(Store::S3Prefix(p)) => {
-                let client = self.s3_client(&p.endpoint, &p.region).await;
+                let client = self.s3_client(&p.endpoint, &p.region).await?;
                 if S3Sink::bucket_exists(&client, &p.bucket).await? {
                     Ok(format!("S3 bucket {} exists", p.bucket))
                 } else {
@@ -235,7 +280,7 @@ impl Stores {
         }
         match &store.store {
             Some(Store::DynamodbTable(t)) => {
-                let client = self.dynamodb_client(&t.endpoint, &t.region).await;
+                let client = self.dynamodb_client(&t.endpoint, &t.region).await?;
                 let table = DynamoTable::open(client, &t.table_name).await?;
                 Ok(SinkHandle::Dynamo(Arc::new(DynamoSink::new(table))))
             }
@@ -251,7 +296,7 @@ impl Stores {
                 Ok(SinkHandle::Elasticsearch(Arc::new(sink)))
             }
             Some(Store::S3Prefix(p)) => {
-                let client = self.s3_client(&p.endpoint, &p.region).await;
+                let client = self.s3_client(&p.endpoint, &p.region).await?;
                 if !S3Sink::bucket_exists(&client, &p.bucket).await? {
                     return Err(no_bucket(&p.bucket));
                 }

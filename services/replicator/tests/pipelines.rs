@@ -410,6 +410,88 @@ async fn bad_pipelines_are_refused_with_what_to_fix() {
 /// from chunks read between watermarks in the feed unit, while writers
 /// update, delete and insert; the index ends equal to the table, no deleted
 /// item comes back, and the watermark item is gone afterwards.
+/// A request may point the replicator only at its own endpoints and those
+/// its configuration allows: it calls them with its own credentials.
+#[tokio::test]
+async fn endpoints_a_request_names_must_be_allowed() {
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    // The same Elasticsearch under another name: not the configured one.
+    let other = es.replace("127.0.0.1", "localhost");
+    let with_endpoint = |endpoint: &str| {
+        let mut s = kafka_spec("unused", &unique_name("allowed"), 1);
+        s.feed = Some(pb::ChangeFeed {
+            feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+                pb::EmbeddedChangeLogFeed {
+                    start_position: pb::StartPosition::Latest as i32,
+                },
+            )),
+        });
+        s.sinks[0].store = Some(common_pb::DataStore {
+            store: Some(common_pb::data_store::Store::ElasticsearchIndex(
+                common_pb::ElasticsearchIndexRef {
+                    index: unique_name("allowed"),
+                    endpoint: endpoint.to_owned(),
+                },
+            )),
+        });
+        s
+    };
+    let validate = |spec: pb::PipelineSpec| pb::CreatePipelineRequest {
+        name: unique_name("allowed"),
+        spec: Some(spec),
+        validate_only: true,
+        ..Default::default()
+    };
+    let mut plane = plane(|_| {}).await;
+    for refused in [other.as_str(), "http://169.254.169.254"] {
+        let status = plane
+            .replicator
+            .create_pipeline(validate(with_endpoint(refused)))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("spec.sinks[0].store")
+                && status.message().contains("allowed_endpoints"),
+            "{status:?}"
+        );
+    }
+    // A Kafka feed's brokers are endpoints too.
+    let mut kafka = with_endpoint("");
+    kafka.feed = kafka_spec("unused", "unused", 1).feed;
+    if let Some(pb::change_feed::Feed::Kafka(k)) = kafka.feed.as_mut().and_then(|f| f.feed.as_mut())
+    {
+        k.topic.as_mut().unwrap().bootstrap_servers = "evil.example:9092".to_owned();
+    }
+    let status = plane
+        .replicator
+        .create_pipeline(validate(kafka))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("bootstrap_servers"), "{status:?}");
+    // Its own endpoint, named or not, passes.
+    for own in ["", es.as_str()] {
+        plane
+            .replicator
+            .create_pipeline(validate(with_endpoint(own)))
+            .await
+            .unwrap_or_else(|s| panic!("{own:?}: {s:?}"));
+    }
+    // Allowed by configuration.
+    let mut allowing = plane_with_allowed(&other).await;
+    allowing
+        .replicator
+        .create_pipeline(validate(with_endpoint(&other)))
+        .await
+        .unwrap();
+}
+
+async fn plane_with_allowed(endpoint: &str) -> Plane {
+    let endpoint = endpoint.to_owned();
+    plane(move |c| c.allowed_endpoints = endpoint).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watermark_backfill_copies_a_live_table_and_resurrects_nothing() {
     use aws_sdk_dynamodb::types::{StreamSpecification, StreamViewType};

@@ -423,7 +423,7 @@ async fn finish_run(
     let Some(Store::S3Prefix(p)) = spec.target.as_ref().and_then(|t| t.store.as_ref()) else {
         return Err(UnitFailure::terminal("the target must be an s3_prefix"));
     };
-    let client = ctx.stores.s3_client(&p.endpoint, &p.region).await;
+    let client = ctx.stores.s3_client(&p.endpoint, &p.region).await?;
     let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     client
         .put_object()

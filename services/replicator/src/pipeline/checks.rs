@@ -225,8 +225,18 @@ async fn check_feed(
         source_store.store.as_ref(),
     ) {
         (Some(Feed::DynamodbStreams(_)), Some(Store::DynamodbTable(t))) => {
-            let ddb = r.ctx.stores.dynamodb_client(&t.endpoint, &t.region).await;
-            let streams = r.ctx.stores.streams_client(&t.endpoint, &t.region).await;
+            let ddb = r
+                .ctx
+                .stores
+                .dynamodb_client(&t.endpoint, &t.region)
+                .await
+                .map_err(ReplicatorError::store_of("spec.source.endpoint"))?;
+            let streams = r
+                .ctx
+                .stores
+                .streams_client(&t.endpoint, &t.region)
+                .await
+                .map_err(ReplicatorError::store_of("spec.source.endpoint"))?;
             tidemark_connectors::streams::DynamoStreamSource::for_table(
                 &ddb,
                 streams,
@@ -241,6 +251,12 @@ async fn check_feed(
         }
         (Some(Feed::Kafka(k)), _) => {
             let topic = k.topic.clone().unwrap_or_default();
+            r.ctx
+                .stores
+                .check_endpoint(&topic.bootstrap_servers)
+                .map_err(ReplicatorError::store_of(
+                    "spec.feed.kafka.topic.bootstrap_servers",
+                ))?;
             let brokers = if topic.bootstrap_servers.is_empty() {
                 r.ctx.config.kafka_brokers.clone().unwrap_or_default()
             } else {

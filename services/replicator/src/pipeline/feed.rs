@@ -85,8 +85,8 @@ pub async fn open_feed(
     };
     match (feed, spec.source.and_then(|s| s.store)) {
         (Some(Feed::DynamodbStreams(f)), Some(Store::DynamodbTable(t))) => {
-            let ddb = ctx.stores.dynamodb_client(&t.endpoint, &t.region).await;
-            let streams = ctx.stores.streams_client(&t.endpoint, &t.region).await;
+            let ddb = ctx.stores.dynamodb_client(&t.endpoint, &t.region).await?;
+            let streams = ctx.stores.streams_client(&t.endpoint, &t.region).await?;
             let source = DynamoStreamSource::for_table(&ddb, streams, &t.table_name).await?;
             Ok(Box::new(
                 ShardedFeed::new(source, start_of(f.start_position), checkpoint)
@@ -104,6 +104,7 @@ pub async fn open_feed(
         }
         (Some(Feed::Kafka(k)), _) => {
             let topic = k.topic.unwrap_or_default();
+            ctx.stores.check_endpoint(&topic.bootstrap_servers)?;
             let brokers = if topic.bootstrap_servers.is_empty() {
                 ctx.config.kafka_brokers.clone().ok_or_else(|| {
                     UnitFailure::terminal("no Kafka brokers: set the topic's bootstrap_servers or the replicator's kafka_brokers")
