@@ -23,7 +23,6 @@ mod table;
 
 use std::path::Path;
 
-use rusqlite::Connection;
 
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::value::Item;
@@ -82,7 +81,7 @@ impl EmbeddedStore {
     /// # Errors
     /// When SQLite cannot allocate it.
     pub fn in_memory() -> ConnectorResult<Self> {
-        let conn = Connection::open_in_memory()?;
+        let conn = rusqlite::Connection::open_in_memory()?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
             conn: SharedConnection::new(conn),

@@ -75,6 +75,7 @@ async fn serve() -> anyhow::Result<Deployment> {
         data_dir: dir.path().to_owned(),
         worker_id: unique_name("bench-verifier"),
         concurrency: 1,
+        ..verifier::Config::default()
     };
     // The local endpoint with the local set-up's test credentials.
     let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
