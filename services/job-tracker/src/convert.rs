@@ -544,11 +544,13 @@ pub fn page(token: &str, field: &str) -> Result<usize, FieldError> {
         .map_err(|_| FieldError::new(field, "is not a token returned by this API"))
 }
 
+/// A page size as AIP-158 has it: 0 means the default (100), more than the
+/// maximum (1000) is lowered to it; only a negative one is refused.
 pub fn page_size(size: i32, field: &str) -> Result<usize, FieldError> {
     match size {
         0 => Ok(100),
-        s if (1..=1000).contains(&s) => Ok(usize::try_from(s).unwrap_or(100)),
-        _ => Err(FieldError::new(field, "must be between 1 and 1000")),
+        s if s < 0 => Err(FieldError::new(field, "must not be negative")),
+        s => Ok(usize::try_from(s.min(1000)).unwrap_or(1000)),
     }
 }
 
@@ -565,4 +567,21 @@ pub fn paginate<T: Clone>(items: &[T], offset: usize, size: usize) -> (Vec<T>, S
         String::new()
     };
     (slice, next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_over_the_maximum_are_lowered_not_refused() {
+        assert_eq!(page_size(0, "page_size").unwrap(), 100);
+        assert_eq!(page_size(1, "page_size").unwrap(), 1);
+        assert_eq!(page_size(1000, "page_size").unwrap(), 1000);
+        assert_eq!(page_size(1001, "page_size").unwrap(), 1000);
+        assert_eq!(page_size(i32::MAX, "page_size").unwrap(), 1000);
+        let err = page_size(-1, "page_size").unwrap_err();
+        assert_eq!(err.field, "page_size");
+        assert!(page_size(i32::MIN, "page_size").is_err());
+    }
 }

@@ -1743,6 +1743,8 @@ async fn undecodable_kafka_messages_are_dead_lettered_and_committed() {
         .replicator
         .list_dead_letters(pb::ListDeadLettersRequest {
             name: name.clone(),
+            // More than the maximum is lowered to it (AIP-158), not refused.
+            page_size: 5000,
             ..Default::default()
         })
         .await

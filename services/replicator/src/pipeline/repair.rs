@@ -177,15 +177,16 @@ pub async fn list_dead_letters(
     r: &Replicator,
     req: ListDeadLettersRequest,
 ) -> ReplicatorResult<ListDeadLettersResponse> {
+    // AIP-158: 0 is the default, more than the maximum is lowered to it.
     let size = match req.page_size {
         0 => 100,
-        n @ 1..=1000 => usize::try_from(n).unwrap_or(100),
-        _ => {
+        n if n < 0 => {
             return Err(ReplicatorError::Invalid(vec![FieldError::new(
                 "page_size",
-                "0 to 1000",
+                "must not be negative",
             )]));
         }
+        n => usize::try_from(n.min(1000)).unwrap_or(1000),
     };
     // The token is the last id of the previous page (a UUID).
     let after = if req.page_token.is_empty() {
