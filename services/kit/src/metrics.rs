@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 struct RpcLabels {
     /// `/package.Service/Method`.
     rpc: String,
-    /// gRPC status code name, e.g. `Ok`, `InvalidArgument`.
+    /// gRPC status code name, e.g. `OK`, `INVALID_ARGUMENT`.
     code: String,
 }
 
@@ -167,56 +167,191 @@ impl<S, B, RB> tower::Service<http::Request<B>> for MetricsService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
     S::Future: Send + 'static,
-    S::Error: 'static,
+    S::Error: Into<tower::BoxError> + 'static,
     RB: 'static,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Error = tower::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, tower::BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let rpc = req.uri().path().to_owned();
-        let metrics = self.metrics.clone();
-        let start = Instant::now();
+        // Recorded however the call ends: answered, refused by a layer
+        // inside (shed, unauthenticated), or dropped unanswered (the
+        // client cancelled, or the server's timeout fired outside).
+        let mut pending = Pending {
+            metrics: Some(self.metrics.clone()),
+            rpc: req.uri().path().to_owned(),
+            start: Instant::now(),
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let result = fut.await;
-            // Errors travel as trailers-only responses whose headers carry
-            // grpc-status; a response without it is a (possibly streaming) OK.
+            let result = fut.await.map_err(Into::into);
             let code = match &result {
+                // Errors travel as trailers-only responses whose headers
+                // carry grpc-status; without it, a (streaming) OK.
                 Ok(resp) => resp
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32),
-                Err(_) => tonic::Code::Unavailable,
+                // What tonic answers the client for this error.
+                Err(e) => error_code(e.as_ref()),
             };
-            metrics.record(&rpc, &format!("{code:?}"), start.elapsed().as_secs_f64());
+            pending.finish(code);
             result
         })
     }
 }
 
+/// The code tonic sends for an error a layer returned: RESOURCE_EXHAUSTED
+/// for a shed request, CANCELLED for a timeout, else what the error is.
+fn error_code(e: &(dyn std::error::Error + Send + Sync + 'static)) -> tonic::Code {
+    if e.is::<tower::load_shed::error::Overloaded>() {
+        tonic::Code::ResourceExhausted
+    } else if e.is::<tonic::TimeoutExpired>() || e.is::<tower::timeout::error::Elapsed>() {
+        tonic::Code::Cancelled
+    } else if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        status.code()
+    } else {
+        tonic::Code::Unknown
+    }
+}
+
+/// An RPC not yet recorded; counted as CANCELLED if dropped unanswered.
+struct Pending {
+    metrics: Option<Metrics>,
+    rpc: String,
+    start: Instant,
+}
+
+impl Pending {
+    fn finish(&mut self, code: tonic::Code) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.record(
+                &self.rpc,
+                code_name(code),
+                self.start.elapsed().as_secs_f64(),
+            );
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled);
+    }
+}
+
+/// The gRPC name of a status code, as the gRPC spec and other
+/// implementations' metrics spell it (`OK`, `RESOURCE_EXHAUSTED`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tower::{Service as _, ServiceBuilder, ServiceExt as _};
+
     use super::*;
+
+    fn request(path: &str) -> http::Request<()> {
+        http::Request::builder().uri(path).body(()).unwrap()
+    }
+
+    /// The server's order (server.rs): metrics outside load shedding over
+    /// the concurrency limit. A shed call counts as RESOURCE_EXHAUSTED (what
+    /// tonic answers), one dropped unanswered (a timeout outside, a client
+    /// that went away) as CANCELLED, and codes carry their gRPC names.
+    #[tokio::test]
+    async fn shed_cancelled_and_refused_calls_are_counted_by_grpc_name() {
+        let metrics = Metrics::default();
+        let svc = ServiceBuilder::new()
+            .layer(MetricsLayer::new(metrics.clone()))
+            .layer(tower::load_shed::LoadShedLayer::new())
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(1))
+            .service_fn(|req: http::Request<()>| async move {
+                match req.uri().path() {
+                    "/slow" => tokio::time::sleep(Duration::from_secs(3600)).await,
+                    "/bad" => {
+                        return Ok::<_, tower::BoxError>(
+                            http::Response::builder()
+                                .header("grpc-status", "3")
+                                .body(())
+                                .unwrap(),
+                        );
+                    }
+                    _ => {}
+                }
+                Ok(http::Response::new(()))
+            });
+        // The slow call takes the only permit (when its service is ready)…
+        let mut holder = svc.clone();
+        let slow = holder.ready().await.unwrap().call(request("/slow"));
+        // …so the next one is shed.
+        let shed = svc.clone().oneshot(request("/shed")).await;
+        assert!(shed.is_err());
+        // The slow one never answers: a timeout drops it.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), slow)
+                .await
+                .is_err()
+        );
+        drop(holder);
+        svc.clone().oneshot(request("/bad")).await.unwrap();
+        svc.clone().oneshot(request("/fine")).await.unwrap();
+        let text = metrics.encode();
+        for (rpc, code) in [
+            ("/shed", "RESOURCE_EXHAUSTED"),
+            ("/slow", "CANCELLED"),
+            ("/bad", "INVALID_ARGUMENT"),
+            ("/fine", "OK"),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "tidemark_rpc_requests_total{{rpc=\"{rpc}\",code=\"{code}\"}} 1"
+                )),
+                "{rpc} as {code}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn encodes_rpc_and_service_metrics() {
         let metrics = Metrics::default();
-        metrics.record("/tidemark.x.v1.XService/Do", "Ok", 0.002);
+        metrics.record("/tidemark.x.v1.XService/Do", "OK", 0.002);
         metrics
             .gauge("replication_lag_records", "records behind the source")
             .set(42);
         let text = metrics.encode();
         assert!(
             text.contains(
-                "tidemark_rpc_requests_total{rpc=\"/tidemark.x.v1.XService/Do\",code=\"Ok\"} 1"
+                "tidemark_rpc_requests_total{rpc=\"/tidemark.x.v1.XService/Do\",code=\"OK\"} 1"
             ),
             "{text}"
         );

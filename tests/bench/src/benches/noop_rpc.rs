@@ -128,7 +128,7 @@ fn kit_counted_checks(metrics: &tidemark_kit::Metrics) -> u64 {
         .find(|l| {
             l.starts_with("tidemark_rpc_requests_total{")
                 && l.contains("rpc=\"/grpc.health.v1.Health/Check\"")
-                && l.contains("code=\"Ok\"")
+                && l.contains("code=\"OK\"")
         })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
