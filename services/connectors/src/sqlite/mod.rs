@@ -23,7 +23,6 @@ mod table;
 
 use std::path::Path;
 
-
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::value::Item;
 
