@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod health;
 pub mod jobs;

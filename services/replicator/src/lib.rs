@@ -2,7 +2,6 @@
 //! follows their change streams into Elasticsearch, DynamoDB and S3,
 //! idempotently and in version order; reports lag, drains, repairs.
 
-mod allow;
 mod backfill;
 mod config;
 mod context;

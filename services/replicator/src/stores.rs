@@ -30,7 +30,7 @@ pub struct OpenTable {
 #[derive(Clone)]
 pub struct Stores {
     /// The endpoints a request may name (#19 security).
-    allow: crate::allow::AllowList,
+    allow: tidemark_kit::endpoints::AllowList,
     aws_endpoint: Option<String>,
     elasticsearch_url: Option<String>,
     data_dir: PathBuf,
@@ -53,7 +53,7 @@ impl Stores {
             config.kafka_brokers.as_deref(),
         ];
         Self {
-            allow: crate::allow::AllowList::new(
+            allow: tidemark_kit::endpoints::AllowList::new(
                 own.into_iter().flatten(),
                 &config.allowed_endpoints,
             ),
@@ -71,7 +71,7 @@ impl Stores {
     /// # Errors
     /// `InvalidInput` saying how to allow it.
     pub fn check_endpoint(&self, endpoint: &str) -> ConnectorResult<()> {
-        self.allow.check(endpoint)
+        self.allow.check(endpoint).map_err(invalid)
     }
 
     /// # Errors

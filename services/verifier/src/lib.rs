@@ -74,6 +74,10 @@ pub struct Config {
     /// (S) and `seq` (S), shared by the replicas; unset: a table in
     /// `data_dir`.
     pub mismatch_table: Option<String>,
+    /// Endpoints a spec may name for its stores besides the ones above
+    /// (comma-separated URLs or host:port; `*`: any). The verifier reads
+    /// them with its own credentials, so the default allows only its own.
+    pub allowed_endpoints: String,
 }
 
 impl Default for Config {
@@ -90,6 +94,7 @@ impl Default for Config {
             drill_batch_entries: drill::DrillLimits::default().batch_entries,
             max_mismatches_kept: drill::DrillLimits::default().max_kept,
             mismatch_table: None,
+            allowed_endpoints: String::new(),
         }
     }
 }
@@ -241,6 +246,15 @@ pub async fn register_with(
         config.data_dir.clone(),
     );
     env.aws_base = aws;
+    env.allow = tidemark_kit::endpoints::AllowList::new(
+        [
+            config.aws_endpoint.as_deref(),
+            config.elasticsearch_url.as_deref(),
+        ]
+        .into_iter()
+        .flatten(),
+        &config.allowed_endpoints,
+    );
     let mismatch_table: Arc<dyn tidemark_connectors::SourceTable> = match &config.mismatch_table {
         Some(name) => Arc::new(
             env.own_dynamo(name)

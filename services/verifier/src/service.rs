@@ -195,10 +195,20 @@ impl Verifier {
                 "1-128 characters of letters, digits and ._:/-, starting with a letter or digit",
             ));
         }
-        if let Some(spec) = &r.spec
-            && let Err(v) = Spec::from_proto(spec, "spec")
-        {
-            violations.extend(v);
+        match r.spec.as_ref().map(|s| Spec::from_proto(s, "spec")) {
+            Some(Err(v)) => violations.extend(v),
+            Some(Ok(spec)) => {
+                let sides = [
+                    ("spec.source", Some(&spec.source)),
+                    ("spec.target", spec.target.as_ref()),
+                ];
+                for (field, store) in sides {
+                    if let Some(Err(e)) = store.map(|s| self.state.env.check_store(s)) {
+                        violations.push(FieldError::new(field, e));
+                    }
+                }
+            }
+            None => {}
         }
         if !violations.is_empty() {
             return Err(VerifierError::Invalid(violations));

@@ -53,6 +53,8 @@ pub struct Env {
     pub aws_base: Option<aws_config::SdkConfig>,
     /// One handle per embedded database file, shared by every verification.
     sqlite: Mutex<HashMap<PathBuf, EmbeddedStore>>,
+    /// The endpoints a spec may name (#19 security).
+    pub allow: tidemark_kit::endpoints::AllowList,
 }
 
 impl Env {
@@ -67,6 +69,21 @@ impl Env {
             data_dir,
             aws_base: None,
             sqlite: Mutex::default(),
+            allow: tidemark_kit::endpoints::AllowList::default(),
+        }
+    }
+
+    /// Whether a spec may name `store`'s endpoint: the verifier reaches it
+    /// with its own credentials.
+    ///
+    /// # Errors
+    /// What to tell the caller: the endpoint and how to allow it.
+    pub fn check_store(&self, store: &Store) -> Result<(), String> {
+        match store {
+            Store::Dynamo { endpoint, .. }
+            | Store::Elasticsearch { endpoint, .. }
+            | Store::S3 { endpoint, .. } => self.allow.check(endpoint.as_deref().unwrap_or("")),
+            Store::Sqlite { .. } => Ok(()),
         }
     }
 
@@ -257,6 +274,10 @@ impl Sides {
     /// # Errors
     /// `NotFound` naming a missing store; what the store fails with.
     pub async fn open(spec: &Spec, env: &Env) -> ConnectorResult<Self> {
+        for store in std::iter::once(&spec.source).chain(&spec.target) {
+            env.check_store(store)
+                .map_err(|e| ConnectorError::invalid("verifier", e))?;
+        }
         let reverse: BTreeMap<String, String> = spec
             .renames
             .iter()

@@ -1153,3 +1153,37 @@ async fn bad_specs_are_invalid_argument_naming_the_field() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
+
+/// A spec may name only the verifier's own endpoints and those its
+/// configuration allows: it reads them with its own credentials. A refused
+/// spec creates nothing.
+#[tokio::test]
+async fn endpoints_a_spec_names_must_be_allowed() {
+    let mut h = harness().await;
+    let mut source = dynamo_store("items");
+    if let Some(Store::DynamodbTable(t)) = source.store.as_mut() {
+        t.endpoint = "http://169.254.169.254".to_owned();
+    }
+    let job_name = unique_name("verify-endpoint");
+    let status = h
+        .client
+        .start_verification(pb::StartVerificationRequest {
+            job_name: job_name.clone(),
+            spec: Some(spec(source, Some(es_store("items")), vec![count("count")])),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("spec.source") && status.message().contains("allowed_endpoints"),
+        "{status:?}"
+    );
+    let job = h.jobs.get_job(jpb::GetJobRequest { name: job_name }).await;
+    assert_eq!(
+        job.unwrap_err().code(),
+        Code::NotFound,
+        "a refused spec created its job"
+    );
+}

@@ -1,12 +1,11 @@
-//! Which endpoints a request may point the replicator at (#19 security).
-//! A store in a request may name its own endpoint (a DynamoDB or S3
-//! endpoint, an Elasticsearch URL, Kafka bootstrap servers); the replicator
-//! then calls it with its own credentials (its IAM role), so an unchecked
-//! endpoint lets any caller make it reach any host. Requests may name the
-//! replicator's own configured endpoints, and those in `allowed_endpoints`;
-//! anything else is INVALID_ARGUMENT on the store's field.
-
-use tidemark_connectors::ConnectorError;
+//! Which endpoints a request may point a service at (#19 security). A
+//! store in a request may name its own endpoint (a DynamoDB or S3 endpoint,
+//! an Elasticsearch URL, Kafka bootstrap servers); the replicator and the
+//! verifier then call it with their own credentials (their IAM role), so an
+//! unchecked endpoint lets any caller make them reach any host. Requests may
+//! name the service's own configured endpoints and those in its
+//! `allowed_endpoints`; anything else is INVALID_ARGUMENT on the store's
+//! field.
 
 /// The endpoints a request may name, as `host:port` (scheme and path do
 /// not matter: the same host and port reach the same service).
@@ -48,8 +47,8 @@ fn authority(endpoint: &str) -> String {
 }
 
 impl AllowList {
-    /// The replicator's own endpoints, plus `allowed` (comma-separated;
-    /// `*` allows any endpoint).
+    /// The service's own endpoints, plus `allowed` (comma-separated; `*`
+    /// allows any endpoint).
     pub fn new<'a>(own: impl IntoIterator<Item = &'a str>, allowed: &str) -> Self {
         let mut list = Self::default();
         for entry in own
@@ -67,23 +66,20 @@ impl AllowList {
         list
     }
 
-    /// Whether a request may name `endpoint` (empty: the replicator's own,
+    /// Whether a request may name `endpoint` (empty: the service's own,
     /// always allowed). A Kafka bootstrap list is allowed when every one of
     /// its brokers is.
     ///
     /// # Errors
-    /// `InvalidInput` naming the endpoint and how to allow it.
-    pub fn check(&self, endpoint: &str) -> Result<(), ConnectorError> {
+    /// What to tell the caller: the endpoint and how to allow it.
+    pub fn check(&self, endpoint: &str) -> Result<(), String> {
         if self.any || endpoint.trim().is_empty() {
             return Ok(());
         }
         for one in endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             if !self.hosts.contains(&authority(one)) {
-                return Err(ConnectorError::invalid(
-                    "datastore",
-                    format!(
-                        "endpoint {one:?} is not one this replicator may reach: name no endpoint to use the replicator's own, or add it to the replicator's allowed_endpoints (TIDEMARK_ALLOWED_ENDPOINTS)"
-                    ),
+                return Err(format!(
+                    "endpoint {one:?} is not one this service may reach: name no endpoint to use the service's own, or add it to the service's allowed_endpoints (TIDEMARK_ALLOWED_ENDPOINTS)"
                 ));
             }
         }
@@ -126,10 +122,7 @@ mod tests {
             "https://search.internal.evil.com",
         ] {
             let err = list.check(refused).unwrap_err();
-            assert!(
-                err.to_string().contains("allowed_endpoints"),
-                "{refused}: {err}"
-            );
+            assert!(err.contains("allowed_endpoints"), "{refused}: {err}");
         }
     }
 
