@@ -578,6 +578,25 @@ impl Sink for DynamoSink {
         Ok(self.table.get(key).await?.and_then(strip_reserved))
     }
 
+    async fn purge(&self, keys: &[Key]) -> ConnectorResult<u64> {
+        let exists = Predicate::ItemExists;
+        let deletes: Vec<_> = keys
+            .iter()
+            .map(|key| async {
+                match self.table.delete(key, Some(&exists)).await {
+                    Ok(()) => Ok(RecordOutcome::Applied),
+                    Err(ConnectorError::Precondition(_)) => Ok(RecordOutcome::Stale),
+                    Err(e) => Err(e),
+                }
+            })
+            .collect();
+        let outcomes = crate::traits::apply_in_order(deletes, self.concurrency).await?;
+        Ok(outcomes
+            .iter()
+            .filter(|o| matches!(o, RecordOutcome::Applied))
+            .count() as u64)
+    }
+
     async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>> {
         if buckets == 0 {
             return Err(ConnectorError::invalid(

@@ -585,6 +585,15 @@ impl Sink for S3Sink {
         crate::traits::apply_in_order(writes, self.concurrency).await
     }
 
+    async fn purge(&self, keys: &[Key]) -> ConnectorResult<u64> {
+        let objects: Vec<String> = keys.iter().map(|k| object_key(&self.prefix, k)).collect();
+        let mut removed = 0;
+        for chunk in objects.chunks(1000) {
+            removed += self.delete_batch(chunk).await?;
+        }
+        Ok(removed)
+    }
+
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {
         let object = object_key(&self.prefix, key);
         let found = retry(&self.retry, "get", || self.get(&object)).await?;

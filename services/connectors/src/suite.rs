@@ -324,6 +324,48 @@ pub async fn sink(sink: &dyn Sink, other: &dyn Sink) {
         1,
         "one changed item changes one bucket"
     );
+
+    // A purge removes keys outright, tombstones included: a rolled-back
+    // unit copies again at its items' own (lower) versions.
+    let (live, gone) = (key("purge", "live"), key("purge", "gone"));
+    let at = |k: &Key, version: u64, op: SinkOp| SinkRecord {
+        key: k.clone(),
+        version,
+        op,
+    };
+    let live_item = |n: i64| item("purge", "live", &[("n", AttrValue::n(n))]);
+    sink.apply(&[
+        at(&live, 5, SinkOp::Upsert(live_item(5))),
+        at(&gone, 1_700_000_000_000_000, SinkOp::Delete),
+    ])
+    .await
+    .expect("apply");
+    let purged = sink
+        .purge(&[live.clone(), gone.clone()])
+        .await
+        .expect("purge");
+    assert!(purged >= 2, "both went, the tombstone too: {purged}");
+    assert_eq!(sink.read(&live).await.expect("read"), None);
+    let again = sink
+        .apply(&[
+            at(&live, 1, SinkOp::Upsert(live_item(1))),
+            at(&gone, 1, SinkOp::Upsert(item("purge", "gone", &[]))),
+        ])
+        .await
+        .expect("apply");
+    assert_eq!(
+        again,
+        vec![RecordOutcome::Applied; 2],
+        "nothing of a purged key outranks a later write"
+    );
+    assert_eq!(
+        sink.read(&live).await.expect("read"),
+        Some((1, live_item(1)))
+    );
+    assert!(
+        sink.read(&key("batch", "0")).await.expect("read").is_some(),
+        "a purge removes only its keys"
+    );
 }
 
 /// Polls `feed` until `want` records arrived or `timeout` passed.

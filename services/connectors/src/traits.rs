@@ -232,6 +232,13 @@ pub trait Sink: Send + Sync {
     async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>>;
     /// The live item and its version; `None` when absent or deleted.
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>>;
+    /// Removes these keys outright, tombstones included, so nothing of them
+    /// outranks a later write at any version: the rollback of a unit's
+    /// partial copy (the unit is then absent from the target, not deleted
+    /// in it, and copies again with its items' own versions). Returns how
+    /// many items (live or tombstones) went. Never for replication, where
+    /// a tombstone is what keeps an older record from resurrecting a key.
+    async fn purge(&self, keys: &[Key]) -> ConnectorResult<u64>;
     /// Live items bucketed by [`crate::value::key_hash`] `% buckets`, each
     /// bucket with a count and a digest of (key, version, item).
     async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>>;

@@ -914,3 +914,110 @@ async fn an_extract_queries_its_changed_items_index_per_partition_value() {
         3
     );
 }
+
+/// A unit with a version attribute (items at version 3) into Elasticsearch
+/// fails once and is rolled back; the rerun migrates it whole at the items'
+/// own versions. A rollback that left tombstones at a time-derived version
+/// made every later copy stale, so the unit could never migrate (#19.10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_versioned_unit_migrates_on_the_rerun() {
+    let name = unique_name("vunits");
+    let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
+        .await
+        .unwrap();
+    let puts: Vec<Item> = (0..120)
+        .map(|i| {
+            item(&[
+                ("id", AttrValue::s(format!("v1-{i:03}"))),
+                ("courseId", AttrValue::s("v1")),
+                ("v", AttrValue::n(3i64)),
+            ])
+        })
+        .collect();
+    futures::future::try_join_all(puts.iter().map(|it| table.put(it, None)))
+        .await
+        .unwrap();
+    let index = unique_name("vunits");
+    let spec = pb::MigrateUnitSpec {
+        source: Some(table_ref(&name)),
+        unit_attribute: "courseId".to_owned(),
+        version_attribute: "v".to_owned(),
+        target: Some(common_pb::DataStore {
+            store: Some(common_pb::data_store::Store::ElasticsearchIndex(
+                common_pb::ElasticsearchIndexRef {
+                    index: index.clone(),
+                    endpoint: String::new(),
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    let job = unique_name("vmigrate");
+    let units = vec!["v1".to_owned()];
+    let dir = tempfile::tempdir().unwrap();
+    let first_run = {
+        let mut plane = plane_in(dir.path(), |c| c.inject_unit_fault = Some("v1".to_owned())).await;
+        let started = plane
+            .replicator
+            .migrate_unit(pb::MigrateUnitRequest {
+                job_name: job.clone(),
+                spec: Some(spec.clone()),
+                unit_keys: units.clone(),
+                actor: "test".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let run = wait_run(&mut plane.jobs, &started.run_id).await;
+        assert_eq!(run.status, jt::RunStatus::Failed as i32, "{run:?}");
+        plane.stop.cancel();
+        started.run_id
+    };
+    let es = tidemark_connectors::testing::local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let reader = tidemark_connectors::elasticsearch::ElasticsearchSink::connect(
+        &es,
+        &index,
+        KeySchema::new("id", None),
+    )
+    .await
+    .unwrap();
+    let live = || async {
+        reader
+            .digest(1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.count)
+            .sum::<u64>()
+    };
+    assert_eq!(live().await, 0, "the failed unit left no copy");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut plane = plane_in(dir.path(), |_| {}).await;
+    plane
+        .jobs
+        .acknowledge_failure(jt::AcknowledgeFailureRequest {
+            job_name: job.clone(),
+            run_id: first_run,
+            actor: "test".to_owned(),
+            reason: "fault was injected".to_owned(),
+        })
+        .await
+        .unwrap();
+    let started = plane
+        .replicator
+        .migrate_unit(pb::MigrateUnitRequest {
+            job_name: job.clone(),
+            unit_keys: units,
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let run = wait_run(&mut plane.jobs, &started.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+    assert_eq!(live().await, 120, "the rerun copied the whole unit");
+    let key = tidemark_connectors::Key::single("id", AttrValue::s("v1-007"));
+    assert_eq!(reader.read(&key).await.unwrap().map(|(v, _)| v), Some(3));
+}

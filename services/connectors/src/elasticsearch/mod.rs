@@ -180,6 +180,10 @@ impl Sink for ElasticsearchSink {
         self.get_live(key).await
     }
 
+    async fn purge(&self, keys: &[Key]) -> ConnectorResult<u64> {
+        self.purge_keys(keys).await
+    }
+
     async fn digest(&self, buckets: u32) -> ConnectorResult<Vec<BucketDigest>> {
         self.digest_live(buckets).await
     }

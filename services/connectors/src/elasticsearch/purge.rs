@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::client::{request_error, status_error};
 use super::{BACKEND, DELETED_AT_FIELD, DELETED_FIELD, ElasticsearchSink};
 use crate::error::{ConnectorError, ConnectorResult};
+use crate::value::Key;
 
 /// Backing indexes named in one `_delete_by_query` (its URL stays short).
 const INDEXES_PER_REQUEST: usize = 50;
@@ -55,6 +56,36 @@ impl ElasticsearchSink {
         }
         if deleted > 0 {
             tracing::info!(deleted, "purged expired tombstones");
+        }
+        Ok(deleted)
+    }
+
+    /// Removes the documents of these keys, tombstones included, from every
+    /// backing index (a templated sink's key may be in any of them), after a
+    /// refresh so the query sees every acknowledged write. Returns how many
+    /// documents went.
+    ///
+    /// # Errors
+    /// A key without a document id, or Elasticsearch refusing the query.
+    pub(super) async fn purge_keys(&self, keys: &[Key]) -> ConnectorResult<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let ids = keys
+            .iter()
+            .map(|k| {
+                self.document_id(k)
+                    .map_err(|m| ConnectorError::invalid(BACKEND, m))
+            })
+            .collect::<ConnectorResult<Vec<String>>>()?;
+        self.refresh().await?;
+        let indexes = self.backing_indices().await?;
+        let mut deleted = 0;
+        for chunk in ids.chunks(1000) {
+            let body = json!({"query": {"ids": {"values": chunk}}});
+            for group in indexes.chunks(INDEXES_PER_REQUEST) {
+                deleted += self.delete_by_query(&group.join(","), &body).await?;
+            }
         }
         Ok(deleted)
     }

@@ -60,6 +60,26 @@ impl Sink for EmbeddedSink {
             .await
     }
 
+    async fn purge(&self, keys: &[Key]) -> ConnectorResult<u64> {
+        let sink = self.name.clone();
+        let keys: Vec<String> = keys.iter().map(Key::canonical).collect();
+        self.store
+            .conn
+            .run(move |conn| {
+                let tx = conn.transaction()?;
+                let mut removed = 0u64;
+                for k in &keys {
+                    removed += tx.execute(
+                        "DELETE FROM tm_sink WHERE sink = ?1 AND k = ?2",
+                        params![sink, k],
+                    )? as u64;
+                }
+                tx.commit()?;
+                Ok(removed)
+            })
+            .await
+    }
+
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {
         let sink = self.name.clone();
         let k = key.canonical();

@@ -350,29 +350,20 @@ impl Unit<'_> {
     }
 
     /// Removes the unit's copy from the target: the whole unit prefix for S3,
-    /// versioned deletes of the unit's keys elsewhere. Returns how many
-    /// objects or items were removed.
+    /// the unit's keys purged (tombstones included) elsewhere. Returns how
+    /// many objects or items were removed.
     async fn remove_copy(&self, keys: &BTreeSet<Key>) -> Result<u64, UnitFailure> {
         if let SinkHandle::S3(s3) = &self.target {
             return s3.delete_prefix().await.map_err(UnitFailure::from);
         }
+        // Purged, not deleted: a tombstone at any version could outrank the
+        // items' own versions (with `version_attribute`) and refuse every
+        // later attempt's copy as stale (#19.10).
         let sink = self.target.sink();
-        let version = micros_now();
-        let batch: Vec<SinkRecord> = keys
-            .iter()
-            .map(|k| SinkRecord {
-                key: k.clone(),
-                version,
-                op: SinkOp::Delete,
-            })
-            .collect();
+        let keys: Vec<Key> = keys.iter().cloned().collect();
         let mut removed = 0;
-        for chunk in batch.chunks(BATCH) {
-            let outcomes = sink.apply(chunk).await?;
-            removed += outcomes
-                .iter()
-                .filter(|o| matches!(o, RecordOutcome::Applied))
-                .count();
+        for chunk in keys.chunks(BATCH) {
+            removed += sink.purge(chunk).await?;
         }
         Ok(u64::try_from(removed).unwrap_or(u64::MAX))
     }
