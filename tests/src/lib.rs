@@ -428,8 +428,9 @@ impl ServerHandle {
     }
 }
 
-/// Runs the `tidemark` binary against `endpoint` with `args` (no token from
-/// the environment) and returns what it printed and its exit status.
+/// Runs the `tidemark` binary against `endpoint` with `args` (no token,
+/// per-service URL or context from the environment, no config file) and
+/// returns what it printed and its exit status.
 ///
 /// # Panics
 /// When the binary cannot be built or started.
@@ -440,6 +441,8 @@ pub async fn tidemark(endpoint: &str, args: &[&str]) -> std::process::Output {
         .arg(endpoint)
         .args(args)
         .env_remove("TIDEMARK_TOKEN")
+        .env_remove("TIDEMARK_CONTEXT")
+        .env("TIDEMARK_CONFIG", "/nonexistent/tidemark/config.toml")
         .output()
         .await
         .expect("run tidemark")

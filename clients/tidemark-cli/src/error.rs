@@ -20,6 +20,9 @@ pub const EXIT_INVALID: u8 = 65;
 pub enum CliError {
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The config file, a context or a file it names is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::target::ConfigError),
     /// An argument or plan that cannot be sent; `hint` says how to fix it.
     #[error("{message}")]
     Invalid { message: String, hint: String },
@@ -65,6 +68,13 @@ pub type CliResult = Result<(), CliError>;
 pub fn report(err: &CliError, endpoint: &str) -> ExitCode {
     let err = match err {
         CliError::Client(e) => e,
+        CliError::Config(e) => {
+            eprintln!("error: {e}");
+            eprintln!(
+                "hint: contexts live in the config file (--config, TIDEMARK_CONFIG); see `tidemark help`"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
         CliError::Invalid { message, hint } | CliError::Failed { message, hint } => {
             eprintln!("error: {message}");
             if !hint.is_empty() {
@@ -91,7 +101,7 @@ pub fn report(err: &CliError, endpoint: &str) -> ExitCode {
                 Code::InvalidArgument => (EXIT_INVALID, "fix the argument named above"),
                 Code::Unavailable => (
                     EXIT_UNAVAILABLE,
-                    "is Tidemark running there? start one with `tidemark dev`, or pass --endpoint",
+                    "is Tidemark running there? start one with `tidemark dev`, or pass --endpoint (or --job-tracker, --replicator, --verifier, --stats-aggregator, --context)",
                 ),
                 Code::Unauthenticated => (EXIT_FAILURE, "pass --token or set TIDEMARK_TOKEN"),
                 Code::AlreadyExists => (

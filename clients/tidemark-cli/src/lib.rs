@@ -24,5 +24,6 @@ pub mod output;
 pub mod progress;
 pub mod replicate;
 pub mod stats;
+pub mod target;
 pub mod verify;
 pub mod work;

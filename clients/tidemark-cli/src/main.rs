@@ -1,13 +1,13 @@
 //! `tidemark`: the command line of the Tidemark control plane.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tidemark_cli::error::{CliResult, EXIT_CONFIG, report};
 use tidemark_cli::output::Output;
-use tidemark_cli::{cutover, dev, jobs, replicate, stats, verify, work};
+use tidemark_cli::target::TargetArgs;
+use tidemark_cli::{cutover, dev, jobs, replicate, stats, target, verify, work};
 use tidemark_client::spec::parse_duration;
 use tidemark_client::{Options, Tidemark};
 
@@ -18,25 +18,8 @@ const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure; 2 bad usage; 3 not f
 #[derive(Parser)]
 #[command(name = "tidemark", version, about = "Move live data between stores without losing or double-counting an update", after_help = EXIT_CODES)]
 struct Cli {
-    /// Tidemark endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "TIDEMARK_ENDPOINT",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    endpoint: String,
-    /// Bearer token, when the services require one.
-    #[arg(long, global = true, env = "TIDEMARK_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// PEM file of the CA that signed the server's certificate (https://
-    /// endpoints with a private CA).
-    #[arg(long, global = true, env = "TIDEMARK_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Name to check the server's certificate against, when it differs from
-    /// the endpoint's host.
-    #[arg(long, global = true, env = "TIDEMARK_TLS_DOMAIN")]
-    tls_domain: Option<String>,
+    #[command(flatten)]
+    target: TargetArgs,
     /// Deadline of each call (long operations set their own, see --timeout
     /// of each command).
     #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
@@ -94,30 +77,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let tls_ca_pem = match &cli.tls_ca {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(pem) => Some(pem),
-            Err(e) => {
-                eprintln!("error: cannot read --tls-ca {}: {e}", path.display());
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => None,
+    let env = |name: &str| std::env::var(name).ok();
+    let target = match target::load(&cli.target, &env) {
+        Ok(t) => t,
+        Err(e) => return report(&e.into(), "the configured endpoints"),
+    };
+    let options = match target.options(&Options {
+        timeout: cli.call_timeout,
+        ..Options::default()
+    }) {
+        Ok(o) => o,
+        Err(e) => return report(&e.into(), &target.describe()),
     };
     // The channel spawns its connection task: create it inside the runtime.
     let _entered = runtime.enter();
-    let client = match Tidemark::connect(Options {
-        endpoint: cli.endpoint.clone(),
-        token: cli.token.clone(),
-        timeout: cli.call_timeout,
-        tls_ca_pem,
-        tls_domain: cli.tls_domain.clone(),
-        ..Options::default()
-    }) {
+    let client = match Tidemark::connect(options) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            eprintln!("hint: --endpoint takes http://HOST:PORT or https://HOST:PORT");
+            eprintln!(
+                "hint: --endpoint and the per-service URLs take http://HOST:PORT or https://HOST:PORT"
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -137,6 +117,6 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => report(&e, &cli.endpoint),
+        Err(e) => report(&e, &target.describe()),
     }
 }

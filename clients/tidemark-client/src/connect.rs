@@ -1,5 +1,7 @@
-//! One connection to a Tidemark deployment: the bearer token, the default
-//! deadline, and retries of calls that are safe to repeat.
+//! One connection to a Tidemark deployment: an endpoint per service (one
+//! for all four in `tidemark dev`, one Service each on Kubernetes), the
+//! bearer token, the default deadline, and retries of calls that are safe to
+//! repeat.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -16,11 +18,74 @@ use tonic::{Code, Request, Status};
 
 use crate::error::{ClientError, ClientResult};
 
+/// One of the four services, each reached at its own endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Service {
+    JobTracker,
+    Replicator,
+    Verifier,
+    StatsAggregator,
+}
+
+impl Service {
+    pub const ALL: [Self; 4] = [
+        Self::JobTracker,
+        Self::Replicator,
+        Self::Verifier,
+        Self::StatsAggregator,
+    ];
+
+    /// `job-tracker`, `replicator`, `verifier`, `stats-aggregator`: the
+    /// names of the binaries and of the Kubernetes Services.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::JobTracker => "job-tracker",
+            Self::Replicator => "replicator",
+            Self::Verifier => "verifier",
+            Self::StatsAggregator => "stats-aggregator",
+        }
+    }
+}
+
+/// Per-service endpoints; an unset one is [`Options::endpoint`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub job_tracker: Option<String>,
+    pub replicator: Option<String>,
+    pub verifier: Option<String>,
+    pub stats_aggregator: Option<String>,
+}
+
+impl Endpoints {
+    pub fn get(&self, service: Service) -> Option<&str> {
+        match service {
+            Service::JobTracker => self.job_tracker.as_deref(),
+            Service::Replicator => self.replicator.as_deref(),
+            Service::Verifier => self.verifier.as_deref(),
+            Service::StatsAggregator => self.stats_aggregator.as_deref(),
+        }
+    }
+
+    pub fn set(&mut self, service: Service, url: Option<String>) {
+        let slot = match service {
+            Service::JobTracker => &mut self.job_tracker,
+            Service::Replicator => &mut self.replicator,
+            Service::Verifier => &mut self.verifier,
+            Service::StatsAggregator => &mut self.stats_aggregator,
+        };
+        *slot = url;
+    }
+}
+
 /// Where and how to reach a Tidemark deployment.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// `http://host:port` or `https://host:port` (TLS with the system roots).
+    /// `http://host:port` or `https://host:port` (TLS with the system roots):
+    /// every service not given its own endpoint in `services`.
     pub endpoint: String,
+    /// A service's own endpoint, when it is not `endpoint` (each service its
+    /// own Kubernetes Service, e.g. `http://replicator:50051`).
+    pub services: Endpoints,
     /// Sent as `authorization: Bearer <token>` when set.
     pub token: Option<String>,
     /// Deadline of each unary call that does not ask for another (sent as
@@ -43,6 +108,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             endpoint: "http://127.0.0.1:50051".to_owned(),
+            services: Endpoints::default(),
             token: None,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
@@ -78,56 +144,56 @@ impl tonic::service::Interceptor for Auth {
 
 type Svc = InterceptedService<Channel, Auth>;
 
+impl Options {
+    /// The endpoint `service` is reached at: its own, else `endpoint`.
+    pub fn endpoint_of(&self, service: Service) -> &str {
+        self.services.get(service).unwrap_or(&self.endpoint)
+    }
+}
+
 /// A connection to a Tidemark deployment; cheap to clone.
 #[derive(Clone)]
 pub struct Tidemark {
-    channel: Channel,
+    /// One channel per service, in [`Service::ALL`] order; services at the
+    /// same endpoint share one channel.
+    channels: [Channel; 4],
     auth: Auth,
     options: Options,
 }
 
 impl Tidemark {
-    /// Connects (lazily: the first call dials) to `options.endpoint`.
+    /// Connects (lazily: the first call dials) each service to its endpoint
+    /// ([`Options::endpoint_of`]).
     ///
     /// # Errors
-    /// When the endpoint or token is malformed.
+    /// When an endpoint or the token is malformed.
     pub fn connect(options: Options) -> ClientResult<Self> {
-        let bad = |reason: String| ClientError::Endpoint {
-            endpoint: options.endpoint.clone(),
-            reason,
-        };
-        let mut endpoint = Endpoint::from_str(&options.endpoint)
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true);
-        if options.endpoint.starts_with("https://") {
-            // Binaries that also link the AWS SDK carry two rustls crypto
-            // providers; rustls then needs to be told which one to use.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let mut tls = match &options.tls_ca_pem {
-                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
-                None => ClientTlsConfig::new().with_enabled_roots(),
-            };
-            if let Some(domain) = &options.tls_domain {
-                tls = tls.domain_name(domain.clone());
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
-        } else if options.tls_ca_pem.is_some() {
-            return Err(bad(
-                "a TLS certificate authority was given for a plaintext endpoint: use https://"
-                    .to_owned(),
-            ));
-        }
         let header = options
             .token
             .as_deref()
             .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
             .transpose()
-            .map_err(|_| {
-                bad("the token has characters that cannot be sent in a header".to_owned())
+            .map_err(|_| ClientError::Endpoint {
+                endpoint: options.endpoint.clone(),
+                reason: "the token has characters that cannot be sent in a header".to_owned(),
             })?;
+        let mut opened: Vec<(&str, Channel)> = Vec::with_capacity(4);
+        for service in Service::ALL {
+            let url = options.endpoint_of(service);
+            if !opened.iter().any(|(u, _)| *u == url) {
+                opened.push((url, channel(&options, url)?));
+            }
+        }
+        let channels = Service::ALL.map(|service| {
+            let url = options.endpoint_of(service);
+            opened
+                .iter()
+                .find(|(u, _)| *u == url)
+                .map(|(_, c)| c.clone())
+                .expect("every endpoint was opened above")
+        });
         Ok(Self {
-            channel: endpoint.connect_lazy(),
+            channels,
             auth: Auth {
                 header,
                 timeout: options.timeout,
@@ -140,20 +206,37 @@ impl Tidemark {
         &self.options
     }
 
+    fn channel(&self, service: Service) -> Channel {
+        let i = Service::ALL
+            .iter()
+            .position(|s| *s == service)
+            .expect("ALL lists every service");
+        self.channels[i].clone()
+    }
+
     pub fn jobs(&self) -> JobTrackerServiceClient<Svc> {
-        JobTrackerServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        JobTrackerServiceClient::with_interceptor(
+            self.channel(Service::JobTracker),
+            self.auth.clone(),
+        )
     }
 
     pub fn replicator(&self) -> ReplicatorServiceClient<Svc> {
-        ReplicatorServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        ReplicatorServiceClient::with_interceptor(
+            self.channel(Service::Replicator),
+            self.auth.clone(),
+        )
     }
 
     pub fn stats(&self) -> StatsAggregatorServiceClient<Svc> {
-        StatsAggregatorServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        StatsAggregatorServiceClient::with_interceptor(
+            self.channel(Service::StatsAggregator),
+            self.auth.clone(),
+        )
     }
 
     pub fn verifier(&self) -> VerifierServiceClient<Svc> {
-        VerifierServiceClient::with_interceptor(self.channel.clone(), self.auth.clone())
+        VerifierServiceClient::with_interceptor(self.channel(Service::Verifier), self.auth.clone())
     }
 
     /// Runs an idempotent call, retrying `UNAVAILABLE` with jittered
@@ -182,6 +265,72 @@ impl Tidemark {
                 }
                 Err(s) => return Err(s.into()),
             }
+        }
+    }
+}
+
+/// A lazily connected channel to `url`, with the TLS settings of `options`.
+fn channel(options: &Options, url: &str) -> ClientResult<Channel> {
+    let bad = |reason: String| ClientError::Endpoint {
+        endpoint: url.to_owned(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_str(url)
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true);
+    if url.starts_with("https://") {
+        // Binaries that also link the AWS SDK carry two rustls crypto
+        // providers; rustls then needs to be told which one to use.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut tls = match &options.tls_ca_pem {
+            Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+            None => ClientTlsConfig::new().with_enabled_roots(),
+        };
+        if let Some(domain) = &options.tls_domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    } else if options.tls_ca_pem.is_some()
+        && !Service::ALL
+            .iter()
+            .any(|s| options.endpoint_of(*s).starts_with("https://"))
+    {
+        return Err(bad(
+            "a TLS certificate authority was given for a plaintext endpoint: use https://"
+                .to_owned(),
+        ));
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_service_defaults_to_the_endpoint_and_takes_its_own() {
+        let mut options = Options {
+            endpoint: "http://all:50051".to_owned(),
+            ..Options::default()
+        };
+        options.services.replicator = Some("http://replicator:50051".to_owned());
+        assert_eq!(options.endpoint_of(Service::JobTracker), "http://all:50051");
+        assert_eq!(
+            options.endpoint_of(Service::Replicator),
+            "http://replicator:50051"
+        );
+        assert_eq!(options.endpoint_of(Service::Verifier), "http://all:50051");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_service_endpoint_is_named_in_the_error() {
+        let mut options = Options::default();
+        options.services.verifier = Some("not a url".to_owned());
+        match Tidemark::connect(options) {
+            Err(ClientError::Endpoint { endpoint, .. }) => assert_eq!(endpoint, "not a url"),
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("a malformed endpoint was accepted"),
         }
     }
 }

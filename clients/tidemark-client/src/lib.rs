@@ -13,7 +13,7 @@ mod error;
 mod ops;
 pub mod spec;
 
-pub use connect::{Auth, Options, Tidemark};
+pub use connect::{Auth, Endpoints, Options, Service, Tidemark};
 pub use cutover::{
     CutoverError, CutoverEvent, CutoverPlan, CutoverReport, Precondition, Step, StepOutcome,
     StepRecord, verdict_name,
