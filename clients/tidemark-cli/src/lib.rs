@@ -16,8 +16,10 @@ macro_rules! retried {
     }};
 }
 
+pub mod cli;
 pub mod cutover;
 pub mod dev;
+pub mod docs;
 pub mod error;
 pub mod jobs;
 pub mod output;
