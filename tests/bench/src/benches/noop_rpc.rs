@@ -198,7 +198,9 @@ async fn measure(ctx: &Context, clients: &Sides<Clients>) -> anyhow::Result<(Rou
         let r = ClosedLoop {
             concurrency: CONCURRENCY,
             warmup: ctx.time(ROUND_SETTLE),
-            duration: ctx.time(CLOSED_ROUND),
+            // At least 300 ms even in --quick: a 50 ms round on a loaded
+            // 2-core machine can end before any of 64 first requests answers.
+            duration: ctx.time(CLOSED_ROUND).max(Duration::from_millis(300)),
         }
         .run(check_op(clients.get(side)))
         .await?;
