@@ -26,7 +26,7 @@ use tidemark_proto::replicator::v1 as rpb;
 use tidemark_proto::verifier::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use crate::drill::DrillLimits;
+use crate::drill::{DrillLimits, Drilled};
 use crate::replicator::Replicator;
 use crate::side::{Consumer, Entry, Side, Sides};
 use crate::spec::{Check, CheckKind, SideKind, Spec};
@@ -101,6 +101,15 @@ pub fn classify(
             }
         }
     }
+}
+
+/// One walk of a digest check: the buckets that differ, the entries seen
+/// on each side, and what the drill-down found in those buckets.
+struct DigestRound {
+    wanted: BTreeSet<u32>,
+    source_count: i64,
+    target_count: i64,
+    drilled: Drilled,
 }
 
 /// Feeds serialised bytes straight into the hash, without a string.
@@ -473,34 +482,41 @@ impl Runner<'_> {
                 VERSIONS_ONLY_NEEDS_VERSIONS,
             ));
         }
-        let (s, t) = (Digests::new(buckets), Digests::new(buckets));
-        tokio::try_join!(
-            source.walk(s.consumer(versions, versions_only, Some(self.progress.clone()))),
-            target.walk(t.consumer(versions, versions_only, None)),
-        )?;
-        let (wanted, counts): (BTreeSet<u32>, Vec<(u64, u64)>) = {
-            let (a, b) = (
-                s.buckets.lock().expect("digest lock"),
-                t.buckets.lock().expect("digest lock"),
+        // A round whose differing buckets hold no differing key saw the data
+        // change between the walk and the drill-down: walk again after the
+        // re-check wait, up to the re-check rounds, before calling it
+        // inconclusive.
+        let mut walks = 0;
+        let round = loop {
+            let round = self.digest_round(buckets, versions, versions_only).await?;
+            let inconclusive = !round.wanted.is_empty() && round.drilled.found.is_empty();
+            if !inconclusive || walks >= self.spec.recheck.rounds || self.cancel.is_cancelled() {
+                break round;
+            }
+            walks += 1;
+            tracing::info!(
+                differing_buckets = round.wanted.len(),
+                walk = walks,
+                "the digest's differing buckets held no differing key: walking again"
             );
-            (
-                (0..buckets)
-                    .filter(|&i| a[i as usize] != b[i as usize])
-                    .collect(),
-                a.iter().zip(b.iter()).map(|(x, y)| (x.0, y.0)).collect(),
-            )
+            self.wait(Instant::now(), SystemTime::now()).await;
         };
-        let source_count = i64::try_from(s.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-        let target_count = i64::try_from(t.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
-        let drilled = self
-            .drill_down(buckets, &wanted, &counts, (versions, versions_only))
-            .await?;
-        drop(counts);
+        let DigestRound {
+            wanted,
+            source_count,
+            target_count,
+            drilled,
+        } = round;
         let found = drilled.found;
         let found_any = !found.is_empty();
         let (mut remaining, resolved, rounds) =
             self.recheck(found, versions, versions_only).await?;
         let mut detail = String::new();
+        if walks > 0 {
+            detail.push_str(&format!(
+                "; walked again {walks} time(s): the data changed between the walk and the drill-down"
+            ));
+        }
         let mut repaired = Vec::new();
         if self.spec.repair && !remaining.is_empty() {
             match self.repair(remaining, versions, versions_only).await {
@@ -576,7 +592,45 @@ impl Runner<'_> {
                 ..pb::CheckResult::default()
             },
             mismatches,
-            rounds,
+            rounds: rounds + walks,
+        })
+    }
+
+    /// One walk of both sides into bucket digests, and the drill-down of
+    /// the buckets that differ.
+    async fn digest_round(
+        &self,
+        buckets: u32,
+        versions: bool,
+        versions_only: bool,
+    ) -> ConnectorResult<DigestRound> {
+        let source = &self.sides.source;
+        let target = self.target()?;
+        let (s, t) = (Digests::new(buckets), Digests::new(buckets));
+        tokio::try_join!(
+            source.walk(s.consumer(versions, versions_only, Some(self.progress.clone()))),
+            target.walk(t.consumer(versions, versions_only, None)),
+        )?;
+        let (wanted, counts): (BTreeSet<u32>, Vec<(u64, u64)>) = {
+            let (a, b) = (
+                s.buckets.lock().expect("digest lock"),
+                t.buckets.lock().expect("digest lock"),
+            );
+            (
+                (0..buckets)
+                    .filter(|&i| a[i as usize] != b[i as usize])
+                    .collect(),
+                a.iter().zip(b.iter()).map(|(x, y)| (x.0, y.0)).collect(),
+            )
+        };
+        let drilled = self
+            .drill_down(buckets, &wanted, &counts, (versions, versions_only))
+            .await?;
+        Ok(DigestRound {
+            wanted,
+            source_count: i64::try_from(s.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+            target_count: i64::try_from(t.entries.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
+            drilled,
         })
     }
 
