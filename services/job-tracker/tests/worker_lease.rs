@@ -187,3 +187,84 @@ async fn a_worker_cut_off_from_the_job_tracker_gives_its_unit_up_in_time() {
     shutdown.cancel();
     worker.await.unwrap();
 }
+
+/// A job-tracker on a runtime of its own, so that it keeps answering while
+/// the test's runtime (the worker's) is frozen.
+fn serve_on_own_thread() -> (String, std::thread::JoinHandle<()>, CancellationToken) {
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let tracker = serve().await;
+            url_tx.send(tracker.url.clone()).unwrap();
+            stopped.cancelled().await;
+            tracker.stop.cancel();
+        });
+    });
+    (url_rx.recv().unwrap(), thread, stop)
+}
+
+#[tokio::test]
+async fn a_worker_paused_past_its_lease_is_refused_its_destructive_step() {
+    let (url, tracker, stop_tracker) = serve_on_own_thread();
+    let run_id = one_unit_run(&url, "paused").await;
+    let (claimed_tx, claimed_rx) = std::sync::mpsc::channel();
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+    let executor: Executor = Arc::new(move |claim: Claim| {
+        let claimed_tx = claimed_tx.clone();
+        let held_tx = held_tx.clone();
+        Box::pin(async move {
+            claimed_tx.send(()).unwrap();
+            // The whole process stops for two leases (a GC pause, a
+            // stopped VM): this blocks the runtime its heartbeats run on.
+            std::thread::sleep(LEASE * 2);
+            let believed_lost = claim.lease.lost().is_cancelled();
+            let held = claim.lease.hold().await;
+            held_tx.send((believed_lost, held)).unwrap();
+        })
+    });
+    // Another worker takes the unit over while the first is frozen.
+    let other = {
+        let (url, run_id) = (url.clone(), run_id.clone());
+        std::thread::spawn(move || {
+            claimed_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the first worker claims the unit");
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(claim_as_other(&url, &run_id, LEASE * 2))
+        })
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(run_worker(
+        job_tracker_client(&url, None).unwrap(),
+        options("paused"),
+        executor,
+        shutdown.clone(),
+    ));
+    let (believed_lost, held) = tokio::time::timeout(Duration::from_secs(20), held_rx.recv())
+        .await
+        .expect("the executor wakes up")
+        .unwrap();
+    let taken = other.join().unwrap();
+    assert_eq!(
+        taken
+            .expect("the unit is taken over while its worker is frozen")
+            .lease
+            .unwrap()
+            .owner,
+        "other"
+    );
+    // Nothing told the frozen worker: only asking the job-tracker does.
+    assert!(!believed_lost, "the frozen worker could not have known");
+    assert!(
+        matches!(held, Err(tidemark_kit::worker::LeaseError::Lost(_))),
+        "a worker whose unit was taken over must not remove the new holder's copy: {held:?}"
+    );
+    shutdown.cancel();
+    worker.await.unwrap();
+    stop_tracker.cancel();
+    tracker.join().unwrap();
+}

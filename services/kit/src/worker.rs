@@ -246,6 +246,65 @@ impl UnitLease {
         (self.lease_duration - self.lease_duration / 5).saturating_sub(since)
     }
 
+    /// Proves the lease is still this worker's before a destructive step
+    /// (removing a copy, switching a route): a heartbeat under the fencing
+    /// token, sent now rather than trusted from the last beat (a paused
+    /// process does not know its lease lapsed and another worker took the
+    /// unit over). Returns how long the step may take: the lease's certain
+    /// time left after the confirmation.
+    ///
+    /// # Errors
+    /// [`LeaseError::Lost`] (and `lost()` cancelled) when another worker
+    /// holds the unit, the run ended, or the lease cannot be confirmed with
+    /// time left; [`LeaseError::Rpc`] when the job-tracker did not answer.
+    pub async fn fence(&self) -> Result<Duration, LeaseError> {
+        if self.lost.is_cancelled() || self.done.is_cancelled() {
+            return Err(LeaseError::Lost(
+                "the unit's lease is no longer held".to_owned(),
+            ));
+        }
+        let request = HeartbeatRequest {
+            run_id: self.run_id.clone(),
+            unit_key: self.unit_key.clone(),
+            fencing_token: self.fencing_token,
+            lease_duration: Some(self.duration()),
+        };
+        let sent = tokio::time::Instant::now();
+        let mut client = self.client.clone();
+        let response = client.heartbeat(request).await.map_err(|s| {
+            self.on_error(&s);
+            LeaseError::from(s)
+        })?;
+        self.job_revision
+            .fetch_max(response.into_inner().job_revision, Ordering::Relaxed);
+        // The extension counts from before the call was sent.
+        *self.confirmed.lock().expect("lease clock lock") = sent;
+        let left = self.time_left();
+        if left.is_zero() {
+            self.lost.cancel();
+            return Err(LeaseError::Lost(
+                "the heartbeat confirming the unit's lease came back too late to act on it"
+                    .to_owned(),
+            ));
+        }
+        Ok(left)
+    }
+
+    /// Before each destructive write: goes on while at least half the lease
+    /// is certainly left, and otherwise confirms the lease with
+    /// [`Self::fence`] first. A process that was paused past its lease finds
+    /// its time left at zero here and is refused by the job-tracker if
+    /// another worker took the unit over.
+    ///
+    /// # Errors
+    /// As [`Self::fence`].
+    pub async fn hold(&self) -> Result<(), LeaseError> {
+        if !self.lost.is_cancelled() && self.time_left() >= self.lease_duration / 2 {
+            return Ok(());
+        }
+        self.fence().await.map(drop)
+    }
+
     /// Marks the unit done.
     ///
     /// # Errors

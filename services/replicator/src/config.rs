@@ -35,7 +35,7 @@ pub struct Config {
     /// (S), shared by the replicas; unset: a table in `data_dir`.
     pub dead_letter_table: Option<String>,
     /// Fault injection for drills and tests: the unit migration of this unit
-    /// key fails after copying half of its items (and is rolled back).
+    /// key fails after copying its first batch of items (and is rolled back).
     pub inject_unit_fault: Option<String>,
 }
 

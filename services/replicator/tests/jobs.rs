@@ -5,6 +5,7 @@
 //! back the one that fails and completes it on a rerun without touching the
 //! others.
 
+use futures::{StreamExt as _, TryStreamExt as _};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -915,26 +916,31 @@ async fn an_extract_queries_its_changed_items_index_per_partition_value() {
     );
 }
 
-/// A unit with a version attribute (items at version 3) into Elasticsearch
-/// fails once and is rolled back; the rerun migrates it whole at the items'
+/// A unit with a version attribute (items at version 3) into Elasticsearch,
+/// streamed in pages, fails once and is rolled back; the rerun migrates it whole at the items'
 /// own versions. A rollback that left tombstones at a time-derived version
 /// made every later copy stale, so the unit could never migrate (#19.10).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_versioned_unit_migrates_on_the_rerun() {
+    const UNIT: u64 = 4_500;
     let name = unique_name("vunits");
     let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
         .await
         .unwrap();
-    let puts: Vec<Item> = (0..120)
+    // More than one source page per scan segment: the unit is streamed
+    // page by page, and the rollback removes every page it wrote.
+    let puts: Vec<Item> = (0..UNIT)
         .map(|i| {
             item(&[
-                ("id", AttrValue::s(format!("v1-{i:03}"))),
+                ("id", AttrValue::s(format!("v1-{i:04}"))),
                 ("courseId", AttrValue::s("v1")),
                 ("v", AttrValue::n(3i64)),
             ])
         })
         .collect();
-    futures::future::try_join_all(puts.iter().map(|it| table.put(it, None)))
+    futures::stream::iter(puts.iter().map(|it| table.put(it, None)))
+        .buffer_unordered(64)
+        .try_collect::<Vec<_>>()
         .await
         .unwrap();
     let index = unique_name("vunits");
@@ -1017,7 +1023,7 @@ async fn a_rolled_back_versioned_unit_migrates_on_the_rerun() {
         .into_inner();
     let run = wait_run(&mut plane.jobs, &started.run_id).await;
     assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
-    assert_eq!(live().await, 120, "the rerun copied the whole unit");
-    let key = tidemark_connectors::Key::single("id", AttrValue::s("v1-007"));
+    assert_eq!(live().await, UNIT, "the rerun copied the whole unit");
+    let key = tidemark_connectors::Key::single("id", AttrValue::s("v1-4007"));
     assert_eq!(reader.read(&key).await.unwrap().map(|(v, _)| v), Some(3));
 }

@@ -1,23 +1,28 @@
 //! MigrateUnit (DESIGN.md problem 3, invariant 6): every item of one unit
 //! (a course, a tenant) copied to the target as one transaction. The unit's
-//! state lives in the job-tracker; a worker first removes any partial copy a
-//! failed or killed attempt left, copies, checks the target's count against
-//! the source's, switches the unit's route to TARGET and completes the unit.
-//! Any failure removes the partial copy before the unit is failed, so a unit
-//! is either complete in the target or absent from it. MIGRATED units are
-//! never handed out again (the job-tracker registers them MIGRATED in later
-//! runs unless `force_remigrate`).
+//! state lives in the job-tracker. A worker streams the unit from the source
+//! a page at a time (never the whole unit in memory, only its keys): each
+//! page's earlier partial copy (a failed or killed attempt's) is removed,
+//! the page written and read back; then the target's count is checked
+//! against the source's, the unit completed and its route switched to
+//! TARGET. Any failure removes the partial copy before the unit is failed,
+//! so a unit is either complete in the target or absent from it. Every
+//! removal first proves the lease is still held (`UnitLease::hold`): a
+//! worker whose unit was taken over never removes the new holder's copy.
+//! MIGRATED units are never handed out again (the job-tracker registers
+//! them MIGRATED in later runs unless `force_remigrate`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use futures::{StreamExt as _, TryStreamExt as _};
 use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{
     AttrValue, ConnectorError, Item, Key, KeySchema, Number, Predicate, RecordOutcome, ScanRequest,
     SinkOp, SinkRecord,
 };
-use tidemark_kit::worker::{Claim, LeaseError, Progress, unpack_any};
+use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
 use tidemark_proto::job_tracker::v1::{RouteTarget, SetRouteRequest};
 use tidemark_proto::replicator::v1::{MigrateUnitSpec, UnitKeyType};
 
@@ -28,7 +33,10 @@ use crate::stores::SinkHandle;
 pub const SPEC_TYPE: &str = <MigrateUnitSpec as tidemark_kit::jobs::JobSpec>::TYPE;
 /// Parallel scan segments used to find one unit's items without an index.
 const SCAN_SEGMENTS: u32 = 4;
+/// Items written (and their earlier copies purged) per sink call.
 const BATCH: usize = 100;
+/// Items read per source page; the unit is never held whole.
+const PAGE: u32 = 1000;
 
 /// The unit attribute's value for a unit key.
 ///
@@ -84,22 +92,9 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     };
     let lease = claim.lease.clone();
     let mut progress = Progress::default();
-    // A previous attempt may have died halfway: start from a clean target.
-    let items = match unit.read_source(&source).await {
-        Ok(items) => items,
-        Err(e) => return Err(e.into()),
-    };
-    let keys: BTreeSet<Key> = items
-        .iter()
-        .map(|(k, _)| unit.transform.shape_key(k))
-        .collect();
-    let leftovers = unit.remove_copy(&keys).await?;
-    if leftovers > 0 {
-        tracing::info!(unit = %unit_key, removed = leftovers, "removed the partial copy of an earlier attempt");
-    }
-    let outcome = unit.copy(&items, &mut progress, &lease).await;
-    let failure = match outcome {
-        Ok(()) => unit.validate(&keys, &mut progress).await.err(),
+    let mut copied = BTreeSet::new();
+    let failure = match unit.copy(&source, &lease, &mut progress, &mut copied).await {
+        Ok(source_count) => unit.validate(source_count, &mut progress).await.err(),
         Err(e) => Some(e),
     };
     if let Some((message, retryable)) = failure {
@@ -107,7 +102,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             // Another worker owns the unit now and will clean up itself.
             return Err(UnitFailure::LeaseLost);
         }
-        let rolled_back = match unit.remove_copy(&keys).await {
+        let rolled_back = match unit.remove_copy(&copied, &lease).await {
             Ok(removed) => {
                 progress.add(
                     "rolled_back_items",
@@ -115,6 +110,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
                 );
                 true
             }
+            Err(UnitFailure::LeaseLost) => return Err(UnitFailure::LeaseLost),
             Err(e) => {
                 tracing::error!(unit = %unit_key, error = %e, "could not remove the partial copy; the next attempt removes it");
                 false
@@ -155,80 +151,119 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
 }
 
 impl Unit<'_> {
-    /// Every item of the unit, with its key (as the source names it).
-    async fn read_source(
-        &self,
-        source: &crate::stores::OpenTable,
-    ) -> Result<Vec<(Key, Item)>, ConnectorError> {
-        let (table, schema) = (&source.table, &source.schema);
-        let value = unit_value(self.spec, self.unit_key)
-            .map_err(|e| ConnectorError::invalid("migration", e))?;
-        if !self.spec.index_name.is_empty() {
+    /// The unit's items, a page at a time (as the source names their keys):
+    /// never the whole unit in memory.
+    fn source_pages<'s>(
+        &'s self,
+        source: &'s crate::stores::OpenTable,
+    ) -> BoxStream<'s, Result<Vec<(Key, Item)>, ConnectorError>> {
+        let value = match unit_value(self.spec, self.unit_key) {
+            Ok(v) => v,
+            Err(e) => {
+                let e = ConnectorError::invalid("migration", e);
+                return futures::stream::once(async { Err(e) }).boxed();
+            }
+        };
+        if self.spec.index_name.is_empty() {
+            self.scanned_pages(source, value).boxed()
+        } else {
+            self.indexed_pages(source, value).boxed()
+        }
+    }
+
+    /// Without an index: parallel scan segments filtered on the unit
+    /// attribute, their pages interleaved as they come.
+    fn scanned_pages<'s>(
+        &'s self,
+        source: &'s crate::stores::OpenTable,
+        value: AttrValue,
+    ) -> impl futures::Stream<Item = Result<Vec<(Key, Item)>, ConnectorError>> + 's {
+        let filter = Predicate::Equals(self.spec.unit_attribute.clone(), value);
+        let segments = (0..SCAN_SEGMENTS).map(move |segment| {
+            let filter = filter.clone();
+            futures::stream::try_unfold(Some(None), move |next| {
+                let filter = filter.clone();
+                async move {
+                    let Some(start_after) = next else {
+                        return Ok(None);
+                    };
+                    let page = source
+                        .table
+                        .scan(&ScanRequest {
+                            segment,
+                            total_segments: SCAN_SEGMENTS,
+                            start_after,
+                            limit: PAGE,
+                            filter: Some(filter),
+                            consistent: true,
+                        })
+                        .await?;
+                    let items = self.keyed(source, page.items)?;
+                    Ok(Some((items, page.last_key.map(Some))))
+                }
+            })
+            .boxed()
+        });
+        futures::stream::select_all(segments)
+    }
+
+    /// With an index: its keys (only keys), then each item read itself,
+    /// strongly consistent, a page at a time (the index is eventually
+    /// consistent and may not project every attribute).
+    fn indexed_pages<'s>(
+        &'s self,
+        source: &'s crate::stores::OpenTable,
+        value: AttrValue,
+    ) -> impl futures::Stream<Item = Result<Vec<(Key, Item)>, ConnectorError>> + 's {
+        let keys = async move {
             let dynamo = source.dynamo.as_ref().ok_or_else(|| {
                 ConnectorError::invalid("migration", "index_name needs a DynamoDB source")
             })?;
             let keys = dynamo
                 .query_index_keys(&self.spec.index_name, &self.spec.unit_attribute, &value)
                 .await?;
-            // The index is eventually consistent and may not project every
-            // attribute: read each item itself, strongly consistent.
-            let read: Vec<Result<Option<Item>, ConnectorError>> = futures::stream::iter(keys)
-                .map(|k| {
-                    let table = Arc::clone(table);
-                    async move { table.get(&k).await }
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
-            let now = chrono::Utc::now().timestamp_micros();
-            let mut items = Vec::new();
-            for item in read {
-                // Gone since the index answered, or moved to another unit.
-                if let Some(item) = item?
-                    && item.get(&self.spec.unit_attribute) == Some(&value)
-                    && self.transform.passes(&item, now)
-                {
-                    let key = schema
-                        .key_of(&item)
-                        .map_err(|e| ConnectorError::invalid("migration", e))?;
-                    items.push((key, item));
-                }
-            }
-            return Ok(items);
-        }
-        let filter = Predicate::Equals(self.spec.unit_attribute.clone(), value);
-        let pages = futures::future::try_join_all((0..SCAN_SEGMENTS).map(|segment| {
-            let filter = filter.clone();
-            async move {
-                let mut items = Vec::new();
-                let mut start_after = None;
-                loop {
-                    let page = table
-                        .scan(&ScanRequest {
-                            segment,
-                            total_segments: SCAN_SEGMENTS,
-                            start_after,
-                            limit: 1000,
-                            filter: Some(filter.clone()),
-                            consistent: true,
-                        })
-                        .await?;
-                    items.extend(page.items);
-                    match page.last_key {
-                        Some(k) => start_after = Some(k),
-                        None => return Ok::<_, ConnectorError>(items),
+            let pages: Vec<Vec<Key>> = keys.chunks(BATCH).map(<[Key]>::to_vec).collect();
+            Ok::<_, ConnectorError>((pages, value))
+        };
+        futures::stream::once(keys)
+            .map_ok(move |(pages, value)| {
+                futures::stream::iter(pages).then(move |keys| {
+                    let value = value.clone();
+                    async move {
+                        let read: Vec<Option<Item>> = futures::stream::iter(keys)
+                            .map(|k| {
+                                let table = Arc::clone(&source.table);
+                                async move { table.get(&k).await }
+                            })
+                            .buffer_unordered(16)
+                            .try_collect()
+                            .await?;
+                        // Gone since the index answered, or moved to another unit.
+                        let items = read
+                            .into_iter()
+                            .flatten()
+                            .filter(|item| item.get(&self.spec.unit_attribute) == Some(&value))
+                            .collect();
+                        self.keyed(source, items)
                     }
-                }
-            }
-        }))
-        .await?;
+                })
+            })
+            .try_flatten()
+    }
+
+    /// The items the transform passes, with their keys.
+    fn keyed(
+        &self,
+        source: &crate::stores::OpenTable,
+        items: Vec<Item>,
+    ) -> Result<Vec<(Key, Item)>, ConnectorError> {
         let now = chrono::Utc::now().timestamp_micros();
-        pages
+        items
             .into_iter()
-            .flatten()
             .filter(|item| self.transform.passes(item, now))
             .map(|item| {
-                schema
+                source
+                    .schema
                     .key_of(&item)
                     .map(|k| (k, item))
                     .map_err(|e| ConnectorError::invalid("migration", e))
@@ -246,80 +281,106 @@ impl Unit<'_> {
             .unwrap_or(read_micros)
     }
 
+    /// Copies the unit page by page, each page first cleared of what an
+    /// earlier, failed or killed attempt left (for S3, the whole unit prefix
+    /// before the first page), then written and read back. `copied` collects
+    /// the target keys written (keys only, for a rollback). Returns the
+    /// source's count of the unit.
     async fn copy(
         &self,
-        items: &[(Key, Item)],
+        source: &crate::stores::OpenTable,
+        lease: &UnitLease,
         progress: &mut Progress,
-        lease: &tidemark_kit::worker::UnitLease,
-    ) -> Result<(), (String, bool)> {
+        copied: &mut BTreeSet<Key>,
+    ) -> Result<u64, (String, bool)> {
         let read_micros = micros_now();
-        let sink = self.target.sink();
-        let schema_free = |e: ConnectorError| {
+        let failed = |e: ConnectorError| {
             let retryable = matches!(e, ConnectorError::Retryable { .. });
             (e.to_string(), retryable)
         };
-        let fault_after = (self.ctx.config.inject_unit_fault.as_deref() == Some(self.unit_key))
-            .then_some(items.len() / 2);
-        for (n, chunk) in items.chunks(BATCH).enumerate() {
-            if lease.lost().is_cancelled() {
-                return Err(("lease lost".to_owned(), true));
+        let fenced = |e: LeaseError| (e.to_string(), !matches!(e, LeaseError::Lost(_)));
+        if let SinkHandle::S3(s3) = &self.target {
+            lease.hold().await.map_err(fenced)?;
+            let removed = s3.delete_prefix().await.map_err(failed)?;
+            if removed > 0 {
+                tracing::info!(unit = %self.unit_key, removed, "removed the partial copy of an earlier attempt");
             }
-            let batch: Vec<SinkRecord> = chunk
-                .iter()
-                .map(|(key, item)| {
-                    let shaped = self.transform.shape(item, &KeySchema::new("", None));
-                    SinkRecord {
+        }
+        let inject_fault = self.ctx.config.inject_unit_fault.as_deref() == Some(self.unit_key);
+        let mut pages = self.source_pages(source);
+        let mut source_count = 0u64;
+        let mut target_count = 0u64;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(failed)?;
+            for chunk in page.chunks(BATCH) {
+                if lease.lost().is_cancelled() {
+                    return Err(("lease lost".to_owned(), true));
+                }
+                let batch: Vec<SinkRecord> = chunk
+                    .iter()
+                    .map(|(key, item)| SinkRecord {
                         key: self.transform.shape_key(key),
                         version: self.version(item, read_micros),
-                        op: SinkOp::Upsert(shaped),
+                        op: SinkOp::Upsert(self.transform.shape(item, &KeySchema::new("", None))),
+                    })
+                    .collect();
+                let keys: Vec<Key> = batch.iter().map(|r| r.key.clone()).collect();
+                copied.extend(keys.iter().cloned());
+                let sink = self.target.sink();
+                if !matches!(self.target, SinkHandle::S3(_)) {
+                    lease.hold().await.map_err(fenced)?;
+                    // Purged, not deleted: a tombstone at any version could
+                    // outrank the items' own versions (with
+                    // `version_attribute`) and refuse this copy as stale
+                    // (#19.10).
+                    sink.purge(&keys).await.map_err(failed)?;
+                }
+                let outcomes = sink.apply(&batch).await.map_err(failed)?;
+                for (record, outcome) in batch.iter().zip(outcomes) {
+                    if let RecordOutcome::Rejected(reason) = outcome {
+                        return Err((
+                            format!("the target refused item {}: {reason}", record.key),
+                            false,
+                        ));
                     }
-                })
-                .collect();
-            let outcomes = sink.apply(&batch).await.map_err(schema_free)?;
-            for (record, outcome) in batch.iter().zip(outcomes) {
-                if let RecordOutcome::Rejected(reason) = outcome {
+                }
+                source_count += u64::try_from(batch.len()).unwrap_or(u64::MAX);
+                if !matches!(self.target, SinkHandle::S3(_)) {
+                    target_count += self.found(&keys).await.map_err(failed)?;
+                }
+                progress.items_processed = i64::try_from(source_count).unwrap_or(i64::MAX);
+                progress
+                    .counters
+                    .insert("copied".to_owned(), progress.items_processed);
+                if inject_fault {
                     return Err((
-                        format!("the target refused item {}: {reason}", record.key),
+                        format!("injected fault after {source_count} items (inject_unit_fault)"),
                         false,
                     ));
                 }
             }
-            progress.items_processed += i64::try_from(batch.len()).unwrap_or(i64::MAX);
-            progress
-                .counters
-                .insert("copied".to_owned(), progress.items_processed);
-            if fault_after.is_some_and(|after| (n + 1) * BATCH > after) {
-                return Err((
-                    format!(
-                        "injected fault after {} of {} items (inject_unit_fault)",
-                        progress.items_processed,
-                        items.len()
-                    ),
-                    false,
-                ));
-            }
         }
-        Ok(())
-    }
-
-    /// Compares the target's count of the unit with the source's.
-    async fn validate(
-        &self,
-        keys: &BTreeSet<Key>,
-        progress: &mut Progress,
-    ) -> Result<(), (String, bool)> {
-        let source_count = u64::try_from(keys.len()).unwrap_or(u64::MAX);
-        let target_count = self
-            .target_count(keys)
-            .await
-            .map_err(|e| (e.to_string(), true))?;
-        progress.add(
-            "source_count",
-            i64::try_from(source_count).unwrap_or(i64::MAX),
-        );
+        if let SinkHandle::S3(s3) = &self.target {
+            target_count = s3.count().await.map_err(failed)?;
+        }
         progress.add(
             "target_count",
             i64::try_from(target_count).unwrap_or(i64::MAX),
+        );
+        Ok(source_count)
+    }
+
+    /// Compares the target's count of the unit (read back as it was copied)
+    /// with the source's.
+    async fn validate(
+        &self,
+        source_count: u64,
+        progress: &mut Progress,
+    ) -> Result<(), (String, bool)> {
+        let target_count = u64::try_from(progress.counter("target_count")).unwrap_or(0);
+        progress.add(
+            "source_count",
+            i64::try_from(source_count).unwrap_or(i64::MAX),
         );
         if source_count == target_count {
             Ok(())
@@ -331,38 +392,46 @@ impl Unit<'_> {
         }
     }
 
-    async fn target_count(&self, keys: &BTreeSet<Key>) -> Result<u64, ConnectorError> {
-        if let SinkHandle::S3(s3) = &self.target {
-            return s3.count().await;
-        }
+    /// How many of `keys` the target holds.
+    async fn found(&self, keys: &[Key]) -> Result<u64, ConnectorError> {
         let sink = self.target.sink();
-        let found: Vec<bool> = futures::stream::iter(keys.iter().cloned().collect::<Vec<_>>())
+        let found: Vec<bool> = futures::stream::iter(keys.iter().cloned())
             .map(|k| {
                 let sink = Arc::clone(&sink);
                 async move { sink.read(&k).await.map(|r| r.is_some()) }
             })
             .buffer_unordered(16)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+            .try_collect()
+            .await?;
         Ok(u64::try_from(found.into_iter().filter(|f| *f).count()).unwrap_or(u64::MAX))
     }
 
-    /// Removes the unit's copy from the target: the whole unit prefix for S3,
-    /// the unit's keys purged (tombstones included) elsewhere. Returns how
-    /// many objects or items were removed.
-    async fn remove_copy(&self, keys: &BTreeSet<Key>) -> Result<u64, UnitFailure> {
+    /// Removes the unit's copy from the target, once the lease is confirmed
+    /// (a worker whose unit was taken over must not remove the new holder's
+    /// copy): the whole unit prefix for S3, the copied keys purged
+    /// (tombstones included) elsewhere. Returns how many objects or items
+    /// were removed.
+    async fn remove_copy(
+        &self,
+        keys: &BTreeSet<Key>,
+        lease: &UnitLease,
+    ) -> Result<u64, UnitFailure> {
+        let hold = || async {
+            match lease.hold().await {
+                Ok(()) => Ok(()),
+                Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
+                Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
+            }
+        };
+        hold().await?;
         if let SinkHandle::S3(s3) = &self.target {
             return s3.delete_prefix().await.map_err(UnitFailure::from);
         }
-        // Purged, not deleted: a tombstone at any version could outrank the
-        // items' own versions (with `version_attribute`) and refuse every
-        // later attempt's copy as stale (#19.10).
         let sink = self.target.sink();
         let keys: Vec<Key> = keys.iter().cloned().collect();
         let mut removed = 0;
         for chunk in keys.chunks(BATCH) {
+            hold().await?;
             removed += sink.purge(chunk).await?;
         }
         Ok(removed)
