@@ -342,6 +342,28 @@ impl JobTracker {
         .map_err(|s| upstream(&s))
     }
 
+    /// The route readers of one unit follow (the unit's own, or the
+    /// job-wide one when the unit has none).
+    ///
+    /// # Errors
+    /// The job-tracker's refusals; `UNAVAILABLE`.
+    pub async fn get_route(
+        &self,
+        job_name: &str,
+        unit_key: &str,
+    ) -> Result<jpb::Route, ServiceError> {
+        let request = jpb::GetRouteRequest {
+            job_name: job_name.to_owned(),
+            unit_key: unit_key.to_owned(),
+        };
+        self.retried("get_route", request, |mut c, r| async move {
+            c.get_route(r).await
+        })
+        .await
+        .map(|r| r.route.unwrap_or_default())
+        .map_err(|s| upstream(&s))
+    }
+
     /// A page of jobs.
     ///
     /// # Errors

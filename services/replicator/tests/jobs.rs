@@ -466,6 +466,32 @@ async fn a_failed_unit_is_rolled_back_alone_and_a_rerun_completes_it() {
         c1_before,
         "a MIGRATED unit is not copied again"
     );
+    plane.stop.cancel();
+    // Migrated again by force, c1 fails: its readers were sent back to the
+    // source before its copy was removed, and stay there (#19.4). Before,
+    // the route kept pointing at a copy the rollback had deleted.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut plane = plane_in(dir.path(), |c| c.inject_unit_fault = Some("c1".to_owned())).await;
+    let started = plane
+        .replicator
+        .migrate_unit(pb::MigrateUnitRequest {
+            job_name: job.clone(),
+            unit_keys: vec!["c1".to_owned()],
+            force_remigrate: true,
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let run = wait_run(&mut plane.jobs, &started.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Failed as i32, "{run:?}");
+    assert_eq!(prefix_count("c1").count().await.unwrap(), 0);
+    assert_eq!(
+        route(&mut plane.jobs, &job, "c1").await,
+        jt::RouteTarget::Source as i32,
+        "readers must not follow a removed copy"
+    );
 }
 
 async fn object_times(

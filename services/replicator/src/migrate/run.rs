@@ -92,6 +92,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     };
     let lease = claim.lease.clone();
     let mut progress = Progress::default();
+    unit.readers_off_the_copy(&claim, &lease).await?;
     let mut copied = BTreeSet::new();
     let failure = match unit.copy(&source, &lease, &mut progress, &mut copied).await {
         Ok(source_count) => unit.validate(source_count, &mut progress).await.err(),
@@ -404,6 +405,45 @@ impl Unit<'_> {
             .try_collect()
             .await?;
         Ok(u64::try_from(found.into_iter().filter(|f| *f).count()).unwrap_or(u64::MAX))
+    }
+
+    /// A unit migrated before (a `force_remigrate` run) has its readers on
+    /// the copy this attempt rebuilds: they go back to the source, which is
+    /// complete, before any of the copy is removed, and come back to the
+    /// target once the unit is committed again.
+    async fn readers_off_the_copy(
+        &self,
+        claim: &Claim,
+        lease: &UnitLease,
+    ) -> Result<(), UnitFailure> {
+        let jobs = &self.ctx.jobs;
+        let route = jobs
+            .get_route(&claim.job.name, self.unit_key)
+            .await
+            .map_err(|e| UnitFailure::retryable(e.to_string()))?;
+        if route.target != RouteTarget::Target as i32 {
+            return Ok(());
+        }
+        match lease.hold().await {
+            Ok(()) => {}
+            Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
+            Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
+        }
+        jobs.set_route(SetRouteRequest {
+            job_name: claim.job.name.clone(),
+            unit_key: self.unit_key.to_owned(),
+            target: RouteTarget::Source as i32,
+            actor: self.ctx.config.worker_id.clone(),
+            reason: format!(
+                "unit migrated again in run {}: readers on the source while its copy is rebuilt",
+                claim.run.run_id
+            ),
+            expected_revision: route.revision,
+        })
+        .await
+        .map_err(|e| UnitFailure::retryable(e.to_string()))?;
+        tracing::info!(job = %claim.job.name, unit = %self.unit_key, "readers sent back to the source while the unit is migrated again");
+        Ok(())
     }
 
     /// Removes the unit's copy from the target, once the lease is confirmed
