@@ -1,0 +1,307 @@
+//! `tidemark-chaos`: the fault matrix (issue #15). The job-tracker (on the
+//! DynamoDB store), two replicator replicas and the stats-aggregator (Redis
+//! buffer, DynamoDB counters) run as separate processes of their real
+//! binaries on the local components, while three problems run at once with
+//! writers that keep their own ledgers: counters through ingest and
+//! periodic flushes (problem 1), a table's stream into Elasticsearch
+//! (problem 2), and attribute backfills under concurrent writers
+//! (problem 4). Services are killed -9 on a schedule drawn from the seed.
+//! At the end the stores are checked against the ledgers, not against the
+//! services' reports; the exit status is 0 only when nothing was lost,
+//! counted twice, resurrected or overwritten.
+
+mod backfill;
+mod counters;
+mod faults;
+mod plane;
+mod report;
+mod stream;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tidemark_connectors::dynamodb::DynamoTable;
+use tidemark_connectors::testing::{local_env, local_sdk_config, unique_name, workspace_root};
+use tokio_util::sync::CancellationToken;
+
+use crate::plane::{Process, build_services, free_addr};
+
+#[derive(Parser, Debug)]
+#[command(about = "Kill the control plane's processes while it works, and count what was lost")]
+struct Args {
+    /// How long faults are injected, e.g. 75s or 10m.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    duration: Duration,
+    /// Seed of the kill schedule and the writers: the same seed replays
+    /// the same schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Kills; default one per 20 s of the run, at least 5.
+    #[arg(long)]
+    kills: Option<usize>,
+    /// Rewrite the chaos section of RELIABILITY.md with this run.
+    #[arg(long)]
+    record: bool,
+    /// Where the services' logs go (default: a temporary directory, kept
+    /// when the run fails).
+    #[arg(long)]
+    logs: Option<PathBuf>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: a number and s or m, e.g. 75s"))?;
+    match unit {
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{text:?}: the unit is s or m")),
+    }
+}
+
+/// The AWS settings of the local components (credentials, region), which
+/// the children need in their environment like any AWS program.
+fn aws_env() -> Vec<(String, String)> {
+    let text =
+        std::fs::read_to_string(workspace_root().join("deploy/local/.run/env")).unwrap_or_default();
+    let mut vars: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect();
+    vars.extend(std::env::vars().filter(|(k, _)| k.starts_with("AWS_")));
+    vars
+}
+
+fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    out.extend(aws_env());
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let bins = build_services()?;
+    let logs_dir = tempfile::Builder::new()
+        .prefix("tidemark-chaos")
+        .tempdir()?;
+    let logs = args
+        .logs
+        .clone()
+        .unwrap_or_else(|| logs_dir.path().to_owned());
+    std::fs::create_dir_all(&logs)?;
+    let dynamo_endpoint = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
+    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
+    let redis = local_env("TIDEMARK_TEST_REDIS_URL");
+    let sdk = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
+    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+
+    let run = unique_name("chaos");
+    let stats_table_name = format!("{run}-stats");
+    let stats_table = DynamoTable::create(
+        dynamo.clone(),
+        &stats_table_name,
+        &counters::schema(),
+        false,
+    )
+    .await
+    .context("create the counters table")?;
+    let stream_table_name = format!("{run}-docs");
+    let stream_table =
+        DynamoTable::create(dynamo.clone(), &stream_table_name, &stream::schema(), true)
+            .await
+            .context("create the streamed table")?;
+    let backfill_table_name = format!("{run}-items");
+    let backfill_table = DynamoTable::create(
+        dynamo.clone(),
+        &backfill_table_name,
+        &backfill::schema(),
+        false,
+    )
+    .await
+    .context("create the backfill table")?;
+    backfill::seed(&backfill_table).await?;
+
+    let jobs_addr = free_addr()?;
+    let jobs_url = format!("http://{jobs_addr}");
+    let data = logs.join("data");
+    let mut processes = vec![Process::new(
+        "job-tracker",
+        bins.join("job-tracker"),
+        env(&[
+            ("TIDEMARK_STORE", "dynamodb".to_owned()),
+            ("TIDEMARK_DYNAMODB_TABLE", format!("{run}-jobs")),
+            ("TIDEMARK_AWS_ENDPOINT", dynamo_endpoint.clone()),
+            ("TIDEMARK_SCHEDULER_TICK_MS", "200".to_owned()),
+        ]),
+        jobs_addr,
+        &logs,
+    )];
+    for replica in ["replicator-a", "replicator-b"] {
+        processes.push(Process::new(
+            replica,
+            bins.join("replicator"),
+            env(&[
+                ("TIDEMARK_JOB_TRACKER_URL", jobs_url.clone()),
+                ("TIDEMARK_WORKER_ID", replica.to_owned()),
+                ("TIDEMARK_LEASE_SECS", "3".to_owned()),
+                (
+                    "TIDEMARK_DATA_DIR",
+                    data.join(replica).display().to_string(),
+                ),
+                ("TIDEMARK_AWS_ENDPOINT", dynamo_endpoint.clone()),
+                ("TIDEMARK_ELASTICSEARCH_URL", es.clone()),
+            ]),
+            free_addr()?,
+            &logs,
+        ));
+    }
+    processes.push(Process::new(
+        "stats-aggregator",
+        bins.join("stats-aggregator"),
+        env(&[
+            ("TIDEMARK_BUFFER", "redis".to_owned()),
+            ("TIDEMARK_REDIS_URL", redis),
+            ("TIDEMARK_BUFFER_NAME", run.clone()),
+            ("TIDEMARK_STORE", "dynamodb".to_owned()),
+            ("TIDEMARK_STATS_TABLE", stats_table_name),
+            ("TIDEMARK_AWS_ENDPOINT", dynamo_endpoint),
+            ("TIDEMARK_FLUSH_INTERVAL_MS", "1000".to_owned()),
+            (
+                "TIDEMARK_DATA_DIR",
+                data.join("stats").display().to_string(),
+            ),
+        ]),
+        free_addr()?,
+        &logs,
+    ));
+    for p in &mut processes {
+        p.start()?;
+        p.wait_serving(Duration::from_secs(60)).await?;
+    }
+    let replicator_url = processes[1].url();
+    let other_replicator_url = processes[2].url();
+    let stats_url = processes[3].url();
+
+    // The workloads.
+    let stop = CancellationToken::new();
+    let stream_ledger = stream::seed(&stream_table).await?;
+    let pipeline = format!("{run}-sync");
+    let index = format!("{run}-docs");
+    stream::create(
+        replicator_url.clone(),
+        &pipeline,
+        &stream_table_name,
+        &index,
+    )
+    .await?;
+    let counting = tokio::spawn(counters::write(
+        stats_url.clone(),
+        run.clone(),
+        args.seed,
+        stop.clone(),
+    ));
+    let streaming = tokio::spawn(stream::write(
+        stream_table,
+        stream_ledger,
+        args.seed,
+        stop.clone(),
+    ));
+    let backfilling = tokio::spawn(backfill::rounds(
+        other_replicator_url,
+        jobs_url,
+        backfill_table.clone(),
+        backfill_table_name,
+        args.seed,
+        stop.clone(),
+    ));
+
+    // The faults.
+    let kills = args.kills.unwrap_or_else(|| {
+        usize::try_from(args.duration.as_secs() / 20)
+            .unwrap_or(5)
+            .max(5)
+    });
+    let schedule = faults::schedule(args.seed, args.duration, kills, processes.len());
+    let fault_phase = Instant::now();
+    let recoveries = faults::run(&mut processes, &schedule).await;
+    let recoveries = match recoveries {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = logs_dir.keep();
+            return Err(e.context(format!(
+                "the fault phase stopped; logs in {}",
+                logs.display()
+            )));
+        }
+    };
+    while fault_phase.elapsed() < args.duration {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+
+    // The checks, against the ledgers.
+    let counted = counting.await??;
+    let streamed = streaming.await??;
+    let backfilled = backfilling.await??;
+    let (lost_counts, doubled_counts) = counters::check(stats_url, &stats_table, &counted).await?;
+    let synced = stream::check(replicator_url, &pipeline, &index, &streamed).await?;
+    for p in &mut processes {
+        p.check_alive()?;
+    }
+    let outcome = report::Outcome {
+        seed: args.seed,
+        duration: args.duration,
+        services: processes
+            .iter()
+            .map(|p| (p.name.clone(), p.kills))
+            .collect(),
+        recoveries,
+        counted,
+        lost_counts,
+        doubled_counts,
+        streamed_writes: streamed.writes,
+        synced,
+        backfilled,
+        elapsed: started.elapsed(),
+    };
+    let table = outcome.render();
+    println!("{table}");
+    if args.record {
+        report::record(&table, &args_line(&args))?;
+    }
+    if outcome.clean() {
+        Ok(())
+    } else {
+        let _ = logs_dir.keep();
+        anyhow::bail!(
+            "the run lost, doubled, resurrected or overwrote data; logs in {}",
+            logs.display()
+        )
+    }
+}
+
+fn args_line(args: &Args) -> String {
+    let profile = if cfg!(debug_assertions) {
+        ""
+    } else {
+        " --release"
+    };
+    format!(
+        "cargo run{profile} -p tidemark-chaos -- --duration {}s --seed {}{}",
+        args.duration.as_secs(),
+        args.seed,
+        args.kills
+            .map(|k| format!(" --kills {k}"))
+            .unwrap_or_default()
+    )
+}

@@ -1,0 +1,138 @@
+//! The run's table, and its section of RELIABILITY.md.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tidemark_connectors::testing::workspace_root;
+
+use crate::{backfill, counters, faults, stream};
+
+pub struct Outcome {
+    pub seed: u64,
+    pub duration: Duration,
+    /// Each process with the kills it took.
+    pub services: Vec<(String, u32)>,
+    pub recoveries: Vec<faults::Recovery>,
+    pub counted: counters::Ledger,
+    pub lost_counts: i64,
+    pub doubled_counts: i64,
+    pub streamed_writes: u64,
+    pub synced: stream::Outcome,
+    pub backfilled: backfill::Outcome,
+    pub elapsed: Duration,
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    // Nearest rank.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+impl Outcome {
+    /// Nothing lost, doubled, resurrected or overwritten, and every service
+    /// was killed at least once.
+    pub fn clean(&self) -> bool {
+        self.lost_counts == 0
+            && self.doubled_counts == 0
+            && self.synced.lost == 0
+            && self.synced.resurrected == 0
+            && self.backfilled.missing == 0
+            && self.backfilled.overwritten == 0
+            && self.backfilled.rounds > 0
+            && self.services.iter().all(|(_, k)| *k > 0)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let kills: u32 = self.services.iter().map(|(_, k)| k).sum();
+        let _ = writeln!(
+            out,
+            "{kills} kill -9 over {}s of faults (seed {}), run took {}s in all.\n",
+            self.duration.as_secs(),
+            self.seed,
+            self.elapsed.as_secs()
+        );
+        out.push_str("| service | kills | restart → SERVING p50 | p99 |\n|---|---:|---:|---:|\n");
+        for (i, (name, k)) in self.services.iter().enumerate() {
+            let mut times: Vec<Duration> = self
+                .recoveries
+                .iter()
+                .filter(|r| r.target == i)
+                .map(|r| r.to_serving)
+                .collect();
+            times.sort();
+            let _ = writeln!(
+                out,
+                "| {name} | {k} | {} ms | {} ms |",
+                quantile(&times, 0.5).as_millis(),
+                quantile(&times, 0.99).as_millis()
+            );
+        }
+        out.push_str("\n| problem | work done under faults | checked against the ledger | lost | doubled | resurrected | overwritten |\n|---|---|---|---:|---:|---:|---:|\n");
+        let _ = writeln!(
+            out,
+            "| 1 counters (ingest → Redis → flush → DynamoDB) | {} events in {} acknowledged batches, flushed every 1 s | every counter's value equals the writer's sum | {} | {} | – | – |",
+            self.counted.events, self.counted.batches, self.lost_counts, self.doubled_counts
+        );
+        let _ = writeln!(
+            out,
+            "| 2 Streams → Elasticsearch (2 replicas) | {} upserts and deletes | every document is the key's last image after a drain ({} ms) | {} | – | {} | – |",
+            self.streamed_writes,
+            self.synced.drain.as_millis(),
+            self.synced.lost,
+            self.synced.resurrected
+        );
+        let _ = writeln!(
+            out,
+            "| 4 attribute backfill (2 replicas) | {} rounds of {} items, {} writer sets meanwhile | every item has the attribute, every writer's value kept | {} | – | – | {} |",
+            self.backfilled.rounds,
+            backfill::ITEMS,
+            self.backfilled.writer_sets,
+            self.backfilled.missing,
+            self.backfilled.overwritten
+        );
+        out
+    }
+}
+
+const BEGIN: &str = "<!-- tidemark-chaos: begin (rewritten by --record) -->";
+const END: &str = "<!-- tidemark-chaos: end -->";
+
+/// Rewrites the chaos section of RELIABILITY.md with `table`.
+pub fn record(table: &str, command: &str) -> anyhow::Result<()> {
+    let path = workspace_root().join("RELIABILITY.md");
+    let text = std::fs::read_to_string(&path).context("read RELIABILITY.md")?;
+    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+        anyhow::bail!("RELIABILITY.md has no {BEGIN} … {END} section");
+    };
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+        ""
+    } else {
+        " (with uncommitted changes)"
+    };
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let section =
+        format!("{BEGIN}\n\n`{command}` at {commit}{dirty}, on {cores} cores:\n\n{table}\n{END}");
+    let updated = format!("{}{section}{}", &text[..b], &text[e + END.len()..]);
+    std::fs::write(&path, updated).context("write RELIABILITY.md")?;
+    Ok(())
+}
