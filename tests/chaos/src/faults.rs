@@ -1,6 +1,7 @@
-//! The kill schedule, drawn from the seed so a failing run can be replayed,
-//! and its execution: kill -9 a service, keep it down a while, start it
-//! again and time how long it takes to serve.
+//! The fault schedule, drawn from the seed so a failing run can be
+//! replayed, and its execution: kill -9 a service, keep it down a while,
+//! start it again and time how long it takes to serve; or make a store's
+//! proxy slow, hang, or reset its connections for a while.
 
 use std::time::{Duration, Instant};
 
@@ -8,40 +9,103 @@ use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
 
 use crate::plane::Process;
+use crate::proxy::{FaultProxy, Mode};
 
-/// One planned kill.
-#[derive(Clone, Debug)]
-pub struct Kill {
-    /// From the start of the fault phase.
-    pub at: Duration,
-    /// Index into the processes.
-    pub target: usize,
-    pub down_for: Duration,
+/// What a store fault does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StoreFault {
+    /// Every chunk held this long, for a while.
+    Latency(Duration),
+    /// Nothing forwarded for a while; connections hang.
+    Blackhole,
+    /// Every open connection reset at once.
+    Reset,
 }
 
-/// `kills` kills spread over `duration` (after a warm-up), every process
-/// taking its turn before any takes a second one.
-pub fn schedule(seed: u64, duration: Duration, kills: usize, processes: usize) -> Vec<Kill> {
+impl StoreFault {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Latency(_) => "latency",
+            Self::Blackhole => "blackhole",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+/// One planned fault.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// kill -9 of a process (an index into the processes), restarted after
+    /// `down_for`.
+    Kill { target: usize, down_for: Duration },
+    /// A fault on a proxy (an index into the proxies) for `lasting`.
+    Store {
+        proxy: usize,
+        fault: StoreFault,
+        lasting: Duration,
+    },
+}
+
+/// `kills` kills and as many store faults spread over `duration` (after a
+/// warm-up): every process takes its turn before any takes a second one,
+/// and every proxy gets every kind of fault in turn.
+pub fn schedule(
+    seed: u64,
+    duration: Duration,
+    kills: usize,
+    processes: usize,
+    proxies: usize,
+) -> Vec<(Duration, Fault)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let warm_up = Duration::from_secs(5).min(duration / 4);
-    let slot = (duration.saturating_sub(warm_up + Duration::from_secs(3)))
-        / u32::try_from(kills.max(1)).unwrap_or(1);
-    let mut order: Vec<usize> = Vec::new();
-    while order.len() < kills {
+    let mut targets: Vec<usize> = Vec::new();
+    while targets.len() < kills {
         let mut turn: Vec<usize> = (0..processes).collect();
         turn.shuffle(&mut rng);
-        order.extend(turn);
+        targets.extend(turn);
     }
-    order
+    let store_faults = if proxies == 0 { 0 } else { kills };
+    let mut stores: Vec<(usize, usize)> = Vec::new();
+    while stores.len() < store_faults {
+        let mut turn: Vec<(usize, usize)> = (0..proxies)
+            .flat_map(|p| (0..3).map(move |k| (p, k)))
+            .collect();
+        turn.shuffle(&mut rng);
+        stores.extend(turn);
+    }
+    let mut faults: Vec<Fault> = targets
         .into_iter()
         .take(kills)
-        .enumerate()
-        .map(|(k, target)| Kill {
-            at: warm_up
-                + slot * u32::try_from(k).unwrap_or(0)
-                + slot.mul_f64(rng.random_range(0.0..0.4)),
+        .map(|target| Fault::Kill {
             target,
             down_for: Duration::from_millis(rng.random_range(200..2_500)),
+        })
+        .collect();
+    faults.extend(
+        stores
+            .into_iter()
+            .take(store_faults)
+            .map(|(proxy, kind)| Fault::Store {
+                proxy,
+                fault: match kind {
+                    0 => StoreFault::Latency(Duration::from_millis(rng.random_range(50..400))),
+                    1 => StoreFault::Blackhole,
+                    _ => StoreFault::Reset,
+                },
+                lasting: Duration::from_millis(rng.random_range(1_000..4_000)),
+            }),
+    );
+    faults.shuffle(&mut rng);
+    let warm_up = Duration::from_secs(5).min(duration / 4);
+    let slot = duration.saturating_sub(warm_up + Duration::from_secs(3))
+        / u32::try_from(faults.len().max(1)).unwrap_or(1);
+    faults
+        .into_iter()
+        .enumerate()
+        .map(|(k, fault)| {
+            let at = warm_up
+                + slot * u32::try_from(k).unwrap_or(0)
+                + slot.mul_f64(rng.random_range(0.0..0.3));
+            (at, fault)
         })
         .collect()
 }
@@ -54,27 +118,57 @@ pub struct Recovery {
     pub to_serving: Duration,
 }
 
-/// Runs the schedule against `processes`; fails when a process dies by
-/// itself or does not come back.
-pub async fn run(processes: &mut [Process], kills: &[Kill]) -> anyhow::Result<Vec<Recovery>> {
+/// What the schedule did.
+#[derive(Debug, Default)]
+pub struct Done {
+    pub recoveries: Vec<Recovery>,
+    /// (proxy name, fault kind) of each store fault.
+    pub store_faults: Vec<(String, &'static str)>,
+}
+
+/// Runs the schedule; fails when a process dies by itself or does not
+/// come back.
+pub async fn run(
+    processes: &mut [Process],
+    proxies: &[FaultProxy],
+    faults: &[(Duration, Fault)],
+) -> anyhow::Result<Done> {
     let start = Instant::now();
-    let mut out = Vec::new();
-    for kill in kills {
-        while start.elapsed() < kill.at {
+    let mut done = Done::default();
+    for (at, fault) in faults {
+        while start.elapsed() < *at {
             for p in processes.iter_mut() {
                 p.check_alive()?;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let p = &mut processes[kill.target];
-        p.kill_9().await?;
-        tokio::time::sleep(kill.down_for).await;
-        p.start()?;
-        let to_serving = p.wait_serving(Duration::from_secs(60)).await?;
-        out.push(Recovery {
-            target: kill.target,
-            to_serving,
-        });
+        match *fault {
+            Fault::Kill { target, down_for } => {
+                let p = &mut processes[target];
+                p.kill_9().await?;
+                tokio::time::sleep(down_for).await;
+                p.start()?;
+                let to_serving = p.wait_serving(Duration::from_secs(60)).await?;
+                done.recoveries.push(Recovery { target, to_serving });
+            }
+            Fault::Store {
+                proxy,
+                fault,
+                lasting,
+            } => {
+                let p = &proxies[proxy];
+                match fault {
+                    StoreFault::Latency(d) => p.set(Mode::Latency(d)),
+                    StoreFault::Blackhole => p.set(Mode::Blackhole),
+                    StoreFault::Reset => p.reset_all(),
+                }
+                if fault != StoreFault::Reset {
+                    tokio::time::sleep(lasting).await;
+                    p.set(Mode::Pass);
+                }
+                done.store_faults.push((p.name.clone(), fault.kind()));
+            }
+        }
     }
-    Ok(out)
+    Ok(done)
 }

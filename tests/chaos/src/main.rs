@@ -6,6 +6,9 @@
 //! periodic flushes (problem 1), a table's stream into Elasticsearch
 //! (problem 2), and attribute backfills under concurrent writers
 //! (problem 4). Services are killed -9 on a schedule drawn from the seed.
+//! Every store the services use (DynamoDB, Elasticsearch, Redis) and the
+//! job-tracker as the replicators reach it sit behind fault proxies that
+//! add latency, hang (blackhole) or reset connections on the same schedule.
 //! At the end the stores are checked against the ledgers, not against the
 //! services' reports; the exit status is 0 only when nothing was lost,
 //! counted twice, resurrected or overwritten.
@@ -14,6 +17,7 @@ mod backfill;
 mod counters;
 mod faults;
 mod plane;
+mod proxy;
 mod report;
 mod stream;
 
@@ -133,6 +137,21 @@ async fn main() -> anyhow::Result<()> {
 
     let jobs_addr = free_addr()?;
     let jobs_url = format!("http://{jobs_addr}");
+    // The services reach the stores (and the replicators the job-tracker)
+    // through fault proxies; the writers and the checks go straight.
+    let proxies = vec![
+        proxy::FaultProxy::start("dynamodb", socket_of(&dynamo_endpoint).await?).await?,
+        proxy::FaultProxy::start("elasticsearch", socket_of(&es).await?).await?,
+        proxy::FaultProxy::start("redis", socket_of(&redis).await?).await?,
+        proxy::FaultProxy::start("job-tracker", jobs_addr).await?,
+    ];
+    let via = |i: usize, scheme: &str| format!("{scheme}://{}", proxies[i].addr);
+    let (dynamo_via, es_via, redis_via, jobs_via) = (
+        via(0, "http"),
+        via(1, "http"),
+        via(2, "redis"),
+        via(3, "http"),
+    );
     let data = logs.join("data");
     let mut processes = vec![Process::new(
         "job-tracker",
@@ -140,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         env(&[
             ("TIDEMARK_STORE", "dynamodb".to_owned()),
             ("TIDEMARK_DYNAMODB_TABLE", format!("{run}-jobs")),
-            ("TIDEMARK_AWS_ENDPOINT", dynamo_endpoint.clone()),
+            ("TIDEMARK_AWS_ENDPOINT", dynamo_via.clone()),
             ("TIDEMARK_SCHEDULER_TICK_MS", "200".to_owned()),
         ]),
         jobs_addr,
@@ -151,15 +170,15 @@ async fn main() -> anyhow::Result<()> {
             replica,
             bins.join("replicator"),
             env(&[
-                ("TIDEMARK_JOB_TRACKER_URL", jobs_url.clone()),
+                ("TIDEMARK_JOB_TRACKER_URL", jobs_via.clone()),
                 ("TIDEMARK_WORKER_ID", replica.to_owned()),
                 ("TIDEMARK_LEASE_SECS", "3".to_owned()),
                 (
                     "TIDEMARK_DATA_DIR",
                     data.join(replica).display().to_string(),
                 ),
-                ("TIDEMARK_AWS_ENDPOINT", dynamo_endpoint.clone()),
-                ("TIDEMARK_ELASTICSEARCH_URL", es.clone()),
+                ("TIDEMARK_AWS_ENDPOINT", dynamo_via.clone()),
+                ("TIDEMARK_ELASTICSEARCH_URL", es_via.clone()),
             ]),
             free_addr()?,
             &logs,
@@ -170,11 +189,11 @@ async fn main() -> anyhow::Result<()> {
         bins.join("stats-aggregator"),
         env(&[
             ("TIDEMARK_BUFFER", "redis".to_owned()),
-            ("TIDEMARK_REDIS_URL", redis),
+            ("TIDEMARK_REDIS_URL", redis_via),
             ("TIDEMARK_BUFFER_NAME", run.clone()),
             ("TIDEMARK_STORE", "dynamodb".to_owned()),
             ("TIDEMARK_STATS_TABLE", stats_table_name),
-            ("TIDEMARK_AWS_ENDPOINT", dynamo_endpoint),
+            ("TIDEMARK_AWS_ENDPOINT", dynamo_via),
             ("TIDEMARK_FLUSH_INTERVAL_MS", "1000".to_owned()),
             (
                 "TIDEMARK_DATA_DIR",
@@ -231,10 +250,16 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(5)
             .max(5)
     });
-    let schedule = faults::schedule(args.seed, args.duration, kills, processes.len());
+    let schedule = faults::schedule(
+        args.seed,
+        args.duration,
+        kills,
+        processes.len(),
+        proxies.len(),
+    );
     let fault_phase = Instant::now();
-    let recoveries = faults::run(&mut processes, &schedule).await;
-    let recoveries = match recoveries {
+    let done = faults::run(&mut processes, &proxies, &schedule).await;
+    let done = match done {
         Ok(r) => r,
         Err(e) => {
             let _ = logs_dir.keep();
@@ -265,7 +290,8 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|p| (p.name.clone(), p.kills))
             .collect(),
-        recoveries,
+        recoveries: done.recoveries,
+        store_faults: done.store_faults,
         counted,
         lost_counts,
         doubled_counts,
@@ -288,6 +314,18 @@ async fn main() -> anyhow::Result<()> {
             logs.display()
         )
     }
+}
+
+/// The address of an endpoint URL (`http://host:port`, `redis://host:port`).
+async fn socket_of(url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host_port = rest.split('/').next().unwrap_or(rest);
+    let host_port = host_port.rsplit('@').next().unwrap_or(host_port);
+    tokio::net::lookup_host(host_port)
+        .await
+        .with_context(|| format!("resolve {url}"))?
+        .next()
+        .with_context(|| format!("{url} resolves to nothing"))
 }
 
 fn args_line(args: &Args) -> String {

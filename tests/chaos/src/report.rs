@@ -14,6 +14,8 @@ pub struct Outcome {
     /// Each process with the kills it took.
     pub services: Vec<(String, u32)>,
     pub recoveries: Vec<faults::Recovery>,
+    /// (proxy, kind) of each store fault.
+    pub store_faults: Vec<(String, &'static str)>,
     pub counted: counters::Ledger,
     pub lost_counts: i64,
     pub doubled_counts: i64,
@@ -56,7 +58,8 @@ impl Outcome {
         let kills: u32 = self.services.iter().map(|(_, k)| k).sum();
         let _ = writeln!(
             out,
-            "{kills} kill -9 over {}s of faults (seed {}), run took {}s in all.\n",
+            "{kills} kill -9 and {} store faults over {}s (seed {}), run took {}s in all.\n",
+            self.store_faults.len(),
             self.duration.as_secs(),
             self.seed,
             self.elapsed.as_secs()
@@ -75,6 +78,26 @@ impl Outcome {
                 "| {name} | {k} | {} ms | {} ms |",
                 quantile(&times, 0.5).as_millis(),
                 quantile(&times, 0.99).as_millis()
+            );
+        }
+        out.push_str("\n| store fault (through a proxy) | latency | blackhole | reset |\n|---|---:|---:|---:|\n");
+        let mut proxies: Vec<&str> = self.store_faults.iter().map(|(p, _)| p.as_str()).collect();
+        proxies.dedup();
+        proxies.sort_unstable();
+        proxies.dedup();
+        for proxy in proxies {
+            let n = |kind: &str| {
+                self.store_faults
+                    .iter()
+                    .filter(|(p, k)| p == proxy && *k == kind)
+                    .count()
+            };
+            let _ = writeln!(
+                out,
+                "| {proxy} | {} | {} | {} |",
+                n("latency"),
+                n("blackhole"),
+                n("reset")
             );
         }
         out.push_str("\n| problem | work done under faults | checked against the ledger | lost | doubled | resurrected | overwritten |\n|---|---|---|---:|---:|---:|---:|\n");
