@@ -35,6 +35,9 @@ pub const SPEC_TYPE: &str = <MigrateUnitSpec as tidemark_kit::jobs::JobSpec>::TY
 const SCAN_SEGMENTS: u32 = 4;
 /// Items written (and their earlier copies purged) per sink call.
 const BATCH: usize = 100;
+/// Attempts at removing a failed unit's partial copy (backing off from
+/// 200 ms: about 6 s in all) before the unit is failed with it in place.
+const ROLLBACK_ATTEMPTS: u32 = 6;
 /// Items read per source page; the unit is never held whole.
 const PAGE: u32 = 1000;
 
@@ -103,7 +106,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             // Another worker owns the unit now and will clean up itself.
             return Err(UnitFailure::LeaseLost);
         }
-        let rolled_back = match unit.remove_copy(&copied, &lease).await {
+        let rolled_back = match unit.roll_back(&copied, &lease).await {
             Ok(removed) => {
                 progress.add(
                     "rolled_back_items",
@@ -444,6 +447,29 @@ impl Unit<'_> {
         .map_err(|e| UnitFailure::retryable(e.to_string()))?;
         tracing::info!(job = %claim.job.name, unit = %self.unit_key, "readers sent back to the source while the unit is migrated again");
         Ok(())
+    }
+
+    /// [`Self::remove_copy`], tried again while its failures are transient
+    /// (a store restarting, a connection reset) and the lease holds: a unit
+    /// failed for good must not leave a partial copy behind.
+    async fn roll_back(&self, keys: &BTreeSet<Key>, lease: &UnitLease) -> Result<u64, UnitFailure> {
+        let mut delay = std::time::Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match self.remove_copy(keys, lease).await {
+                Err(UnitFailure::Failed {
+                    retryable: true,
+                    message,
+                    ..
+                }) if attempt < ROLLBACK_ATTEMPTS => {
+                    tracing::warn!(unit = %self.unit_key, attempt, error = %message, "removing the partial copy failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Removes the unit's copy from the target, once the lease is confirmed
