@@ -149,7 +149,7 @@ pub async fn rounds(
     Ok(outcome)
 }
 
-fn terminal(status: i32) -> bool {
+pub fn terminal(status: i32) -> bool {
     [
         jt::RunStatus::Succeeded,
         jt::RunStatus::Failed,

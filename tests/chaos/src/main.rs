@@ -4,7 +4,8 @@
 //! binaries on the local components, while three problems run at once with
 //! writers that keep their own ledgers: counters through ingest and
 //! periodic flushes (problem 1), a table's stream into Elasticsearch
-//! (problem 2), and attribute backfills under concurrent writers
+//! (problem 2), per-unit migrations to S3 with a unit that fails on purpose
+//! (problem 3), and attribute backfills under concurrent writers
 //! (problem 4). Services are killed -9 on a schedule drawn from the seed.
 //! Every store the services use (DynamoDB, Elasticsearch, Redis) and the
 //! job-tracker as the replicators reach it sit behind fault proxies that
@@ -16,6 +17,7 @@
 mod backfill;
 mod counters;
 mod faults;
+mod migrate;
 mod plane;
 mod proxy;
 mod report;
@@ -94,7 +96,6 @@ fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
-    let bins = build_services()?;
     let logs_dir = tempfile::Builder::new()
         .prefix("tidemark-chaos")
         .tempdir()?;
@@ -103,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| logs_dir.path().to_owned());
     std::fs::create_dir_all(&logs)?;
+    let bins = logs.join("bin");
+    build_services(&bins)?;
+    // What was built: the commit, and whether the tree had changes.
+    let built_from = report::built_from();
     let dynamo_endpoint = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
     let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
     let redis = local_env("TIDEMARK_TEST_REDIS_URL");
@@ -134,6 +139,16 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("create the backfill table")?;
     backfill::seed(&backfill_table).await?;
+    let units_table_name = format!("{run}-units");
+    let units_table =
+        DynamoTable::create(dynamo.clone(), &units_table_name, &migrate::schema(), false)
+            .await
+            .context("create the units table")?;
+    migrate::seed(&units_table).await?;
+    let s3 = tidemark_connectors::testing::s3_client().await;
+    tidemark_connectors::s3::S3Sink::ensure_bucket(&s3, &run)
+        .await
+        .context("create the bucket")?;
 
     let jobs_addr = free_addr()?;
     let jobs_url = format!("http://{jobs_addr}");
@@ -179,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 ("TIDEMARK_AWS_ENDPOINT", dynamo_via.clone()),
                 ("TIDEMARK_ELASTICSEARCH_URL", es_via.clone()),
+                ("TIDEMARK_INJECT_UNIT_FAULT", migrate::FAULTY.to_owned()),
             ]),
             free_addr()?,
             &logs,
@@ -235,6 +251,17 @@ async fn main() -> anyhow::Result<()> {
         args.seed,
         stop.clone(),
     ));
+    let migrating = tokio::spawn(migrate::runs(
+        migrate::Setup {
+            replicator: replicator_url.clone(),
+            jobs: jobs_url.clone(),
+            table: units_table_name,
+            bucket: run.clone(),
+            s3,
+        },
+        args.seed,
+        stop.clone(),
+    ));
     let backfilling = tokio::spawn(backfill::rounds(
         other_replicator_url,
         jobs_url,
@@ -278,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
     let counted = counting.await??;
     let streamed = streaming.await??;
     let backfilled = backfilling.await??;
+    let migrated = migrating.await??;
     let (lost_counts, doubled_counts) = counters::check(stats_url, &stats_table, &counted).await?;
     let synced = stream::check(replicator_url, &pipeline, &index, &streamed).await?;
     for p in &mut processes {
@@ -298,12 +326,13 @@ async fn main() -> anyhow::Result<()> {
         streamed_writes: streamed.writes,
         synced,
         backfilled,
+        migrated,
         elapsed: started.elapsed(),
     };
     let table = outcome.render();
     println!("{table}");
     if args.record {
-        report::record(&table, &args_line(&args))?;
+        report::record(&table, &args_line(&args), &built_from)?;
     }
     if outcome.clean() {
         Ok(())

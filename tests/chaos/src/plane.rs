@@ -124,8 +124,9 @@ pub fn free_addr() -> anyhow::Result<SocketAddr> {
 }
 
 /// Builds the service binaries in the profile and target directory of this
-/// binary and returns the directory holding them.
-pub fn build_services() -> anyhow::Result<PathBuf> {
+/// binary and copies them into `into`, so a build during the run (another
+/// checkout sharing the target directory) cannot change what is restarted.
+pub fn build_services(into: &Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let profile_dir = exe.parent().context("the binary's directory")?.to_owned();
     let target_dir = profile_dir.parent().context("the target directory")?;
@@ -158,7 +159,12 @@ pub fn build_services() -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("building the service binaries failed ({status})");
     }
-    Ok(profile_dir)
+    std::fs::create_dir_all(into)?;
+    for bin in ["job-tracker", "replicator", "stats-aggregator"] {
+        std::fs::copy(profile_dir.join(bin), into.join(bin))
+            .with_context(|| format!("copy {bin} into {}", into.display()))?;
+    }
+    Ok(())
 }
 
 /// Retries a call to a service through restarts: while the process is down

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tidemark_connectors::testing::workspace_root;
 
-use crate::{backfill, counters, faults, stream};
+use crate::{backfill, counters, faults, migrate, stream};
 
 pub struct Outcome {
     pub seed: u64,
@@ -22,6 +22,7 @@ pub struct Outcome {
     pub streamed_writes: u64,
     pub synced: stream::Outcome,
     pub backfilled: backfill::Outcome,
+    pub migrated: migrate::Outcome,
     pub elapsed: Duration,
 }
 
@@ -50,6 +51,9 @@ impl Outcome {
             && self.backfilled.missing == 0
             && self.backfilled.overwritten == 0
             && self.backfilled.rounds > 0
+            && self.migrated.incomplete == 0
+            && self.migrated.left_behind == 0
+            && self.migrated.runs > 0
             && self.services.iter().all(|(_, k)| *k > 0)
     }
 
@@ -116,6 +120,14 @@ impl Outcome {
         );
         let _ = writeln!(
             out,
+            "| 3 unit migrations to S3 (2 replicas) | {} runs, {} units MIGRATED, one unit failing on purpose in each | each unit MIGRATED with every item and routed to the target, or the faulty one ROLLED_BACK with nothing left and its route unchanged | {} | – | – | {} left behind |",
+            self.migrated.runs,
+            self.migrated.units_migrated,
+            self.migrated.incomplete,
+            self.migrated.left_behind
+        );
+        let _ = writeln!(
+            out,
             "| 4 attribute backfill (2 replicas) | {} rounds of {} items, {} writer sets meanwhile | every item has the attribute, every writer's value kept | {} | – | – | {} |",
             self.backfilled.rounds,
             backfill::ITEMS,
@@ -130,13 +142,9 @@ impl Outcome {
 const BEGIN: &str = "<!-- tidemark-chaos: begin (rewritten by --record) -->";
 const END: &str = "<!-- tidemark-chaos: end -->";
 
-/// Rewrites the chaos section of RELIABILITY.md with `table`.
-pub fn record(table: &str, command: &str) -> anyhow::Result<()> {
-    let path = workspace_root().join("RELIABILITY.md");
-    let text = std::fs::read_to_string(&path).context("read RELIABILITY.md")?;
-    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
-        anyhow::bail!("RELIABILITY.md has no {BEGIN} … {END} section");
-    };
+/// The commit the services were built from, marked when the tree had
+/// uncommitted changes.
+pub fn built_from() -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .args(args)
@@ -152,9 +160,19 @@ pub fn record(table: &str, command: &str) -> anyhow::Result<()> {
     } else {
         " (with uncommitted changes)"
     };
+    format!("{commit}{dirty}")
+}
+
+/// Rewrites the chaos section of RELIABILITY.md with `table`.
+pub fn record(table: &str, command: &str, built_from: &str) -> anyhow::Result<()> {
+    let path = workspace_root().join("RELIABILITY.md");
+    let text = std::fs::read_to_string(&path).context("read RELIABILITY.md")?;
+    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+        anyhow::bail!("RELIABILITY.md has no {BEGIN} … {END} section");
+    };
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let section =
-        format!("{BEGIN}\n\n`{command}` at {commit}{dirty}, on {cores} cores:\n\n{table}\n{END}");
+        format!("{BEGIN}\n\n`{command}` at {built_from}, on {cores} cores:\n\n{table}\n{END}");
     let updated = format!("{}{section}{}", &text[..b], &text[e + END.len()..]);
     std::fs::write(&path, updated).context("write RELIABILITY.md")?;
     Ok(())
