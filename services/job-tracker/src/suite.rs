@@ -663,18 +663,32 @@ async fn extracts_resume_at_the_watermark(tracker: &Arc<Tracker>, job_name: &str
         "explicit completion waits for CompleteRun"
     );
     let mark = Utc::now() - chrono::Duration::minutes(5);
+    let watermark = Watermark {
+        time: Some(mark),
+        position: "p".into(),
+    };
     tracker
-        .complete_run(
-            &e1.run.run_id,
-            Some(Watermark {
-                time: Some(mark),
-                position: "p".into(),
-            }),
-            None,
-            "w",
-        )
+        .complete_run(&e1.run.run_id, Some(watermark.clone()), None, "w")
         .await
         .unwrap();
+    // The same CompleteRun again (its answer was lost): the same answer,
+    // not a refusal that would fail the worker's unit.
+    let again = tracker
+        .complete_run(&e1.run.run_id, Some(watermark), None, "w")
+        .await
+        .expect("a repeated CompleteRun is answered like the first");
+    assert_eq!(again.status, RunStatus::Succeeded);
+    let other = Watermark {
+        time: Some(mark + chrono::Duration::seconds(1)),
+        position: "p".into(),
+    };
+    precondition(
+        tracker
+            .complete_run(&e1.run.run_id, Some(other), None, "w")
+            .await
+            .map(drop),
+        "completing an ended run at another watermark",
+    );
     let e2 = tracker
         .start_run(start(job_name, &["window"]))
         .await

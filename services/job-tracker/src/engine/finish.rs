@@ -148,6 +148,13 @@ impl Tracker {
         };
         self.retrying("complete run", || async {
             let (run, _) = self.load_run(run_id).await?;
+            // A repeat of the CompleteRun that ended the run (its answer was
+            // lost and the caller sent it again) gets the same answer.
+            if run.status == RunStatus::Succeeded
+                && same_watermark(run.last_processed.as_ref(), watermark.as_ref())
+            {
+                return Ok(Some(run));
+            }
             if run.status != RunStatus::Running {
                 return Err(TrackerError::Precondition(format!(
                     "run {run_id} is {:?}; only a RUNNING run can complete",
@@ -258,4 +265,15 @@ struct End<'a> {
     watermark: Option<&'a Watermark>,
     result: Option<&'a Spec>,
     actor: &'a str,
+}
+
+/// Whether two watermarks are the same position (times to the microsecond,
+/// the precision the stores keep).
+fn same_watermark(a: Option<&Watermark>, b: Option<&Watermark>) -> bool {
+    let micros = |w: &Watermark| w.time.map(|t| t.timestamp_micros());
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => micros(a) == micros(b) && a.position == b.position,
+        _ => false,
+    }
 }

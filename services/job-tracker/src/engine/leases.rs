@@ -247,10 +247,17 @@ impl Tracker {
         if unit.attempts > run.max_attempts {
             unit.status = UnitStatus::Failed;
             unit.lease = None;
-            unit.last_error = format!(
-                "gave up after {} attempts; last error: {}",
-                run.max_attempts, unit.last_error
-            );
+            unit.last_error = if unit.last_error.is_empty() {
+                format!(
+                    "gave up after {} attempts: each attempt's lease lapsed before its worker finished (workers killed, or cut off from the job-tracker)",
+                    run.max_attempts
+                )
+            } else {
+                format!(
+                    "gave up after {} attempts; last error: {}",
+                    run.max_attempts, unit.last_error
+                )
+            };
             let (open, expect) = self.open_units(&run.run_id).await?;
             ops.push(put(&pk, &format!("unit#{key}"), &unit, Expect::Rev(rev))?);
             ops.push(delete(&pk, &format!("q#{key}"), Expect::Any));
