@@ -105,6 +105,7 @@ pub async fn rounds(
         .await?;
         // The writer works while the run does.
         let mut mine: BTreeMap<u32, String> = BTreeMap::new();
+        let deadline = std::time::Instant::now() + crate::RUN_DEADLINE;
         let status = loop {
             for _ in 0..5 {
                 let i = rng.random_range(0..ITEMS);
@@ -131,6 +132,14 @@ pub async fn rounds(
             .unwrap_or_default();
             if terminal(run.status) {
                 break run;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "backfill round {round} (run {}) did not end within {:?}: {:?}",
+                    started.run_id,
+                    crate::RUN_DEADLINE,
+                    run.units
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };

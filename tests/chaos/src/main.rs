@@ -5,8 +5,8 @@
 //! writers that keep their own ledgers: counters through ingest and
 //! periodic flushes (problem 1), a table's stream into Elasticsearch
 //! (problem 2), per-unit migrations to S3 with a unit that fails on purpose
-//! (problem 3), and attribute backfills under concurrent writers
-//! (problem 4). Services are killed -9 on a schedule drawn from the seed.
+//! (problem 3), attribute backfills under concurrent writers (problem 4),
+//! and an incremental extract scheduled every 3 s (problem 5). Services are killed -9 on a schedule drawn from the seed.
 //! Every store the services use (DynamoDB, Elasticsearch, Redis) and the
 //! job-tracker as the replicators reach it sit behind fault proxies that
 //! add latency, hang (blackhole) or reset connections on the same schedule.
@@ -16,6 +16,7 @@
 
 mod backfill;
 mod counters;
+mod extract;
 mod faults;
 mod migrate;
 mod plane;
@@ -33,6 +34,10 @@ use tidemark_connectors::testing::{local_env, local_sdk_config, unique_name, wor
 use tokio_util::sync::CancellationToken;
 
 use crate::plane::{Process, build_services, free_addr};
+
+/// How long a backfill or migration run may take once started before the
+/// matrix gives up on it (and fails: work that never ends is lost too).
+pub const RUN_DEADLINE: Duration = Duration::from_secs(300);
 
 #[derive(Parser, Debug)]
 #[command(about = "Kill the control plane's processes while it works, and count what was lost")]
@@ -145,6 +150,15 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("create the units table")?;
     migrate::seed(&units_table).await?;
+    let orders_table_name = format!("{run}-orders");
+    let orders_table = DynamoTable::create(
+        dynamo.clone(),
+        &orders_table_name,
+        &extract::schema(),
+        false,
+    )
+    .await
+    .context("create the extracted table")?;
     let s3 = tidemark_connectors::testing::s3_client().await;
     tidemark_connectors::s3::S3Sink::ensure_bucket(&s3, &run)
         .await
@@ -187,7 +201,9 @@ async fn main() -> anyhow::Result<()> {
             env(&[
                 ("TIDEMARK_JOB_TRACKER_URL", jobs_via.clone()),
                 ("TIDEMARK_WORKER_ID", replica.to_owned()),
-                ("TIDEMARK_LEASE_SECS", "3".to_owned()),
+                // Longer than the longest store fault: a blackhole of the
+                // job-tracker must not cost every unit a lease.
+                ("TIDEMARK_LEASE_SECS", "8".to_owned()),
                 (
                     "TIDEMARK_DATA_DIR",
                     data.join(replica).display().to_string(),
@@ -251,17 +267,27 @@ async fn main() -> anyhow::Result<()> {
         args.seed,
         stop.clone(),
     ));
+    let extract_job = format!("{run}-extract");
+    extract::create(
+        replicator_url.clone(),
+        &extract_job,
+        &orders_table_name,
+        &run,
+    )
+    .await?;
+    let extracting = tokio::spawn(extract::write(orders_table, args.seed, stop.clone()));
     let migrating = tokio::spawn(migrate::runs(
         migrate::Setup {
             replicator: replicator_url.clone(),
             jobs: jobs_url.clone(),
             table: units_table_name,
             bucket: run.clone(),
-            s3,
+            s3: s3.clone(),
         },
         args.seed,
         stop.clone(),
     ));
+    let jobs_check_url = jobs_url.clone();
     let backfilling = tokio::spawn(backfill::rounds(
         other_replicator_url,
         jobs_url,
@@ -300,14 +326,18 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop.cancel();
+    eprintln!("chaos: faults over; waiting for the runs in progress, then checking the stores");
 
     // The checks, against the ledgers.
     let counted = counting.await??;
     let streamed = streaming.await??;
     let backfilled = backfilling.await??;
     let migrated = migrating.await??;
+    let extracted_writes = extracting.await??;
     let (lost_counts, doubled_counts) = counters::check(stats_url, &stats_table, &counted).await?;
     let synced = stream::check(replicator_url, &pipeline, &index, &streamed).await?;
+    let extracted =
+        extract::check(jobs_check_url, &extract_job, &run, s3, &extracted_writes).await?;
     for p in &mut processes {
         p.check_alive()?;
     }
@@ -327,6 +357,8 @@ async fn main() -> anyhow::Result<()> {
         synced,
         backfilled,
         migrated,
+        extract_writes: extracted_writes.writes,
+        extracted,
         elapsed: started.elapsed(),
     };
     let table = outcome.render();

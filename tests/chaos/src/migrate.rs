@@ -1,9 +1,10 @@
 //! Problem 3 under faults: per-unit migrations (courses) from DynamoDB to
 //! S3, one run after another, each with one unit the replicators are set to
-//! fail (`TIDEMARK_INJECT_UNIT_FAULT`). Every good unit must end MIGRATED
-//! with the source's count under its prefix and its route on the target;
-//! the faulty one ROLLED_BACK with nothing under its prefix and its route
-//! unchanged, however the kills cut the attempts.
+//! fail (`TIDEMARK_INJECT_UNIT_FAULT`). Every unit must end either MIGRATED
+//! with the source's count under its prefix and its route on the target, or
+//! FAILED / ROLLED_BACK with nothing under its prefix and its route
+//! unchanged (a good unit may run out of attempts when kills keep cutting
+//! them; it is counted); the faulty one always the latter.
 
 use std::time::Duration;
 
@@ -66,6 +67,9 @@ pub async fn seed(table: &DynamoTable) -> anyhow::Result<()> {
 pub struct Outcome {
     pub runs: u32,
     pub units_migrated: u64,
+    /// Good units that ran out of attempts, cleanly (nothing left, route
+    /// unchanged).
+    pub failed_cleanly: u64,
     /// A good unit not MIGRATED with every item, or not routed to the target.
     pub incomplete: u64,
     /// The faulty unit with objects left under its prefix, or routed to
@@ -127,6 +131,7 @@ pub async fn runs(setup: Setup, seed: u64, stop: CancellationToken) -> anyhow::R
             async move { c.migrate_unit(r).await }
         })
         .await?;
+        let deadline = std::time::Instant::now() + crate::RUN_DEADLINE;
         let run = loop {
             let run = through_restarts("GetRun", Duration::from_secs(60), || {
                 let mut c = jobs.clone();
@@ -140,6 +145,14 @@ pub async fn runs(setup: Setup, seed: u64, stop: CancellationToken) -> anyhow::R
             .unwrap_or_default();
             if crate::backfill::terminal(run.status) {
                 break run;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "migration run {round} ({}) did not end within {:?}: {:?}",
+                    started.run_id,
+                    crate::RUN_DEADLINE,
+                    run.units
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tidemark_connectors::testing::workspace_root;
 
-use crate::{backfill, counters, faults, migrate, stream};
+use crate::{backfill, counters, extract, faults, migrate, stream};
 
 pub struct Outcome {
     pub seed: u64,
@@ -23,6 +23,8 @@ pub struct Outcome {
     pub synced: stream::Outcome,
     pub backfilled: backfill::Outcome,
     pub migrated: migrate::Outcome,
+    pub extract_writes: u64,
+    pub extracted: extract::Outcome,
     pub elapsed: Duration,
 }
 
@@ -54,6 +56,9 @@ impl Outcome {
             && self.migrated.incomplete == 0
             && self.migrated.left_behind == 0
             && self.migrated.runs > 0
+            && self.extracted.window_faults == 0
+            && self.extracted.stale == 0
+            && self.extracted.succeeded > 0
             && self.services.iter().all(|(_, k)| *k > 0)
     }
 
@@ -120,9 +125,10 @@ impl Outcome {
         );
         let _ = writeln!(
             out,
-            "| 3 unit migrations to S3 (2 replicas) | {} runs, {} units MIGRATED, one unit failing on purpose in each | each unit MIGRATED with every item and routed to the target, or the faulty one ROLLED_BACK with nothing left and its route unchanged | {} | – | – | {} left behind |",
+            "| 3 unit migrations to S3 (2 replicas) | {} runs, {} units MIGRATED, {} good units out of attempts, one unit failing on purpose in each | each unit MIGRATED with every item and routed to the target, or failed with nothing left and its route unchanged | {} | – | – | {} left behind |",
             self.migrated.runs,
             self.migrated.units_migrated,
+            self.migrated.failed_cleanly,
             self.migrated.incomplete,
             self.migrated.left_behind
         );
@@ -134,6 +140,15 @@ impl Outcome {
             self.backfilled.writer_sets,
             self.backfilled.missing,
             self.backfilled.overwritten
+        );
+        let _ = writeln!(
+            out,
+            "| 5 incremental extract every 3 s to S3 | {} changes, {} runs succeeded ({} skipped while one ran) | the windows follow one another with no gap or overlap; each key's object is its last image | {} stale | – | – | {} window faults |",
+            self.extract_writes,
+            self.extracted.succeeded,
+            self.extracted.skipped,
+            self.extracted.stale,
+            self.extracted.window_faults
         );
         out
     }
