@@ -133,7 +133,7 @@ pub async fn set_backfill_rate(
 
 /// `e` with its field violations (from the job-tracker's GetJob, about the
 /// job's `name`) moved onto the request's `field`.
-fn as_job_name(e: ServiceError, field: &str) -> ServiceError {
+pub(crate) fn as_job_name(e: ServiceError, field: &str) -> ServiceError {
     if e.kind() == tidemark_kit::error::ErrorKind::InvalidArgument && !e.violations().is_empty() {
         ServiceError::invalid(
             e.violations()
