@@ -212,10 +212,17 @@ pub fn parse_expression(
     names: &HashMap<String, String>,
     values: &HashMap<String, AttrValue>,
 ) -> Result<Predicate, String> {
+    // DynamoDB's own limit on an expression; also bounds the work below.
+    if expression.len() > MAX_EXPRESSION_BYTES {
+        return Err(format!(
+            "longer than {MAX_EXPRESSION_BYTES} bytes (DynamoDB's limit)"
+        ));
+    }
     let tokens = tokenize(expression)?;
     let mut parser = Parser {
         tokens,
         at: 0,
+        depth: 0,
         names,
         values,
     };
@@ -225,6 +232,12 @@ pub fn parse_expression(
         Some(t) => Err(format!("unexpected {t:?} after a complete condition")),
     }
 }
+
+/// The longest filter expression accepted, as DynamoDB has it.
+pub const MAX_EXPRESSION_BYTES: usize = 4096;
+/// Parentheses and NOTs nested deeper are refused: the parser (and every
+/// walk of the predicate) recurses once per level.
+pub const MAX_NESTING: usize = 32;
 
 #[derive(Clone, Debug, PartialEq)]
 enum Token {
@@ -303,6 +316,8 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
 struct Parser<'a> {
     tokens: Vec<Token>,
     at: usize,
+    /// Parentheses and NOTs open around the current position.
+    depth: usize,
     names: &'a HashMap<String, String>,
     values: &'a HashMap<String, AttrValue>,
 }
@@ -362,10 +377,27 @@ impl Parser<'_> {
         })
     }
 
+    /// Runs `parse` one nesting level deeper, refusing past [`MAX_NESTING`]
+    /// (a deep expression overflowed the stack: found by the e2e RPC fuzzer).
+    fn nested<T>(
+        &mut self,
+        parse: impl FnOnce(&mut Self) -> Result<T, String>,
+    ) -> Result<T, String> {
+        if self.depth >= MAX_NESTING {
+            return Err(format!(
+                "parentheses and NOTs nested deeper than {MAX_NESTING}"
+            ));
+        }
+        self.depth += 1;
+        let parsed = parse(self);
+        self.depth -= 1;
+        parsed
+    }
+
     fn not(&mut self) -> Result<Predicate, String> {
         if self.keyword("NOT") {
             self.at += 1;
-            return Ok(Predicate::Not(Box::new(self.not()?)));
+            return self.nested(|p| Ok(Predicate::Not(Box::new(p.not()?))));
         }
         self.primary()
     }
@@ -373,7 +405,7 @@ impl Parser<'_> {
     fn primary(&mut self) -> Result<Predicate, String> {
         if self.peek() == Some(&Token::Open) {
             self.at += 1;
-            let inner = self.or()?;
+            let inner = self.nested(Self::or)?;
             self.expect(&Token::Close)?;
             return Ok(inner);
         }
@@ -547,6 +579,24 @@ mod tests {
         assert_eq!(expr, "(attribute_not_exists(#n0)) OR (#n0 < :v0)");
         assert_eq!(names.0["#n0"], "version");
     }
+    #[test]
+    fn deep_or_long_expressions_are_refused_not_a_stack_overflow() {
+        let none = HashMap::new();
+        let values: HashMap<String, AttrValue> = [(":v".to_owned(), AttrValue::n(1i64))].into();
+        let nested = |depth: usize| format!("{}a = :v{}", "(".repeat(depth), ")".repeat(depth));
+        assert!(parse_expression(&nested(MAX_NESTING), &none, &values).is_ok());
+        let err = parse_expression(&nested(MAX_NESTING + 1), &none, &values).unwrap_err();
+        assert!(err.contains("nested"), "{err}");
+        let nots = format!("{}a = :v", "NOT ".repeat(1000));
+        assert!(parse_expression(&nots, &none, &values).is_err());
+        let long = "(".repeat(MAX_EXPRESSION_BYTES + 1);
+        assert!(
+            parse_expression(&long, &none, &values)
+                .unwrap_err()
+                .contains("4096")
+        );
+    }
+
     #[test]
     fn parses_dynamodb_expressions() {
         let names: HashMap<String, String> = [("#a".to_owned(), "test".to_owned())].into();

@@ -250,9 +250,12 @@ pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, P
             .ok_or_else(|| ProtoError::new("new_image", "required unless deleted"))?;
         Some(item_from_proto(image).map_err(|e| e.within("new_image"))?)
     };
-    let created_at_micros = record
-        .change_time
-        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000);
+    let created_at_micros = record.change_time.map_or(0, |t| {
+        // A record from a feed may carry any time: saturate, never panic.
+        t.seconds
+            .saturating_mul(1_000_000)
+            .saturating_add(i64::from(t.nanos) / 1000)
+    });
     Ok(ChangeRecord {
         key,
         kind: if new_image.is_some() {
@@ -271,6 +274,30 @@ pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_time_at_the_edge_of_i64_saturates() {
+        // A Kafka record is outside input: its time must not overflow (found
+        // by the e2e RPC fuzzer in the same conversion elsewhere).
+        let record = pb::ChangeRecord {
+            key: Some(pb::Key {
+                attributes: [("id".to_owned(), value_to_proto(&AttrValue::s("a")))].into(),
+            }),
+            deleted: true,
+            new_image: None,
+            version: 1,
+            change_time: Some(prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 999_999_999,
+            }),
+        };
+        let position = Position {
+            partition: "p".to_owned(),
+            sequence: "1".to_owned(),
+        };
+        let decoded = decode_change(&record.encode_to_vec(), position).unwrap();
+        assert_eq!(decoded.created_at_micros, i64::MAX);
+    }
 
     #[test]
     fn values_round_trip() {

@@ -273,7 +273,9 @@ impl Transform {
                 }
                 let encoding = TimeEncoding::from_proto(f.encoding, "filter.encoding")?;
                 let max_age = f.max_age.as_ref().map_or(0, |d| {
-                    d.seconds.saturating_mul(1_000_000) + i64::from(d.nanos) / 1000
+                    d.seconds
+                        .saturating_mul(1_000_000)
+                        .saturating_add(i64::from(d.nanos) / 1000)
                 });
                 if max_age <= 0 {
                     return Err(bad("filter.max_age", "required and positive".to_owned()));
@@ -391,6 +393,24 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), v.clone()))
             .collect()
+    }
+
+    #[test]
+    fn an_extreme_max_age_is_refused_or_kept_never_an_overflow() {
+        // i64::MAX seconds plus the nanos overflowed (a panic in the RPC
+        // handler, found by the e2e RPC fuzzer).
+        let with = |seconds, nanos| pb::Transform {
+            filter: Some(pb::RecencyFilter {
+                attribute_name: "at".to_owned(),
+                encoding: pb::TimeEncoding::EpochSeconds as i32,
+                max_age: Some(prost_types::Duration { seconds, nanos }),
+            }),
+            ..pb::Transform::default()
+        };
+        let huge = Transform::from_proto(&with(i64::MAX, 999_999_999)).unwrap();
+        assert_eq!(huge.filter.unwrap().max_age_micros, i64::MAX);
+        let err = Transform::from_proto(&with(i64::MIN, -999_999_999)).unwrap_err();
+        assert!(format!("{err:?}").contains("filter.max_age"), "{err:?}");
     }
 
     #[test]

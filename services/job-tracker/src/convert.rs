@@ -556,7 +556,8 @@ pub fn page_size(size: i32, field: &str) -> Result<usize, FieldError> {
 
 /// Slices an in-memory list into a page with an offset token.
 pub fn paginate<T: Clone>(items: &[T], offset: usize, size: usize) -> (Vec<T>, String) {
-    let end = (offset + size).min(items.len());
+    // The offset comes from the caller's token: saturate rather than overflow.
+    let end = offset.saturating_add(size).min(items.len());
     let slice = items
         .get(offset..end)
         .map(<[T]>::to_vec)
@@ -583,5 +584,13 @@ mod tests {
         let err = page_size(-1, "page_size").unwrap_err();
         assert_eq!(err.field, "page_size");
         assert!(page_size(i32::MIN, "page_size").is_err());
+    }
+
+    #[test]
+    fn a_token_past_the_end_is_an_empty_last_page_not_an_overflow() {
+        let items = [1, 2, 3];
+        let offset = page(&usize::MAX.to_string(), "page_token").unwrap();
+        assert_eq!(paginate(&items, offset, 1000), (vec![], String::new()));
+        assert_eq!(paginate(&items, 2, usize::MAX), (vec![3], String::new()));
     }
 }

@@ -183,10 +183,13 @@ impl JobTrackerService for JobTracker {
             .enumerate()
             .map(|(i, s)| convert::run_status_from(*s, &format!("statuses[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let runs = self
-            .tracker
-            .list_runs(&name(&req.job_name, "job_name")?, &statuses)
-            .await?;
+        let runs = if req.job_name.is_empty() {
+            self.tracker.list_all_runs(&statuses).await?
+        } else {
+            self.tracker
+                .list_runs(&name(&req.job_name, "job_name")?, &statuses)
+                .await?
+        };
         let (page, next) = convert::paginate(
             &runs,
             convert::page(&req.page_token, "page_token")?,

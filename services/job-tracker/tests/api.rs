@@ -90,6 +90,59 @@ async fn an_unbounded_lease_is_refused_naming_the_field() {
 }
 
 #[tokio::test]
+async fn list_runs_without_a_job_lists_every_jobs_runs_newest_first() {
+    // The proto says an empty `job_name` means every job; it was refused as
+    // INVALID_ARGUMENT (found by the e2e RPC fuzzer).
+    let mut s = serve().await;
+    let mut started = Vec::new();
+    for name in ["b", "a"] {
+        s.client
+            .create_job(pb::CreateJobRequest {
+                job: Some(job(name)),
+            })
+            .await
+            .unwrap();
+        let run = s
+            .client
+            .start_run(pb::StartRunRequest {
+                job_name: name.into(),
+                units: vec![pb::UnitSpec {
+                    unit_key: "u".into(),
+                    after_unit_keys: vec![],
+                }],
+                actor: "test".into(),
+                ..pb::StartRunRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+        started.push(run.run_id);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let listed = s
+        .client
+        .list_runs(pb::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = listed.runs.into_iter().map(|r| r.run_id).collect();
+    started.reverse();
+    assert_eq!(ids, started);
+    let none = s
+        .client
+        .list_runs(pb::ListRunsRequest {
+            statuses: vec![pb::RunStatus::Succeeded as i32],
+            ..pb::ListRunsRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.runs.is_empty(), "{none:?}");
+}
+
+#[tokio::test]
 async fn bad_input_names_the_field() {
     let mut s = serve().await;
     bad_jobs_name_the_field(&mut s).await;

@@ -398,10 +398,31 @@ fn current_trace_id() -> Option<String> {
     (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
 }
 
+/// The most of a status message (and of each violation's description) sent
+/// back: messages quote the caller's input, and an echo of a 1 MiB name does
+/// not fit the HTTP/2 header it travels in (the client then read a protocol
+/// error instead of the answer; found by the e2e RPC fuzzer).
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// The most field violations sent back in a `BadRequest`.
+pub const MAX_VIOLATIONS: usize = 20;
+
+/// `text` cut to [`MAX_MESSAGE_BYTES`] on a character boundary, marked.
+fn capped(mut text: String) -> String {
+    if text.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("… (cut)");
+    }
+    text
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let code = e.kind.code();
-        let mut message = e.message;
+        let mut message = capped(e.message);
         match (e.kind, &e.cause) {
             (ErrorKind::Internal, cause) => {
                 // A reference the caller can quote, found in the log line.
@@ -419,10 +440,27 @@ impl From<ServiceError> for Status {
         }
         let mut details = ErrorDetails::new();
         if !e.violations.is_empty() {
+            // Like the message, the details travel in a header: a request
+            // with 10000 bad keys gets the first violations only.
+            let left_out = e.violations.len().saturating_sub(MAX_VIOLATIONS);
+            let mut violations = e.violations;
+            violations.truncate(MAX_VIOLATIONS);
+            if left_out > 0 {
+                let last = violations
+                    .last()
+                    .map(|v| v.field.clone())
+                    .unwrap_or_default();
+                violations.push(FieldError::new(
+                    last,
+                    format!("and {left_out} more violations not listed"),
+                ));
+            }
             details.set_bad_request(
-                e.violations
+                violations
                     .into_iter()
-                    .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                    .map(|v| {
+                        tonic_types::FieldViolation::new(capped(v.field), capped(v.description))
+                    })
                     .collect::<Vec<_>>(),
             );
         }
@@ -533,6 +571,36 @@ mod tests {
         }));
         let retry = status.get_details_retry_info().expect("RetryInfo");
         assert_eq!(retry.retry_delay, Some(Duration::from_millis(300)));
+    }
+
+    #[test]
+    fn huge_messages_are_cut_to_fit_a_header() {
+        let huge = "é".repeat(1 << 20);
+        let status = Status::from(
+            ServiceError::not_found(format!("no job named {huge:?}")).on_field("job_name"),
+        );
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(
+            status.message().len() <= MAX_MESSAGE_BYTES + 16,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().starts_with("job_name: no job named"));
+        let status = Status::from(ServiceError::field("name", huge));
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "name");
+        assert!(bad.field_violations[0].description.len() <= MAX_MESSAGE_BYTES + 16);
+        let many = (0..10_000)
+            .map(|i| FieldError::new(format!("unit_keys[{i}]"), "is bad"))
+            .collect();
+        let status = Status::from(ServiceError::invalid(many));
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS + 1);
+        assert!(
+            bad.field_violations[MAX_VIOLATIONS]
+                .description
+                .contains("9980 more")
+        );
     }
 
     #[test]

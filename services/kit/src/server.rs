@@ -166,6 +166,7 @@ impl ServiceHost {
                 .map_err(|e| KitError::Tls(e.to_string()))?;
         }
         let stack = ServiceBuilder::new()
+            .map_response(undecodable_is_invalid_argument)
             .layer(MetricsLayer::new(self.metrics.clone()))
             .layer(AuthLayer::new(self.config.auth_token.as_deref()))
             .layer(LoadShedLayer::new())
@@ -221,4 +222,62 @@ impl ServiceHost {
 /// twice is harmless (the first one stays).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// tonic answers a request body that does not decode (malformed bytes, or
+/// messages nested deeper than prost's limit of 100, e.g. a deep attribute
+/// value) with INTERNAL; the fault is the caller's, so it becomes
+/// INVALID_ARGUMENT (found by the e2e RPC fuzzer). Such an answer carries
+/// its status in the headers (trailers-only), before any handler ran.
+fn undecodable_is_invalid_argument<B>(mut response: http::Response<B>) -> http::Response<B> {
+    const DECODE_FAILURE: &str = "failed to decode Protobuf message";
+    let headers = response.headers_mut();
+    let undecodable = headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers.get("grpc-message").is_some_and(|m| {
+            m.to_str()
+                .is_ok_and(|m| m.replace("%20", " ").starts_with(DECODE_FAILURE))
+        });
+    if undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        let message = headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or_default();
+        let message = format!("the%20request%20could%20not%20be%20decoded%3A%20{message}");
+        if let Ok(value) = http::HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", value);
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    fn trailers_only(status: &str, message: &str) -> http::Response<()> {
+        http::Response::builder()
+            .header("grpc-status", status)
+            .header("grpc-message", message)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn an_undecodable_request_is_invalid_argument_not_internal() {
+        let out = undecodable_is_invalid_argument(trailers_only(
+            "13",
+            "failed%20to%20decode%20Protobuf%20message:%20recursion%20limit%20reached",
+        ));
+        assert_eq!(out.headers()["grpc-status"], "3");
+        let message = out.headers()["grpc-message"].to_str().unwrap();
+        assert!(
+            message.starts_with("the%20request%20could%20not%20be%20decoded"),
+            "{message}"
+        );
+        assert!(message.contains("recursion"), "{message}");
+        // Other internal errors stay what they are.
+        let other = undecodable_is_invalid_argument(trailers_only("13", "internal%20error"));
+        assert_eq!(other.headers()["grpc-status"], "13");
+    }
 }

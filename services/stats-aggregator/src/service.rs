@@ -59,7 +59,12 @@ impl StatsAggregatorService for StatsAggregator {
         while let Some(message) = stream.message().await? {
             check_size(&message.events)?;
             let n = u64::try_from(message.events.len()).unwrap_or(u64::MAX);
-            total.absorb(engine(self).ingest(message.events, base).await?);
+            total.absorb(
+                engine(self)
+                    .ingest(message.events, base)
+                    .await
+                    .map_err(on_events)?,
+            );
             base += n;
         }
         Ok(Response::new(IngestResponse {
@@ -78,7 +83,7 @@ impl StatsAggregatorService for StatsAggregator {
         let events = request.into_inner().events;
         check_size(&events)?;
         let mut total = Ingested::default();
-        total.absorb(engine(self).ingest(events, 0).await?);
+        total.absorb(engine(self).ingest(events, 0).await.map_err(on_events)?);
         Ok(Response::new(IngestBatchResponse {
             accepted_count: total.accepted,
             duplicate_count: total.duplicates,
@@ -165,6 +170,18 @@ impl StatsAggregatorService for StatsAggregator {
     }
 }
 
+/// An ingestion refused as a whole for bad input (the buffer's sum of a
+/// metric's increments would overflow i64) names `events`, the field at
+/// fault; it named none (found by the e2e RPC fuzzer).
+fn on_events(e: crate::StatsError) -> Status {
+    let e = tidemark_kit::ServiceError::from(e);
+    if e.kind() == tidemark_kit::error::ErrorKind::InvalidArgument && e.violations().is_empty() {
+        e.on_field("events").into()
+    } else {
+        e.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +196,24 @@ mod tests {
         assert_eq!(caller_deadline(&m), Some(Duration::from_millis(430)));
         m.insert("grpc-timeout", "5x".parse().unwrap());
         assert_eq!(caller_deadline(&m), None);
+    }
+
+    #[test]
+    fn an_overflowing_batch_names_the_events_field() {
+        use tonic_types::StatusExt as _;
+        let overflow = crate::StatsError::Backend(tidemark_connectors::ConnectorError::invalid(
+            "sqlite",
+            "increments of e/m overflow i64",
+        ));
+        let status = on_events(overflow);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "events");
+        let down = crate::StatsError::Backend(tidemark_connectors::ConnectorError::Retryable {
+            backend: "redis",
+            message: "down".into(),
+            retry_after: None,
+        });
+        assert_eq!(on_events(down).code(), tonic::Code::Unavailable);
     }
 }

@@ -11,4 +11,5 @@ mod problem3_unit_migration;
 mod problem4_backfill_attribute;
 mod problem5_incremental_extract;
 mod python_client;
+mod rpc_fuzz;
 mod tls;

@@ -44,6 +44,29 @@ impl Tracker {
         Ok(runs)
     }
 
+    /// Runs of every job, newest first (ListRuns without a job, as the API
+    /// documents it).
+    pub async fn list_all_runs(&self, statuses: &[RunStatus]) -> TrackerResult<Vec<Run>> {
+        let mut runs = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (jobs, next) = self.list_jobs(None, after.as_deref(), 1000).await?;
+            for job in &jobs {
+                runs.extend(self.list_runs(&job.name, statuses).await?);
+            }
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        runs.sort_by(|a, b| {
+            b.create_time
+                .cmp(&a.create_time)
+                .then_with(|| b.run_id.cmp(&a.run_id))
+        });
+        Ok(runs)
+    }
+
     pub async fn list_units(&self, run_id: &str) -> TrackerResult<Vec<Unit>> {
         query_all(self.kv.as_ref(), &run_pk(run_id), "unit#")
             .await?

@@ -3,6 +3,7 @@
 //! by pull); change a running backfill's write rate.
 
 use tidemark_connectors::proto::value_from_proto;
+use tidemark_kit::ServiceError;
 use tidemark_kit::error::FieldError;
 use tidemark_kit::jobs::spec_of;
 use tidemark_kit::worker::pack_any;
@@ -108,7 +109,13 @@ pub async fn set_backfill_rate(
     if !violations.is_empty() {
         return Err(ReplicatorError::Invalid(violations));
     }
-    let job = r.ctx.jobs.get_job(&req.job_name).await?;
+    // The job-tracker names its own field (`name`); the caller's is `job_name`.
+    let job = r
+        .ctx
+        .jobs
+        .get_job(&req.job_name)
+        .await
+        .map_err(|e| as_job_name(e, "job_name"))?;
     if job.kind != JobKind::BackfillAttribute as i32 {
         return Err(ReplicatorError::Precondition(format!(
             "job {:?} is not a BACKFILL_ATTRIBUTE job",
@@ -122,4 +129,40 @@ pub async fn set_backfill_rate(
         write_units_per_second: spec.write_units_per_second,
         job_revision: updated.revision,
     })
+}
+
+/// `e` with its field violations (from the job-tracker's GetJob, about the
+/// job's `name`) moved onto the request's `field`.
+pub(crate) fn as_job_name(e: ServiceError, field: &str) -> ServiceError {
+    if e.kind() == tidemark_kit::error::ErrorKind::InvalidArgument && !e.violations().is_empty() {
+        ServiceError::invalid(
+            e.violations()
+                .iter()
+                .map(|v| FieldError::new(field, v.description.clone()))
+                .collect(),
+        )
+    } else {
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_job_name_from_the_job_tracker_names_job_name() {
+        // SetBackfillRate passed the job-tracker's violation on `name`
+        // through, naming no field of its own request (e2e RPC fuzzer).
+        let upstream = ServiceError::field("name", "must be at most 200 characters");
+        let e = as_job_name(upstream, "job_name");
+        assert_eq!(e.violations()[0].field, "job_name");
+        assert_eq!(
+            e.violations()[0].description,
+            "must be at most 200 characters"
+        );
+        let missing = as_job_name(ServiceError::not_found("no job"), "job_name");
+        assert_eq!(missing.violations().len(), 0);
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+    }
 }

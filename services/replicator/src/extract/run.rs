@@ -61,7 +61,10 @@ pub fn settle_lag_micros(spec: &IncrementalExtractSpec) -> i64 {
     spec.settle_lag
         .as_ref()
         .map_or(DEFAULT_SETTLE_LAG_MICROS, |d| {
-            d.seconds.saturating_mul(1_000_000) + i64::from(d.nanos) / 1000
+            // Saturating: the RPC checks the range only after computing it.
+            d.seconds
+                .saturating_mul(1_000_000)
+                .saturating_add(i64::from(d.nanos) / 1000)
         })
 }
 
@@ -83,7 +86,11 @@ fn timestamp(micros: i64) -> prost_types::Timestamp {
 }
 
 fn micros(t: Option<&prost_types::Timestamp>) -> Option<i64> {
-    t.map(|t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1000)
+    t.map(|t| {
+        t.seconds
+            .saturating_mul(1_000_000)
+            .saturating_add(i64::from(t.nanos) / 1000)
+    })
 }
 
 fn fold(checksum: &mut [u8; 32], key: &Key, version: u64) {
@@ -449,4 +456,27 @@ async fn finish_run(
         .await
         .map_err(|e| UnitFailure::retryable(format!("CompleteRun: {}", e.message())))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_extreme_settle_lag_saturates_so_the_rpc_can_refuse_it() {
+        // i64::MAX seconds plus the nanos overflowed before the RPC's range
+        // check (a panic in CreateIncrementalExtract, found by the e2e RPC
+        // fuzzer).
+        let spec = |seconds, nanos| IncrementalExtractSpec {
+            settle_lag: Some(prost_types::Duration { seconds, nanos }),
+            ..IncrementalExtractSpec::default()
+        };
+        assert_eq!(settle_lag_micros(&spec(i64::MAX, 999_999_999)), i64::MAX);
+        assert_eq!(settle_lag_micros(&spec(i64::MIN, -999_999_999)), i64::MIN);
+        let edge = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        };
+        assert_eq!(micros(Some(&edge)), Some(i64::MAX));
+    }
 }

@@ -155,7 +155,12 @@ async fn stored_job(
     req: &MigrateUnitRequest,
     concurrency: u32,
 ) -> ReplicatorResult<Job> {
-    let existing = r.ctx.jobs.find_job(&req.job_name).await?;
+    let existing = r
+        .ctx
+        .jobs
+        .find_job(&req.job_name)
+        .await
+        .map_err(|e| crate::backfill::rpc::as_job_name(e, "job_name"))?;
     Ok(match existing {
         Some(job) => {
             let stored: MigrateUnitSpec = spec_of(&job)?;
