@@ -585,7 +585,8 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
         .unwrap();
 }
 
-/// Retryable failures go back to the queue until max attempts.
+/// Retryable failures go back to the queue until max attempts, rolled back
+/// or not.
 async fn retries_stop_at_max_attempts(tracker: &Arc<Tracker>, job_name: &str) {
     let mut flaky = job(job_name, JobKind::BackfillAttribute);
     flaky.max_attempts = 2;
@@ -609,7 +610,9 @@ async fn retries_stop_at_max_attempts(tracker: &Arc<Tracker>, job_name: &str) {
                 UnitOutcome::Failed {
                     error: "throttled".into(),
                     retryable: true,
-                    rolled_back: false,
+                    // A rolled-back retryable failure is retried too: the
+                    // unit starts clean (it ended ROLLED_BACK at once).
+                    rolled_back: attempt == 1,
                 },
                 None,
                 "w",

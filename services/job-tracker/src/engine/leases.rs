@@ -437,7 +437,11 @@ impl Tracker {
                         rolled_back,
                     } => {
                         unit.last_error.clone_from(error);
-                        if *retryable && !rolled_back && unit.attempts < run.max_attempts {
+                        // As documented: a retryable failure goes back to
+                        // the queue while attempts remain, rolled back or
+                        // not (a unit whose partial copy was removed starts
+                        // clean); `rolled_back` says how it ends otherwise.
+                        if *retryable && unit.attempts < run.max_attempts {
                             (
                                 UnitStatus::NotMigrated,
                                 format!("retryable failure: {error}"),
