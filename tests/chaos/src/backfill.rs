@@ -20,7 +20,7 @@ use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorService
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::plane::through_restarts;
+use crate::plane::{ended_run, through_restarts};
 
 pub const ITEMS: u32 = 2_000;
 const BACKFILLED: &str = "backfill";
@@ -120,26 +120,9 @@ pub async fn rounds(
                 mine.insert(i, value);
                 outcome.writer_sets += 1;
             }
-            let run = through_restarts("GetRun", Duration::from_secs(60), || {
-                let mut c = jt_client.clone();
-                let r = jt::GetRunRequest {
-                    run_id: started.run_id.clone(),
-                };
-                async move { c.get_run(r).await }
-            })
-            .await?
-            .run
-            .unwrap_or_default();
-            if terminal(run.status) {
+            let what = format!("backfill round {round}");
+            if let Some(run) = ended_run(&jt_client, &started.run_id, &what, deadline).await? {
                 break run;
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "backfill round {round} (run {}) did not end within {:?}: {:?}",
-                    started.run_id,
-                    crate::RUN_DEADLINE,
-                    run.units
-                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -156,17 +139,6 @@ pub async fn rounds(
         outcome.rounds = round;
     }
     Ok(outcome)
-}
-
-pub fn terminal(status: i32) -> bool {
-    [
-        jt::RunStatus::Succeeded,
-        jt::RunStatus::Failed,
-        jt::RunStatus::FailedAcknowledged,
-        jt::RunStatus::Skipped,
-    ]
-    .iter()
-    .any(|s| *s as i32 == status)
 }
 
 async fn check_round(

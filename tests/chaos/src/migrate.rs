@@ -21,7 +21,7 @@ use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorService
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::plane::through_restarts;
+use crate::plane::{ended_run, through_restarts};
 
 /// The unit every replica fails on purpose.
 pub const FAULTY: &str = "c-faulty";
@@ -132,27 +132,10 @@ pub async fn runs(setup: Setup, seed: u64, stop: CancellationToken) -> anyhow::R
         })
         .await?;
         let deadline = std::time::Instant::now() + crate::RUN_DEADLINE;
+        let what = format!("migration run {round}");
         let run = loop {
-            let run = through_restarts("GetRun", Duration::from_secs(60), || {
-                let mut c = jobs.clone();
-                let r = jt::GetRunRequest {
-                    run_id: started.run_id.clone(),
-                };
-                async move { c.get_run(r).await }
-            })
-            .await?
-            .run
-            .unwrap_or_default();
-            if crate::backfill::terminal(run.status) {
+            if let Some(run) = ended_run(&jobs, &started.run_id, &what, deadline).await? {
                 break run;
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "migration run {round} ({}) did not end within {:?}: {:?}",
-                    started.run_id,
-                    crate::RUN_DEADLINE,
-                    run.units
-                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };

@@ -196,3 +196,46 @@ where
         }
     }
 }
+
+/// Whether a run's status is final.
+pub fn terminal(status: i32) -> bool {
+    use tidemark_proto::job_tracker::v1::RunStatus;
+    [
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::FailedAcknowledged,
+        RunStatus::Skipped,
+    ]
+    .iter()
+    .any(|s| *s as i32 == status)
+}
+
+/// The run once it ended (`None` while it runs); an error naming `what`
+/// once `deadline` passed with the run still going.
+pub async fn ended_run(
+    jobs: &tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient<
+        Channel,
+    >,
+    run_id: &str,
+    what: &str,
+    deadline: Instant,
+) -> anyhow::Result<Option<tidemark_proto::job_tracker::v1::Run>> {
+    use tidemark_proto::job_tracker::v1::GetRunRequest;
+    let run = through_restarts("GetRun", Duration::from_secs(60), || {
+        let mut c = jobs.clone();
+        let r = GetRunRequest {
+            run_id: run_id.to_owned(),
+        };
+        async move { c.get_run(r).await }
+    })
+    .await?
+    .run
+    .unwrap_or_default();
+    if terminal(run.status) {
+        return Ok(Some(run));
+    }
+    if Instant::now() > deadline {
+        bail!("{what} (run {run_id}) did not end in time: {:?}", run.units);
+    }
+    Ok(None)
+}

@@ -59,6 +59,8 @@ impl Outcome {
             && self.extracted.window_faults == 0
             && self.extracted.stale == 0
             && self.extracted.succeeded > 0
+            && self.extracted.caught_up
+            && self.extracted.failed == 0
             && self.services.iter().all(|(_, k)| *k > 0)
     }
 
@@ -143,10 +145,16 @@ impl Outcome {
         );
         let _ = writeln!(
             out,
-            "| 5 incremental extract every 3 s to S3 | {} changes, {} runs succeeded ({} skipped while one ran) | the windows follow one another with no gap or overlap; each key's object is its last image | {} stale | – | – | {} window faults |",
+            "| 5 incremental extract every 3 s to S3 | {} changes, {} runs succeeded, {} failed ({} skipped while one ran); {} | the windows follow one another with no gap or overlap; each key's object is its last image | {} stale | – | – | {} window faults |",
             self.extract_writes,
             self.extracted.succeeded,
+            self.extracted.failed,
             self.extracted.skipped,
+            if self.extracted.caught_up {
+                "a run processed past the last write"
+            } else {
+                "**no run processed past the last write within 120 s**"
+            },
             self.extracted.stale,
             self.extracted.window_faults
         );
