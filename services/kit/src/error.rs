@@ -322,6 +322,31 @@ impl ServiceError {
         self
     }
 
+    /// Renames the violations' field paths that start with `from` (a
+    /// downstream request's path, e.g. `job.schedule`) to `to` (where the
+    /// caller's own request carries the value, e.g. `schedule`).
+    #[must_use]
+    pub fn renamed(mut self, from: &str, to: &str) -> Self {
+        let mut renamed = false;
+        for v in &mut self.violations {
+            if let Some(rest) = v.field.strip_prefix(from)
+                && (rest.is_empty() || rest.starts_with(['.', '[']))
+            {
+                v.field = format!("{to}{rest}");
+                renamed = true;
+            }
+        }
+        if renamed {
+            self.message = self
+                .violations
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+        }
+        self
+    }
+
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
@@ -571,6 +596,30 @@ mod tests {
         }));
         let retry = status.get_details_retry_info().expect("RetryInfo");
         assert_eq!(retry.retry_delay, Some(Duration::from_millis(300)));
+    }
+
+    #[test]
+    fn a_downstream_field_path_is_renamed_to_the_callers() {
+        let e = ServiceError::field("job.schedule.start_time", "is out of range")
+            .renamed("job.schedule", "schedule");
+        let status = Status::from(e);
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "schedule.start_time");
+        assert!(
+            status.message().starts_with("schedule.start_time"),
+            "{}",
+            status.message()
+        );
+        // Other paths stay as they are.
+        let kept = ServiceError::field("job.kind", "bad").renamed("job.schedule", "schedule");
+        assert_eq!(
+            Status::from(kept)
+                .get_details_bad_request()
+                .unwrap()
+                .field_violations[0]
+                .field,
+            "job.kind"
+        );
     }
 
     #[test]

@@ -143,13 +143,18 @@ impl Verifier {
             if let Some(schedule) = schedule
                 && job.schedule.as_ref() != Some(schedule)
             {
+                // UpdateJob reads the whole job (its kind included) and
+                // applies the masked fields; its complaints about the
+                // schedule are about this request's `schedule`.
                 let change = jpb::Job {
                     name: name.to_owned(),
+                    kind: jpb::JobKind::Verification as i32,
                     schedule: Some(schedule.clone()),
                     ..jpb::Job::default()
                 };
                 jobs.update_job(change, &["schedule"], 0, "verifier")
-                    .await?;
+                    .await
+                    .map_err(|e| e.renamed("job.schedule", "schedule"))?;
             }
             return Ok(stored);
         }
