@@ -51,6 +51,25 @@ fn human(d: Duration) -> String {
 }
 
 /// A report whose checks did not all pass, in one line.
+/// Whether a report failed only on values: every failing check has no
+/// error, equal counts, and no key missing, extra or at a stale version.
+fn content_only(report: &vf::Report) -> bool {
+    report.error.is_empty()
+        && report
+            .checks
+            .iter()
+            .filter(|c| c.verdict != vf::Verdict::Pass as i32)
+            .all(|c| {
+                let m = c.mismatches.unwrap_or_default();
+                c.error.is_empty()
+                    && c.source_count == c.target_count
+                    && m.missing_in_target == 0
+                    && m.extra_in_target == 0
+                    && m.stale_version == 0
+                    && m.different_content > 0
+            })
+}
+
 fn verdict_failure(report: &vf::Report) -> Option<String> {
     if report.verdict == vf::Verdict::Pass as i32 {
         return None;
@@ -264,7 +283,7 @@ impl Run<'_> {
         deadline: Duration,
         final_one: bool,
         spec: vf::VerificationSpec,
-    ) -> Result<String, String> {
+    ) -> Result<String, (String, bool)> {
         let request = vf::StartVerificationRequest {
             job_name: self.plan.verification_job(final_one),
             spec: Some(spec),
@@ -282,7 +301,8 @@ impl Run<'_> {
                 observer(CutoverEvent::Report(r.clone()));
             })),
         )
-        .await?;
+        .await
+        .map_err(|reason| (reason, false))?;
         self.report
             .verification_ids
             .push(report.verification_id.clone());
@@ -293,7 +313,7 @@ impl Run<'_> {
                     report.verification_id, report.items_compared
                 ))
             },
-            Err,
+            |reason| Err((reason, content_only(&report))),
         )
     }
 
@@ -307,7 +327,19 @@ impl Run<'_> {
                 self.finish(step, t0, StepOutcome::Done, detail);
                 Ok(())
             }
-            Err(reason) => Err(self.abort(step, t0, reason)),
+            // Writers still write: values of keys being written differ
+            // until the copy catches up, and may differ again at every
+            // re-check. With every key present on both sides and no stale
+            // version, that is not a "no"; the verify after the pause and
+            // the drain, with the source quiet, decides.
+            Err((reason, true)) => {
+                let detail = format!(
+                    "only values of keys being written differ while writers run ({reason}); the final verify decides"
+                );
+                self.finish(step, t0, StepOutcome::Done, detail);
+                Ok(())
+            }
+            Err((reason, false)) => Err(self.abort(step, t0, reason)),
         }
     }
 
@@ -399,7 +431,7 @@ impl Run<'_> {
                 self.finish(step, t0, StepOutcome::Done, detail);
                 Ok(())
             }
-            Err(reason) => Err(self.abort_paused(step, t0, reason).await),
+            Err((reason, _)) => Err(self.abort_paused(step, t0, reason).await),
         }
     }
 
