@@ -372,8 +372,8 @@ async fn stale_tokens_are_refused(
     }
 }
 
-/// Completing every unit ends the run SUCCEEDED; completing twice is an
-/// illegal transition.
+/// Completing every unit ends the run SUCCEEDED; completing twice with the
+/// same token is answered with the unit unchanged.
 async fn completing_every_unit_ends_the_run(
     tracker: &Arc<Tracker>,
     run_id: &str,
@@ -395,18 +395,21 @@ async fn completing_every_unit_ends_the_run(
             .await
             .unwrap();
     }
-    let m = precondition(
-        tracker
-            .finish_unit(
-                new_fence,
-                UnitOutcome::Completed { result: None },
-                None,
-                "suite",
-            )
-            .await,
-        "complete twice",
+    // As documented: repeating the call with the token that completed the
+    // unit (its answer lost) returns it unchanged.
+    let (again, _) = tracker
+        .finish_unit(
+            new_fence,
+            UnitOutcome::Completed { result: None },
+            None,
+            "suite",
+        )
+        .await
+        .expect("complete twice with the same token");
+    assert_eq!(
+        (again.status, again.fencing_token),
+        (UnitStatus::Migrated, new_fence.fencing_token)
     );
-    assert!(m.contains("Migrated"), "names the current state: {m}");
     let done = tracker.get_run(run_id).await.unwrap();
     assert_eq!(
         done.run.status,
@@ -566,7 +569,7 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
         "recorded in the history: {history:?}"
     );
     let x = tracker
-        .claim_unit(&claim("w", &third.run.run_id, LEASE))
+        .claim_unit(&claim("w-remigrate", &third.run.run_id, LEASE))
         .await
         .unwrap()
         .unwrap();
@@ -579,10 +582,62 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
             },
             UnitOutcome::Completed { result: None },
             None,
-            "w",
+            "worker",
         )
         .await
         .unwrap();
+    // The history names the lease holder that finished the unit, with its
+    // token, as it names the claimer: who held a lease when is readable.
+    let history = tracker
+        .list_transitions("", &third.run.run_id, "c1")
+        .await
+        .unwrap();
+    let finished = history
+        .iter()
+        .find(|t| t.reason == "completed")
+        .expect("the completion is recorded");
+    assert_eq!(
+        (finished.actor.as_str(), finished.fencing_token),
+        ("w-remigrate", x.unit.fencing_token),
+        "{history:?}"
+    );
+    // Its answer lost, the worker completes again under the same token: the
+    // same answer, and nothing more in the history.
+    let fence = Fence {
+        run_id: third.run.run_id.clone(),
+        unit_key: "c1".into(),
+        fencing_token: x.unit.fencing_token,
+    };
+    let (again, _) = tracker
+        .finish_unit(
+            &fence,
+            UnitOutcome::Completed { result: None },
+            None,
+            "worker",
+        )
+        .await
+        .expect("a repeated CompleteUnit is answered");
+    assert_eq!(again.status, UnitStatus::Migrated);
+    let after = tracker
+        .list_transitions("", &third.run.run_id, "c1")
+        .await
+        .unwrap();
+    assert_eq!(after.len(), history.len(), "{after:?}");
+    // An older token is still refused.
+    precondition(
+        tracker
+            .finish_unit(
+                &Fence {
+                    fencing_token: x.unit.fencing_token - 1,
+                    ..fence
+                },
+                UnitOutcome::Completed { result: None },
+                None,
+                "worker",
+            )
+            .await,
+        "a completion under an older token",
+    );
 }
 
 /// Retryable failures go back to the queue until max attempts, rolled back

@@ -425,6 +425,15 @@ impl Tracker {
                     }
                 ) && unit.status == UnitStatus::Failed
                     && unit.fencing_token == fence.fencing_token;
+                // A repeat of the CompleteUnit that completed the unit (its
+                // answer was lost and the worker sent it again under the same
+                // token) gets the same answer, not "lease lost".
+                if matches!(outcome, UnitOutcome::Completed { .. })
+                    && unit.status == UnitStatus::Migrated
+                    && unit.fencing_token == fence.fencing_token
+                {
+                    return Ok(Some(unit));
+                }
                 if !confirming_rollback {
                     self.fenced(fence).await?;
                 }
@@ -463,7 +472,10 @@ impl Tracker {
                     )));
                 }
                 unit.status = to;
-                unit.lease = None;
+                // The history names the holder that finished the unit (the
+                // RPC does not carry a worker id; its fencing token does).
+                let holder = unit.lease.take().map(|l| l.owner);
+                let actor = holder.as_deref().unwrap_or(actor);
                 unit.update_time = Utc::now();
                 if let UnitOutcome::Completed { result } = &outcome {
                     unit.result.clone_from(result);
