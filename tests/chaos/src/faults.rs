@@ -20,6 +20,8 @@ pub enum StoreFault {
     Blackhole,
     /// Every open connection reset at once.
     Reset,
+    /// Every open connection hangs this long, then ends with a FIN.
+    SlowClose(Duration),
 }
 
 impl StoreFault {
@@ -28,6 +30,7 @@ impl StoreFault {
             Self::Latency(_) => "latency",
             Self::Blackhole => "blackhole",
             Self::Reset => "reset",
+            Self::SlowClose(_) => "slow-close",
         }
     }
 }
@@ -48,7 +51,8 @@ pub enum Fault {
 
 /// `kills` kills and as many store faults spread over `duration` (after a
 /// warm-up): every process takes its turn before any takes a second one,
-/// and every proxy gets every kind of fault in turn.
+/// and every proxy gets every kind of fault in turn (so
+/// proxies × 4 store faults cover every kind on every store).
 pub fn schedule(
     seed: u64,
     duration: Duration,
@@ -67,7 +71,7 @@ pub fn schedule(
     let mut stores: Vec<(usize, usize)> = Vec::new();
     while stores.len() < store_faults {
         let mut turn: Vec<(usize, usize)> = (0..proxies)
-            .flat_map(|p| (0..3).map(move |k| (p, k)))
+            .flat_map(|p| (0..4).map(move |k| (p, k)))
             .collect();
         turn.shuffle(&mut rng);
         stores.extend(turn);
@@ -89,7 +93,8 @@ pub fn schedule(
                 fault: match kind {
                     0 => StoreFault::Latency(Duration::from_millis(rng.random_range(50..400))),
                     1 => StoreFault::Blackhole,
-                    _ => StoreFault::Reset,
+                    2 => StoreFault::Reset,
+                    _ => StoreFault::SlowClose(Duration::from_millis(rng.random_range(500..3_000))),
                 },
                 lasting: Duration::from_millis(rng.random_range(1_000..4_000)),
             }),
@@ -161,8 +166,9 @@ pub async fn run(
                     StoreFault::Latency(d) => p.set(Mode::Latency(d)),
                     StoreFault::Blackhole => p.set(Mode::Blackhole),
                     StoreFault::Reset => p.reset_all(),
+                    StoreFault::SlowClose(d) => p.slow_close_all(d),
                 }
-                if fault != StoreFault::Reset {
+                if matches!(fault, StoreFault::Latency(_) | StoreFault::Blackhole) {
                     tokio::time::sleep(lasting).await;
                     p.set(Mode::Pass);
                 }

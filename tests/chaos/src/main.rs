@@ -1,36 +1,43 @@
 //! `tidemark-chaos`: the fault matrix (issue #15). The job-tracker (on the
-//! DynamoDB store), two replicator replicas and the stats-aggregator (Redis
-//! buffer, DynamoDB counters) run as separate processes of their real
-//! binaries on the local components, while three problems run at once with
-//! writers that keep their own ledgers: counters through ingest and
-//! periodic flushes (problem 1), a table's stream into Elasticsearch
-//! (problem 2), per-unit migrations to S3 with a unit that fails on purpose
-//! (problem 3), attribute backfills under concurrent writers (problem 4),
-//! and an incremental extract scheduled every 3 s (problem 5). Services are killed -9 on a schedule drawn from the seed.
-//! Every store the services use (DynamoDB, Elasticsearch, Redis) and the
-//! job-tracker as the replicators reach it sit behind fault proxies that
-//! add latency, hang (blackhole) or reset connections on the same schedule.
-//! At the end the stores are checked against the ledgers, not against the
-//! services' reports; the exit status is 0 only when nothing was lost,
+//! DynamoDB store), two replicator replicas, the stats-aggregator (Redis
+//! buffer, DynamoDB counters) and two verifier replicas run as separate
+//! processes of their real binaries on the local components, while the five
+//! problems run at once with writers that keep their own ledgers: counters
+//! through ingest and periodic flushes (problem 1), a table's stream into
+//! Elasticsearch (problem 2), per-unit migrations to S3 with a unit that
+//! fails on purpose (problem 3), attribute backfills under concurrent
+//! writers (problem 4), an incremental extract scheduled every 3 s
+//! (problem 5), and verifications of a pair of tables with planted
+//! differences. Services are killed -9 on a schedule drawn from the seed.
+//! Every store the services use (DynamoDB and S3, Elasticsearch, Redis) and
+//! the job-tracker as the workers reach it sit behind fault proxies that
+//! add latency, hang (blackhole), reset connections or close them slowly on
+//! the same schedule. At the end the stores are checked against the ledgers,
+//! not against the services' reports, and the job-tracker's history for
+//! leases held twice; the exit status is 0 only when nothing was lost,
 //! counted twice, resurrected or overwritten.
 
 mod backfill;
 mod counters;
 mod extract;
 mod faults;
+mod leases;
 mod migrate;
 mod plane;
 mod proxy;
 mod report;
 mod stream;
+mod verify;
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::testing::{local_env, local_sdk_config, unique_name, workspace_root};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::plane::{Process, build_services, free_addr};
@@ -97,83 +104,101 @@ fn env(pairs: &[(&str, String)]) -> Vec<(String, String)> {
     out
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let started = Instant::now();
-    let logs_dir = tempfile::Builder::new()
-        .prefix("tidemark-chaos")
-        .tempdir()?;
-    let logs = args
-        .logs
-        .clone()
-        .unwrap_or_else(|| logs_dir.path().to_owned());
-    std::fs::create_dir_all(&logs)?;
-    let bins = logs.join("bin");
-    build_services(&bins)?;
-    // What was built: the commit, and whether the tree had changes.
-    let built_from = report::built_from();
-    let dynamo_endpoint = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
-    let es = local_env("TIDEMARK_TEST_ELASTICSEARCH_URL");
-    let redis = local_env("TIDEMARK_TEST_REDIS_URL");
-    let sdk = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
-    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+/// The tables and the bucket of one run, created fresh (named after it).
+struct Stores {
+    run: String,
+    dynamo_endpoint: String,
+    es: String,
+    redis: String,
+    stats: (String, DynamoTable),
+    stream: (String, DynamoTable),
+    backfill: (String, DynamoTable),
+    units: String,
+    orders: (String, DynamoTable),
+    verified: [String; 3],
+    s3: aws_sdk_s3::Client,
+}
 
-    let run = unique_name("chaos");
-    let stats_table_name = format!("{run}-stats");
-    let stats_table = DynamoTable::create(
-        dynamo.clone(),
-        &stats_table_name,
-        &counters::schema(),
-        false,
-    )
-    .await
-    .context("create the counters table")?;
-    let stream_table_name = format!("{run}-docs");
-    let stream_table =
-        DynamoTable::create(dynamo.clone(), &stream_table_name, &stream::schema(), true)
-            .await
-            .context("create the streamed table")?;
-    let backfill_table_name = format!("{run}-items");
-    let backfill_table = DynamoTable::create(
-        dynamo.clone(),
-        &backfill_table_name,
-        &backfill::schema(),
-        false,
-    )
-    .await
-    .context("create the backfill table")?;
-    backfill::seed(&backfill_table).await?;
-    let units_table_name = format!("{run}-units");
-    let units_table =
-        DynamoTable::create(dynamo.clone(), &units_table_name, &migrate::schema(), false)
-            .await
-            .context("create the units table")?;
-    migrate::seed(&units_table).await?;
-    let orders_table_name = format!("{run}-orders");
-    let orders_table = DynamoTable::create(
-        dynamo.clone(),
-        &orders_table_name,
-        &extract::schema(),
-        false,
-    )
-    .await
-    .context("create the extracted table")?;
-    let s3 = tidemark_connectors::testing::s3_client().await;
-    tidemark_connectors::s3::S3Sink::ensure_bucket(&s3, &run)
+async fn table(
+    dynamo: &aws_sdk_dynamodb::Client,
+    name: String,
+    schema: &tidemark_connectors::KeySchema,
+    stream: bool,
+) -> anyhow::Result<(String, DynamoTable)> {
+    let t = DynamoTable::create(dynamo.clone(), &name, schema, stream)
         .await
-        .context("create the bucket")?;
+        .with_context(|| format!("create table {name}"))?;
+    Ok((name, t))
+}
 
-    let jobs_addr = free_addr()?;
-    let jobs_url = format!("http://{jobs_addr}");
-    // The services reach the stores (and the replicators the job-tracker)
-    // through fault proxies; the writers and the checks go straight.
-    let proxies = vec![
-        proxy::FaultProxy::start("dynamodb", socket_of(&dynamo_endpoint).await?).await?,
-        proxy::FaultProxy::start("elasticsearch", socket_of(&es).await?).await?,
-        proxy::FaultProxy::start("redis", socket_of(&redis).await?).await?,
-        proxy::FaultProxy::start("job-tracker", jobs_addr).await?,
-    ];
+impl Stores {
+    async fn create() -> anyhow::Result<Self> {
+        let sdk = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
+        let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+        let run = unique_name("chaos");
+        let stats = table(&dynamo, format!("{run}-stats"), &counters::schema(), false).await?;
+        let stream = table(&dynamo, format!("{run}-docs"), &stream::schema(), true).await?;
+        let backfill = table(&dynamo, format!("{run}-items"), &backfill::schema(), false).await?;
+        backfill::seed(&backfill.1).await?;
+        let units = table(&dynamo, format!("{run}-units"), &migrate::schema(), false).await?;
+        migrate::seed(&units.1).await?;
+        let orders = table(&dynamo, format!("{run}-orders"), &extract::schema(), false).await?;
+        let mut verified = Vec::new();
+        for side in ["source", "same", "diff"] {
+            verified
+                .push(table(&dynamo, format!("{run}-v-{side}"), &verify::schema(), false).await?);
+        }
+        verify::seed(&verified[0].1, &verified[1].1, &verified[2].1).await?;
+        // The verifiers' shared table of mismatches (its layout is theirs).
+        table(
+            &dynamo,
+            format!("{run}-mismatches"),
+            &tidemark_connectors::KeySchema::new("run", Some("seq")),
+            false,
+        )
+        .await?;
+        let s3 = tidemark_connectors::testing::s3_client().await;
+        tidemark_connectors::s3::S3Sink::ensure_bucket(&s3, &run)
+            .await
+            .context("create the bucket")?;
+        let [a, b, c] = <[(String, DynamoTable); 3]>::try_from(verified)
+            .map_err(|_| anyhow::anyhow!("three verified tables"))?;
+        Ok(Self {
+            dynamo_endpoint: local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT"),
+            es: local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+            redis: local_env("TIDEMARK_TEST_REDIS_URL"),
+            run,
+            stats,
+            stream,
+            backfill,
+            units: units.0,
+            orders,
+            verified: [a.0, b.0, c.0],
+            s3,
+        })
+    }
+}
+
+/// The fault proxies: the services reach the stores (and the workers the
+/// job-tracker) through them; the writers and the checks go straight.
+async fn proxies(stores: &Stores, jobs: SocketAddr) -> anyhow::Result<Vec<proxy::FaultProxy>> {
+    Ok(vec![
+        proxy::FaultProxy::start("dynamodb", socket_of(&stores.dynamo_endpoint).await?).await?,
+        proxy::FaultProxy::start("elasticsearch", socket_of(&stores.es).await?).await?,
+        proxy::FaultProxy::start("redis", socket_of(&stores.redis).await?).await?,
+        proxy::FaultProxy::start("job-tracker", jobs).await?,
+    ])
+}
+
+/// The processes, in this order: job-tracker, two replicators, the
+/// stats-aggregator, two verifiers.
+fn processes(
+    stores: &Stores,
+    proxies: &[proxy::FaultProxy],
+    jobs: SocketAddr,
+    bins: &Path,
+    logs: &Path,
+) -> anyhow::Result<Vec<Process>> {
     let via = |i: usize, scheme: &str| format!("{scheme}://{}", proxies[i].addr);
     let (dynamo_via, es_via, redis_via, jobs_via) = (
         via(0, "http"),
@@ -182,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
         via(3, "http"),
     );
     let data = logs.join("data");
+    let run = &stores.run;
     let mut processes = vec![Process::new(
         "job-tracker",
         bins.join("job-tracker"),
@@ -191,8 +217,8 @@ async fn main() -> anyhow::Result<()> {
             ("TIDEMARK_AWS_ENDPOINT", dynamo_via.clone()),
             ("TIDEMARK_SCHEDULER_TICK_MS", "200".to_owned()),
         ]),
-        jobs_addr,
-        &logs,
+        jobs,
+        logs,
     )];
     for replica in ["replicator-a", "replicator-b"] {
         processes.push(Process::new(
@@ -213,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
                 ("TIDEMARK_INJECT_UNIT_FAULT", migrate::FAULTY.to_owned()),
             ]),
             free_addr()?,
-            &logs,
+            logs,
         ));
     }
     processes.push(Process::new(
@@ -224,8 +250,8 @@ async fn main() -> anyhow::Result<()> {
             ("TIDEMARK_REDIS_URL", redis_via),
             ("TIDEMARK_BUFFER_NAME", run.clone()),
             ("TIDEMARK_STORE", "dynamodb".to_owned()),
-            ("TIDEMARK_STATS_TABLE", stats_table_name),
-            ("TIDEMARK_AWS_ENDPOINT", dynamo_via),
+            ("TIDEMARK_STATS_TABLE", stores.stats.0.clone()),
+            ("TIDEMARK_AWS_ENDPOINT", dynamo_via.clone()),
             ("TIDEMARK_FLUSH_INTERVAL_MS", "1000".to_owned()),
             (
                 "TIDEMARK_DATA_DIR",
@@ -233,75 +259,141 @@ async fn main() -> anyhow::Result<()> {
             ),
         ]),
         free_addr()?,
-        &logs,
+        logs,
     ));
+    let replicator = processes[1].url();
+    for replica in ["verifier-a", "verifier-b"] {
+        processes.push(Process::new(
+            replica,
+            bins.join("verifier"),
+            env(&[
+                ("TIDEMARK_JOB_TRACKER_URL", jobs_via.clone()),
+                ("TIDEMARK_REPLICATOR_URL", replicator.clone()),
+                ("TIDEMARK_WORKER_ID", replica.to_owned()),
+                (
+                    "TIDEMARK_DATA_DIR",
+                    data.join(replica).display().to_string(),
+                ),
+                ("TIDEMARK_AWS_ENDPOINT", dynamo_via.clone()),
+                ("TIDEMARK_ELASTICSEARCH_URL", es_via.clone()),
+                // Shared, so either replica answers for the other's
+                // verifications.
+                ("TIDEMARK_MISMATCH_TABLE", format!("{run}-mismatches")),
+            ]),
+            free_addr()?,
+            logs,
+        ));
+    }
+    Ok(processes)
+}
+
+/// The workloads' tasks, each returning its ledger or outcome.
+struct Workloads {
+    counting: JoinHandle<anyhow::Result<counters::Ledger>>,
+    streaming: JoinHandle<anyhow::Result<stream::Ledger>>,
+    extracting: JoinHandle<anyhow::Result<extract::Ledger>>,
+    migrating: JoinHandle<anyhow::Result<migrate::Outcome>>,
+    backfilling: JoinHandle<anyhow::Result<backfill::Outcome>>,
+    verifying: JoinHandle<anyhow::Result<verify::Outcome>>,
+    pipeline: String,
+    index: String,
+    extract_job: String,
+}
+
+async fn start_workloads(
+    stores: &Stores,
+    processes: &[Process],
+    jobs_url: &str,
+    seed: u64,
+    stop: &CancellationToken,
+) -> anyhow::Result<Workloads> {
+    let run = &stores.run;
+    let replicator_url = processes[1].url();
+    let stream_ledger = stream::seed(&stores.stream.1).await?;
+    let pipeline = format!("{run}-sync");
+    let index = format!("{run}-docs");
+    stream::create(replicator_url.clone(), &pipeline, &stores.stream.0, &index).await?;
+    let extract_job = format!("{run}-extract");
+    extract::create(replicator_url.clone(), &extract_job, &stores.orders.0, run).await?;
+    Ok(Workloads {
+        counting: tokio::spawn(counters::write(
+            processes[3].url(),
+            run.clone(),
+            seed,
+            stop.clone(),
+        )),
+        streaming: tokio::spawn(stream::write(
+            stores.stream.1.clone(),
+            stream_ledger,
+            seed,
+            stop.clone(),
+        )),
+        extracting: tokio::spawn(extract::write(stores.orders.1.clone(), seed, stop.clone())),
+        migrating: tokio::spawn(migrate::runs(
+            migrate::Setup {
+                replicator: replicator_url,
+                jobs: jobs_url.to_owned(),
+                table: stores.units.clone(),
+                bucket: run.clone(),
+                s3: stores.s3.clone(),
+            },
+            seed,
+            stop.clone(),
+        )),
+        backfilling: tokio::spawn(backfill::rounds(
+            processes[2].url(),
+            jobs_url.to_owned(),
+            stores.backfill.1.clone(),
+            stores.backfill.0.clone(),
+            seed,
+            stop.clone(),
+        )),
+        verifying: tokio::spawn(verify::rounds(
+            [processes[4].url(), processes[5].url()],
+            jobs_url.to_owned(),
+            stores.verified.clone(),
+            RUN_DEADLINE,
+            stop.clone(),
+        )),
+        pipeline,
+        index,
+        extract_job,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let logs_dir = tempfile::Builder::new()
+        .prefix("tidemark-chaos")
+        .tempdir()?;
+    let logs = args
+        .logs
+        .clone()
+        .unwrap_or_else(|| logs_dir.path().to_owned());
+    std::fs::create_dir_all(&logs)?;
+    let bins = logs.join("bin");
+    build_services(&bins)?;
+    // What was built: the commit, and whether the tree had changes.
+    let built_from = report::built_from();
+    let stores = Stores::create().await?;
+    let jobs_addr = free_addr()?;
+    let jobs_url = format!("http://{jobs_addr}");
+    let proxies = proxies(&stores, jobs_addr).await?;
+    let mut processes = processes(&stores, &proxies, jobs_addr, &bins, &logs)?;
     for p in &mut processes {
         p.start()?;
         p.wait_serving(Duration::from_secs(60)).await?;
     }
-    let replicator_url = processes[1].url();
-    let other_replicator_url = processes[2].url();
-    let stats_url = processes[3].url();
-
-    // The workloads.
     let stop = CancellationToken::new();
-    let stream_ledger = stream::seed(&stream_table).await?;
-    let pipeline = format!("{run}-sync");
-    let index = format!("{run}-docs");
-    stream::create(
-        replicator_url.clone(),
-        &pipeline,
-        &stream_table_name,
-        &index,
-    )
-    .await?;
-    let counting = tokio::spawn(counters::write(
-        stats_url.clone(),
-        run.clone(),
-        args.seed,
-        stop.clone(),
-    ));
-    let streaming = tokio::spawn(stream::write(
-        stream_table,
-        stream_ledger,
-        args.seed,
-        stop.clone(),
-    ));
-    let extract_job = format!("{run}-extract");
-    extract::create(
-        replicator_url.clone(),
-        &extract_job,
-        &orders_table_name,
-        &run,
-    )
-    .await?;
-    let extracting = tokio::spawn(extract::write(orders_table, args.seed, stop.clone()));
-    let migrating = tokio::spawn(migrate::runs(
-        migrate::Setup {
-            replicator: replicator_url.clone(),
-            jobs: jobs_url.clone(),
-            table: units_table_name,
-            bucket: run.clone(),
-            s3: s3.clone(),
-        },
-        args.seed,
-        stop.clone(),
-    ));
-    let jobs_check_url = jobs_url.clone();
-    let backfilling = tokio::spawn(backfill::rounds(
-        other_replicator_url,
-        jobs_url,
-        backfill_table.clone(),
-        backfill_table_name,
-        args.seed,
-        stop.clone(),
-    ));
+    let work = start_workloads(&stores, &processes, &jobs_url, args.seed, &stop).await?;
 
-    // The faults.
+    // The faults: by default one kill per 20 s, and every process killed.
     let kills = args.kills.unwrap_or_else(|| {
         usize::try_from(args.duration.as_secs() / 20)
-            .unwrap_or(5)
-            .max(5)
+            .unwrap_or(0)
+            .max(processes.len())
     });
     let schedule = faults::schedule(
         args.seed,
@@ -311,8 +403,7 @@ async fn main() -> anyhow::Result<()> {
         proxies.len(),
     );
     let fault_phase = Instant::now();
-    let done = faults::run(&mut processes, &proxies, &schedule).await;
-    let done = match done {
+    let done = match faults::run(&mut processes, &proxies, &schedule).await {
         Ok(r) => r,
         Err(e) => {
             let _ = logs_dir.keep();
@@ -327,39 +418,22 @@ async fn main() -> anyhow::Result<()> {
     }
     stop.cancel();
     eprintln!("chaos: faults over; waiting for the runs in progress, then checking the stores");
-
-    // The checks, against the ledgers.
-    let counted = counting.await??;
-    let streamed = streaming.await??;
-    let backfilled = backfilling.await??;
-    let migrated = migrating.await??;
-    let extracted_writes = extracting.await??;
-    let (lost_counts, doubled_counts) = counters::check(stats_url, &stats_table, &counted).await?;
-    let synced = stream::check(replicator_url, &pipeline, &index, &streamed).await?;
-    let extracted =
-        extract::check(jobs_check_url, &extract_job, &run, s3, &extracted_writes).await?;
-    for p in &mut processes {
-        p.check_alive()?;
-    }
-    let outcome = report::Outcome {
-        seed: args.seed,
-        duration: args.duration,
-        services: processes
-            .iter()
-            .map(|p| (p.name.clone(), p.kills))
-            .collect(),
-        recoveries: done.recoveries,
-        store_faults: done.store_faults,
-        counted,
-        lost_counts,
-        doubled_counts,
-        streamed_writes: streamed.writes,
-        synced,
-        backfilled,
-        migrated,
-        extract_writes: extracted_writes.writes,
-        extracted,
-        elapsed: started.elapsed(),
+    let outcome = check(
+        &args,
+        stores,
+        &mut processes,
+        work,
+        &jobs_url,
+        done,
+        started,
+    )
+    .await;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = logs_dir.keep();
+            return Err(e.context(format!("checking the run; logs in {}", logs.display())));
+        }
     };
     let table = outcome.render();
     println!("{table}");
@@ -377,8 +451,63 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The checks, against the ledgers.
+async fn check(
+    args: &Args,
+    stores: Stores,
+    processes: &mut [Process],
+    work: Workloads,
+    jobs_url: &str,
+    done: faults::Done,
+    started: Instant,
+) -> anyhow::Result<report::Outcome> {
+    let counted = work.counting.await??;
+    let streamed = work.streaming.await??;
+    let backfilled = work.backfilling.await??;
+    let migrated = work.migrating.await??;
+    let extracted_writes = work.extracting.await??;
+    let verified = work.verifying.await??;
+    let (lost_counts, doubled_counts) =
+        counters::check(processes[3].url(), &stores.stats.1, &counted).await?;
+    let synced = stream::check(processes[1].url(), &work.pipeline, &work.index, &streamed).await?;
+    let extracted = extract::check(
+        jobs_url.to_owned(),
+        &work.extract_job,
+        &stores.run,
+        stores.s3,
+        &extracted_writes,
+    )
+    .await?;
+    let leases = leases::check(jobs_url.to_owned()).await?;
+    for p in processes.iter_mut() {
+        p.check_alive()?;
+    }
+    Ok(report::Outcome {
+        seed: args.seed,
+        duration: args.duration,
+        services: processes
+            .iter()
+            .map(|p| (p.name.clone(), p.kills))
+            .collect(),
+        recoveries: done.recoveries,
+        store_faults: done.store_faults,
+        counted,
+        lost_counts,
+        doubled_counts,
+        streamed_writes: streamed.writes,
+        synced,
+        backfilled,
+        migrated,
+        extract_writes: extracted_writes.writes,
+        extracted,
+        verified,
+        leases,
+        elapsed: started.elapsed(),
+    })
+}
+
 /// The address of an endpoint URL (`http://host:port`, `redis://host:port`).
-async fn socket_of(url: &str) -> anyhow::Result<std::net::SocketAddr> {
+async fn socket_of(url: &str) -> anyhow::Result<SocketAddr> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let host_port = rest.split('/').next().unwrap_or(rest);
     let host_port = host_port.rsplit('@').next().unwrap_or(host_port);

@@ -123,6 +123,9 @@ pub fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
+/// The service binaries the matrix runs.
+const SERVICES: [&str; 4] = ["job-tracker", "replicator", "stats-aggregator", "verifier"];
+
 /// Builds the service binaries in the profile and target directory of this
 /// binary and copies them into `into`, so a build during the run (another
 /// checkout sharing the target directory) cannot change what is restarted.
@@ -134,14 +137,7 @@ pub fn build_services(into: &Path) -> anyhow::Result<()> {
         std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(tidemark_connectors::testing::workspace_root())
         .args(["build", "--quiet", "--bins"])
-        .args([
-            "-p",
-            "job-tracker",
-            "-p",
-            "replicator",
-            "-p",
-            "stats-aggregator",
-        ])
+        .args(SERVICES.iter().flat_map(|s| ["-p", s]))
         .arg("--target-dir")
         .arg(target_dir)
         .stdout(Stdio::inherit())
@@ -160,7 +156,7 @@ pub fn build_services(into: &Path) -> anyhow::Result<()> {
         bail!("building the service binaries failed ({status})");
     }
     std::fs::create_dir_all(into)?;
-    for bin in ["job-tracker", "replicator", "stats-aggregator"] {
+    for bin in SERVICES {
         std::fs::copy(profile_dir.join(bin), into.join(bin))
             .with_context(|| format!("copy {bin} into {}", into.display()))?;
     }

@@ -1,7 +1,9 @@
 //! A TCP fault proxy in front of a store (or a service): passes bytes
 //! through, and on command adds latency to every chunk, holds every byte
 //! (a blackhole: connections hang, as when packets are dropped, and flow
-//! again when it lifts), or resets every open connection.
+//! again when it lifts), resets every open connection, or closes them
+//! slowly (a slow-close: they hang a while, then end with a clean FIN in
+//! the middle of whatever was in flight, as a peer that shuts down does).
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,12 +25,20 @@ pub enum Mode {
     Blackhole,
 }
 
+/// What ends the open connections: a reset (RST at once) or a slow close
+/// (nothing forwarded for the duration, then FIN both ways).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    Reset,
+    SlowClose(Duration),
+}
+
 /// A running proxy on a loopback port; stops when dropped.
 pub struct FaultProxy {
     pub name: String,
     pub addr: SocketAddr,
     mode: watch::Sender<Mode>,
-    resets: watch::Sender<u64>,
+    endings: watch::Sender<(u64, Ending)>,
     accept: JoinHandle<()>,
 }
 
@@ -37,18 +47,18 @@ impl FaultProxy {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Pass);
-        let (resets, _) = watch::channel(0u64);
-        let (mode_rx, resets_rx) = (mode.subscribe(), resets.subscribe());
+        let (endings, _) = watch::channel((0u64, Ending::Reset));
+        let (mode_rx, endings_rx) = (mode.subscribe(), endings.subscribe());
         let accept = tokio::spawn(async move {
             let mut connections = JoinSet::new();
             loop {
                 tokio::select! {
                     accepted = listener.accept() => {
                         if let Ok((client, _)) = accepted {
-                            let (mode, mut resets) = (mode_rx.clone(), resets_rx.clone());
-                            resets.mark_unchanged();
+                            let (mode, mut endings) = (mode_rx.clone(), endings_rx.clone());
+                            endings.mark_unchanged();
                             connections.spawn(async move {
-                                let _ = connection(client, upstream, mode, resets).await;
+                                let _ = connection(client, upstream, mode, endings).await;
                             });
                         }
                     }
@@ -60,7 +70,7 @@ impl FaultProxy {
             name: name.to_owned(),
             addr,
             mode,
-            resets,
+            endings,
             accept,
         })
     }
@@ -71,7 +81,19 @@ impl FaultProxy {
 
     /// Resets every open connection (RST, not FIN).
     pub fn reset_all(&self) {
-        self.resets.send_modify(|n| *n += 1);
+        self.endings.send_modify(|(n, e)| {
+            *n += 1;
+            *e = Ending::Reset;
+        });
+    }
+
+    /// Closes every open connection slowly: nothing more is forwarded on
+    /// it, and after `after` both sides get a FIN.
+    pub fn slow_close_all(&self, after: Duration) {
+        self.endings.send_modify(|(n, e)| {
+            *n += 1;
+            *e = Ending::SlowClose(after);
+        });
     }
 }
 
@@ -85,30 +107,45 @@ async fn connection(
     client: TcpStream,
     upstream: SocketAddr,
     mode: watch::Receiver<Mode>,
-    mut resets: watch::Receiver<u64>,
+    mut endings: watch::Receiver<(u64, Ending)>,
 ) -> io::Result<()> {
     let server = TcpStream::connect(upstream).await?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
-    // Linger 0: dropping the socket sends RST.
-    client.set_zero_linger()?;
-    server.set_zero_linger()?;
-    let (client_read, client_write) = client.into_split();
-    let (server_read, server_write) = server.into_split();
-    tokio::select! {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let ending = tokio::select! {
         r = async {
             tokio::try_join!(
-                pump(client_read, server_write, mode.clone()),
-                pump(server_read, client_write, mode),
+                pump(&mut client_read, &mut server_write, mode.clone()),
+                pump(&mut server_read, &mut client_write, mode),
             )
-        } => r.map(drop),
-        _ = resets.changed() => Ok(()),
+        } => return r.map(drop),
+        _ = endings.changed() => endings.borrow().1,
+    };
+    match ending {
+        Ending::Reset => {
+            // Linger 0: closing the socket sends RST.
+            for (read, write) in [(client_read, client_write), (server_read, server_write)] {
+                read.reunite(write)
+                    .map_err(io::Error::other)?
+                    .set_zero_linger()?;
+            }
+        }
+        Ending::SlowClose(after) => {
+            tokio::time::sleep(after).await;
+            let _ = client_write.shutdown().await;
+            let _ = server_write.shutdown().await;
+            // Let the peers read the FIN before the sockets go.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
+    Ok(())
 }
 
 async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
 ) -> io::Result<()> {
     let mut buf = vec![0; 64 * 1024];

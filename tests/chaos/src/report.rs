@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tidemark_connectors::testing::workspace_root;
 
-use crate::{backfill, counters, extract, faults, migrate, stream};
+use crate::{backfill, counters, extract, faults, leases, migrate, stream, verify};
 
 pub struct Outcome {
     pub seed: u64,
@@ -25,6 +25,8 @@ pub struct Outcome {
     pub migrated: migrate::Outcome,
     pub extract_writes: u64,
     pub extracted: extract::Outcome,
+    pub verified: verify::Outcome,
+    pub leases: leases::Outcome,
     pub elapsed: Duration,
 }
 
@@ -61,6 +63,8 @@ impl Outcome {
             && self.extracted.succeeded > 0
             && self.extracted.caught_up
             && self.extracted.failed == 0
+            && self.verified.clean()
+            && self.leases.clean()
             && self.services.iter().all(|(_, k)| *k > 0)
     }
 
@@ -91,7 +95,7 @@ impl Outcome {
                 quantile(&times, 0.99).as_millis()
             );
         }
-        out.push_str("\n| store fault (through a proxy) | latency | blackhole | reset |\n|---|---:|---:|---:|\n");
+        out.push_str("\n| store fault (through a proxy) | latency | blackhole | reset | slow-close |\n|---|---:|---:|---:|---:|\n");
         let mut proxies: Vec<&str> = self.store_faults.iter().map(|(p, _)| p.as_str()).collect();
         proxies.dedup();
         proxies.sort_unstable();
@@ -105,10 +109,11 @@ impl Outcome {
             };
             let _ = writeln!(
                 out,
-                "| {proxy} | {} | {} | {} |",
+                "| {proxy} | {} | {} | {} | {} |",
                 n("latency"),
                 n("blackhole"),
-                n("reset")
+                n("reset"),
+                n("slow-close")
             );
         }
         out.push_str("\n| problem | work done under faults | checked against the ledger | lost | doubled | resurrected | overwritten |\n|---|---|---|---:|---:|---:|---:|\n");
@@ -157,6 +162,22 @@ impl Outcome {
             },
             self.extracted.stale,
             self.extracted.window_faults
+        );
+        let _ = writeln!(
+            out,
+            "| verifications (2 verifier replicas) | {} verifications of a pair of tables, every other one with {} planted differences | each ended within the deadline with the true verdict and exactly the planted mismatches | {} unfinished | – | – | {} wrong verdicts |",
+            self.verified.runs,
+            verify::PLANTED,
+            self.verified.unfinished,
+            self.verified.wrong
+        );
+        let _ = writeln!(
+            out,
+            "\nLeases, from the job-tracker's history of every job of the run: {} claims of {} units; {} fencing tokens not increasing, {} unit transitions accepted under a token that was no longer the latest.",
+            self.leases.claims,
+            self.leases.units,
+            self.leases.token_regressions,
+            self.leases.stale_finishes
         );
         out
     }
