@@ -239,7 +239,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, SpecError> {
             "h" => number * 3600.0,
             _ => return Err(bad()),
         };
-        total += Duration::try_from_secs_f64(secs).map_err(|_| bad())?;
+        // Parts that each fit may not fit together (a panic before).
+        total = Duration::try_from_secs_f64(secs)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .ok_or_else(bad)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -272,6 +276,19 @@ pub fn std_duration(d: Option<&prost_types::Duration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_whose_parts_overflow_together_are_refused() {
+        // Each part fits a Duration, their sum does not: the addition
+        // panicked (fuzz/corpus/cutover_plan/duration_sum.toml).
+        let err = parse_duration("10000000000000000000s10000000000000000000s").unwrap_err();
+        assert!(err.reason.contains("expected a duration"), "{err:?}");
+        assert_eq!(
+            parse_duration("1m30s").unwrap(),
+            Duration::from_secs(90),
+            "sums that fit still add up"
+        );
+    }
 
     #[test]
     fn stores_parse_in_every_short_form() {

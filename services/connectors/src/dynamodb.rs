@@ -29,12 +29,50 @@ const BACKEND: &str = "dynamodb";
 // classify their own DynamoDB calls.
 pub use crate::aws::{classify, sdk_config};
 
+/// DynamoDB's rule for table names: 3 to 255 characters of `A-Z a-z 0-9 _ . -`.
+pub const MAX_TABLE_NAME_CHARS: usize = 255;
+
+/// Checks a caller-given table name before it is sent: DynamoDB refuses a
+/// bad one with an error the SDK cannot classify (a 2 MB name answered
+/// INTERNAL), and the caller's mistake should read as one.
+///
+/// # Errors
+/// `InvalidInput` saying what is wrong with the name.
+pub fn check_table_name(name: &str) -> ConnectorResult<()> {
+    let bad = |why: String| {
+        // Quote no more than the start of a long name.
+        let shown: String = name.chars().take(64).collect();
+        let more = if shown.len() < name.len() { "…" } else { "" };
+        Err(ConnectorError::invalid(
+            BACKEND,
+            format!("table name {shown:?}{more}: {why}"),
+        ))
+    };
+    if name.len() < 3 || name.len() > MAX_TABLE_NAME_CHARS {
+        return bad(format!(
+            "must be 3 to {MAX_TABLE_NAME_CHARS} characters (it has {})",
+            name.chars().count()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return bad(format!(
+            "{c:?} is not allowed (only A-Z, a-z, 0-9, '_', '.' and '-')"
+        ));
+    }
+    Ok(())
+}
+
 /// The table's description, or `NotFound`: also the cheapest probe that
 /// DynamoDB answers and the table exists.
 ///
 /// # Errors
-/// `NotFound` when the table does not exist; the classified failure.
+/// `InvalidInput` for a name DynamoDB would refuse; `NotFound` when the
+/// table does not exist; the classified failure.
 pub async fn describe_table(client: &Client, name: &str) -> ConnectorResult<TableDescription> {
+    check_table_name(name)?;
     client
         .describe_table()
         .table_name(name)
@@ -71,6 +109,7 @@ fn create_table_request(
     schema: &KeySchema,
     stream: bool,
 ) -> ConnectorResult<CreateTableFluentBuilder> {
+    check_table_name(name)?;
     let mut request = client
         .create_table()
         .table_name(name)
@@ -265,7 +304,8 @@ impl DynamoTable {
     /// Opens an existing table, reading its key schema.
     ///
     /// # Errors
-    /// `NotFound` when the table does not exist.
+    /// `InvalidInput` for a name DynamoDB would refuse (see
+    /// [`check_table_name`]); `NotFound` when the table does not exist.
     pub async fn open(client: Client, name: &str) -> ConnectorResult<Self> {
         let table = describe_table(&client, name).await?;
         let mut schema = KeySchema::new("", None);
@@ -767,5 +807,58 @@ impl DynamoTable {
                 _ => return Ok(keys),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that is never reached: the checks run before any request.
+    fn unreachable_client() -> Client {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .endpoint_url("http://127.0.0.1:9")
+            .build();
+        Client::from_conf(config)
+    }
+
+    #[test]
+    fn table_names_follow_dynamodb_rules() {
+        for good in ["abc", "stats-v2", "a.b_c-D9", &"t".repeat(255)] {
+            assert!(check_table_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "ab",
+            &"t".repeat(256),
+            "has space",
+            "naïve",
+            "a/b",
+            "tab\u{0}le",
+        ] {
+            let err = check_table_name(bad).unwrap_err();
+            assert!(
+                matches!(err, ConnectorError::InvalidInput { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn opening_a_table_with_a_2_mb_name_is_invalid_input() {
+        // Sent as is, DynamoDB's refusal classified as terminal and callers
+        // (BackfillAttribute) answered INTERNAL.
+        let name = "t".repeat(2 << 20);
+        let err = DynamoTable::open(unreachable_client(), &name)
+            .await
+            .err()
+            .expect("a 2 MB name must be refused");
+        let ConnectorError::InvalidInput { message, .. } = &err else {
+            panic!("expected InvalidInput, got {err}");
+        };
+        assert!(message.contains("3 to 255"), "{message}");
+        assert!(message.len() < 200, "the message must not echo the name");
     }
 }

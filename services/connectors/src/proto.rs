@@ -224,6 +224,16 @@ pub fn encode_change(
     .encode_to_vec()
 }
 
+/// A timestamp in microseconds, exact whenever it fits in an `i64` and
+/// clamped otherwise: a record from a feed may carry any time. (Saturating
+/// the seconds before adding the nanoseconds was off by up to a second next
+/// to the limits, so a decoded record did not survive a re-encode; found by
+/// the `change_record` fuzz target.)
+fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
+    let micros = i128::from(t.seconds) * 1_000_000 + i128::from(t.nanos) / 1000;
+    i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
+}
+
 /// Decodes a Kafka message's `ChangeRecord`.
 ///
 /// # Errors
@@ -250,12 +260,7 @@ pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, P
             .ok_or_else(|| ProtoError::new("new_image", "required unless deleted"))?;
         Some(item_from_proto(image).map_err(|e| e.within("new_image"))?)
     };
-    let created_at_micros = record.change_time.map_or(0, |t| {
-        // A record from a feed may carry any time: saturate, never panic.
-        t.seconds
-            .saturating_mul(1_000_000)
-            .saturating_add(i64::from(t.nanos) / 1000)
-    });
+    let created_at_micros = record.change_time.as_ref().map_or(0, timestamp_micros);
     Ok(ChangeRecord {
         key,
         kind: if new_image.is_some() {
@@ -297,6 +302,33 @@ mod tests {
         };
         let decoded = decode_change(&record.encode_to_vec(), position).unwrap();
         assert_eq!(decoded.created_at_micros, i64::MAX);
+    }
+
+    #[test]
+    fn change_times_next_to_the_limits_survive_a_re_encode() {
+        // A time whose seconds times 10^6 leaves i64 but whose sum with the
+        // nanoseconds does not: decoded as i64::MIN, then re-encoded, it came
+        // back 0.22 s later (fuzz/corpus/change_record/early_time).
+        let key = Key::new([("id".to_owned(), AttrValue::s("a"))]);
+        let position = || Position {
+            partition: "p".to_owned(),
+            sequence: "1".to_owned(),
+        };
+        for micros in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX - 1, i64::MAX] {
+            let decoded = decode_change(&encode_change(&key, None, 1, micros), position()).unwrap();
+            assert_eq!(decoded.created_at_micros, micros);
+        }
+        let early = prost_types::Timestamp {
+            seconds: i64::MIN / 1_000_000 - 1,
+            nanos: 0,
+        };
+        assert_eq!(timestamp_micros(&early), i64::MIN);
+        let late_but_fits = prost_types::Timestamp {
+            seconds: i64::MAX / 1_000_000 + 1,
+            nanos: -999_999_999,
+        };
+        // 9_223_372_036_855 s is past i64 in µs; less 999_999 µs it is not.
+        assert_eq!(timestamp_micros(&late_but_fits), 9_223_372_036_854_000_001);
     }
 
     #[test]

@@ -425,12 +425,14 @@ impl DynamoStreamSource {
     /// The stream of `table` (its latest stream ARN).
     ///
     /// # Errors
-    /// `NotFound` when the table has no stream enabled.
+    /// `InvalidInput` for a bad table name; `NotFound` when the table has
+    /// no stream enabled.
     pub async fn for_table(
         dynamodb: &aws_sdk_dynamodb::Client,
         client: aws_sdk_dynamodbstreams::Client,
         table: &str,
     ) -> ConnectorResult<Self> {
+        crate::dynamodb::check_table_name(table)?;
         let out = dynamodb
             .describe_table()
             .table_name(table)

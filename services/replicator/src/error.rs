@@ -107,3 +107,22 @@ impl From<ReplicatorError> for Status {
         ServiceError::from(e).into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_name_dynamodb_refuses_names_the_request_field() {
+        // BackfillAttribute with a 2 MB table name answered INTERNAL: the
+        // connectors now refuse the name as invalid input, which must reach
+        // the caller as INVALID_ARGUMENT on the field that held it.
+        let source =
+            tidemark_connectors::dynamodb::check_table_name(&"t".repeat(2 << 20)).unwrap_err();
+        let e = ServiceError::from(ReplicatorError::store_of("spec.table")(source));
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.violations().len(), 1);
+        assert_eq!(e.violations()[0].field, "spec.table");
+        assert!(e.violations()[0].description.contains("3 to 255"));
+    }
+}

@@ -431,13 +431,18 @@ impl CutoverPlan {
     /// dies cannot leave them paused: the rest of the steps' deadlines plus
     /// a margin.
     pub fn max_pause(&self) -> Duration {
+        // Saturating: each deadline may be as long as a Duration holds, and
+        // validate() refuses a sum past an hour rather than overflowing.
         let d = &self.deadlines;
-        d.pause_writers
-            + d.drain
-            + d.final_verify
-            + d.switch_route
-            + d.resume_writers
-            + Duration::from_secs(30)
+        [
+            d.drain,
+            d.final_verify,
+            d.switch_route,
+            d.resume_writers,
+            Duration::from_secs(30),
+        ]
+        .into_iter()
+        .fold(d.pause_writers, Duration::saturating_add)
     }
 
     /// `writers.mode`.
@@ -599,6 +604,18 @@ mod tests {
     use super::*;
 
     const PLAN: &str = include_str!("testdata/plan.toml");
+
+    #[test]
+    fn deadlines_too_long_to_add_up_are_refused_not_a_panic() {
+        // Two deadlines that fit a Duration alone overflowed max_pause()'s
+        // sum inside validate() (fuzz/corpus/cutover_plan/huge_deadlines.toml).
+        let plan = PLAN.replace(
+            "final_verify = \"1m\"",
+            "final_verify = \"10000000000000000000s\"\npause_writers = \"10000000000000000000s\"",
+        );
+        let err = CutoverPlan::from_toml(&plan).unwrap_err();
+        assert_eq!(err.field, "deadlines", "{err:?}");
+    }
 
     #[test]
     fn bad_plans_name_the_field() {
