@@ -286,6 +286,16 @@ pub fn new_job(job: Option<&pb::Job>) -> Result<NewJob, FieldError> {
 }
 
 pub fn unit_specs(units: &[pb::UnitSpec], field: &str) -> Result<Vec<UnitSpec>, FieldError> {
+    if units.len() > crate::limits::MAX_UNITS_PER_CALL {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "lists {} units; at most {} per call (register more with further AddUnits calls)",
+                units.len(),
+                crate::limits::MAX_UNITS_PER_CALL
+            ),
+        ));
+    }
     let mut seen = std::collections::HashSet::new();
     units
         .iter()
@@ -573,6 +583,23 @@ pub fn paginate<T: Clone>(items: &[T], offset: usize, size: usize) -> (Vec<T>, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_registers_at_most_the_documented_units() {
+        let specs = |n: usize| -> Vec<pb::UnitSpec> {
+            (0..n)
+                .map(|i| pb::UnitSpec {
+                    unit_key: format!("u{i}"),
+                    ..Default::default()
+                })
+                .collect()
+        };
+        let max = crate::limits::MAX_UNITS_PER_CALL;
+        assert_eq!(unit_specs(&specs(max), "units").unwrap().len(), max);
+        let err = unit_specs(&specs(max + 1), "units").unwrap_err();
+        assert_eq!(err.field, "units");
+        assert!(err.description.contains("10000"), "{}", err.description);
+    }
 
     #[test]
     fn page_sizes_over_the_maximum_are_lowered_not_refused() {

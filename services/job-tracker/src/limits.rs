@@ -39,6 +39,12 @@ pub const MAX_CHECKPOINT_BYTES: usize = 64 * 1024;
 /// Largest result of a unit or a run, serialized as stored.
 pub const MAX_RESULT_BYTES: usize = 64 * 1024;
 
+/// Largest job spec, serialized as stored (its bytes as a JSON array, up to
+/// 4 bytes a byte: about 32 KiB of protobuf, far more than any spec of the
+/// services needs); with the job's other fields it stays within one
+/// DynamoDB item.
+pub const MAX_SPEC_BYTES: usize = 128 * 1024;
+
 /// Largest set of counters of a unit, serialized as stored (a JSON object of
 /// names and numbers): a few hundred counters with ordinary names.
 pub const MAX_COUNTERS_BYTES: usize = 16 * 1024;
@@ -57,6 +63,9 @@ pub const MAX_DEPENDENCY_BYTES: usize = 16 * 1024;
 /// Longest unit key: with the longest prefix a record adds (`route#`) it
 /// stays within DynamoDB's 1024-byte sort key.
 pub const MAX_UNIT_KEY_BYTES: usize = 1000;
+
+/// Units one StartRun or AddUnits may register.
+pub const MAX_UNITS_PER_CALL: usize = 10_000;
 
 /// Longest worker id: it is stored with the unit as its lease's holder.
 pub const MAX_WORKER_ID_BYTES: usize = 1024;
@@ -85,13 +94,23 @@ pub fn check_checkpoint(checkpoint: &[u8]) -> Result<(), FieldError> {
 /// # Errors
 /// When `result` serializes to more than [`MAX_RESULT_BYTES`].
 pub fn check_result(result: Option<&Spec>, field: &str) -> Result<(), FieldError> {
-    let size = result.map_or(0, serialized_len);
-    if size > MAX_RESULT_BYTES {
+    check_packed(result, field, MAX_RESULT_BYTES)
+}
+
+/// # Errors
+/// When the job's `spec` serializes to more than [`MAX_SPEC_BYTES`].
+pub fn check_spec(spec: Option<&Spec>) -> Result<(), FieldError> {
+    check_packed(spec, "job.spec", MAX_SPEC_BYTES)
+}
+
+fn check_packed(value: Option<&Spec>, field: &str, limit: usize) -> Result<(), FieldError> {
+    let size = value.map_or(0, serialized_len);
+    if size > limit {
         return Err(FieldError::new(
             field,
             format!(
                 "serializes to {size} bytes as stored (its value as a JSON array, up to \
-                 4 bytes a byte); the limit is {MAX_RESULT_BYTES} bytes"
+                 4 bytes a byte); the limit is {limit} bytes"
             ),
         ));
     }
@@ -265,6 +284,10 @@ mod tests {
         let e = check_result(Some(&result_of(MAX_RESULT_BYTES + 4)), "result").unwrap_err();
         assert_eq!(e.field, "result");
         assert!(e.description.contains("65536"), "{}", e.description);
+        check_spec(Some(&result_of(MAX_SPEC_BYTES))).unwrap();
+        let e = check_spec(Some(&result_of(MAX_SPEC_BYTES + 4))).unwrap_err();
+        assert_eq!(e.field, "job.spec");
+        assert!(e.description.contains("131072"), "{}", e.description);
         let e = check_worker_id(&"w".repeat(MAX_WORKER_ID_BYTES + 1)).unwrap_err();
         assert_eq!(e.field, "worker_id");
         let mut deps = dependencies_at_cap();

@@ -15,6 +15,7 @@ impl Tracker {
 
     /// Creates a job; creating the same definition again returns it.
     pub async fn create_job(&self, new: NewJob, actor: &str) -> TrackerResult<Job> {
+        crate::limits::check_spec(new.spec.as_ref())?;
         let now = Utc::now();
         let job = Job {
             name: new.name.clone(),
@@ -115,6 +116,9 @@ impl Tracker {
         actor: &str,
     ) -> TrackerResult<Job> {
         let fields: Vec<String> = fields.to_vec();
+        if fields.iter().any(|f| f == "spec") {
+            crate::limits::check_spec(patch.spec.as_ref())?;
+        }
         self.retrying("update job", || async {
             let (mut job, rev) = self.load_job(&patch.name).await?;
             if expected != 0 && job.revision != expected {
