@@ -83,6 +83,17 @@ async fn dynamodb_tracker_rules() {
 
 // #19.7: a run's end is decided from one consistent view of its units.
 #[tokio::test]
+async fn sqlite_an_interrupted_start_finishes_on_its_retry() {
+    let (_dir, kv) = sqlite();
+    suite::an_interrupted_start_finishes_on_its_retry(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_an_interrupted_start_finishes_on_its_retry() {
+    suite::an_interrupted_start_finishes_on_its_retry(dynamodb().await, &unique_name("t")).await;
+}
+
+#[tokio::test]
 async fn sqlite_a_run_ends_only_when_every_unit_is_done() {
     let (_dir, kv) = sqlite();
     Box::pin(suite::a_run_ends_only_when_every_unit_is_done(kv, "t")).await;

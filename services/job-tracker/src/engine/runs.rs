@@ -120,6 +120,15 @@ impl Tracker {
                 )
                 .await?
         {
+            // The same request again (its answer lost): a start that was
+            // interrupted before every unit was registered (the process
+            // killed, the store failing) is finished now, instead of leaving
+            // a QUEUED run that holds the job forever.
+            let (run, _) = self.load_run(&entry.body).await?;
+            if run.status == RunStatus::Queued {
+                self.finish_start(&run.run_id, &req.job_name, req.units, &req.actor)
+                    .await?;
+            }
             return self.get_run(&entry.body).await;
         }
         let run = self
@@ -189,8 +198,22 @@ impl Tracker {
                 Ok(self.apply(ops).await?.map(|()| run))
             })
             .await?;
-        let units = if req.units.is_empty() {
-            let job = self.get_job(&req.job_name).await?;
+        self.finish_start(&run.run_id, &req.job_name, req.units, &req.actor)
+            .await?;
+        self.get_run(&run.run_id).await
+    }
+
+    /// Registers a QUEUED run's units (those given, else the job's default
+    /// ones; units already in are skipped) and makes it RUNNING.
+    async fn finish_start(
+        &self,
+        run_id: &str,
+        job_name: &str,
+        units: Vec<UnitSpec>,
+        actor: &str,
+    ) -> TrackerResult<()> {
+        let units = if units.is_empty() {
+            let job = self.get_job(job_name).await?;
             job.default_unit_keys
                 .into_iter()
                 .map(|k| UnitSpec {
@@ -199,19 +222,25 @@ impl Tracker {
                 })
                 .collect()
         } else {
-            req.units
+            units
         };
-        self.add_units_to(&run.run_id, &units, &req.actor).await?;
-        self.transition_run(
-            &run.run_id,
-            RunStatus::Queued,
-            RunStatus::Running,
-            &req.actor,
-            "units registered",
-        )
-        .await?;
-        self.maybe_finish_run(&run.run_id, &req.actor).await?;
-        self.get_run(&run.run_id).await
+        self.add_units_to(run_id, &units, actor).await?;
+        match self
+            .transition_run(
+                run_id,
+                RunStatus::Queued,
+                RunStatus::Running,
+                actor,
+                "units registered",
+            )
+            .await
+        {
+            // Another call finishing the same start got there first.
+            Err(TrackerError::Precondition(_))
+                if self.load_run(run_id).await?.0.status != RunStatus::Queued => {}
+            other => other?,
+        }
+        self.maybe_finish_run(run_id, actor).await
     }
 
     async fn transition_run(
