@@ -353,6 +353,7 @@ impl JobTrackerService for JobTracker {
                 type_url: a.type_url.clone(),
                 value: a.value.clone(),
             }),
+            route_to_target: req.route_to_target,
         };
         let (unit, view) = self
             .tracker

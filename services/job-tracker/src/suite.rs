@@ -5,11 +5,13 @@
 mod blocked;
 mod caps;
 mod interleave;
+mod restart;
 mod settle;
 mod support;
 
 pub use blocked::{blocked_units_do_not_stop_claims, dependency_cycles_are_refused};
 pub use caps::unit_sizes_are_capped;
+pub use restart::an_interrupted_start_finishes_on_its_retry;
 pub use settle::a_run_ends_only_when_every_unit_is_done;
 
 use std::collections::HashSet;
@@ -361,7 +363,7 @@ async fn stale_tokens_are_refused(
     assert!(taken.unit.lease.as_ref().unwrap().fencing_token > token);
     let m = precondition(
         tracker
-            .finish_unit(&fence, UnitOutcome::Completed { result: None }, None, "old")
+            .finish_unit(&fence, UnitOutcome::done(), None, "old")
             .await,
         "old holder completes",
     );
@@ -391,19 +393,14 @@ async fn completing_every_unit_ends_the_run(
             }
         };
         tracker
-            .finish_unit(&f, UnitOutcome::Completed { result: None }, None, "suite")
+            .finish_unit(&f, UnitOutcome::done(), None, "suite")
             .await
             .unwrap();
     }
     // As documented: repeating the call with the token that completed the
     // unit (its answer lost) returns it unchanged.
     let (again, _) = tracker
-        .finish_unit(
-            new_fence,
-            UnitOutcome::Completed { result: None },
-            None,
-            "suite",
-        )
+        .finish_unit(new_fence, UnitOutcome::done(), None, "suite")
         .await
         .expect("complete twice with the same token");
     assert_eq!(
@@ -456,7 +453,7 @@ async fn a_failure_blocks_until_acknowledged(
         fencing_token: b.unit.fencing_token,
     };
     tracker
-        .finish_unit(&fa, UnitOutcome::Completed { result: None }, None, "w")
+        .finish_unit(&fa, UnitOutcome::done(), None, "w")
         .await
         .unwrap();
     let (failed, _) = tracker
@@ -536,7 +533,7 @@ async fn migrated_units_are_not_claimed_again(
         fencing_token: c.unit.fencing_token,
     };
     tracker
-        .finish_unit(&fc, UnitOutcome::Completed { result: None }, None, "w")
+        .finish_unit(&fc, UnitOutcome::done(), None, "w")
         .await
         .unwrap();
     assert_eq!(
@@ -573,6 +570,7 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
         .await
         .unwrap()
         .unwrap();
+    let route_before = tracker.get_route(job_name, "c1").await.unwrap();
     tracker
         .finish_unit(
             &Fence {
@@ -580,12 +578,27 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
                 unit_key: "c1".into(),
                 fencing_token: x.unit.fencing_token,
             },
-            UnitOutcome::Completed { result: None },
+            UnitOutcome::Completed {
+                result: None,
+                route_to_target: true,
+            },
             None,
             "worker",
         )
         .await
         .unwrap();
+    // The route switched in the same write: readers are on the copy the
+    // moment the unit is MIGRATED, with no step left for a dying worker.
+    let route = tracker.get_route(job_name, "c1").await.unwrap();
+    assert_eq!(
+        (route.target, route.revision, route.actor.as_str()),
+        (
+            RouteTarget::Target,
+            route_before.revision + 1,
+            "w-remigrate"
+        ),
+        "{route:?}"
+    );
     // The history names the lease holder that finished the unit, with its
     // token, as it names the claimer: who held a lease when is readable.
     let history = tracker
@@ -609,12 +622,7 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
         fencing_token: x.unit.fencing_token,
     };
     let (again, _) = tracker
-        .finish_unit(
-            &fence,
-            UnitOutcome::Completed { result: None },
-            None,
-            "worker",
-        )
+        .finish_unit(&fence, UnitOutcome::done(), None, "worker")
         .await
         .expect("a repeated CompleteUnit is answered");
     assert_eq!(again.status, UnitStatus::Migrated);
@@ -631,7 +639,7 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
                     fencing_token: x.unit.fencing_token - 1,
                     ..fence
                 },
-                UnitOutcome::Completed { result: None },
+                UnitOutcome::done(),
                 None,
                 "worker",
             )
@@ -709,7 +717,7 @@ async fn extracts_resume_at_the_watermark(tracker: &Arc<Tracker>, job_name: &str
                 unit_key: "window".into(),
                 fencing_token: u.unit.fencing_token,
             },
-            UnitOutcome::Completed { result: None },
+            UnitOutcome::done(),
             None,
             "w",
         )

@@ -314,6 +314,27 @@ impl UnitLease {
         progress: &Progress,
         result: Option<prost_types::Any>,
     ) -> Result<Option<RunProgress>, LeaseError> {
+        self.complete_with(progress, result, false).await
+    }
+
+    /// Completes the unit and, in the same write, switches its route to
+    /// TARGET (a migrated unit's readers move exactly when it is committed).
+    ///
+    /// # Errors
+    /// As [`Self::complete`].
+    pub async fn complete_and_route(
+        &self,
+        progress: &Progress,
+    ) -> Result<Option<RunProgress>, LeaseError> {
+        self.complete_with(progress, None, true).await
+    }
+
+    async fn complete_with(
+        &self,
+        progress: &Progress,
+        result: Option<prost_types::Any>,
+        route_to_target: bool,
+    ) -> Result<Option<RunProgress>, LeaseError> {
         let request = CompleteUnitRequest {
             run_id: self.run_id.clone(),
             unit_key: self.unit_key.clone(),
@@ -322,10 +343,10 @@ impl UnitLease {
             items_failed: progress.items_failed,
             counters: progress.counters.clone(),
             result,
+            route_to_target,
         };
         // Sent again only when the answer did not arrive; had the first one
-        // been applied, the repeat is refused as not in progress and the
-        // executor stops quietly, as for a lost lease.
+        // been applied, the repeat is answered with the unit unchanged.
         let response = self
             .tracker()
             .retried("complete_unit", request, |mut c, r| async move {

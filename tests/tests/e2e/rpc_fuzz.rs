@@ -1708,6 +1708,7 @@ async fn fuzz_job_tracker(f: &mut Fuzzer, s: &Seeds) {
                         items_failed,
                         counters,
                         result,
+                        route_to_target: fencing_token % 2 == 0,
                     }
                 },
             ),

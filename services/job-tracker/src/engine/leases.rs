@@ -14,7 +14,9 @@ use super::{
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op, query_all};
 use crate::limits;
-use crate::model::{Job, JobKind, Lease, Progress, Run, RunStatus, RunView, Unit, UnitStatus};
+use crate::model::{
+    Job, JobKind, Lease, Progress, RouteTarget, Run, RunStatus, RunView, Unit, UnitStatus,
+};
 
 /// Queue entries a claim reads first: a claimable unit is usually near the
 /// front.
@@ -477,7 +479,7 @@ impl Tracker {
                 let holder = unit.lease.take().map(|l| l.owner);
                 let actor = holder.as_deref().unwrap_or(actor);
                 unit.update_time = Utc::now();
-                if let UnitOutcome::Completed { result } = &outcome {
+                if let UnitOutcome::Completed { result, .. } = &outcome {
                     unit.result.clone_from(result);
                 }
                 if let Some(p) = &progress {
@@ -506,6 +508,31 @@ impl Tracker {
                     let (open, expect) = self.open_units(&fence.run_id).await?;
                     ops.push(open_units_op(&fence.run_id, open.saturating_sub(1), expect));
                 }
+                // Readers move in the write that commits the unit: a worker
+                // that dies after CompleteUnit cannot leave a MIGRATED unit
+                // with readers on the source.
+                if to == UnitStatus::Migrated
+                    && run.job_kind == JobKind::UnitMigration
+                    && matches!(
+                        outcome,
+                        UnitOutcome::Completed {
+                            route_to_target: true,
+                            ..
+                        }
+                    )
+                {
+                    let (_, route_ops) = self
+                        .route_write(
+                            &run.job_name,
+                            &fence.unit_key,
+                            RouteTarget::Target,
+                            0,
+                            actor,
+                            &format!("unit migrated in run {}", run.run_id),
+                        )
+                        .await?;
+                    ops.extend(route_ops);
+                }
                 if to == UnitStatus::Migrated && run.job_kind == JobKind::UnitMigration {
                     ops.push(Op::Put {
                         pk: job_pk(&run.job_name),
@@ -530,9 +557,15 @@ fn capped(outcome: UnitOutcome, progress: Option<&Progress>) -> TrackerResult<Un
         limits::check_counters(&p.counters)?;
     }
     Ok(match outcome {
-        UnitOutcome::Completed { result } => {
+        UnitOutcome::Completed {
+            result,
+            route_to_target,
+        } => {
             limits::check_result(result.as_ref(), "result")?;
-            UnitOutcome::Completed { result }
+            UnitOutcome::Completed {
+                result,
+                route_to_target,
+            }
         }
         UnitOutcome::Failed {
             error,

@@ -165,12 +165,25 @@ pub struct Fence {
 pub enum UnitOutcome {
     Completed {
         result: Option<Spec>,
+        /// Switch the unit's route to TARGET in the same write that marks it
+        /// MIGRATED (UNIT_MIGRATION jobs).
+        route_to_target: bool,
     },
     Failed {
         error: String,
         retryable: bool,
         rolled_back: bool,
     },
+}
+
+impl UnitOutcome {
+    /// Completed, without a result, the route left alone.
+    pub fn done() -> Self {
+        Self::Completed {
+            result: None,
+            route_to_target: false,
+        }
+    }
 }
 
 /// The job-tracker's state machine over a store.

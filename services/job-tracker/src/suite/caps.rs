@@ -212,6 +212,7 @@ async fn complete_at_the_caps(tracker: &Tracker, fence: &Fence) {
     let over = result_of(MAX_RESULT_BYTES + 4);
     let completed = |result: Spec| UnitOutcome::Completed {
         result: Some(result),
+        route_to_target: false,
     };
     refused(
         tracker
@@ -224,7 +225,7 @@ async fn complete_at_the_caps(tracker: &Tracker, fence: &Fence) {
         tracker
             .finish_unit(
                 fence,
-                UnitOutcome::Completed { result: None },
+                UnitOutcome::done(),
                 Some(counters_of(MAX_COUNTERS_BYTES + 1)),
                 "suite",
             )

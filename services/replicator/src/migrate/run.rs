@@ -127,29 +127,15 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
             progress,
         });
     }
-    // The unit is committed first and its readers switched after: were the
+    // The unit is committed and its readers switched in one write: were the
     // route switched first, a refused CompleteUnit would send the unit back
-    // to the queue, and its retry would delete the copy readers already use.
-    match lease.complete(&progress, None).await {
+    // to the queue, and its retry would delete the copy readers already use;
+    // were it switched after, a worker killed in between would leave the
+    // unit MIGRATED with its readers on the source.
+    match lease.complete_and_route(&progress).await {
         Ok(_) => {}
         Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
         Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
-    }
-    let switched = ctx
-        .jobs
-        .set_route(SetRouteRequest {
-            job_name: claim.job.name.clone(),
-            unit_key: unit_key.clone(),
-            target: RouteTarget::Target as i32,
-            actor: ctx.config.worker_id.clone(),
-            reason: format!("unit migrated in run {}", claim.run.run_id),
-            expected_revision: 0,
-        })
-        .await;
-    if let Err(e) = switched {
-        // MIGRATED with readers still on the source: both copies are
-        // complete, so nothing is lost; the operator switches the route.
-        tracing::error!(job = %claim.job.name, unit = %unit_key, error = %e, "unit migrated but its route was not switched; set it with SetRoute");
     }
     Ok(())
 }
