@@ -19,6 +19,7 @@
 
 mod backfill;
 mod counters;
+mod cutover;
 mod extract;
 mod faults;
 mod leases;
@@ -111,6 +112,8 @@ struct Stores {
     es: String,
     redis: String,
     stats: (String, DynamoTable),
+    /// Where problem 1's cut-over moves the counters.
+    stats_v2: (String, DynamoTable),
     stream: (String, DynamoTable),
     backfill: (String, DynamoTable),
     units: String,
@@ -136,7 +139,15 @@ impl Stores {
         let sdk = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT").await;
         let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
         let run = unique_name("chaos");
-        let stats = table(&dynamo, format!("{run}-stats"), &counters::schema(), false).await?;
+        // With a stream: the cut-over's pipeline follows it.
+        let stats = table(&dynamo, format!("{run}-stats"), &counters::schema(), true).await?;
+        let stats_v2 = table(
+            &dynamo,
+            format!("{run}-stats-v2"),
+            &counters::schema(),
+            false,
+        )
+        .await?;
         let stream = table(&dynamo, format!("{run}-docs"), &stream::schema(), true).await?;
         let backfill = table(&dynamo, format!("{run}-items"), &backfill::schema(), false).await?;
         backfill::seed(&backfill.1).await?;
@@ -169,6 +180,7 @@ impl Stores {
             redis: local_env("TIDEMARK_TEST_REDIS_URL"),
             run,
             stats,
+            stats_v2,
             stream,
             backfill,
             units: units.0,
@@ -295,6 +307,7 @@ struct Workloads {
     migrating: JoinHandle<anyhow::Result<migrate::Outcome>>,
     backfilling: JoinHandle<anyhow::Result<backfill::Outcome>>,
     verifying: JoinHandle<anyhow::Result<verify::Outcome>>,
+    cutting: JoinHandle<anyhow::Result<(cutover::Outcome, tidemark_client::Tidemark)>>,
     pipeline: String,
     index: String,
     extract_job: String,
@@ -304,9 +317,10 @@ async fn start_workloads(
     stores: &Stores,
     processes: &[Process],
     jobs_url: &str,
-    seed: u64,
+    args: &Args,
     stop: &CancellationToken,
 ) -> anyhow::Result<Workloads> {
+    let seed = args.seed;
     let run = &stores.run;
     let replicator_url = processes[1].url();
     let stream_ledger = stream::seed(&stores.stream.1).await?;
@@ -350,9 +364,21 @@ async fn start_workloads(
         )),
         verifying: tokio::spawn(verify::rounds(
             [processes[4].url(), processes[5].url()],
-            jobs_url.to_owned(),
             stores.verified.clone(),
             RUN_DEADLINE,
+            stop.clone(),
+        )),
+        cutting: tokio::spawn(cutover::run(
+            cutover::Urls {
+                jobs: jobs_url.to_owned(),
+                replicator: processes[1].url(),
+                verifier: processes[4].url(),
+                stats: processes[3].url(),
+            },
+            run.clone(),
+            stores.stats.0.clone(),
+            stores.stats_v2.0.clone(),
+            args.duration / 3,
             stop.clone(),
         )),
         pipeline,
@@ -387,7 +413,7 @@ async fn main() -> anyhow::Result<()> {
         p.wait_serving(Duration::from_secs(60)).await?;
     }
     let stop = CancellationToken::new();
-    let work = start_workloads(&stores, &processes, &jobs_url, args.seed, &stop).await?;
+    let work = start_workloads(&stores, &processes, &jobs_url, &args, &stop).await?;
 
     // The faults: by default one kill per 20 s, and every process killed.
     let kills = args.kills.unwrap_or_else(|| {
@@ -467,8 +493,10 @@ async fn check(
     let migrated = work.migrating.await??;
     let extracted_writes = work.extracting.await??;
     let verified = work.verifying.await??;
+    let (cut, client) = work.cutting.await??;
     let (lost_counts, doubled_counts) =
         counters::check(processes[3].url(), &stores.stats.1, &counted).await?;
+    let cut = cutover::check(&client, &stores.run, cut, &stores.stats_v2.1, &counted).await?;
     let synced = stream::check(processes[1].url(), &work.pipeline, &work.index, &streamed).await?;
     let extracted = extract::check(
         jobs_url.to_owned(),
@@ -501,6 +529,7 @@ async fn check(
         extract_writes: extracted_writes.writes,
         extracted,
         verified,
+        cut,
         leases,
         elapsed: started.elapsed(),
     })

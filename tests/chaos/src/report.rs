@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tidemark_connectors::testing::workspace_root;
 
-use crate::{backfill, counters, extract, faults, leases, migrate, stream, verify};
+use crate::{backfill, counters, cutover, extract, faults, leases, migrate, stream, verify};
 
 pub struct Outcome {
     pub seed: u64,
@@ -26,6 +26,7 @@ pub struct Outcome {
     pub extract_writes: u64,
     pub extracted: extract::Outcome,
     pub verified: verify::Outcome,
+    pub cut: cutover::Outcome,
     pub leases: leases::Outcome,
     pub elapsed: Duration,
 }
@@ -64,6 +65,7 @@ impl Outcome {
             && self.extracted.caught_up
             && self.extracted.failed == 0
             && self.verified.clean()
+            && self.cut.clean()
             && self.leases.clean()
             && self.services.iter().all(|(_, k)| *k > 0)
     }
@@ -121,6 +123,18 @@ impl Outcome {
             out,
             "| 1 counters (ingest → Redis → flush → DynamoDB) | {} events in {} acknowledged batches, flushed every 1 s | every counter's value equals the writer's sum | {} | {} | – | – |",
             self.counted.events, self.counted.batches, self.lost_counts, self.doubled_counts
+        );
+        let _ = writeln!(
+            out,
+            "| 1 cut-over to a new table, a third of the way in | {} | writers running and the route where the cut-over left it; when completed, the new table's counters equal the writer's sums after a drain | {} | {} | – | {} left inconsistent |",
+            match (&self.cut.aborted, self.cut.pause) {
+                (Some(why), _) => format!("aborted cleanly at {why}"),
+                (None, Some(p)) => format!("completed, writers paused {} ms", p.as_millis()),
+                (None, None) => "completed".to_owned(),
+            },
+            self.cut.lost,
+            self.cut.doubled,
+            self.cut.left_inconsistent
         );
         let _ = writeln!(
             out,

@@ -12,8 +12,6 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::{AttrValue, Item, Key, KeySchema, SourceTable as _};
 use tidemark_proto::common::v1 as common_pb;
-use tidemark_proto::job_tracker::v1 as jt;
-use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
 use tidemark_proto::verifier::v1 as pb;
 use tidemark_proto::verifier::v1::verifier_service_client::VerifierServiceClient;
 use tokio_util::sync::CancellationToken;
@@ -180,7 +178,6 @@ fn truthful(report: &pb::Report, planted: bool) -> bool {
 /// alternately of the identical and the differing pair, until `stop`.
 pub async fn rounds(
     verifiers: [String; 2],
-    jobs: String,
     tables: [String; 3],
     deadline: Duration,
     stop: CancellationToken,
@@ -193,7 +190,6 @@ pub async fn rounds(
             ))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let jobs = JobTrackerServiceClient::new(Channel::from_shared(jobs)?.connect_lazy());
     let [source, same, diff] = tables;
     let mut outcome = Outcome::default();
     while !stop.is_cancelled() {
@@ -205,9 +201,10 @@ pub async fn rounds(
             job_name: format!("chaos-verify-{k}"),
             spec: Some(spec(&source, target)),
             actor: "chaos".to_owned(),
+            correlation_id: format!("chaos-verify-{k}"),
             ..Default::default()
         };
-        let id = start(&client, &jobs, &request).await?;
+        let id = start(&client, &request).await?;
         outcome.runs += 1;
         let started = Instant::now();
         let report = loop {
@@ -251,37 +248,15 @@ pub async fn rounds(
     Ok(outcome)
 }
 
-/// Starts the verification once: a StartVerification whose answer was
-/// lost (a kill, a reset) may have started it, so before each retry the
-/// job's runs are read, and a run found is the verification (its id is the
-/// verification id).
+/// Starts the verification once: the request carries a correlation id, so
+/// a retry after a lost answer (a kill, a reset) gets the run the first
+/// attempt started, and finishes that start if it was interrupted.
 async fn start(
     client: &VerifierServiceClient<Channel>,
-    jobs: &JobTrackerServiceClient<Channel>,
     request: &pb::StartVerificationRequest,
 ) -> anyhow::Result<String> {
     let started = Instant::now();
     loop {
-        let runs = jobs
-            .clone()
-            .list_runs(jt::ListRunsRequest {
-                job_name: request.job_name.clone(),
-                ..Default::default()
-            })
-            .await;
-        match runs {
-            Ok(r) => {
-                if let Some(run) = r.into_inner().runs.first() {
-                    return Ok(run.run_id.clone());
-                }
-            }
-            Err(s) if s.code() == Code::NotFound => {}
-            Err(s) if transient(s.code()) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            Err(s) => bail!("ListRuns of {}: {s:?}", request.job_name),
-        }
         match client.clone().start_verification(request.clone()).await {
             Ok(r) => return Ok(r.into_inner().verification_id),
             Err(s) if transient(s.code()) && started.elapsed() < Duration::from_secs(120) => {

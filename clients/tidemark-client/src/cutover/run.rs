@@ -130,7 +130,7 @@ impl Tidemark {
     pub async fn cutover(
         &self,
         plan: &CutoverPlan,
-        observer: &mut (dyn FnMut(CutoverEvent) + Send),
+        observer: &mut (dyn FnMut(CutoverEvent) + Send + Sync),
     ) -> ClientResult<CutoverReport> {
         plan.validate()?;
         let spec = plan.pipeline_spec()?;
@@ -167,7 +167,7 @@ struct Run<'a> {
     client: &'a Tidemark,
     plan: &'a CutoverPlan,
     report: CutoverReport,
-    observer: &'a mut (dyn FnMut(CutoverEvent) + Send),
+    observer: &'a mut (dyn FnMut(CutoverEvent) + Send + Sync),
     /// When PauseWriters was sent: from then on every failure resumes the
     /// writers (a pause that timed out may still have taken effect).
     paused_at: Option<Instant>,
