@@ -187,6 +187,18 @@ def check(root, rendered):
             if (wid.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
                 problem(where, "TIDEMARK_WORKER_ID must come from the pod name (leases need one id per replica)")
 
+        # Auth on by default: the token from the one Secret every service
+        # shares (the workers send it to the job-tracker), never optional,
+        # and no variant turning it off. An overlay meant for a mesh that
+        # authorises callers would set TIDEMARK_INSECURE on purpose: change
+        # this rule with it.
+        tok = {e["name"]: e for e in c.get("env", [])}.get("TIDEMARK_AUTH_TOKEN") or {}
+        ref = (tok.get("valueFrom") or {}).get("secretKeyRef") or {}
+        if (ref.get("name"), ref.get("key")) != ("tidemark-auth", "auth-token") or ref.get("optional"):
+            problem(where, "TIDEMARK_AUTH_TOKEN must come from Secret tidemark-auth, key auth-token, not optional")
+        if str(env.get("TIDEMARK_INSECURE", "false")).lower() not in ("false", "0", ""):
+            problem(where, "TIDEMARK_INSECURE turns authentication off")
+
         s = services.get(svc)
         if s is None:
             problem(label, f"no Service {svc}")
