@@ -1,6 +1,7 @@
 //! End-to-end tests: one binary, one module per problem of DESIGN.md §1
 //! (plus the foundation every problem stands on).
 
+mod auth;
 mod cli_targets;
 mod error_table;
 mod foundation;
