@@ -44,8 +44,9 @@ pub enum LogFormat {
     Text,
 }
 
-/// Settings every service host shares.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Settings every service host shares. Its `Debug` (and so every service
+/// `Config`'s) shows whether a token is set, never the token.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerConfig {
     /// gRPC listen address.
@@ -77,6 +78,28 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// `tracing` filter directive, e.g. `info` or `info,replicator=debug`.
     pub log_level: String,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("concurrency_limit", &self.concurrency_limit)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("drain_delay_ms", &self.drain_delay_ms)
+            .field(
+                "auth_token",
+                &self.auth_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("insecure", &self.insecure)
+            .field("log_format", &self.log_format)
+            .field("log_level", &self.log_level)
+            .finish()
+    }
 }
 
 impl Default for ServerConfig {
@@ -362,6 +385,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let config = ServerConfig {
+            auth_token: Some("s3cret-value".into()),
+            ..ServerConfig::default()
+        };
+        let shown = format!("{config:?} {config:#?}");
+        assert!(!shown.contains("s3cret-value"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]
