@@ -98,8 +98,17 @@ pub async fn check(
         async move { c.flush(r).await }
     })
     .await?;
+    compare(table, &ledger.sums).await
+}
+
+/// The counters of `table` against `sums`: (lost, doubled) as the total
+/// amount missing and the total amount counted twice.
+pub async fn compare(
+    table: &DynamoTable,
+    sums: &BTreeMap<String, i64>,
+) -> anyhow::Result<(i64, i64)> {
     let (mut lost, mut doubled) = (0, 0);
-    for (entity, sum) in &ledger.sums {
+    for (entity, sum) in sums {
         let key = Key::single("pk", AttrValue::s(entity));
         let item = table.get(&key).await.context("read a counter")?;
         let stored = item

@@ -7,13 +7,11 @@
 //! route must be where the cut-over says it left it. When it completed,
 //! the new table must hold the writer's exact sums after a drain.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tidemark_client::{ClientError, CutoverPlan, Endpoints, Options, Tidemark};
 use tidemark_connectors::dynamodb::DynamoTable;
-use tidemark_connectors::{AttrValue, Key, SourceTable as _};
 use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::replicator::v1 as rp;
 use tidemark_proto::stats_aggregator::v1 as sa;
@@ -216,31 +214,9 @@ pub async fn check(
             async move { c.drain(r).await }
         })
         .await?;
-        let (lost, doubled) = compare(new, &ledger.sums).await?;
+        let (lost, doubled) = counters::compare(new, &ledger.sums).await?;
         outcome.lost = lost;
         outcome.doubled = doubled;
     }
     Ok(outcome)
-}
-
-async fn compare(table: &DynamoTable, sums: &BTreeMap<String, i64>) -> anyhow::Result<(i64, i64)> {
-    let (mut lost, mut doubled) = (0, 0);
-    for (entity, sum) in sums {
-        let item = table
-            .get(&Key::single("pk", AttrValue::s(entity)))
-            .await
-            .context("read a counter of the new table")?;
-        let stored = item
-            .as_ref()
-            .and_then(|i| i.get(counters::METRIC))
-            .and_then(AttrValue::as_number)
-            .and_then(tidemark_connectors::Number::as_i64)
-            .unwrap_or(0);
-        if stored < *sum {
-            lost += sum - stored;
-        } else {
-            doubled += stored - sum;
-        }
-    }
-    Ok((lost, doubled))
 }
