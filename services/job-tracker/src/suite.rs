@@ -689,6 +689,92 @@ async fn retries_stop_at_max_attempts(tracker: &Arc<Tracker>, job_name: &str) {
         (RunStatus::Failed, 1),
         "gives up after max attempts"
     );
+    a_migration_unit_out_of_attempts_is_leased_to_clean_up(tracker, &format!("{job_name}-copy"))
+        .await;
+}
+
+/// A migration unit whose leases lapsed `max_attempts` times may hold a
+/// partial copy: it is leased once more (attempts = max + 1) for its worker
+/// to remove the copy and fail it rolled back; if that lease lapses too,
+/// it is failed as it stands.
+async fn a_migration_unit_out_of_attempts_is_leased_to_clean_up(
+    tracker: &Arc<Tracker>,
+    job_name: &str,
+) {
+    let mut copying = job(job_name, JobKind::UnitMigration);
+    copying.max_attempts = 2;
+    tracker.create_job(copying, "suite").await.unwrap();
+    let lapse = Duration::from_millis(1);
+    for keys in [["cleaned"], ["abandoned"]] {
+        let r = tracker.start_run(start(job_name, &keys)).await.unwrap();
+        let run_id = r.run.run_id.clone();
+        for attempt in 1..=2 {
+            let u = tracker
+                .claim_unit(&claim("w", &run_id, lapse))
+                .await
+                .unwrap()
+                .expect("claimable after its lease lapsed");
+            assert_eq!(u.unit.attempts, attempt);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cleaned = keys[0] == "cleaned";
+        let last = tracker
+            .claim_unit(&claim(
+                "w-clean",
+                &run_id,
+                if cleaned { LEASE } else { lapse },
+            ))
+            .await
+            .unwrap()
+            .expect("leased once more, to remove its copy");
+        assert_eq!(last.unit.attempts, 3);
+        if cleaned {
+            let (unit, _) = tracker
+                .finish_unit(
+                    &Fence {
+                        run_id: run_id.clone(),
+                        unit_key: "cleaned".into(),
+                        fencing_token: last.unit.fencing_token,
+                    },
+                    UnitOutcome::Failed {
+                        error: "gave up after 2 attempts; its partial copy was removed".into(),
+                        retryable: true,
+                        rolled_back: true,
+                    },
+                    None,
+                    "w-clean",
+                )
+                .await
+                .unwrap();
+            assert_eq!(unit.status, UnitStatus::RolledBack, "not retried again");
+        } else {
+            // The clean-up lease lapses as well: failed as it stands.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let gone = tracker
+                .claim_unit(&claim("w", &run_id, LEASE))
+                .await
+                .unwrap();
+            assert!(gone.is_none(), "nothing more to claim: {gone:?}");
+            let view = tracker.get_run(&run_id).await.unwrap();
+            assert_eq!(
+                (view.run.status, view.units.failed),
+                (RunStatus::Failed, 1),
+                "{view:?}"
+            );
+        }
+        let view = tracker.get_run(&run_id).await.unwrap();
+        if cleaned {
+            assert_eq!(
+                (view.run.status, view.units.rolled_back),
+                (RunStatus::Failed, 1),
+                "{view:?}"
+            );
+            let acked = tracker
+                .acknowledge_failure(job_name, &run_id, "suite", "cleaned up")
+                .await;
+            assert!(acked.is_ok(), "{acked:?}");
+        }
+    }
 }
 
 /// Incremental extract: explicit completion with a watermark; the next

@@ -190,6 +190,11 @@ pub async fn runs(setup: Setup, seed: u64, stop: CancellationToken) -> anyhow::R
                 && unit.status == jt::UnitStatus::Migrated as i32
             {
                 outcome.units_migrated += 1;
+            } else if objects == 0 && !on_target && unit.status == jt::UnitStatus::RolledBack as i32
+            {
+                // Out of attempts (its workers killed or cut off each
+                // time): failed with its copy removed, readers on the source.
+                outcome.failed_cleanly += 1;
             } else {
                 eprintln!(
                     "chaos: unit {} of run {round}: {objects} objects, route {:?}, {unit:?}",

@@ -246,7 +246,12 @@ impl Tracker {
         unit.attempts += 1;
         unit.fencing_token += 1;
         unit.update_time = now;
-        if unit.attempts > run.max_attempts {
+        // A migration unit out of attempts may hold a partial copy in the
+        // target: it gets one more lease, for its worker to remove that copy
+        // and fail it rolled back, before it is failed as it stands.
+        let clean_up =
+            run.job_kind == JobKind::UnitMigration && unit.attempts == run.max_attempts + 1;
+        if unit.attempts > run.max_attempts && !clean_up {
             unit.status = UnitStatus::Failed;
             unit.lease = None;
             unit.last_error = if unit.last_error.is_empty() {
@@ -295,7 +300,9 @@ impl Tracker {
             body: expiry,
             expect: Expect::Any,
         });
-        let reason = if from == UnitStatus::InProgress {
+        let reason = if clean_up {
+            "out of attempts; leased once more to remove its partial copy"
+        } else if from == UnitStatus::InProgress {
             "lease expired; reclaimed"
         } else {
             "claimed"

@@ -96,6 +96,17 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     let lease = claim.lease.clone();
     let mut progress = Progress::default();
     unit.readers_off_the_copy(&claim, &lease).await?;
+    // Out of attempts (the job-tracker leases such a unit once more): remove
+    // what earlier attempts left in the target and fail it rolled back.
+    let max_attempts = match claim.job.max_attempts {
+        0 => 3,
+        n => n,
+    };
+    if claim.unit.attempts > max_attempts {
+        return unit
+            .clean_up(&source, &lease, max_attempts, &claim.unit.last_error)
+            .await;
+    }
     let mut copied = BTreeSet::new();
     let failure = match unit.copy(&source, &lease, &mut progress, &mut copied).await {
         Ok(source_count) => unit.validate(source_count, &mut progress).await.err(),
@@ -433,6 +444,46 @@ impl Unit<'_> {
         .map_err(|e| UnitFailure::retryable(e.to_string()))?;
         tracing::info!(job = %claim.job.name, unit = %self.unit_key, "readers sent back to the source while the unit is migrated again");
         Ok(())
+    }
+
+    /// A unit out of attempts, leased once more: the copy earlier attempts
+    /// may have left (the whole unit prefix for S3, else every key of the
+    /// unit in the source) is removed and the unit failed, rolled back.
+    async fn clean_up(
+        &self,
+        source: &crate::stores::OpenTable,
+        lease: &UnitLease,
+        max_attempts: u32,
+        last_error: &str,
+    ) -> Result<(), UnitFailure> {
+        let mut keys = BTreeSet::new();
+        if !matches!(self.target, SinkHandle::S3(_)) {
+            let mut pages = self.source_pages(source);
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| UnitFailure::retryable(e.to_string()))?;
+                keys.extend(page.iter().map(|(k, _)| self.transform.shape_key(k)));
+            }
+        }
+        let removed = self.roll_back(&keys, lease).await?;
+        tracing::warn!(unit = %self.unit_key, removed, "unit out of attempts: its partial copy was removed");
+        let mut progress = Progress::default();
+        progress.add(
+            "rolled_back_items",
+            i64::try_from(removed).unwrap_or(i64::MAX),
+        );
+        let why = if last_error.is_empty() {
+            "each attempt's lease lapsed before its worker finished"
+        } else {
+            last_error
+        };
+        Err(UnitFailure::Failed {
+            message: format!(
+                "gave up after {max_attempts} attempts ({why}); its partial copy was removed"
+            ),
+            retryable: false,
+            rolled_back: true,
+            progress,
+        })
     }
 
     /// [`Self::remove_copy`], tried again while its failures are transient
