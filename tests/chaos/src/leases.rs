@@ -58,11 +58,13 @@ pub async fn check(jobs_url: String) -> anyhow::Result<Outcome> {
         let mut transitions = Vec::new();
         let mut page_token = String::new();
         loop {
-            let page = through_restarts("ListTransitions", Duration::from_secs(60), || {
+            // Small pages, retried for long: after a long run a job's
+            // history is large, and the local DynamoDB reads it slowly.
+            let page = through_restarts("ListTransitions", Duration::from_secs(300), || {
                 let mut c = jobs.clone();
                 let r = jt::ListTransitionsRequest {
                     job_name: name.clone(),
-                    page_size: 1_000,
+                    page_size: 100,
                     page_token: page_token.clone(),
                     ..Default::default()
                 };

@@ -190,10 +190,15 @@ pub async fn runs(setup: Setup, seed: u64, stop: CancellationToken) -> anyhow::R
                 && unit.status == jt::UnitStatus::Migrated as i32
             {
                 outcome.units_migrated += 1;
-            } else if objects == 0 && !on_target && unit.status == jt::UnitStatus::RolledBack as i32
+            } else if objects == 0
+                && !on_target
+                && (unit.status == jt::UnitStatus::RolledBack as i32
+                    || unit.status == jt::UnitStatus::Failed as i32)
             {
                 // Out of attempts (its workers killed or cut off each
-                // time): failed with its copy removed, readers on the source.
+                // time): failed with nothing left in the target (its copy
+                // removed, or its last lease lapsed before it wrote any),
+                // readers on the source.
                 outcome.failed_cleanly += 1;
             } else {
                 eprintln!(
