@@ -316,6 +316,22 @@ pub fn unit_specs(units: &[pb::UnitSpec], field: &str) -> Result<Vec<UnitSpec>, 
         .collect()
 }
 
+/// CompleteUnit's `end_run`: a failed end must say why.
+pub fn run_end(end: &pb::RunEnd) -> Result<model::RunEnd, FieldError> {
+    if !end.failed {
+        return Ok(model::RunEnd { error: None });
+    }
+    if end.error.trim().is_empty() {
+        return Err(FieldError::new(
+            "end_run.error",
+            "is required when end_run.failed is set: say why the run failed",
+        ));
+    }
+    Ok(model::RunEnd {
+        error: Some(end.error.clone()),
+    })
+}
+
 pub fn checkpoint_bytes(bytes: &[u8]) -> Result<Vec<u8>, FieldError> {
     crate::limits::check_checkpoint(bytes)?;
     Ok(bytes.to_vec())
@@ -545,13 +561,26 @@ pub fn progress_to(v: &RunView, rate: f64) -> pb::RunProgress {
     }
 }
 
-pub fn page(token: &str, field: &str) -> Result<usize, FieldError> {
+/// The sort key a page token carries: the key of the last item of the page
+/// before. A page starts right after it, however many items were added or
+/// removed before it meanwhile (an offset repeated runs on the next page
+/// when a run started between two pages, and skipped items when one went).
+pub fn page(token: &str, field: &str) -> Result<Option<String>, FieldError> {
+    use base64::Engine as _;
     if token.is_empty() {
-        return Ok(0);
+        return Ok(None);
     }
-    token
-        .parse()
-        .map_err(|_| FieldError::new(field, "is not a token returned by this API"))
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            FieldError::new(
+                field,
+                "is not a token returned by this API; list again without one",
+            )
+        })
 }
 
 /// A page size as AIP-158 has it: 0 means the default (100), more than the
@@ -564,20 +593,42 @@ pub fn page_size(size: i32, field: &str) -> Result<usize, FieldError> {
     }
 }
 
-/// Slices an in-memory list into a page with an offset token.
-pub fn paginate<T: Clone>(items: &[T], offset: usize, size: usize) -> (Vec<T>, String) {
-    // The offset comes from the caller's token: saturate rather than overflow.
-    let end = offset.saturating_add(size).min(items.len());
-    let slice = items
-        .get(offset..end)
-        .map(<[T]>::to_vec)
-        .unwrap_or_default();
-    let next = if end < items.len() {
-        end.to_string()
+/// The order a list is sorted in by its page key.
+#[derive(Clone, Copy, Debug)]
+pub enum Order {
+    Ascending,
+    Descending,
+}
+
+/// Slices `items`, sorted by `key` in `order`, into the page of at most
+/// `size` that follows the key `after` (from [`page`]), with the token of
+/// the next page (empty on the last).
+pub fn paginate<T: Clone>(
+    items: &[T],
+    after: Option<&str>,
+    size: usize,
+    order: Order,
+    key: impl Fn(&T) -> String,
+) -> (Vec<T>, String) {
+    use base64::Engine as _;
+    let start = after.map_or(0, |after| {
+        items.partition_point(|item| match order {
+            Order::Ascending => key(item).as_str() <= after,
+            Order::Descending => key(item).as_str() >= after,
+        })
+    });
+    let mut end = start.saturating_add(size).min(items.len());
+    // Items of one key stay on one page: the token could not say where
+    // within them the page stopped.
+    while end < items.len() && end > start + 1 && key(&items[end - 1]) == key(&items[end]) {
+        end -= 1;
+    }
+    let next = if end < items.len() && end > start {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key(&items[end - 1]))
     } else {
         String::new()
     };
-    (slice, next)
+    (items[start..end].to_vec(), next)
 }
 
 #[cfg(test)]
@@ -614,10 +665,55 @@ mod tests {
     }
 
     #[test]
-    fn a_token_past_the_end_is_an_empty_last_page_not_an_overflow() {
-        let items = [1, 2, 3];
-        let offset = page(&usize::MAX.to_string(), "page_token").unwrap();
-        assert_eq!(paginate(&items, offset, 1000), (vec![], String::new()));
-        assert_eq!(paginate(&items, 2, usize::MAX), (vec![3], String::new()));
+    fn pages_neither_repeat_nor_skip_while_the_list_grows() {
+        let key = |n: &u32| format!("{n:04}");
+        // Newest first, as ListRuns: new items arrive at the head.
+        let mut items: Vec<u32> = (1..=5).rev().collect();
+        let (first, token) = paginate(&items, None, 2, Order::Descending, key);
+        assert_eq!(first, vec![5, 4]);
+        items.insert(0, 6);
+        items.insert(0, 7);
+        let after = page(&token, "page_token").unwrap();
+        let (second, token) = paginate(&items, after.as_deref(), 2, Order::Descending, key);
+        assert_eq!(second, vec![3, 2]);
+        let after = page(&token, "page_token").unwrap();
+        let (last, token) = paginate(&items, after.as_deref(), 2, Order::Descending, key);
+        assert_eq!((last, token), (vec![1], String::new()));
+        // Oldest first, as ListTransitions, with an item gone meanwhile.
+        let mut items: Vec<u32> = (1..=5).collect();
+        let (first, token) = paginate(&items, None, 2, Order::Ascending, key);
+        assert_eq!(first, vec![1, 2]);
+        items.retain(|n| *n != 2);
+        let after = page(&token, "page_token").unwrap();
+        let (rest, token) = paginate(&items, after.as_deref(), 10, Order::Ascending, key);
+        assert_eq!((rest, token), (vec![3, 4, 5], String::new()));
+    }
+
+    #[test]
+    fn a_page_never_splits_items_of_one_key() {
+        let items = [(1, 'a'), (2, 'b'), (2, 'c'), (3, 'd')];
+        let key = |i: &(u32, char)| i.0.to_string();
+        let (first, token) = paginate(&items, None, 2, Order::Ascending, key);
+        assert_eq!(first, vec![(1, 'a')]);
+        let after = page(&token, "page_token").unwrap();
+        let (second, _) = paginate(&items, after.as_deref(), 2, Order::Ascending, key);
+        assert_eq!(second, vec![(2, 'b'), (2, 'c')]);
+    }
+
+    #[test]
+    fn a_token_not_from_the_api_names_the_field() {
+        let err = page("not base64 ~", "page_token").unwrap_err();
+        assert_eq!(err.field, "page_token");
+        assert!(err.description.contains("without one"), "{}", err.description);
+        let past_the_end = page(&base64_of("zzzz"), "page_token").unwrap();
+        let (empty, next) = paginate(&[1, 2], past_the_end.as_deref(), 5, Order::Ascending, |n| {
+            n.to_string()
+        });
+        assert_eq!((empty, next), (Vec::<i32>::new(), String::new()));
+    }
+
+    fn base64_of(s: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
     }
 }

@@ -195,8 +195,19 @@ pub struct Unit {
     pub lease: Option<Lease>,
     pub after_unit_keys: Vec<String>,
     pub result: Option<Spec>,
+    /// Explicit-completion runs: how the run ends once no unit is open, as
+    /// the worker that completed this unit asked (CompleteUnit.end_run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_run: Option<RunEnd>,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
+}
+
+/// How an explicit-completion run ends once its units are done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunEnd {
+    /// `None`: SUCCEEDED; else FAILED with this error.
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

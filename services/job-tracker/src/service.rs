@@ -11,7 +11,7 @@ use tidemark_proto::job_tracker::v1::job_tracker_service_server::JobTrackerServi
 use tonic::{Request, Response, Status};
 
 use crate::JobTracker;
-use crate::convert::{self, name, required_id, unit_key};
+use crate::convert::{self, Order, name, required_id, unit_key};
 use crate::engine::{ClaimRequest, Fence, StartRun, UnitOutcome};
 use crate::model::{Job, Route};
 
@@ -183,18 +183,24 @@ impl JobTrackerService for JobTracker {
             .enumerate()
             .map(|(i, s)| convert::run_status_from(*s, &format!("statuses[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let runs = if req.job_name.is_empty() {
-            self.tracker.list_all_runs(&statuses).await?
+        let after = convert::page(&req.page_token, "page_token")?;
+        let size = convert::page_size(req.page_size, "page_size")?;
+        // Newest first: by run id (time-ordered) within a job, by creation
+        // time across jobs.
+        let (page, next) = if req.job_name.is_empty() {
+            let runs = self.tracker.list_all_runs(&statuses).await?;
+            convert::paginate(&runs, after.as_deref(), size, Order::Descending, |r| {
+                format!("{:020}/{}", r.create_time.timestamp_micros().max(0), r.run_id)
+            })
         } else {
-            self.tracker
+            let runs = self
+                .tracker
                 .list_runs(&name(&req.job_name, "job_name")?, &statuses)
-                .await?
+                .await?;
+            convert::paginate(&runs, after.as_deref(), size, Order::Descending, |r| {
+                r.run_id.clone()
+            })
         };
-        let (page, next) = convert::paginate(
-            &runs,
-            convert::page(&req.page_token, "page_token")?,
-            convert::page_size(req.page_size, "page_size")?,
-        );
         let mut out = Vec::with_capacity(page.len());
         for run in page {
             out.push(pb::Run::from(&self.tracker.get_run(&run.run_id).await?));
@@ -250,8 +256,10 @@ impl JobTrackerService for JobTracker {
             .await?;
         let (page, next) = convert::paginate(
             &units,
-            convert::page(&req.page_token, "page_token")?,
+            convert::page(&req.page_token, "page_token")?.as_deref(),
             convert::page_size(req.page_size, "page_size")?,
+            Order::Ascending,
+            |u| u.unit_key.clone(),
         );
         Ok(Response::new(pb::ListUnitsResponse {
             units: page.iter().map(pb::Unit::from).collect(),
@@ -354,6 +362,7 @@ impl JobTrackerService for JobTracker {
                 value: a.value.clone(),
             }),
             route_to_target: req.route_to_target,
+            end_run: req.end_run.as_ref().map(convert::run_end).transpose()?,
         };
         let (unit, view) = self
             .tracker
@@ -525,15 +534,25 @@ impl JobTrackerService for JobTracker {
         if req.job_name.is_empty() && req.run_id.is_empty() {
             return Err(FieldError::new("job_name", "give a job name or a run id").into());
         }
+        let after = match convert::page(&req.page_token, "page_token")? {
+            None => None,
+            Some(key) => Some(key.parse::<u64>().map_err(|_| {
+                FieldError::new(
+                    "page_token",
+                    "is not a token returned by this API; list again without one",
+                )
+            })?),
+        };
+        let size = convert::page_size(req.page_size, "page_size")?;
+        // Read from the store from the token on, not the whole history for
+        // every page; one more than the page says whether another follows.
         let transitions = self
             .tracker
-            .list_transitions(&req.job_name, &req.run_id, &req.unit_key)
+            .transitions_after(&req.job_name, &req.run_id, &req.unit_key, after, size + 1)
             .await?;
-        let (page, next) = convert::paginate(
-            &transitions,
-            convert::page(&req.page_token, "page_token")?,
-            convert::page_size(req.page_size, "page_size")?,
-        );
+        let (page, next) = convert::paginate(&transitions, None, size, Order::Ascending, |t| {
+            format!("{:020}", t.sequence)
+        });
         Ok(Response::new(pb::ListTransitionsResponse {
             transitions: page.iter().map(pb::Transition::from).collect(),
             next_page_token: next,

@@ -11,7 +11,9 @@ mod support;
 
 pub use blocked::{blocked_units_do_not_stop_claims, dependency_cycles_are_refused};
 pub use caps::unit_sizes_are_capped;
-pub use restart::an_interrupted_start_finishes_on_its_retry;
+pub use restart::{
+    an_explicit_run_ends_as_its_last_unit_asked, an_interrupted_start_finishes_on_its_retry,
+};
 pub use settle::a_run_ends_only_when_every_unit_is_done;
 
 use std::collections::HashSet;
@@ -581,6 +583,7 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
             UnitOutcome::Completed {
                 result: None,
                 route_to_target: true,
+                end_run: None,
             },
             None,
             "worker",

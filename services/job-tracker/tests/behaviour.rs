@@ -93,6 +93,19 @@ async fn dynamodb_an_interrupted_start_finishes_on_its_retry() {
     suite::an_interrupted_start_finishes_on_its_retry(dynamodb().await, &unique_name("t")).await;
 }
 
+// The 10-minute fault matrix: a verification left RUNNING by a worker
+// killed between its last CompleteUnit and CompleteRun.
+#[tokio::test]
+async fn sqlite_an_explicit_run_ends_as_its_last_unit_asked() {
+    let (_dir, kv) = sqlite();
+    suite::an_explicit_run_ends_as_its_last_unit_asked(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_an_explicit_run_ends_as_its_last_unit_asked() {
+    suite::an_explicit_run_ends_as_its_last_unit_asked(dynamodb().await, &unique_name("t")).await;
+}
+
 #[tokio::test]
 async fn sqlite_a_run_ends_only_when_every_unit_is_done() {
     let (_dir, kv) = sqlite();

@@ -20,7 +20,7 @@ use prost::Message;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
 use tidemark_proto::job_tracker::v1::{
     CheckpointRequest, ClaimUnitRequest, CompleteUnitRequest, FailUnitRequest, HeartbeatRequest,
-    Job, JobKind, Run, RunProgress, Unit,
+    Job, JobKind, Run, RunEnd, RunProgress, Unit,
 };
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -314,7 +314,24 @@ impl UnitLease {
         progress: &Progress,
         result: Option<prost_types::Any>,
     ) -> Result<Option<RunProgress>, LeaseError> {
-        self.complete_with(progress, result, false).await
+        self.complete_with(progress, result, false, None).await
+    }
+
+    /// Completes the unit of an explicit-completion run and says, in the
+    /// same write, how the run ends once no unit is left open: the
+    /// job-tracker then ends it with this unit's `result`, even if this
+    /// worker dies before it could call CompleteRun.
+    ///
+    /// # Errors
+    /// As [`Self::complete`].
+    pub async fn complete_and_end_run(
+        &self,
+        progress: &Progress,
+        result: Option<prost_types::Any>,
+        end_run: RunEnd,
+    ) -> Result<Option<RunProgress>, LeaseError> {
+        self.complete_with(progress, result, false, Some(end_run))
+            .await
     }
 
     /// Completes the unit and, in the same write, switches its route to
@@ -326,7 +343,7 @@ impl UnitLease {
         &self,
         progress: &Progress,
     ) -> Result<Option<RunProgress>, LeaseError> {
-        self.complete_with(progress, None, true).await
+        self.complete_with(progress, None, true, None).await
     }
 
     async fn complete_with(
@@ -334,6 +351,7 @@ impl UnitLease {
         progress: &Progress,
         result: Option<prost_types::Any>,
         route_to_target: bool,
+        end_run: Option<RunEnd>,
     ) -> Result<Option<RunProgress>, LeaseError> {
         let request = CompleteUnitRequest {
             run_id: self.run_id.clone(),
@@ -344,6 +362,7 @@ impl UnitLease {
             counters: progress.counters.clone(),
             result,
             route_to_target,
+            end_run,
         };
         // Sent again only when the answer did not arrive; had the first one
         // been applied, the repeat is answered with the unit unchanged.

@@ -249,15 +249,6 @@ async fn finish(
         tracing::warn!(error = %e, "cannot keep the mismatches; the unit is retried");
         return;
     }
-    let stored = stored_report(&report);
-    if let Err(e) = lease
-        .complete(progress, Some(pack_any(REPORT_TYPE, &stored)))
-        .await
-    {
-        tracing::warn!(error = %e, "cannot complete the verification unit");
-        return;
-    }
-    let result = Some(pack_any(REPORT_TYPE, &report));
     let failing: Vec<&str> = report
         .checks
         .iter()
@@ -270,9 +261,26 @@ async fn finish(
         report.error.clone()
     };
     let passed = report.verdict == pb::Verdict::Pass as i32;
-    // The unit is done, so no other worker will finish this run; the
-    // typed client retries a job-tracker that is briefly unreachable rather
-    // than leave it RUNNING.
+    // The run's end goes with the unit's completion: the job-tracker ends
+    // the run from it even if this replica dies right after.
+    let stored = Some(pack_any(REPORT_TYPE, &stored_report(&report)));
+    let end_run = jpb::RunEnd {
+        failed: !passed,
+        error: if passed { String::new() } else { error.clone() },
+    };
+    if let Err(e) = lease
+        .complete_and_end_run(progress, stored.clone(), end_run)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot complete the verification unit");
+        return;
+    }
+    // The run's result is the stored report too: the full one may be over
+    // the job-tracker's size cap, and a refused CompleteRun would leave the
+    // run RUNNING.
+    let result = stored;
+    // An older job-tracker ignores `end_run`: end the run here too (a no-op
+    // once the job-tracker ended it the same way).
     let run_id = lease.run_id().to_owned();
     let done = if passed {
         state

@@ -1677,6 +1677,7 @@ async fn fuzz_job_tracker(f: &mut Fuzzer, s: &Seeds) {
                 "items_failed",
                 "counters",
                 "result",
+                "end_run.error",
             ],
             &[IA, NF, FP],
             false,
@@ -1709,6 +1710,15 @@ async fn fuzz_job_tracker(f: &mut Fuzzer, s: &Seeds) {
                         counters,
                         result,
                         route_to_target: fencing_token % 2 == 0,
+                        // Failed with an empty error (refused) or one.
+                        end_run: (fencing_token % 3 != 0).then(|| jt::RunEnd {
+                            failed: fencing_token % 3 == 1,
+                            error: if items_failed % 2 == 0 {
+                                String::new()
+                            } else {
+                                format!("{items_failed} mismatches")
+                            },
+                        }),
                     }
                 },
             ),

@@ -15,7 +15,7 @@ use super::{ACTIVE, JOBS, Tracker, delete, job_pk, put, run_pk};
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op};
 use crate::limits;
-use crate::model::{RunStatus, Spec, Watermark};
+use crate::model::{RunEnd, RunStatus, Spec, Watermark};
 
 /// Sort key of a run's unfinished-unit count, in the run's partition.
 const OPEN: &str = "#open";
@@ -73,16 +73,17 @@ impl Tracker {
             return Ok(());
         }
         self.retrying("finish run", || async {
-            let Some((status, reason, expect)) = self.decide_end(run_id).await? else {
+            let Some(decided) = self.decide_end(run_id).await? else {
                 return Ok(Some(()));
             };
             let end = End {
-                status,
-                reason: &reason,
+                status: decided.status,
+                reason: &decided.reason,
                 watermark: None,
-                result: None,
+                result: decided.result.as_ref(),
                 actor,
             };
+            let expect = decided.expect;
             let guard = settled_guard(run_id, expect);
             match self.try_finish_run(run_id, &end, Some(guard)).await {
                 // Ended otherwise meanwhile (FailRun): nothing left to do.
@@ -93,19 +94,22 @@ impl Tracker {
         .await
     }
 
-    /// How a RUNNING run without explicit completion ends now, if it does:
-    /// its status, the reason, and the expectation on its unit count that
-    /// guards the end.
-    async fn decide_end(&self, run_id: &str) -> TrackerResult<Option<(RunStatus, String, Expect)>> {
+    /// How a RUNNING run ends now, if it does: a run without explicit
+    /// completion once no unit is open; an explicit-completion run once no
+    /// unit is open and the last unit completed said how (CompleteUnit's
+    /// `end_run`), with that unit's result.
+    async fn decide_end(&self, run_id: &str) -> TrackerResult<Option<Decided>> {
         let (run, _) = self.load_run(run_id).await?;
-        if run.status != RunStatus::Running || run.explicit_completion {
+        if run.status != RunStatus::Running {
             return Ok(None);
         }
         let (open, expect) = self.open_units(run_id).await?;
         if open > 0 {
             return Ok(None);
         }
-        let units = self.view(run).await?.units;
+        let explicit = run.explicit_completion;
+        let view = self.view(run).await?;
+        let units = &view.units;
         let undone = units.not_migrated + units.in_progress;
         if undone > 0 {
             // Only a writer that does not keep the count gets here; never
@@ -114,19 +118,46 @@ impl Tracker {
             return Ok(None);
         }
         let (failed, all) = (units.failed + units.rolled_back, units.total);
-        Ok(Some(if failed == 0 {
-            (
-                RunStatus::Succeeded,
-                format!("all {all} units MIGRATED"),
+        if explicit {
+            let Some((end, result)) = self.asked_end(run_id).await? else {
+                return Ok(None);
+            };
+            let (status, reason) = match end.error {
+                Some(error) => (RunStatus::Failed, error),
+                None if failed > 0 => {
+                    (RunStatus::Failed, format!("{failed} of {all} units failed"))
+                }
+                None => (RunStatus::Succeeded, "completed".to_owned()),
+            };
+            return Ok(Some(Decided {
+                status,
+                reason,
+                result,
                 expect,
-            )
+            }));
+        }
+        let (status, reason) = if failed == 0 {
+            (RunStatus::Succeeded, format!("all {all} units MIGRATED"))
         } else {
-            (
-                RunStatus::Failed,
-                format!("{failed} of {all} units failed"),
-                expect,
-            )
+            (RunStatus::Failed, format!("{failed} of {all} units failed"))
+        };
+        Ok(Some(Decided {
+            status,
+            reason,
+            result: None,
+            expect,
         }))
+    }
+
+    /// The end asked by the last unit of `run_id` completed with one, and
+    /// that unit's result.
+    async fn asked_end(&self, run_id: &str) -> TrackerResult<Option<(RunEnd, Option<Spec>)>> {
+        let units = self.list_units(run_id).await?;
+        Ok(units
+            .into_iter()
+            .filter(|u| u.end_run.is_some())
+            .max_by_key(|u| u.update_time)
+            .and_then(|u| u.end_run.map(|e| (e, u.result))))
     }
 
     /// Ends a run whose job asked for explicit completion, recording where
@@ -256,6 +287,15 @@ impl Tracker {
         ops.extend(guard);
         Ok(self.apply(ops).await?.map(|()| run))
     }
+}
+
+/// How a run ends by itself, and the expectation on its unit count that
+/// guards the end.
+struct Decided {
+    status: RunStatus,
+    reason: String,
+    result: Option<Spec>,
+    expect: Expect,
 }
 
 /// How a run ends.

@@ -81,6 +81,23 @@ impl Tracker {
         run_id: &str,
         unit_key: &str,
     ) -> TrackerResult<Vec<Transition>> {
+        self.transitions_after(job_name, run_id, unit_key, None, usize::MAX)
+            .await
+    }
+
+    /// Transitions of a job, a run or a unit after the sequence `after`,
+    /// oldest first: every one there is up to the `want`-th, and perhaps
+    /// some after it. Each partition (the job's, each run's) is read from
+    /// `after` on and only until it gave `want`, so paging through a long
+    /// history does not read all of it for every page.
+    pub async fn transitions_after(
+        &self,
+        job_name: &str,
+        run_id: &str,
+        unit_key: &str,
+        after: Option<u64>,
+        want: usize,
+    ) -> TrackerResult<Vec<Transition>> {
         let job = if run_id.is_empty() {
             job_name.to_owned()
         } else {
@@ -90,30 +107,54 @@ impl Tracker {
             return Err(FieldError::new("job_name", "give a job name or a run id").into());
         }
         self.load_job(&job).await?;
-        let mut out: Vec<Transition> = query_all(self.kv.as_ref(), &job_pk(&job), "t#")
-            .await?
-            .iter()
-            .map(parse)
-            .collect::<TrackerResult<_>>()?;
-        let runs: Vec<String> = if run_id.is_empty() {
-            query_all(self.kv.as_ref(), &job_pk(&job), "run#")
-                .await?
-                .into_iter()
-                .map(|e| e.sk[4..].to_owned())
-                .collect()
-        } else {
-            vec![run_id.to_owned()]
-        };
-        for run in runs {
-            for entry in query_all(self.kv.as_ref(), &run_pk(&run), "t#").await? {
-                out.push(parse(&entry)?);
-            }
-        }
-        out.retain(|t| {
+        let keep = |t: &Transition| {
             (run_id.is_empty() || t.run_id == run_id)
                 && (unit_key.is_empty() || t.unit_key == unit_key)
-        });
+        };
+        let mut partitions = vec![job_pk(&job)];
+        if run_id.is_empty() {
+            for e in query_all(self.kv.as_ref(), &job_pk(&job), "run#").await? {
+                partitions.push(run_pk(&e.sk[4..]));
+            }
+        } else {
+            partitions.push(run_pk(run_id));
+        }
+        let mut out = Vec::new();
+        for pk in partitions {
+            out.extend(self.partition_after(&pk, after, &keep, want).await?);
+        }
         out.sort_by_key(|t| t.sequence);
         Ok(out)
+    }
+
+    /// Up to `want` transitions of one partition kept by `keep`, after the
+    /// sequence `after`, oldest first.
+    async fn partition_after(
+        &self,
+        pk: &str,
+        after: Option<u64>,
+        keep: &impl Fn(&Transition) -> bool,
+        want: usize,
+    ) -> TrackerResult<Vec<Transition>> {
+        const READ: usize = 500;
+        // Past every sort key of the sequence `after` (its suffix is hex).
+        let mut cursor = after.map(|s| format!("t#{s:020}#~"));
+        let mut out = Vec::new();
+        loop {
+            let page = self.kv.query(pk, "t#", cursor.as_deref(), READ).await?;
+            for entry in &page {
+                let t: Transition = parse(entry)?;
+                if keep(&t) {
+                    out.push(t);
+                    if out.len() >= want {
+                        return Ok(out);
+                    }
+                }
+            }
+            if page.len() < READ {
+                return Ok(out);
+            }
+            cursor = page.last().map(|e| e.sk.clone());
+        }
     }
 }

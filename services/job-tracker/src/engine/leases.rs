@@ -486,8 +486,14 @@ impl Tracker {
                 let holder = unit.lease.take().map(|l| l.owner);
                 let actor = holder.as_deref().unwrap_or(actor);
                 unit.update_time = Utc::now();
-                if let UnitOutcome::Completed { result, .. } = &outcome {
+                if let UnitOutcome::Completed {
+                    result, end_run, ..
+                } = &outcome
+                {
                     unit.result.clone_from(result);
+                    if run.explicit_completion {
+                        unit.end_run.clone_from(end_run);
+                    }
                 }
                 if let Some(p) = &progress {
                     unit.progress = p.clone();
@@ -518,29 +524,26 @@ impl Tracker {
                 // Readers move in the write that commits the unit: a worker
                 // that dies after CompleteUnit cannot leave a MIGRATED unit
                 // with readers on the source.
-                if to == UnitStatus::Migrated
-                    && run.job_kind == JobKind::UnitMigration
-                    && matches!(
+                if to == UnitStatus::Migrated && run.job_kind == JobKind::UnitMigration {
+                    if matches!(
                         outcome,
                         UnitOutcome::Completed {
                             route_to_target: true,
                             ..
                         }
-                    )
-                {
-                    let (_, route_ops) = self
-                        .route_write(
-                            &run.job_name,
-                            &fence.unit_key,
-                            RouteTarget::Target,
-                            0,
-                            actor,
-                            &format!("unit migrated in run {}", run.run_id),
-                        )
-                        .await?;
-                    ops.extend(route_ops);
-                }
-                if to == UnitStatus::Migrated && run.job_kind == JobKind::UnitMigration {
+                    ) {
+                        let (_, route_ops) = self
+                            .route_write(
+                                &run.job_name,
+                                &fence.unit_key,
+                                RouteTarget::Target,
+                                0,
+                                actor,
+                                &format!("unit migrated in run {}", run.run_id),
+                            )
+                            .await?;
+                        ops.extend(route_ops);
+                    }
                     ops.push(Op::Put {
                         pk: job_pk(&run.job_name),
                         sk: format!("done#{}", fence.unit_key),
@@ -567,11 +570,16 @@ fn capped(outcome: UnitOutcome, progress: Option<&Progress>) -> TrackerResult<Un
         UnitOutcome::Completed {
             result,
             route_to_target,
+            end_run,
         } => {
             limits::check_result(result.as_ref(), "result")?;
+            let end_run = end_run.map(|e| crate::model::RunEnd {
+                error: e.error.map(|error| limits::truncate_error(&error)),
+            });
             UnitOutcome::Completed {
                 result,
                 route_to_target,
+                end_run,
             }
         }
         UnitOutcome::Failed {

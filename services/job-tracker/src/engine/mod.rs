@@ -168,6 +168,8 @@ pub enum UnitOutcome {
         /// Switch the unit's route to TARGET in the same write that marks it
         /// MIGRATED (UNIT_MIGRATION jobs).
         route_to_target: bool,
+        /// Explicit-completion runs: how the run ends once no unit is open.
+        end_run: Option<crate::model::RunEnd>,
     },
     Failed {
         error: String,
@@ -182,6 +184,7 @@ impl UnitOutcome {
         Self::Completed {
             result: None,
             route_to_target: false,
+            end_run: None,
         }
     }
 }

@@ -213,6 +213,7 @@ async fn complete_at_the_caps(tracker: &Tracker, fence: &Fence) {
     let completed = |result: Spec| UnitOutcome::Completed {
         result: Some(result),
         route_to_target: false,
+        end_run: None,
     };
     refused(
         tracker

@@ -3,6 +3,11 @@
 //! that holds the job; the same request again (same `correlation_id`)
 //! finishes that start instead of answering with the stuck run. Found by
 //! the fault matrix: a verification stayed QUEUED for good.
+//!
+//! Likewise a worker (or job-tracker) killed between completing the last
+//! unit of an explicit-completion run and CompleteRun left the run RUNNING
+//! for good (a verification, found by the 10-minute matrix run): the unit's
+//! completion now carries how the run ends, and any later claim ends it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,10 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use async_trait::async_trait;
 use tidemark_kit::CancellationToken;
 
-use super::{job, precondition, start};
-use crate::engine::Tracker;
+use super::{LEASE, claim, job, precondition, start};
+use crate::engine::{Fence, Tracker, UnitOutcome};
 use crate::kv::{Entry, KvError, KvResult, KvStore, Op};
-use crate::model::{JobKind, RunStatus};
+use crate::model::{JobKind, RunEnd, RunStatus, Spec};
 
 /// A store that stops answering once it has taken `writes` transactions,
 /// as a job-tracker killed or cut off from its store mid-request.
@@ -61,6 +66,17 @@ impl KvStore for CutOff {
     }
 }
 
+/// A tracker whose store stops answering after `writes` transactions.
+fn cut_after(store: Arc<dyn KvStore>, writes: usize) -> Tracker {
+    Tracker::new(
+        Arc::new(CutOff {
+            inner: store,
+            writes: AtomicUsize::new(writes),
+        }),
+        CancellationToken::new(),
+    )
+}
+
 pub async fn an_interrupted_start_finishes_on_its_retry(store: Arc<dyn KvStore>, prefix: &str) {
     let tracker = Tracker::new(store.clone(), CancellationToken::new());
     let name = format!("{prefix}-interrupted");
@@ -72,13 +88,7 @@ pub async fn an_interrupted_start_finishes_on_its_retry(store: Arc<dyn KvStore>,
     request.correlation_id = "start-once".to_owned();
     // The first write (the QUEUED run) lands; the unit registration after it
     // does not.
-    let cut = Tracker::new(
-        Arc::new(CutOff {
-            inner: store,
-            writes: AtomicUsize::new(1),
-        }),
-        CancellationToken::new(),
-    );
+    let cut = cut_after(store, 1);
     assert!(cut.start_run(request.clone()).await.is_err());
     let stuck = tracker.list_runs(&name, &[]).await.unwrap();
     assert_eq!(stuck.len(), 1, "{stuck:?}");
@@ -99,5 +109,129 @@ pub async fn an_interrupted_start_finishes_on_its_retry(store: Arc<dyn KvStore>,
     assert_eq!(
         (again.run.run_id, again.units.total),
         (resumed.run.run_id, 2)
+    );
+}
+
+/// Claims the unit `key` of `run_id` and completes it with `end_run`
+/// through `via`.
+async fn complete(
+    tracker: &Tracker,
+    via: &Tracker,
+    run_id: &str,
+    key: &str,
+    end_run: Option<RunEnd>,
+) -> Result<(), crate::error::TrackerError> {
+    let claimed = tracker
+        .claim_unit(&claim("verifier-1", run_id, LEASE))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("unit {key} of {run_id} to claim"));
+    assert_eq!(claimed.unit.unit_key, key);
+    let report = Spec {
+        type_url: "type.example/Report".to_owned(),
+        value: key.as_bytes().to_vec(),
+    };
+    via.finish_unit(
+        &Fence {
+            run_id: run_id.to_owned(),
+            unit_key: key.to_owned(),
+            fencing_token: claimed.unit.fencing_token,
+        },
+        UnitOutcome::Completed {
+            result: Some(report),
+            route_to_target: false,
+            end_run,
+        },
+        None,
+        "verifier-1",
+    )
+    .await
+    .map(drop)
+}
+
+pub async fn an_explicit_run_ends_as_its_last_unit_asked(store: Arc<dyn KvStore>, prefix: &str) {
+    let tracker = Tracker::new(store.clone(), CancellationToken::new());
+    let status = |run_id: String| {
+        let tracker = &tracker;
+        async move { tracker.get_run(&run_id).await.unwrap().run }
+    };
+    // Without an end asked, an explicit run waits for CompleteRun.
+    let name = format!("{prefix}-explicit-waits");
+    let mut explicit = job(&name, JobKind::Verification);
+    explicit.explicit_completion = true;
+    tracker.create_job(explicit.clone(), "suite").await.unwrap();
+    let run = tracker
+        .start_run(start(&name, &["all"]))
+        .await
+        .unwrap()
+        .run
+        .run_id;
+    complete(&tracker, &tracker, &run, "all", None)
+        .await
+        .unwrap();
+    assert_eq!(status(run.clone()).await.status, RunStatus::Running);
+
+    // Asked to succeed: SUCCEEDED in the same call, with the unit's result.
+    let name = format!("{prefix}-explicit-passes");
+    explicit.name.clone_from(&name);
+    tracker.create_job(explicit.clone(), "suite").await.unwrap();
+    let run = tracker
+        .start_run(start(&name, &["all"]))
+        .await
+        .unwrap()
+        .run
+        .run_id;
+    complete(
+        &tracker,
+        &tracker,
+        &run,
+        "all",
+        Some(RunEnd { error: None }),
+    )
+    .await
+    .unwrap();
+    let ended = status(run.clone()).await;
+    assert_eq!(ended.status, RunStatus::Succeeded, "{ended:?}");
+    assert_eq!(ended.result.map(|r| r.value), Some(b"all".to_vec()));
+
+    // Asked to fail, by the last of two units, and the job-tracker cut off
+    // right after the unit's write: the run is left RUNNING, and the next
+    // claim of any worker ends it FAILED with the unit's error.
+    let name = format!("{prefix}-explicit-fails");
+    explicit.name.clone_from(&name);
+    tracker.create_job(explicit, "suite").await.unwrap();
+    let run = tracker
+        .start_run(start(&name, &["a", "b"]))
+        .await
+        .unwrap()
+        .run
+        .run_id;
+    complete(&tracker, &tracker, &run, "a", None).await.unwrap();
+    assert_eq!(status(run.clone()).await.status, RunStatus::Running);
+    let failed = Some(RunEnd {
+        error: Some("2 mismatches".to_owned()),
+    });
+    let cut = cut_after(store, 1);
+    assert!(complete(&tracker, &cut, &run, "b", failed).await.is_err());
+    assert_eq!(status(run.clone()).await.status, RunStatus::Running);
+    let nothing = tracker
+        .claim_unit(&crate::engine::ClaimRequest {
+            worker_id: "verifier-2".to_owned(),
+            lease: LEASE,
+            kinds: vec![JobKind::Verification],
+            job_name: name.clone(),
+            ..crate::engine::ClaimRequest::default()
+        })
+        .await
+        .unwrap();
+    assert!(nothing.is_none(), "{nothing:?}");
+    let ended = status(run).await;
+    assert_eq!(ended.status, RunStatus::Failed, "{ended:?}");
+    assert_eq!(ended.status_reason, "2 mismatches");
+    assert_eq!(ended.result.map(|r| r.value), Some(b"b".to_vec()));
+    // The job is blocked by the failure, as after FailRun.
+    precondition(
+        tracker.start_run(start(&name, &["a"])).await,
+        "a start after the failed run",
     );
 }
