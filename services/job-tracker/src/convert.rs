@@ -704,7 +704,11 @@ mod tests {
     fn a_token_not_from_the_api_names_the_field() {
         let err = page("not base64 ~", "page_token").unwrap_err();
         assert_eq!(err.field, "page_token");
-        assert!(err.description.contains("without one"), "{}", err.description);
+        assert!(
+            err.description.contains("without one"),
+            "{}",
+            err.description
+        );
         let past_the_end = page(&base64_of("zzzz"), "page_token").unwrap();
         let (empty, next) = paginate(&[1, 2], past_the_end.as_deref(), 5, Order::Ascending, |n| {
             n.to_string()

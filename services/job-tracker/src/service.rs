@@ -190,7 +190,11 @@ impl JobTrackerService for JobTracker {
         let (page, next) = if req.job_name.is_empty() {
             let runs = self.tracker.list_all_runs(&statuses).await?;
             convert::paginate(&runs, after.as_deref(), size, Order::Descending, |r| {
-                format!("{:020}/{}", r.create_time.timestamp_micros().max(0), r.run_id)
+                format!(
+                    "{:020}/{}",
+                    r.create_time.timestamp_micros().max(0),
+                    r.run_id
+                )
             })
         } else {
             let runs = self

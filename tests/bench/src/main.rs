@@ -42,6 +42,7 @@ fn bench_names() -> PossibleValuesParser {
     PossibleValuesParser::new(
         benches::all()
             .iter()
+            .chain(benches::long().iter())
             .map(|b| b.name())
             .chain(std::iter::once("all")),
     )
@@ -130,7 +131,7 @@ async fn run_one(bench: &dyn Benchmark, ctx: &Context, args: &Args, command: &st
 async fn main() -> ExitCode {
     let args = Args::parse();
     if args.list {
-        for bench in benches::all() {
+        for bench in benches::all().into_iter().chain(benches::long()) {
             println!("{:<12} {}", bench.name(), bench.description());
         }
         return ExitCode::SUCCESS;

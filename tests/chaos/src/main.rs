@@ -24,7 +24,6 @@ mod extract;
 mod faults;
 mod leases;
 mod migrate;
-mod plane;
 mod proxy;
 mod report;
 mod stream;
@@ -41,7 +40,7 @@ use tidemark_connectors::testing::{local_env, local_sdk_config, unique_name, wor
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::plane::{Process, build_services, free_addr};
+use tidemark_chaos::plane::{self, Process, build_services, free_addr};
 
 /// How long a backfill or migration run may take once started before the
 /// matrix gives up on it (and fails: work that never ends is lost too).

@@ -42,6 +42,11 @@ impl Process {
         }
     }
 
+    /// The running process's id (`None` while it is down).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -7,6 +7,7 @@ pub mod hot_path;
 pub mod job_tracker;
 pub mod noop_rpc;
 pub mod replicator;
+pub mod soak;
 pub mod stats_aggregator;
 pub mod verifier;
 
@@ -21,7 +22,12 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
     ]
 }
 
+/// Runs too long for `all`, each run by its name: the soak (10 minutes).
+pub fn long() -> Vec<Box<dyn Benchmark>> {
+    vec![Box::new(soak::Soak)]
+}
+
 /// The benchmark called `name`.
 pub fn find(name: &str) -> Option<Box<dyn Benchmark>> {
-    all().into_iter().find(|b| b.name() == name)
+    all().into_iter().chain(long()).find(|b| b.name() == name)
 }

@@ -99,7 +99,7 @@ async fn serve() -> anyhow::Result<Deployment> {
     })
 }
 
-fn item(i: usize) -> Item {
+pub(crate) fn item(i: usize) -> Item {
     [
         ("id".to_owned(), AttrValue::s(format!("k-{i:07}"))),
         ("v".to_owned(), AttrValue::n(1 + (i as u64 % 50))),
@@ -119,7 +119,7 @@ fn item(i: usize) -> Item {
     .into()
 }
 
-fn record(item: &Item) -> SinkRecord {
+pub(crate) fn record(item: &Item) -> SinkRecord {
     SinkRecord {
         key: Key::single("id", item["id"].clone()),
         version: item["v"].as_number().and_then(|n| n.as_u64()).unwrap_or(1),
@@ -205,7 +205,7 @@ async fn raw_scan<T: SourceTable, S: Sink>(
     Ok((started.elapsed(), a.into_iter().sum::<u64>() + b))
 }
 
-fn digest_spec(
+pub(crate) fn digest_spec(
     source: common::DataStore,
     target: common::DataStore,
     segments: u32,
