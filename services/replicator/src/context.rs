@@ -51,6 +51,17 @@ impl std::fmt::Display for UnitFailure {
     }
 }
 
+/// A lease call that failed: lost, stop quietly; a job-tracker that did
+/// not answer, retry the unit.
+impl From<tidemark_kit::worker::LeaseError> for UnitFailure {
+    fn from(e: tidemark_kit::worker::LeaseError) -> Self {
+        match e {
+            tidemark_kit::worker::LeaseError::Lost(_) => Self::LeaseLost,
+            tidemark_kit::worker::LeaseError::Rpc(s) => Self::retryable(s.message()),
+        }
+    }
+}
+
 impl UnitFailure {
     pub fn terminal(message: impl Into<String>) -> Self {
         Self::Failed {

@@ -209,11 +209,8 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
         }
         page = next?;
     }
-    match lease.complete(&progress(&cp), None).await {
-        Ok(_) => Ok(()),
-        Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
-        Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
-    }
+    lease.complete(&progress(&cp), None).await?;
+    Ok(())
 }
 
 /// SetBackfillRate changed the spec: picks up the new rate. Returns the

@@ -313,16 +313,8 @@ async fn finish_segment(
     // The final state must be readable by whoever writes the manifest.
     lease
         .checkpoint(bytes, &progress(state))
-        .await
-        .map_err(|e| match e {
-            LeaseError::Lost(_) => UnitFailure::LeaseLost,
-            LeaseError::Rpc(s) => UnitFailure::retryable(s.message()),
-        })?;
-    let run_progress = match lease.complete(&progress(state), None).await {
-        Ok(p) => p,
-        Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
-        Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
-    };
+        .await?;
+    let run_progress = lease.complete(&progress(state), None).await?;
     let all_done = run_progress.as_ref().is_some_and(|p| {
         let u = p.units.unwrap_or_default();
         u.migrated == u.total && p.status == RunStatus::Running as i32

@@ -143,11 +143,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     // to the queue, and its retry would delete the copy readers already use;
     // were it switched after, a worker killed in between would leave the
     // unit MIGRATED with its readers on the source.
-    match lease.complete_and_route(&progress).await {
-        Ok(_) => {}
-        Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
-        Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
-    }
+    lease.complete_and_route(&progress).await?;
     Ok(())
 }
 
@@ -424,11 +420,7 @@ impl Unit<'_> {
         if route.target != RouteTarget::Target as i32 {
             return Ok(());
         }
-        match lease.hold().await {
-            Ok(()) => {}
-            Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
-            Err(LeaseError::Rpc(s)) => return Err(UnitFailure::retryable(s.message())),
-        }
+        lease.hold().await?;
         jobs.set_route(SetRouteRequest {
             job_name: claim.job.name.clone(),
             unit_key: self.unit_key.to_owned(),
@@ -519,13 +511,7 @@ impl Unit<'_> {
         keys: &BTreeSet<Key>,
         lease: &UnitLease,
     ) -> Result<u64, UnitFailure> {
-        let hold = || async {
-            match lease.hold().await {
-                Ok(()) => Ok(()),
-                Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
-                Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
-            }
-        };
+        let hold = || async { lease.hold().await.map_err(UnitFailure::from) };
         hold().await?;
         if let SinkHandle::S3(s3) = &self.target {
             return s3.delete_prefix().await.map_err(UnitFailure::from);

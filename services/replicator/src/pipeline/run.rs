@@ -319,11 +319,8 @@ async fn backfill_segment(
         };
         p.add("scanned", i64::try_from(state.scanned).unwrap_or(i64::MAX));
         if page.last_key.is_none() {
-            return match lease.complete(&p, None).await {
-                Ok(_) => Ok(()),
-                Err(LeaseError::Lost(_)) => Err(UnitFailure::LeaseLost),
-                Err(LeaseError::Rpc(s)) => Err(UnitFailure::retryable(s.message())),
-            };
+            lease.complete(&p, None).await?;
+            return Ok(());
         }
         let bytes = serde_json::to_vec(&state).expect("segment state serialises");
         match lease.checkpoint(bytes, &p).await {
