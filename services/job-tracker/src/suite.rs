@@ -697,9 +697,9 @@ async fn retries_stop_at_max_attempts(tracker: &Arc<Tracker>, job_name: &str) {
 }
 
 /// A migration unit whose leases lapsed `max_attempts` times may hold a
-/// partial copy: it is leased once more (attempts = max + 1) for its worker
-/// to remove the copy and fail it rolled back; if that lease lapses too,
-/// it is failed as it stands.
+/// partial copy: it is leased again (up to `max_attempts` more times) for a
+/// worker to remove the copy and fail it rolled back; if those leases lapse
+/// too, it is failed as it stands, its error saying what may be left.
 async fn a_migration_unit_out_of_attempts_is_leased_to_clean_up(
     tracker: &Arc<Tracker>,
     job_name: &str,
@@ -721,6 +721,15 @@ async fn a_migration_unit_out_of_attempts_is_leased_to_clean_up(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let cleaned = keys[0] == "cleaned";
+        // The first clean-up lease lapses (its worker killed); the second
+        // one removes the copy, or lapses as well.
+        let first = tracker
+            .claim_unit(&claim("w-clean", &run_id, lapse))
+            .await
+            .unwrap()
+            .expect("leased once more, to remove its copy");
+        assert_eq!(first.unit.attempts, 3);
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let last = tracker
             .claim_unit(&claim(
                 "w-clean",
@@ -729,8 +738,8 @@ async fn a_migration_unit_out_of_attempts_is_leased_to_clean_up(
             ))
             .await
             .unwrap()
-            .expect("leased once more, to remove its copy");
-        assert_eq!(last.unit.attempts, 3);
+            .expect("leased again after the clean-up lease lapsed");
+        assert_eq!(last.unit.attempts, 4);
         if cleaned {
             let (unit, _) = tracker
                 .finish_unit(
@@ -763,6 +772,12 @@ async fn a_migration_unit_out_of_attempts_is_leased_to_clean_up(
                 (view.run.status, view.units.failed),
                 (RunStatus::Failed, 1),
                 "{view:?}"
+            );
+            let units = tracker.list_units(&run_id).await.unwrap();
+            assert!(
+                units[0].last_error.contains("may still hold part of the unit"),
+                "{:?}",
+                units[0].last_error
             );
         }
         let view = tracker.get_run(&run_id).await.unwrap();

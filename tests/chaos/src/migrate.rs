@@ -177,8 +177,13 @@ pub async fn runs(setup: Setup, seed: u64, stop: CancellationToken) -> anyhow::R
             .route
             .unwrap_or_default();
             let on_target = route.target == jt::RouteTarget::Target as i32;
+            let ended_failed = unit.status == jt::UnitStatus::RolledBack as i32
+                || unit.status == jt::UnitStatus::Failed as i32;
             if unit.unit_key == FAULTY {
-                if objects != 0 || on_target || unit.status != jt::UnitStatus::RolledBack as i32 {
+                // Rolled back by a worker, or FAILED once its attempts and
+                // clean-up leases all lapsed: either way nothing may be
+                // left in the target, and readers stay on the source.
+                if objects != 0 || on_target || !ended_failed {
                     eprintln!(
                         "chaos: faulty unit of run {round}: {objects} objects, route {:?}, {unit:?}",
                         route.target
@@ -190,11 +195,7 @@ pub async fn runs(setup: Setup, seed: u64, stop: CancellationToken) -> anyhow::R
                 && unit.status == jt::UnitStatus::Migrated as i32
             {
                 outcome.units_migrated += 1;
-            } else if objects == 0
-                && !on_target
-                && (unit.status == jt::UnitStatus::RolledBack as i32
-                    || unit.status == jt::UnitStatus::Failed as i32)
-            {
+            } else if objects == 0 && !on_target && ended_failed {
                 // Out of attempts (its workers killed or cut off each
                 // time): failed with nothing left in the target (its copy
                 // removed, or its last lease lapsed before it wrote any),

@@ -247,14 +247,28 @@ impl Tracker {
         unit.fencing_token += 1;
         unit.update_time = now;
         // A migration unit out of attempts may hold a partial copy in the
-        // target: it gets one more lease, for its worker to remove that copy
-        // and fail it rolled back, before it is failed as it stands.
-        let clean_up =
-            run.job_kind == JobKind::UnitMigration && unit.attempts == run.max_attempts + 1;
+        // target: it gets up to `max_attempts` more leases, for a worker to
+        // remove that copy and fail it rolled back (one clean-up lease was
+        // not enough in the fault matrix: it lapsed under a slow-close of
+        // the job-tracker's connections), before it is failed as it stands.
+        let migration = run.job_kind == JobKind::UnitMigration;
+        let clean_up = migration
+            && unit.attempts > run.max_attempts
+            && unit.attempts <= run.max_attempts.saturating_mul(2);
         if unit.attempts > run.max_attempts && !clean_up {
             unit.status = UnitStatus::Failed;
             unit.lease = None;
-            unit.last_error = if unit.last_error.is_empty() {
+            unit.last_error = if migration {
+                format!(
+                    "gave up after {0} attempts and {0} clean-up attempts whose leases lapsed; the target may still hold part of the unit (remove it, or run the unit again with force_remigrate){1}",
+                    run.max_attempts,
+                    if unit.last_error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; last error: {}", unit.last_error)
+                    }
+                )
+            } else if unit.last_error.is_empty() {
                 format!(
                     "gave up after {} attempts: each attempt's lease lapsed before its worker finished (workers killed, or cut off from the job-tracker)",
                     run.max_attempts
@@ -301,7 +315,7 @@ impl Tracker {
             expect: Expect::Any,
         });
         let reason = if clean_up {
-            "out of attempts; leased once more to remove its partial copy"
+            "out of attempts; leased again to remove its partial copy"
         } else if from == UnitStatus::InProgress {
             "lease expired; reclaimed"
         } else {

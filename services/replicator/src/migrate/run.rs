@@ -438,7 +438,7 @@ impl Unit<'_> {
         Ok(())
     }
 
-    /// A unit out of attempts, leased once more: the copy earlier attempts
+    /// A unit out of attempts, leased again to clean up: the copy earlier attempts
     /// may have left (the whole unit prefix for S3, else every key of the
     /// unit in the source) is removed and the unit failed, rolled back.
     async fn clean_up(
