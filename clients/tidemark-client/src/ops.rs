@@ -467,17 +467,32 @@ impl Tidemark {
     /// DEADLINE_EXCEEDED with the remaining lag in the message; NOT_FOUND;
     /// FAILED_PRECONDITION when the pipeline is not STREAMING.
     pub async fn drain(&self, name: &str, timeout: Duration) -> ClientResult<rp::DrainResponse> {
-        let req = rp::DrainRequest {
-            name: name.to_owned(),
-            timeout: Some(proto_duration(timeout)),
-        };
-        // The server answers at `timeout`; give the reply time to arrive.
-        let call = with_deadline(req, timeout + Duration::from_secs(5));
-        match self.replicator().drain(call).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) if s.code() == Code::DeadlineExceeded => Err(drain_timeout(name, &s).into()),
-            Err(s) => Err(s.into()),
-        }
+        // Drain only waits and reads: a replicator that could not reach the
+        // job-tracker for a moment (UNAVAILABLE) is asked again with the
+        // time left (a cut-over aborted on one such blip in the fault
+        // matrix).
+        let started = Instant::now();
+        let svc = self.replicator();
+        self.idempotent(|| {
+            let left = timeout.saturating_sub(started.elapsed());
+            let req = rp::DrainRequest {
+                name: name.to_owned(),
+                timeout: Some(proto_duration(left)),
+            };
+            // The server answers at `left`; give the reply time to arrive.
+            let call = with_deadline(req, left + Duration::from_secs(5));
+            let mut svc = svc.clone();
+            async move {
+                svc.drain(call).await.map_err(|s| {
+                    if s.code() == Code::DeadlineExceeded {
+                        drain_timeout(name, &s)
+                    } else {
+                        s
+                    }
+                })
+            }
+        })
+        .await
     }
 
     /// Starts a verification and waits for its report (polling `GetReport`,

@@ -253,9 +253,6 @@ mod tests {
             }),
             after_unit_keys: dependencies_at_cap(),
             result: Some(result_of(MAX_RESULT_BYTES)),
-            end_run: Some(crate::model::RunEnd {
-                error: Some(truncate_error(&control.repeat(MAX_ERROR_BYTES * 2))),
-            }),
             create_time: now,
             update_time: now,
         };

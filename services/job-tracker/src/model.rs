@@ -195,10 +195,6 @@ pub struct Unit {
     pub lease: Option<Lease>,
     pub after_unit_keys: Vec<String>,
     pub result: Option<Spec>,
-    /// Explicit-completion runs: how the run ends once no unit is open, as
-    /// the worker that completed this unit asked (CompleteUnit.end_run).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end_run: Option<RunEnd>,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
 }

@@ -775,7 +775,9 @@ async fn a_migration_unit_out_of_attempts_is_leased_to_clean_up(
             );
             let units = tracker.list_units(&run_id).await.unwrap();
             assert!(
-                units[0].last_error.contains("may still hold part of the unit"),
+                units[0]
+                    .last_error
+                    .contains("may still hold part of the unit"),
                 "{:?}",
                 units[0].last_error
             );

@@ -55,6 +55,13 @@ pub fn job_tracker_client(url: &str, token: Option<&str>) -> Result<JobTrackerCl
         .map_err(|e| format!("bad job-tracker URL {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(90))
+        // A connection that stops answering (a node gone from the network,
+        // a hung proxy) is found out by its pings within 4 s and replaced,
+        // rather than holding every call, heartbeats included, until TCP
+        // gives up.
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     let header = token
         .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
@@ -445,7 +452,10 @@ impl UnitLease {
                 lease_duration: Some(self.duration()),
             };
             let mut client = self.client.clone();
-            match tokio::time::timeout(self.time_left(), client.heartbeat(request)).await {
+            // One beat waits at most a period: a beat stuck on a dead
+            // connection must leave time for the next one.
+            let bound = period.min(self.time_left());
+            match tokio::time::timeout(bound, client.heartbeat(request)).await {
                 Ok(Ok(r)) => {
                     self.job_revision
                         .fetch_max(r.into_inner().job_revision, Ordering::Relaxed);

@@ -11,7 +11,9 @@
 
 use chrono::Utc;
 
-use super::{ACTIVE, JOBS, Tracker, delete, job_pk, put, run_pk};
+use serde::{Deserialize, Serialize};
+
+use super::{ACTIVE, JOBS, Tracker, delete, job_pk, parse, put, run_pk};
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op};
 use crate::limits;
@@ -19,6 +21,26 @@ use crate::model::{RunEnd, RunStatus, Spec, Watermark};
 
 /// Sort key of a run's unfinished-unit count, in the run's partition.
 const OPEN: &str = "#open";
+/// Sort key of the end an explicit-completion run was asked for by a unit's
+/// completion (CompleteUnit.end_run), in the run's partition.
+const END: &str = "#end";
+
+/// The end a unit's completion asked for, and which unit asked.
+#[derive(Serialize, Deserialize)]
+struct AskedEnd {
+    unit_key: String,
+    error: Option<String>,
+}
+
+/// Records the end `unit_key`'s completion asks for (the last one asked
+/// wins), in that completion's transaction.
+pub(super) fn asked_end_op(run_id: &str, unit_key: &str, end: &RunEnd) -> TrackerResult<Op> {
+    let asked = AskedEnd {
+        unit_key: unit_key.to_owned(),
+        error: end.error.clone(),
+    };
+    put(&run_pk(run_id), END, &asked, Expect::Any)
+}
 
 /// Writes a run's unfinished-unit count under `expect` (from
 /// [`Tracker::open_units`]).
@@ -103,11 +125,19 @@ impl Tracker {
         if run.status != RunStatus::Running {
             return Ok(None);
         }
+        // One read decides most explicit runs: no end asked, no end.
+        let asked = if run.explicit_completion {
+            match self.kv.get(&run_pk(run_id), END).await? {
+                Some(entry) => Some(parse::<AskedEnd>(&entry)?),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
         let (open, expect) = self.open_units(run_id).await?;
         if open > 0 {
             return Ok(None);
         }
-        let explicit = run.explicit_completion;
         let view = self.view(run).await?;
         let units = &view.units;
         let undone = units.not_migrated + units.in_progress;
@@ -118,11 +148,9 @@ impl Tracker {
             return Ok(None);
         }
         let (failed, all) = (units.failed + units.rolled_back, units.total);
-        if explicit {
-            let Some((end, result)) = self.asked_end(run_id).await? else {
-                return Ok(None);
-            };
-            let (status, reason) = match end.error {
+        if let Some(asked) = asked {
+            let (unit, _) = self.load_unit(run_id, &asked.unit_key).await?;
+            let (status, reason) = match asked.error {
                 Some(error) => (RunStatus::Failed, error),
                 None if failed > 0 => {
                     (RunStatus::Failed, format!("{failed} of {all} units failed"))
@@ -132,7 +160,7 @@ impl Tracker {
             return Ok(Some(Decided {
                 status,
                 reason,
-                result,
+                result: unit.result,
                 expect,
             }));
         }
@@ -147,17 +175,6 @@ impl Tracker {
             result: None,
             expect,
         }))
-    }
-
-    /// The end asked by the last unit of `run_id` completed with one, and
-    /// that unit's result.
-    async fn asked_end(&self, run_id: &str) -> TrackerResult<Option<(RunEnd, Option<Spec>)>> {
-        let units = self.list_units(run_id).await?;
-        Ok(units
-            .into_iter()
-            .filter(|u| u.end_run.is_some())
-            .max_by_key(|u| u.update_time)
-            .and_then(|u| u.end_run.map(|e| (e, u.result))))
     }
 
     /// Ends a run whose job asked for explicit completion, recording where

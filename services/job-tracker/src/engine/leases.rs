@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 
 use super::deps::{Migrated, queue_body, queued_after};
-use super::finish::open_units_op;
+use super::finish::{asked_end_op, open_units_op};
 use super::{
     ACTIVE, ActiveRun, ClaimRequest, Claimed, Fence, Tracker, UnitOutcome, delete, job_pk, micros,
     parse, put, run_pk,
@@ -500,14 +500,8 @@ impl Tracker {
                 let holder = unit.lease.take().map(|l| l.owner);
                 let actor = holder.as_deref().unwrap_or(actor);
                 unit.update_time = Utc::now();
-                if let UnitOutcome::Completed {
-                    result, end_run, ..
-                } = &outcome
-                {
+                if let UnitOutcome::Completed { result, .. } = &outcome {
                     unit.result.clone_from(result);
-                    if run.explicit_completion {
-                        unit.end_run.clone_from(end_run);
-                    }
                 }
                 if let Some(p) = &progress {
                     unit.progress = p.clone();
@@ -534,6 +528,15 @@ impl Tracker {
                 if !from.is_terminal() && to.is_terminal() {
                     let (open, expect) = self.open_units(&fence.run_id).await?;
                     ops.push(open_units_op(&fence.run_id, open.saturating_sub(1), expect));
+                }
+                // How the run ends, with the completion that asks it: a
+                // worker that dies right after leaves it to the next claim.
+                if let UnitOutcome::Completed {
+                    end_run: Some(end), ..
+                } = &outcome
+                    && run.explicit_completion
+                {
+                    ops.push(asked_end_op(&fence.run_id, &fence.unit_key, end)?);
                 }
                 // Readers move in the write that commits the unit: a worker
                 // that dies after CompleteUnit cannot leave a MIGRATED unit

@@ -473,7 +473,6 @@ fn new_unit(run: &Run, spec: &UnitSpec, keep_migrated: bool, now: DateTime<Utc>)
         lease: None,
         after_unit_keys: spec.after_unit_keys.clone(),
         result: None,
-        end_run: None,
         create_time: now,
         update_time: now,
     }

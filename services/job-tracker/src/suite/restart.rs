@@ -122,7 +122,10 @@ async fn complete(
     end_run: Option<RunEnd>,
 ) -> Result<(), crate::error::TrackerError> {
     let claimed = tracker
-        .claim_unit(&claim("verifier-1", run_id, LEASE))
+        .claim_unit(&crate::engine::ClaimRequest {
+            unit_key: key.to_owned(),
+            ..claim("verifier-1", run_id, LEASE)
+        })
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("unit {key} of {run_id} to claim"));

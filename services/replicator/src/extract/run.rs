@@ -311,9 +311,7 @@ async fn finish_segment(
 ) -> Result<(), UnitFailure> {
     let bytes = serde_json::to_vec(state).expect("extract state serialises");
     // The final state must be readable by whoever writes the manifest.
-    lease
-        .checkpoint(bytes, &progress(state))
-        .await?;
+    lease.checkpoint(bytes, &progress(state)).await?;
     let run_progress = lease.complete(&progress(state), None).await?;
     let all_done = run_progress.as_ref().is_some_and(|p| {
         let u = p.units.unwrap_or_default();
