@@ -168,11 +168,14 @@ pub async fn check(
         let mut runs = Vec::new();
         let mut page_token = String::new();
         loop {
-            let page = through_restarts("ListRuns", Duration::from_secs(60), || {
+            // Small pages, retried for long: each run listed costs the
+            // job-tracker a few reads, and after a long run the local
+            // DynamoDB (one request at a time) answers them slowly.
+            let page = through_restarts("ListRuns", Duration::from_secs(300), || {
                 let mut c = client.clone();
                 let r = jt::ListRunsRequest {
                     job_name: job.to_owned(),
-                    page_size: 100,
+                    page_size: 25,
                     page_token: page_token.clone(),
                     ..Default::default()
                 };
@@ -205,7 +208,7 @@ pub async fn check(
             }
             break (runs, caught_up);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
     };
     let mut outcome = Outcome {
         caught_up,

@@ -152,6 +152,19 @@ async fn complete(
     .map(drop)
 }
 
+/// A run of a new explicit-completion verification job `name` over `keys`.
+async fn explicit_run(tracker: &Tracker, name: &str, keys: &[&str]) -> String {
+    let mut explicit = job(name, JobKind::Verification);
+    explicit.explicit_completion = true;
+    tracker.create_job(explicit, "suite").await.unwrap();
+    tracker
+        .start_run(start(name, keys))
+        .await
+        .unwrap()
+        .run
+        .run_id
+}
+
 pub async fn an_explicit_run_ends_as_its_last_unit_asked(store: Arc<dyn KvStore>, prefix: &str) {
     let tracker = Tracker::new(store.clone(), CancellationToken::new());
     let status = |run_id: String| {
@@ -159,31 +172,14 @@ pub async fn an_explicit_run_ends_as_its_last_unit_asked(store: Arc<dyn KvStore>
         async move { tracker.get_run(&run_id).await.unwrap().run }
     };
     // Without an end asked, an explicit run waits for CompleteRun.
-    let name = format!("{prefix}-explicit-waits");
-    let mut explicit = job(&name, JobKind::Verification);
-    explicit.explicit_completion = true;
-    tracker.create_job(explicit.clone(), "suite").await.unwrap();
-    let run = tracker
-        .start_run(start(&name, &["all"]))
-        .await
-        .unwrap()
-        .run
-        .run_id;
+    let run = explicit_run(&tracker, &format!("{prefix}-explicit-waits"), &["all"]).await;
     complete(&tracker, &tracker, &run, "all", None)
         .await
         .unwrap();
     assert_eq!(status(run.clone()).await.status, RunStatus::Running);
 
     // Asked to succeed: SUCCEEDED in the same call, with the unit's result.
-    let name = format!("{prefix}-explicit-passes");
-    explicit.name.clone_from(&name);
-    tracker.create_job(explicit.clone(), "suite").await.unwrap();
-    let run = tracker
-        .start_run(start(&name, &["all"]))
-        .await
-        .unwrap()
-        .run
-        .run_id;
+    let run = explicit_run(&tracker, &format!("{prefix}-explicit-passes"), &["all"]).await;
     complete(
         &tracker,
         &tracker,
@@ -201,14 +197,7 @@ pub async fn an_explicit_run_ends_as_its_last_unit_asked(store: Arc<dyn KvStore>
     // right after the unit's write: the run is left RUNNING, and the next
     // claim of any worker ends it FAILED with the unit's error.
     let name = format!("{prefix}-explicit-fails");
-    explicit.name.clone_from(&name);
-    tracker.create_job(explicit, "suite").await.unwrap();
-    let run = tracker
-        .start_run(start(&name, &["a", "b"]))
-        .await
-        .unwrap()
-        .run
-        .run_id;
+    let run = explicit_run(&tracker, &name, &["a", "b"]).await;
     complete(&tracker, &tracker, &run, "a", None).await.unwrap();
     assert_eq!(status(run.clone()).await.status, RunStatus::Running);
     let failed = Some(RunEnd {
