@@ -22,6 +22,16 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// # Errors
 /// When the file cannot be opened or switched to WAL.
 pub fn open_file(path: &Path) -> ConnectorResult<Connection> {
+    // A data directory given by configuration may not exist yet (the
+    // verifier failed to start on a fresh one).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            ConnectorError::invalid(
+                "sqlite",
+                format!("cannot create the directory {}: {e}", dir.display()),
+            )
+        })?;
+    }
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.execute_batch("PRAGMA journal_mode = WAL;")?;

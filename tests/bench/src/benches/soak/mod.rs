@@ -123,7 +123,11 @@ async fn start(dir: &Path) -> anyhow::Result<Vec<Process>> {
         Process::new(
             "stats-aggregator",
             bins.join("stats-aggregator"),
-            vec![data("stats")],
+            vec![
+                data("stats"),
+                ("TIDEMARK_STORE".to_owned(), "embedded".to_owned()),
+                ("TIDEMARK_BUFFER".to_owned(), "embedded".to_owned()),
+            ],
             free_addr()?,
             dir,
         ),
