@@ -406,7 +406,6 @@ async fn unit_run(c: &mut JobTrackerServiceClient<Channel>) -> anyhow::Result<St
             max_attempts: 3,
             ..Default::default()
         }),
-        ..Default::default()
     })
     .await?;
     let run = c
