@@ -6,6 +6,7 @@ mod blocked;
 mod caps;
 mod interleave;
 mod restart;
+mod scale;
 mod settle;
 mod support;
 
@@ -14,6 +15,7 @@ pub use caps::unit_sizes_are_capped;
 pub use restart::{
     an_explicit_run_ends_as_its_last_unit_asked, an_interrupted_start_finishes_on_its_retry,
 };
+pub use scale::unit_reads_follow_the_keys_asked_for;
 pub use settle::a_run_ends_only_when_every_unit_is_done;
 
 use std::collections::HashSet;

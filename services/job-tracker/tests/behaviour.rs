@@ -81,6 +81,18 @@ async fn dynamodb_tracker_rules() {
     Box::pin(suite::tracker_rules(dynamodb().await, &unique_name("t"))).await;
 }
 
+// Found by the soak: requests about a few units read the whole run.
+#[tokio::test]
+async fn sqlite_unit_reads_follow_the_keys_asked_for() {
+    let (_dir, kv) = sqlite();
+    suite::unit_reads_follow_the_keys_asked_for(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_unit_reads_follow_the_keys_asked_for() {
+    suite::unit_reads_follow_the_keys_asked_for(dynamodb().await, &unique_name("t")).await;
+}
+
 // #19.7: a run's end is decided from one consistent view of its units.
 #[tokio::test]
 async fn sqlite_an_interrupted_start_finishes_on_its_retry() {

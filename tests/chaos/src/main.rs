@@ -9,7 +9,9 @@
 //! writers (problem 4), an incremental extract scheduled every 3 s
 //! (problem 5), and verifications of a pair of tables with planted
 //! differences. Services are killed -9 on a schedule drawn from the seed.
-//! Every store the services use (DynamoDB and S3, Elasticsearch, Redis) and
+//! The stats-aggregator publishes its absolute values to Kafka.
+//! Every store the services use (DynamoDB and S3, Elasticsearch, Redis,
+//! Kafka) and
 //! the job-tracker as the workers reach it sit behind fault proxies that
 //! add latency, hang (blackhole), reset connections or close them slowly on
 //! the same schedule. At the end the stores are checked against the ledgers,
@@ -25,6 +27,7 @@ mod faults;
 mod leases;
 mod migrate;
 mod proxy;
+mod published;
 mod report;
 mod stream;
 mod verify;
@@ -110,6 +113,9 @@ struct Stores {
     dynamo_endpoint: String,
     es: String,
     redis: String,
+    kafka: String,
+    /// The topic the stats-aggregator publishes to.
+    stats_topic: String,
     stats: (String, DynamoTable),
     /// Where problem 1's cut-over moves the counters.
     stats_v2: (String, DynamoTable),
@@ -171,12 +177,17 @@ impl Stores {
         tidemark_connectors::s3::S3Sink::ensure_bucket(&s3, &run)
             .await
             .context("create the bucket")?;
+        let kafka = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+        let stats_topic = format!("{run}-stats");
+        published::create_topic(&kafka, &stats_topic).await?;
         let [a, b, c] = <[(String, DynamoTable); 3]>::try_from(verified)
             .map_err(|_| anyhow::anyhow!("three verified tables"))?;
         Ok(Self {
             dynamo_endpoint: local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT"),
             es: local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
             redis: local_env("TIDEMARK_TEST_REDIS_URL"),
+            kafka,
+            stats_topic,
             run,
             stats,
             stats_v2,
@@ -198,6 +209,7 @@ async fn proxies(stores: &Stores, jobs: SocketAddr) -> anyhow::Result<Vec<proxy:
         proxy::FaultProxy::start("elasticsearch", socket_of(&stores.es).await?).await?,
         proxy::FaultProxy::start("redis", socket_of(&stores.redis).await?).await?,
         proxy::FaultProxy::start("job-tracker", jobs).await?,
+        proxy::FaultProxy::start_kafka("kafka", socket_of(&stores.kafka).await?).await?,
     ])
 }
 
@@ -217,6 +229,7 @@ fn processes(
         via(2, "redis"),
         via(3, "http"),
     );
+    let kafka_via = proxies[4].addr.to_string();
     let data = logs.join("data");
     let run = &stores.run;
     let mut processes = vec![Process::new(
@@ -264,6 +277,8 @@ fn processes(
             ("TIDEMARK_STATS_TABLE", stores.stats.0.clone()),
             ("TIDEMARK_AWS_ENDPOINT", dynamo_via.clone()),
             ("TIDEMARK_FLUSH_INTERVAL_MS", "1000".to_owned()),
+            ("TIDEMARK_KAFKA_BROKERS", kafka_via),
+            ("TIDEMARK_KAFKA_TOPIC", stores.stats_topic.clone()),
             (
                 "TIDEMARK_DATA_DIR",
                 data.join("stats").display().to_string(),
@@ -496,6 +511,13 @@ async fn check(
     let (lost_counts, doubled_counts) =
         counters::check(processes[3].url(), &stores.stats.1, &counted).await?;
     let cut = cutover::check(&client, &stores.run, cut, &stores.stats_v2.1, &counted).await?;
+    let published = published::check(
+        &stores.kafka,
+        &stores.stats_topic,
+        &format!("{}-check", stores.run),
+        &counted.sums,
+    )
+    .await?;
     let synced = stream::check(processes[1].url(), &work.pipeline, &work.index, &streamed).await?;
     let extracted = extract::check(
         jobs_url.to_owned(),
@@ -521,6 +543,7 @@ async fn check(
         counted,
         lost_counts,
         doubled_counts,
+        published,
         streamed_writes: streamed.writes,
         synced,
         backfilled,

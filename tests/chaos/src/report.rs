@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tidemark_connectors::testing::workspace_root;
 
-use crate::{backfill, counters, cutover, extract, faults, leases, migrate, stream, verify};
+use crate::{
+    backfill, counters, cutover, extract, faults, leases, migrate, published, stream, verify,
+};
 
 pub struct Outcome {
     pub seed: u64,
@@ -19,6 +21,7 @@ pub struct Outcome {
     pub counted: counters::Ledger,
     pub lost_counts: i64,
     pub doubled_counts: i64,
+    pub published: published::Outcome,
     pub streamed_writes: u64,
     pub synced: stream::Outcome,
     pub backfilled: backfill::Outcome,
@@ -51,6 +54,7 @@ impl Outcome {
     pub fn clean(&self) -> bool {
         self.lost_counts == 0
             && self.doubled_counts == 0
+            && self.published.clean()
             && self.synced.lost == 0
             && self.synced.resurrected == 0
             && self.backfilled.missing == 0
@@ -123,6 +127,17 @@ impl Outcome {
             out,
             "| 1 counters (ingest → Redis → flush → DynamoDB) | {} events in {} acknowledged batches, flushed every 1 s | every counter's value equals the writer's sum | {} | {} | – | – |",
             self.counted.events, self.counted.batches, self.lost_counts, self.doubled_counts
+        );
+        let _ = writeln!(
+            out,
+            "| 1 absolute values published to Kafka after each flush | {} records{} | the topic read from its beginning, highest version per counter wins: each equals the writer's sum | {} | {} | – | – |",
+            self.published.records,
+            match (self.published.out_of_order, self.published.undecodable) {
+                (0, 0) => String::new(),
+                (o, u) => format!(" ({o} behind a higher version of their key, {u} undecodable)"),
+            },
+            self.published.lost,
+            self.published.doubled
         );
         let _ = writeln!(
             out,

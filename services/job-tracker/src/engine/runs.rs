@@ -2,6 +2,7 @@
 //! (how a run ends is in `finish`), and acknowledge a failed run.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -11,7 +12,7 @@ use super::{
     ACTIVE, ActiveRun, JOBS, StartRun, Tracker, TrackerStats, UnitSpec, job_pk, parse, put, run_pk,
 };
 use crate::error::{TrackerError, TrackerResult};
-use crate::kv::{Expect, Op, query_all};
+use crate::kv::{Expect, KvStore, Op, query_all};
 use crate::model::{
     Acknowledgement, Job, JobKind, Progress, Run, RunStatus, RunView, Unit, UnitCounts, UnitStatus,
 };
@@ -82,11 +83,41 @@ impl Tracker {
         keys: &[String],
     ) -> TrackerResult<Vec<Unit>> {
         self.load_run(run_id).await?;
-        let mut units = self.list_units(run_id).await?;
-        units.retain(|u| {
-            (statuses.is_empty() || statuses.contains(&u.status))
-                && (keys.is_empty() || keys.contains(&u.unit_key))
-        });
+        let mut units = if keys.is_empty() {
+            self.list_units(run_id).await?
+        } else {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            self.units_by_key(run_id, &keys).await?
+        };
+        units.retain(|u| statuses.is_empty() || statuses.contains(&u.status));
+        Ok(units)
+    }
+
+    /// The units of `keys` that exist, each read by its key (a few reads at
+    /// a time), in key order like [`Self::list_units`]: the cost follows
+    /// the keys asked for, not the size of the run.
+    async fn units_by_key(
+        &self,
+        run_id: &str,
+        keys: &[&str],
+    ) -> TrackerResult<Vec<Unit>> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        let mut seen = HashSet::new();
+        let reads: Vec<(Arc<dyn KvStore>, String, String)> = keys
+            .iter()
+            .filter(|k| seen.insert(**k))
+            .map(|k| (Arc::clone(&self.kv), run_pk(run_id), format!("unit#{k}")))
+            .collect();
+        let reads: Vec<_> = reads
+            .into_iter()
+            .map(|(kv, pk, sk)| read_unit(kv, pk, sk))
+            .collect();
+        let found: Vec<Option<Unit>> = futures::stream::iter(reads)
+            .buffered(16)
+            .try_collect()
+            .await?;
+        let mut units: Vec<Unit> = found.into_iter().flatten().collect();
+        units.sort_by(|a, b| a.unit_key.cmp(&b.unit_key));
         Ok(units)
     }
 
@@ -294,13 +325,8 @@ impl Tracker {
             )));
         }
         self.add_units_to(run_id, units, actor).await?;
-        let keys: HashSet<&str> = units.iter().map(|u| u.unit_key.as_str()).collect();
-        Ok(self
-            .list_units(run_id)
-            .await?
-            .into_iter()
-            .filter(|u| keys.contains(u.unit_key.as_str()))
-            .collect())
+        let keys: Vec<&str> = units.iter().map(|u| u.unit_key.as_str()).collect();
+        self.units_by_key(run_id, &keys).await
     }
 
     async fn add_units_to(
@@ -475,5 +501,13 @@ fn new_unit(run: &Run, spec: &UnitSpec, keep_migrated: bool, now: DateTime<Utc>)
         result: None,
         create_time: now,
         update_time: now,
+    }
+}
+
+/// The unit stored at `pk`/`sk`, if any.
+async fn read_unit(kv: Arc<dyn KvStore>, pk: String, sk: String) -> TrackerResult<Option<Unit>> {
+    match kv.get(&pk, &sk).await? {
+        Some(entry) => parse(&entry).map(Some),
+        None => Ok(None),
     }
 }

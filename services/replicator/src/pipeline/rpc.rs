@@ -35,14 +35,23 @@ async fn view(r: &Replicator, job: &Job) -> ReplicatorResult<Pipeline> {
     };
     if let Some(run) = &run {
         p.run_id.clone_from(&run.run_id);
-        if run.status != RunStatus::Running as i32 && p.state != PipelineState::Paused as i32 {
+        if let Some(why) = ended(run)
+            && p.state != PipelineState::Paused as i32
+        {
             p.state = PipelineState::Failed as i32;
-            p.state_reason = format!("run {} ended {}", run.run_id, run.status_reason);
+            p.state_reason = why;
         }
     }
     if p.state != PipelineState::Paused as i32 && p.state != PipelineState::Failed as i32 {
         p.state = match &run {
             None => PipelineState::Creating as i32,
+            Some(run) if run.status == RunStatus::Queued as i32 => {
+                p.state_reason = format!(
+                    "run {} is being started (QUEUED); an interrupted CreatePipeline finishes it when sent again",
+                    run.run_id
+                );
+                PipelineState::Creating as i32
+            }
             Some(run) => {
                 let units = run.units.unwrap_or_default();
                 // Every unit but the feed done: the backfill is over (a
@@ -160,7 +169,7 @@ pub async fn create(
             e.into()
         }
     })?;
-    if job.last_run.is_none() {
+    if needs_first_run(&job) {
         start_first_run(r, &job, &stored, &req).await?;
     }
     let job = get_job(r, &req.name).await?;
@@ -168,6 +177,36 @@ pub async fn create(
         pipeline: Some(view(r, &job).await?),
         checks: Vec::new(),
     })
+}
+
+/// Whether CreatePipeline must (again) start the pipeline's run: it has
+/// none, or its start was interrupted (the replicator killed or the
+/// job-tracker unreachable between creating the run and registering its
+/// units) and left it QUEUED. The start's correlation id makes the same
+/// StartRun finish that run instead of starting another.
+fn needs_first_run(job: &Job) -> bool {
+    job.last_run
+        .as_ref()
+        .is_none_or(|run| run.status == RunStatus::Queued as i32)
+}
+
+/// Why the pipeline's run is over, when it is: it ended (SUCCEEDED, FAILED,
+/// acknowledged or SKIPPED); a QUEUED run has not started yet.
+fn ended(run: &tidemark_proto::job_tracker::v1::Run) -> Option<String> {
+    let status = RunStatus::try_from(run.status).unwrap_or(RunStatus::Unspecified);
+    if matches!(status, RunStatus::Running | RunStatus::Queued) {
+        return None;
+    }
+    let reason = if run.status_reason.is_empty() {
+        "(no reason recorded)"
+    } else {
+        run.status_reason.as_str()
+    };
+    Some(format!(
+        "run {} ended {}: {reason}",
+        run.run_id,
+        status.as_str_name()
+    ))
 }
 
 /// Opens every sink of a new pipeline.
@@ -358,4 +397,49 @@ pub async fn resume(
     }
     let p = set_state(r, &req.name, PipelineState::Streaming, "", &req.actor).await?;
     Ok(ResumePipelineResponse { pipeline: Some(p) })
+}
+
+#[cfg(test)]
+mod tests {
+    use tidemark_proto::job_tracker::v1::{Job, Run, RunStatus};
+
+    use super::{ended, needs_first_run};
+
+    fn run(status: RunStatus, reason: &str) -> Run {
+        Run {
+            run_id: "r1".to_owned(),
+            status: status as i32,
+            status_reason: reason.to_owned(),
+            ..Run::default()
+        }
+    }
+
+    // Found by the fault matrix: the cut-over's pipeline said FAILED ("run …
+    // ended" and no reason) while its run was QUEUED after an interrupted
+    // start, and CreatePipeline sent again never finished that start.
+    #[test]
+    fn a_queued_run_has_not_ended_and_is_started_again() {
+        assert_eq!(ended(&run(RunStatus::Queued, "")), None);
+        assert_eq!(ended(&run(RunStatus::Running, "")), None);
+        let job = |last: Option<Run>| Job {
+            last_run: last,
+            ..Job::default()
+        };
+        assert!(needs_first_run(&job(None)));
+        assert!(needs_first_run(&job(Some(run(RunStatus::Queued, "")))));
+        assert!(!needs_first_run(&job(Some(run(RunStatus::Running, "")))));
+        assert!(!needs_first_run(&job(Some(run(RunStatus::Failed, "x")))));
+    }
+
+    #[test]
+    fn an_ended_run_says_how_and_why() {
+        assert_eq!(
+            ended(&run(RunStatus::Failed, "2 of 3 units failed")).as_deref(),
+            Some("run r1 ended RUN_STATUS_FAILED: 2 of 3 units failed")
+        );
+        assert_eq!(
+            ended(&run(RunStatus::Skipped, "")).as_deref(),
+            Some("run r1 ended RUN_STATUS_SKIPPED: (no reason recorded)")
+        );
+    }
 }

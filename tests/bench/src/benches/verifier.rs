@@ -205,6 +205,18 @@ async fn raw_scan<T: SourceTable, S: Sink>(
     Ok((started.elapsed(), a.into_iter().sum::<u64>() + b))
 }
 
+/// A table of the verifier's embedded database, keyed by `keys` (none: the
+/// sink's own layout).
+pub(crate) fn sqlite(name: &str, keys: &[&str]) -> common::DataStore {
+    common::DataStore {
+        store: Some(Store::SqliteTable(common::SqliteTableRef {
+            table_name: name.to_owned(),
+            database: String::new(),
+            key_attribute_names: keys.iter().map(|k| (*k).to_owned()).collect(),
+        })),
+    }
+}
+
 pub(crate) fn digest_spec(
     source: common::DataStore,
     target: common::DataStore,
@@ -299,13 +311,6 @@ impl Benchmark for Verification {
             }
         }
         sink.apply(&batch).await?;
-        let sqlite = |name: &str, keys: &[&str]| common::DataStore {
-            store: Some(Store::SqliteTable(common::SqliteTableRef {
-                table_name: name.to_owned(),
-                database: String::new(),
-                key_attribute_names: keys.iter().map(|k| (*k).to_owned()).collect(),
-            })),
-        };
         let spec = digest_spec(sqlite(&src, &["id"]), sqlite(&dst, &[]), 1);
         let client = &mut deployment.client;
         let (system, baseline, spread) = measure(client, &spec, &table, 1, &sink, n).await?;

@@ -12,8 +12,6 @@ use prost_types::Duration as PbDuration;
 use tidemark_chaos::plane::Process;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::{KeySchema, Sink as _, SourceTable as _};
-use tidemark_proto::common::v1 as common;
-use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
 use tidemark_proto::replicator::v1 as rp;
@@ -26,7 +24,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::benches::verifier::{digest_spec, item, record};
+use crate::benches::verifier::{digest_spec, item, record, sqlite};
 use crate::load::{LoadResult, OpenLoop};
 
 /// Entities the counters are spread over.
@@ -35,6 +33,9 @@ const ENTITIES: u64 = 1_000;
 const EVENTS: u64 = 10;
 /// Items of each side of the verified tables.
 const ITEMS: usize = 1_000;
+/// Units of each run of the unit cycle: a run the size of a per-tenant
+/// migration, then the next run (of the next job) takes the cycles.
+pub const RUN_UNITS: u64 = 1_000;
 
 /// One kind of request of the mix and what it measured.
 pub struct Outcome {
@@ -145,8 +146,9 @@ pub struct Fixture {
     stats: StatsAggregatorServiceClient<Channel>,
     verifier: VerifierServiceClient<Channel>,
     health: Vec<(String, HealthClient<Channel>)>,
-    /// A run of `job-tracker-units` that only the soak claims from.
-    cycle_run: String,
+    /// Runs of `job-tracker-units` that only the soak claims from, by
+    /// block of [`RUN_UNITS`] cycles, started as the cycles reach them.
+    cycle_runs: tokio::sync::Mutex<std::collections::BTreeMap<u64, String>>,
     /// A finished verification and its job.
     report_id: String,
     job_name: String,
@@ -173,7 +175,7 @@ impl Fixture {
             })
             .await?;
         let mut units = JobTrackerServiceClient::new(channel("job-tracker-units")?);
-        let cycle_run = unit_run(&mut units).await?;
+        let cycle_runs = tokio::sync::Mutex::new([(0, unit_run(&mut units, 0).await?)].into());
         let spec = tables(dir).await?;
         let mut verifier = VerifierServiceClient::new(channel("verifier")?);
         let (report_id, job_name) = verified(&mut verifier, &spec).await?;
@@ -188,7 +190,7 @@ impl Fixture {
             stats,
             verifier,
             health,
-            cycle_run,
+            cycle_runs,
             report_id,
             job_name,
             spec,
@@ -300,12 +302,26 @@ impl Fixture {
         })
     }
 
+    /// The run of cycle `i`'s block, started by the block's first cycle to
+    /// ask.
+    async fn cycle_run(&self, i: u64) -> anyhow::Result<String> {
+        let block = i / RUN_UNITS;
+        let mut runs = self.cycle_runs.lock().await;
+        if let Some(run) = runs.get(&block) {
+            return Ok(run.clone());
+        }
+        let run = unit_run(&mut self.units.clone(), block).await?;
+        runs.insert(block, run.clone());
+        Ok(run)
+    }
+
     /// A unit added to the soak's run, claimed, checkpointed and completed.
     async fn unit_cycle(&self, i: u64) -> anyhow::Result<()> {
         let mut c = self.units.clone();
+        let run_id = self.cycle_run(i).await?;
         let unit_key = format!("u-{i}");
         c.add_units(jt::AddUnitsRequest {
-            run_id: self.cycle_run.clone(),
+            run_id: run_id.clone(),
             units: vec![jt::UnitSpec {
                 unit_key: unit_key.clone(),
                 ..Default::default()
@@ -316,7 +332,7 @@ impl Fixture {
         let claimed = c
             .claim_unit(jt::ClaimUnitRequest {
                 worker_id: "soak".to_owned(),
-                run_id: self.cycle_run.clone(),
+                run_id: run_id.clone(),
                 unit_key: unit_key.clone(),
                 lease_duration: Some(PbDuration {
                     seconds: 30,
@@ -333,7 +349,7 @@ impl Fixture {
             .context("a claimed unit without a lease")?
             .fencing_token;
         c.checkpoint(jt::CheckpointRequest {
-            run_id: self.cycle_run.clone(),
+            run_id: run_id.clone(),
             unit_key: unit_key.clone(),
             fencing_token: token,
             checkpoint: b"half-way".to_vec(),
@@ -342,7 +358,7 @@ impl Fixture {
         })
         .await?;
         c.complete_unit(jt::CompleteUnitRequest {
-            run_id: self.cycle_run.clone(),
+            run_id,
             unit_key,
             fencing_token: token,
             items_processed: 10,
@@ -397,10 +413,11 @@ fn event(id: &str, i: u64) -> st::Event {
 
 /// An explicit-completion run of a job no worker claims from (it lives on
 /// the soak's own job-tracker): it stays open while units are added.
-async fn unit_run(c: &mut JobTrackerServiceClient<Channel>) -> anyhow::Result<String> {
+async fn unit_run(c: &mut JobTrackerServiceClient<Channel>, block: u64) -> anyhow::Result<String> {
+    let name = format!("soak-units-{block}");
     c.create_job(jt::CreateJobRequest {
         job: Some(jt::Job {
-            name: "soak-units".to_owned(),
+            name: name.clone(),
             kind: jt::JobKind::BackfillAttribute as i32,
             explicit_completion: true,
             max_attempts: 3,
@@ -410,7 +427,7 @@ async fn unit_run(c: &mut JobTrackerServiceClient<Channel>) -> anyhow::Result<St
     .await?;
     let run = c
         .start_run(jt::StartRunRequest {
-            job_name: "soak-units".to_owned(),
+            job_name: name,
             units: vec![jt::UnitSpec {
                 unit_key: "first".to_owned(),
                 ..Default::default()
@@ -437,13 +454,6 @@ async fn tables(dir: &Path) -> anyhow::Result<vf::VerificationSpec> {
     }
     let records: Vec<_> = items.iter().map(record).collect();
     sink.apply(&records).await?;
-    let sqlite = |name: &str, keys: &[&str]| common::DataStore {
-        store: Some(Store::SqliteTable(common::SqliteTableRef {
-            table_name: name.to_owned(),
-            database: String::new(),
-            key_attribute_names: keys.iter().map(|k| (*k).to_owned()).collect(),
-        })),
-    };
     Ok(digest_spec(sqlite(src, &["id"]), sqlite(dst, &[]), 1))
 }
 

@@ -64,10 +64,11 @@ impl Benchmark for Soak {
         report.notes.push(format!(
             "{} for {} s; sampled every {} s; binaries built in release into a temporary \
              directory; job-tracker-units serves only the unit cycle (no worker claims \
-             its units)",
+             its units), each run of it {} units",
             mix::describe(RATE),
             duration.as_secs(),
-            every.as_secs()
+            every.as_secs(),
+            mix::RUN_UNITS
         ));
         Ok(report)
     }

@@ -1,0 +1,106 @@
+//! Requests about a few units of a large run read those units, not the
+//! run: AddUnits answered with the units it added by reading every unit of
+//! the run, and ListUnits filtered by keys did the same, so their cost grew
+//! with the run (found by the soak, whose unit cycle adds a unit at a time
+//! to a run that keeps growing).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use tidemark_kit::CancellationToken;
+
+use super::{job, start, units};
+use crate::engine::Tracker;
+use crate::kv::{Entry, KvResult, KvStore, Op};
+use crate::model::{JobKind, UnitStatus};
+
+/// A store that counts the queries over units (`unit#…`).
+struct CountingUnitQueries {
+    inner: Arc<dyn KvStore>,
+    unit_queries: AtomicUsize,
+}
+
+#[async_trait]
+impl KvStore for CountingUnitQueries {
+    async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>> {
+        self.inner.get(pk, sk).await
+    }
+
+    async fn query(
+        &self,
+        pk: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KvResult<Vec<Entry>> {
+        if prefix.starts_with("unit#") {
+            self.unit_queries.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.query(pk, prefix, after, limit).await
+    }
+
+    async fn transact(&self, ops: Vec<Op>) -> KvResult<()> {
+        self.inner.transact(ops).await
+    }
+
+    async fn ping(&self) -> KvResult<()> {
+        self.inner.ping().await
+    }
+}
+
+pub async fn unit_reads_follow_the_keys_asked_for(store: Arc<dyn KvStore>, prefix: &str) {
+    let counting = Arc::new(CountingUnitQueries {
+        inner: store,
+        unit_queries: AtomicUsize::new(0),
+    });
+    let tracker = Tracker::new(counting.clone(), CancellationToken::new());
+    let name = format!("{prefix}-many-units");
+    tracker
+        .create_job(job(&name, JobKind::BackfillAttribute), "suite")
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..120).map(|i| format!("u{i:03}")).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let run_id = tracker
+        .start_run(start(&name, &key_refs))
+        .await
+        .unwrap()
+        .run
+        .run_id;
+    let before = counting.unit_queries.load(Ordering::SeqCst);
+
+    // Added: the new units and an existing one, each once, in key order.
+    let added = tracker
+        .add_units(&run_id, &units(&["z-new", "a-new", "u007", "z-new"]), "suite")
+        .await
+        .unwrap();
+    let added: Vec<&str> = added.iter().map(|u| u.unit_key.as_str()).collect();
+    assert_eq!(added, ["a-new", "u007", "z-new"]);
+
+    // Listed by keys: those that exist, filtered by status, in key order.
+    let listed = tracker
+        .list_units_filtered(
+            &run_id,
+            &[],
+            &["u100".to_owned(), "missing".to_owned(), "a-new".to_owned()],
+        )
+        .await
+        .unwrap();
+    let listed: Vec<&str> = listed.iter().map(|u| u.unit_key.as_str()).collect();
+    assert_eq!(listed, ["a-new", "u100"]);
+    let none = tracker
+        .list_units_filtered(&run_id, &[UnitStatus::Migrated], &["u100".to_owned()])
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+
+    assert_eq!(
+        counting.unit_queries.load(Ordering::SeqCst) - before,
+        0,
+        "AddUnits and ListUnits by key read every unit of the run"
+    );
+    // Without keys, ListUnits still lists the whole run.
+    let all = tracker.list_units_filtered(&run_id, &[], &[]).await.unwrap();
+    assert_eq!(all.len(), 122);
+}
