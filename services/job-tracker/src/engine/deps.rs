@@ -27,6 +27,17 @@ pub(super) fn check_units(units: &[UnitSpec]) -> Result<(), FieldError> {
     for (i, unit) in units.iter().enumerate() {
         model::valid_unit_key(&unit.unit_key)
             .map_err(|e| FieldError::new(format!("units[{i}].unit_key"), e))?;
+        // The index keeps a key's last position: an earlier one is a repeat
+        // (two registrations of one unit in one write would never commit).
+        if index.get(unit.unit_key.as_str()) != Some(&i) {
+            return Err(FieldError::new(
+                format!("units[{i}].unit_key"),
+                format!(
+                    "unit {:?} appears more than once in this request; give each unit once",
+                    unit.unit_key
+                ),
+            ));
+        }
         let field = format!("units[{i}].after_unit_keys");
         limits::check_dependencies(&unit.after_unit_keys, &field)?;
         for dep in &unit.after_unit_keys {

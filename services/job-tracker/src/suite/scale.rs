@@ -12,6 +12,7 @@ use tidemark_kit::CancellationToken;
 
 use super::{job, start, units};
 use crate::engine::Tracker;
+use crate::error::TrackerError;
 use crate::kv::{Entry, KvResult, KvStore, Op};
 use crate::model::{JobKind, UnitStatus};
 
@@ -70,9 +71,21 @@ pub async fn unit_reads_follow_the_keys_asked_for(store: Arc<dyn KvStore>, prefi
         .run_id;
     let before = counting.unit_queries.load(Ordering::SeqCst);
 
-    // Added: the new units and an existing one, each once, in key order.
+    // A unit given twice in one request is refused, naming it (its two
+    // registrations in one write could never commit: the call answered
+    // UNAVAILABLE after every retry, and a client retried it forever).
+    match tracker
+        .add_units(&run_id, &units(&["z-new", "a-new", "z-new"]), "suite")
+        .await
+    {
+        Err(TrackerError::Invalid(e)) => {
+            assert!(e.to_string().contains("units[0].unit_key"), "{e}");
+        }
+        other => panic!("a repeated unit key: expected INVALID_ARGUMENT, got {other:?}"),
+    }
+    // Added: the new units and an existing one, in key order.
     let added = tracker
-        .add_units(&run_id, &units(&["z-new", "a-new", "u007", "z-new"]), "suite")
+        .add_units(&run_id, &units(&["z-new", "a-new", "u007"]), "suite")
         .await
         .unwrap();
     let added: Vec<&str> = added.iter().map(|u| u.unit_key.as_str()).collect();
