@@ -189,15 +189,17 @@ async fn pump(
     loop {
         let n = match reading {
             Responses::Bytes => from.read(&mut buf).await?,
-            Responses::KafkaAdvertising { host, from: old, to: new } => {
-                match kafka_response(from, &mut buf).await? {
-                    0 => 0,
-                    n => {
-                        readvertise(&mut buf[4..n], host, *old, *new);
-                        n
-                    }
+            Responses::KafkaAdvertising {
+                host,
+                from: old,
+                to: new,
+            } => match kafka_response(from, &mut buf).await? {
+                0 => 0,
+                n => {
+                    readvertise(&mut buf[4..n], host, *old, *new);
+                    n
                 }
-            }
+            },
         };
         if n == 0 {
             return to.shutdown().await;

@@ -96,21 +96,13 @@ impl Tracker {
     /// The units of `keys` that exist, each read by its key (a few reads at
     /// a time), in key order like [`Self::list_units`]: the cost follows
     /// the keys asked for, not the size of the run.
-    async fn units_by_key(
-        &self,
-        run_id: &str,
-        keys: &[&str],
-    ) -> TrackerResult<Vec<Unit>> {
+    async fn units_by_key(&self, run_id: &str, keys: &[&str]) -> TrackerResult<Vec<Unit>> {
         use futures::{StreamExt as _, TryStreamExt as _};
         let mut seen = HashSet::new();
-        let reads: Vec<(Arc<dyn KvStore>, String, String)> = keys
+        let reads: Vec<_> = keys
             .iter()
             .filter(|k| seen.insert(**k))
-            .map(|k| (Arc::clone(&self.kv), run_pk(run_id), format!("unit#{k}")))
-            .collect();
-        let reads: Vec<_> = reads
-            .into_iter()
-            .map(|(kv, pk, sk)| read_unit(kv, pk, sk))
+            .map(|k| read_unit(Arc::clone(&self.kv), run_pk(run_id), format!("unit#{k}")))
             .collect();
         let found: Vec<Option<Unit>> = futures::stream::iter(reads)
             .buffered(16)

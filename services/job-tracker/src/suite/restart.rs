@@ -12,67 +12,30 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
 use tidemark_kit::CancellationToken;
 
+use super::support::{Call, Hooked};
 use super::{LEASE, claim, job, precondition, start};
 use crate::engine::{Fence, Tracker, UnitOutcome};
-use crate::kv::{Entry, KvError, KvResult, KvStore, Op};
+use crate::kv::{KvError, KvStore};
 use crate::model::{JobKind, RunEnd, RunStatus, Spec};
 
-/// A store that stops answering once it has taken `writes` transactions,
-/// as a job-tracker killed or cut off from its store mid-request.
-struct CutOff {
-    inner: Arc<dyn KvStore>,
-    writes: AtomicUsize,
-}
-
-impl CutOff {
-    fn check(&self) -> KvResult<()> {
-        if self.writes.load(Ordering::SeqCst) == 0 {
+/// A tracker whose store stops answering once it has taken `writes`
+/// transactions, as a job-tracker killed or cut off from its store
+/// mid-request.
+fn cut_after(store: Arc<dyn KvStore>, writes: usize) -> Tracker {
+    let writes = AtomicUsize::new(writes);
+    let hook = move |call: Call<'_>| {
+        if writes.load(Ordering::SeqCst) == 0 {
             return Err(KvError::Failed("cut off".into()));
         }
+        if matches!(call, Call::Transact) {
+            writes.fetch_sub(1, Ordering::SeqCst);
+        }
         Ok(())
-    }
-}
-
-#[async_trait]
-impl KvStore for CutOff {
-    async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>> {
-        self.check()?;
-        self.inner.get(pk, sk).await
-    }
-
-    async fn query(
-        &self,
-        pk: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> KvResult<Vec<Entry>> {
-        self.check()?;
-        self.inner.query(pk, prefix, after, limit).await
-    }
-
-    async fn transact(&self, ops: Vec<Op>) -> KvResult<()> {
-        self.check()?;
-        self.writes.fetch_sub(1, Ordering::SeqCst);
-        self.inner.transact(ops).await
-    }
-
-    async fn ping(&self) -> KvResult<()> {
-        self.check()?;
-        self.inner.ping().await
-    }
-}
-
-/// A tracker whose store stops answering after `writes` transactions.
-fn cut_after(store: Arc<dyn KvStore>, writes: usize) -> Tracker {
+    };
     Tracker::new(
-        Arc::new(CutOff {
-            inner: store,
-            writes: AtomicUsize::new(writes),
-        }),
+        Arc::new(Hooked { inner: store, hook }),
         CancellationToken::new(),
     )
 }

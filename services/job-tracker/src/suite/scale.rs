@@ -7,55 +7,31 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
 use tidemark_kit::CancellationToken;
 
+use super::support::{Call, Hooked};
 use super::{job, start, units};
 use crate::engine::Tracker;
 use crate::error::TrackerError;
-use crate::kv::{Entry, KvResult, KvStore, Op};
+use crate::kv::KvStore;
 use crate::model::{JobKind, UnitStatus};
 
-/// A store that counts the queries over units (`unit#…`).
-struct CountingUnitQueries {
-    inner: Arc<dyn KvStore>,
-    unit_queries: AtomicUsize,
-}
-
-#[async_trait]
-impl KvStore for CountingUnitQueries {
-    async fn get(&self, pk: &str, sk: &str) -> KvResult<Option<Entry>> {
-        self.inner.get(pk, sk).await
-    }
-
-    async fn query(
-        &self,
-        pk: &str,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> KvResult<Vec<Entry>> {
-        if prefix.starts_with("unit#") {
-            self.unit_queries.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.query(pk, prefix, after, limit).await
-    }
-
-    async fn transact(&self, ops: Vec<Op>) -> KvResult<()> {
-        self.inner.transact(ops).await
-    }
-
-    async fn ping(&self) -> KvResult<()> {
-        self.inner.ping().await
-    }
-}
-
 pub async fn unit_reads_follow_the_keys_asked_for(store: Arc<dyn KvStore>, prefix: &str) {
-    let counting = Arc::new(CountingUnitQueries {
-        inner: store,
-        unit_queries: AtomicUsize::new(0),
-    });
-    let tracker = Tracker::new(counting.clone(), CancellationToken::new());
+    // Counts the store's queries over units (`unit#…`).
+    let unit_queries = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&unit_queries);
+    let hook = move |call: Call<'_>| {
+        if let Call::Query { prefix } = call
+            && prefix.starts_with("unit#")
+        {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    };
+    let tracker = Tracker::new(
+        Arc::new(Hooked { inner: store, hook }),
+        CancellationToken::new(),
+    );
     let name = format!("{prefix}-many-units");
     tracker
         .create_job(job(&name, JobKind::BackfillAttribute), "suite")
@@ -69,7 +45,7 @@ pub async fn unit_reads_follow_the_keys_asked_for(store: Arc<dyn KvStore>, prefi
         .unwrap()
         .run
         .run_id;
-    let before = counting.unit_queries.load(Ordering::SeqCst);
+    let before = unit_queries.load(Ordering::SeqCst);
 
     // A unit given twice in one request is refused, naming it (its two
     // registrations in one write could never commit: the call answered
@@ -109,11 +85,14 @@ pub async fn unit_reads_follow_the_keys_asked_for(store: Arc<dyn KvStore>, prefi
     assert!(none.is_empty(), "{none:?}");
 
     assert_eq!(
-        counting.unit_queries.load(Ordering::SeqCst) - before,
+        unit_queries.load(Ordering::SeqCst) - before,
         0,
         "AddUnits and ListUnits by key read every unit of the run"
     );
     // Without keys, ListUnits still lists the whole run.
-    let all = tracker.list_units_filtered(&run_id, &[], &[]).await.unwrap();
+    let all = tracker
+        .list_units_filtered(&run_id, &[], &[])
+        .await
+        .unwrap();
     assert_eq!(all.len(), 122);
 }
