@@ -318,8 +318,13 @@ pub fn unit_specs(units: &[pb::UnitSpec], field: &str) -> Result<Vec<UnitSpec>, 
 
 /// CompleteUnit's `end_run`: a failed end must say why.
 pub fn run_end(end: &pb::RunEnd) -> Result<model::RunEnd, FieldError> {
+    let last_processed = watermark_from(end.last_processed.as_ref())
+        .map_err(|e| FieldError::new(format!("end_run.{}", e.field), e.description))?;
     if !end.failed {
-        return Ok(model::RunEnd { error: None });
+        return Ok(model::RunEnd {
+            error: None,
+            last_processed,
+        });
     }
     if end.error.trim().is_empty() {
         return Err(FieldError::new(
@@ -329,6 +334,7 @@ pub fn run_end(end: &pb::RunEnd) -> Result<model::RunEnd, FieldError> {
     }
     Ok(model::RunEnd {
         error: Some(end.error.clone()),
+        last_processed,
     })
 }
 
@@ -444,6 +450,7 @@ pub fn run_to(r: &Run, units: Option<&UnitCounts>, totals: Option<&Progress>) ->
             reason: a.reason.clone(),
             time: Some(timestamp(a.time)),
         }),
+        window_start_run_id: r.window_start_run_id.clone().unwrap_or_default(),
     }
 }
 

@@ -119,6 +119,9 @@ pub struct Job {
     /// Where the last successful run stopped: the next incremental run
     /// starts from here.
     pub last_processed: Option<Watermark>,
+    /// The run that recorded `last_processed`.
+    #[serde(default)]
+    pub last_processed_run_id: Option<String>,
     /// The next time the schedule fires, when it has one.
     pub next_run_time: Option<DateTime<Utc>>,
     /// Since when the due run has been waiting for the gate or a running run.
@@ -161,6 +164,9 @@ pub struct Run {
     pub max_attempts: u32,
     pub result: Option<Spec>,
     pub acknowledgement: Option<Acknowledgement>,
+    /// The SUCCEEDED run whose `last_processed` is `window_start`.
+    #[serde(default)]
+    pub window_start_run_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +210,8 @@ pub struct Unit {
 pub struct RunEnd {
     /// `None`: SUCCEEDED; else FAILED with this error.
     pub error: Option<String>,
+    /// Where a SUCCEEDED run stopped, as CompleteRun's `last_processed`.
+    pub last_processed: Option<Watermark>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -13,7 +13,9 @@ mod support;
 pub use blocked::{blocked_units_do_not_stop_claims, dependency_cycles_are_refused};
 pub use caps::unit_sizes_are_capped;
 pub use restart::{
-    an_explicit_run_ends_as_its_last_unit_asked, an_interrupted_start_finishes_on_its_retry,
+    an_explicit_run_ends_as_its_last_unit_asked,
+    an_extract_run_ends_at_the_watermark_its_units_asked,
+    an_interrupted_start_finishes_on_its_retry,
 };
 pub use scale::unit_reads_follow_the_keys_asked_for;
 pub use settle::a_run_ends_only_when_every_unit_is_done;

@@ -118,6 +118,23 @@ async fn dynamodb_an_explicit_run_ends_as_its_last_unit_asked() {
     suite::an_explicit_run_ends_as_its_last_unit_asked(dynamodb().await, &unique_name("t")).await;
 }
 
+// The 10-minute fault matrix: an extract run left RUNNING when its worker's
+// CompleteRun was given up, every later scheduled run SKIPPED behind it.
+#[tokio::test]
+async fn sqlite_an_extract_run_ends_at_the_watermark_its_units_asked() {
+    let (_dir, kv) = sqlite();
+    suite::an_extract_run_ends_at_the_watermark_its_units_asked(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_an_extract_run_ends_at_the_watermark_its_units_asked() {
+    suite::an_extract_run_ends_at_the_watermark_its_units_asked(
+        dynamodb().await,
+        &unique_name("t"),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn sqlite_a_run_ends_only_when_every_unit_is_done() {
     let (_dir, kv) = sqlite();

@@ -550,6 +550,26 @@ async fn manifest(
     Some(serde_json::from_slice(&bytes).unwrap())
 }
 
+/// The run's manifest, waited for: the worker that sees the run end writes
+/// it right after.
+async fn manifest_of_ended(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    run_id: &str,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(m) = manifest(s3, bucket, run_id).await {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no manifest for run {run_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next() {
     let name = unique_name("extract");
@@ -605,10 +625,16 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
         "{:?}",
         run1.counters
     );
-    let m1 = manifest(&s3, &bucket, &first.run_id)
-        .await
-        .expect("run 1 manifest");
+    let m1 = manifest_of_ended(&s3, &bucket, &first.run_id).await;
     assert_eq!(m1["count"], 20);
+    // A worker killed between the run's end and its manifest: the manifest
+    // is missing, and the next run's first segment writes it.
+    s3.delete_object()
+        .bucket(&bucket)
+        .key(format!("out/_manifests/{}.json", first.run_id))
+        .send()
+        .await
+        .unwrap();
     // A write stamped just before run 1's trigger but visible only after
     // run 1 read (an eventually consistent scan or index): run 1 ended its
     // extract a settle lag before its trigger, so run 2 still takes it.
@@ -645,18 +671,19 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
         run1.last_processed.as_ref().unwrap().time,
         "run 2 starts where run 1 ended"
     );
+    assert_eq!(run2.window_start_run_id, first.run_id);
+    assert_eq!(
+        manifest_of_ended(&s3, &bucket, &first.run_id).await,
+        m1,
+        "run 1's lost manifest written again, the same"
+    );
     assert_eq!(
         run2.counters.get("extracted"),
         Some(&6),
         "the 5 changes and the late-visible write: {:?}",
         run2.counters
     );
-    assert_eq!(
-        manifest(&s3, &bucket, &second)
-            .await
-            .expect("run 2 manifest")["count"],
-        6
-    );
+    assert_eq!(manifest_of_ended(&s3, &bucket, &second).await["count"], 6);
     let objects = S3Sink::new(s3.clone(), &bucket, "out/");
     assert_eq!(objects.count().await.unwrap(), 21, "one object per key");
     let r00 = objects.read(&schema_key("r00")).await.unwrap().unwrap();
@@ -936,10 +963,7 @@ async fn an_extract_queries_its_changed_items_index_per_partition_value() {
         "{:?}",
         run2.counters
     );
-    assert_eq!(
-        manifest(&s3, &bucket, &second).await.expect("manifest")["count"],
-        3
-    );
+    assert_eq!(manifest_of_ended(&s3, &bucket, &second).await["count"], 3);
 }
 
 /// A unit with a version attribute (items at version 3) into Elasticsearch,

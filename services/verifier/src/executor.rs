@@ -267,6 +267,7 @@ async fn finish(
     let end_run = jpb::RunEnd {
         failed: !passed,
         error: if passed { String::new() } else { error.clone() },
+        last_processed: None,
     };
     if let Err(e) = lease
         .complete_and_end_run(progress, stored.clone(), end_run)

@@ -142,6 +142,9 @@ pub struct Outcome {
     pub window_faults: u64,
     /// Keys whose object is missing or older than the last write.
     pub stale: u64,
+    /// Succeeded runs, but the newest, without a manifest for their window
+    /// (the newest one's may still be on its way).
+    pub missing_manifests: u64,
 }
 
 fn millis(t: Option<&prost_types::Timestamp>) -> i64 {
@@ -237,6 +240,35 @@ pub async fn check(
                 pair[0].run_id, pair[0].last_processed, pair[1].run_id, pair[1].window_start
             );
             outcome.window_faults += 1;
+        }
+    }
+    // Each succeeded run's manifest, written by its worker or, if that one
+    // died first, by the next run's first segment.
+    for run in done.iter().rev().skip(1) {
+        let manifest = s3
+            .get_object()
+            .bucket(bucket)
+            .key(format!("{PREFIX}_manifests/{}.json", run.run_id))
+            .send()
+            .await;
+        let Ok(manifest) = manifest else {
+            eprintln!("chaos: extract run {} has no manifest", run.run_id);
+            outcome.missing_manifests += 1;
+            continue;
+        };
+        let body = manifest.body.collect().await?.into_bytes();
+        let manifest: serde_json::Value = serde_json::from_slice(&body)?;
+        let end = manifest["window_end"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis());
+        if end != Some(processed(run)) {
+            eprintln!(
+                "chaos: extract run {}'s manifest ends at {end:?}, the run at {}",
+                run.run_id,
+                processed(run)
+            );
+            outcome.missing_manifests += 1;
         }
     }
     let objects = S3Sink::new(s3, bucket, PREFIX);

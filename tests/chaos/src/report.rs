@@ -65,6 +65,7 @@ impl Outcome {
             && self.migrated.runs > 0
             && self.extracted.window_faults == 0
             && self.extracted.stale == 0
+            && self.extracted.missing_manifests == 0
             && self.extracted.succeeded > 0
             && self.extracted.caught_up
             && self.extracted.failed == 0
@@ -179,7 +180,7 @@ impl Outcome {
         );
         let _ = writeln!(
             out,
-            "| 5 incremental extract every 3 s to S3 | {} changes, {} runs succeeded, {} failed ({} skipped while one ran); {} | the windows follow one another with no gap or overlap; each key's object is its last image | {} stale | – | – | {} window faults |",
+            "| 5 incremental extract every 3 s to S3 | {} changes, {} runs succeeded, {} failed ({} skipped while one ran); {} | the windows follow one another with no gap or overlap; each key's object is its last image; each succeeded run has a manifest of its window | {} stale | – | – | {} window faults, {} runs without their manifest |",
             self.extract_writes,
             self.extracted.succeeded,
             self.extracted.failed,
@@ -190,7 +191,8 @@ impl Outcome {
                 "**no run processed past the last write within 120 s**"
             },
             self.extracted.stale,
-            self.extracted.window_faults
+            self.extracted.window_faults,
+            self.extracted.missing_manifests
         );
         let _ = writeln!(
             out,

@@ -1718,6 +1718,14 @@ async fn fuzz_job_tracker(f: &mut Fuzzer, s: &Seeds) {
                             } else {
                                 format!("{items_failed} mismatches")
                             },
+                            // Any time, valid or not (nanos out of range).
+                            last_processed: (fencing_token % 5 == 0).then(|| jt::Watermark {
+                                time: Some(Timestamp {
+                                    seconds: items_processed,
+                                    nanos: i32::try_from(items_failed % 2_000_000_000).unwrap_or(0),
+                                }),
+                                position: String::new(),
+                            }),
                         }),
                     }
                 },

@@ -30,6 +30,9 @@ const END: &str = "#end";
 struct AskedEnd {
     unit_key: String,
     error: Option<String>,
+    /// Kept for a SUCCEEDED end (records written before it have none).
+    #[serde(default)]
+    last_processed: Option<Watermark>,
 }
 
 /// Records the end `unit_key`'s completion asks for (the last one asked
@@ -38,6 +41,7 @@ pub(super) fn asked_end_op(run_id: &str, unit_key: &str, end: &RunEnd) -> Tracke
     let asked = AskedEnd {
         unit_key: unit_key.to_owned(),
         error: end.error.clone(),
+        last_processed: end.last_processed.clone(),
     };
     put(&run_pk(run_id), END, &asked, Expect::Any)
 }
@@ -101,7 +105,7 @@ impl Tracker {
             let end = End {
                 status: decided.status,
                 reason: &decided.reason,
-                watermark: None,
+                watermark: decided.watermark.as_ref(),
                 result: decided.result.as_ref(),
                 actor,
             };
@@ -157,10 +161,14 @@ impl Tracker {
                 }
                 None => (RunStatus::Succeeded, "completed".to_owned()),
             };
+            let watermark = (status == RunStatus::Succeeded)
+                .then_some(asked.last_processed)
+                .flatten();
             return Ok(Some(Decided {
                 status,
                 reason,
                 result: unit.result,
+                watermark,
                 expect,
             }));
         }
@@ -173,6 +181,7 @@ impl Tracker {
             status,
             reason,
             result: None,
+            watermark: None,
             expect,
         }))
     }
@@ -287,6 +296,7 @@ impl Tracker {
             RunStatus::Failed => job.blocking_run_id = Some(run_id.to_owned()),
             RunStatus::Succeeded if end.watermark.is_some() => {
                 job.last_processed = end.watermark.cloned();
+                job.last_processed_run_id = Some(run_id.to_owned());
             }
             _ => {}
         }
@@ -312,6 +322,7 @@ struct Decided {
     status: RunStatus,
     reason: String,
     result: Option<Spec>,
+    watermark: Option<Watermark>,
     expect: Expect,
 }
 

@@ -39,6 +39,7 @@ impl Tracker {
             blocking_run_id: None,
             active_run_id: None,
             last_processed: None,
+            last_processed_run_id: None,
             due_since: None,
         };
         let ops = vec![

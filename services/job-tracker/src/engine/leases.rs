@@ -592,6 +592,7 @@ fn capped(outcome: UnitOutcome, progress: Option<&Progress>) -> TrackerResult<Un
             limits::check_result(result.as_ref(), "result")?;
             let end_run = end_run.map(|e| crate::model::RunEnd {
                 error: e.error.map(|error| limits::truncate_error(&error)),
+                last_processed: e.last_processed,
             });
             UnitOutcome::Completed {
                 result,

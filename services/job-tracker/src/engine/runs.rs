@@ -172,11 +172,15 @@ impl Tracker {
                 }
                 let now = Utc::now();
                 let run_id = uuid::Uuid::now_v7().to_string();
-                let window_start = req.window_start.or_else(|| {
-                    (job.kind == JobKind::IncrementalExtract)
-                        .then(|| job.last_processed.as_ref().and_then(|w| w.time))
-                        .flatten()
-                });
+                let extract = job.kind == JobKind::IncrementalExtract;
+                let (window_start, window_start_run_id) = match req.window_start {
+                    Some(start) => (Some(start), None),
+                    None if extract => (
+                        job.last_processed.as_ref().and_then(|w| w.time),
+                        job.last_processed_run_id.clone(),
+                    ),
+                    None => (None, None),
+                };
                 let run = Run {
                     run_id: run_id.clone(),
                     job_name: job.name.clone(),
@@ -192,13 +196,14 @@ impl Tracker {
                     start_time: None,
                     finish_time: None,
                     window_start,
-                    window_end: (job.kind == JobKind::IncrementalExtract).then_some(req.scheduled_time.unwrap_or(now)),
+                    window_end: extract.then_some(req.scheduled_time.unwrap_or(now)),
                     last_processed: None,
                     force_remigrate: req.force_remigrate,
                     explicit_completion: job.explicit_completion,
                     max_attempts: if job.max_attempts == 0 { 3 } else { job.max_attempts },
                     result: None,
                     acknowledgement: None,
+                    window_start_run_id,
                 };
                 job.active_run_id = Some(run_id.clone());
                 job.last_run_id = Some(run_id.clone());

@@ -53,6 +53,7 @@ impl Tracker {
             max_attempts: job.max_attempts,
             result: None,
             acknowledgement: None,
+            window_start_run_id: None,
         };
         self.kv
             .transact(vec![

@@ -8,6 +8,10 @@
 //! unit of an explicit-completion run and CompleteRun left the run RUNNING
 //! for good (a verification, found by the 10-minute matrix run): the unit's
 //! completion now carries how the run ends, and any later claim ends it.
+//! An incremental extract's run ends the same way, with its watermark: the
+//! 10-minute matrix left one RUNNING after its worker's CompleteRun was
+//! given up while the job-tracker was cut off, and every later scheduled
+//! run was SKIPPED behind it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +22,7 @@ use super::support::{Call, Hooked};
 use super::{LEASE, claim, job, precondition, start};
 use crate::engine::{Fence, Tracker, UnitOutcome};
 use crate::kv::{KvError, KvStore};
-use crate::model::{JobKind, RunEnd, RunStatus, Spec};
+use crate::model::{JobKind, RunEnd, RunStatus, Spec, Watermark};
 
 /// A tracker whose store stops answering once it has taken `writes`
 /// transactions, as a job-tracker killed or cut off from its store
@@ -148,7 +152,10 @@ pub async fn an_explicit_run_ends_as_its_last_unit_asked(store: Arc<dyn KvStore>
         &tracker,
         &run,
         "all",
-        Some(RunEnd { error: None }),
+        Some(RunEnd {
+            error: None,
+            last_processed: None,
+        }),
     )
     .await
     .unwrap();
@@ -165,6 +172,7 @@ pub async fn an_explicit_run_ends_as_its_last_unit_asked(store: Arc<dyn KvStore>
     assert_eq!(status(run.clone()).await.status, RunStatus::Running);
     let failed = Some(RunEnd {
         error: Some("2 mismatches".to_owned()),
+        last_processed: None,
     });
     let cut = cut_after(store, 1);
     assert!(complete(&tracker, &cut, &run, "b", failed).await.is_err());
@@ -189,4 +197,89 @@ pub async fn an_explicit_run_ends_as_its_last_unit_asked(store: Arc<dyn KvStore>
         tracker.start_run(start(&name, &["a"])).await,
         "a start after the failed run",
     );
+}
+
+pub async fn an_extract_run_ends_at_the_watermark_its_units_asked(
+    store: Arc<dyn KvStore>,
+    prefix: &str,
+) {
+    let tracker = Tracker::new(store.clone(), CancellationToken::new());
+    let name = format!("{prefix}-extract-ends");
+    let mut extract = job(&name, JobKind::IncrementalExtract);
+    extract.explicit_completion = true;
+    tracker.create_job(extract, "suite").await.unwrap();
+    let first = tracker
+        .start_run(start(&name, &["s0", "s1"]))
+        .await
+        .unwrap()
+        .run;
+    assert_eq!(first.window_start_run_id, None, "{first:?}");
+    let until = first.window_end.expect("an extract run has a window end");
+    let asked = || {
+        Some(RunEnd {
+            error: None,
+            last_processed: Some(Watermark {
+                time: Some(until),
+                position: String::new(),
+            }),
+        })
+    };
+    // Both segments ask the end; the job-tracker is cut off right after
+    // the second one's write, before it could end the run.
+    complete(&tracker, &tracker, &first.run_id, "s0", asked())
+        .await
+        .unwrap();
+    let cut = cut_after(store, 1);
+    assert!(
+        complete(&tracker, &cut, &first.run_id, "s1", asked())
+            .await
+            .is_err()
+    );
+    let running = tracker.get_run(&first.run_id).await.unwrap().run;
+    assert_eq!(running.status, RunStatus::Running, "{running:?}");
+    // The next claim of any worker ends it SUCCEEDED at the watermark.
+    let nothing = tracker
+        .claim_unit(&crate::engine::ClaimRequest {
+            worker_id: "replicator-2".to_owned(),
+            lease: LEASE,
+            kinds: vec![JobKind::IncrementalExtract],
+            job_name: name.clone(),
+            ..crate::engine::ClaimRequest::default()
+        })
+        .await
+        .unwrap();
+    assert!(nothing.is_none(), "{nothing:?}");
+    let ended = tracker.get_run(&first.run_id).await.unwrap().run;
+    assert_eq!(ended.status, RunStatus::Succeeded, "{ended:?}");
+    assert_eq!(
+        ended.last_processed.and_then(|w| w.time),
+        Some(until),
+        "the run keeps the watermark its units asked"
+    );
+    // The next run's window starts there, and names the run that set it.
+    let second = tracker
+        .start_run(start(&name, &["s0", "s1"]))
+        .await
+        .unwrap()
+        .run;
+    assert_eq!(second.window_start, Some(until), "{second:?}");
+    assert_eq!(
+        second.window_start_run_id.as_deref(),
+        Some(first.run_id.as_str())
+    );
+    // A CompleteRun sent late by the first run's worker is answered with
+    // the ended run, not refused.
+    let late = tracker
+        .complete_run(
+            &first.run_id,
+            Some(Watermark {
+                time: Some(until),
+                position: String::new(),
+            }),
+            None,
+            "replicator-1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(late.status, RunStatus::Succeeded);
 }

@@ -3,14 +3,18 @@
 //! start) — the job-tracker hands the window to the run — and writes the
 //! latest version of each to an S3 prefix (one object per key, replaced only
 //! by a newer version), then a manifest `<prefix>_manifests/<run id>.json`
-//! (count, window, checksum), and completes the run with the window end as
-//! its last processed time. A failed run writes no manifest and fails the
+//! (count, window, checksum). A failed run writes no manifest and fails the
 //! run, which blocks the next one until acknowledged (the job-tracker's
 //! failure gate).
 //!
 //! Units are parallel scan segments; each keeps its scan position, counts and
-//! an order-independent checksum in its checkpoint, so the worker that
-//! finishes the last unit can write the manifest from the units' records.
+//! an order-independent checksum in its checkpoint. Each segment completes
+//! with how the run ends (SUCCEEDED, last processed at the window end), so
+//! the job-tracker ends the run with the last one's write, whatever happens
+//! to the worker after it. The worker that sees the run end writes the
+//! manifest from the units' records; one killed before it leaves the
+//! manifest to the next run's first segment, which writes any manifest its
+//! window's predecessor (`window_start_run_id`) lacks.
 
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::proto::value_from_proto;
@@ -19,8 +23,9 @@ use tidemark_connectors::{
     AttrValue, Item, Key, Number, RecordOutcome, ScanPage, ScanRequest, Sink, SinkOp, SinkRecord,
 };
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
+use tidemark_proto::common::v1::S3PrefixRef;
 use tidemark_proto::common::v1::data_store::Store;
-use tidemark_proto::job_tracker::v1::{CompleteRunRequest, FailRunRequest, RunStatus, Watermark};
+use tidemark_proto::job_tracker::v1::{FailRunRequest, Run, RunEnd, RunStatus, Watermark};
 use tidemark_proto::replicator::v1::{ChangedItemsIndex, IncrementalExtractSpec};
 
 use crate::context::{Context, UnitFailure, segment_of};
@@ -169,6 +174,9 @@ async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure
         )
         .await?
         .sink();
+    if segment == 0 {
+        write_missing_manifest(ctx, claim, &spec).await;
+    }
     let lease = claim.lease.clone();
     let mut state: SegmentState = if claim.unit.checkpoint.is_empty() {
         SegmentState::default()
@@ -299,8 +307,9 @@ async fn write_batch(
     Ok(())
 }
 
-/// Completes the segment; the worker that completes the run's last one
-/// writes the manifest and completes the run.
+/// Completes the segment, asking the run to end SUCCEEDED at the window
+/// end once no segment is left; the worker that sees the run end writes its
+/// manifest.
 async fn finish_segment(
     ctx: &Context,
     claim: &Claim,
@@ -312,13 +321,36 @@ async fn finish_segment(
     let bytes = serde_json::to_vec(state).expect("extract state serialises");
     // The final state must be readable by whoever writes the manifest.
     lease.checkpoint(bytes, &progress(state)).await?;
-    let run_progress = lease.complete(&progress(state), None).await?;
-    let all_done = run_progress.as_ref().is_some_and(|p| {
+    let end_run = RunEnd {
+        failed: false,
+        error: String::new(),
+        // Where this run's extract ended (the window end less the settle
+        // lag): the next run starts there.
+        last_processed: Some(Watermark {
+            time: (end != i64::MAX).then(|| timestamp(end)),
+            position: String::new(),
+        }),
+    };
+    let run_progress = lease
+        .complete_and_end_run(&progress(state), None, end_run)
+        .await?;
+    let ended = run_progress.as_ref().is_some_and(|p| {
         let u = p.units.unwrap_or_default();
-        u.migrated == u.total && p.status == RunStatus::Running as i32
+        u.migrated == u.total && p.status != RunStatus::Failed as i32
     });
-    if all_done {
-        finish_run(ctx, claim, spec, start, end).await?;
+    if ended {
+        // The run has ended (or ends at the next claim): a manifest not
+        // written here is written by the next run's first segment.
+        let target = s3_target(spec)?;
+        write_manifest(
+            ctx,
+            target,
+            &claim.run.run_id,
+            &claim.job.name,
+            (start, end),
+        )
+        .await
+        .map_err(|e| UnitFailure::retryable(format!("writing the manifest: {e}")))?;
     }
     Ok(())
 }
@@ -384,19 +416,31 @@ fn rfc3339(m: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// Writes the run manifest and completes the run at its window end.
-async fn finish_run(
+fn s3_target(spec: &IncrementalExtractSpec) -> Result<&S3PrefixRef, UnitFailure> {
+    match spec.target.as_ref().and_then(|t| t.store.as_ref()) {
+        Some(Store::S3Prefix(p)) => Ok(p),
+        _ => Err(UnitFailure::terminal("the target must be an s3_prefix")),
+    }
+}
+
+fn manifest_key(target: &S3PrefixRef, run_id: &str) -> String {
+    format!("{}_manifests/{run_id}.json", target.prefix)
+}
+
+/// Writes the manifest of the run `run_id` over the window `(start, end)`
+/// from its units' final checkpoints. Writing it again writes the same.
+async fn write_manifest(
     ctx: &Context,
-    claim: &Claim,
-    spec: &IncrementalExtractSpec,
-    start: i64,
-    end: i64,
-) -> Result<(), UnitFailure> {
+    target: &S3PrefixRef,
+    run_id: &str,
+    job_name: &str,
+    (start, end): (i64, i64),
+) -> Result<(), String> {
     let units = ctx
         .jobs
-        .list_units(&claim.run.run_id, &[], &[])
+        .list_units(run_id, &[], &[])
         .await
-        .map_err(|e| UnitFailure::retryable(e.message()))?;
+        .map_err(|e| e.message().to_owned())?;
     let mut total = SegmentState::default();
     for unit in &units {
         let s: SegmentState = serde_json::from_slice(&unit.checkpoint).unwrap_or_default();
@@ -408,8 +452,8 @@ async fn finish_run(
         }
     }
     let manifest = Manifest {
-        run_id: &claim.run.run_id,
-        job_name: &claim.job.name,
+        run_id,
+        job_name,
         window_start: (start != i64::MIN).then(|| rfc3339(start)),
         window_end: rfc3339(end),
         count: total.extracted,
@@ -417,35 +461,76 @@ async fn finish_run(
         scanned: total.scanned,
         checksum: hex::encode(total.checksum),
     };
-    let Some(Store::S3Prefix(p)) = spec.target.as_ref().and_then(|t| t.store.as_ref()) else {
-        return Err(UnitFailure::terminal("the target must be an s3_prefix"));
-    };
-    let client = ctx.stores.s3_client(&p.endpoint, &p.region).await?;
+    let client = ctx
+        .stores
+        .s3_client(&target.endpoint, &target.region)
+        .await
+        .map_err(|e| e.to_string())?;
     let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     client
         .put_object()
-        .bucket(&p.bucket)
-        .key(format!("{}_manifests/{}.json", p.prefix, claim.run.run_id))
+        .bucket(&target.bucket)
+        .key(manifest_key(target, run_id))
         .content_type("application/json")
         .body(body.into())
         .send()
         .await
-        .map_err(|e| UnitFailure::retryable(format!("writing the manifest: {e}")))?;
-    ctx.jobs
-        .complete_run(CompleteRunRequest {
-            run_id: claim.run.run_id.clone(),
-            // Where this run's extract ended (the window end less the
-            // settle lag): the next run starts there.
-            last_processed: Some(Watermark {
-                time: (end != i64::MAX).then(|| timestamp(end)),
-                position: String::new(),
-            }),
-            result: None,
-            actor: ctx.config.worker_id.clone(),
-        })
-        .await
-        .map_err(|e| UnitFailure::retryable(format!("CompleteRun: {}", e.message())))?;
+        .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Writes the manifest of the run this run's window starts after, if that
+/// run's worker died between the run's end and its manifest. Best effort:
+/// a failure is logged and the next run tries again.
+async fn write_missing_manifest(ctx: &Context, claim: &Claim, spec: &IncrementalExtractSpec) {
+    let previous = &claim.run.window_start_run_id;
+    if previous.is_empty() {
+        return;
+    }
+    let Ok(target) = s3_target(spec) else {
+        return;
+    };
+    if let Err(e) = write_manifest_if_missing(ctx, target, previous).await {
+        tracing::warn!(run_id = %previous, error = %e, "could not check the previous run's manifest");
+    }
+}
+
+async fn write_manifest_if_missing(
+    ctx: &Context,
+    target: &S3PrefixRef,
+    run_id: &str,
+) -> Result<(), String> {
+    let client = ctx
+        .stores
+        .s3_client(&target.endpoint, &target.region)
+        .await
+        .map_err(|e| e.to_string())?;
+    match client
+        .head_object()
+        .bucket(&target.bucket)
+        .key(manifest_key(target, run_id))
+        .send()
+        .await
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let run: Run = ctx
+        .jobs
+        .get_run(run_id)
+        .await
+        .map_err(|e| e.message().to_owned())?;
+    if run.status != RunStatus::Succeeded as i32 {
+        return Ok(());
+    }
+    let start = micros(run.window_start.as_ref()).unwrap_or(i64::MIN);
+    let end = micros(run.last_processed.as_ref().and_then(|w| w.time.as_ref())).unwrap_or(i64::MAX);
+    tracing::info!(
+        run_id,
+        "writing the manifest the run's worker left unwritten"
+    );
+    write_manifest(ctx, target, run_id, &run.job_name, (start, end)).await
 }
 
 #[cfg(test)]
