@@ -30,6 +30,12 @@ impl EmbeddedStore {
     }
 }
 
+/// Forgets the event ids whose dedup window has passed. Run by every flush
+/// through the index on expiry: scanning every id of the window cost
+/// 150 ms a flush at 2M ids, and held the connection from every ingest
+/// meanwhile (the soak's stats p99 went to 211 ms).
+const EXPIRE_DEDUP: &str = "DELETE FROM tm_buffer_dedup WHERE buf = ?1 AND expires_micros <= ?2";
+
 fn read_deltas(
     conn: &Connection,
     buf: &str,
@@ -221,10 +227,7 @@ impl Buffer for EmbeddedBuffer {
                         "flush {seq} is not after the last acknowledged flush {acked}"
                     )));
                 }
-                tx.execute(
-                    "DELETE FROM tm_buffer_dedup WHERE buf = ?1 AND expires_micros <= ?2",
-                    params![buf, now_micros()],
-                )?;
+                tx.execute(EXPIRE_DEDUP, params![buf, now_micros()])?;
                 tx.execute("UPDATE tm_buffer SET flush = ?2 WHERE buf = ?1 AND flush = 0", params![buf, seq])?;
                 let out = read_deltas(&tx, &buf, seq, None)?;
                 tx.commit()?;
@@ -381,5 +384,30 @@ impl Buffer for EmbeddedBuffer {
                 })
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiring_event_ids_reads_only_the_expired_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("buffer.db")).unwrap();
+        let conn = store.conn.lock().unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {EXPIRE_DEDUP}"))
+            .unwrap()
+            .query_map(params!["b", 0], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("tm_buffer_dedup_expiry")
+                    && step.contains("expires_micros<?")),
+            "the delete must seek the expiry index, not scan every id: {plan:?}"
+        );
     }
 }

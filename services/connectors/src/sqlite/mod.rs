@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS tm_buffer (
 CREATE TABLE IF NOT EXISTS tm_buffer_dedup (
     buf TEXT NOT NULL, id TEXT NOT NULL, expires_micros INTEGER NOT NULL,
     PRIMARY KEY (buf, id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tm_buffer_dedup_expiry ON tm_buffer_dedup (buf, expires_micros);
 CREATE TABLE IF NOT EXISTS tm_buffer_acked (
     buf TEXT NOT NULL PRIMARY KEY, acked INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tm_sink (
