@@ -331,26 +331,39 @@ async fn finish_segment(
             position: String::new(),
         }),
     };
-    let run_progress = lease
+    let run_progress = match lease
         .complete_and_end_run(&progress(state), None, end_run)
-        .await?;
+        .await
+    {
+        Ok(p) => p,
+        // Unanswered: the segment may have completed (then the job-tracker
+        // ends the run by itself) or not (then its lease lapses and another
+        // worker does it again). Neither fails the run.
+        Err(LeaseError::Rpc(s)) => {
+            tracing::warn!(error = %s, "the extract segment's completion went unanswered");
+            return Err(UnitFailure::LeaseLost);
+        }
+        Err(lost) => return Err(lost.into()),
+    };
     let ended = run_progress.as_ref().is_some_and(|p| {
         let u = p.units.unwrap_or_default();
         u.migrated == u.total && p.status != RunStatus::Failed as i32
     });
     if ended {
-        // The run has ended (or ends at the next claim): a manifest not
-        // written here is written by the next run's first segment.
+        // The run has ended (or ends at the next claim), so a failure here
+        // fails nothing: the next run's first segment writes the manifest.
         let target = s3_target(spec)?;
-        write_manifest(
+        let written = write_manifest(
             ctx,
             target,
             &claim.run.run_id,
             &claim.job.name,
             (start, end),
         )
-        .await
-        .map_err(|e| UnitFailure::retryable(format!("writing the manifest: {e}")))?;
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "the run's manifest is left to the next run");
+        }
     }
     Ok(())
 }
