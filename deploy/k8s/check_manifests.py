@@ -64,6 +64,12 @@ def struct_fields(path, struct):
     return {f for f in re.findall(r"^\s*pub (\w+):", m.group(1), re.M) if f != "server"}
 
 
+# Unary RPCs that wait by design, each bounded by the service itself past
+# its request_timeout_ms (the kit's `allow_longer`): they share the
+# streams' un-timed mesh route, which a 35 s route timeout would cut.
+WAITS = {"job-tracker": {"ClaimUnit"}, "replicator": {"Drain"}}
+
+
 def proto_rpcs(root, svc):
     """(full service name, names of its streaming RPCs) from a service's proto."""
     snake = svc.replace("-", "_")
@@ -129,6 +135,7 @@ def check(root, rendered):
         pod = dep["spec"]["template"]["spec"]
         (c,) = [c for c in pod["containers"] if c["name"] == svc]
         grpc_name, streams = proto_rpcs(root, svc)
+        streams = streams | WAITS.get(svc, set())
         # A service keeps its Config in config.rs when it has one, else in lib.rs.
         config_rs = root / f"services/{svc}/src/config.rs"
         src = config_rs if config_rs.exists() else root / f"services/{svc}/src/lib.rs"
@@ -209,7 +216,8 @@ def check(root, rendered):
             if s["spec"]["selector"] != dep["spec"]["selector"]["matchLabels"]:
                 problem(f"{label}: Service/{svc}", "selector differs from the Deployment's")
 
-        # Mesh routes: the streaming RPCs must be exactly the un-timed route.
+        # Mesh routes: the streaming RPCs (and the waiting ones) must be
+        # exactly the un-timed route.
         vs = by_kind.get("VirtualService", {}).get(svc)
         if vs:
             routes = {r.get("name"): r for r in vs["spec"]["http"]}

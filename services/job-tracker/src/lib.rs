@@ -166,6 +166,12 @@ pub fn register_with_store(config: &Config, store: Arc<dyn KvStore>, host: &mut 
     host.add_service(JobTrackerServiceServer::new(JobTracker {
         tracker: tracker.clone(),
     }));
+    // A claim may wait for work longer than the request timeout.
+    host.allow_longer(
+        <JobTrackerServiceServer<JobTracker> as tonic::server::NamedService>::NAME,
+        "ClaimUnit",
+        service::MAX_WAIT,
+    );
     host.spawn(
         "scheduler",
         schedule::run(

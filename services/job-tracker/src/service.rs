@@ -16,7 +16,9 @@ use crate::engine::{ClaimRequest, Fence, StartRun, UnitOutcome};
 use crate::model::{Job, Route};
 
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-const MAX_WAIT: Duration = Duration::from_secs(60);
+/// The longest `ClaimUnit.wait`; the server lets the RPC run this long
+/// past its request timeout.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 fn fence(run_id: &str, key: &str, token: u64) -> Result<Fence, FieldError> {
     if token == 0 {

@@ -554,3 +554,51 @@ async fn gauges_show_units_by_status_and_blocked_jobs() {
     );
     assert!(text.contains("tidemark_job_active_runs 0"), "{text}");
 }
+
+#[tokio::test]
+async fn a_claim_may_wait_for_work_longer_than_the_request_timeout() {
+    // ClaimUnit takes a wait of up to 60 s; the server's request timeout
+    // (30 s by default, here 300 ms) cancelled it at that timeout instead.
+    let mut s = serve_with(|c| c.server.request_timeout_ms = 300).await;
+    s.client
+        .create_job(pb::CreateJobRequest {
+            job: Some(job("waits")),
+        })
+        .await
+        .unwrap();
+    let run = s
+        .client
+        .start_run(pb::StartRunRequest {
+            job_name: "waits".into(),
+            units: vec![pb::UnitSpec {
+                unit_key: "u".into(),
+                after_unit_keys: vec![],
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let claim = |wait_ms: i32| pb::ClaimUnitRequest {
+        worker_id: "w".into(),
+        run_id: run.run_id.clone(),
+        wait: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: wait_ms * 1_000_000,
+        }),
+        ..Default::default()
+    };
+    let first = s.client.claim_unit(claim(0)).await.unwrap().into_inner();
+    assert!(first.unit.is_some(), "the one unit is claimed");
+    // Nothing left: the claim waits its 800 ms and answers empty.
+    let started = std::time::Instant::now();
+    let second = s.client.claim_unit(claim(800)).await.unwrap().into_inner();
+    assert!(second.unit.is_none());
+    assert!(
+        started.elapsed() >= Duration::from_millis(750),
+        "{:?}",
+        started.elapsed()
+    );
+}

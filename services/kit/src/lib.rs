@@ -15,6 +15,7 @@ pub mod rpc;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod timeout;
 pub mod worker;
 
 pub use config::{ConfigError, ServerConfig, ServerFlags, ServiceConfig};

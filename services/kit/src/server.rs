@@ -28,6 +28,7 @@ use crate::config::ServerConfig;
 use crate::error::{KitError, KitResult};
 use crate::health::Health;
 use crate::metrics::{Metrics, MetricsLayer};
+use crate::timeout::TimeoutLayer;
 
 /// Builder and runner for a gRPC server hosting one or more Tidemark services.
 pub struct ServiceHost {
@@ -39,6 +40,8 @@ pub struct ServiceHost {
     metrics: Metrics,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// RPCs bounded by more than the request timeout (see `allow_longer`).
+    longer: std::collections::HashMap<String, Duration>,
 }
 
 impl ServiceHost {
@@ -55,6 +58,7 @@ impl ServiceHost {
             metrics: Metrics::default(),
             tasks: TaskTracker::new(),
             shutdown,
+            longer: std::collections::HashMap::new(),
         }
     }
 
@@ -126,6 +130,17 @@ impl ServiceHost {
     /// # Errors
     /// When TLS material cannot be read, reflection cannot be built, or the
     /// transport fails.
+    /// Bounds the RPC `method` of `service` (a generated server's `NAME`) by
+    /// `bound` plus the request timeout instead of the request timeout
+    /// alone: for the RPCs that wait by design, each up to a limit of its
+    /// own (a drain's `timeout`, a claim's `wait`).
+    pub fn allow_longer(&mut self, service: &str, method: &str, bound: Duration) -> &mut Self {
+        let path = format!("/{service}/{method}");
+        self.longer
+            .insert(path, bound + self.config.request_timeout());
+        self
+    }
+
     pub async fn serve(mut self, listener: TcpListener) -> KitResult<()> {
         let addr = listener.local_addr()?;
         for service in self.health.services() {
@@ -154,9 +169,11 @@ impl ServiceHost {
             });
         }
 
-        let mut builder = Server::builder()
-            .timeout(self.config.request_timeout())
-            .trace_fn(|req| tracing::info_span!("rpc", rpc = %req.uri().path()));
+        // The request timeout is the stack's (below), which knows the RPCs
+        // allowed longer; tonic's own would cut those too. A client's
+        // `grpc-timeout` is still honoured by tonic.
+        let mut builder =
+            Server::builder().trace_fn(|req| tracing::info_span!("rpc", rpc = %req.uri().path()));
         if let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) {
             install_crypto_provider();
             let identity =
@@ -168,6 +185,10 @@ impl ServiceHost {
         let stack = ServiceBuilder::new()
             .map_response(undecodable_is_invalid_argument)
             .layer(MetricsLayer::new(self.metrics.clone()))
+            .layer(TimeoutLayer::new(
+                self.config.request_timeout(),
+                std::mem::take(&mut self.longer),
+            ))
             .layer(AuthLayer::new(self.config.auth_token.as_deref()))
             .layer(LoadShedLayer::new())
             .layer(GlobalConcurrencyLimitLayer::new(

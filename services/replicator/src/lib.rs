@@ -100,6 +100,13 @@ pub async fn register_with(
         tidemark_kit::worker::run_worker(jobs.raw(), options, executor, host.shutdown_token()),
     );
     host.add_service(ReplicatorServiceServer::new(Replicator { ctx }));
+    // A drain waits for lag 0 up to its own timeout, beyond the request
+    // timeout.
+    host.allow_longer(
+        <ReplicatorServiceServer<Replicator> as tonic::server::NamedService>::NAME,
+        "Drain",
+        pipeline::lag::MAX_DRAIN,
+    );
     Ok(())
 }
 

@@ -140,9 +140,13 @@ fn duration_of(d: Option<&prost_types::Duration>) -> Option<Duration> {
     })
 }
 
+/// The longest `Drain.timeout`; the server lets the RPC run this long past
+/// its request timeout.
+pub const MAX_DRAIN: Duration = Duration::from_secs(3600);
+
 pub async fn drain(r: &Replicator, req: DrainRequest) -> ReplicatorResult<DrainResponse> {
-    let Some(timeout) = duration_of(req.timeout.as_ref())
-        .filter(|t| !t.is_zero() && *t <= Duration::from_secs(3600))
+    let Some(timeout) =
+        duration_of(req.timeout.as_ref()).filter(|t| !t.is_zero() && *t <= MAX_DRAIN)
     else {
         return Err(ReplicatorError::Invalid(vec![FieldError::new(
             "timeout",

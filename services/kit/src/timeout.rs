@@ -1,0 +1,117 @@
+//! The server's per-request timeout as a tower layer, with a longer bound
+//! for the RPCs that wait by design: a `Drain` takes a timeout of up to an
+//! hour and a `ClaimUnit` may wait a minute for work, and tonic's
+//! server-wide timeout cancelled both after `request_timeout_ms` (30 s).
+//! A client's own deadline (`grpc-timeout`) still applies to every RPC.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Bounds every request by `default`, or by the bound its path was given.
+#[derive(Clone)]
+pub struct TimeoutLayer {
+    default: Duration,
+    longer: Arc<HashMap<String, Duration>>,
+}
+
+impl TimeoutLayer {
+    /// `longer` maps full method paths (`/package.Service/Method`) to their
+    /// own bound.
+    pub fn new(default: Duration, longer: HashMap<String, Duration>) -> Self {
+        Self {
+            default,
+            longer: Arc::new(longer),
+        }
+    }
+
+    fn limit(&self, path: &str) -> Duration {
+        self.longer.get(path).copied().unwrap_or(self.default)
+    }
+}
+
+impl<S> tower::Layer<S> for TimeoutLayer {
+    type Service = TimeoutService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TimeoutService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct TimeoutService<S> {
+    inner: S,
+    layer: TimeoutLayer,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for TimeoutService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let limit = self.layer.limit(req.uri().path());
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, call).await {
+                Ok(answer) => answer,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(format!(
+                    "the server gave up on the request after {} ms (its request timeout); retry, or raise TIDEMARK_REQUEST_TIMEOUT_MS",
+                    limit.as_millis()
+                ))
+                .into_http()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer as _, ServiceExt as _};
+
+    fn request(path: &str) -> http::Request<()> {
+        http::Request::builder().uri(path).body(()).unwrap()
+    }
+
+    fn status(response: &http::Response<()>) -> Option<&str> {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    #[tokio::test]
+    async fn a_request_past_the_default_is_deadline_exceeded_and_a_longer_bound_lets_its_rpc_finish()
+     {
+        let layer = TimeoutLayer::new(
+            Duration::from_millis(100),
+            [("/p.S/Drain".to_owned(), Duration::from_secs(5))].into(),
+        );
+        let service = layer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        }));
+        let cut = service.clone().oneshot(request("/p.S/Get")).await.unwrap();
+        assert_eq!(status(&cut), Some("4"), "DEADLINE_EXCEEDED");
+        let message = cut.headers().get("grpc-message").unwrap().to_str().unwrap();
+        assert!(message.contains("100"), "{message}");
+        let waited = service.oneshot(request("/p.S/Drain")).await.unwrap();
+        assert_eq!(status(&waited), None, "answered by the service itself");
+    }
+}
