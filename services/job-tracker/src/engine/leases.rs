@@ -86,7 +86,7 @@ impl Tracker {
                 }
                 continue;
             }
-            let job = self.get_job(&run.job_name).await?;
+            let job = self.recent_job(&run.job_name).await?;
             if let Some(unit) = self.claim_in_run(&run, &job, req).await? {
                 return Ok(Some(Claimed { unit, run, job }));
             }
@@ -421,7 +421,7 @@ impl Tracker {
                     .map(|()| (unit.lease.clone().expect("leased"), unit.job_name.clone())))
             })
             .await?;
-        let job = self.get_job(&job_name).await?;
+        let job = self.recent_job(&job_name).await?;
         Ok((lease, job.revision))
     }
 

@@ -199,7 +199,21 @@ pub struct Tracker {
     /// Run id → job name. Never changes once written, so it is cached to
     /// spare every call on a run the pointer read.
     run_jobs: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Jobs as a worker's hot path last read them (see [`JOB_FRESH`]).
+    recent_jobs: std::sync::Mutex<std::collections::HashMap<String, (Job, std::time::Instant)>>,
+    /// Bumped by every write of a job here: a read that overlapped one is
+    /// not cached (it may predate the write).
+    job_writes: AtomicU64,
 }
+
+/// How long a claim or a checkpoint may answer from a job read earlier
+/// instead of reading it again (one DynamoDB request per call): a write
+/// through this replica replaces it at once, one through another replica
+/// shows within this time, so a worker notices a new job revision (a
+/// paused pipeline) at most this much later than the heartbeat after it.
+const JOB_FRESH: Duration = Duration::from_secs(1);
+/// Cached jobs kept before the stale ones are dropped.
+const RECENT_JOBS: usize = 1024;
 
 impl Tracker {
     pub fn new(kv: Arc<dyn KvStore>, shutdown: CancellationToken) -> Self {
@@ -209,6 +223,8 @@ impl Tracker {
             shutdown,
             sequence: AtomicU64::new(0),
             run_jobs: std::sync::Mutex::default(),
+            recent_jobs: std::sync::Mutex::default(),
+            job_writes: AtomicU64::new(0),
         }
     }
 
@@ -260,11 +276,54 @@ impl Tracker {
 
     /// Runs `ops`: `Some(())` when applied, `None` on a conflict (retry).
     async fn apply(&self, ops: Vec<Op>) -> TrackerResult<Option<()>> {
-        match self.kv.transact(ops).await {
+        let jobs: Vec<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put { pk, sk, .. } | Op::Delete { pk, sk, .. } if pk == JOBS => {
+                    Some(sk.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        let applied = self.kv.transact(ops).await;
+        // Whatever the outcome (a timeout may have applied it): the next
+        // hot-path read of these jobs goes to the store.
+        if !jobs.is_empty() {
+            self.job_writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut recent = self.recent_jobs.lock().expect("job cache lock");
+            for name in &jobs {
+                recent.remove(name);
+            }
+        }
+        match applied {
             Ok(()) => Ok(Some(())),
             Err(KvError::Conflict) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The job, read at most [`JOB_FRESH`] ago: for the calls every worker
+    /// makes per unit (claim, checkpoint, heartbeat), which only need what
+    /// a job says, not its revision in the store for a write.
+    async fn recent_job(&self, name: &str) -> TrackerResult<Job> {
+        if let Some((job, read)) = self.recent_jobs.lock().expect("job cache lock").get(name)
+            && read.elapsed() < JOB_FRESH
+        {
+            return Ok(job.clone());
+        }
+        let read = std::time::Instant::now();
+        let writes = self.job_writes.load(std::sync::atomic::Ordering::SeqCst);
+        let (job, _) = self.load_job(name).await?;
+        let mut recent = self.recent_jobs.lock().expect("job cache lock");
+        if self.job_writes.load(std::sync::atomic::Ordering::SeqCst) != writes {
+            return Ok(job);
+        }
+        if recent.len() >= RECENT_JOBS {
+            recent.retain(|_, (_, at)| at.elapsed() < JOB_FRESH);
+        }
+        recent.insert(name.to_owned(), (job.clone(), read));
+        Ok(job)
     }
 
     async fn load_job(&self, name: &str) -> TrackerResult<(Job, u64)> {
