@@ -48,6 +48,66 @@ async fn embedded_change_feed() {
 }
 
 #[tokio::test]
+async fn embedded_bulk_load_writes_and_logs_every_item_or_none() {
+    let store = EmbeddedStore::in_memory().unwrap();
+    let table = store.table("t", schema());
+    let item = |pk: &str, n: u64| -> Item {
+        [
+            (PK.to_owned(), AttrValue::s(pk)),
+            (SK.to_owned(), AttrValue::s("s")),
+            ("n".to_owned(), AttrValue::n(n)),
+        ]
+        .into_iter()
+        .collect()
+    };
+    table.put(&item("a", 0), None).await.unwrap();
+    let mut feed = store.feed_from_end("t").await.unwrap();
+    table
+        .put_all(vec![item("a", 1), item("b", 1), item("c", 1)])
+        .await
+        .unwrap();
+    let key = |pk: &str| {
+        Key::new([
+            (PK.to_owned(), AttrValue::s(pk)),
+            (SK.to_owned(), AttrValue::s("s")),
+        ])
+    };
+    assert_eq!(table.get(&key("a")).await.unwrap(), Some(item("a", 1)));
+    assert_eq!(table.get(&key("c")).await.unwrap(), Some(item("c", 1)));
+    let records = feed.poll(10).await.unwrap();
+    let kinds: Vec<_> = records
+        .iter()
+        .map(|r| (r.key.get(PK).cloned(), r.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (
+                Some(AttrValue::s("a")),
+                tidemark_connectors::ChangeKind::Modify
+            ),
+            (
+                Some(AttrValue::s("b")),
+                tidemark_connectors::ChangeKind::Insert
+            ),
+            (
+                Some(AttrValue::s("c")),
+                tidemark_connectors::ChangeKind::Insert
+            ),
+        ]
+    );
+    // One item without its sort key: refused, and nothing of the batch lands.
+    let mut keyless = item("d", 1);
+    keyless.remove(SK);
+    let err = table
+        .put_all(vec![item("e", 1), keyless])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(SK), "{err}");
+    assert_eq!(table.get(&key("e")).await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn embedded_change_feed_from_the_end_skips_earlier_changes_and_resumes_at_its_checkpoint() {
     let store = EmbeddedStore::in_memory().unwrap();
     let table = store.table("t", schema());

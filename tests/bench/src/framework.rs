@@ -33,6 +33,10 @@ pub struct Context {
     pub quick: bool,
     /// The workspace root (where `BENCHMARKS.md` and `deploy/local` live).
     pub workspace_root: PathBuf,
+    /// Where a benchmark writes the pictures its section links to
+    /// (`benchmarks/` beside the results file); `None` when nothing is
+    /// written.
+    pub figures: Option<PathBuf>,
 }
 
 impl Context {
@@ -110,6 +114,7 @@ pub enum Target {
     RatioAtMost(f64),
     SystemAtLeast(f64),
     SystemBelow(f64),
+    SystemAtMost(f64),
 }
 
 impl Target {
@@ -119,6 +124,7 @@ impl Target {
             Self::RatioAtMost(t) => row.ratio <= t,
             Self::SystemAtLeast(t) => row.system >= t,
             Self::SystemBelow(t) => row.system < t,
+            Self::SystemAtMost(t) => row.system <= t,
         }
     }
 
@@ -129,6 +135,7 @@ impl Target {
             Self::RatioAtMost(t) => format!("ratio ≤ {}×", fmt_num(t)),
             Self::SystemAtLeast(t) => format!("≥ {} {unit}", fmt_num(t)),
             Self::SystemBelow(t) => format!("< {} {unit}", fmt_num(t)),
+            Self::SystemAtMost(t) => format!("≤ {} {unit}", fmt_num(t)),
         }
     }
 }

@@ -152,6 +152,12 @@ async fn main() -> ExitCode {
     let ctx = Context {
         quick: args.quick,
         workspace_root: workspace_root(),
+        figures: (!args.quick && !args.no_write).then(|| {
+            args.output
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join("benchmarks")
+        }),
     };
     let mut ok = true;
     for bench in &selected {

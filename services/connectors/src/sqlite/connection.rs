@@ -114,9 +114,9 @@ impl SharedConnection {
         self.jobs
             .send(job)
             .map_err(|_| ConnectorError::terminal("sqlite", "the connection's worker stopped"))?;
-        answered.await.map_err(|_| {
-            ConnectorError::terminal("sqlite", "a call on the connection panicked")
-        })?
+        answered
+            .await
+            .map_err(|_| ConnectorError::terminal("sqlite", "a call on the connection panicked"))?
     }
 }
 
@@ -134,7 +134,7 @@ mod tests {
         conn.run(|c| Ok(c.execute_batch("CREATE TABLE t (n INTEGER)")?))
             .await
             .unwrap();
-        let threads = |c: &mut Connection| -> ConnectorResult<String> {
+        let threads = |_: &mut Connection| -> ConnectorResult<String> {
             Ok(std::thread::current().name().unwrap_or("").to_owned())
         };
         let calls = (0..500).map(|n| {
@@ -174,7 +174,11 @@ mod tests {
             .unwrap();
         assert_eq!(one, 1);
         // The lock the panic poisoned is usable from the calling thread too.
-        let two: i64 = conn.lock().unwrap().query_row("SELECT 2", [], |r| r.get(0)).unwrap();
+        let two: i64 = conn
+            .lock()
+            .unwrap()
+            .query_row("SELECT 2", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(two, 2);
     }
 }

@@ -50,6 +50,43 @@ fn check(condition: Option<&Predicate>, current: Option<&Item>, key: &Key) -> Co
 }
 
 impl EmbeddedTable {
+    /// Writes `items` (each replacing the item of its key) in one
+    /// transaction, each change logged as [`SourceTable::put`] logs it: a
+    /// bulk load at a fraction of the cost of one commit per item.
+    ///
+    /// # Errors
+    /// An item without the table's key attributes (nothing is written), or
+    /// the store failing.
+    pub async fn put_all(&self, items: Vec<Item>) -> ConnectorResult<()> {
+        let keys = items
+            .iter()
+            .map(|item| {
+                self.schema
+                    .key_of(item)
+                    .map(|k| k.canonical())
+                    .map_err(|m| ConnectorError::invalid("sqlite", m))
+            })
+            .collect::<ConnectorResult<Vec<String>>>()?;
+        let tbl = self.name.clone();
+        self.store
+            .conn
+            .run(move |conn| {
+                let tx = conn.transaction()?;
+                for (k, item) in keys.iter().zip(&items) {
+                    let old = read_item(&tx, &tbl, k)?;
+                    tx.prepare_cached(
+                        "INSERT INTO tm_items (tbl, k, item) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (tbl, k) DO UPDATE SET item = excluded.item",
+                    )?
+                    .execute(params![tbl, k, to_json(item)])?;
+                    log_change(&tx, &tbl, k, old.as_ref(), Some(item))?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn write<F>(
         &self,
         key: Key,

@@ -7,6 +7,7 @@ pub mod hot_path;
 pub mod job_tracker;
 pub mod noop_rpc;
 pub mod replicator;
+pub mod scale;
 pub mod soak;
 pub mod stats_aggregator;
 pub mod verifier;
@@ -22,9 +23,14 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
     ]
 }
 
-/// Runs too long for `all`, each run by its name: the soak (10 minutes).
+/// Runs too long for `all`, each run by its name: the soak (10 minutes),
+/// the scale curve (up to 5M items) and the replica counts.
 pub fn long() -> Vec<Box<dyn Benchmark>> {
-    vec![Box::new(soak::Soak)]
+    vec![
+        Box::new(soak::Soak),
+        Box::new(scale::Scale),
+        Box::new(replicator::replicas::Replicas),
+    ]
 }
 
 /// The benchmark called `name`.

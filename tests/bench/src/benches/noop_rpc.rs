@@ -365,6 +365,7 @@ mod tests {
         let ctx = Context {
             quick: true,
             workspace_root: std::env::temp_dir(),
+            figures: None,
         };
         let report = NoopRpc.run(&ctx).await.unwrap();
         assert_eq!(report.rows.len(), 7);

@@ -24,6 +24,7 @@
 
 mod backfill;
 mod lag;
+pub mod replicas;
 mod replication;
 
 use backfill::{Backfill, backfill};

@@ -1,0 +1,633 @@
+//! `scale`: how the cost grows with the work. At 10k, 100k, 1M and 5M
+//! items on the embedded store, with the services as separate processes of
+//! their release binaries: an attribute backfill of the whole table, a
+//! pipeline's initial backfill of it into an embedded sink, and a
+//! verification (count + digest) of the table against that sink. Figures:
+//! seconds per million items at each size against the same at 10k (linear:
+//! within 1.3×), and each service process's peak resident memory at each
+//! size against the same at 100k (flat: within 1.5×).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tidemark_chaos::plane::{Process, build_services, free_addr};
+use tidemark_connectors::sqlite::EmbeddedStore;
+use tidemark_connectors::{AttrValue, Item, KeySchema};
+use tidemark_proto::common::v1 as common;
+use tidemark_proto::job_tracker::v1 as jt;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tidemark_proto::replicator::v1 as rp;
+use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
+use tidemark_proto::verifier::v1 as vf;
+use tidemark_proto::verifier::v1::verifier_service_client::VerifierServiceClient;
+use tonic::transport::Channel;
+
+use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
+
+const SIZES: [usize; 4] = [10_000, 100_000, 1_000_000, 5_000_000];
+/// Time per item at any size over the same at the smallest: at most this.
+const LINEAR: f64 = 1.3;
+/// Peak resident memory at any size over the same at 100k: at most this.
+const FLAT: f64 = 1.5;
+/// Scan segments of each operation (units of its run).
+const SEGMENTS: u32 = 4;
+/// Items per bulk-load transaction while seeding.
+const SEED_BATCH: usize = 10_000;
+const SOURCE: &str = "scale_src";
+const SINK: &str = "scale_dst";
+const OPERATIONS: [&str; 3] = [
+    "attribute backfill",
+    "pipeline initial backfill",
+    "verification (count + digest)",
+];
+
+pub struct Scale;
+
+/// One size's measurements.
+struct Point {
+    items: usize,
+    seed: Duration,
+    /// Per operation, in the order of [`OPERATIONS`].
+    took: [Duration; 3],
+    /// Peak resident memory (VmHWM) of each service process, bytes.
+    peak: Vec<(String, u64)>,
+}
+
+impl Point {
+    fn secs_per_million(&self, op: usize) -> f64 {
+        self.took[op].as_secs_f64() * 1e6 / self.items as f64
+    }
+
+    fn peak_mib(&self, process: &str) -> f64 {
+        self.peak
+            .iter()
+            .find(|(p, _)| p == process)
+            .map_or(f64::NAN, |(_, b)| *b as f64 / (1024.0 * 1024.0))
+    }
+}
+
+#[async_trait::async_trait]
+impl Benchmark for Scale {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+
+    fn description(&self) -> &'static str {
+        "How the cost grows with the work: an attribute backfill, a pipeline's initial \
+         backfill into an embedded sink and a verification (count + digest) at 10k, 100k, \
+         1M and 5M items on the embedded store, the services as separate processes of \
+         their release binaries; seconds per million items against the same at 10k \
+         (linear), and each process's peak resident memory against the same at 100k (flat)."
+    }
+
+    async fn run(&self, ctx: &Context) -> anyhow::Result<Report> {
+        let scale = if ctx.quick { 20 } else { 1 };
+        let bins = tempfile::tempdir()?;
+        let into = bins.path().to_owned();
+        tokio::task::spawn_blocking(move || build_services(&into)).await??;
+        let mut points = Vec::new();
+        // TIDEMARK_SCALE_SIZES=1000000,5000000 measures only those sizes
+        // (the first is the reference of the rest): for a look at one size.
+        let sizes: Vec<usize> = match std::env::var("TIDEMARK_SCALE_SIZES") {
+            Ok(list) => list
+                .split(',')
+                .map(|n| n.trim().parse())
+                .collect::<Result<_, _>>()
+                .context("TIDEMARK_SCALE_SIZES must be a comma-separated list of item counts")?,
+            Err(_) => SIZES.iter().map(|n| n / scale).collect(),
+        };
+        anyhow::ensure!(
+            sizes.len() >= 2,
+            "at least two sizes: the first is the reference"
+        );
+        for n in sizes {
+            let point = one_size(bins.path(), n)
+                .await
+                .with_context(|| format!("at {n} items"))?;
+            eprintln!(
+                "scale {n:>9} items: seed {:.1} s, {}; peak {}",
+                point.seed.as_secs_f64(),
+                OPERATIONS
+                    .iter()
+                    .zip(&point.took)
+                    .map(|(op, t)| format!("{op} {:.1} s", t.as_secs_f64()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                point
+                    .peak
+                    .iter()
+                    .map(|(p, b)| format!("{p} {} MiB", b / (1024 * 1024)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            points.push(point);
+        }
+        let mut report = report(&points);
+        if let Some(dir) = &ctx.figures {
+            std::fs::create_dir_all(dir)?;
+            plot(&points, &dir.join(PICTURE))?;
+            report.notes.push(format!(
+                "the curves: ![seconds per million items and peak resident memory by size](benchmarks/{PICTURE})"
+            ));
+        }
+        Ok(report)
+    }
+}
+
+/// The picture beside the section, in `benchmarks/`.
+const PICTURE: &str = "scale.png";
+/// The TTF the picture's text is drawn with (Debian's fonts-dejavu-core).
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Seconds per million items by size, one line per operation, and peak
+/// resident memory by size, one line per process, side by side.
+fn plot(points: &[Point], path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let font = std::fs::read(FONT).with_context(|| {
+        format!("read {FONT} for the picture's text (apt-get install fonts-dejavu-core)")
+    })?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font.leak())
+        .map_err(|_| anyhow::anyhow!("{FONT} is not a font plotters can draw with"))?;
+    let colors = [RED, BLUE, GREEN, MAGENTA];
+    let xs = points.iter().map(|p| p.items as f64);
+    let x_range = (xs.clone().fold(f64::MAX, f64::min) * 0.7)..(xs.fold(0.0, f64::max) * 1.4);
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+    let panels: [(
+        &DrawingArea<_, _>,
+        &str,
+        &str,
+        Vec<(String, Vec<(f64, f64)>)>,
+    ); 2] = [
+        (
+            &left,
+            "time per item (linear: a flat line)",
+            "seconds per million items",
+            OPERATIONS
+                .iter()
+                .enumerate()
+                .map(|(op, name)| {
+                    let line = points
+                        .iter()
+                        .map(|p| (p.items as f64, p.secs_per_million(op)))
+                        .collect();
+                    ((*name).to_owned(), line)
+                })
+                .collect(),
+        ),
+        (
+            &right,
+            "peak resident memory (flat: nothing held per item)",
+            "MiB",
+            points[0]
+                .peak
+                .iter()
+                .map(|(name, _)| {
+                    let line = points
+                        .iter()
+                        .map(|p| (p.items as f64, p.peak_mib(name)))
+                        .collect();
+                    (name.clone(), line)
+                })
+                .collect(),
+        ),
+    ];
+    for (area, caption, y_desc, lines) in panels {
+        let y_max = lines
+            .iter()
+            .flat_map(|(_, l)| l.iter().map(|(_, y)| *y))
+            .fold(0.0, f64::max)
+            * 1.25;
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range.clone().log_scale(), 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("items (log scale)")
+            .y_desc(y_desc)
+            .x_label_formatter(&|x| fmt_num(*x))
+            .draw()?;
+        for (i, (name, line)) in lines.into_iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            chart.draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn report(points: &[Point]) -> Report {
+    let mut report = Report::default();
+    let first = &points[0];
+    for (op, name) in OPERATIONS.iter().enumerate() {
+        for p in &points[1..] {
+            report.rows.push(
+                Row::new(
+                    format!(
+                        "{name}: s per million items at {} (vs at {})",
+                        fmt_num(p.items as f64),
+                        fmt_num(first.items as f64)
+                    ),
+                    "s",
+                    p.secs_per_million(op),
+                    first.secs_per_million(op),
+                )
+                .with_target(Target::RatioAtMost(LINEAR)),
+            );
+        }
+    }
+    let base = &points[1.min(points.len() - 1)];
+    for (process, _) in &base.peak {
+        for p in points.iter().skip(2) {
+            report.rows.push(
+                Row::new(
+                    format!(
+                        "{process} peak resident memory at {} (vs at {})",
+                        fmt_num(p.items as f64),
+                        fmt_num(base.items as f64)
+                    ),
+                    "MiB",
+                    p.peak_mib(process),
+                    base.peak_mib(process),
+                )
+                .with_target(Target::RatioAtMost(FLAT)),
+            );
+        }
+    }
+    for p in points {
+        report.notes.push(format!(
+            "{} items: seeded in {} s; {}; peak resident memory {}",
+            fmt_num(p.items as f64),
+            fmt_num(p.seed.as_secs_f64()),
+            OPERATIONS
+                .iter()
+                .zip(&p.took)
+                .map(|(op, t)| format!("{op} {} s", fmt_num(t.as_secs_f64())))
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.peak
+                .iter()
+                .map(|(name, _)| format!("{name} {} MiB", fmt_num(p.peak_mib(name))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    report.notes.push(format!(
+        "each size on fresh processes and a fresh data directory: the job-tracker, and a \
+         replicator and a verifier sharing one embedded database (the replicator's \
+         attribute backfill and pipeline, then the verifier reading both sides); the \
+         table is bulk-loaded first ({SEED_BATCH} items a transaction, every change \
+         logged); {SEGMENTS} segments per operation; items of ~230 bytes with 5 \
+         attributes; peak resident memory is each process's VmHWM after the three \
+         operations (the replicator's covers both of its operations)"
+    ));
+    report
+}
+
+fn item(i: usize) -> Item {
+    [
+        ("id".to_owned(), AttrValue::s(format!("k-{i:08}"))),
+        ("v".to_owned(), AttrValue::n(1 + (i as u64 % 50))),
+        (
+            "title".to_owned(),
+            AttrValue::s(format!("an item of the scale benchmark, number {i}")),
+        ),
+        (
+            "score".to_owned(),
+            AttrValue::n(i64::try_from(i).unwrap_or(0)),
+        ),
+        (
+            "tags".to_owned(),
+            AttrValue::Ss(["a".to_owned(), "b".to_owned()].into()),
+        ),
+    ]
+    .into()
+}
+
+fn sqlite(name: &str, keys: &[&str]) -> common::DataStore {
+    common::DataStore {
+        store: Some(common::data_store::Store::SqliteTable(
+            common::SqliteTableRef {
+                table_name: name.to_owned(),
+                database: String::new(),
+                key_attribute_names: keys.iter().map(|k| (*k).to_owned()).collect(),
+            },
+        )),
+    }
+}
+
+async fn one_size(bins: &Path, n: usize) -> anyhow::Result<Point> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let started = Instant::now();
+    {
+        let store = EmbeddedStore::open(&data.join("default.db"))?;
+        let table = store.table(SOURCE, KeySchema::new("id", None));
+        let mut next = 0;
+        while next < n {
+            let end = (next + SEED_BATCH).min(n);
+            table.put_all((next..end).map(item).collect()).await?;
+            next = end;
+        }
+    }
+    let seed = started.elapsed();
+    let mut plane = start(bins, dir.path(), &data).await?;
+    let channel = |p: &Process| Channel::from_shared(p.url()).map(|c| c.connect_lazy());
+    let mut jobs = JobTrackerServiceClient::new(channel(&plane[0])?);
+    let mut replicator = ReplicatorServiceClient::new(channel(&plane[1])?);
+    let mut verifier = VerifierServiceClient::new(channel(&plane[2])?);
+    let operations = async {
+        Ok::<_, anyhow::Error>([
+            attribute_backfill(&mut replicator, &mut jobs, n)
+                .await
+                .context(OPERATIONS[0])?,
+            pipeline(&mut replicator).await.context(OPERATIONS[1])?,
+            verification(&mut verifier, n)
+                .await
+                .context(OPERATIONS[2])?,
+        ])
+    };
+    let took = match operations.await {
+        Ok(took) => took,
+        Err(e) => {
+            // The processes' own account of it, before their directory goes.
+            for p in &plane {
+                let log = dir.path().join(format!("{}.log", p.name));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- last lines of {}:", p.name);
+                for line in &lines[lines.len().saturating_sub(20)..] {
+                    eprintln!("{line}");
+                }
+            }
+            return Err(e);
+        }
+    };
+    let mut peak = Vec::new();
+    for p in &mut plane {
+        p.check_alive()?;
+        let pid = p.pid().context("a process is down")?;
+        peak.push((p.name.clone(), peak_rss(pid)?));
+    }
+    Ok(Point {
+        items: n,
+        seed,
+        took,
+        peak,
+    })
+}
+
+/// The job-tracker (its own data directory), the replicator and the
+/// verifier (one embedded database, `data/default.db`, for both).
+async fn start(bins: &Path, dir: &Path, data: &Path) -> anyhow::Result<Vec<Process>> {
+    let data_dir = |path: &Path| ("TIDEMARK_DATA_DIR".to_owned(), path.display().to_string());
+    let jobs = free_addr()?;
+    let jobs_url = (
+        "TIDEMARK_JOB_TRACKER_URL".to_owned(),
+        format!("http://{jobs}"),
+    );
+    let worker = |name: &str| ("TIDEMARK_WORKER_ID".to_owned(), name.to_owned());
+    let replicator = free_addr()?;
+    let mut plane = vec![
+        Process::new(
+            "job-tracker",
+            bins.join("job-tracker"),
+            vec![data_dir(&dir.join("jobs"))],
+            jobs,
+            dir,
+        ),
+        Process::new(
+            "replicator",
+            bins.join("replicator"),
+            vec![data_dir(data), jobs_url.clone(), worker("scale-replicator")],
+            replicator,
+            dir,
+        ),
+        Process::new(
+            "verifier",
+            bins.join("verifier"),
+            vec![
+                data_dir(data),
+                jobs_url,
+                worker("scale-verifier"),
+                (
+                    "TIDEMARK_REPLICATOR_URL".to_owned(),
+                    format!("http://{replicator}"),
+                ),
+            ],
+            free_addr()?,
+            dir,
+        ),
+    ];
+    for p in &mut plane {
+        p.start()?;
+    }
+    for p in &plane {
+        p.wait_serving(Duration::from_secs(60)).await?;
+    }
+    Ok(plane)
+}
+
+/// VmHWM of /proc/<pid>/status: the process's peak resident memory.
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/<pid>/status")?;
+    Ok(kib * 1024)
+}
+
+/// BackfillAttribute of the whole table, from the request to the run's
+/// end; every item updated.
+async fn attribute_backfill(
+    replicator: &mut ReplicatorServiceClient<Channel>,
+    jobs: &mut JobTrackerServiceClient<Channel>,
+    n: usize,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let run_id = replicator
+        .backfill_attribute(rp::BackfillAttributeRequest {
+            spec: Some(rp::BackfillAttributeSpec {
+                table: Some(sqlite(SOURCE, &["id"])),
+                attribute_name: "migrated".to_owned(),
+                value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
+                    1i64,
+                ))),
+                segments: SEGMENTS,
+                write_units_per_second: 0,
+            }),
+            actor: "bench".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = loop {
+        let run = jobs
+            .get_run(jt::GetRunRequest {
+                run_id: run_id.clone(),
+            })
+            .await?
+            .into_inner()
+            .run
+            .context("no run")?;
+        if run.status != jt::RunStatus::Running as i32 && run.status != jt::RunStatus::Queued as i32
+        {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = started.elapsed();
+    anyhow::ensure!(
+        run.status == jt::RunStatus::Succeeded as i32,
+        "backfill run {run:?}"
+    );
+    let updated = run.counters.get("updated").copied().unwrap_or_default();
+    anyhow::ensure!(
+        usize::try_from(updated)? == n,
+        "the backfill updated {updated} of {n} items"
+    );
+    Ok(took)
+}
+
+/// A pipeline from the table into an embedded sink, from CreatePipeline
+/// until Drain reports its initial backfill done and the feed caught up.
+async fn pipeline(replicator: &mut ReplicatorServiceClient<Channel>) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let name = "scale";
+    replicator
+        .create_pipeline(rp::CreatePipelineRequest {
+            name: name.to_owned(),
+            spec: Some(rp::PipelineSpec {
+                source: Some(sqlite(SOURCE, &["id"])),
+                feed: Some(rp::ChangeFeed {
+                    feed: Some(rp::change_feed::Feed::EmbeddedChangeLog(
+                        rp::EmbeddedChangeLogFeed {
+                            start_position: rp::StartPosition::Latest as i32,
+                        },
+                    )),
+                }),
+                sinks: vec![rp::Sink {
+                    name: "copy".to_owned(),
+                    store: Some(sqlite(SINK, &[])),
+                    ..Default::default()
+                }],
+                backfill: Some(rp::BackfillOptions {
+                    mode: rp::BackfillMode::Tombstones as i32,
+                    segments: SEGMENTS,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            actor: "bench".to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    // Drain answers only once the backfill is done (STREAMING).
+    loop {
+        let state = replicator
+            .get_pipeline(rp::GetPipelineRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .pipeline
+            .context("no pipeline")?;
+        anyhow::ensure!(
+            state.state != rp::PipelineState::Failed as i32,
+            "the pipeline failed: {}",
+            state.state_reason
+        );
+        if state.state == rp::PipelineState::Streaming as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained = replicator
+        .drain(rp::DrainRequest {
+            name: name.to_owned(),
+            timeout: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        drained.lag.is_some_and(|l| l.caught_up),
+        "the pipeline did not catch up"
+    );
+    Ok(started.elapsed())
+}
+
+/// A count and a digest check of the table against the pipeline's sink,
+/// from StartVerification to the stored report; it must pass.
+async fn verification(
+    verifier: &mut VerifierServiceClient<Channel>,
+    n: usize,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let id = verifier
+        .start_verification(vf::StartVerificationRequest {
+            job_name: "scale-verify".to_owned(),
+            spec: Some(vf::VerificationSpec {
+                source: Some(sqlite(SOURCE, &["id"])),
+                target: Some(sqlite(SINK, &[])),
+                checks: vec![
+                    vf::Check {
+                        name: "count".to_owned(),
+                        kind: Some(vf::check::Kind::Count(vf::CountCheck::default())),
+                    },
+                    vf::Check {
+                        name: "digest".to_owned(),
+                        kind: Some(vf::check::Kind::Digest(vf::DigestCheck::default())),
+                    },
+                ],
+                segments: SEGMENTS,
+                ..Default::default()
+            }),
+            actor: "bench".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .verification_id;
+    loop {
+        let report = verifier
+            .get_report(vf::GetReportRequest {
+                verification_id: id.clone(),
+            })
+            .await?
+            .into_inner()
+            .report
+            .context("no report")?;
+        if report.status == vf::VerificationStatus::Completed as i32
+            || report.status == vf::VerificationStatus::Failed as i32
+        {
+            let took = started.elapsed();
+            anyhow::ensure!(
+                report.verdict == vf::Verdict::Pass as i32,
+                "the copy of {n} items did not pass: {report:?}"
+            );
+            return Ok(took);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
