@@ -36,6 +36,8 @@ const CONNECTIONS: usize = 16;
 /// its side runs closed-loop at a concurrency it can take.
 const DYNAMO_CONCURRENCY: usize = 4;
 const DYNAMO_ROUND: Duration = Duration::from_millis(2_000);
+/// Units a StartRun or AddUnits may register (the job-tracker's limit).
+const UNITS_PER_CALL: usize = 10_000;
 /// #16.5: DynamoDB requests per ClaimUnit + Checkpoint, at most.
 const REQUESTS_TARGET: f64 = 3.0;
 /// Operations of the pass that counts them, one at a time.
@@ -164,17 +166,19 @@ async fn serve(
         })
         .await
         .context("create the job")?;
-    let specs = (0..units)
+    let specs: Vec<pb::UnitSpec> = (0..units)
         .map(|i| pb::UnitSpec {
             unit_key: format!("segment-{i:06}"),
             after_unit_keys: vec![],
         })
         .collect();
+    // At most UNITS_PER_CALL a call: the first with the run, the rest added.
+    let mut chunks = specs.chunks(UNITS_PER_CALL);
     let started = Instant::now();
     let run = client
         .start_run(pb::StartRunRequest {
             job_name: "bench".into(),
-            units: specs,
+            units: chunks.next().unwrap_or_default().to_vec(),
             ..Default::default()
         })
         .await
@@ -182,6 +186,16 @@ async fn serve(
         .into_inner()
         .run
         .context("no run")?;
+    for chunk in chunks {
+        client
+            .add_units(pb::AddUnitsRequest {
+                run_id: run.run_id.clone(),
+                units: chunk.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .context("add units")?;
+    }
     Ok((
         Deployment {
             jobs,
