@@ -23,14 +23,10 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
     ]
 }
 
-/// Runs too long for `all`, each run by its name: the soak (10 minutes),
-/// the scale curve (up to 5M items) and the replica counts.
+/// Runs too long for `all`, each run by its name: the soak (10 minutes)
+/// and the scale curve (up to 5M items).
 pub fn long() -> Vec<Box<dyn Benchmark>> {
-    vec![
-        Box::new(soak::Soak),
-        Box::new(scale::Scale),
-        Box::new(replicator::replicas::Replicas),
-    ]
+    vec![Box::new(soak::Soak), Box::new(scale::Scale)]
 }
 
 /// The benchmark called `name`.

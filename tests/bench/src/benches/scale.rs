@@ -155,12 +155,7 @@ fn plot(points: &[Point], path: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(700);
-    let panels: [(
-        &DrawingArea<_, _>,
-        &str,
-        &str,
-        Vec<(String, Vec<(f64, f64)>)>,
-    ); 2] = [
+    let panels = [
         (
             &left,
             "time per item (linear: a flat line)",
@@ -195,6 +190,7 @@ fn plot(points: &[Point], path: &Path) -> anyhow::Result<()> {
         ),
     ];
     for (area, caption, y_desc, lines) in panels {
+        let lines: Vec<(String, Vec<(f64, f64)>)> = lines;
         let y_max = lines
             .iter()
             .flat_map(|(_, l)| l.iter().map(|(_, y)| *y))

@@ -24,7 +24,6 @@
 
 mod backfill;
 mod lag;
-pub mod replicas;
 mod replication;
 
 use backfill::{Backfill, backfill};
