@@ -123,13 +123,6 @@ impl ServiceHost {
         );
     }
 
-    /// Serves on `listener` until the shutdown token is cancelled, then
-    /// shuts down in order and returns once everything has stopped or the
-    /// grace deadline has passed.
-    ///
-    /// # Errors
-    /// When TLS material cannot be read, reflection cannot be built, or the
-    /// transport fails.
     /// Bounds the RPC `method` of `service` (a generated server's `NAME`) by
     /// `bound` plus the request timeout instead of the request timeout
     /// alone: for the RPCs that wait by design, each up to a limit of its
@@ -141,6 +134,13 @@ impl ServiceHost {
         self
     }
 
+    /// Serves on `listener` until the shutdown token is cancelled, then
+    /// shuts down in order and returns once everything has stopped or the
+    /// grace deadline has passed.
+    ///
+    /// # Errors
+    /// When TLS material cannot be read, reflection cannot be built, or the
+    /// transport fails.
     pub async fn serve(mut self, listener: TcpListener) -> KitResult<()> {
         let addr = listener.local_addr()?;
         for service in self.health.services() {
