@@ -129,7 +129,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn many_waiting_calls_share_one_worker_thread_and_keep_their_order() {
+    async fn many_waiting_calls_share_one_worker_thread() {
         let conn = shared();
         conn.run(|c| Ok(c.execute_batch("CREATE TABLE t (n INTEGER)")?))
             .await
