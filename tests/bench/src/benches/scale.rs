@@ -475,21 +475,7 @@ async fn attribute_backfill(
         .await?
         .into_inner()
         .run_id;
-    let run = loop {
-        let run = jobs
-            .get_run(jt::GetRunRequest {
-                run_id: run_id.clone(),
-            })
-            .await?
-            .into_inner()
-            .run
-            .context("no run")?;
-        if run.status != jt::RunStatus::Running as i32 && run.status != jt::RunStatus::Queued as i32
-        {
-            break run;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let run = super::replicator::wait_run(jobs, &run_id).await?;
     let took = started.elapsed();
     anyhow::ensure!(
         run.status == jt::RunStatus::Succeeded as i32,
@@ -556,20 +542,7 @@ async fn pipeline(replicator: &mut ReplicatorServiceClient<Channel>) -> anyhow::
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let drained = replicator
-        .drain(rp::DrainRequest {
-            name: name.to_owned(),
-            timeout: Some(prost_types::Duration {
-                seconds: 600,
-                nanos: 0,
-            }),
-        })
-        .await?
-        .into_inner();
-    anyhow::ensure!(
-        drained.lag.is_some_and(|l| l.caught_up),
-        "the pipeline did not catch up"
-    );
+    super::replicator::drain(replicator, name).await?;
     Ok(started.elapsed())
 }
 

@@ -28,6 +28,7 @@ mod replication;
 
 use backfill::{Backfill, backfill};
 use lag::Lag;
+pub(crate) use replication::drain;
 use replication::{Replication, replication};
 
 use std::time::Duration;
@@ -124,7 +125,7 @@ async fn plane(aws_endpoint: &str) -> anyhow::Result<Plane> {
     })
 }
 
-async fn wait_run(
+pub(crate) async fn wait_run(
     jobs: &mut JobTrackerServiceClient<Channel>,
     run_id: &str,
 ) -> anyhow::Result<jt::Run> {

@@ -269,7 +269,7 @@ pub(super) async fn replication(ctx: &Context, docs: usize) -> anyhow::Result<Re
     })
 }
 
-async fn drain(
+pub(crate) async fn drain(
     replicator: &mut ReplicatorServiceClient<Channel>,
     name: &str,
 ) -> anyhow::Result<()> {
