@@ -124,6 +124,17 @@ impl Process {
 }
 
 /// A free loopback port, kept for the whole run.
+/// Starts every process, then waits (up to 60 s each) until all serve.
+pub async fn start_all(processes: &mut [Process]) -> anyhow::Result<()> {
+    for p in processes.iter_mut() {
+        p.start()?;
+    }
+    for p in processes.iter() {
+        p.wait_serving(Duration::from_secs(60)).await?;
+    }
+    Ok(())
+}
+
 pub fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tidemark_chaos::plane::{Process, build_services, free_addr};
+use tidemark_chaos::plane::{Process, build_services, free_addr, start_all};
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::{AttrValue, Item, KeySchema};
 use tidemark_proto::common::v1 as common;
@@ -353,9 +353,7 @@ async fn one_size(bins: &Path, n: usize) -> anyhow::Result<Point> {
                 .await
                 .context(OPERATIONS[0])?,
             pipeline(&mut replicator).await.context(OPERATIONS[1])?,
-            verification(&mut verifier, n)
-                .await
-                .context(OPERATIONS[2])?,
+            verification(&mut verifier).await.context(OPERATIONS[2])?,
         ])
     };
     let took = match operations.await {
@@ -430,12 +428,7 @@ async fn start(bins: &Path, dir: &Path, data: &Path) -> anyhow::Result<Vec<Proce
             dir,
         ),
     ];
-    for p in &mut plane {
-        p.start()?;
-    }
-    for p in &plane {
-        p.wait_serving(Duration::from_secs(60)).await?;
-    }
+    start_all(&mut plane).await?;
     Ok(plane)
 }
 
@@ -548,55 +541,22 @@ async fn pipeline(replicator: &mut ReplicatorServiceClient<Channel>) -> anyhow::
 
 /// A count and a digest check of the table against the pipeline's sink,
 /// from StartVerification to the stored report; it must pass.
-async fn verification(
-    verifier: &mut VerifierServiceClient<Channel>,
-    n: usize,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let id = verifier
-        .start_verification(vf::StartVerificationRequest {
-            job_name: "scale-verify".to_owned(),
-            spec: Some(vf::VerificationSpec {
-                source: Some(sqlite(SOURCE, &["id"])),
-                target: Some(sqlite(SINK, &[])),
-                checks: vec![
-                    vf::Check {
-                        name: "count".to_owned(),
-                        kind: Some(vf::check::Kind::Count(vf::CountCheck::default())),
-                    },
-                    vf::Check {
-                        name: "digest".to_owned(),
-                        kind: Some(vf::check::Kind::Digest(vf::DigestCheck::default())),
-                    },
-                ],
-                segments: SEGMENTS,
-                ..Default::default()
-            }),
-            actor: "bench".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .verification_id;
-    loop {
-        let report = verifier
-            .get_report(vf::GetReportRequest {
-                verification_id: id.clone(),
-            })
-            .await?
-            .into_inner()
-            .report
-            .context("no report")?;
-        if report.status == vf::VerificationStatus::Completed as i32
-            || report.status == vf::VerificationStatus::Failed as i32
-        {
-            let took = started.elapsed();
-            anyhow::ensure!(
-                report.verdict == vf::Verdict::Pass as i32,
-                "the copy of {n} items did not pass: {report:?}"
-            );
-            return Ok(took);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn verification(verifier: &mut VerifierServiceClient<Channel>) -> anyhow::Result<Duration> {
+    let spec = vf::VerificationSpec {
+        source: Some(sqlite(SOURCE, &["id"])),
+        target: Some(sqlite(SINK, &[])),
+        checks: vec![
+            vf::Check {
+                name: "count".to_owned(),
+                kind: Some(vf::check::Kind::Count(vf::CountCheck::default())),
+            },
+            vf::Check {
+                name: "digest".to_owned(),
+                kind: Some(vf::check::Kind::Digest(vf::DigestCheck::default())),
+            },
+        ],
+        segments: SEGMENTS,
+        ..Default::default()
+    };
+    super::verifier::verify(verifier, spec).await
 }

@@ -127,8 +127,8 @@ pub(crate) fn record(item: &Item) -> SinkRecord {
     }
 }
 
-/// One verification through gRPC, start to finished report.
-async fn verify(
+/// One verification through gRPC, start to finished report; it must pass.
+pub(crate) async fn verify(
     client: &mut VerifierServiceClient<Channel>,
     spec: pb::VerificationSpec,
 ) -> anyhow::Result<Duration> {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tidemark_chaos::plane::{Process, build_services, free_addr};
+use tidemark_chaos::plane::{Process, build_services, free_addr, start_all};
 
 use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
 
@@ -148,12 +148,7 @@ async fn start(dir: &Path) -> anyhow::Result<Vec<Process>> {
             dir,
         ),
     ];
-    for p in &mut plane {
-        p.start()?;
-    }
-    for p in &plane {
-        p.wait_serving(Duration::from_secs(60)).await?;
-    }
+    start_all(&mut plane).await?;
     Ok(plane)
 }
 
