@@ -43,8 +43,11 @@ where
                 }
                 "ProvisionedThroughputExceededException"
                 | "ThrottlingException"
-                | "RequestLimitExceeded"
-                | "LimitExceededException"
+                | "RequestLimitExceeded" => {
+                    crate::capacity::record_throttled();
+                    retryable(message)
+                }
+                "LimitExceededException"
                 | "InternalServerError"
                 | "InternalFailure"
                 | "ServiceUnavailable"

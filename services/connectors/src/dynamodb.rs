@@ -6,11 +6,12 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue as DdbValue, BillingMode, KeySchemaElement, KeyType,
-    ReturnValue, ScalarAttributeType, StreamSpecification, StreamViewType, TableDescription,
-    TableStatus,
+    AttributeDefinition, AttributeValue as DdbValue, BillingMode, ConsumedCapacity,
+    KeySchemaElement, KeyType, ReturnConsumedCapacity, ReturnValue, ScalarAttributeType,
+    StreamSpecification, StreamViewType, TableDescription, TableStatus,
 };
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
@@ -327,7 +328,7 @@ impl DynamoTable {
             })
             .collect();
         Ok(Self {
-            client,
+            client: own_retries(&client),
             name: name.to_owned(),
             schema,
             key_types,
@@ -369,6 +370,27 @@ impl DynamoTable {
         values: &mut ExprValues,
     ) -> Option<String> {
         condition.map(|c| c.render(&self.schema.partition, names, values))
+    }
+}
+
+/// `client` without the SDK's own retries: a table's calls retry in
+/// [`retry`] (full jitter), where each throttled attempt is seen and counted
+/// ([`crate::capacity`]) instead of being absorbed by a second retry loop
+/// underneath, which would also multiply the attempts.
+pub fn own_retries(client: &Client) -> Client {
+    Client::from_conf(
+        client
+            .config()
+            .to_builder()
+            .retry_config(RetryConfig::disabled())
+            .build(),
+    )
+}
+
+/// Adds what a write consumed to the task's capacity meter.
+pub fn record_consumed(consumed: Option<&ConsumedCapacity>) {
+    if let Some(units) = consumed.and_then(ConsumedCapacity::capacity_units) {
+        crate::capacity::record_consumed(units);
     }
 }
 
@@ -455,16 +477,19 @@ impl SourceTable for DynamoTable {
             let mut names = ExprNames::default();
             let mut values = ExprValues::default();
             let condition = self.condition(condition, &mut names, &mut values);
-            self.client
+            let out = self
+                .client
                 .put_item()
                 .table_name(&self.name)
                 .set_item(Some(item_to_ddb(item)))
                 .set_condition_expression(condition)
                 .set_expression_attribute_names(non_empty(names.0))
                 .set_expression_attribute_values(values_to_ddb(values))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
                 .await
                 .map_err(|e| classify(BACKEND, &e))?;
+            record_consumed(out.consumed_capacity());
             Ok(())
         })
         .await
@@ -498,9 +523,11 @@ impl SourceTable for DynamoTable {
                 .set_expression_attribute_names(non_empty(names.0))
                 .set_expression_attribute_values(values_to_ddb(values))
                 .return_values(ReturnValue::AllNew)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
                 .await
                 .map_err(|e| classify(BACKEND, &e))?;
+            record_consumed(out.consumed_capacity());
             item_from_ddb(out.attributes.as_ref().unwrap_or(&HashMap::new()))
         })
         .await
@@ -512,16 +539,19 @@ impl SourceTable for DynamoTable {
             let mut names = ExprNames::default();
             let mut values = ExprValues::default();
             let condition = self.condition(condition, &mut names, &mut values);
-            self.client
+            let out = self
+                .client
                 .delete_item()
                 .table_name(&self.name)
                 .set_key(Some(key_to_ddb(key)))
                 .set_condition_expression(condition)
                 .set_expression_attribute_names(non_empty(names.0))
                 .set_expression_attribute_values(values_to_ddb(values))
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .send()
                 .await
                 .map_err(|e| classify(BACKEND, &e))?;
+            record_consumed(out.consumed_capacity());
             Ok(())
         })
         .await

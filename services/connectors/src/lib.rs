@@ -9,6 +9,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod capacity;
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
 #[cfg(feature = "elasticsearch")]

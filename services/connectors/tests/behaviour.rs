@@ -198,6 +198,50 @@ async fn dynamodb_streams_change_feed() {
     .await;
 }
 
+/// A task's meter adds the write capacity DynamoDB reports for its writes
+/// (put, update, delete), and nothing for another task's.
+#[tokio::test]
+async fn dynamodb_writes_report_their_consumed_capacity_to_the_tasks_meter() {
+    use tidemark_connectors::capacity::{CapacityMeter, metered};
+    use tidemark_connectors::{AttrValue, Item, Key, SourceTable as _};
+    let (client, _) = dynamodb_clients().await;
+    let table = DynamoTable::create(client, &unique_name("capacity"), &schema(), false)
+        .await
+        .unwrap();
+    let item: Item = [
+        (PK.to_owned(), AttrValue::s("a")),
+        (SK.to_owned(), AttrValue::s("1")),
+    ]
+    .into();
+    let key = Key::new([
+        (PK.to_owned(), AttrValue::s("a")),
+        (SK.to_owned(), AttrValue::s("1")),
+    ]);
+    // Each write adds what DynamoDB reported for it (a whole unit per write
+    // of up to 1 KB on DynamoDB; the local emulator reports less for some).
+    let meter = CapacityMeter::new();
+    let mut after = Vec::new();
+    metered(meter.clone(), async {
+        table.put(&item, None).await.unwrap();
+        after.push(meter.consumed());
+        let set: Item = [("n".to_owned(), AttrValue::n(1i64))].into();
+        table.update(&key, &set, None).await.unwrap();
+        after.push(meter.consumed());
+        table.delete(&key, None).await.unwrap();
+        after.push(meter.consumed());
+    })
+    .await;
+    assert!(
+        after[0] > 0.0 && after[1] > after[0] && after[2] > after[1],
+        "consumed after each write: {after:?}"
+    );
+    assert_eq!(meter.throttled(), 0);
+    // A write outside the task adds nothing to its meter.
+    let before = meter.consumed();
+    table.put(&item, None).await.unwrap();
+    assert!((meter.consumed() - before).abs() < f64::EPSILON);
+}
+
 #[tokio::test]
 async fn dynamodb_errors_are_classified() {
     let (client, _) = dynamodb_clients().await;

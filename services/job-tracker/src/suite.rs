@@ -3,6 +3,7 @@
 //! own rules. Each check panics with what went wrong.
 
 mod blocked;
+mod calls;
 mod caps;
 mod interleave;
 mod restart;
@@ -11,6 +12,7 @@ mod settle;
 mod support;
 
 pub use blocked::{blocked_units_do_not_stop_claims, dependency_cycles_are_refused};
+pub use calls::a_claim_and_a_checkpoint_make_three_store_calls;
 pub use caps::unit_sizes_are_capped;
 pub use restart::{
     an_explicit_run_ends_as_its_last_unit_asked,

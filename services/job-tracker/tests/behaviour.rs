@@ -174,6 +174,25 @@ async fn dynamodb_dependency_cycles_are_refused() {
     suite::dependency_cycles_are_refused(dynamodb().await, &unique_name("t")).await;
 }
 
+// #16.5: a claim is one query and one write, a checkpoint one write.
+#[tokio::test]
+async fn sqlite_a_claim_and_a_checkpoint_make_three_store_calls() {
+    let (_dir, kv) = sqlite();
+    Box::pin(suite::a_claim_and_a_checkpoint_make_three_store_calls(
+        kv, "t",
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn dynamodb_a_claim_and_a_checkpoint_make_three_store_calls() {
+    Box::pin(suite::a_claim_and_a_checkpoint_make_three_store_calls(
+        dynamodb().await,
+        &unique_name("t"),
+    ))
+    .await;
+}
+
 // #19: a unit at every size cap still fits one DynamoDB item.
 #[tokio::test]
 async fn sqlite_unit_sizes_are_capped() {

@@ -150,6 +150,34 @@ pub struct Claim {
     pub run: Run,
     pub job: Job,
     pub lease: UnitLease,
+    /// The unit's place among the worker's `concurrency`.
+    pub slot: Slot,
+}
+
+/// A claimed unit's place among the units a worker runs at once. A unit
+/// that runs for as long as its job does (a pipeline's change-feed
+/// follower) gives it back with [`Slot::release`]: otherwise a worker
+/// holding as many followers as its concurrency would never claim the
+/// finite units (backfill segments) those same jobs wait for.
+#[derive(Clone, Default)]
+pub struct Slot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl Slot {
+    /// Frees the place: the worker claims another unit beside this one.
+    pub fn release(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+    }
+
+    /// Whether the unit still counts against the worker's concurrency.
+    pub fn held(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
 }
 
 /// The held lease of one unit. Cheap to clone; a background task extends it
@@ -579,11 +607,13 @@ pub async fn run_worker(
         tracing::info!(job = %job.name, run_id = %unit.run_id, unit = %unit.unit_key, attempt = unit.attempts, "claimed unit");
         tasks.spawn(lease.clone().keep_alive());
         let done = lease.done.clone();
+        let slot = Slot(Arc::new(std::sync::Mutex::new(Some(permit))));
         let work = tokio::spawn(executor(Claim {
             unit,
             run,
             job,
             lease,
+            slot: slot.clone(),
         }));
         tasks.spawn(async move {
             // However the executor ended (finished the unit, failed to report
@@ -594,7 +624,7 @@ pub async fn run_worker(
                 tracing::error!(error = %e, "unit executor panicked");
             }
             done.cancel();
-            drop(permit);
+            slot.release();
         });
         // Reap finished tasks so the set does not grow without bound.
         while tasks.try_join_next().is_some() {}

@@ -1255,6 +1255,80 @@ async fn a_sinks_tombstone_retention_purges_its_old_tombstones() {
     assert!(reader.read(&key("post", "gone")).await.unwrap().is_none());
 }
 
+/// A worker of one place runs two pipelines: each pipeline's change-feed
+/// follower runs for as long as its pipeline and gives its place back, so
+/// the backfill segments of both (claimed after the followers) still run,
+/// and both pipelines reach STREAMING with every document copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_do_not_hold_a_workers_places_from_the_backfills() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = common::plane_in(dir.path(), |c| c.worker_concurrency = 1).await;
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let store =
+        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
+            .unwrap();
+    let table = store.table("docs", schema());
+    for i in 0..40 {
+        table
+            .put(
+                &doc("post", &format!("p{i:02}"), AttrValue::n(i64::from(i))),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let mut pipelines = Vec::new();
+    for _ in 0..2 {
+        let index = unique_name("one-place");
+        let mut spec = kafka_spec("unused", &index, 1);
+        spec.feed = Some(pb::ChangeFeed {
+            feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+                pb::EmbeddedChangeLogFeed {
+                    start_position: pb::StartPosition::Latest as i32,
+                },
+            )),
+        });
+        spec.backfill = Some(pb::BackfillOptions {
+            mode: pb::BackfillMode::Tombstones as i32,
+            segments: 4,
+            ..Default::default()
+        });
+        let name = unique_name("one-place");
+        plane
+            .replicator
+            .create_pipeline(pb::CreatePipelineRequest {
+                name: name.clone(),
+                spec: Some(spec),
+                actor: "t".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        pipelines.push((name, index));
+    }
+    for (name, index) in &pipelines {
+        wait_streaming(&mut plane, name).await;
+        drain(&mut plane, name).await;
+        let reader = ElasticsearchSink::connect(
+            &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+            index,
+            schema(),
+        )
+        .await
+        .unwrap();
+        for i in [0, 17, 39] {
+            assert!(
+                reader
+                    .read(&key("post", &format!("p{i:02}")))
+                    .await
+                    .unwrap()
+                    .is_some(),
+                "p{i:02} missing from {index}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,9 @@
 //! The aggregator's gauges on /metrics: what a cut-over dashboard watches
 //! (buffered work, paused) and what to alert on (flushes that stopped).
 
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tidemark_connectors::BufferStats;
 use tidemark_kit::Metrics;
@@ -16,6 +19,8 @@ pub struct Gauges {
     last_flush_items: Gauge,
     last_flush_unix_seconds: Gauge,
     dead_lettered: Gauge,
+    flush_throttled: Counter,
+    flush_write_units: Counter<f64, AtomicU64>,
 }
 
 fn clamp(n: u64) -> i64 {
@@ -57,6 +62,24 @@ impl Gauges {
                 "stats_dead_lettered_entities",
                 "entity changes the stats table or Kafka refused for good, kept as dead letters (alert when above 0)",
             ),
+            flush_throttled: {
+                let c = Counter::default();
+                metrics.register(
+                    "stats_flush_throttled",
+                    "flush writes the stats table throttled (each retried; the flush's write rate backs off)",
+                    c.clone(),
+                );
+                c
+            },
+            flush_write_units: {
+                let c = Counter::<f64, AtomicU64>::default();
+                metrics.register(
+                    "stats_flush_write_units",
+                    "write capacity units the stats table reported consumed by flushes",
+                    c.clone(),
+                );
+                c
+            },
         }
     }
 
@@ -80,5 +103,7 @@ impl Gauges {
             .set(i64::try_from(report.duration.as_millis()).unwrap_or(i64::MAX));
         self.last_flush_unix_seconds
             .set(crate::engine::now_micros() / 1_000_000);
+        self.flush_throttled.inc_by(report.throttled);
+        self.flush_write_units.inc_by(report.write_units_consumed);
     }
 }

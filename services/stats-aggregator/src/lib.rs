@@ -85,6 +85,11 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// Item writes of one flush in flight at once.
     pub flush_concurrency: usize,
+    /// Most item writes a second a flush sends (0: no limit). Either way
+    /// the flush backs off when the stats table throttles it and recovers
+    /// after (AIMD), so a flush shares a provisioned table with its
+    /// readers instead of exhausting it.
+    pub flush_write_units_per_second: u32,
     /// How long an event id is remembered to drop client retries.
     pub dedup_window_secs: u64,
     /// Redis replicas that must have a batch of events before it is
@@ -115,6 +120,7 @@ impl Default for Config {
             kafka_topic: "tidemark-stats".to_owned(),
             flush_interval_ms: 300_000,
             flush_concurrency: 16,
+            flush_write_units_per_second: 0,
             dedup_window_secs: 3600,
             pause_confirm_timeout_ms: 10_000,
             redis_wait_replicas: 0,
@@ -338,6 +344,7 @@ pub fn register_with(config: &Config, backends: Backends, host: &mut ServiceHost
         dedup_window: Duration::from_secs(config.dedup_window_secs),
         flush_interval: Duration::from_millis(config.flush_interval_ms),
         flush_concurrency: config.flush_concurrency,
+        flush_write_rate: f64::from(config.flush_write_units_per_second),
         pause_confirm_timeout: Duration::from_millis(config.pause_confirm_timeout_ms),
         ..engine::Settings::new(&config.stats_key_attribute)
     };

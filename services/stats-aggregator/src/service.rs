@@ -104,6 +104,8 @@ impl StatsAggregatorService for StatsAggregator {
             items_already_applied: report.items_already_applied,
             records_published: report.records_published,
             duration: Some(convert::duration(report.duration)),
+            write_units_consumed: report.write_units_consumed,
+            throttled: i64::try_from(report.throttled).unwrap_or(i64::MAX),
         }))
     }
 

@@ -11,10 +11,13 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue as DdbValue, KeyType, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    AttributeValue as DdbValue, KeyType, ReturnConsumedCapacity, ReturnValue,
+    ReturnValuesOnConditionCheckFailure,
 };
 use rusqlite::{Connection, OptionalExtension, params};
-use tidemark_connectors::dynamodb::{classify, describe_table, get_item, item_from_ddb};
+use tidemark_connectors::dynamodb::{
+    classify, describe_table, get_item, item_from_ddb, own_retries, record_consumed,
+};
 use tidemark_connectors::sqlite::{SharedConnection, item_from_json, open_file};
 use tidemark_connectors::value::canonical_item;
 use tidemark_connectors::{AttrValue, ConnectorError, ConnectorResult, EntityDelta, Item, Number};
@@ -210,7 +213,9 @@ impl DynamoStatsStore {
     /// DynamoDB cannot be reached.
     pub async fn open(client: Client, table: &str, key_attribute: &str) -> ConnectorResult<Self> {
         let store = Self {
-            client,
+            // The flush retries each write itself, every throttled attempt
+            // seen by its write rate.
+            client: own_retries(&client),
             table: table.to_owned(),
             key_attribute: key_attribute.to_owned(),
         };
@@ -314,10 +319,12 @@ impl StatsStore for DynamoStatsStore {
             .set_expression_attribute_values(Some(values))
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
         match result {
             Ok(out) => {
+                record_consumed(out.consumed_capacity());
                 let item = out.attributes.unwrap_or_default();
                 Ok(WriteOutcome::Written(Self::stored(&item)?))
             }

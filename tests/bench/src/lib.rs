@@ -17,6 +17,7 @@ pub mod load;
 pub mod machine;
 pub mod proxy;
 pub mod results;
+pub mod throttle;
 
 pub use framework::{Benchmark, Context, Report, Rounds, Row, Side, Sides, Target, interleaved};
 pub use load::{ClosedLoop, LoadResult, OpenLoop};

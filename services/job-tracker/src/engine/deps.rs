@@ -7,10 +7,12 @@ use std::collections::HashMap;
 
 use tidemark_kit::FieldError;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Tracker, UnitSpec, to_body};
 use crate::error::TrackerResult;
 use crate::limits;
-use crate::model::{self, UnitStatus};
+use crate::model::{self, Unit, UnitStatus};
 
 /// Checks the units a StartRun or AddUnits declares, before anything is
 /// written: their keys, and dependencies on units of the same request that
@@ -128,10 +130,67 @@ pub(super) fn queue_body(after: &[String]) -> TrackerResult<String> {
     }
 }
 
-/// What a queue entry says its unit waits for; `None` when it says nothing
-/// (no dependencies, or an entry written before entries said), and the
-/// claim reads the unit.
-pub(super) fn queued_after(body: &str) -> Option<Vec<String>> {
+/// Queue entries carry a copy of their unit up to this size; a larger unit
+/// (a retried one with a big checkpoint) is read by the claim instead.
+const QUEUED_COPY_BYTES: usize = 4 * 1024;
+
+/// A queue entry with a copy of its unit (#16.5); the unit names what it
+/// waits for.
+#[derive(Serialize)]
+struct QueuedCopy<'a> {
+    rev: u64,
+    unit: &'a Unit,
+}
+
+#[derive(Deserialize)]
+struct QueuedCopyOwned {
+    rev: u64,
+    unit: Unit,
+}
+
+/// The body of the queue entry of `unit`, written in the same transaction
+/// as `unit` at revision `rev`: what it waits for and, when small, a copy
+/// of it, so a claim writes it conditional on `rev` instead of reading it.
+pub(super) fn queue_body_with(unit: &Unit, rev: u64) -> TrackerResult<String> {
+    let body = to_body(&QueuedCopy { rev, unit })?;
+    if body.len() <= QUEUED_COPY_BYTES {
+        Ok(body)
+    } else {
+        queue_body(&unit.after_unit_keys)
+    }
+}
+
+/// What a queue entry says: the units its unit waits for (`None` when it
+/// says nothing: no dependencies, or an entry written before entries said),
+/// and the copy of the unit with its revision, when it has one.
+pub(super) struct Queued {
+    pub after: Option<Vec<String>>,
+    pub unit: Option<(Unit, u64)>,
+}
+
+pub(super) fn queued(body: &str) -> Queued {
+    if body.starts_with('{') {
+        if let Ok(q) = serde_json::from_str::<QueuedCopyOwned>(body) {
+            return Queued {
+                after: (!q.unit.after_unit_keys.is_empty()).then(|| q.unit.after_unit_keys.clone()),
+                unit: Some((q.unit, q.rev)),
+            };
+        }
+        return Queued {
+            after: None,
+            unit: None,
+        };
+    }
+    Queued {
+        after: queued_after(body),
+        unit: None,
+    }
+}
+
+/// What a queue entry without a copy of its unit says its unit waits for;
+/// `None` when it says nothing (no dependencies, or an entry written before
+/// entries said), and the claim reads the unit.
+fn queued_after(body: &str) -> Option<Vec<String>> {
     if body.is_empty() {
         None
     } else {
@@ -195,6 +254,40 @@ mod tests {
         let e =
             check_units(&[spec("p", &[]), spec("q", &["r"]), spec("r", &["p", "q"])]).unwrap_err();
         assert_eq!(e.field, "units[1].after_unit_keys", "{}", e.description);
+    }
+
+    #[test]
+    fn queue_entries_say_what_their_unit_waits_for_and_may_copy_it() {
+        // Entries written before copies: empty, or the units waited for.
+        assert!(queued("").after.is_none() && queued("").unit.is_none());
+        let old = queued(r#"["a","b"]"#);
+        assert_eq!(old.after, Some(vec!["a".to_owned(), "b".to_owned()]));
+        assert!(old.unit.is_none());
+        let now = chrono::Utc::now();
+        let mut unit = Unit {
+            run_id: "r".to_owned(),
+            job_name: "j".to_owned(),
+            unit_key: "k".to_owned(),
+            status: UnitStatus::NotMigrated,
+            checkpoint: b"resume here".to_vec(),
+            progress: model::Progress::default(),
+            last_error: String::new(),
+            attempts: 1,
+            fencing_token: 1,
+            lease: None,
+            after_unit_keys: vec!["a".to_owned()],
+            result: None,
+            create_time: now,
+            update_time: now,
+        };
+        let copied = queued(&queue_body_with(&unit, 7).unwrap());
+        assert_eq!(copied.after, Some(vec!["a".to_owned()]));
+        assert_eq!(copied.unit, Some((unit.clone(), 7)));
+        // A unit too large to copy: the entry says only what it waits for.
+        unit.checkpoint = vec![7; QUEUED_COPY_BYTES];
+        let large = queued(&queue_body_with(&unit, 8).unwrap());
+        assert_eq!(large.after, Some(vec!["a".to_owned()]));
+        assert!(large.unit.is_none());
     }
 
     #[test]

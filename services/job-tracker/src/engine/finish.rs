@@ -13,7 +13,7 @@ use chrono::Utc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ACTIVE, JOBS, Tracker, delete, job_pk, parse, put, run_pk};
+use super::{ACTIVE, JOBS, Tracker, delete, parse, put, run_pk, run_puts};
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op};
 use crate::limits;
@@ -300,17 +300,12 @@ impl Tracker {
             }
             _ => {}
         }
-        let mut ops = vec![
-            put(
-                &job_pk(&run.job_name),
-                &format!("run#{run_id}"),
-                &run,
-                Expect::Rev(rev),
-            )?,
+        let mut ops = run_puts(&run, Expect::Rev(rev))?;
+        ops.extend([
             put(JOBS, &job.name, &job, Expect::Rev(job_rev))?,
             delete(ACTIVE, run_id, Expect::Any),
             self.run_transition(&run, Some(from), end.actor, end.reason)?,
-        ];
+        ]);
         ops.extend(guard);
         Ok(self.apply(ops).await?.map(|()| run))
     }

@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::deps::{Migrated, queue_body, queued_after};
+use super::deps::{Migrated, queue_body_with, queued};
 use super::finish::{asked_end_op, open_units_op};
 use super::{
-    ACTIVE, ActiveRun, ClaimRequest, Claimed, Fence, Tracker, UnitOutcome, delete, job_pk, micros,
-    parse, put, run_pk,
+    ACTIVE, ActiveRun, ClaimRequest, Claimed, Fence, RUN_COPY, Tracker, UnitOutcome, delete,
+    job_pk, micros, parse, put, run_pk,
 };
 use crate::error::{TrackerError, TrackerResult};
-use crate::kv::{Expect, Op, query_all};
+use crate::kv::{Entry, Expect, Op, query_all};
 use crate::limits;
 use crate::model::{
     Job, JobKind, Lease, Progress, RouteTarget, Run, RunStatus, RunView, Unit, UnitStatus,
@@ -24,6 +24,17 @@ const FIRST_PAGE: usize = 32;
 /// Entries per further page, read only while every entry so far waited for
 /// other units.
 const NEXT_PAGE: usize = 500;
+/// What a claim queries in a run's partition: the copy of the run
+/// (`RUN_COPY`, first) and the queue entries (`q#<key>`) after it.
+const QUEUE_SCAN: &str = "q";
+
+/// A page of a run's queue read with the run, for the claim to start with.
+struct QueuePage {
+    /// As read: may begin with the run's copy.
+    entries: Vec<Entry>,
+    /// The read returned fewer entries than asked: nothing follows.
+    last: bool,
+}
 
 /// The result of one attempt to claim one unit (or of a pass over many).
 enum ClaimAttempt {
@@ -70,9 +81,36 @@ impl Tracker {
         Ok(out)
     }
 
+    /// The run to claim in and, unless the claim names its unit, the first
+    /// page of its queue: one Query reads both where the run keeps a copy
+    /// at the head of its queue (#16.5); a run written before it kept one
+    /// is read as well.
+    async fn run_to_claim(
+        &self,
+        run_id: &str,
+        req: &ClaimRequest,
+    ) -> TrackerResult<(Run, Option<QueuePage>)> {
+        let named = !req.unit_key.is_empty();
+        let limit = if named { 1 } else { FIRST_PAGE + 1 };
+        let entries = self
+            .kv
+            .query(&run_pk(run_id), QUEUE_SCAN, None, limit)
+            .await?;
+        let last = entries.len() < limit;
+        let copy = match entries.first() {
+            Some(e) if e.sk == RUN_COPY => Some(parse::<Run>(e)?),
+            _ => None,
+        };
+        let run = match copy {
+            Some(run) => run,
+            None => self.load_run(run_id).await?.0,
+        };
+        Ok((run, (!named).then_some(QueuePage { entries, last })))
+    }
+
     async fn try_claim(&self, req: &ClaimRequest) -> TrackerResult<Option<Claimed>> {
         for run_id in self.candidate_runs(req).await? {
-            let (run, _) = match self.load_run(&run_id).await {
+            let (run, first_page) = match self.run_to_claim(&run_id, req).await {
                 Ok(r) => r,
                 Err(TrackerError::NotFound(_)) if req.run_id.is_empty() => continue,
                 Err(e) => return Err(e),
@@ -87,7 +125,7 @@ impl Tracker {
                 continue;
             }
             let job = self.recent_job(&run.job_name).await?;
-            if let Some(unit) = self.claim_in_run(&run, &job, req).await? {
+            if let Some(unit) = self.claim_in_run(&run, &job, req, first_page).await? {
                 return Ok(Some(Claimed { unit, run, job }));
             }
             self.maybe_finish_run(&run_id, &req.worker_id).await?;
@@ -103,6 +141,7 @@ impl Tracker {
         run: &Run,
         job: &Job,
         req: &ClaimRequest,
+        mut first_page: Option<QueuePage>,
     ) -> TrackerResult<Option<Unit>> {
         let pk = run_pk(&run.run_id);
         for _ in 0..16 {
@@ -110,7 +149,7 @@ impl Tracker {
             let mut lost = false;
             if !req.unit_key.is_empty() {
                 match self
-                    .claim_one(run, &req.unit_key, req, true, &mut seen)
+                    .claim_one(run, &req.unit_key, req, true, &mut seen, None)
                     .await?
                 {
                     ClaimAttempt::Claimed(unit) => return Ok(Some(*unit)),
@@ -120,7 +159,10 @@ impl Tracker {
             }
             let cap = job.max_concurrent_units as usize;
             if cap == 0 || self.kv.query(&pk, "p#", None, cap).await?.len() < cap {
-                match self.claim_queued(run, req, &mut seen).await? {
+                match self
+                    .claim_queued(run, req, &mut seen, first_page.take())
+                    .await?
+                {
                     ClaimAttempt::Claimed(unit) => return Ok(Some(*unit)),
                     ClaimAttempt::Lost => lost = true,
                     ClaimAttempt::NotClaimable => {}
@@ -137,7 +179,10 @@ impl Tracker {
                 .map(|e| e.sk[2..].to_owned())
                 .collect();
             for key in expired {
-                match self.claim_one(run, &key, req, false, &mut seen).await? {
+                match self
+                    .claim_one(run, &key, req, false, &mut seen, None)
+                    .await?
+                {
                     ClaimAttempt::Claimed(unit) => return Ok(Some(*unit)),
                     ClaimAttempt::Lost => lost = true,
                     ClaimAttempt::NotClaimable => {}
@@ -153,24 +198,36 @@ impl Tracker {
     /// Claims the first claimable unit of the queue, paging past units that
     /// wait for others (#19.8): their entries name what they wait for, so
     /// passing one reads no unit, and each unit waited for is read once.
+    /// Starts with `first_page` when given (read with the run).
     async fn claim_queued(
         &self,
         run: &Run,
         req: &ClaimRequest,
         seen: &mut Migrated,
+        mut first_page: Option<QueuePage>,
     ) -> TrackerResult<ClaimAttempt> {
         let pk = run_pk(&run.run_id);
         let mut after: Option<String> = None;
         let mut lost = false;
         loop {
-            let limit = if after.is_none() {
-                FIRST_PAGE
+            let (mut page, last_page) = if let Some(first) = first_page.take() {
+                (first.entries, first.last)
             } else {
-                NEXT_PAGE
+                let limit = if after.is_none() {
+                    FIRST_PAGE
+                } else {
+                    NEXT_PAGE
+                };
+                let page = self
+                    .kv
+                    .query(&pk, QUEUE_SCAN, after.as_deref(), limit)
+                    .await?;
+                let last_page = page.len() < limit;
+                (page, last_page)
             };
-            let mut page = self.kv.query(&pk, "q#", after.as_deref(), limit).await?;
-            let last_page = page.len() < limit;
             after = page.last().map(|e| e.sk.clone());
+            // The run's copy heads the range: not a unit.
+            page.retain(|e| e.sk.starts_with("q#"));
             // Start at a random entry: concurrent claimers then rarely race
             // for the same unit.
             if !page.is_empty() {
@@ -178,15 +235,23 @@ impl Tracker {
                 page.rotate_left(offset);
             }
             for entry in page {
-                if let Some(waits_for) = queued_after(&entry.body)
-                    && !self.all_migrated(&run.run_id, &waits_for, seen).await?
+                let says = queued(&entry.body);
+                if let Some(waits_for) = &says.after
+                    && !self.all_migrated(&run.run_id, waits_for, seen).await?
                 {
                     continue;
                 }
-                match self
-                    .claim_one(run, &entry.sk[2..], req, false, seen)
-                    .await?
-                {
+                let key = &entry.sk[2..];
+                let copied = says.unit.is_some();
+                let mut attempt = self
+                    .claim_one(run, key, req, false, seen, says.unit)
+                    .await?;
+                if matches!(attempt, ClaimAttempt::Lost) && copied {
+                    // The copy was stale (the unit changed since) or another
+                    // claimer won: read the unit to tell which.
+                    attempt = self.claim_one(run, key, req, false, seen, None).await?;
+                }
+                match attempt {
                     ClaimAttempt::Claimed(unit) => return Ok(ClaimAttempt::Claimed(unit)),
                     ClaimAttempt::Lost => lost = true,
                     ClaimAttempt::NotClaimable => {}
@@ -202,7 +267,9 @@ impl Tracker {
         }
     }
 
-    /// One claim attempt of one unit.
+    /// One claim attempt of one unit: of `copy`, the unit at a revision as
+    /// its queue entry carries it, when given (the write is conditional on
+    /// that revision, so a stale copy loses like a race), else as read.
     async fn claim_one(
         &self,
         run: &Run,
@@ -210,8 +277,12 @@ impl Tracker {
         req: &ClaimRequest,
         explicit: bool,
         seen: &mut Migrated,
+        copy: Option<(Unit, u64)>,
     ) -> TrackerResult<ClaimAttempt> {
-        let (mut unit, rev) = self.load_unit(&run.run_id, key).await?;
+        let (mut unit, rev) = match copy {
+            Some(copy) => copy,
+            None => self.load_unit(&run.run_id, key).await?,
+        };
         let now = Utc::now();
         let expired = unit.lease.as_ref().is_none_or(|l| l.expire_time < now);
         let claimable = match unit.status {
@@ -329,7 +400,10 @@ impl Tracker {
             unit.fencing_token,
         )?);
         Ok(match self.apply(ops).await? {
-            Some(()) => ClaimAttempt::Claimed(Box::new(unit)),
+            Some(()) => {
+                self.remember_held(&unit, rev + 1);
+                ClaimAttempt::Claimed(Box::new(unit))
+            }
             None => ClaimAttempt::Lost,
         })
     }
@@ -386,7 +460,13 @@ impl Tracker {
         }
         let (lease, job_name) = self
             .retrying("checkpoint", || async {
-                let (mut unit, rev) = self.fenced(fence).await?;
+                // The unit as this replica last wrote it under this lease
+                // needs no read (#16.5): the write below is conditional on
+                // its revision, and fails if anything wrote the unit since.
+                let (mut unit, rev) = match self.held_unit(fence) {
+                    Some(held) => held,
+                    None => self.fenced(fence).await?,
+                };
                 let now = Utc::now();
                 if let Some(c) = &checkpoint {
                     unit.checkpoint.clone_from(c);
@@ -415,10 +495,26 @@ impl Tracker {
                     &unit,
                     Expect::Rev(rev),
                 )?);
-                Ok(self
-                    .apply(ops)
-                    .await?
-                    .map(|()| (unit.lease.clone().expect("leased"), unit.job_name.clone())))
+                match self.apply(ops).await {
+                    Ok(Some(())) => {
+                        self.remember_held(&unit, rev + 1);
+                        Ok(Some((
+                            unit.lease.clone().expect("leased"),
+                            unit.job_name.clone(),
+                        )))
+                    }
+                    // Changed meanwhile (reclaimed, finished, written by
+                    // another replica): the next attempt reads it and checks
+                    // the fence.
+                    Ok(None) => {
+                        self.forget_held(&fence.run_id, &fence.unit_key);
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        self.forget_held(&fence.run_id, &fence.unit_key);
+                        Err(e)
+                    }
+                }
             })
             .await?;
         let job = self.recent_job(&job_name).await?;
@@ -521,7 +617,8 @@ impl Tracker {
                     ops.push(Op::Put {
                         pk: pk.clone(),
                         sk: format!("q#{}", fence.unit_key),
-                        body: queue_body(&unit.after_unit_keys)?,
+                        // The unit's write above takes it to `rev + 1`.
+                        body: queue_body_with(&unit, rev + 1)?,
                         expect: Expect::Any,
                     });
                 }
@@ -571,6 +668,7 @@ impl Tracker {
                 Ok(self.apply(ops).await?.map(|()| unit.clone()))
             })
             .await?;
+        self.forget_held(&fence.run_id, &fence.unit_key);
         self.maybe_finish_run(&fence.run_id, actor).await?;
         Ok((unit, self.get_run(&fence.run_id).await?))
     }

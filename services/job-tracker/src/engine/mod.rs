@@ -13,7 +13,11 @@
 //! - `run#<id>` / `unit#<key>`: a unit
 //! - `run#<id>` / `#open`: how many of its units are unfinished (`finish`)
 //! - `run#<id>` / `q#<key>`: the unit is waiting to be claimed (body: the
-//!   units it waits for, JSON, when any)
+//!   units it waits for, JSON, when any; for a small unit, a copy of it at
+//!   its revision instead, written with it: see `deps`)
+//! - `run#<id>` / `q`: a copy of the run, written with it (runs created
+//!   before #16.5 have none): it sorts before every `q#<key>`, so the one
+//!   Query a claim makes over the queue (prefix `q`) reads the run as well
 //! - `run#<id>` / `p#<key>`: the unit is leased (body: lease expiry, µs)
 //! - `active` / `<run id>`: a QUEUED or RUNNING run (what workers poll)
 //!
@@ -77,6 +81,25 @@ fn delete(pk: &str, sk: &str, expect: Expect) -> Op {
         sk: sk.to_owned(),
         expect,
     }
+}
+
+/// Sort key, in a run's partition, of the copy of the run at the head of
+/// its queue (see the records above).
+const RUN_COPY: &str = "q";
+
+/// The writes of a run: its record, under `expect`, and its copy at the
+/// head of its queue. Every write of a run goes through here, so a copy
+/// that exists is the run as it stands.
+fn run_puts(run: &Run, expect: Expect) -> TrackerResult<Vec<Op>> {
+    Ok(vec![
+        put(
+            &job_pk(&run.job_name),
+            &format!("run#{}", run.run_id),
+            run,
+            expect,
+        )?,
+        put(&run_pk(&run.run_id), RUN_COPY, run, Expect::Any)?,
+    ])
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -204,6 +227,13 @@ pub struct Tracker {
     /// Bumped by every write of a job here: a read that overlapped one is
     /// not cached (it may predate the write).
     job_writes: AtomicU64,
+    /// (run id, unit key) → the unit as this replica last wrote it under a
+    /// lease, and the revision that write gave it (#16.5): the holder's
+    /// checkpoints and heartbeats write on that revision without reading
+    /// the unit first. Only a hint: the write is conditional on the
+    /// revision, and one that fails (the unit changed elsewhere) reads the
+    /// unit and checks the fence as before.
+    held: std::sync::Mutex<std::collections::HashMap<(String, String), (Unit, u64)>>,
 }
 
 /// How long a claim or a checkpoint may answer from a job read earlier
@@ -214,6 +244,10 @@ pub struct Tracker {
 const JOB_FRESH: Duration = Duration::from_secs(1);
 /// Cached jobs kept before the stale ones are dropped.
 const RECENT_JOBS: usize = 1024;
+/// Leased units remembered (see `Tracker::held`) before one is dropped.
+const HELD_UNITS: usize = 4096;
+/// Units whose checkpoint is larger are not remembered (memory bound).
+const HELD_CHECKPOINT_BYTES: usize = 4 * 1024;
 
 impl Tracker {
     pub fn new(kv: Arc<dyn KvStore>, shutdown: CancellationToken) -> Self {
@@ -225,6 +259,7 @@ impl Tracker {
             run_jobs: std::sync::Mutex::default(),
             recent_jobs: std::sync::Mutex::default(),
             job_writes: AtomicU64::new(0),
+            held: std::sync::Mutex::default(),
         }
     }
 
@@ -360,6 +395,43 @@ impl Tracker {
             .await?
             .ok_or_else(|| TrackerError::NotFound(format!("run {run_id:?} does not exist")))?;
         Ok((parse(&entry)?, entry.rev))
+    }
+
+    /// The unit of `fence` as this replica last wrote it, if that write
+    /// leased it under `fence`'s token; with the revision it left.
+    fn held_unit(&self, fence: &Fence) -> Option<(Unit, u64)> {
+        let held = self.held.lock().expect("held units lock");
+        let (unit, rev) = held.get(&(fence.run_id.clone(), fence.unit_key.clone()))?;
+        let leased = unit.status == crate::model::UnitStatus::InProgress
+            && unit
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.fencing_token == fence.fencing_token);
+        leased.then(|| (unit.clone(), *rev))
+    }
+
+    /// Remembers `unit`, just written under a lease, at revision `rev`.
+    fn remember_held(&self, unit: &Unit, rev: u64) {
+        let key = (unit.run_id.clone(), unit.unit_key.clone());
+        let mut held = self.held.lock().expect("held units lock");
+        if unit.checkpoint.len() > HELD_CHECKPOINT_BYTES {
+            held.remove(&key);
+            return;
+        }
+        if held.len() >= HELD_UNITS
+            && !held.contains_key(&key)
+            && let Some(any) = held.keys().next().cloned()
+        {
+            held.remove(&any);
+        }
+        held.insert(key, (unit.clone(), rev));
+    }
+
+    fn forget_held(&self, run_id: &str, unit_key: &str) {
+        self.held
+            .lock()
+            .expect("held units lock")
+            .remove(&(run_id.to_owned(), unit_key.to_owned()));
     }
 
     async fn load_unit(&self, run_id: &str, key: &str) -> TrackerResult<(Unit, u64)> {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::deps::{check_units, queue_body};
+use super::deps::{check_units, queue_body_with};
 use super::finish::open_units_op;
 use super::{
     ACTIVE, ActiveRun, JOBS, StartRun, Tracker, TrackerStats, UnitSpec, job_pk, parse, put, run_pk,
+    run_puts,
 };
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, KvStore, Op, query_all};
@@ -208,13 +209,13 @@ impl Tracker {
                 job.active_run_id = Some(run_id.clone());
                 job.last_run_id = Some(run_id.clone());
                 job.due_since = None;
-                let mut ops = vec![
-                    put(JOBS, &job.name, &job, Expect::Rev(job_rev))?,
-                    put(&job_pk(&job.name), &format!("run#{run_id}"), &run, Expect::Absent)?,
+                let mut ops = vec![put(JOBS, &job.name, &job, Expect::Rev(job_rev))?];
+                ops.extend(run_puts(&run, Expect::Absent)?);
+                ops.extend([
                     Op::Put { pk: run_pk(&run_id), sk: "#run".to_owned(), body: job.name.clone(), expect: Expect::Absent },
                     put(ACTIVE, &run_id, &ActiveRun { job_name: job.name.clone(), kind: job.kind }, Expect::Absent)?,
                     self.run_transition(&run, None, &req.actor, &req.reason)?,
-                ];
+                ]);
                 if !req.correlation_id.is_empty() {
                     ops.push(Op::Put {
                         pk: job_pk(&job.name),
@@ -291,15 +292,8 @@ impl Tracker {
             if to == RunStatus::Running {
                 run.start_time = Some(Utc::now());
             }
-            let ops = vec![
-                put(
-                    &job_pk(&run.job_name),
-                    &format!("run#{run_id}"),
-                    &run,
-                    Expect::Rev(rev),
-                )?,
-                self.run_transition(&run, Some(from), actor, reason)?,
-            ];
+            let mut ops = run_puts(&run, Expect::Rev(rev))?;
+            ops.push(self.run_transition(&run, Some(from), actor, reason)?);
             self.apply(ops).await
         })
         .await
@@ -387,7 +381,8 @@ impl Tracker {
                 ops.push(Op::Put {
                     pk: pk.clone(),
                     sk: format!("q#{}", unit.unit_key),
-                    body: queue_body(&unit.after_unit_keys)?,
+                    // The unit is created at revision 1 in this transaction.
+                    body: queue_body_with(&unit, 1)?,
                     expect: Expect::Absent,
                 });
             }
@@ -443,16 +438,11 @@ impl Tracker {
                 time: Utc::now(),
             });
             job.blocking_run_id = None;
-            let ops = vec![
-                put(
-                    &job_pk(job_name),
-                    &format!("run#{blocking}"),
-                    &run,
-                    Expect::Rev(rev),
-                )?,
+            let mut ops = run_puts(&run, Expect::Rev(rev))?;
+            ops.extend([
                 put(JOBS, job_name, &job, Expect::Rev(job_rev))?,
                 self.run_transition(&run, Some(RunStatus::Failed), actor, reason)?,
-            ];
+            ]);
             Ok(self.apply(ops).await?.map(|()| run.clone()))
         })
         .await

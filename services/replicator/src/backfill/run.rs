@@ -8,16 +8,14 @@
 //! never twice as updated).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use tidemark_connectors::capacity::{AdaptiveRate, CapacityMeter, metered};
 use tidemark_connectors::proto::value_from_proto;
 use tidemark_connectors::{ConnectorError, Item, Key, Predicate, ScanRequest};
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
 use tidemark_proto::replicator::v1::BackfillAttributeSpec;
-use tokio::sync::Mutex;
-use tokio::time::Instant;
 
 use crate::context::{Context, UnitFailure, segment_of};
 use crate::stores::OpenTable;
@@ -37,6 +35,12 @@ struct Checkpoint {
     already_set: i64,
     conflicted: i64,
     scanned: i64,
+    /// Write capacity units consumed and attempts throttled, by the
+    /// segment's earlier leases (this lease's are on its meter).
+    #[serde(default)]
+    write_units: f64,
+    #[serde(default)]
+    throttled: u64,
 }
 
 pub fn segments(spec: &BackfillAttributeSpec) -> u32 {
@@ -47,77 +51,21 @@ pub fn segments(spec: &BackfillAttributeSpec) -> u32 {
     }
 }
 
-/// A token bucket refilled at `rate` per second (0: unlimited) whose rate
-/// halves on throttling and recovers slowly (additive increase).
-pub struct RateLimiter {
-    state: Mutex<Bucket>,
-}
-
-struct Bucket {
-    configured: f64,
-    current: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimiter {
-    pub fn new(rate: f64) -> Self {
-        Self {
-            state: Mutex::new(Bucket {
-                configured: rate,
-                current: rate,
-                tokens: rate.min(1.0),
-                last: Instant::now(),
-            }),
-        }
-    }
-
-    pub async fn set_rate(&self, rate: f64) {
-        let mut b = self.state.lock().await;
-        b.configured = rate;
-        b.current = rate;
-    }
-
-    /// Takes one token, waiting for it.
-    pub async fn acquire(&self) {
-        loop {
-            let wait = {
-                let mut b = self.state.lock().await;
-                if b.configured <= 0.0 {
-                    return;
-                }
-                let now = Instant::now();
-                let elapsed = now.duration_since(b.last).as_secs_f64();
-                b.last = now;
-                // Additive recovery towards the configured rate after a
-                // throttling halved it.
-                b.current = (b.current + elapsed * b.configured / 10.0).min(b.configured);
-                b.tokens = (b.tokens + elapsed * b.current).min(b.current.max(1.0));
-                if b.tokens >= 1.0 {
-                    b.tokens -= 1.0;
-                    return;
-                }
-                Duration::from_secs_f64((1.0 - b.tokens) / b.current)
-            };
-            tokio::time::sleep(wait).await;
-        }
-    }
-
-    /// The store throttled us: halve the rate (never below 1/s).
-    pub async fn throttled(&self) {
-        let mut b = self.state.lock().await;
-        if b.configured > 0.0 {
-            b.current = (b.current / 2.0).max(1.0);
-        }
-    }
-}
-
 /// This segment's share of the job-wide write rate.
 fn share(spec: &BackfillAttributeSpec) -> f64 {
     f64::from(spec.write_units_per_second) / f64::from(segments(spec))
 }
 
 pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
+    let meter = CapacityMeter::new();
+    Box::pin(metered(Arc::clone(&meter), run_unit(ctx, claim, meter))).await
+}
+
+async fn run_unit(
+    ctx: Context,
+    claim: Claim,
+    meter: Arc<CapacityMeter>,
+) -> Result<(), UnitFailure> {
     let mut spec: BackfillAttributeSpec =
         unpack_any(claim.job.spec.as_ref(), SPEC_TYPE).map_err(UnitFailure::terminal)?;
     let total = segments(&spec);
@@ -141,7 +89,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
         serde_json::from_slice(&claim.unit.checkpoint)
             .map_err(|e| UnitFailure::terminal(format!("unreadable checkpoint: {e}")))?
     };
-    let limiter = Arc::new(RateLimiter::new(share(&spec)));
+    let limiter = Arc::new(AdaptiveRate::new(share(&spec), meter));
     let mut revision = claim.job.revision;
     let set: Arc<Item> = Arc::new([(attribute.clone(), value)].into_iter().collect());
     // The item must still exist (no resurrection of a delete) and still lack
@@ -205,11 +153,11 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
         cp.start_after.clone_from(&current.last_key);
         cp.done = current.last_key.is_none();
         if !cp.done {
-            save(&lease, &cp).await?;
+            save(&lease, &cp, &limiter).await?;
         }
         page = next?;
     }
-    lease.complete(&progress(&cp), None).await?;
+    lease.complete(&progress(&cp, &limiter), None).await?;
     Ok(())
 }
 
@@ -218,7 +166,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
 async fn refresh_rate(
     ctx: &Context,
     job_name: &str,
-    limiter: &RateLimiter,
+    limiter: &AdaptiveRate,
     spec: &mut BackfillAttributeSpec,
 ) -> Result<u64, UnitFailure> {
     let job = ctx
@@ -228,7 +176,7 @@ async fn refresh_rate(
         .map_err(|e| UnitFailure::retryable(e.message()))?;
     if let Ok(new) = unpack_any::<BackfillAttributeSpec>(job.spec.as_ref(), SPEC_TYPE) {
         *spec = new;
-        limiter.set_rate(share(spec)).await;
+        limiter.set_rate(share(spec));
         tracing::info!(job = %job.name, rate = spec.write_units_per_second, "backfill rate changed");
     }
     Ok(job.revision)
@@ -239,7 +187,7 @@ async fn refresh_rate(
 async fn update_items(
     items: Vec<Item>,
     table: &OpenTable,
-    limiter: &Arc<RateLimiter>,
+    limiter: &Arc<AdaptiveRate>,
     set: &Arc<Item>,
     condition: &Arc<Predicate>,
 ) -> Vec<Result<bool, ConnectorError>> {
@@ -257,11 +205,10 @@ async fn update_items(
                     match source.update(&key, &set, Some(&condition)).await {
                         Ok(_) => return Ok(true),
                         Err(ConnectorError::Precondition(_)) => return Ok(false),
-                        Err(ConnectorError::Retryable { .. }) => {
-                            // The connector's own retries ran out: the
-                            // table is throttling; slow the whole segment.
-                            limiter.throttled().await;
-                        }
+                        // The connector's retries ran out (each throttled
+                        // attempt has already slowed the segment's rate):
+                        // try again at that rate.
+                        Err(ConnectorError::Retryable { .. }) => {}
                         Err(e) => return Err(e),
                     }
                 }
@@ -273,9 +220,10 @@ async fn update_items(
 }
 
 /// Checkpoints the segment; a failed checkpoint only costs a longer rescan.
-async fn save(lease: &UnitLease, cp: &Checkpoint) -> Result<(), UnitFailure> {
-    let bytes = serde_json::to_vec(cp).expect("checkpoint serialises");
-    match lease.checkpoint(bytes, &progress(cp)).await {
+async fn save(lease: &UnitLease, cp: &Checkpoint, rate: &AdaptiveRate) -> Result<(), UnitFailure> {
+    let now = with_capacity(cp, rate);
+    let bytes = serde_json::to_vec(&now).expect("checkpoint serialises");
+    match lease.checkpoint(bytes, &progress(cp, rate)).await {
         Ok(()) => {}
         Err(LeaseError::Lost(_)) => return Err(UnitFailure::LeaseLost),
         Err(LeaseError::Rpc(s)) => {
@@ -285,7 +233,21 @@ async fn save(lease: &UnitLease, cp: &Checkpoint) -> Result<(), UnitFailure> {
     Ok(())
 }
 
-fn progress(cp: &Checkpoint) -> Progress {
+/// The checkpoint with this lease's consumed capacity and throttles added.
+fn with_capacity(cp: &Checkpoint, rate: &AdaptiveRate) -> Checkpoint {
+    Checkpoint {
+        start_after: cp.start_after.clone(),
+        write_units: cp.write_units + rate.meter().consumed(),
+        throttled: cp.throttled + rate.meter().throttled(),
+        ..*cp
+    }
+}
+
+/// The segment's counters; `write_units_consumed` and `throttled` tell how
+/// hard the table was pushed (DynamoDB's consumed capacity, attempts it
+/// throttled).
+fn progress(cp: &Checkpoint, rate: &AdaptiveRate) -> Progress {
+    let now = with_capacity(cp, rate);
     let mut p = Progress {
         items_processed: cp.scanned,
         ..Progress::default()
@@ -293,38 +255,11 @@ fn progress(cp: &Checkpoint) -> Progress {
     p.add("updated", cp.updated);
     p.add("already_set", cp.already_set);
     p.add("conflicted", cp.conflicted);
+    #[allow(clippy::cast_possible_truncation)]
+    p.add("write_units_consumed", now.write_units.round() as i64);
+    p.add(
+        "throttled",
+        i64::try_from(now.throttled).unwrap_or(i64::MAX),
+    );
     p
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn the_limiter_holds_the_rate_and_backs_off() {
-        let limiter = RateLimiter::new(10.0);
-        let start = Instant::now();
-        for _ in 0..21 {
-            limiter.acquire().await;
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        assert!(
-            (1.9..2.2).contains(&elapsed),
-            "21 tokens at 10/s took {elapsed}s"
-        );
-        limiter.throttled().await;
-        let start = Instant::now();
-        for _ in 0..5 {
-            limiter.acquire().await;
-        }
-        assert!(start.elapsed().as_secs_f64() > 0.7, "halved rate is slower");
-    }
-
-    #[tokio::test]
-    async fn unlimited_never_waits() {
-        let limiter = RateLimiter::new(0.0);
-        for _ in 0..10_000 {
-            limiter.acquire().await;
-        }
-    }
 }

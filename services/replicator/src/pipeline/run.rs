@@ -78,6 +78,10 @@ async fn wait_while_paused(
 pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     let pipeline = decode(&claim.job).map_err(UnitFailure::terminal)?;
     if is_feed_unit(&claim.unit.unit_key) {
+        // A follower runs as long as the pipeline: it does not hold one of
+        // the worker's places, or the pipeline's own backfill segments
+        // (and every other job's units) could wait for ever behind it.
+        claim.slot.release();
         Box::pin(follow(ctx, claim, pipeline)).await
     } else {
         Box::pin(backfill_segment(ctx, claim, pipeline)).await

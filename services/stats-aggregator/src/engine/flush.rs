@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures::{StreamExt as _, TryStreamExt as _};
+use tidemark_connectors::capacity::metered;
 use tidemark_connectors::retry::retry;
 use tidemark_connectors::{ConnectorError, EntityDelta};
 use tidemark_kit::CancellationToken;
@@ -144,11 +145,15 @@ impl Engine {
         content: Vec<EntityDelta>,
         report: &mut FlushReport,
     ) -> StatsResult<()> {
-        let outcomes: Vec<Written> = futures::stream::iter(content)
+        let meter = self.rate.meter();
+        let (consumed, throttled) = (meter.consumed(), meter.throttled());
+        let writes = futures::stream::iter(content)
             .map(|delta| self.write_one(sequence, delta))
             .buffer_unordered(self.settings.flush_concurrency.max(1))
-            .try_collect()
-            .await?;
+            .try_collect();
+        let outcomes: Vec<Written> = metered(Arc::clone(meter), writes).await?;
+        report.write_units_consumed += meter.consumed() - consumed;
+        report.throttled += meter.throttled() - throttled;
         for outcome in outcomes {
             match outcome.fate {
                 Fate::Written => report.items_written += 1,
@@ -177,8 +182,9 @@ impl Engine {
                 return Err(Self::unregistered());
             }
             let at = Part { index, count };
-            match retry(policy, "update stats item", || {
-                self.store.apply_part(part, sequence, at)
+            match retry(policy, "update stats item", || async {
+                self.rate.acquire().await;
+                self.store.apply_part(part, sequence, at).await
             })
             .await
             {

@@ -17,6 +17,7 @@ mod stats;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+use tidemark_connectors::capacity::{AdaptiveRate, CapacityMeter};
 
 use tidemark_connectors::Buffer;
 use tidemark_connectors::retry::{RetryPolicy, retry};
@@ -54,6 +55,9 @@ pub struct Settings {
     pub dedup_window: Duration,
     pub flush_interval: Duration,
     pub flush_concurrency: usize,
+    /// Item writes a second a flush sends at most (0: unlimited until the
+    /// store throttles).
+    pub flush_write_rate: f64,
     pub key_attribute: String,
     pub retry: RetryPolicy,
     /// How long PauseWriters waits for every replica to confirm, unless the
@@ -72,6 +76,7 @@ impl Settings {
             dedup_window: Duration::from_secs(3600),
             flush_interval: Duration::from_secs(300),
             flush_concurrency: 16,
+            flush_write_rate: 0.0,
             key_attribute: key_attribute.to_owned(),
             retry: RetryPolicy::default(),
             pause_confirm_timeout: Duration::from_secs(10),
@@ -111,6 +116,10 @@ pub struct FlushReport {
     /// Entities set aside as dead letters.
     pub items_dead_lettered: i64,
     pub duration: Duration,
+    /// Write capacity units the store reported consumed.
+    pub write_units_consumed: f64,
+    /// Write attempts the store throttled (each retried).
+    pub throttled: u64,
 }
 
 pub struct Engine {
@@ -129,6 +138,11 @@ pub struct Engine {
     /// Where entities refused for good are set aside; `None`: such an
     /// entity fails its flush.
     dead_letters: Option<Arc<dyn DeadLetters>>,
+    /// The flush's write rate: the configured one (or unlimited until the
+    /// store throttles), backing off on throttling and recovering (AIMD);
+    /// its meter counts what the flushes consumed and how often they were
+    /// throttled.
+    rate: AdaptiveRate,
 }
 
 /// Marks a flush as running while alive.
@@ -152,6 +166,7 @@ impl Engine {
             buffer,
             store,
             publisher,
+            rate: AdaptiveRate::new(settings.flush_write_rate, CapacityMeter::new()),
             settings,
             flush_lock: tokio::sync::Mutex::new(0),
             local: Mutex::new(Local::default()),

@@ -10,6 +10,7 @@ pub mod replicator;
 pub mod scale;
 pub mod soak;
 pub mod stats_aggregator;
+pub mod throttling;
 pub mod verifier;
 
 pub fn all() -> Vec<Box<dyn Benchmark>> {
@@ -20,13 +21,18 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(hot_path::HotPath),
         Box::new(verifier::Verification),
         Box::new(stats_aggregator::StatsAggregatorBench),
+        Box::new(throttling::Throttling),
     ]
 }
 
-/// Runs too long for `all`, each run by its name: the soak (10 minutes)
-/// and the scale curve (up to 5M items).
+/// Runs too long for `all`, each run by its name: the soak (10 minutes),
+/// the scale curve (up to 5M items) and the replica counts.
 pub fn long() -> Vec<Box<dyn Benchmark>> {
-    vec![Box::new(soak::Soak), Box::new(scale::Scale)]
+    vec![
+        Box::new(soak::Soak),
+        Box::new(scale::Scale),
+        Box::new(replicator::replicas::Replicas),
+    ]
 }
 
 /// The benchmark called `name`.

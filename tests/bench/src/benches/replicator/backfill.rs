@@ -59,7 +59,7 @@ async fn tidemark_backfill(
     Ok(items as f64 / elapsed)
 }
 
-async fn client_at(endpoint: &str) -> aws_sdk_dynamodb::Client {
+pub(crate) async fn client_at(endpoint: &str) -> aws_sdk_dynamodb::Client {
     let config = local_sdk_config("TIDEMARK_TEST_DYNAMODB_ENDPOINT")
         .await
         .into_builder()
@@ -221,7 +221,7 @@ async fn raw_parallel(
     Ok(items as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn seed_table(endpoint: &str, items: usize) -> anyhow::Result<String> {
+pub(crate) async fn seed_table(endpoint: &str, items: usize) -> anyhow::Result<String> {
     let client = client_at(endpoint).await;
     let name = unique_name("bench-backfill");
     let table =

@@ -22,8 +22,10 @@
 //!   items into the source; a sample of them is looked up by id in the index
 //!   until found.
 
+pub(crate) use backfill::{client_at, seed_table};
 mod backfill;
 mod lag;
+pub mod replicas;
 mod replication;
 
 use backfill::{Backfill, backfill};
@@ -74,10 +76,10 @@ const LAG_PROBE_MAX: usize = 100;
 const LAG_WARMUP: Duration = Duration::from_secs(2);
 const LAG_WINDOW: Duration = Duration::from_secs(10);
 
-struct Plane {
+pub(crate) struct Plane {
     stop: CancellationToken,
-    jobs: JobTrackerServiceClient<Channel>,
-    replicator: ReplicatorServiceClient<Channel>,
+    pub(crate) jobs: JobTrackerServiceClient<Channel>,
+    pub(crate) replicator: ReplicatorServiceClient<Channel>,
     _dir: tempfile::TempDir,
 }
 
@@ -87,7 +89,7 @@ impl Drop for Plane {
     }
 }
 
-async fn plane(aws_endpoint: &str) -> anyhow::Result<Plane> {
+pub(crate) async fn plane(aws_endpoint: &str) -> anyhow::Result<Plane> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -146,7 +148,7 @@ pub(crate) async fn wait_run(
     }
 }
 
-fn table_ref(name: &str) -> common::DataStore {
+pub(crate) fn table_ref(name: &str) -> common::DataStore {
     common::DataStore {
         store: Some(common::data_store::Store::DynamodbTable(
             common::DynamoDbTableRef {

@@ -1,0 +1,196 @@
+//! #16.5: on the hot path a claim is one query and one write, and the
+//! holder's checkpoint one write. What they no longer read first is still
+//! checked: a claim writes the unit it found in the queue only at the
+//! revision the queue entry copied, a checkpoint writes only on the revision
+//! this replica last wrote; a lease taken over through another replica is
+//! refused as before, and a run ended through another replica is not
+//! claimed from.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tidemark_kit::CancellationToken;
+
+use super::support::{Call, Hooked, fence_of};
+use super::{LEASE, claim, job, precondition, start};
+use crate::engine::{ClaimRequest, Claimed, Tracker, UnitOutcome};
+use crate::kv::KvStore;
+use crate::model::{JobKind, Progress};
+
+/// Panics unless the unit stored is the unit `claimed` answered with.
+async fn stored_as_claimed(other: &Tracker, claimed: &Claimed) {
+    let units = other.list_units(&claimed.unit.run_id).await.unwrap();
+    let stored = units
+        .iter()
+        .find(|u| u.unit_key == claimed.unit.unit_key)
+        .expect("the claimed unit");
+    assert_eq!(
+        stored, &claimed.unit,
+        "the claim answered the unit it stored"
+    );
+}
+
+fn retryable() -> UnitOutcome {
+    UnitOutcome::Failed {
+        error: "throttled".into(),
+        retryable: true,
+        rolled_back: false,
+    }
+}
+
+/// # Panics
+/// When a claim and a checkpoint make other store calls, or a check they
+/// no longer read for lets a stale lease or an ended run through.
+pub async fn a_claim_and_a_checkpoint_make_three_store_calls(
+    store: Arc<dyn KvStore>,
+    prefix: &str,
+) {
+    let calls: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let seen = Arc::clone(&calls);
+    let hook = move |call: Call<'_>| {
+        seen.lock().expect("calls lock").push(match call {
+            Call::Get => "get",
+            Call::Query { .. } => "query",
+            Call::Transact => "transact",
+            Call::Ping => "ping",
+        });
+        Ok(())
+    };
+    let tracker = Tracker::new(
+        Arc::new(Hooked {
+            inner: Arc::clone(&store),
+            hook,
+        }),
+        CancellationToken::new(),
+    );
+    // Another replica on the same store.
+    let other = Tracker::new(store, CancellationToken::new());
+    let name = format!("{prefix}-hot-path");
+    tracker
+        .create_job(job(&name, JobKind::BackfillAttribute), "suite")
+        .await
+        .unwrap();
+    let run_id = tracker
+        .start_run(start(&name, &["a", "b", "c"]))
+        .await
+        .unwrap()
+        .run
+        .run_id;
+    // The first claim reads the job too (then kept for a second).
+    let first = tracker
+        .claim_unit(&claim("w", &run_id, LEASE))
+        .await
+        .unwrap()
+        .expect("a unit");
+    calls.lock().expect("calls lock").clear();
+    let second = tracker
+        .claim_unit(&claim("w", &run_id, LEASE))
+        .await
+        .unwrap()
+        .expect("a unit");
+    let progress = Progress {
+        items_processed: 1,
+        ..Progress::default()
+    };
+    tracker
+        .checkpoint(&fence_of(&second), b"at 1".to_vec(), progress, None)
+        .await
+        .unwrap();
+    let made = std::mem::take(&mut *calls.lock().expect("calls lock"));
+    assert_eq!(
+        made,
+        ["query", "transact", "transact"],
+        "claim + checkpoint"
+    );
+    let units = other.list_units(&run_id).await.unwrap();
+    let stored = units
+        .iter()
+        .find(|u| u.unit_key == second.unit.unit_key)
+        .expect("the second unit");
+    assert_eq!(
+        (
+            stored.checkpoint.as_slice(),
+            stored.progress.items_processed
+        ),
+        (&b"at 1"[..], 1),
+        "the checkpoint is stored"
+    );
+    assert_eq!(stored.fencing_token, second.unit.fencing_token);
+
+    // Put back in the queue through the other replica: claimed again here
+    // from the entry's copy, as it is stored.
+    other
+        .finish_unit(&fence_of(&second), retryable(), None, "suite")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let again = tracker
+            .claim_unit(&claim("w", &run_id, LEASE))
+            .await
+            .unwrap()
+            .expect("the requeued unit and the third");
+        stored_as_claimed(&other, &again).await;
+    }
+
+    // The first lease lapses and the other replica hands the unit out
+    // again: its old holder's checkpoint and heartbeat here are refused,
+    // naming the new holder, though this replica wrote that lease itself.
+    tracker
+        .checkpoint(
+            &fence_of(&first),
+            b"x".to_vec(),
+            Progress::default(),
+            Some(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let taken = other
+        .claim_unit(&ClaimRequest {
+            unit_key: first.unit.unit_key.clone(),
+            ..claim("w-new", &run_id, LEASE)
+        })
+        .await
+        .unwrap()
+        .expect("an expired lease is reclaimable");
+    assert!(taken.unit.fencing_token > first.unit.fencing_token);
+    let m = precondition(
+        tracker
+            .checkpoint(
+                &fence_of(&first),
+                b"late".to_vec(),
+                Progress::default(),
+                None,
+            )
+            .await,
+        "a checkpoint under a lease taken over",
+    );
+    assert!(
+        m.contains("stale fencing token") && m.contains("w-new"),
+        "{m}"
+    );
+    let m = precondition(
+        tracker.heartbeat(&fence_of(&first), LEASE).await,
+        "a heartbeat under a lease taken over",
+    );
+    assert!(
+        m.contains("stale fencing token") && m.contains("w-new"),
+        "{m}"
+    );
+
+    // A run failed through the other replica is not claimed from here,
+    // although a unit waits in its queue.
+    other
+        .finish_unit(&fence_of(&taken), retryable(), None, "suite")
+        .await
+        .unwrap();
+    other
+        .fail_run(&run_id, "stopped by an operator", None, "suite")
+        .await
+        .unwrap();
+    let m = precondition(
+        tracker.claim_unit(&claim("w", &run_id, LEASE)).await,
+        "a claim in a failed run",
+    );
+    assert!(m.contains("nothing to claim"), "{m}");
+}

@@ -1,0 +1,374 @@
+//! `replicas`: do more replicator replicas add throughput? The attribute
+//! backfill of a DynamoDB table and a pipeline's initial backfill into a
+//! DynamoDB table, each with 1, 2 and 4 replicator processes (release
+//! binaries) sharing one job-tracker, every DynamoDB request through the
+//! 50 ms delay proxy so the work is latency-bound as against a remote
+//! DynamoDB. Figures: items/s at 2 and 4 replicas ÷ items/s at 1.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tidemark_chaos::plane::{Process, build_services, free_addr};
+use tidemark_connectors::dynamodb::DynamoTable;
+use tidemark_connectors::sqlite::EmbeddedStore;
+use tidemark_connectors::testing::unique_name;
+use tidemark_connectors::{AttrValue, Item, KeySchema, ScanRequest, SourceTable as _};
+use tidemark_proto::common::v1 as common;
+use tidemark_proto::job_tracker::v1 as jt;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tidemark_proto::replicator::v1 as pb;
+use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
+use tonic::transport::Channel;
+
+use super::backfill::{client_at, seed_table};
+use super::{DELAY, SEGMENTS, drain, table_ref, wait_run};
+use crate::dynalite::Dynalite;
+use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
+use crate::proxy::{DelayProxy, Delays};
+
+const REPLICAS: [usize; 3] = [1, 2, 4];
+/// Units each replica works on at once: one, so that four replicas' demand
+/// (about 4 × 16 updates per 50 ms) stays within what the local dynalite
+/// serves on this machine; with the default four, one replica alone asks
+/// for more than it can answer and no replica count could add anything.
+const UNITS_PER_REPLICA: usize = 1;
+/// #16.2: throughput over one replica, at least.
+const AT_TWO: f64 = 1.8;
+const AT_FOUR: f64 = 3.2;
+const SOURCE: &str = "replicas_src";
+/// A run or pipeline still not done after this has stalled: the benchmark
+/// fails naming the processes' logs rather than waiting for ever.
+const RUN_WITHIN: Duration = Duration::from_secs(300);
+
+pub struct Replicas;
+
+#[async_trait::async_trait]
+impl Benchmark for Replicas {
+    fn name(&self) -> &'static str {
+        "replicas"
+    }
+
+    fn description(&self) -> &'static str {
+        "Replicas add throughput: an attribute backfill of a DynamoDB table and a \
+         pipeline's initial backfill into a DynamoDB table with 1, 2 and 4 replicator \
+         processes sharing one job-tracker, every DynamoDB request through a proxy adding \
+         50 ms (a remote DynamoDB); items/s at 2 and 4 replicas ÷ items/s at 1."
+    }
+
+    async fn run(&self, ctx: &Context) -> anyhow::Result<Report> {
+        let items = if ctx.quick { 400 } else { 6_000 };
+        let bins = tempfile::tempdir()?;
+        let into = bins.path().to_owned();
+        tokio::task::spawn_blocking(move || build_services(&into)).await??;
+        let dynalite = Dynalite::start().await?;
+        let proxy = DelayProxy::start(dynalite.addr(), Delays::per_request(DELAY)).await?;
+        let proxied = format!("http://{}", proxy.addr());
+        let table = seed_table(&dynalite.endpoint(), items).await?;
+        // The pipeline's source: an embedded table every replica opens in
+        // the one data directory they share (its change log is the feed).
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        {
+            let store = EmbeddedStore::open(&data.join("default.db"))?;
+            let source = store.table(SOURCE, KeySchema::new("id", None));
+            source.put_all((0..items).map(document).collect()).await?;
+        }
+        let mut backfill = Vec::new();
+        let mut pipeline = Vec::new();
+        for n in REPLICAS {
+            let (b, p) = match round(
+                bins.path(),
+                dir.path(),
+                &data,
+                n,
+                &dynalite,
+                &proxied,
+                &table,
+                items,
+            )
+            .await
+            {
+                Ok(rates) => rates,
+                Err(e) => {
+                    let logs = dir.keep();
+                    return Err(e.context(format!(
+                        "the processes' logs are kept in {}",
+                        logs.display()
+                    )));
+                }
+            };
+            backfill.push(b);
+            pipeline.push(p);
+        }
+        let mut report = Report::default();
+        for (name, rates) in [
+            ("attribute backfill", &backfill),
+            ("pipeline initial backfill", &pipeline),
+        ] {
+            for (i, target) in [(1, AT_TWO), (2, AT_FOUR)] {
+                report.rows.push(
+                    Row::new(
+                        format!("{name}: {} replicas (vs 1)", REPLICAS[i]),
+                        "items/s",
+                        rates[i],
+                        rates[0],
+                    )
+                    .with_target(Target::RatioAtLeast(target)),
+                );
+            }
+        }
+        report.notes.push(format!(
+            "{items} items (5-attribute items for the pipeline, key-only for the backfill); {SEGMENTS} segments per operation; each replica works on {UNITS_PER_REPLICA} unit at a time with the backfill's 16 updates in flight (a replica's default is 4 units: one replica alone would then ask more of the local dynalite than it serves, and no count of replicas could add anything); every DynamoDB request of the replicas through the proxy adding {} ms; the job-tracker (embedded store) unproxied",
+            DELAY.as_millis()
+        ));
+        report.notes.push(
+            "each replica count on fresh processes: a job-tracker and that many replicator processes, the first of which takes the RPCs; units go to whichever replica claims them. The attribute backfill sets a new attribute on every item of one table per count; the pipeline copies an embedded table (the replicas share its database file) into a new DynamoDB table, from CreatePipeline to STREAMING and drained"
+                .to_owned(),
+        );
+        Ok(report)
+    }
+}
+
+/// One replica count on fresh processes: the attribute backfill's and the
+/// pipeline's items/s.
+#[allow(clippy::too_many_arguments)]
+async fn round(
+    bins: &Path,
+    dir: &Path,
+    data: &Path,
+    n: usize,
+    dynalite: &Dynalite,
+    proxied: &str,
+    table: &str,
+    items: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let mut plane = start(bins, dir, data, n, proxied).await?;
+    let channel = |p: &Process| Channel::from_shared(p.url()).map(|c| c.connect_lazy());
+    let mut jobs = JobTrackerServiceClient::new(channel(&plane[0])?);
+    let mut replicator = ReplicatorServiceClient::new(channel(&plane[1])?);
+    let b = attribute_backfill(&mut replicator, &mut jobs, table, n, items).await?;
+    let sink = unique_name("bench-replicas-dst");
+    DynamoTable::create(
+        client_at(&dynalite.endpoint()).await,
+        &sink,
+        &KeySchema::new("id", None),
+        false,
+    )
+    .await?;
+    let p = tokio::time::timeout(
+        RUN_WITHIN,
+        copy(&mut replicator, &format!("replicas-{n}"), &sink, items),
+    )
+    .await
+    .with_context(|| format!("pipeline replicas-{n} not drained after {RUN_WITHIN:?}"))??;
+    let copied = count(&dynalite.endpoint(), &sink).await?;
+    anyhow::ensure!(
+        copied == items,
+        "the pipeline copied {copied} of {items} items"
+    );
+    for process in &mut plane {
+        process.check_alive()?;
+    }
+    eprintln!(
+        "replicas {n}: attribute backfill {} items/s, pipeline initial backfill {} items/s",
+        fmt_num(b),
+        fmt_num(p)
+    );
+    Ok((b, p))
+}
+
+fn document(i: usize) -> Item {
+    [
+        ("id".to_owned(), AttrValue::s(format!("doc-{i:07}"))),
+        ("n".to_owned(), AttrValue::n(i64::try_from(i).unwrap_or(0))),
+        (
+            "title".to_owned(),
+            AttrValue::s(format!("a document of the replicas benchmark, number {i}")),
+        ),
+        ("v".to_owned(), AttrValue::n(1i64)),
+        (
+            "tags".to_owned(),
+            AttrValue::Ss(["a".to_owned(), "b".to_owned()].into()),
+        ),
+    ]
+    .into()
+}
+
+/// A job-tracker and `n` replicators, all on one data directory's embedded
+/// database for the pipeline's source, every replicator's DynamoDB requests
+/// to `aws`.
+async fn start(
+    bins: &Path,
+    dir: &Path,
+    data: &Path,
+    n: usize,
+    aws: &str,
+) -> anyhow::Result<Vec<Process>> {
+    let jobs = free_addr()?;
+    let mut plane = vec![Process::new(
+        "job-tracker",
+        bins.join("job-tracker"),
+        vec![(
+            "TIDEMARK_DATA_DIR".to_owned(),
+            dir.join(format!("jobs-{n}")).display().to_string(),
+        )],
+        jobs,
+        dir,
+    )];
+    for r in 0..n {
+        let name = format!("replicator-{n}-{r}");
+        plane.push(Process::new(
+            &name,
+            bins.join("replicator"),
+            vec![
+                ("TIDEMARK_DATA_DIR".to_owned(), data.display().to_string()),
+                (
+                    "TIDEMARK_JOB_TRACKER_URL".to_owned(),
+                    format!("http://{jobs}"),
+                ),
+                ("TIDEMARK_WORKER_ID".to_owned(), name.clone()),
+                ("TIDEMARK_AWS_ENDPOINT".to_owned(), aws.to_owned()),
+                (
+                    "TIDEMARK_WORKER_CONCURRENCY".to_owned(),
+                    UNITS_PER_REPLICA.to_string(),
+                ),
+            ],
+            free_addr()?,
+            dir,
+        ));
+    }
+    for p in &mut plane {
+        p.start()?;
+    }
+    for p in &plane {
+        p.wait_serving(Duration::from_secs(60)).await?;
+    }
+    Ok(plane)
+}
+
+/// Items in the DynamoDB table `name`, read directly (not through the
+/// proxy) after the timed part.
+async fn count(endpoint: &str, name: &str) -> anyhow::Result<usize> {
+    let table = DynamoTable::open(client_at(endpoint).await, name).await?;
+    let mut request = ScanRequest::segment(0, 1);
+    let mut n = 0;
+    loop {
+        let page = table.scan(&request).await?;
+        n += page.items.len();
+        match page.last_key {
+            Some(k) => request.start_after = Some(k),
+            None => return Ok(n),
+        }
+    }
+}
+
+/// Items/s of a BackfillAttribute of the whole table, every item updated.
+async fn attribute_backfill(
+    replicator: &mut ReplicatorServiceClient<Channel>,
+    jobs: &mut JobTrackerServiceClient<Channel>,
+    table: &str,
+    n: usize,
+    items: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let run_id = replicator
+        .backfill_attribute(pb::BackfillAttributeRequest {
+            spec: Some(pb::BackfillAttributeSpec {
+                table: Some(table_ref(table)),
+                attribute_name: format!("replicas_{n}"),
+                value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
+                    1i64,
+                ))),
+                segments: SEGMENTS,
+                write_units_per_second: 0,
+            }),
+            actor: "bench".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = tokio::time::timeout(RUN_WITHIN, wait_run(jobs, &run_id))
+        .await
+        .with_context(|| format!("backfill run {run_id} still running after {RUN_WITHIN:?}"))??;
+    let took = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        run.status == jt::RunStatus::Succeeded as i32,
+        "backfill run {run:?}"
+    );
+    let updated = run.counters.get("updated").copied().unwrap_or_default();
+    anyhow::ensure!(
+        usize::try_from(updated)? == items,
+        "the backfill updated {updated} of {items} items"
+    );
+    Ok(items as f64 / took)
+}
+
+/// Items/s of a pipeline from the embedded source into the DynamoDB table
+/// `sink`: from CreatePipeline until it is STREAMING and drained.
+async fn copy(
+    replicator: &mut ReplicatorServiceClient<Channel>,
+    name: &str,
+    sink: &str,
+    items: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.to_owned(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(common::DataStore {
+                    store: Some(common::data_store::Store::SqliteTable(
+                        common::SqliteTableRef {
+                            table_name: SOURCE.to_owned(),
+                            database: String::new(),
+                            key_attribute_names: vec!["id".to_owned()],
+                        },
+                    )),
+                }),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+                        pb::EmbeddedChangeLogFeed {
+                            start_position: pb::StartPosition::Latest as i32,
+                        },
+                    )),
+                }),
+                sinks: vec![pb::Sink {
+                    name: "copy".to_owned(),
+                    store: Some(table_ref(sink)),
+                    ..Default::default()
+                }],
+                backfill: Some(pb::BackfillOptions {
+                    mode: pb::BackfillMode::Tombstones as i32,
+                    segments: SEGMENTS,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            actor: "bench".to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    loop {
+        let pipeline = replicator
+            .get_pipeline(pb::GetPipelineRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .pipeline
+            .context("no pipeline")?;
+        anyhow::ensure!(
+            pipeline.state != pb::PipelineState::Failed as i32,
+            "the pipeline failed: {}",
+            pipeline.state_reason
+        );
+        if pipeline.state == pb::PipelineState::Streaming as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drain(replicator, name).await?;
+    Ok(items as f64 / started.elapsed().as_secs_f64())
+}
