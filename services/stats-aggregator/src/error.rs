@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tidemark_connectors::ConnectorError;
-use tidemark_kit::{FieldError, KitError, ServiceError};
+use tidemark_kit::{ErrorKind, FieldError, KitError, ServiceError};
 use tonic::Status;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,17 @@ impl From<StatsError> for ServiceError {
             StatsError::Rejecting { retry_after, .. } => {
                 Self::unavailable(e.to_string()).with_retry_after(retry_after)
             }
+            StatsError::Backend(b) if crate::event_log::is_dedup_full(&b) => {
+                let after = match &b {
+                    ConnectorError::Retryable { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                let error = Self::new(ErrorKind::ResourceExhausted, b.to_string());
+                match after {
+                    Some(after) => error.with_retry_after(after),
+                    None => error,
+                }
+            }
             StatsError::Backend(b) => b.into(),
             StatsError::Kit(k) => k.into(),
             StatsError::Startup(m) => Self::precondition(m),
@@ -105,6 +116,18 @@ mod tests {
             Status::from(StatsError::PauseEnded).code(),
             Code::FailedPrecondition
         );
+    }
+
+    #[test]
+    fn a_full_id_log_is_resource_exhausted() {
+        let status = Status::from(StatsError::Backend(ConnectorError::Retryable {
+            backend: crate::event_log::DEDUP_CAPACITY,
+            message: "full".into(),
+            retry_after: Some(Duration::from_secs(7)),
+        }));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_secs(7)));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 
 pub use engine::Engine;
 pub use error::{StatsError, StatsResult};
-pub use event_log::{EventLogBuffer, ReplicaWait};
+pub use event_log::{EventLogBuffer, ReplicaWait, is_dedup_full};
 pub use shared_pause::SharedPause;
 pub use store::{DynamoStatsStore, EmbeddedStatsStore, StatsStore};
 
@@ -92,6 +92,16 @@ pub struct Config {
     pub flush_write_units_per_second: u32,
     /// How long an event id is remembered to drop client retries.
     pub dedup_window_secs: u64,
+    /// Most event ids remembered at once (Redis buffer; 0: no bound). Each
+    /// replica holds them all in memory (about 60 bytes plus the id's
+    /// length, rounded up to 16, each), so this bounds its memory whatever
+    /// the number of replicas. Ids are kept one to two windows, so
+    /// ingestion sustains about `dedup_max_ids / (2 × dedup_window_secs)`
+    /// events/s; past the bound a batch is refused whole with
+    /// `RESOURCE_EXHAUSTED` until the window passes (never counted twice,
+    /// never dropped silently) instead of the process outgrowing its
+    /// memory limit.
+    pub dedup_max_ids: u64,
     /// Redis replicas that must have a batch of events before it is
     /// acknowledged (Redis `WAIT`), so a failover cannot lose it; 0: no
     /// wait. Fewer in time: the ingest answers `UNAVAILABLE`, and the
@@ -122,6 +132,7 @@ impl Default for Config {
             flush_concurrency: 16,
             flush_write_units_per_second: 0,
             dedup_window_secs: 3600,
+            dedup_max_ids: 0,
             pause_confirm_timeout_ms: 10_000,
             redis_wait_replicas: 0,
             redis_wait_timeout_ms: 500,
@@ -182,6 +193,17 @@ impl ServiceConfig for Config {
             return Err(ConfigError::invalid(
                 "dedup_window_secs",
                 "must be at least 1",
+            ));
+        }
+        if self.dedup_max_ids != 0
+            && usize::try_from(self.dedup_max_ids).unwrap_or(usize::MAX) < convert::MAX_EVENTS
+        {
+            return Err(ConfigError::invalid(
+                "dedup_max_ids",
+                format!(
+                    "must be 0 (no bound) or at least the events of one message ({})",
+                    convert::MAX_EVENTS
+                ),
             ));
         }
         if self.redis_wait_replicas > 0
@@ -251,7 +273,8 @@ pub async fn open_buffer(config: &Config) -> StatsResult<(Arc<dyn Buffer>, Optio
             .with_replica_wait(ReplicaWait {
                 replicas: config.redis_wait_replicas,
                 timeout: Duration::from_millis(config.redis_wait_timeout_ms),
-            });
+            })
+            .with_max_ids(usize::try_from(config.dedup_max_ids).unwrap_or(usize::MAX));
             let redis = buffer.redis().clone();
             (Arc::new(buffer), Some(redis))
         }

@@ -313,3 +313,43 @@ async fn a_batch_short_of_its_replicas_fails_retryably_and_its_resend_counts_onc
     );
     cleanup(&prefix).await;
 }
+
+/// A buffer bounded to 5 ids (two replicas, so the bound is the log's, not
+/// one process's): a batch whose fresh ids would pass it is refused whole
+/// with a retry-after, nothing of it applied; duplicates of remembered ids
+/// still pass (they add no id), and so do fresh ids within the bound.
+#[tokio::test]
+async fn a_bounded_id_log_refuses_what_would_pass_its_bound_and_applies_nothing_of_it() {
+    let prefix = RedisBuffer::prefix_for(&unique_name("evlog-bound"));
+    let a = buffer(&prefix).await.with_max_ids(5);
+    let b = buffer(&prefix).await.with_max_ids(5);
+    let window = Duration::from_secs(600);
+    let first: Vec<BufferEvent> = (0..3).map(|i| inc(&format!("id-{i}"), "e", 1)).collect();
+    assert!(a.apply_events(&first, window).await.unwrap().is_empty());
+    // Three fresh ids on the other replica: 6 > 5, refused whole.
+    let over: Vec<BufferEvent> = (3..6).map(|i| inc(&format!("id-{i}"), "e", 10)).collect();
+    let err = b
+        .apply_events(&over, window)
+        .await
+        .expect_err("over the bound");
+    assert!(stats_aggregator::is_dedup_full(&err), "{err:?}");
+    match &err {
+        tidemark_connectors::ConnectorError::Retryable { retry_after, .. } => {
+            assert!(retry_after.is_some_and(|d| d >= Duration::from_secs(1)));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A resend of the first batch: all duplicates, accepted, nothing added.
+    let dups = b.apply_events(&first, window).await.unwrap();
+    assert_eq!(dups, vec![0, 1, 2]);
+    // Two fresh ids fit exactly.
+    assert!(b.apply_events(&over[..2], window).await.unwrap().is_empty());
+    // The refused batch applied nothing: e holds 3 + 2 × 10.
+    let stats = a.stats().await.unwrap();
+    assert_eq!(stats.pending_events, 5, "{stats:?}");
+    let sequence = stats.last_acked.unwrap_or(0) + 1;
+    let content = a.take_for_flush(sequence).await.unwrap();
+    let e = content.iter().find(|d| d.entity == "e").expect("entity e");
+    assert_eq!(e.increments.get("n"), Some(&23));
+    cleanup(&prefix).await;
+}

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use crate::convert::{self, Checks};
 use crate::dead_letters::{DeadLetter, DeadLetters};
 use crate::error::{StatsError, StatsResult};
-use crate::event_log::is_replica_shortfall;
+use crate::event_log::{is_dedup_full, is_replica_shortfall};
 use crate::gauges::Gauges;
 use crate::publish::Publisher;
 use crate::shared_pause::{Pause, SharedPause};
@@ -244,14 +244,15 @@ impl Engine {
             // Safe to retry: ids of a batch that landed make it all duplicates.
             // A batch short of its Redis replicas is not retried here: it
             // waited its timeout already, and the client's resend is as safe
-            // (see `EventLogBuffer::with_replica_wait`).
+            // (see `EventLogBuffer::with_replica_wait`). Nor is a batch
+            // refused for a full id log: it would be until the window passes.
             let dups = retry(&self.settings.retry, "buffer events", || async {
                 match self
                     .buffer
                     .apply_events(&checked.events, self.settings.dedup_window)
                     .await
                 {
-                    Err(e) if is_replica_shortfall(&e) => Ok(Err(e)),
+                    Err(e) if is_replica_shortfall(&e) || is_dedup_full(&e) => Ok(Err(e)),
                     other => other.map(Ok),
                 }
             })

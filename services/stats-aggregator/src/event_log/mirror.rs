@@ -73,6 +73,18 @@ impl Mirror {
             .is_some_and(|&at| at / window + 1 >= now / window)
     }
 
+    /// Whether `fresh` more ids keep the mirror within `max_ids`.
+    pub(super) fn admits(&self, fresh: usize, max_ids: usize) -> bool {
+        self.seen.len().saturating_add(fresh) <= max_ids
+    }
+
+    /// Time until the next sweep can forget ids (the next boundary of the
+    /// kept window), at least a second.
+    pub(super) fn until_next_sweep(&self, now: u64) -> std::time::Duration {
+        let keep = self.keep_window.max(1);
+        std::time::Duration::from_secs((keep - now % keep).max(1))
+    }
+
     /// Forgets ids whose window (the largest asked for) has passed.
     pub(super) fn sweep(&mut self, now: u64, window: u64) {
         self.keep_window = self.keep_window.max(window);
@@ -112,5 +124,24 @@ mod tests {
         assert!(!m.is_seen(b"x", 120, 10));
         m.sweep(120, 10);
         assert!(m.seen.is_empty());
+    }
+
+    #[test]
+    fn the_mirror_admits_up_to_its_bound() {
+        let mut m = Mirror::default();
+        m.sweep(100, 10);
+        m.remember(b"a", 100);
+        m.remember(b"b", 100);
+        assert!(m.admits(1, 3));
+        assert!(!m.admits(2, 3));
+        // Remembered again: still one id.
+        m.remember(b"a", 105);
+        assert!(m.admits(1, 3));
+        assert_eq!(m.until_next_sweep(105), std::time::Duration::from_secs(5));
+        // Kept through the next window, forgotten in the one after.
+        m.sweep(110, 10);
+        assert!(!m.admits(2, 3));
+        m.sweep(120, 10);
+        assert!(m.admits(3, 3));
     }
 }

@@ -35,6 +35,16 @@
 //!   once their window has passed: an id seen at second `s` is a duplicate
 //!   while `s / window ≥ now / window − 1`, so it is remembered for at least
 //!   the window and at most two.
+//! - The log holds at most `max_ids` ids (`dedup_max_ids`), so every
+//!   replica's mirror does too, whatever the number of replicas: a batch
+//!   whose fresh ids would take the mirror past it is refused whole
+//!   (nothing written; [`is_dedup_full`], `RESOURCE_EXHAUSTED` to the
+//!   client) until a window passes. The check is made on a mirror at the
+//!   log's current position (the script runs only then), swept with the
+//!   same `now` and window the script trims with, so it counts exactly the
+//!   ids the log holds: it is the whole cluster's bound, not this
+//!   process's guess. Another replica's mirror may hold, besides, the ids
+//!   its clock has not swept yet (the clock skew's worth).
 //!
 //! Keys added to the buffer's layout (prefix `P`):
 //!
@@ -72,6 +82,17 @@ use scripts::{LUA_CONFIRM, LUA_INGEST, LUA_READ};
 
 pub use wait::{REPLICATION, ReplicaWait, is_replica_shortfall};
 
+/// The backend a batch refused for a full id log fails with (see
+/// [`is_dedup_full`]).
+pub const DEDUP_CAPACITY: &str = "dedup capacity";
+
+/// Whether `e` is a batch refused because the id log holds `max_ids` ids
+/// already: nothing of it was written, and retrying before its
+/// `retry_after` (the next window boundary) is refused again.
+pub fn is_dedup_full(e: &ConnectorError) -> bool {
+    matches!(e, ConnectorError::Retryable { backend, .. } if *backend == DEDUP_CAPACITY)
+}
+
 const BACKEND: &str = "redis";
 /// Blobs read per call while catching up with the log.
 const READ_CHUNK: usize = 64;
@@ -104,6 +125,8 @@ pub struct EventLogBuffer {
     /// Held from deciding a batch's duplicates until its script answered:
     /// the mirror must be at the log's position when the script runs.
     mirror: tokio::sync::Mutex<Mirror>,
+    /// Most ids the log (hence every mirror) holds; see the module docs.
+    max_ids: usize,
     /// The epoch this process offers should it create the log.
     new_epoch: String,
 }
@@ -141,8 +164,19 @@ impl EventLogBuffer {
             confirm: Script::new(LUA_CONFIRM),
             wait: None,
             mirror: tokio::sync::Mutex::new(Mirror::default()),
+            max_ids: usize::MAX,
             new_epoch: format!("{:016x}", h.finish()),
         }
+    }
+
+    /// Refuses a batch whose fresh ids would take the id log past
+    /// `max_ids` ids (module documentation; 0: no bound). Every replica of a buffer
+    /// should be given the same bound and the same dedup window.
+    #[must_use]
+    pub fn with_max_ids(mut self, max_ids: usize) -> Self {
+        // 0: no bound.
+        self.max_ids = if max_ids == 0 { usize::MAX } else { max_ids };
+        self
     }
 
     /// The flush side, which shares this buffer's keys and connection.
@@ -362,6 +396,21 @@ impl Buffer for EventLogBuffer {
                 }
                 self.catch_up(&mut mirror).await?;
                 continue;
+            }
+            // The mirror may be behind here; then the script answers
+            // `stale` and this is checked again once it caught up, so the
+            // check a batch lands after was made at the log's position.
+            let fresh = events.len() - dups.len();
+            if !mirror.admits(fresh, self.max_ids) {
+                return Err(ConnectorError::Retryable {
+                    backend: DEDUP_CAPACITY,
+                    message: format!(
+                        "the dedup id log holds {} ids and this batch brings {fresh}: over dedup_max_ids ({}) until the window passes",
+                        mirror.seen.len(),
+                        self.max_ids
+                    ),
+                    retry_after: Some(mirror.until_next_sweep(now)),
+                });
             }
             if !(dups.is_empty() && guessed) {
                 command = self.command(events, &dups, now, window)?;

@@ -81,7 +81,7 @@ impl Benchmark for Throttling {
         );
         report.rows.push(
             Row::new(
-                "attribute backfill, 20% throttled ÷ unthrottled",
+                "attribute backfill, table capacity 20% below its rate ÷ unthrottled",
                 "items/s",
                 held.rate,
                 free.rate,
@@ -155,7 +155,7 @@ impl Benchmark for Throttling {
         );
         report.rows.push(
             Row::new(
-                "stats flush, 20% throttled ÷ unthrottled",
+                "stats flush, table capacity 20% below its rate ÷ unthrottled",
                 "items/s",
                 throttled_flush.0,
                 unthrottled.0,
