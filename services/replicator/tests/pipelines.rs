@@ -122,6 +122,20 @@ async fn drain(plane: &mut Plane, name: &str) -> pb::PipelineLag {
         .unwrap()
 }
 
+/// Creates pipeline `name`; it must be accepted.
+async fn create(plane: &mut Plane, name: &str, spec: pb::PipelineSpec) {
+    plane
+        .replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.to_owned(),
+            spec: Some(spec),
+            actor: "t".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("create pipeline {name}: {s:?}"));
+}
+
 async fn wait_streaming(plane: &mut Plane, name: &str) {
     for _ in 0..900 {
         let p = plane
@@ -1178,29 +1192,13 @@ async fn a_sinks_tombstone_retention_purges_its_old_tombstones() {
             .unwrap();
     let table = store.table("docs", schema());
     let index = unique_name("purged");
-    let mut spec = kafka_spec("unused", &index, 1);
-    spec.feed = Some(pb::ChangeFeed {
-        feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
-            pb::EmbeddedChangeLogFeed {
-                start_position: pb::StartPosition::Latest as i32,
-            },
-        )),
-    });
+    let mut spec = embedded_spec(&index);
     spec.sinks[0].tombstone_retention = Some(prost_types::Duration {
         seconds: 1,
         nanos: 0,
     });
     let name = unique_name("purged");
-    plane
-        .replicator
-        .create_pipeline(pb::CreatePipelineRequest {
-            name: name.clone(),
-            spec: Some(spec),
-            actor: "t".to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut plane, &name, spec).await;
     wait_streaming(&mut plane, &name).await;
     drain(&mut plane, &name).await;
     for id in ["gone", "kept"] {
@@ -1280,30 +1278,14 @@ async fn followers_do_not_hold_a_workers_places_from_the_backfills() {
     let mut pipelines = Vec::new();
     for _ in 0..2 {
         let index = unique_name("one-place");
-        let mut spec = kafka_spec("unused", &index, 1);
-        spec.feed = Some(pb::ChangeFeed {
-            feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
-                pb::EmbeddedChangeLogFeed {
-                    start_position: pb::StartPosition::Latest as i32,
-                },
-            )),
-        });
+        let mut spec = embedded_spec(&index);
         spec.backfill = Some(pb::BackfillOptions {
             mode: pb::BackfillMode::Tombstones as i32,
             segments: 4,
             ..Default::default()
         });
         let name = unique_name("one-place");
-        plane
-            .replicator
-            .create_pipeline(pb::CreatePipelineRequest {
-                name: name.clone(),
-                spec: Some(spec),
-                actor: "t".to_owned(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        create(&mut plane, &name, spec).await;
         pipelines.push((name, index));
     }
     for (name, index) in &pipelines {
@@ -1343,25 +1325,9 @@ async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
         .await
         .unwrap();
     let index = unique_name("latest");
-    let mut spec = kafka_spec("unused", &index, 1);
-    spec.feed = Some(pb::ChangeFeed {
-        feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
-            pb::EmbeddedChangeLogFeed {
-                start_position: pb::StartPosition::Latest as i32,
-            },
-        )),
-    });
+    let spec = embedded_spec(&index);
     let name = unique_name("latest");
-    plane
-        .replicator
-        .create_pipeline(pb::CreatePipelineRequest {
-            name: name.clone(),
-            spec: Some(spec),
-            actor: "t".to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut plane, &name, spec).await;
     wait_streaming(&mut plane, &name).await;
     drain(&mut plane, &name).await;
     table
@@ -1401,14 +1367,7 @@ async fn an_item_leaving_a_sinks_filter_leaves_the_target() {
         item
     };
     let index = unique_name("filtered");
-    let mut spec = kafka_spec("unused", &index, 1);
-    spec.feed = Some(pb::ChangeFeed {
-        feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
-            pb::EmbeddedChangeLogFeed {
-                start_position: pb::StartPosition::Latest as i32,
-            },
-        )),
-    });
+    let mut spec = embedded_spec(&index);
     spec.sinks[0].transform = Some(common_pb::Transform {
         filter: Some(common_pb::RecencyFilter {
             attribute_name: "touchedAt".to_owned(),
@@ -1421,16 +1380,7 @@ async fn an_item_leaving_a_sinks_filter_leaves_the_target() {
         ..Default::default()
     });
     let name = unique_name("filtered");
-    plane
-        .replicator
-        .create_pipeline(pb::CreatePipelineRequest {
-            name: name.clone(),
-            spec: Some(spec),
-            actor: "t".to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut plane, &name, spec).await;
     wait_streaming(&mut plane, &name).await;
     // The feed reads from the log's end: let it take its position first.
     drain(&mut plane, &name).await;
@@ -1490,6 +1440,21 @@ async fn send(
 
 /// A pipeline from a Kafka topic (an embedded source table names the key)
 /// into an index, with `consumers` in the group, no backfill.
+/// [`kafka_spec`] fed by the embedded source's change log from its latest
+/// change instead.
+fn embedded_spec(index: &str) -> pb::PipelineSpec {
+    pb::PipelineSpec {
+        feed: Some(pb::ChangeFeed {
+            feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+                pb::EmbeddedChangeLogFeed {
+                    start_position: pb::StartPosition::Latest as i32,
+                },
+            )),
+        }),
+        ..kafka_spec("unused", index, 1)
+    }
+}
+
 fn kafka_spec(topic: &str, index: &str, consumers: u32) -> pb::PipelineSpec {
     pb::PipelineSpec {
         source: Some(common_pb::DataStore {
@@ -1704,16 +1669,7 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
             .any(|c| c.contains(&format!("Kafka topic {topic} has"))),
         "{checks:?}"
     );
-    plane
-        .replicator
-        .create_pipeline(pb::CreatePipelineRequest {
-            name: name.clone(),
-            spec: Some(spec),
-            actor: "t".to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create(&mut plane, &name, spec).await;
     // Drain may see an empty partition list before the group is joined:
     // wait for the documents themselves, then drain.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -485,58 +485,14 @@ async fn attribute_backfill(
 /// A pipeline from the table into an embedded sink, from CreatePipeline
 /// until Drain reports its initial backfill done and the feed caught up.
 async fn pipeline(replicator: &mut ReplicatorServiceClient<Channel>) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let name = "scale";
-    replicator
-        .create_pipeline(rp::CreatePipelineRequest {
-            name: name.to_owned(),
-            spec: Some(rp::PipelineSpec {
-                source: Some(sqlite(SOURCE, &["id"])),
-                feed: Some(rp::ChangeFeed {
-                    feed: Some(rp::change_feed::Feed::EmbeddedChangeLog(
-                        rp::EmbeddedChangeLogFeed {
-                            start_position: rp::StartPosition::Latest as i32,
-                        },
-                    )),
-                }),
-                sinks: vec![rp::Sink {
-                    name: "copy".to_owned(),
-                    store: Some(sqlite(SINK, &[])),
-                    ..Default::default()
-                }],
-                backfill: Some(rp::BackfillOptions {
-                    mode: rp::BackfillMode::Tombstones as i32,
-                    segments: SEGMENTS,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            actor: "bench".to_owned(),
-            ..Default::default()
-        })
-        .await?;
-    // Drain answers only once the backfill is done (STREAMING).
-    loop {
-        let state = replicator
-            .get_pipeline(rp::GetPipelineRequest {
-                name: name.to_owned(),
-            })
-            .await?
-            .into_inner()
-            .pipeline
-            .context("no pipeline")?;
-        anyhow::ensure!(
-            state.state != rp::PipelineState::Failed as i32,
-            "the pipeline failed: {}",
-            state.state_reason
-        );
-        if state.state == rp::PipelineState::Streaming as i32 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    super::replicator::drain(replicator, name).await?;
-    Ok(started.elapsed())
+    super::replicator::copy_pipeline(
+        replicator,
+        "scale",
+        sqlite(SOURCE, &["id"]),
+        sqlite(SINK, &[]),
+        SEGMENTS,
+    )
+    .await
 }
 
 /// A count and a digest check of the table against the pipeline's sink,

@@ -15,11 +15,9 @@ use stats_aggregator::{DynamoStatsStore, Engine, StatsStore as _};
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::testing::unique_name;
-use tidemark_connectors::{AttrValue, Buffer as _, BufferEvent, BufferOp, KeySchema};
-use tidemark_proto::job_tracker::v1 as jt;
-use tidemark_proto::replicator::v1 as pb;
+use tidemark_connectors::{Buffer as _, BufferEvent, BufferOp, KeySchema};
 
-use super::replicator::{client_at, plane, seed_table, table_ref, wait_run};
+use super::replicator::{BackfillRequest, Plane, client_at, plane, run_backfill, seed_table};
 use crate::dynalite::Dynalite;
 use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
 use crate::throttle::ThrottleProxy;
@@ -37,7 +35,6 @@ const BACKFILL_SEGMENTS: u32 = 4;
 /// what the local dynalite takes unthrottled (about 2,000 writes/s), so
 /// the limit is the rate.
 const FLUSH_RATE: u32 = 1_000;
-const RUN_WITHIN: Duration = Duration::from_secs(300);
 
 pub struct Throttling;
 
@@ -48,7 +45,7 @@ impl Benchmark for Throttling {
     }
 
     fn description(&self) -> &'static str {
-        "The attribute backfill (configured to 400 writes/s) and a stats flush (1,000 writes/s) against a DynamoDB table throttling 20% of the writes they send unthrottled (a proxy answering ProvisionedThroughputExceededException beyond its capacity, on a dynalite the bench starts): items/s throttled ÷ items/s unthrottled at the same configured limit; every item written once; throttles reported by the work against those the proxy answered."
+        "The attribute backfill (configured to 400 writes/s) and a stats flush (1,000 writes/s) against a DynamoDB table whose capacity is 20% below those rates (a proxy answering ProvisionedThroughputExceededException beyond it, on a dynalite the bench starts): items/s throttled ÷ items/s unthrottled at the same configured limit; every item written once; throttles reported by the work against those the proxy answered."
     }
 
     async fn run(&self, ctx: &Context) -> anyhow::Result<Report> {
@@ -59,13 +56,12 @@ impl Benchmark for Throttling {
         // The backfill: one table, two attributes, the same configured rate.
         let items = if ctx.quick { 400 } else { 4_000 };
         let table = seed_table(&dynalite.endpoint(), items).await?;
-        let plane = plane(&proxy.endpoint()).await?;
-        let (mut jobs, mut replicator) = (plane.jobs.clone(), plane.replicator.clone());
+        let mut plane = plane(&proxy.endpoint()).await?;
         proxy.set_capacity(None);
-        let free = backfill(&mut replicator, &mut jobs, &table, "free", items).await?;
+        let free = backfill(&mut plane, &table, "free", items).await?;
         proxy.take_counts();
         proxy.set_capacity(Some(f64::from(BACKFILL_RATE) * CAPACITY_SHARE));
-        let held = backfill(&mut replicator, &mut jobs, &table, "held", items).await?;
+        let held = backfill(&mut plane, &table, "held", items).await?;
         let (passed, throttled) = proxy.take_counts();
         anyhow::ensure!(
             held.throttled == throttled,
@@ -183,48 +179,21 @@ struct Backfilled {
 }
 
 async fn backfill(
-    replicator: &mut tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient<tonic::transport::Channel>,
-    jobs: &mut tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient<
-        tonic::transport::Channel,
-    >,
+    plane: &mut Plane,
     table: &str,
     attribute: &str,
     items: usize,
 ) -> anyhow::Result<Backfilled> {
-    let started = Instant::now();
-    let run_id = replicator
-        .backfill_attribute(pb::BackfillAttributeRequest {
-            spec: Some(pb::BackfillAttributeSpec {
-                table: Some(table_ref(table)),
-                attribute_name: attribute.to_owned(),
-                value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
-                    1i64,
-                ))),
-                segments: BACKFILL_SEGMENTS,
-                write_units_per_second: BACKFILL_RATE,
-            }),
-            actor: "bench".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .run_id;
-    let run = tokio::time::timeout(RUN_WITHIN, wait_run(jobs, &run_id))
-        .await
-        .with_context(|| format!("backfill run {run_id} still running after {RUN_WITHIN:?}"))??;
-    let took = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        run.status == jt::RunStatus::Succeeded as i32,
-        "backfill run {run:?}"
-    );
+    let request = BackfillRequest {
+        table,
+        attribute,
+        segments: BACKFILL_SEGMENTS,
+        rate: BACKFILL_RATE,
+    };
+    let (run, rate) = run_backfill(&mut plane.replicator, &mut plane.jobs, &request, items).await?;
     let counter = |name: &str| run.counters.get(name).copied().unwrap_or_default();
-    anyhow::ensure!(
-        usize::try_from(counter("updated"))? == items,
-        "the backfill updated {} of {items} items",
-        counter("updated")
-    );
     Ok(Backfilled {
-        rate: items as f64 / took,
+        rate,
         throttled: u64::try_from(counter("throttled"))?,
         write_units: counter("write_units_consumed"),
     })

@@ -11,7 +11,10 @@ use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::testing::{local_sdk_config, unique_name};
 use tidemark_connectors::{AttrValue, Item, KeySchema, SourceTable};
 use tidemark_proto::job_tracker::v1 as jt;
+use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
 use tidemark_proto::replicator::v1 as pb;
+use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
+use tonic::transport::Channel;
 
 use super::{DELAY, IN_FLIGHT, PAGE, SEGMENTS, UNITS, plane, table_ref, wait_run};
 use crate::framework::{Context, Side, interleaved};
@@ -25,18 +28,48 @@ async fn tidemark_backfill(
     items: usize,
 ) -> anyhow::Result<f64> {
     let mut plane = plane(endpoint).await?;
+    let request = BackfillRequest {
+        table,
+        attribute,
+        segments: SEGMENTS,
+        rate: 0,
+    };
+    let (_, rate) = run_backfill(&mut plane.replicator, &mut plane.jobs, &request, items).await?;
+    Ok(rate)
+}
+
+/// A BackfillAttribute setting `attribute = 1` on every item of `table`.
+pub(crate) struct BackfillRequest<'a> {
+    pub(crate) table: &'a str,
+    pub(crate) attribute: &'a str,
+    pub(crate) segments: u32,
+    /// Writes per second over the job (0: unlimited).
+    pub(crate) rate: u32,
+}
+
+/// A run stalled this long has failed: the benchmark says so rather than
+/// waiting for ever.
+const RUN_WITHIN: Duration = Duration::from_secs(300);
+
+/// Runs `request` to its end: the run (checked to have succeeded with
+/// every one of `items` items updated) and its items/s.
+pub(crate) async fn run_backfill(
+    replicator: &mut ReplicatorServiceClient<Channel>,
+    jobs: &mut JobTrackerServiceClient<Channel>,
+    request: &BackfillRequest<'_>,
+    items: usize,
+) -> anyhow::Result<(jt::Run, f64)> {
     let started = Instant::now();
-    let run_id = plane
-        .replicator
+    let run_id = replicator
         .backfill_attribute(pb::BackfillAttributeRequest {
             spec: Some(pb::BackfillAttributeSpec {
-                table: Some(table_ref(table)),
-                attribute_name: attribute.to_owned(),
+                table: Some(table_ref(request.table)),
+                attribute_name: request.attribute.to_owned(),
                 value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
                     1i64,
                 ))),
-                segments: SEGMENTS,
-                write_units_per_second: 0,
+                segments: request.segments,
+                write_units_per_second: request.rate,
             }),
             actor: "bench".to_owned(),
             ..Default::default()
@@ -44,7 +77,9 @@ async fn tidemark_backfill(
         .await?
         .into_inner()
         .run_id;
-    let run = wait_run(&mut plane.jobs, &run_id).await?;
+    let run = tokio::time::timeout(RUN_WITHIN, wait_run(jobs, &run_id))
+        .await
+        .with_context(|| format!("backfill run {run_id} still running after {RUN_WITHIN:?}"))??;
     let elapsed = started.elapsed().as_secs_f64();
     anyhow::ensure!(
         run.status == jt::RunStatus::Succeeded as i32,
@@ -56,7 +91,7 @@ async fn tidemark_backfill(
         "backfill updated {updated} of {items} items"
     );
     #[allow(clippy::cast_precision_loss)]
-    Ok(items as f64 / elapsed)
+    Ok((run, items as f64 / elapsed))
 }
 
 pub(crate) async fn client_at(endpoint: &str) -> aws_sdk_dynamodb::Client {
@@ -150,15 +185,16 @@ async fn backfill_update(
 }
 
 /// A raw client sending the replicator's requests at its concurrency:
-/// `UNITS` segments at a time, pages of `PAGE`, `IN_FLIGHT` conditional
+/// `units` segments at a time (a replicator's `UNITS`), pages of `PAGE`, `IN_FLIGHT` conditional
 /// updates each, with the replicator's request parameters; each segment's
 /// pages one after another (the replicator reads a segment's next page
 /// while it updates the current one).
-async fn raw_parallel(
+pub(crate) async fn raw_parallel(
     endpoint: &str,
     table: &str,
     attribute: &str,
     items: usize,
+    units: usize,
 ) -> anyhow::Result<f64> {
     let client = client_at(endpoint).await;
     let table: Arc<str> = Arc::from(table);
@@ -209,7 +245,7 @@ async fn raw_parallel(
                 }
             }
         })
-        .buffer_unordered(UNITS)
+        .buffer_unordered(units)
         .collect()
         .await;
     let mut total = 0;
@@ -278,7 +314,9 @@ pub(super) async fn backfill(
     for (round, side) in interleaved(pairs).into_iter().enumerate() {
         match side {
             Side::Baseline => {
-                raw.push(raw_parallel(direct, &table, &format!("raw_{round}"), items).await?);
+                raw.push(
+                    raw_parallel(direct, &table, &format!("raw_{round}"), items, UNITS).await?,
+                );
             }
             Side::System => {
                 tidemark

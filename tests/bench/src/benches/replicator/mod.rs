@@ -22,7 +22,7 @@
 //!   items into the source; a sample of them is looked up by id in the index
 //!   until found.
 
-pub(crate) use backfill::{client_at, seed_table};
+pub(crate) use backfill::{BackfillRequest, client_at, run_backfill, seed_table};
 mod backfill;
 mod lag;
 pub mod replicas;
@@ -30,7 +30,7 @@ mod replication;
 
 use backfill::{Backfill, backfill};
 use lag::Lag;
-pub(crate) use replication::drain;
+pub(crate) use replication::copy_pipeline;
 use replication::{Replication, replication};
 
 use std::time::Duration;

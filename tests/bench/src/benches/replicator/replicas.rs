@@ -6,7 +6,7 @@
 //! DynamoDB. Figures: items/s at 2 and 4 replicas ÷ items/s at 1.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tidemark_chaos::plane::{Process, build_services, free_addr};
@@ -15,14 +15,12 @@ use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::testing::unique_name;
 use tidemark_connectors::{AttrValue, Item, KeySchema, ScanRequest, SourceTable as _};
 use tidemark_proto::common::v1 as common;
-use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
-use tidemark_proto::replicator::v1 as pb;
 use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
 use tonic::transport::Channel;
 
-use super::backfill::{client_at, seed_table};
-use super::{DELAY, SEGMENTS, drain, table_ref, wait_run};
+use super::backfill::{BackfillRequest, client_at, raw_parallel, run_backfill, seed_table};
+use super::{DELAY, SEGMENTS, copy_pipeline, table_ref};
 use crate::dynalite::Dynalite;
 use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
 use crate::proxy::{DelayProxy, Delays};
@@ -101,6 +99,27 @@ impl Benchmark for Replicas {
             backfill.push(b);
             pipeline.push(p);
         }
+        // What the stand-in itself serves at those demands: a raw client
+        // sending the backfill's requests through the same proxy with one
+        // replica's and four replicas' units in flight.
+        let mut raw = Vec::new();
+        for units in [1, 4] {
+            raw.push(
+                raw_parallel(
+                    &proxied,
+                    &table,
+                    &format!("raw_{units}"),
+                    items,
+                    units * UNITS_PER_REPLICA,
+                )
+                .await?,
+            );
+        }
+        eprintln!(
+            "raw client: {} items/s at one replica's concurrency, {} at four's",
+            fmt_num(raw[0]),
+            fmt_num(raw[1])
+        );
         let mut report = Report::default();
         for (name, rates) in [
             ("attribute backfill", &backfill),
@@ -118,10 +137,26 @@ impl Benchmark for Replicas {
                 );
             }
         }
+        report.rows.push(Row::new(
+            "attribute backfill: 4 replicas ÷ a raw client at their concurrency",
+            "items/s",
+            backfill[2],
+            raw[1],
+        ));
+        report.rows.push(Row::new(
+            "raw client: 4 replicas' concurrency (vs 1's)",
+            "items/s",
+            raw[1],
+            raw[0],
+        ));
         report.notes.push(format!(
             "{items} items (5-attribute items for the pipeline, key-only for the backfill); {SEGMENTS} segments per operation; each replica works on {UNITS_PER_REPLICA} unit at a time with the backfill's 16 updates in flight (a replica's default is 4 units: one replica alone would then ask more of the local dynalite than it serves, and no count of replicas could add anything); every DynamoDB request of the replicas through the proxy adding {} ms; the job-tracker (embedded store) unproxied",
             DELAY.as_millis()
         ));
+        report.notes.push(
+            "raw client: the backfill's own requests (segmented scans, the same conditional UpdateItems, 16 in flight per segment) from the bench process through the same proxy, with as many segments at once as 1 and 4 replicas work on: what the local DynamoDB stand-in serves at those demands, whatever runs the work"
+                .to_owned(),
+        );
         report.notes.push(
             "each replica count on fresh processes: a job-tracker and that many replicator processes, the first of which takes the RPCs; units go to whichever replica claims them. The attribute backfill sets a new attribute on every item of one table per count; the pipeline copies an embedded table (the replicas share its database file) into a new DynamoDB table, from CreatePipeline to STREAMING and drained"
                 .to_owned(),
@@ -271,38 +306,13 @@ async fn attribute_backfill(
     n: usize,
     items: usize,
 ) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    let run_id = replicator
-        .backfill_attribute(pb::BackfillAttributeRequest {
-            spec: Some(pb::BackfillAttributeSpec {
-                table: Some(table_ref(table)),
-                attribute_name: format!("replicas_{n}"),
-                value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
-                    1i64,
-                ))),
-                segments: SEGMENTS,
-                write_units_per_second: 0,
-            }),
-            actor: "bench".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .run_id;
-    let run = tokio::time::timeout(RUN_WITHIN, wait_run(jobs, &run_id))
-        .await
-        .with_context(|| format!("backfill run {run_id} still running after {RUN_WITHIN:?}"))??;
-    let took = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        run.status == jt::RunStatus::Succeeded as i32,
-        "backfill run {run:?}"
-    );
-    let updated = run.counters.get("updated").copied().unwrap_or_default();
-    anyhow::ensure!(
-        usize::try_from(updated)? == items,
-        "the backfill updated {updated} of {items} items"
-    );
-    Ok(items as f64 / took)
+    let request = BackfillRequest {
+        table,
+        attribute: &format!("replicas_{n}"),
+        segments: SEGMENTS,
+        rate: 0,
+    };
+    Ok(run_backfill(replicator, jobs, &request, items).await?.1)
 }
 
 /// Items/s of a pipeline from the embedded source into the DynamoDB table
@@ -313,62 +323,15 @@ async fn copy(
     sink: &str,
     items: usize,
 ) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    replicator
-        .create_pipeline(pb::CreatePipelineRequest {
-            name: name.to_owned(),
-            spec: Some(pb::PipelineSpec {
-                source: Some(common::DataStore {
-                    store: Some(common::data_store::Store::SqliteTable(
-                        common::SqliteTableRef {
-                            table_name: SOURCE.to_owned(),
-                            database: String::new(),
-                            key_attribute_names: vec!["id".to_owned()],
-                        },
-                    )),
-                }),
-                feed: Some(pb::ChangeFeed {
-                    feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
-                        pb::EmbeddedChangeLogFeed {
-                            start_position: pb::StartPosition::Latest as i32,
-                        },
-                    )),
-                }),
-                sinks: vec![pb::Sink {
-                    name: "copy".to_owned(),
-                    store: Some(table_ref(sink)),
-                    ..Default::default()
-                }],
-                backfill: Some(pb::BackfillOptions {
-                    mode: pb::BackfillMode::Tombstones as i32,
-                    segments: SEGMENTS,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            actor: "bench".to_owned(),
-            ..Default::default()
-        })
-        .await?;
-    loop {
-        let pipeline = replicator
-            .get_pipeline(pb::GetPipelineRequest {
-                name: name.to_owned(),
-            })
-            .await?
-            .into_inner()
-            .pipeline
-            .context("no pipeline")?;
-        anyhow::ensure!(
-            pipeline.state != pb::PipelineState::Failed as i32,
-            "the pipeline failed: {}",
-            pipeline.state_reason
-        );
-        if pipeline.state == pb::PipelineState::Streaming as i32 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    drain(replicator, name).await?;
-    Ok(items as f64 / started.elapsed().as_secs_f64())
+    let source = common::DataStore {
+        store: Some(common::data_store::Store::SqliteTable(
+            common::SqliteTableRef {
+                table_name: SOURCE.to_owned(),
+                database: String::new(),
+                key_attribute_names: vec!["id".to_owned()],
+            },
+        )),
+    };
+    let took = copy_pipeline(replicator, name, source, table_ref(sink), SEGMENTS).await?;
+    Ok(items as f64 / took.as_secs_f64())
 }

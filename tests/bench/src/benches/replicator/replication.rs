@@ -269,6 +269,70 @@ pub(super) async fn replication(ctx: &Context, docs: usize) -> anyhow::Result<Re
     })
 }
 
+/// A pipeline `name` copying `source` into `sink`: an embedded change-log
+/// feed from its latest change, a tombstone backfill in `segments`
+/// segments, from CreatePipeline until it is STREAMING and drained. How long
+/// that took.
+pub(crate) async fn copy_pipeline(
+    replicator: &mut ReplicatorServiceClient<Channel>,
+    name: &str,
+    source: common::DataStore,
+    sink: common::DataStore,
+    segments: u32,
+) -> anyhow::Result<std::time::Duration> {
+    let started = Instant::now();
+    replicator
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.to_owned(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(source),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+                        pb::EmbeddedChangeLogFeed {
+                            start_position: pb::StartPosition::Latest as i32,
+                        },
+                    )),
+                }),
+                sinks: vec![pb::Sink {
+                    name: "copy".to_owned(),
+                    store: Some(sink),
+                    ..Default::default()
+                }],
+                backfill: Some(pb::BackfillOptions {
+                    mode: pb::BackfillMode::Tombstones as i32,
+                    segments,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            actor: "bench".to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    // Drain answers only once the backfill is done (STREAMING).
+    loop {
+        let pipeline = replicator
+            .get_pipeline(pb::GetPipelineRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .pipeline
+            .context("no pipeline")?;
+        anyhow::ensure!(
+            pipeline.state != pb::PipelineState::Failed as i32,
+            "the pipeline failed: {}",
+            pipeline.state_reason
+        );
+        if pipeline.state == pb::PipelineState::Streaming as i32 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drain(replicator, name).await?;
+    Ok(started.elapsed())
+}
+
 pub(crate) async fn drain(
     replicator: &mut ReplicatorServiceClient<Channel>,
     name: &str,
