@@ -102,7 +102,7 @@ fn distinct<T: Ord>(
 }
 
 fn attributes_from_proto(
-    attributes: &std::collections::HashMap<String, pb::AttributeValue>,
+    attributes: &BTreeMap<String, pb::AttributeValue>,
 ) -> Result<BTreeMap<String, AttrValue>, ProtoError> {
     attributes
         .iter()

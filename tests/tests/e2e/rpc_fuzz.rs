@@ -26,13 +26,13 @@
 //! (64 hex digits) replays another run, `TIDEMARK_FUZZ_SEED=random` explores
 //! a new one, and `TIDEMARK_FUZZ_CASES` changes the cases per RPC.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use proptest::collection::{hash_map, vec};
+use proptest::collection::{btree_map, hash_map, vec};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree as _;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -565,7 +565,7 @@ fn nested(depth: usize) -> common::AttributeValue {
             value(Value::L(common::ListValue { values: vec![v] }))
         } else {
             value(Value::M(common::MapValue {
-                attributes: HashMap::from([("k".to_owned(), v)]),
+                attributes: BTreeMap::from([("k".to_owned(), v)]),
             }))
         };
     }
@@ -606,7 +606,7 @@ fn attribute_value() -> BoxedStrategy<common::AttributeValue> {
         prop_oneof![
             vec(inner.clone(), 0..4)
                 .prop_map(|values| value(Value::L(common::ListValue { values }))),
-            hash_map(small_text(&[]), inner, 0..4)
+            btree_map(small_text(&[]), inner, 0..4)
                 .prop_map(|attributes| value(Value::M(common::MapValue { attributes }))),
         ]
     });
@@ -623,7 +623,7 @@ fn optional<T: Debug + Clone + 'static>(s: BoxedStrategy<T>) -> BoxedStrategy<Op
 }
 
 fn key() -> BoxedStrategy<common::Key> {
-    hash_map(
+    btree_map(
         small_text(&["id".into(), "pk".into()]),
         attribute_value(),
         0..3,
