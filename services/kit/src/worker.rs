@@ -159,7 +159,7 @@ pub struct Claim {
 /// follower) gives it back with [`Slot::release`]: otherwise a worker
 /// holding as many followers as its concurrency would never claim the
 /// finite units (backfill segments) those same jobs wait for.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Slot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
 
 impl Slot {
@@ -169,14 +169,6 @@ impl Slot {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-    }
-
-    /// Whether the unit still counts against the worker's concurrency.
-    pub fn held(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some()
     }
 }
 

@@ -17,9 +17,9 @@ mod stats;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tidemark_connectors::capacity::{AdaptiveRate, CapacityMeter};
 
 use tidemark_connectors::Buffer;
+use tidemark_connectors::capacity::{AdaptiveRate, CapacityMeter};
 use tidemark_connectors::retry::{RetryPolicy, retry};
 use tidemark_kit::CancellationToken;
 use tidemark_proto::stats_aggregator::v1 as pb;
