@@ -15,9 +15,7 @@ use tidemark_chaos::plane::{Process, build_services, free_addr, start_all};
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::{AttrValue, Item, KeySchema};
 use tidemark_proto::common::v1 as common;
-use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
-use tidemark_proto::replicator::v1 as rp;
 use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
 use tidemark_proto::verifier::v1 as vf;
 use tidemark_proto::verifier::v1::verifier_service_client::VerifierServiceClient;
@@ -451,35 +449,16 @@ async fn attribute_backfill(
     n: usize,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let run_id = replicator
-        .backfill_attribute(rp::BackfillAttributeRequest {
-            spec: Some(rp::BackfillAttributeSpec {
-                table: Some(sqlite(SOURCE, &["id"])),
-                attribute_name: "migrated".to_owned(),
-                value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
-                    1i64,
-                ))),
-                segments: SEGMENTS,
-                write_units_per_second: 0,
-            }),
-            actor: "bench".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .run_id;
-    let run = super::replicator::wait_run(jobs, &run_id).await?;
-    let took = started.elapsed();
-    anyhow::ensure!(
-        run.status == jt::RunStatus::Succeeded as i32,
-        "backfill run {run:?}"
-    );
-    let updated = run.counters.get("updated").copied().unwrap_or_default();
-    anyhow::ensure!(
-        usize::try_from(updated)? == n,
-        "the backfill updated {updated} of {n} items"
-    );
-    Ok(took)
+    let request = super::replicator::BackfillRequest {
+        table: sqlite(SOURCE, &["id"]),
+        attribute: "migrated",
+        segments: SEGMENTS,
+        rate: 0,
+        // 5M items take minutes; an hour means it stalled.
+        within: Duration::from_secs(3600),
+    };
+    super::replicator::run_backfill(replicator, jobs, &request, n).await?;
+    Ok(started.elapsed())
 }
 
 /// A pipeline from the table into an embedded sink, from CreatePipeline

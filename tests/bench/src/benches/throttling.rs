@@ -17,7 +17,9 @@ use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::testing::unique_name;
 use tidemark_connectors::{Buffer as _, BufferEvent, BufferOp, KeySchema};
 
-use super::replicator::{BackfillRequest, Plane, client_at, plane, run_backfill, seed_table};
+use super::replicator::{
+    BackfillRequest, Plane, RUN_WITHIN, client_at, plane, run_backfill, seed_table, table_ref,
+};
 use crate::dynalite::Dynalite;
 use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
 use crate::throttle::ThrottleProxy;
@@ -185,10 +187,11 @@ async fn backfill(
     items: usize,
 ) -> anyhow::Result<Backfilled> {
     let request = BackfillRequest {
-        table,
+        table: table_ref(table),
         attribute,
         segments: BACKFILL_SEGMENTS,
         rate: BACKFILL_RATE,
+        within: RUN_WITHIN,
     };
     let (run, rate) = run_backfill(&mut plane.replicator, &mut plane.jobs, &request, items).await?;
     let counter = |name: &str| run.counters.get(name).copied().unwrap_or_default();

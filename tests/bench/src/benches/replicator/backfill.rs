@@ -10,6 +10,7 @@ use futures::StreamExt as _;
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::testing::{local_sdk_config, unique_name};
 use tidemark_connectors::{AttrValue, Item, KeySchema, SourceTable};
+use tidemark_proto::common::v1 as common;
 use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
 use tidemark_proto::replicator::v1 as pb;
@@ -29,10 +30,11 @@ async fn tidemark_backfill(
 ) -> anyhow::Result<f64> {
     let mut plane = plane(endpoint).await?;
     let request = BackfillRequest {
-        table,
+        table: table_ref(table),
         attribute,
         segments: SEGMENTS,
         rate: 0,
+        within: RUN_WITHIN,
     };
     let (_, rate) = run_backfill(&mut plane.replicator, &mut plane.jobs, &request, items).await?;
     Ok(rate)
@@ -40,16 +42,18 @@ async fn tidemark_backfill(
 
 /// A BackfillAttribute setting `attribute = 1` on every item of `table`.
 pub(crate) struct BackfillRequest<'a> {
-    pub(crate) table: &'a str,
+    pub(crate) table: common::DataStore,
     pub(crate) attribute: &'a str,
     pub(crate) segments: u32,
     /// Writes per second over the job (0: unlimited).
     pub(crate) rate: u32,
+    /// A run still going after this has stalled: the benchmark says so
+    /// rather than waiting for ever.
+    pub(crate) within: Duration,
 }
 
-/// A run stalled this long has failed: the benchmark says so rather than
-/// waiting for ever.
-const RUN_WITHIN: Duration = Duration::from_secs(300);
+/// How long a run of the benchmarks' few thousand items may take.
+pub(crate) const RUN_WITHIN: Duration = Duration::from_secs(300);
 
 /// Runs `request` to its end: the run (checked to have succeeded with
 /// every one of `items` items updated) and its items/s.
@@ -63,7 +67,7 @@ pub(crate) async fn run_backfill(
     let run_id = replicator
         .backfill_attribute(pb::BackfillAttributeRequest {
             spec: Some(pb::BackfillAttributeSpec {
-                table: Some(table_ref(request.table)),
+                table: Some(request.table.clone()),
                 attribute_name: request.attribute.to_owned(),
                 value: Some(tidemark_connectors::proto::value_to_proto(&AttrValue::n(
                     1i64,
@@ -77,9 +81,10 @@ pub(crate) async fn run_backfill(
         .await?
         .into_inner()
         .run_id;
-    let run = tokio::time::timeout(RUN_WITHIN, wait_run(jobs, &run_id))
+    let within = request.within;
+    let run = tokio::time::timeout(within, wait_run(jobs, &run_id))
         .await
-        .with_context(|| format!("backfill run {run_id} still running after {RUN_WITHIN:?}"))??;
+        .with_context(|| format!("backfill run {run_id} still running after {within:?}"))??;
     let elapsed = started.elapsed().as_secs_f64();
     anyhow::ensure!(
         run.status == jt::RunStatus::Succeeded as i32,

@@ -22,7 +22,7 @@
 //!   items into the source; a sample of them is looked up by id in the index
 //!   until found.
 
-pub(crate) use backfill::{BackfillRequest, client_at, run_backfill, seed_table};
+pub(crate) use backfill::{BackfillRequest, RUN_WITHIN, client_at, run_backfill, seed_table};
 mod backfill;
 mod lag;
 pub mod replicas;

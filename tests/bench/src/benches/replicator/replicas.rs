@@ -19,7 +19,9 @@ use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServi
 use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
 use tonic::transport::Channel;
 
-use super::backfill::{BackfillRequest, client_at, raw_parallel, run_backfill, seed_table};
+use super::backfill::{
+    BackfillRequest, RUN_WITHIN, client_at, raw_parallel, run_backfill, seed_table,
+};
 use super::{DELAY, SEGMENTS, copy_pipeline, table_ref};
 use crate::dynalite::Dynalite;
 use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
@@ -35,9 +37,6 @@ const UNITS_PER_REPLICA: usize = 1;
 const AT_TWO: f64 = 1.8;
 const AT_FOUR: f64 = 3.2;
 const SOURCE: &str = "replicas_src";
-/// A run or pipeline still not done after this has stalled: the benchmark
-/// fails naming the processes' logs rather than waiting for ever.
-const RUN_WITHIN: Duration = Duration::from_secs(300);
 
 pub struct Replicas;
 
@@ -307,10 +306,11 @@ async fn attribute_backfill(
     items: usize,
 ) -> anyhow::Result<f64> {
     let request = BackfillRequest {
-        table,
+        table: table_ref(table),
         attribute: &format!("replicas_{n}"),
         segments: SEGMENTS,
         rate: 0,
+        within: RUN_WITHIN,
     };
     Ok(run_backfill(replicator, jobs, &request, items).await?.1)
 }
