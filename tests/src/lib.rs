@@ -333,6 +333,7 @@ pub async fn spawn_plane_in(dir: Option<&Path>, options: PlaneOptions) -> Server
         job_tracker_url: url.clone(),
         aws_endpoint: Some(aws_endpoint.clone()),
         elasticsearch_url: Some(es.clone()),
+        kafka_brokers: Some(local_env("TIDEMARK_TEST_KAFKA_BROKERS")),
         data_dir: tables.clone(),
         lease_secs: 5,
         inject_unit_fault: options.inject_unit_fault.clone(),
@@ -391,6 +392,7 @@ pub async fn spawn_plane_in(dir: Option<&Path>, options: PlaneOptions) -> Server
         replicator_url: url,
         aws_endpoint: Some(aws_endpoint),
         elasticsearch_url: Some(es),
+        kafka_brokers: Some(local_env("TIDEMARK_TEST_KAFKA_BROKERS")),
         data_dir: tables,
         ..verifier::Config::default()
     };

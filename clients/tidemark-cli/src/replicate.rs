@@ -88,6 +88,11 @@ pub struct CreateArgs {
     /// The source attribute holding versions kept by Tidemark's own writers.
     #[arg(long, default_value = "")]
     version_attribute: String,
+    /// How Kafka sinks encode a message: json (key and item as DynamoDB
+    /// JSON, a delete as a tombstone) or change-record (the protobuf
+    /// tidemark.common.v1.ChangeRecord a Kafka feed reads).
+    #[arg(long, value_enum, default_value = "json")]
+    kafka_format: KafkaFormat,
     #[arg(long, env = "USER", default_value = "operator")]
     actor: String,
     /// Check the spec, the source, its feed and every sink as the
@@ -100,6 +105,12 @@ pub struct CreateArgs {
     /// How long --wait waits.
     #[arg(long, default_value = "30m", value_parser = parse_duration)]
     timeout: Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum KafkaFormat {
+    Json,
+    ChangeRecord,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -181,6 +192,10 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
                     .flatten(),
                 version_attribute: String::new(),
                 tombstone_retention: None,
+                kafka_format: match a.kafka_format {
+                    KafkaFormat::Json => pb::KafkaMessageFormat::Json,
+                    KafkaFormat::ChangeRecord => pb::KafkaMessageFormat::ChangeRecord,
+                } as i32,
             })
             .collect(),
         backfill: Some(pb::BackfillOptions {

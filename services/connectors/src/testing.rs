@@ -92,3 +92,29 @@ pub fn unique_name(prefix: &str) -> String {
     use rand::Rng as _;
     format!("{prefix}-{:08x}", rand::rng().random::<u32>())
 }
+
+/// Creates `topic` with `partitions` on the local Kafka, compacted
+/// (`cleanup.policy=compact`) when asked: a pipeline's sink topic must exist.
+///
+/// # Panics
+/// When the brokers refuse: the test cannot go on.
+#[cfg(feature = "kafka")]
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32, compacted: bool) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("Kafka admin client");
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    if compacted {
+        new = new.set("cleanup.policy", "compact");
+    }
+    let results = admin
+        .create_topics(&[new], &AdminOptions::new())
+        .await
+        .expect("create the topic");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}

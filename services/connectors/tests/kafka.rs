@@ -1,17 +1,23 @@
 //! The Kafka change feed against the local Kafka endpoint: records come back
 //! in order per key, only committed offsets survive a new consumer of the
 //! group, lag counts what is not committed, and a message that is not a
-//! change record is skipped without blocking its partition.
+//! change record is skipped without blocking its partition. The Kafka sink
+//! against the same endpoint: the sink behaviour suite as readers see it,
+//! the messages consumers get, and a ChangeRecord topic as the next feed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tidemark_connectors::kafka::{KafkaFeed, KafkaStart};
+use tidemark_connectors::kafka::{KafkaFeed, KafkaFormat, KafkaSink, KafkaStart};
 use tidemark_connectors::proto::{encode_change, kafka_key};
-use tidemark_connectors::testing::{local_env, unique_name};
-use tidemark_connectors::{AttrValue, ChangeFeed, ChangeRecord, Item, Key};
+use tidemark_connectors::suite;
+use tidemark_connectors::testing::{create_topic, local_env, unique_name};
+use tidemark_connectors::{
+    AttrValue, ChangeFeed, ChangeKind, ChangeRecord, Item, Key, KeySchema, RecordOutcome,
+    Sink as _, SinkOp, SinkRecord,
+};
 
 fn producer() -> FutureProducer {
     ClientConfig::new()
@@ -124,4 +130,164 @@ async fn committed_offsets_are_the_checkpoint_and_order_holds_per_key() {
     again.poll(10).await.unwrap();
     let behind: u64 = again.lag().iter().map(|l| l.records).sum();
     assert_eq!(behind, 0, "all committed: {:?}", again.lag());
+}
+
+/// The sink behaviour suite on real topics: what a reader applying "newer
+/// wins" sees (the sink's own view, the verifier's) moves only forwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_sink_keeps_the_sink_behaviour_for_readers() {
+    let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+    let (a, b) = (unique_name("sink-a"), unique_name("sink-b"));
+    create_topic(&brokers, &a, 3, true).await;
+    create_topic(&brokers, &b, 2, true).await;
+    let schema = KeySchema::new(suite::PK, Some(suite::SK));
+    let sink = KafkaSink::connect(&brokers, &a, schema.clone(), KafkaFormat::Json).unwrap();
+    let other = KafkaSink::connect(&brokers, &b, schema, KafkaFormat::ChangeRecord).unwrap();
+    suite::sink(&sink, &other).await;
+}
+
+/// Messages as a consumer sees them: keyed by the item key, the version in
+/// a header, JSON with DynamoDB-typed values, a delete as a tombstone; a
+/// fresh sink (another process) replays, and readers still see the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_messages_carry_key_version_and_tombstones() {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers as _, Message as _};
+    let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+    let topic = unique_name("json");
+    create_topic(&brokers, &topic, 1, true).await;
+    let schema = KeySchema::new("pk", None);
+    let k = Key::single("pk", AttrValue::s("a"));
+    let item = |n: u32| -> Item {
+        [
+            ("pk".to_owned(), AttrValue::s("a")),
+            ("n".to_owned(), AttrValue::n(u64::from(n))),
+        ]
+        .into_iter()
+        .collect()
+    };
+    let record = |version: u64, op: SinkOp| SinkRecord {
+        key: k.clone(),
+        version,
+        op,
+    };
+    let sink = KafkaSink::connect(&brokers, &topic, schema.clone(), KafkaFormat::Json).unwrap();
+    let out = sink
+        .apply(&[
+            record(2, SinkOp::Upsert(item(2))),
+            record(1, SinkOp::Upsert(item(1))),
+            record(3, SinkOp::Delete),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [
+            RecordOutcome::Applied,
+            RecordOutcome::Stale,
+            RecordOutcome::Applied
+        ]
+    );
+    // Another process knows nothing of what was sent: it sends an older
+    // record again, and readers keep the delete.
+    let restarted = KafkaSink::connect(&brokers, &topic, schema, KafkaFormat::Json).unwrap();
+    let out = restarted
+        .apply(&[record(2, SinkOp::Upsert(item(2)))])
+        .await
+        .unwrap();
+    assert_eq!(out, [RecordOutcome::Applied]);
+    assert_eq!(restarted.read(&k).await.unwrap(), None);
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("three messages")
+            .unwrap();
+        let headers: BTreeMap<String, String> = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(m.key(), Some(b"a".as_slice()));
+        seen.push((
+            headers["tidemark-version"].clone(),
+            headers["tidemark-op"].clone(),
+            m.payload()
+                .map(|p| serde_json::from_slice::<serde_json::Value>(p).unwrap()),
+        ));
+    }
+    assert_eq!(seen[0].0, "2");
+    assert_eq!(
+        seen[0].2,
+        Some(serde_json::json!({
+            "key": {"pk": {"S": "a"}},
+            "version": "2",
+            "item": {"pk": {"S": "a"}, "n": {"N": "2"}},
+        }))
+    );
+    assert_eq!((seen[1].0.as_str(), seen[1].1.as_str()), ("3", "delete"));
+    assert_eq!(seen[1].2, None, "a delete is a tombstone");
+    assert_eq!((seen[2].0.as_str(), seen[2].1.as_str()), ("2", "upsert"));
+}
+
+/// A sink writing ChangeRecords feeds the next pipeline: a Kafka feed reads
+/// them, deletes included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_record_messages_are_a_feed() {
+    let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+    let topic = unique_name("chain");
+    create_topic(&brokers, &topic, 2, false).await;
+    let sink = KafkaSink::connect(
+        &brokers,
+        &topic,
+        KeySchema::new("pk", None),
+        KafkaFormat::ChangeRecord,
+    )
+    .unwrap();
+    let batch: Vec<SinkRecord> = (0..10u32)
+        .map(|i| SinkRecord {
+            key: key(i),
+            version: u64::from(i) + 1,
+            op: if i == 9 {
+                SinkOp::Delete
+            } else {
+                SinkOp::Upsert(
+                    [
+                        ("pk".to_owned(), key(i).get("pk").unwrap().clone()),
+                        ("n".to_owned(), AttrValue::n(u64::from(i))),
+                    ]
+                    .into_iter()
+                    .collect(),
+                )
+            },
+        })
+        .collect();
+    assert_eq!(
+        sink.apply(&batch).await.unwrap(),
+        vec![RecordOutcome::Applied; 10]
+    );
+    let mut feed =
+        KafkaFeed::subscribe(&brokers, &topic, &unique_name("g"), KafkaStart::Earliest).unwrap();
+    let records = poll_n(&mut feed, 10).await;
+    assert_eq!(feed.undecodable(), 0);
+    let last = records.iter().find(|r| r.version == 10).unwrap();
+    assert_eq!(last.kind, ChangeKind::Remove);
+    assert_eq!(last.key, key(9));
 }

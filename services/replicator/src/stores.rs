@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use tidemark_connectors::dynamodb::{DynamoSink, DynamoTable};
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
+use tidemark_connectors::kafka::{KafkaFormat, KafkaSink};
 use tidemark_connectors::s3::S3Sink;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{ConnectorError, ConnectorResult, KeySchema, Sink, SourceTable};
-use tidemark_proto::common::v1::DataStore;
 use tidemark_proto::common::v1::data_store::Store;
+use tidemark_proto::common::v1::{DataStore, KafkaTopicRef};
 
 use crate::config::Config;
 
@@ -33,6 +34,7 @@ pub struct Stores {
     allow: tidemark_kit::endpoints::AllowList,
     aws_endpoint: Option<String>,
     elasticsearch_url: Option<String>,
+    kafka_brokers: Option<String>,
     data_dir: PathBuf,
     /// Base AWS configuration; the standard chain (environment, profile,
     /// instance role) when not given.
@@ -60,6 +62,7 @@ impl Stores {
             base,
             aws_endpoint: config.aws_endpoint.clone(),
             elasticsearch_url: config.elasticsearch_url.clone(),
+            kafka_brokers: config.kafka_brokers.clone(),
             data_dir: config.data_dir.clone(),
             aws: Arc::default(),
             embedded: Arc::default(),
@@ -72,6 +75,43 @@ impl Stores {
     /// `InvalidInput` saying how to allow it.
     pub fn check_endpoint(&self, endpoint: &str) -> ConnectorResult<()> {
         self.allow.check(endpoint).map_err(invalid)
+    }
+
+    /// The bootstrap servers of `topic`: its own, or this process's.
+    ///
+    /// # Errors
+    /// Brokers a request may not name, or none at all.
+    pub fn kafka_brokers(&self, topic: &KafkaTopicRef) -> ConnectorResult<String> {
+        self.check_endpoint(&topic.bootstrap_servers)?;
+        if topic.bootstrap_servers.is_empty() {
+            self.kafka_brokers.clone().ok_or_else(|| {
+                invalid("no Kafka brokers: set the topic's bootstrap_servers or the replicator's kafka_brokers".to_owned())
+            })
+        } else {
+            Ok(topic.bootstrap_servers.clone())
+        }
+    }
+
+    /// A pipeline's Kafka sink on an existing topic.
+    ///
+    /// # Errors
+    /// No brokers, brokers that do not answer, a topic that does not exist.
+    pub async fn kafka_sink(
+        &self,
+        topic: &KafkaTopicRef,
+        schema: &KeySchema,
+        format: KafkaFormat,
+    ) -> ConnectorResult<Arc<KafkaSink>> {
+        let brokers = self.kafka_brokers(topic)?;
+        tidemark_connectors::kafka::topic_partitions(&brokers, &topic.topic, KAFKA_METADATA)
+            .await
+            .map_err(no_topic)?;
+        Ok(Arc::new(KafkaSink::connect(
+            &brokers,
+            &topic.topic,
+            schema.clone(),
+            format,
+        )?))
     }
 
     /// # Errors
@@ -259,9 +299,17 @@ impl Stores {
                     t.table_name
                 ))
             }
-            Some(Store::KafkaTopic(_)) => Err(invalid(
-                "Kafka topics are not accepted as a sink of this job".to_owned(),
-            )),
+            Some(Store::KafkaTopic(t)) => {
+                let brokers = self.kafka_brokers(t)?;
+                let n = tidemark_connectors::kafka::topic_partitions(
+                    &brokers,
+                    &t.topic,
+                    KAFKA_METADATA,
+                )
+                .await
+                .map_err(no_topic)?;
+                Ok(format!("Kafka topic {} exists ({n} partitions)", t.topic))
+            }
             None => Err(invalid("exactly one store kind must be set".to_owned())),
         }
     }
@@ -322,6 +370,20 @@ fn no_bucket(bucket: &str) -> ConnectorError {
     ConnectorError::Precondition(format!(
         "bucket {bucket:?} does not exist (or these credentials cannot see it): create it first"
     ))
+}
+
+/// How long a topic's metadata may take to come back.
+const KAFKA_METADATA: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A sink topic must exist: the producer never creates one (its partition
+/// count and compaction are the operator's choice).
+fn no_topic(e: ConnectorError) -> ConnectorError {
+    match e {
+        ConnectorError::NotFound { message, .. } => ConnectorError::Precondition(format!(
+            "{message}: create it first (compacted, cleanup.policy=compact, to keep each key's latest record)"
+        )),
+        other => other,
+    }
 }
 
 fn sqlite_schema(names: &[String]) -> ConnectorResult<KeySchema> {

@@ -58,6 +58,8 @@ pub struct Config {
     pub aws_endpoint: Option<String>,
     /// Elasticsearch URL for indexes named without an endpoint.
     pub elasticsearch_url: Option<String>,
+    /// Kafka bootstrap servers for topics named without them.
+    pub kafka_brokers: Option<String>,
     /// Directory of the embedded (SQLite) databases.
     pub data_dir: PathBuf,
     /// Identifies this replica in leases; unique per process.
@@ -88,6 +90,7 @@ impl Default for Config {
             replicator_url: "http://127.0.0.1:50051".to_owned(),
             aws_endpoint: None,
             elasticsearch_url: None,
+            kafka_brokers: None,
             data_dir: PathBuf::from(".tidemark"),
             worker_id: format!("verifier-{}", std::process::id()),
             concurrency: 2,
@@ -246,10 +249,12 @@ pub async fn register_with(
         config.data_dir.clone(),
     );
     env.aws_base = aws;
+    env.kafka_brokers.clone_from(&config.kafka_brokers);
     env.allow = tidemark_kit::endpoints::AllowList::new(
         [
             config.aws_endpoint.as_deref(),
             config.elasticsearch_url.as_deref(),
+            config.kafka_brokers.as_deref(),
         ]
         .into_iter()
         .flatten(),

@@ -7,9 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tidemark_connectors::dynamodb::{DynamoSink, DynamoTable};
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
+use tidemark_connectors::kafka::{KafkaFormat, KafkaSink};
 use tidemark_connectors::predicate::Predicate;
 use tidemark_connectors::s3::S3Sink;
 use tidemark_connectors::sqlite::EmbeddedStore;
@@ -47,6 +49,8 @@ pub type Consumer = Arc<dyn Fn(Vec<Entry>) + Send + Sync>;
 pub struct Env {
     pub aws_endpoint: Option<String>,
     pub elasticsearch_url: Option<String>,
+    /// Bootstrap servers for topics named without them.
+    pub kafka_brokers: Option<String>,
     pub data_dir: PathBuf,
     /// AWS settings to start from instead of the default chain (tests
     /// bring their own credentials).
@@ -66,6 +70,7 @@ impl Env {
         Self {
             aws_endpoint,
             elasticsearch_url,
+            kafka_brokers: None,
             data_dir,
             aws_base: None,
             sqlite: Mutex::default(),
@@ -83,6 +88,7 @@ impl Env {
             Store::Dynamo { endpoint, .. }
             | Store::Elasticsearch { endpoint, .. }
             | Store::S3 { endpoint, .. } => self.allow.check(endpoint.as_deref().unwrap_or("")),
+            Store::Kafka { brokers, .. } => self.allow.check(brokers.as_deref().unwrap_or("")),
             Store::Sqlite { .. } => Ok(()),
         }
     }
@@ -450,6 +456,30 @@ async fn open_sink(
             dynamo: None,
             segments,
         },
+        Store::Kafka { topic, brokers } => {
+            let brokers = brokers
+                .as_deref()
+                .or(env.kafka_brokers.as_deref())
+                .ok_or_else(|| {
+                    ConnectorError::invalid(
+                        "kafka",
+                        "the topic names no bootstrap_servers and none are configured (kafka_brokers)",
+                    )
+                })?;
+            tidemark_connectors::kafka::topic_partitions(brokers, topic, Duration::from_secs(10))
+                .await?;
+            // Read only: the format matters to writing, not to reading.
+            Backend::Sink {
+                sink: Arc::new(KafkaSink::connect(
+                    brokers,
+                    topic,
+                    schema.clone(),
+                    KafkaFormat::default(),
+                )?),
+                dynamo: None,
+                segments,
+            }
+        }
     })
 }
 

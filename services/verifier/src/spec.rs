@@ -41,6 +41,11 @@ pub enum Store {
         database: Option<String>,
         key_names: Vec<String>,
     },
+    /// A topic read as its latest record per key (a pipeline's Kafka sink).
+    Kafka {
+        topic: String,
+        brokers: Option<String>,
+    },
 }
 
 impl Store {
@@ -161,12 +166,10 @@ fn store(value: Option<&common::DataStore>, field: &str) -> Result<Store, FieldE
                 key_names: t.key_attribute_names.clone(),
             }
         }
-        PbStore::KafkaTopic(_) => {
-            return Err(FieldError::new(
-                field,
-                "must be a dynamodb_table, elasticsearch_index, s3_prefix or sqlite_table",
-            ));
-        }
+        PbStore::KafkaTopic(t) => Store::Kafka {
+            topic: required(&t.topic, "kafka_topic.topic")?,
+            brokers: opt(&t.bootstrap_servers),
+        },
     })
 }
 

@@ -861,14 +861,18 @@ fn sinks(seeds: &Seeds) -> BoxedStrategy<Vec<rp::Sink>> {
             transform(),
             small_text(&[]),
             duration(),
+            0..4i32,
         )
             .prop_map(
-                |(name, store, transform, version_attribute, tombstone_retention)| rp::Sink {
-                    name,
-                    store,
-                    transform,
-                    version_attribute,
-                    tombstone_retention,
+                |(name, store, transform, version_attribute, tombstone_retention, kafka_format)| {
+                    rp::Sink {
+                        name,
+                        store,
+                        transform,
+                        version_attribute,
+                        tombstone_retention,
+                        kafka_format,
+                    }
                 },
             ),
         0..3,

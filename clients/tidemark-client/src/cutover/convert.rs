@@ -54,6 +54,7 @@ impl CutoverPlan {
                     transform: s.transform(),
                     version_attribute: s.version_attribute.clone(),
                     tombstone_retention: None,
+                    kafka_format: s.kafka_format() as i32,
                 })
                 .collect(),
             backfill: Some(rp::BackfillOptions {

@@ -89,6 +89,19 @@ pub struct SinkPlan {
     pub document_id_template: String,
     #[serde(default)]
     pub index_name_template: String,
+    /// For a `kafka:TOPIC` store: `json` (default) or `change-record`.
+    #[serde(default)]
+    pub kafka_format: String,
+}
+
+impl SinkPlan {
+    /// `kafka_format`; validated by [`PipelinePlan::require_sinks`].
+    pub(crate) fn kafka_format(&self) -> rp::KafkaMessageFormat {
+        match self.kafka_format.as_str() {
+            "change-record" => rp::KafkaMessageFormat::ChangeRecord,
+            _ => rp::KafkaMessageFormat::Json,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -537,6 +550,14 @@ impl PipelinePlan {
                 "pipeline.sinks",
                 "at least one sink ([[pipeline.sinks]] with name and store)",
             ));
+        }
+        for (i, s) in self.sinks.iter().enumerate() {
+            if !matches!(s.kafka_format.as_str(), "" | "json" | "change-record") {
+                return Err(SpecError::new(
+                    format!("pipeline.sinks[{i}].kafka_format"),
+                    format!("{:?}: expected json or change-record", s.kafka_format),
+                ));
+            }
         }
         Ok(())
     }

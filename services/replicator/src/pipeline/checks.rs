@@ -104,12 +104,12 @@ pub fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
             Some(Store::SqliteTable(t)) if !t.table_name.is_empty() => {}
             Some(Store::ElasticsearchIndex(x)) if !x.index.is_empty() => {}
             Some(Store::S3Prefix(p)) if !p.bucket.is_empty() => {}
-            Some(Store::KafkaTopic(_)) => v.push(FieldError::new(
-                format!("{field}.store"),
-                "kafka_topic sinks are not supported by this release; use dynamodb_table, elasticsearch_index, s3_prefix or sqlite_table",
-            )),
+            Some(Store::KafkaTopic(t)) if !t.topic.is_empty() => {}
             None => v.push(FieldError::required(format!("{field}.store"))),
-            _ => v.push(FieldError::new(format!("{field}.store"), "names no table, index or bucket")),
+            _ => v.push(FieldError::new(
+                format!("{field}.store"),
+                "names no table, index or bucket",
+            )),
         }
         if sink
             .tombstone_retention

@@ -104,14 +104,7 @@ pub async fn open_feed(
         }
         (Some(Feed::Kafka(k)), _) => {
             let topic = k.topic.unwrap_or_default();
-            ctx.stores.check_endpoint(&topic.bootstrap_servers)?;
-            let brokers = if topic.bootstrap_servers.is_empty() {
-                ctx.config.kafka_brokers.clone().ok_or_else(|| {
-                    UnitFailure::terminal("no Kafka brokers: set the topic's bootstrap_servers or the replicator's kafka_brokers")
-                })?
-            } else {
-                topic.bootstrap_servers.clone()
-            };
+            let brokers = ctx.stores.kafka_brokers(&topic)?;
             let group = if k.consumer_group.is_empty() {
                 format!("tidemark-pipeline-{}", pipeline.name)
             } else {

@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
+use tidemark_connectors::kafka::KafkaFormat;
 use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{AttrValue, Item, Key, Number, RecordOutcome, Sink, SinkOp, SinkRecord};
-use tidemark_proto::replicator::v1::Pipeline;
+use tidemark_proto::common::v1::data_store::Store;
+use tidemark_proto::replicator::v1::{KafkaMessageFormat, Pipeline};
 
 use super::spec::DEFAULT_WATERMARK_PREFIX;
 use crate::context::{Context, UnitFailure};
@@ -46,18 +48,22 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
         let transform = Transform::from_proto(&s.transform.clone().unwrap_or_default())
             .map_err(|e| UnitFailure::terminal(format!("sink {}: transform.{e}", s.name)))?;
         let schema = crate::schema::target_schema(&source.schema, &transform);
-        let handle = ctx
-            .stores
-            .sink(
-                s.store.as_ref().unwrap_or(&Default::default()),
-                &schema,
-                "",
-                &transform,
-            )
-            .await?;
+        let store = s.store.clone().unwrap_or_default();
+        let sink: Arc<dyn Sink> = match &store.store {
+            Some(Store::KafkaTopic(t)) => {
+                ctx.stores
+                    .kafka_sink(t, &schema, kafka_format(s.kafka_format()))
+                    .await?
+            }
+            _ => ctx
+                .stores
+                .sink(&store, &schema, "", &transform)
+                .await?
+                .sink(),
+        };
         sinks.push(OpenSink {
             name: s.name.clone(),
-            sink: handle.sink(),
+            sink,
             transform,
         });
     }
@@ -73,6 +79,14 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
         version_attribute: spec.version_attribute,
         watermark_prefix,
     })
+}
+
+/// The connector's format of a sink's `kafka_format`.
+pub fn kafka_format(f: KafkaMessageFormat) -> KafkaFormat {
+    match f {
+        KafkaMessageFormat::ChangeRecord => KafkaFormat::ChangeRecord,
+        KafkaMessageFormat::Unspecified | KafkaMessageFormat::Json => KafkaFormat::Json,
+    }
 }
 
 impl Opened {

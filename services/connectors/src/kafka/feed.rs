@@ -11,10 +11,6 @@
 //! [`ChangeFeed::take_undecodable`] (the replicator keeps it as a dead
 //! letter), counted in [`KafkaFeed::undecodable`], and its offset is
 //! committed with the records polled alongside it.
-//!
-//! librdkafka's commit, metadata, committed-offset and watermark calls block
-//! their thread until the broker answers: they run on tokio's blocking pool
-//! (`spawn_blocking`), never on a runtime worker.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,75 +18,16 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::{BACKEND, KafkaStart, kafka_error};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::traits::{
     ChangeFeed, ChangeRecord, FeedCheckpoint, PartitionCheckpoint, PartitionLag, Position,
     Undecodable,
 };
-
-const BACKEND: &str = "kafka";
-
-/// Where a group without committed offsets starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KafkaStart {
-    Earliest,
-    Latest,
-}
-
-fn kafka_error(e: &KafkaError) -> ConnectorError {
-    // librdkafka retries transport problems itself; what reaches us after
-    // that is worth another try by the caller, except configuration errors.
-    match e {
-        KafkaError::ClientCreation(m) => ConnectorError::invalid(BACKEND, m.clone()),
-        KafkaError::Subscription(m) => ConnectorError::invalid(BACKEND, m.clone()),
-        other => ConnectorError::Retryable {
-            backend: BACKEND,
-            message: other.to_string(),
-            retry_after: None,
-        },
-    }
-}
-
-/// The number of partitions of `topic`, asked of the brokers without
-/// joining a group or creating the topic: a check before a pipeline is set
-/// up over it.
-///
-/// # Errors
-/// Brokers that do not answer within `timeout`, or a topic that does not
-/// exist (`NotFound`).
-pub async fn topic_partitions(
-    brokers: &str,
-    topic: &str,
-    timeout: Duration,
-) -> ConnectorResult<usize> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("allow.auto.create.topics", "false")
-        .create()
-        .map_err(|e| kafka_error(&e))?;
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), timeout)
-            .map_err(|e| kafka_error(&e))?;
-        match metadata.topics().iter().find(|t| t.name() == topic) {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                Ok(t.partitions().len())
-            }
-            _ => Err(ConnectorError::NotFound {
-                backend: BACKEND,
-                message: format!("topic {topic:?} does not exist"),
-            }),
-        }
-    })
-    .await
-    .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
-}
 
 #[derive(Default)]
 struct PartitionState {
