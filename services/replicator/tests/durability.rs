@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
-use tidemark_connectors::testing::{local_env, unique_name, workspace_root};
+use tidemark_connectors::kafka::{KafkaFormat, KafkaSink};
+use tidemark_connectors::testing::{create_topic, local_env, unique_name, workspace_root};
 use tidemark_connectors::{AttrValue, Item, Key, KeySchema, ScanRequest, Sink, SourceTable};
 use tidemark_kit::config::ServerConfig;
 use tidemark_kit::{CancellationToken, ServiceHost};
@@ -77,6 +78,10 @@ fn replica(worker: &str, jobs: SocketAddr, data: &std::path::Path) -> (Replica, 
             "TIDEMARK_ELASTICSEARCH_URL",
             local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
         )
+        .env(
+            "TIDEMARK_KAFKA_BROKERS",
+            local_env("TIDEMARK_TEST_KAFKA_BROKERS"),
+        )
         .env("TIDEMARK_LOG_LEVEL", "warn")
         .envs(aws_env())
         .stdout(Stdio::null())
@@ -129,14 +134,73 @@ async fn units(jobs: &mut JobTrackerServiceClient<Channel>, run_id: &str) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_backfill_and_mid_stream_loses_nothing() {
-    kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Tombstones).await;
+    kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Tombstones, Target::Elasticsearch).await;
+}
+
+/// DynamoDB Streams into a compacted Kafka topic, the replicator killed
+/// mid-backfill and mid-stream: no key's latest record (newer wins, as a
+/// consumer applies them) is older than the source, and no deleted key is
+/// live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_into_a_kafka_topic_leaves_no_key_behind() {
+    kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Tombstones, Target::Kafka).await;
+}
+
+/// Where the pipeline of a kill test writes.
+#[derive(Clone, Copy)]
+enum Target {
+    Elasticsearch,
+    Kafka,
+}
+
+impl Target {
+    /// The sink's store, created where it must exist, and a reader of it.
+    async fn open(self, name: &str) -> (common_pb::DataStore, Box<dyn Sink>) {
+        use common_pb::data_store::Store;
+        match self {
+            Self::Elasticsearch => (
+                common_pb::DataStore {
+                    store: Some(Store::ElasticsearchIndex(
+                        common_pb::ElasticsearchIndexRef {
+                            index: name.to_owned(),
+                            endpoint: String::new(),
+                        },
+                    )),
+                },
+                Box::new(
+                    ElasticsearchSink::connect(
+                        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+                        name,
+                        schema(),
+                    )
+                    .await
+                    .unwrap(),
+                ),
+            ),
+            Self::Kafka => {
+                let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+                create_topic(&brokers, name, 3, true).await;
+                (
+                    common_pb::DataStore {
+                        store: Some(Store::KafkaTopic(common_pb::KafkaTopicRef {
+                            topic: name.to_owned(),
+                            bootstrap_servers: String::new(),
+                        })),
+                    },
+                    Box::new(
+                        KafkaSink::connect(&brokers, name, schema(), KafkaFormat::Json).unwrap(),
+                    ),
+                )
+            }
+        }
+    }
 }
 
 /// The same with a DBLog backfill, whose progress the feed unit checkpoints
 /// with its feed position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_watermark_backfill_and_mid_stream_loses_nothing() {
-    kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Watermark).await;
+    kill_9_mid_backfill_and_mid_stream(pb::BackfillMode::Watermark, Target::Elasticsearch).await;
 }
 
 /// The job-tracker in this process, storing in `dir` (replicas run as real
@@ -295,7 +359,7 @@ async fn kill_9_mid_attribute_backfill_resumes_from_the_checkpoints() {
     stop.cancel();
 }
 
-async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
+async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode, target: Target) {
     // The job-tracker in this process; replicas as real processes.
     let dir = tempfile::tempdir().unwrap();
     let (jobs_addr, mut jobs, stop) = job_tracker(dir.path()).await;
@@ -313,14 +377,7 @@ async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
     }))
     .await
     .unwrap();
-    let index = unique_name("durable");
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let (store, reader) = target.open(&unique_name("durable")).await;
 
     let (mut first, addr) = replica("replica-a", jobs_addr, &dir.path().join("a"));
     let mut client = connect(addr).await;
@@ -336,15 +393,8 @@ async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
                     )),
                 }),
                 sinks: vec![pb::Sink {
-                    name: "search".to_owned(),
-                    store: Some(common_pb::DataStore {
-                        store: Some(common_pb::data_store::Store::ElasticsearchIndex(
-                            common_pb::ElasticsearchIndexRef {
-                                index: index.clone(),
-                                endpoint: String::new(),
-                            },
-                        )),
-                    }),
+                    name: "target".to_owned(),
+                    store: Some(store),
                     ..Default::default()
                 }],
                 backfill: Some(pb::BackfillOptions {
@@ -425,13 +475,20 @@ async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode) {
         })
         .await
         .unwrap();
-    // The index equals the table, and no deleted item came back.
+    // The target equals the table, and no deleted item came back.
     let source = scan(&table).await;
+    let mut target = BTreeMap::new();
+    reader
+        .entries(&mut |key, _, item| {
+            target.insert(key, item);
+        })
+        .await
+        .unwrap();
     for i in 0..N {
         let key = Key::single("pk", AttrValue::s(format!("k{i:04}")));
-        let got = reader.read(&key).await.unwrap().map(|(_, item)| item);
-        assert_eq!(got.as_ref(), source.get(&key), "key {key}");
+        assert_eq!(target.get(&key), source.get(&key), "key {key}");
     }
+    assert_eq!(target.len(), source.len());
     stop.cancel();
 }
 

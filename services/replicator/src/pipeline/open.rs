@@ -5,14 +5,17 @@ use std::sync::Arc;
 
 use tidemark_connectors::kafka::KafkaFormat;
 use tidemark_connectors::transform::Transform;
-use tidemark_connectors::{AttrValue, Item, Key, Number, RecordOutcome, Sink, SinkOp, SinkRecord};
+use tidemark_connectors::{
+    AttrValue, ConnectorResult, Item, Key, KeySchema, Number, RecordOutcome, Sink, SinkOp,
+    SinkRecord,
+};
 use tidemark_proto::common::v1::data_store::Store;
-use tidemark_proto::replicator::v1::{KafkaMessageFormat, Pipeline};
+use tidemark_proto::replicator::v1::{self as rp, KafkaMessageFormat, Pipeline};
 
 use super::spec::DEFAULT_WATERMARK_PREFIX;
 use crate::context::{Context, UnitFailure};
 use crate::dead_letters::DeadLetters;
-use crate::stores::OpenTable;
+use crate::stores::{OpenTable, Stores};
 
 /// Records per sink request, and sink requests in flight per poll.
 pub const SINK_BATCH: usize = 500;
@@ -47,20 +50,7 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
     for s in &spec.sinks {
         let transform = Transform::from_proto(&s.transform.clone().unwrap_or_default())
             .map_err(|e| UnitFailure::terminal(format!("sink {}: transform.{e}", s.name)))?;
-        let schema = crate::schema::target_schema(&source.schema, &transform);
-        let store = s.store.clone().unwrap_or_default();
-        let sink: Arc<dyn Sink> = match &store.store {
-            Some(Store::KafkaTopic(t)) => {
-                ctx.stores
-                    .kafka_sink(t, &schema, kafka_format(s.kafka_format()))
-                    .await?
-            }
-            _ => ctx
-                .stores
-                .sink(&store, &schema, "", &transform)
-                .await?
-                .sink(),
-        };
+        let sink = open_sink(&ctx.stores, s, &source.schema, &transform).await?;
         sinks.push(OpenSink {
             name: s.name.clone(),
             sink,
@@ -78,6 +68,29 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
         sinks,
         version_attribute: spec.version_attribute,
         watermark_prefix,
+    })
+}
+
+/// Opens one sink of a pipeline as the pipeline writes it (creating what a
+/// sink may create, such as an index with its mapping).
+///
+/// # Errors
+/// A store that cannot be opened.
+pub async fn open_sink(
+    stores: &Stores,
+    s: &rp::Sink,
+    source: &KeySchema,
+    transform: &Transform,
+) -> ConnectorResult<Arc<dyn Sink>> {
+    let schema = crate::schema::target_schema(source, transform);
+    let store = s.store.clone().unwrap_or_default();
+    Ok(match &store.store {
+        Some(Store::KafkaTopic(t)) => {
+            stores
+                .kafka_sink(t, &schema, kafka_format(s.kafka_format()))
+                .await?
+        }
+        _ => stores.sink(&store, &schema, "", transform).await?.sink(),
     })
 }
 
