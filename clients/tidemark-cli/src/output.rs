@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tidemark_client::spec::std_duration;
 use tidemark_client::{
     CutoverError, CutoverPlan, CutoverReport, Precondition, Step, StepOutcome, StepRecord,
-    state_name, verdict_name,
+    WindowStatus, state_name, verdict_name,
 };
 use tidemark_proto::job_tracker::v1 as jt;
 use tidemark_proto::replicator::v1 as rp;
@@ -700,19 +700,95 @@ pub fn cutover_step(r: &StepRecord) -> String {
     )
 }
 
-/// A cut-over that finished.
-pub fn cutover_done(out: Output, plan: &CutoverPlan, report: &CutoverReport) {
+/// A cut-over, rollback or completion that finished (`what` names it).
+pub fn cutover_done(out: Output, plan: &CutoverPlan, report: &CutoverReport, what: &str) {
     let value = serde_json::to_value(report).unwrap_or(Value::Null);
     out.print(&json!({"ok": true, "report": value}), || {
-        format!(
-            "cut-over {} done: route {} → TARGET (revision {}); writers paused for {}\n",
+        let mut text = format!(
+            "{what} {} done: route {} at revision {}; writers paused for {}\n",
             plan.name,
             report.route_job,
             report.route_revision.unwrap_or_default(),
             report
                 .writer_pause
                 .map_or_else(|| "no time (not paused)".to_owned(), secs)
-        )
+        );
+        if let Some(end) = &report.window_ends {
+            text.push_str(&format!(
+                "window open until {end}: `tidemark cutover status|rollback|complete PLAN`\n"
+            ));
+        }
+        text
+    });
+}
+
+/// `tidemark cutover status`.
+pub fn cutover_status(out: Output, s: &WindowStatus) {
+    let value = serde_json::to_value(s).unwrap_or(Value::Null);
+    out.print(&value, || {
+        let last = s.last_verification.as_ref().map_or_else(
+            || "none yet".to_owned(),
+            |v| {
+                format!(
+                    "{} {} ({} items; missing {}, extra {}, stale {}, different {})",
+                    v.verification_id,
+                    v.verdict,
+                    v.items_compared,
+                    v.missing_in_target,
+                    v.extra_in_target,
+                    v.stale_version,
+                    v.different_content
+                )
+            },
+        );
+        let rows = vec![
+            vec!["state".to_owned(), s.state.clone()],
+            vec![
+                "route".to_owned(),
+                format!(
+                    "{} → {} (revision {}, by {} at {}: {})",
+                    s.route_job,
+                    s.route,
+                    s.route_revision,
+                    s.route_set_by,
+                    s.route_set_at.clone().unwrap_or_default(),
+                    s.route_reason
+                ),
+            ],
+            vec![
+                "reverse".to_owned(),
+                if s.reverse_pipeline.is_empty() {
+                    "none".to_owned()
+                } else {
+                    format!(
+                        "{} {} (lag {} records, {:.1}s)",
+                        s.reverse_pipeline,
+                        s.reverse_state,
+                        s.reverse_lag_records,
+                        s.reverse_lag_seconds
+                    )
+                },
+            ],
+            vec![
+                "window".to_owned(),
+                s.window_ends.as_ref().map_or_else(
+                    || "none".to_owned(),
+                    |end| {
+                        format!(
+                            "until {end} ({} left), next verification {}",
+                            secs(Duration::from_secs_f64(
+                                s.window_left_seconds.unwrap_or(0.0)
+                            )),
+                            s.next_verification
+                                .clone()
+                                .unwrap_or_else(|| "none".to_owned())
+                        )
+                    },
+                ),
+            ],
+            vec!["last verification".to_owned(), last],
+        ];
+        format!("cut-over {}\n{}", s.plan, table(&["", ""], rows))
     });
 }
 

@@ -93,6 +93,15 @@ pub struct CreateArgs {
     /// tidemark.common.v1.ChangeRecord a Kafka feed reads).
     #[arg(long, value_enum, default_value = "json")]
     kafka_format: KafkaFormat,
+    /// Mark this pipeline's DynamoDB writes with this origin (usually its
+    /// name), so a pipeline copying the other way can skip them.
+    #[arg(long, default_value = "")]
+    origin: String,
+    /// Skip changes that pipeline (its --origin) wrote into the source:
+    /// two pipelines between the same two tables, in opposite directions,
+    /// never echo each other.
+    #[arg(long, default_value = "")]
+    skip_origin: String,
     #[arg(long, env = "USER", default_value = "operator")]
     actor: String,
     /// Check the spec, the source, its feed and every sink as the
@@ -210,6 +219,8 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
         }),
         version_attribute: a.version_attribute.clone(),
         dead_letter_store: None,
+        origin: a.origin.clone(),
+        skip_origin: a.skip_origin.clone(),
     })
 }
 

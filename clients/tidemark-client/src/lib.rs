@@ -15,8 +15,8 @@ pub mod spec;
 
 pub use connect::{Auth, Endpoints, Options, Service, Tidemark};
 pub use cutover::{
-    CutoverError, CutoverEvent, CutoverPlan, CutoverReport, Precondition, Step, StepOutcome,
-    StepRecord, verdict_name,
+    CutoverError, CutoverEvent, CutoverPlan, CutoverReport, LastVerification, Precondition, Step,
+    StepOutcome, StepRecord, WindowStatus, verdict_name,
 };
 pub use error::{ClientError, ClientResult};
 pub use ops::{RunOutcome, is_terminal, state_name};

@@ -573,6 +573,10 @@ impl SourceTable for DynamoTable {
 pub const VERSION_ATTRIBUTE: &str = "tidemark_version";
 /// Marks a tombstone: the item was deleted at `tidemark_version`.
 pub const DELETED_ATTRIBUTE: &str = "tidemark_deleted";
+/// Marks a pipeline's write, `<origin>@<version>`, when the sink has an
+/// origin: a pipeline copying the other way skips the changes that set it
+/// (see `PipelineSpec.skip_origin`).
+pub const ORIGIN_ATTRIBUTE: &str = "_tidemark_origin";
 
 /// A DynamoDB table as a versioned [`Sink`]: every write is a PutItem
 /// conditional on the stored version being lower; deletes leave a tombstone
@@ -581,6 +585,7 @@ pub const DELETED_ATTRIBUTE: &str = "tidemark_deleted";
 pub struct DynamoSink {
     table: DynamoTable,
     concurrency: usize,
+    origin: Option<String>,
 }
 
 impl DynamoSink {
@@ -588,7 +593,15 @@ impl DynamoSink {
         Self {
             table,
             concurrency: 16,
+            origin: None,
         }
+    }
+
+    /// Marks every write with [`ORIGIN_ATTRIBUTE`] `<origin>@<version>`.
+    #[must_use]
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        self.origin = Some(origin.to_owned());
+        self
     }
 
     async fn apply_one(&self, record: &SinkRecord) -> ConnectorResult<RecordOutcome> {
@@ -618,6 +631,19 @@ impl DynamoSink {
         };
         item.extend(record.key.0.clone());
         item.insert(VERSION_ATTRIBUTE.to_owned(), AttrValue::n(record.version));
+        match &self.origin {
+            Some(origin) => {
+                item.insert(
+                    ORIGIN_ATTRIBUTE.to_owned(),
+                    AttrValue::s(format!("{origin}@{}", record.version)),
+                );
+            }
+            // An upsert never carries someone else's marker into a target
+            // that is not marked itself.
+            None => {
+                item.remove(ORIGIN_ATTRIBUTE);
+            }
+        }
         let condition = Predicate::version_below(VERSION_ATTRIBUTE, record.version);
         match self.table.put(&item, Some(&condition)).await {
             Ok(()) => Ok(RecordOutcome::Applied),
@@ -635,6 +661,7 @@ fn strip_reserved(mut item: Item) -> Option<(u64, Item)> {
         .remove(VERSION_ATTRIBUTE)
         .and_then(|v| v.as_number().and_then(Number::as_u64))
         .unwrap_or(0);
+    item.remove(ORIGIN_ATTRIBUTE);
     if item.remove(DELETED_ATTRIBUTE).is_some() {
         return None;
     }

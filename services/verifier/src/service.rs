@@ -146,11 +146,11 @@ impl Verifier {
                 // UpdateJob reads the whole job (its kind included) and
                 // applies the masked fields; its complaints about the
                 // schedule are about this request's `schedule`.
+                // Sent whole (a scheduled job must name its default units,
+                // and the request's job is checked as a job).
                 let change = jpb::Job {
-                    name: name.to_owned(),
-                    kind: jpb::JobKind::Verification as i32,
                     schedule: Some(schedule.clone()),
-                    ..jpb::Job::default()
+                    ..job.clone()
                 };
                 jobs.update_job(change, &["schedule"], 0, "verifier")
                     .await

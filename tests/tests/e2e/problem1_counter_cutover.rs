@@ -21,11 +21,35 @@ use tidemark_proto::stats_aggregator::v1 as sa;
 const ENTITIES: usize = 12;
 
 fn plan(name: &str, pipeline: &str, old: &str, new: &str, final_verify: &str) -> String {
+    plan_with(name, pipeline, old, new, final_verify, "")
+}
+
+/// A plan keeping the old table current after the switch, its window
+/// verified every few seconds.
+fn reverse_plan(name: &str, pipeline: &str, old: &str, new: &str) -> String {
+    plan_with(
+        name,
+        pipeline,
+        old,
+        new,
+        "1m",
+        "reverse = true\n\n[window]\nlength = \"10m\"\nverify_every = \"10s\"\n",
+    )
+}
+
+fn plan_with(
+    name: &str,
+    pipeline: &str,
+    old: &str,
+    new: &str,
+    final_verify: &str,
+    top: &str,
+) -> String {
     format!(
         r##"
 name = "{name}"
 actor = "e2e"
-
+{top}
 [pipeline]
 name = "{pipeline}"
 source = "dynamodb:{old}"
@@ -76,6 +100,18 @@ async fn produce(
     prefix: String,
     stop: Arc<AtomicBool>,
 ) -> BTreeMap<String, i64> {
+    let ids = prefix.clone();
+    produce_as(client, prefix, ids, stop).await
+}
+
+/// [`produce`] with event ids of their own (`ids`): a second producer on
+/// the same entities sends new events, not resends.
+async fn produce_as(
+    client: tidemark_client::Tidemark,
+    prefix: String,
+    ids: String,
+    stop: Arc<AtomicBool>,
+) -> BTreeMap<String, i64> {
     let mut sums = BTreeMap::new();
     let mut stats = client.stats();
     let mut n = 0u64;
@@ -86,7 +122,7 @@ async fn produce(
             let delta = i64::try_from((n + i) % 5 + 1).unwrap();
             *sums.entry(entity.clone()).or_insert(0) += delta;
             events.push(sa::Event {
-                event_id: format!("{prefix}-ev-{}", n + i),
+                event_id: format!("{ids}-ev-{}", n + i),
                 entity_key: entity,
                 metric: "views".to_owned(),
                 op: Some(sa::event::Op::Increment(sa::Increment { delta })),
@@ -171,7 +207,7 @@ async fn live_counters_cut_over_exactly_with_a_measured_writer_pause() {
     .unwrap();
     let dry = tidemark_json(&url, &["cutover", good.to_str().unwrap(), "--dry-run"], 0).await;
     assert_eq!(dry["ok"], true, "{dry}");
-    assert_eq!(dry["steps"].as_array().unwrap().len(), 8, "{dry}");
+    assert_eq!(dry["steps"].as_array().unwrap().len(), 10, "{dry}");
     assert!(
         tidemark_json(&url, &["replicate", "ls"], 0)
             .await
@@ -264,8 +300,10 @@ async fn live_counters_cut_over_exactly_with_a_measured_writer_pause() {
             ("pause-writers", "done"),
             ("drain", "done"),
             ("final-verify", "done"),
+            ("start-reverse", "skipped"),
             ("switch-route", "done"),
             ("resume-writers", "done"),
+            ("start-window", "skipped"),
         ],
         "{report}"
     );
@@ -313,4 +351,280 @@ async fn live_counters_cut_over_exactly_with_a_measured_writer_pause() {
     // Done means done: a second dry run refuses (the route already switched).
     let again = tidemark_json(&url, &["cutover", good.to_str().unwrap(), "--dry-run"], 6).await;
     assert_eq!(again["ok"], false, "{again}");
+}
+
+/// Adds `delta` to `views` of `entity` in `table`, as an application
+/// writing to the store the route names does (UpdateItem ADD).
+async fn add_views(dynamo: &aws_sdk_dynamodb::Client, table: &str, entity: &str, delta: i64) {
+    use aws_sdk_dynamodb::types::AttributeValue as Av;
+    dynamo
+        .update_item()
+        .table_name(table)
+        .key("pk", Av::S(entity.to_owned()))
+        .update_expression("ADD #v :d")
+        .expression_attribute_names("#v", "views")
+        .expression_attribute_values(":d", Av::N(delta.to_string()))
+        .send()
+        .await
+        .expect("UpdateItem on the new table");
+}
+
+/// The `_tidemark_origin` marker of every item: which pipeline wrote it
+/// last, at which version.
+async fn markers(table: &DynamoTable) -> BTreeMap<String, String> {
+    let page = table
+        .scan(&ScanRequest {
+            consistent: true,
+            ..ScanRequest::segment(0, 1)
+        })
+        .await
+        .expect("scan");
+    page.items
+        .iter()
+        .filter_map(|it| {
+            Some((
+                it["pk"].as_s()?.to_owned(),
+                it.get("_tidemark_origin")?.as_s()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn steps_of(report: &serde_json::Value) -> Vec<(String, String)> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_owned(),
+                s["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Seed 000's week of monitoring, made reversible: the cut-over starts a
+/// reverse pipeline before the route moves, so writes made to the new
+/// table after the switch reach the old one (and are not echoed back); the
+/// window is verified on a schedule and shown by `status`; a rollback
+/// returns the route with no write lost (the ledger checks both tables);
+/// cut over again, `complete` stops the reverse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversible_cut_over_rolls_back_and_completes_with_no_write_lost() {
+    let (dynamo, _) = dynamodb_clients().await;
+    let schema = KeySchema::new("pk", None);
+    let old_name = unique_name("stats-old");
+    let new_name = unique_name("stats-new");
+    let old_table = DynamoTable::create(dynamo.clone(), &old_name, &schema, true)
+        .await
+        .expect("create the old table (with its stream)");
+    // The reverse pipeline follows the new table's stream.
+    let new_table = DynamoTable::create(dynamo.clone(), &new_name, &schema, true)
+        .await
+        .expect("create the new table (with its stream)");
+    let plane = spawn_plane(PlaneOptions {
+        stats_table: Some(old_name.clone()),
+        flush_interval_ms: Some(1_000),
+        ..PlaneOptions::default()
+    })
+    .await;
+    let url = plane.url();
+    let pipeline = unique_name("rev");
+    let reverse = format!("{pipeline}-reverse");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reversible.toml");
+    std::fs::write(
+        &path,
+        reverse_plan(&unique_name("rev-plan"), &pipeline, &old_name, &new_name),
+    )
+    .unwrap();
+    let plan = path.to_str().unwrap();
+    let prefix = unique_name("r");
+    let mut ledger: BTreeMap<String, i64> = BTreeMap::new();
+    let add = |ledger: &mut BTreeMap<String, i64>, sums: BTreeMap<String, i64>| {
+        for (k, v) in sums {
+            *ledger.entry(k).or_insert(0) += v;
+        }
+    };
+
+    // 1. The cut-over, events flowing into the old table.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = tokio::spawn(produce(plane.client(), prefix.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let done = tidemark_json(&url, &["cutover", plan], 0).await;
+    let steps = steps_of(&done["report"]);
+    assert!(
+        steps.iter().all(|(_, outcome)| outcome == "done"),
+        "every step ran: {done}"
+    );
+    assert_eq!(steps.len(), 10, "{done}");
+    assert_eq!(
+        done["report"]["reverse_pipeline"],
+        reverse.as_str(),
+        "{done}"
+    );
+    // Writers move with the route: the aggregator's events stop, the last
+    // ones are flushed and carried forward.
+    stop.store(true, Ordering::Relaxed);
+    add(&mut ledger, producer.await.expect("producer"));
+    assert!(tidemark(&url, &["stats", "flush"]).await.status.success());
+    tidemark_json(
+        &url,
+        &["replicate", "drain", &pipeline, "--timeout", "60s"],
+        0,
+    )
+    .await;
+    assert_eq!(counters(&new_table).await, ledger);
+
+    // 2. The window: writes go to the new table and reach the old one,
+    // and nothing the reverse wrote comes forward again.
+    let status = tidemark_json(&url, &["cutover", "status", plan], 0).await;
+    assert_eq!(status["state"], "window-open", "{status}");
+    assert_eq!(status["route"], "target", "{status}");
+    assert!(
+        status["window_left_seconds"].as_f64().unwrap() > 500.0,
+        "{status}"
+    );
+    let forward_marks = markers(&new_table).await;
+    let entities: Vec<String> = ledger.keys().cloned().collect();
+    for (i, entity) in entities.iter().enumerate().take(6) {
+        let delta = 100 + i64::try_from(i).unwrap();
+        add_views(&dynamo, &new_name, entity, delta).await;
+        *ledger.get_mut(entity).unwrap() += delta;
+    }
+    let fresh = format!("{prefix}-fresh");
+    add_views(&dynamo, &new_name, &fresh, 7).await;
+    ledger.insert(fresh.clone(), 7);
+    tidemark_json(
+        &url,
+        &["replicate", "drain", &reverse, "--timeout", "60s"],
+        0,
+    )
+    .await;
+    assert_eq!(
+        counters(&old_table).await,
+        ledger,
+        "the old table caught up"
+    );
+    tidemark_json(
+        &url,
+        &["replicate", "drain", &pipeline, "--timeout", "60s"],
+        0,
+    )
+    .await;
+    assert_eq!(counters(&new_table).await, ledger);
+    assert_eq!(
+        markers(&new_table).await,
+        forward_marks,
+        "no write of the reverse pipeline came back into the new table"
+    );
+    let old_marks = markers(&old_table).await;
+    assert!(
+        old_marks[&fresh].starts_with(&format!("{reverse}@")),
+        "{old_marks:?}"
+    );
+    // A scheduled verification of the window has run and passed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = tidemark_json(&url, &["cutover", "status", plan], 0).await;
+        let last = &status["last_verification"];
+        if last["verdict"] == "pass" {
+            assert_eq!(last["different_content"], 0, "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no window verification passed: {status}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    // 3. Rollback: back to the old table with every write of the window.
+    let back = tidemark_json(&url, &["cutover", "rollback", plan], 0).await;
+    let steps: Vec<String> = steps_of(&back["report"])
+        .into_iter()
+        .map(|(step, outcome)| format!("{step}:{outcome}"))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "pause-writers:done",
+            "drain:done",
+            "final-verify:done",
+            "switch-route:done",
+            "resume-writers:done",
+            "stop-reverse:done",
+            "end-window:done",
+        ],
+        "{back}"
+    );
+    assert!(
+        back["report"]["writer_pause"].as_f64().unwrap() > 0.0,
+        "{back}"
+    );
+    let client = plane.client();
+    let route = client
+        .get_route(&format!("pipeline/{pipeline}"), "")
+        .await
+        .expect("route");
+    assert_eq!(route.target, jt::RouteTarget::Source as i32, "{route:?}");
+    let status = tidemark_json(&url, &["cutover", "status", plan], 0).await;
+    assert_eq!(status["state"], "rolled-back", "{status}");
+    assert_eq!(status["reverse_state"], "paused", "{status}");
+    // Writers write to the old table again; the forward pipeline carries
+    // them on. Both tables hold the ledger.
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = tokio::spawn(produce_as(
+        plane.client(),
+        prefix.clone(),
+        format!("{prefix}-after"),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    add(&mut ledger, producer.await.expect("producer"));
+    assert!(tidemark(&url, &["stats", "flush"]).await.status.success());
+    tidemark_json(
+        &url,
+        &["replicate", "drain", &pipeline, "--timeout", "60s"],
+        0,
+    )
+    .await;
+    assert_eq!(
+        counters(&old_table).await,
+        ledger,
+        "no write lost in the old table"
+    );
+    assert_eq!(counters(&new_table).await, ledger, "nor in the new one");
+
+    // 4. Cut over again (the reverse pipeline resumes), then complete: the
+    // reverse stops, and the decision is on the route.
+    let again = tidemark_json(&url, &["cutover", plan], 0).await;
+    assert_eq!(again["ok"], true, "{again}");
+    add_views(&dynamo, &new_name, &fresh, 1).await;
+    *ledger.get_mut(&fresh).unwrap() += 1;
+    tidemark_json(
+        &url,
+        &["replicate", "drain", &reverse, "--timeout", "60s"],
+        0,
+    )
+    .await;
+    assert_eq!(counters(&old_table).await, ledger);
+    let complete = tidemark_json(&url, &["cutover", "complete", plan], 0).await;
+    assert_eq!(complete["ok"], true, "{complete}");
+    let status = tidemark_json(&url, &["cutover", "status", plan], 0).await;
+    assert_eq!(status["state"], "complete", "{status}");
+    assert_eq!(status["reverse_state"], "paused", "{status}");
+    assert!(
+        status["route_reason"]
+            .as_str()
+            .unwrap()
+            .contains("complete"),
+        "{status}"
+    );
+    // The old table is no longer kept current.
+    add_views(&dynamo, &new_name, &fresh, 1000).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(counters(&old_table).await[&fresh], ledger[&fresh]);
 }

@@ -935,9 +935,20 @@ fn pipeline_spec(seeds: &Seeds) -> BoxedStrategy<Option<rp::PipelineSpec>> {
             optional(backfill.boxed()),
             small_text(&[]),
             data_store(),
+            small_text(&[]),
+            small_text(&[]),
         )
             .prop_map(
-                |(source, feed, sinks, backfill, version_attribute, dead_letter_store)| {
+                |(
+                    source,
+                    feed,
+                    sinks,
+                    backfill,
+                    version_attribute,
+                    dead_letter_store,
+                    origin,
+                    skip_origin,
+                )| {
                     rp::PipelineSpec {
                         source,
                         feed,
@@ -945,6 +956,8 @@ fn pipeline_spec(seeds: &Seeds) -> BoxedStrategy<Option<rp::PipelineSpec>> {
                         backfill,
                         version_attribute,
                         dead_letter_store,
+                        origin,
+                        skip_origin,
                     }
                 },
             )

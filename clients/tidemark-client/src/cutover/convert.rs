@@ -64,7 +64,78 @@ impl CutoverPlan {
             }),
             version_attribute: p.version_attribute.clone(),
             dead_letter_store: None,
+            // Each pipeline of a pair marks its writes and skips the
+            // other's, so neither echoes the other back.
+            origin: if self.reverse {
+                p.name.clone()
+            } else {
+                String::new()
+            },
+            skip_origin: if self.reverse {
+                self.reverse_pipeline()
+            } else {
+                String::new()
+            },
         })
+    }
+
+    /// The reverse pipeline: the new store's stream into the old store,
+    /// from the moment it is created (the old store holds everything up to
+    /// the pause), renames undone.
+    ///
+    /// # Errors
+    /// A plan that cannot be sent.
+    pub fn reverse_spec(&self) -> Result<rp::PipelineSpec, SpecError> {
+        let sink = self.verified_sink()?;
+        let renames: std::collections::HashMap<String, String> = sink
+            .renames
+            .iter()
+            .map(|(from, to)| (to.clone(), from.clone()))
+            .collect();
+        Ok(rp::PipelineSpec {
+            source: Some(sink.store.to_proto()),
+            feed: Some(rp::ChangeFeed {
+                feed: Some(rp::change_feed::Feed::DynamodbStreams(
+                    rp::DynamoDbStreamsFeed {
+                        start_position: rp::StartPosition::Latest as i32,
+                        readers: 0,
+                    },
+                )),
+            }),
+            sinks: vec![rp::Sink {
+                name: "old".to_owned(),
+                store: Some(self.pipeline.source.to_proto()),
+                transform: (!renames.is_empty()).then(|| common::Transform {
+                    renames,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            backfill: Some(rp::BackfillOptions {
+                mode: rp::BackfillMode::None as i32,
+                ..Default::default()
+            }),
+            version_attribute: String::new(),
+            dead_letter_store: None,
+            origin: self.reverse_pipeline(),
+            skip_origin: self.pipeline.name.clone(),
+        })
+    }
+
+    /// The verification of the window and of a rollback: the same proof,
+    /// re-checked after the reverse pipeline's lag when there is one (new
+    /// is then the store written to).
+    ///
+    /// # Errors
+    /// A check that cannot be sent.
+    pub fn window_verification_spec(&self) -> Result<vf::VerificationSpec, SpecError> {
+        let mut spec = self.verification_spec()?;
+        if self.reverse
+            && let Some(r) = spec.recheck.as_mut()
+        {
+            r.pipeline_name = self.reverse_pipeline();
+        }
+        Ok(spec)
     }
 
     /// The verification both proofs run.

@@ -5,9 +5,14 @@
 //! route unchanged — and the error names the step and why. The writer pause
 //! is measured and reported.
 //!
+//! With `reverse = true`, a reverse pipeline keeps the old store current
+//! from the switch on, and the monitoring window (scheduled verifications)
+//! ends with `complete` or `rollback` (`window`).
+//!
 //! `plan` reads and checks a plan, `convert` turns it into requests, `run`
-//! executes it, `preflight` checks it against the services without changing
-//! anything, and `report` holds what a cut-over tells its caller.
+//! executes it, `window` rolls it back, completes it or reports on it,
+//! `preflight` checks it against the services without changing anything,
+//! and `report` holds what a cut-over tells its caller.
 
 mod convert;
 mod plan;
@@ -15,11 +20,13 @@ mod preflight;
 // The client's error type carries a `CutoverError`.
 pub(crate) mod report;
 mod run;
+mod window;
 
 pub use plan::{
     CheckPlan, CountPlan, CutoverPlan, Deadlines, DigestPlan, PipelinePlan, PredicatePlan,
-    RoutePlan, SinkPlan, Step, VerifyPlan, WritersPlan,
+    RoutePlan, SinkPlan, Step, VerifyPlan, WindowPlan, WritersPlan,
 };
 pub use preflight::Precondition;
 pub use report::{CutoverError, CutoverEvent, CutoverReport, StepOutcome, StepRecord};
 pub use run::verdict_name;
+pub use window::{LastVerification, WindowStatus};

@@ -39,6 +39,78 @@ pub struct CutoverPlan {
     /// A deadline per step.
     #[serde(default)]
     pub deadlines: Deadlines,
+    /// Keep the old store current after the switch: before the route
+    /// moves, a pipeline `<pipeline>-reverse` copies the new store's
+    /// changes back into the old one, so `tidemark cutover rollback` loses
+    /// no write made since. Both stores must be DynamoDB tables with
+    /// streams.
+    #[serde(default)]
+    pub reverse: bool,
+    /// The monitoring window after the switch; unset: 7 days with an
+    /// hourly verification when `reverse` is set, none otherwise.
+    #[serde(default)]
+    pub window: Option<WindowPlan>,
+}
+
+/// The monitoring window: verifications of old against new on a schedule
+/// until `tidemark cutover complete` (or the window's end).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowPlan {
+    /// How long the window lasts, e.g. `7d`.
+    #[serde(default = "d_window", deserialize_with = "de_duration")]
+    pub length: Duration,
+    /// A verification this often (the job-tracker's scheduler starts it):
+    /// seconds or minutes dividing a minute or an hour, hours dividing a
+    /// day, or `1d`.
+    #[serde(default = "d_every", deserialize_with = "de_duration")]
+    pub verify_every: Duration,
+}
+
+fn d_window() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn d_every() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for WindowPlan {
+    fn default() -> Self {
+        Self {
+            length: d_window(),
+            verify_every: d_every(),
+        }
+    }
+}
+
+impl WindowPlan {
+    /// `verify_every` as the job-tracker's cron (seconds field first).
+    ///
+    /// # Errors
+    /// A period that no cron expression repeats evenly.
+    pub fn cron(&self) -> Result<String, SpecError> {
+        let s = self.verify_every.as_secs();
+        let bad = || {
+            SpecError::new(
+                "window.verify_every",
+                format!("{s}s: use seconds or minutes dividing 60, hours dividing 24, or 1d"),
+            )
+        };
+        if self.verify_every.subsec_nanos() != 0 || s == 0 {
+            return Err(bad());
+        }
+        Ok(match s {
+            1..=59 if 60u64.is_multiple_of(s) => format!("*/{s} * * * * *"),
+            60..=3599 if s.is_multiple_of(60) && 60u64.is_multiple_of(s / 60) => {
+                format!("0 */{} * * * *", s / 60)
+            }
+            3600..=86_399 if s.is_multiple_of(3600) && 24u64.is_multiple_of(s / 3600) => {
+                format!("0 0 */{} * * *", s / 3600)
+            }
+            86_400 => "0 0 0 * * *".to_owned(),
+            _ => return Err(bad()),
+        })
+    }
 }
 
 fn default_actor() -> String {
@@ -248,6 +320,14 @@ pub struct Deadlines {
     pub switch_route: Duration,
     #[serde(default = "d_resume", deserialize_with = "de_duration")]
     pub resume_writers: Duration,
+    /// Creating the reverse pipeline and seeing its feed read (during the
+    /// pause), and scheduling the window's verifications.
+    #[serde(default = "d_reverse", deserialize_with = "de_duration")]
+    pub start_reverse: Duration,
+    /// Stopping the reverse pipeline and ending the window (rollback,
+    /// complete).
+    #[serde(default = "d_reverse", deserialize_with = "de_duration")]
+    pub stop_reverse: Duration,
 }
 
 fn d_start() -> Duration {
@@ -274,6 +354,9 @@ fn d_switch() -> Duration {
 fn d_resume() -> Duration {
     Duration::from_secs(30)
 }
+fn d_reverse() -> Duration {
+    Duration::from_secs(60)
+}
 
 impl Default for Deadlines {
     fn default() -> Self {
@@ -286,6 +369,8 @@ impl Default for Deadlines {
             final_verify: d_final(),
             switch_route: d_switch(),
             resume_writers: d_resume(),
+            start_reverse: d_reverse(),
+            stop_reverse: d_reverse(),
         }
     }
 }
@@ -300,20 +385,38 @@ pub enum Step {
     PauseWriters,
     Drain,
     FinalVerify,
+    StartReverse,
     SwitchRoute,
     ResumeWriters,
+    StartWindow,
+    /// Rollback and complete only.
+    StopReverse,
+    EndWindow,
 }
 
 impl Step {
-    pub const ALL: [Self; 8] = [
+    /// The forward cut-over's steps, in order.
+    pub const ALL: [Self; 10] = [
         Self::StartReplication,
         Self::WaitBackfill,
         Self::Verify,
         Self::PauseWriters,
         Self::Drain,
         Self::FinalVerify,
+        Self::StartReverse,
         Self::SwitchRoute,
         Self::ResumeWriters,
+        Self::StartWindow,
+    ];
+    /// A rollback's steps, in order.
+    pub const ROLLBACK: [Self; 7] = [
+        Self::PauseWriters,
+        Self::Drain,
+        Self::FinalVerify,
+        Self::SwitchRoute,
+        Self::ResumeWriters,
+        Self::StopReverse,
+        Self::EndWindow,
     ];
 
     pub fn name(self) -> &'static str {
@@ -324,8 +427,12 @@ impl Step {
             Self::PauseWriters => "pause-writers",
             Self::Drain => "drain",
             Self::FinalVerify => "final-verify",
+            Self::StartReverse => "start-reverse",
             Self::SwitchRoute => "switch-route",
             Self::ResumeWriters => "resume-writers",
+            Self::StartWindow => "start-window",
+            Self::StopReverse => "stop-reverse",
+            Self::EndWindow => "end-window",
         }
     }
 
@@ -339,6 +446,25 @@ impl Step {
             Self::FinalVerify => d.final_verify,
             Self::SwitchRoute => d.switch_route,
             Self::ResumeWriters => d.resume_writers,
+            Self::StartReverse | Self::StartWindow => d.start_reverse,
+            Self::StopReverse | Self::EndWindow => d.stop_reverse,
+        }
+    }
+
+    /// The plan key of its deadline.
+    pub fn deadline_key(self) -> &'static str {
+        match self {
+            Self::StartReverse | Self::StartWindow => "start_reverse",
+            Self::StopReverse | Self::EndWindow => "stop_reverse",
+            _ => match self.name() {
+                "start-replication" => "start_replication",
+                "wait-backfill" => "backfill",
+                "pause-writers" => "pause_writers",
+                "final-verify" => "final_verify",
+                "switch-route" => "switch_route",
+                "resume-writers" => "resume_writers",
+                other => other,
+            },
         }
     }
 }
@@ -406,18 +532,77 @@ impl CutoverPlan {
         if self.max_pause() > Duration::from_secs(3600) {
             return Err(SpecError::new(
                 "deadlines",
-                "pause_writers + drain + final_verify + switch_route + resume_writers must stay under 1h (the writers' longest pause)",
+                "pause_writers + drain + final_verify + start_reverse (with reverse) + switch_route + resume_writers must stay under 1h (the writers' longest pause)",
             ));
         }
-        for step in Step::ALL {
+        for step in Step::ALL.into_iter().chain(Step::ROLLBACK) {
             if step.deadline(&self.deadlines).is_zero() {
                 return Err(SpecError::new(
-                    format!("deadlines.{}", step.name().replace('-', "_")),
+                    format!("deadlines.{}", step.deadline_key()),
                     "must be positive",
                 ));
             }
         }
+        if self.reverse {
+            self.check_reverse()?;
+        }
+        if let Some(w) = self.window() {
+            w.cron()?;
+            if w.length < w.verify_every {
+                return Err(SpecError::new(
+                    "window.length",
+                    "must be at least window.verify_every",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Both ends of a reverse pipeline must be DynamoDB tables (the new
+    /// one's stream is its feed), and its name must fit.
+    fn check_reverse(&self) -> Result<(), SpecError> {
+        if self.pipeline.source.kind() != "dynamodb" {
+            return Err(SpecError::new(
+                "reverse",
+                "needs a dynamodb: pipeline.source (the reverse pipeline writes back into it)",
+            ));
+        }
+        let sink = self.verified_sink()?;
+        if sink.store.kind() != "dynamodb" {
+            return Err(SpecError::new(
+                "reverse",
+                format!(
+                    "needs the verified sink to be a dynamodb: table with a stream (the reverse pipeline reads it); {} is {}",
+                    sink.name, sink.store
+                ),
+            ));
+        }
+        if self.reverse_pipeline().len() > 100 {
+            return Err(SpecError::new(
+                "pipeline.name",
+                "at most 92 characters with reverse = true (the reverse pipeline is <name>-reverse)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The monitoring window this plan opens, if any.
+    pub fn window(&self) -> Option<WindowPlan> {
+        match (&self.window, self.reverse) {
+            (Some(w), _) => Some(w.clone()),
+            (None, true) => Some(WindowPlan::default()),
+            (None, false) => None,
+        }
+    }
+
+    /// The pipeline copying the new store back into the old one.
+    pub fn reverse_pipeline(&self) -> String {
+        format!("{}-reverse", self.pipeline.name)
+    }
+
+    /// The scheduled verification job of the monitoring window.
+    pub fn window_job(&self) -> String {
+        format!("cutover/{}/window", self.name)
     }
 
     /// The pipeline job whose route switches unless `route.job` says
@@ -450,6 +635,11 @@ impl CutoverPlan {
         [
             d.drain,
             d.final_verify,
+            if self.reverse {
+                d.start_reverse
+            } else {
+                Duration::ZERO
+            },
             d.switch_route,
             d.resume_writers,
             Duration::from_secs(30),

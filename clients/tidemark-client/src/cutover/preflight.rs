@@ -91,8 +91,34 @@ impl CutoverPlan {
                 format!("drain {} to lag 0 (within {}s)", p.name, d.drain.as_secs()),
             ),
             (Step::FinalVerify, format!("verify again: {checks}")),
+            (
+                Step::StartReverse,
+                if self.reverse {
+                    format!(
+                        "create pipeline {} from {target}'s stream back into {} (writes made after the switch reach the old store)",
+                        self.reverse_pipeline(),
+                        p.source
+                    )
+                } else {
+                    "skipped (reverse = false)".to_owned()
+                },
+            ),
             (Step::SwitchRoute, format!("switch the {route} to TARGET")),
             (Step::ResumeWriters, writers("resume the writers")),
+            (
+                Step::StartWindow,
+                self.window().map_or_else(
+                    || "skipped (no [window], reverse = false)".to_owned(),
+                    |w| {
+                        format!(
+                            "verify every {}s for {}s ({}); then `tidemark cutover complete` or `rollback`",
+                            w.verify_every.as_secs(),
+                            w.length.as_secs(),
+                            self.window_job()
+                        )
+                    },
+                ),
+            ),
         ]
     }
 }
@@ -153,6 +179,9 @@ impl Tidemark {
         for final_one in [false, true] {
             self.check_verification_job(&mut checks, &plan.verification_job(final_one))
                 .await;
+        }
+        if plan.reverse {
+            self.check_reverse(&mut checks, plan).await;
         }
         self.check_route(&mut checks, plan, exists).await;
         checks.0
@@ -298,6 +327,36 @@ impl Tidemark {
                 Err(s) if s.code() == Code::NotFound => Ok("will be created".to_owned()),
                 Err(s) => Err(s.message().to_owned()),
                 Ok(r) => idle_job(job, &r.into_inner().job.unwrap_or_default()),
+            },
+        );
+    }
+
+    /// The reverse pipeline is absent or paused (a rollback or complete
+    /// left it), or identical and running (a cut-over resumed).
+    async fn check_reverse(&self, checks: &mut Checks, plan: &CutoverPlan) {
+        let name = plan.reverse_pipeline();
+        let got = self
+            .replicator()
+            .get_pipeline(rp::GetPipelineRequest { name: name.clone() })
+            .await;
+        let want = plan.reverse_spec().ok();
+        checks.check(
+            "reverse pipeline",
+            match got {
+                Err(s) if s.code() == Code::NotFound => {
+                    Ok(format!("{name} will be created at the switch"))
+                }
+                Err(s) => Err(s.message().to_owned()),
+                Ok(r) => {
+                    let p = r.into_inner().pipeline.unwrap_or_default();
+                    if p.spec != want {
+                        Err(format!(
+                            "{name} exists with another spec: CreatePipeline would refuse it"
+                        ))
+                    } else {
+                        Ok(format!("{name} exists ({})", state_name(p.state)))
+                    }
+                }
             },
         );
     }

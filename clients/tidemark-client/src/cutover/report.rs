@@ -62,6 +62,12 @@ pub struct CutoverReport {
     pub writers_resumed: bool,
     /// The route is as it was before the cut-over (true unless it switched).
     pub route_unchanged: bool,
+    /// The reverse pipeline, when the plan has one and it was started.
+    pub reverse_pipeline: String,
+    /// The window's scheduled verification job and when the window ends
+    /// (RFC 3339), when it was opened.
+    pub window_job: String,
+    pub window_ends: Option<String>,
 }
 
 /// A cut-over that stopped at `step`.

@@ -28,7 +28,7 @@ async fn bounded<T>(
         Err(_) => Err(format!(
             "missed its deadline of {} (deadlines.{} in the plan)",
             human(deadline),
-            step.name().replace('-', "_")
+            step.deadline_key()
         )),
     }
 }
@@ -135,8 +135,53 @@ impl Tidemark {
         plan.validate()?;
         let spec = plan.pipeline_spec()?;
         let verification = plan.verification_spec()?;
-        let mut run = Run {
-            client: self,
+        let mut run = Run::new(self, plan, Direction::Forward, observer);
+        run.start_replication(spec).await?;
+        run.wait_backfill().await?;
+        run.verify(verification.clone()).await?;
+        let before = run.route_before().await?;
+        run.pause_writers().await?;
+        run.drain().await?;
+        run.final_verify(verification).await?;
+        run.start_reverse().await?;
+        run.switch_route(&before).await?;
+        run.resume_writers().await?;
+        run.start_window().await?;
+        Ok(run.report)
+    }
+}
+
+/// Which way a run moves the route.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// The cut-over: SOURCE to TARGET.
+    Forward,
+    /// Back to SOURCE in the window, through the reverse pipeline.
+    Rollback,
+}
+
+/// One cut-over (or rollback) under way: the steps in the order of the
+/// runbook.
+pub(crate) struct Run<'a> {
+    pub(crate) client: &'a Tidemark,
+    pub(crate) plan: &'a CutoverPlan,
+    pub(crate) report: CutoverReport,
+    observer: &'a mut (dyn FnMut(CutoverEvent) + Send + Sync),
+    /// When PauseWriters was sent: from then on every failure resumes the
+    /// writers (a pause that timed out may still have taken effect).
+    paused_at: Option<Instant>,
+    direction: Direction,
+}
+
+impl<'a> Run<'a> {
+    pub(crate) fn new(
+        client: &'a Tidemark,
+        plan: &'a CutoverPlan,
+        direction: Direction,
+        observer: &'a mut (dyn FnMut(CutoverEvent) + Send + Sync),
+    ) -> Self {
+        Self {
+            client,
             plan,
             report: CutoverReport {
                 plan: plan.name.clone(),
@@ -148,39 +193,49 @@ impl Tidemark {
             },
             observer,
             paused_at: None,
-        };
-        run.start_replication(spec).await?;
-        run.wait_backfill().await?;
-        run.verify(verification.clone()).await?;
-        let before = run.route_before().await?;
-        run.pause_writers().await?;
-        run.drain().await?;
-        run.final_verify(verification).await?;
-        run.switch_route(&before).await?;
-        run.resume_writers().await?;
-        Ok(run.report)
+            direction,
+        }
     }
 }
 
-/// One cut-over under way: the steps in the order of the runbook.
-struct Run<'a> {
-    client: &'a Tidemark,
-    plan: &'a CutoverPlan,
-    report: CutoverReport,
-    observer: &'a mut (dyn FnMut(CutoverEvent) + Send + Sync),
-    /// When PauseWriters was sent: from then on every failure resumes the
-    /// writers (a pause that timed out may still have taken effect).
-    paused_at: Option<Instant>,
-}
-
 impl Run<'_> {
-    fn start(&mut self, step: Step) -> (Instant, Duration) {
+    /// The pipeline drained during the pause: the one that carries writes
+    /// towards the store the route is about to name.
+    fn drained_pipeline(&self) -> String {
+        match self.direction {
+            Direction::Forward => self.plan.pipeline.name.clone(),
+            Direction::Rollback => self.plan.reverse_pipeline(),
+        }
+    }
+
+    fn verification_job(&self, final_one: bool) -> String {
+        match self.direction {
+            Direction::Forward => self.plan.verification_job(final_one),
+            Direction::Rollback => format!("cutover/{}/rollback", self.plan.name),
+        }
+    }
+
+    fn route_to(&self) -> jt::RouteTarget {
+        match self.direction {
+            Direction::Forward => jt::RouteTarget::Target,
+            Direction::Rollback => jt::RouteTarget::Source,
+        }
+    }
+
+    fn why(&self) -> String {
+        match self.direction {
+            Direction::Forward => format!("cutover {}", self.plan.name),
+            Direction::Rollback => format!("cutover {} rolled back", self.plan.name),
+        }
+    }
+
+    pub(crate) fn start(&mut self, step: Step) -> (Instant, Duration) {
         let deadline = step.deadline(&self.plan.deadlines);
         (self.observer)(CutoverEvent::StepStarted { step, deadline });
         (Instant::now(), deadline)
     }
 
-    fn finish(&mut self, step: Step, t0: Instant, outcome: StepOutcome, detail: String) {
+    pub(crate) fn finish(&mut self, step: Step, t0: Instant, outcome: StepOutcome, detail: String) {
         let record = StepRecord {
             step,
             outcome,
@@ -193,7 +248,7 @@ impl Run<'_> {
     }
 
     /// Records the failed step; the error carries the report so far.
-    fn abort(&mut self, step: Step, t0: Instant, reason: String) -> ClientError {
+    pub(crate) fn abort(&mut self, step: Step, t0: Instant, reason: String) -> ClientError {
         self.finish(step, t0, StepOutcome::Failed, reason.clone());
         ClientError::Cutover(Box::new(CutoverError {
             plan: self.plan.name.clone(),
@@ -209,14 +264,9 @@ impl Run<'_> {
         self.abort(step, t0, reason)
     }
 
-    fn skip(&mut self, step: Step) {
+    pub(crate) fn skip(&mut self, step: Step, why: &str) {
         let t0 = Instant::now();
-        self.finish(
-            step,
-            t0,
-            StepOutcome::Skipped,
-            "writers.pause = false".to_owned(),
-        );
+        self.finish(step, t0, StepOutcome::Skipped, why.to_owned());
     }
 
     /// 1. Start replication (an identical pipeline is returned as is).
@@ -285,7 +335,7 @@ impl Run<'_> {
         spec: vf::VerificationSpec,
     ) -> Result<String, (String, bool)> {
         let request = vf::StartVerificationRequest {
-            job_name: self.plan.verification_job(final_one),
+            job_name: self.verification_job(final_one),
             spec: Some(spec),
             schedule: None,
             actor: self.plan.actor.clone(),
@@ -345,7 +395,7 @@ impl Run<'_> {
 
     /// The route before the switch, to switch only from it (and to restore
     /// it if a timed-out switch took effect anyway).
-    async fn route_before(&mut self) -> ClientResult<jt::Route> {
+    pub(crate) async fn route_before(&mut self) -> ClientResult<jt::Route> {
         let route = self
             .client
             .get_route(&self.report.route_job, &self.plan.route.unit)
@@ -357,9 +407,9 @@ impl Run<'_> {
     }
 
     /// 4. Pause writers. From here on every failure resumes them.
-    async fn pause_writers(&mut self) -> ClientResult<()> {
+    pub(crate) async fn pause_writers(&mut self) -> ClientResult<()> {
         if !self.plan.writers.pause {
-            self.skip(Step::PauseWriters);
+            self.skip(Step::PauseWriters, "writers.pause = false");
             return Ok(());
         }
         let step = Step::PauseWriters;
@@ -367,7 +417,7 @@ impl Run<'_> {
         self.paused_at = Some(Instant::now());
         let req = sa::PauseWritersRequest {
             mode: self.plan.pause_mode()? as i32,
-            reason: format!("cutover {}", self.plan.name),
+            reason: self.why(),
             max_pause: Some(proto_duration(self.plan.max_pause())),
         };
         let svc = self.client.stats();
@@ -396,22 +446,23 @@ impl Run<'_> {
     }
 
     /// 5. Drain to lag 0.
-    async fn drain(&mut self) -> ClientResult<()> {
+    pub(crate) async fn drain(&mut self) -> ClientResult<()> {
         let step = Step::Drain;
         let (t0, deadline) = self.start(step);
+        let name = self.drained_pipeline();
         // The bound outlasts the drain's own timeout, so a slow drain
         // reports the lag it left rather than a bare missed deadline.
         let drained = bounded(
             step,
             deadline + Duration::from_secs(5),
-            self.client.drain(&self.plan.pipeline.name, deadline),
+            self.client.drain(&name, deadline),
         )
         .await;
         match drained {
             Ok(r) => {
                 let lag = r.lag.unwrap_or_default();
                 let detail = format!(
-                    "lag 0 after {:.1}s",
+                    "{name} at lag 0 after {:.1}s",
                     std_duration(r.elapsed.as_ref()).as_secs_f64()
                 );
                 (self.observer)(CutoverEvent::Lag(lag));
@@ -423,7 +474,7 @@ impl Run<'_> {
     }
 
     /// 6. Verify again, with the source quiet.
-    async fn final_verify(&mut self, spec: vf::VerificationSpec) -> ClientResult<()> {
+    pub(crate) async fn final_verify(&mut self, spec: vf::VerificationSpec) -> ClientResult<()> {
         let step = Step::FinalVerify;
         let (t0, deadline) = self.start(step);
         match self.prove(step, deadline, true, spec).await {
@@ -435,16 +486,121 @@ impl Run<'_> {
         }
     }
 
-    /// 7. Switch the route, only from the route read before the pause.
-    async fn switch_route(&mut self, before: &jt::Route) -> ClientResult<()> {
+    /// 7. With `reverse`: create the reverse pipeline, and see its feed
+    ///    read the new store's stream before anyone can write there (it
+    ///    starts where the stream is when first read).
+    async fn start_reverse(&mut self) -> ClientResult<()> {
+        let step = Step::StartReverse;
+        if !self.plan.reverse {
+            self.skip(step, "reverse = false");
+            return Ok(());
+        }
+        let (t0, deadline) = self.start(step);
+        let name = self.plan.reverse_pipeline();
+        let create = rp::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(self.plan.reverse_spec()?),
+            actor: self.plan.actor.clone(),
+            validate_only: false,
+        };
+        let client = self.client;
+        let started = bounded(step, deadline, async {
+            let svc = client.replicator();
+            match client.get_pipeline(&name).await {
+                // A rollback or complete left it paused: it goes on from
+                // where it stopped.
+                Ok(p) if p.spec == create.spec && p.state == rp::PipelineState::Paused as i32 => {
+                    svc.clone()
+                        .resume_pipeline(rp::ResumePipelineRequest {
+                            name: name.clone(),
+                            actor: create.actor.clone(),
+                        })
+                        .await?;
+                }
+                Ok(_) | Err(_) => {
+                    client
+                        .idempotent(|| {
+                            let mut svc = svc.clone();
+                            let req = create.clone();
+                            async move { svc.create_pipeline(req).await }
+                        })
+                        .await?;
+                }
+            }
+            client.drain(&name, deadline).await
+        })
+        .await;
+        match started {
+            Ok(_) => {
+                self.report.reverse_pipeline.clone_from(&name);
+                let detail = format!("{name} follows the new store's stream into the old store");
+                self.finish(step, t0, StepOutcome::Done, detail);
+                Ok(())
+            }
+            Err(reason) => Err(self.abort_paused(step, t0, reason).await),
+        }
+    }
+
+    /// 10. The monitoring window: a verification of old against new on the
+    ///     plan's schedule until its end (or `complete`).
+    async fn start_window(&mut self) -> ClientResult<()> {
+        let step = Step::StartWindow;
+        let Some(window) = self.plan.window() else {
+            self.skip(step, "no [window] and reverse = false");
+            return Ok(());
+        };
+        let (t0, deadline) = self.start(step);
+        let now = std::time::SystemTime::now();
+        let end = now + window.length;
+        let request = vf::StartVerificationRequest {
+            job_name: self.plan.window_job(),
+            spec: Some(self.plan.window_verification_spec()?),
+            schedule: Some(jt::Schedule {
+                cron: window.cron()?,
+                time_zone: String::new(),
+                max_wait: Some(proto_duration(window.verify_every)),
+                start_time: Some(now.into()),
+                end_time: Some(end.into()),
+            }),
+            actor: self.plan.actor.clone(),
+            correlation_id: String::new(),
+        };
+        let mut svc = self.client.verifier();
+        let started = bounded(step, deadline, async {
+            Ok(svc.start_verification(request).await?.into_inner())
+        })
+        .await;
+        match started {
+            Ok(r) => {
+                self.report.window_job = self.plan.window_job();
+                self.report.window_ends =
+                    Some(chrono::DateTime::<chrono::Utc>::from(end).to_rfc3339());
+                let detail = format!(
+                    "{} verifies every {}s until {} (first run {})",
+                    self.report.window_job,
+                    window.verify_every.as_secs(),
+                    self.report.window_ends.clone().unwrap_or_default(),
+                    r.verification_id
+                );
+                self.finish(step, t0, StepOutcome::Done, detail);
+                Ok(())
+            }
+            // The route already switched and writers run: that stands.
+            Err(reason) => Err(self.abort(step, t0, reason)),
+        }
+    }
+
+    /// 8. Switch the route, only from the route read before the pause.
+    pub(crate) async fn switch_route(&mut self, before: &jt::Route) -> ClientResult<()> {
         let step = Step::SwitchRoute;
         let (t0, deadline) = self.start(step);
+        let to = self.route_to();
         let req = jt::SetRouteRequest {
             job_name: self.report.route_job.clone(),
             unit_key: self.plan.route.unit.clone(),
-            target: jt::RouteTarget::Target as i32,
+            target: to as i32,
             actor: self.plan.actor.clone(),
-            reason: format!("cutover {}", self.plan.name),
+            reason: self.why(),
             expected_revision: before.revision,
         };
         let mut svc = self.client.jobs();
@@ -457,7 +613,11 @@ impl Run<'_> {
                 let route = r.route.unwrap_or_default();
                 self.report.route_revision = Some(route.revision);
                 self.report.route_unchanged = false;
-                let detail = format!("route → TARGET (revision {})", route.revision);
+                let detail = format!(
+                    "route → {} (revision {})",
+                    to.as_str_name().trim_start_matches("ROUTE_TARGET_"),
+                    route.revision
+                );
                 self.finish(step, t0, StepOutcome::Done, detail);
                 Ok(())
             }
@@ -468,10 +628,10 @@ impl Run<'_> {
         }
     }
 
-    /// 8. Resume writers.
-    async fn resume_writers(&mut self) -> ClientResult<()> {
+    /// 9. Resume writers.
+    pub(crate) async fn resume_writers(&mut self) -> ClientResult<()> {
         if !self.plan.writers.pause {
-            self.skip(Step::ResumeWriters);
+            self.skip(Step::ResumeWriters, "writers.pause = false");
             return Ok(());
         }
         let step = Step::ResumeWriters;
@@ -546,7 +706,7 @@ impl Run<'_> {
             unit_key: unit,
             target: back,
             actor: self.plan.actor.clone(),
-            reason: format!("cutover {} aborted: route restored", self.plan.name),
+            reason: format!("{} aborted: route restored", self.why()),
             expected_revision: now.revision,
         };
         let restored = self.client.jobs().set_route(req).await;

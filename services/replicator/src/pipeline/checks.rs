@@ -130,6 +130,22 @@ pub fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
             ));
         }
     }
+    for (field, value) in [
+        ("spec.origin", &spec.origin),
+        ("spec.skip_origin", &spec.skip_origin),
+    ] {
+        if !value.is_empty()
+            && let Err(e) = check_name(value)
+        {
+            v.push(FieldError::new(field, e.description));
+        }
+    }
+    if !spec.skip_origin.is_empty() && spec.skip_origin == spec.origin {
+        v.push(FieldError::new(
+            "spec.skip_origin",
+            "must differ from spec.origin: a pipeline skipping its own writes would copy nothing it wrote, and skip nothing else",
+        ));
+    }
     if let Some(b) = &spec.backfill {
         if b.segments > 1000 {
             v.push(FieldError::new(

@@ -200,6 +200,7 @@ pub fn changes_of(
     records
         .iter()
         .filter(|r| !opened.reserved(&r.key))
+        .filter(|r| !opened.echo(r.new_image.as_ref(), r.old_image.as_ref()))
         .map(|r| change_of(opened, r))
         .collect()
 }
@@ -331,7 +332,7 @@ fn change_of(opened: &Opened, r: &ChangeRecord) -> (Key, Option<Item>, u64, Stri
     };
     (
         r.key.clone(),
-        r.new_image.clone(),
+        opened.application_image(r.new_image.as_ref()),
         version,
         format!("{}/{}", r.position.partition, r.position.sequence),
     )

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use tidemark_connectors::dynamodb::{DELETED_ATTRIBUTE, ORIGIN_ATTRIBUTE, VERSION_ATTRIBUTE};
 use tidemark_connectors::kafka::KafkaFormat;
 use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{
@@ -15,7 +16,7 @@ use tidemark_proto::replicator::v1::{self as rp, KafkaMessageFormat, Pipeline};
 use super::spec::DEFAULT_WATERMARK_PREFIX;
 use crate::context::{Context, UnitFailure};
 use crate::dead_letters::DeadLetters;
-use crate::stores::{OpenTable, Stores};
+use crate::stores::{OpenTable, SinkHandle, Stores};
 
 /// Records per sink request, and sink requests in flight per poll.
 pub const SINK_BATCH: usize = 500;
@@ -34,6 +35,8 @@ pub struct Opened {
     pub sinks: Vec<OpenSink>,
     pub version_attribute: String,
     pub watermark_prefix: String,
+    /// `PipelineSpec.skip_origin`.
+    pub skip_origin: String,
 }
 
 /// Opens what a pipeline reads and writes.
@@ -50,7 +53,7 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
     for s in &spec.sinks {
         let transform = Transform::from_proto(&s.transform.clone().unwrap_or_default())
             .map_err(|e| UnitFailure::terminal(format!("sink {}: transform.{e}", s.name)))?;
-        let sink = open_sink(&ctx.stores, s, &source.schema, &transform).await?;
+        let sink = open_sink(&ctx.stores, s, &source.schema, &transform, &spec.origin).await?;
         sinks.push(OpenSink {
             name: s.name.clone(),
             sink,
@@ -68,6 +71,7 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
         sinks,
         version_attribute: spec.version_attribute,
         watermark_prefix,
+        skip_origin: spec.skip_origin,
     })
 }
 
@@ -81,6 +85,7 @@ pub async fn open_sink(
     s: &rp::Sink,
     source: &KeySchema,
     transform: &Transform,
+    origin: &str,
 ) -> ConnectorResult<Arc<dyn Sink>> {
     let schema = crate::schema::target_schema(source, transform);
     let store = s.store.clone().unwrap_or_default();
@@ -90,7 +95,12 @@ pub async fn open_sink(
                 .kafka_sink(t, &schema, kafka_format(s.kafka_format()))
                 .await?
         }
-        _ => stores.sink(&store, &schema, "", transform).await?.sink(),
+        _ => match stores.sink(&store, &schema, "", transform).await? {
+            SinkHandle::Dynamo(d) if !origin.is_empty() => {
+                Arc::new(d.as_ref().clone().with_origin(origin))
+            }
+            other => other.sink(),
+        },
     })
 }
 
@@ -109,6 +119,44 @@ impl Opened {
         key.get(&self.source.schema.partition)
             .and_then(AttrValue::as_s)
             .is_some_and(|p| p.starts_with(&self.watermark_prefix))
+    }
+
+    /// A change the `skip_origin` pipeline made: it set the origin marker
+    /// to that pipeline's (an application's write leaves it as it was).
+    pub(crate) fn echo(&self, new_image: Option<&Item>, old_image: Option<&Item>) -> bool {
+        if self.skip_origin.is_empty() {
+            return false;
+        }
+        let marker = |image: Option<&Item>| {
+            image
+                .and_then(|i| i.get(ORIGIN_ATTRIBUTE))
+                .and_then(AttrValue::as_s)
+                .map(str::to_owned)
+        };
+        let new = marker(new_image);
+        new.as_deref().is_some_and(|m| {
+            m.strip_prefix(self.skip_origin.as_str())
+                .is_some_and(|rest| rest.starts_with('@'))
+        }) && new != marker(old_image)
+    }
+
+    /// An image read from another pipeline's DynamoDB sink, as the
+    /// application wrote it: that sink's version and marker left out, its
+    /// tombstone a delete (`None`).
+    pub(crate) fn application_image(&self, image: Option<&Item>) -> Option<Item> {
+        let image = image?;
+        if self.skip_origin.is_empty() {
+            return Some(image.clone());
+        }
+        if image.contains_key(DELETED_ATTRIBUTE) {
+            return None;
+        }
+        let mut image = image.clone();
+        image.remove(ORIGIN_ATTRIBUTE);
+        if self.version_attribute != VERSION_ATTRIBUTE {
+            image.remove(VERSION_ATTRIBUTE);
+        }
+        Some(image)
     }
 
     pub(crate) fn version_of(&self, item: &Item, derived: u64) -> u64 {

@@ -91,12 +91,14 @@ async fn rewrite(
             .collect(),
         version_attribute: opened.version_attribute.clone(),
         watermark_prefix: opened.watermark_prefix.clone(),
+        skip_origin: opened.skip_origin.clone(),
     };
     let mut rewritten = 0;
     let mut deleted = 0;
     let mut changes = Vec::with_capacity(keys.len());
     for key in keys {
-        let item = opened.source.table.get(key).await?;
+        // Another pipeline's tombstone is an absent item.
+        let item = opened.application_image(opened.source.table.get(key).await?.as_ref());
         let removed = match &item {
             Some(_) => {
                 rewritten += 1;

@@ -219,7 +219,7 @@ async fn open_sinks(
         // Opening creates what a sink may create (an index with its mapping).
         let transform =
             Transform::from_proto(&s.transform.clone().unwrap_or_default()).unwrap_or_default();
-        super::open::open_sink(&r.ctx.stores, s, source_schema, &transform)
+        super::open::open_sink(&r.ctx.stores, s, source_schema, &transform, &spec.origin)
             .await
             .map_err(ReplicatorError::store_of(&format!("spec.sinks[{i}].store")))?;
     }

@@ -299,15 +299,16 @@ async fn backfill_segment(
                 touch(&opened, &touch_attribute, &rows).await?;
             }
             _ => {
+                // Another pipeline's tombstones are not items to copy.
                 let changes: Vec<(Key, Option<Item>, u64, String)> = rows
                     .iter()
-                    .map(|(k, item)| {
-                        (
+                    .filter_map(|(k, item)| {
+                        Some((
                             k.clone(),
-                            Some(item.clone()),
+                            Some(opened.application_image(Some(item))?),
                             opened.version_of(item, 0),
                             format!("backfill/{segment}"),
-                        )
+                        ))
                     })
                     .collect();
                 opened
