@@ -215,7 +215,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, SpecError> {
     let bad = || {
         SpecError::new(
             "",
-            format!("{text:?}: expected a duration such as 500ms, 30s, 5m, 1h or 1m30s"),
+            format!("{text:?}: expected a duration such as 500ms, 30s, 5m, 1h, 7d or 1m30s"),
         )
     };
     let mut total = Duration::ZERO;
@@ -237,6 +237,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, SpecError> {
             "s" => number,
             "m" => number * 60.0,
             "h" => number * 3600.0,
+            "d" => number * 86_400.0,
             _ => return Err(bad()),
         };
         // Parts that each fit may not fit together (a panic before).
@@ -358,7 +359,11 @@ mod tests {
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
-        for bad in ["", "5", "5 s", "s", "5d"] {
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        for bad in ["", "5", "5 s", "s", "5w"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -540,7 +540,27 @@ async fn a_reversible_cut_over_rolls_back_and_completes_with_no_write_lost() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    // 3. Rollback: back to the old table with every write of the window.
+    // 3. A rollback that cannot prove old equals new in time aborts
+    // cleanly: writers resumed, the route still on TARGET, the reverse
+    // pipeline still running.
+    let doomed = dir.path().join("doomed-rollback.toml");
+    std::fs::write(
+        &doomed,
+        reverse_plan(&unique_name("rev-doomed"), &pipeline, &old_name, &new_name)
+            .replace("final_verify = \"1m\"", "final_verify = \"1ms\""),
+    )
+    .unwrap();
+    let aborted = tidemark_json(&url, &["cutover", "rollback", doomed.to_str().unwrap()], 6).await;
+    assert_eq!(aborted["failed_step"], "final-verify", "{aborted}");
+    assert_eq!(aborted["report"]["writers_resumed"], true, "{aborted}");
+    assert_eq!(aborted["report"]["route_unchanged"], true, "{aborted}");
+    let status = tidemark_json(&url, &["cutover", "status", plan], 0).await;
+    assert_eq!(status["route"], "target", "{status}");
+    assert_ne!(status["reverse_state"], "paused", "{status}");
+    let state = tidemark_json(&url, &["stats", "state"], 0).await;
+    assert_eq!(state["paused"], false, "{state}");
+
+    // 4. Rollback: back to the old table with every write of the window.
     let back = tidemark_json(&url, &["cutover", "rollback", plan], 0).await;
     let steps: Vec<String> = steps_of(&back["report"])
         .into_iter()
@@ -598,7 +618,7 @@ async fn a_reversible_cut_over_rolls_back_and_completes_with_no_write_lost() {
     );
     assert_eq!(counters(&new_table).await, ledger, "nor in the new one");
 
-    // 4. Cut over again (the reverse pipeline resumes), then complete: the
+    // 5. Cut over again (the reverse pipeline resumes), then complete: the
     // reverse stops, and the decision is on the route.
     let again = tidemark_json(&url, &["cutover", plan], 0).await;
     assert_eq!(again["ok"], true, "{again}");

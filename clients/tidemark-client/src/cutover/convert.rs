@@ -271,4 +271,68 @@ mod tests {
         // leave writers paused for ever, nor resume them mid-cut-over.
         assert!(plan.max_pause() > Duration::from_secs(10 + 20 + 60 + 10 + 30));
     }
+
+    #[test]
+    fn a_reversible_plan_pairs_two_pipelines_that_skip_each_other() {
+        let text = PLAN.replace("actor = \"ops\"", "actor = \"ops\"\nreverse = true");
+        let plan = CutoverPlan::from_toml(&text).unwrap();
+        let forward = plan.pipeline_spec().unwrap();
+        let reverse = plan.reverse_spec().unwrap();
+        assert_eq!(forward.origin, "counters-v2");
+        assert_eq!(forward.skip_origin, "counters-v2-reverse");
+        assert_eq!(reverse.origin, "counters-v2-reverse");
+        assert_eq!(reverse.skip_origin, "counters-v2");
+        // New into old, from the switch on, nothing backfilled.
+        assert_eq!(reverse.source, forward.sinks[0].store);
+        assert_eq!(reverse.sinks[0].store, forward.source);
+        assert_eq!(
+            reverse.backfill.unwrap().mode,
+            rp::BackfillMode::None as i32
+        );
+        // The default window: a week, verified hourly, re-checked after the
+        // reverse pipeline's lag.
+        let w = plan.window().unwrap();
+        assert_eq!(w.length, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(w.cron().unwrap(), "0 0 */1 * * *");
+        assert_eq!(
+            plan.window_verification_spec()
+                .unwrap()
+                .recheck
+                .unwrap()
+                .pipeline_name,
+            "counters-v2-reverse"
+        );
+        // Without reverse, no window and no marks.
+        let plain = CutoverPlan::from_toml(PLAN).unwrap();
+        assert!(plain.window().is_none());
+        assert!(plain.pipeline_spec().unwrap().origin.is_empty());
+    }
+
+    #[test]
+    fn a_window_period_must_repeat_evenly_and_reverse_needs_dynamodb() {
+        let every = |text: &str| {
+            let plan = PLAN.replace(
+                "[writers]",
+                &format!("[window]\nverify_every = \"{text}\"\n\n[writers]"),
+            );
+            CutoverPlan::from_toml(&plan)
+                .map(|p| p.window().unwrap().cron().unwrap())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(every("10s").unwrap(), "*/10 * * * * *");
+        assert_eq!(every("15m").unwrap(), "0 */15 * * * *");
+        assert_eq!(every("6h").unwrap(), "0 0 */6 * * *");
+        assert_eq!(every("1d").unwrap(), "0 0 0 * * *");
+        for bad in ["7s", "45m", "5h", "2d"] {
+            assert!(
+                every(bad).unwrap_err().contains("window.verify_every"),
+                "{bad}"
+            );
+        }
+        let to_search = PLAN
+            .replace("actor = \"ops\"", "actor = \"ops\"\nreverse = true")
+            .replace("[verify]", "[verify]\nsink = \"search\"");
+        let e = CutoverPlan::from_toml(&to_search).unwrap_err();
+        assert_eq!(e.field, "reverse", "{e}");
+    }
 }

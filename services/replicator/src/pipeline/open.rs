@@ -121,42 +121,14 @@ impl Opened {
             .is_some_and(|p| p.starts_with(&self.watermark_prefix))
     }
 
-    /// A change the `skip_origin` pipeline made: it set the origin marker
-    /// to that pipeline's (an application's write leaves it as it was).
+    /// See [`is_echo`].
     pub(crate) fn echo(&self, new_image: Option<&Item>, old_image: Option<&Item>) -> bool {
-        if self.skip_origin.is_empty() {
-            return false;
-        }
-        let marker = |image: Option<&Item>| {
-            image
-                .and_then(|i| i.get(ORIGIN_ATTRIBUTE))
-                .and_then(AttrValue::as_s)
-                .map(str::to_owned)
-        };
-        let new = marker(new_image);
-        new.as_deref().is_some_and(|m| {
-            m.strip_prefix(self.skip_origin.as_str())
-                .is_some_and(|rest| rest.starts_with('@'))
-        }) && new != marker(old_image)
+        is_echo(&self.skip_origin, new_image, old_image)
     }
 
-    /// An image read from another pipeline's DynamoDB sink, as the
-    /// application wrote it: that sink's version and marker left out, its
-    /// tombstone a delete (`None`).
+    /// See [`application_image`].
     pub(crate) fn application_image(&self, image: Option<&Item>) -> Option<Item> {
-        let image = image?;
-        if self.skip_origin.is_empty() {
-            return Some(image.clone());
-        }
-        if image.contains_key(DELETED_ATTRIBUTE) {
-            return None;
-        }
-        let mut image = image.clone();
-        image.remove(ORIGIN_ATTRIBUTE);
-        if self.version_attribute != VERSION_ATTRIBUTE {
-            image.remove(VERSION_ATTRIBUTE);
-        }
-        Some(image)
+        application_image(&self.skip_origin, &self.version_attribute, image)
     }
 
     pub(crate) fn version_of(&self, item: &Item, derived: u64) -> u64 {
@@ -227,6 +199,48 @@ impl Opened {
     }
 }
 
+/// Whether a change is the `skip_origin` pipeline's own write coming back:
+/// it set the origin marker to that pipeline's (an application's write
+/// leaves the marker as it was, a whole-item put of its own drops it).
+pub fn is_echo(skip_origin: &str, new_image: Option<&Item>, old_image: Option<&Item>) -> bool {
+    if skip_origin.is_empty() {
+        return false;
+    }
+    fn marker(image: Option<&Item>) -> Option<&str> {
+        image
+            .and_then(|i| i.get(ORIGIN_ATTRIBUTE))
+            .and_then(AttrValue::as_s)
+    }
+    let new = marker(new_image);
+    new.and_then(|m| m.strip_prefix(skip_origin))
+        .is_some_and(|rest| rest.starts_with('@'))
+        && new != marker(old_image)
+}
+
+/// An image read from the `skip_origin` pipeline's DynamoDB sink, as the
+/// application wrote it: that sink's version (unless it is the source's own
+/// version attribute) and marker left out, its tombstone a delete (`None`).
+/// Without `skip_origin`, the image as it is.
+pub fn application_image(
+    skip_origin: &str,
+    version_attribute: &str,
+    image: Option<&Item>,
+) -> Option<Item> {
+    let image = image?;
+    if skip_origin.is_empty() {
+        return Some(image.clone());
+    }
+    if image.contains_key(DELETED_ATTRIBUTE) {
+        return None;
+    }
+    let mut image = image.clone();
+    image.remove(ORIGIN_ATTRIBUTE);
+    if version_attribute != VERSION_ATTRIBUTE {
+        image.remove(VERSION_ATTRIBUTE);
+    }
+    Some(image)
+}
+
 /// What a write does with an image a sink's filter leaves out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Filtered {
@@ -238,4 +252,85 @@ pub enum Filtered {
     /// and that change's own write handles it; a tombstone here would only
     /// fill the target with the keys it is meant not to hold.
     Skip,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(attrs: &[(&str, AttrValue)]) -> Item {
+        attrs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    fn marked(origin: &str, views: i64) -> Item {
+        item(&[
+            ("pk", AttrValue::s("a")),
+            ("views", AttrValue::n(views)),
+            ("tidemark_version", AttrValue::n(9u64)),
+            (ORIGIN_ATTRIBUTE, AttrValue::s(origin)),
+        ])
+    }
+
+    #[test]
+    fn only_a_change_that_sets_the_other_pipelines_marker_is_an_echo() {
+        let skip = "fwd";
+        // The forward pipeline's write: the marker changes to fwd@....
+        assert!(is_echo(
+            skip,
+            Some(&marked("fwd@2", 1)),
+            Some(&marked("fwd@1", 0))
+        ));
+        assert!(
+            is_echo(skip, Some(&marked("fwd@2", 1)), None),
+            "an insert by it"
+        );
+        // Its tombstone carries the marker too.
+        assert!(is_echo(
+            skip,
+            Some(&marked("fwd@3", 1)),
+            Some(&marked("rev@2", 1))
+        ));
+        // An application's UpdateItem of an item it wrote keeps the marker.
+        assert!(!is_echo(
+            skip,
+            Some(&marked("fwd@2", 5)),
+            Some(&marked("fwd@2", 1))
+        ));
+        // An application's whole-item put drops it.
+        let plain = item(&[("pk", AttrValue::s("a")), ("views", AttrValue::n(3i64))]);
+        assert!(!is_echo(skip, Some(&plain), Some(&marked("fwd@2", 1))));
+        // Another pipeline's marker, a prefix of the name, a delete.
+        assert!(!is_echo(
+            skip,
+            Some(&marked("rev@4", 1)),
+            Some(&marked("fwd@2", 1))
+        ));
+        assert!(!is_echo(skip, Some(&marked("fwd-2@4", 1)), None));
+        assert!(!is_echo(skip, None, Some(&marked("fwd@2", 1))));
+        // Without skip_origin nothing is.
+        assert!(!is_echo("", Some(&marked("fwd@2", 1)), None));
+    }
+
+    #[test]
+    fn the_other_sinks_bookkeeping_is_left_out_and_its_tombstone_is_a_delete() {
+        let clean = application_image("fwd", "", Some(&marked("fwd@2", 1))).unwrap();
+        assert_eq!(
+            clean,
+            item(&[("pk", AttrValue::s("a")), ("views", AttrValue::n(1i64))])
+        );
+        // The source's own version attribute stays.
+        let kept = application_image("fwd", "tidemark_version", Some(&marked("fwd@2", 1))).unwrap();
+        assert!(kept.contains_key("tidemark_version"));
+        let mut tombstone = marked("fwd@3", 1);
+        tombstone.insert(DELETED_ATTRIBUTE.to_owned(), AttrValue::Bool(true));
+        assert_eq!(application_image("fwd", "", Some(&tombstone)), None);
+        // Without skip_origin, images are copied as they are.
+        assert_eq!(
+            application_image("", "", Some(&tombstone)),
+            Some(tombstone.clone())
+        );
+    }
 }
