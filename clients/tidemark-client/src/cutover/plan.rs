@@ -817,6 +817,27 @@ mod tests {
     const PLAN: &str = include_str!("testdata/plan.toml");
 
     #[test]
+    fn the_readme_plan_reads() {
+        // The plan of the README's cut-over section, as users copy it.
+        let readme = include_str!("../../../../README.md");
+        let section = readme
+            .split("### Cut-over plans")
+            .nth(1)
+            .expect("the README has a cut-over section");
+        let plan = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block");
+        let plan = CutoverPlan::from_toml(plan).unwrap();
+        assert!(plan.reverse);
+        assert_eq!(
+            plan.window().unwrap().length,
+            Duration::from_secs(7 * 86_400)
+        );
+    }
+
+    #[test]
     fn deadlines_too_long_to_add_up_are_refused_not_a_panic() {
         // Two deadlines that fit a Duration alone overflowed max_pause()'s
         // sum inside validate() (fuzz/corpus/cutover_plan/huge_deadlines.toml).
