@@ -145,6 +145,15 @@ pub trait ChangeFeed: Send {
     /// `position` as done. Records delivered but never committed are
     /// delivered again after a restart from [`ChangeFeed::checkpoint`].
     async fn commit(&mut self, position: &Position) -> ConnectorResult<()>;
+    /// Commits the last position of each partition of one batch, as
+    /// [`ChangeFeed::commit`] does one by one. A feed whose records are
+    /// written in a transaction commits them all with it.
+    async fn commit_all(&mut self, positions: &[Position]) -> ConnectorResult<()> {
+        for position in positions {
+            self.commit(position).await?;
+        }
+        Ok(())
+    }
     fn checkpoint(&self) -> FeedCheckpoint;
     fn lag(&self) -> Vec<PartitionLag>;
     /// What the other readers of a shared feed checkpointed (their
@@ -230,6 +239,13 @@ pub trait Sink: Send + Sync {
     /// Applies a batch; one outcome per record, in order. An `Err` means the
     /// batch as a whole failed (retry it); per-record refusals are outcomes.
     async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>>;
+    /// Whether batches must be applied one after the other: a sink without
+    /// conditional writes (a topic) keeps a key's records in the order
+    /// they were applied, so concurrent batches could put an older record
+    /// last.
+    fn ordered(&self) -> bool {
+        false
+    }
     /// The live item and its version; `None` when absent or deleted.
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>>;
     /// Removes these keys outright, tombstones included, so nothing of them

@@ -291,3 +291,112 @@ async fn change_record_messages_are_a_feed() {
     assert_eq!(last.kind, ChangeKind::Remove);
     assert_eq!(last.key, key(9));
 }
+
+/// Every message of `topic` a `read_committed` consumer sees: (key, version).
+async fn committed_messages(topic: &str, expect: usize) -> Vec<(String, u64)> {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers as _, Message as _};
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            local_env("TIDEMARK_TEST_KAFKA_BROKERS"),
+        )
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    // Past `expect`, a little longer: anything more would be a duplicate.
+    let mut quiet = Duration::from_secs(30);
+    while let Ok(Ok(m)) = tokio::time::timeout(quiet, consumer.recv()).await {
+        let version = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "tidemark-version"))
+            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+            .unwrap();
+        out.push((
+            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+            version,
+        ));
+        if out.len() >= expect {
+            quiet = Duration::from_secs(3);
+        }
+    }
+    out
+}
+
+/// Kafka into Kafka in transactions: what a crashed writer left open is
+/// never seen, the feed delivers it again from the offsets committed with
+/// the last transaction, and a `read_committed` reader sees each record
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_sink_commits_records_with_the_feed_offsets() {
+    let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+    let (src, dst) = (unique_name("tx-src"), unique_name("tx-dst"));
+    create_topic(&brokers, &src, 1, false).await;
+    create_topic(&brokers, &dst, 1, false).await;
+    produce(&src, 0, 20).await;
+    let group = unique_name("tx-group");
+    let id = unique_name("tx-id");
+    let schema = KeySchema::new("pk", None);
+    let to_sink = |records: &[ChangeRecord]| -> Vec<SinkRecord> {
+        records
+            .iter()
+            .map(|r| SinkRecord {
+                key: r.key.clone(),
+                version: r.version,
+                op: SinkOp::Upsert(r.new_image.clone().unwrap()),
+            })
+            .collect()
+    };
+    let open = || async {
+        let sink = std::sync::Arc::new(
+            KafkaSink::connect_transactional(
+                &brokers,
+                &dst,
+                schema.clone(),
+                KafkaFormat::Json,
+                &id,
+            )
+            .await
+            .expect("a transactional sink"),
+        );
+        let mut feed = KafkaFeed::subscribe(&brokers, &src, &group, KafkaStart::Earliest).unwrap();
+        feed.commit_through(sink.clone());
+        (sink, feed)
+    };
+    // The first ten committed with their offsets.
+    let (sink, mut feed) = open().await;
+    let first = poll_n(&mut feed, 20).await;
+    sink.apply(&to_sink(&first[..10])).await.unwrap();
+    feed.commit_all(std::slice::from_ref(&first[9].position))
+        .await
+        .unwrap();
+    // The rest written, and the writer dies before its commit.
+    sink.apply(&to_sink(&first[10..])).await.unwrap();
+    drop(feed);
+    drop(sink);
+    // The next holder of the id aborts what was left open, and reads the
+    // rest again from the committed offset.
+    let (sink, mut feed) = open().await;
+    let rest = poll_n(&mut feed, 10).await;
+    assert_eq!(
+        rest.iter().map(|r| r.version).collect::<Vec<_>>(),
+        first[10..].iter().map(|r| r.version).collect::<Vec<_>>()
+    );
+    sink.apply(&to_sink(&rest)).await.unwrap();
+    feed.commit_all(std::slice::from_ref(&rest[9].position))
+        .await
+        .unwrap();
+    let mut seen = committed_messages(&dst, 20).await;
+    seen.sort();
+    let mut want: Vec<(String, u64)> = first
+        .iter()
+        .map(|r| (kafka_key(&r.key, "pk"), r.version))
+        .collect();
+    want.sort();
+    assert_eq!(seen, want, "each record once");
+}

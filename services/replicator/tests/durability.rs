@@ -536,3 +536,149 @@ async fn scan(table: &DynamoTable) -> BTreeMap<Key, Item> {
         }
     }
 }
+
+/// Kafka into Kafka, the replicator killed mid-stream: the records written
+/// and the consumer offsets commit in one transaction, so a
+/// `read_committed` reader of the target sees every source record exactly
+/// once, whatever the kill left open (read-process-write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_from_kafka_into_kafka_writes_each_record_once() {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers as _, Message as _};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tidemark_connectors::proto::{encode_change, kafka_key};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs_addr, _jobs, stop) = job_tracker(dir.path()).await;
+    let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+    let (src, dst) = (unique_name("eos-src"), unique_name("eos-dst"));
+    create_topic(&brokers, &src, 3, false).await;
+    create_topic(&brokers, &dst, 3, false).await;
+    // The source table serves repair reads only: nothing to backfill.
+    let table_name = unique_name("eos");
+    DynamoTable::create(dynamo().await, &table_name, &schema(), false)
+        .await
+        .unwrap();
+    const KEYS: u32 = 40;
+    const VERSIONS: u64 = 15;
+    let producer = {
+        let brokers = brokers.clone();
+        let src = src.clone();
+        tokio::spawn(async move {
+            let p: FutureProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("linger.ms", "0")
+                .create()
+                .unwrap();
+            for v in 1..=VERSIONS {
+                for k in 0..KEYS {
+                    let key = Key::single("pk", AttrValue::s(format!("k{k:04}")));
+                    let payload = encode_change(
+                        &key,
+                        Some(&row(k, i64::try_from(v).unwrap())),
+                        v,
+                        1_700_000_000_000_000,
+                    );
+                    p.send(
+                        FutureRecord::to(&src)
+                            .key(&kafka_key(&key, "pk"))
+                            .payload(&payload),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    let (mut first, addr) = replica("replica-a", jobs_addr, &dir.path().join("a"));
+    let mut client = connect(addr).await;
+    let name = unique_name("eos");
+    let topic = |t: &str| common_pb::DataStore {
+        store: Some(common_pb::data_store::Store::KafkaTopic(
+            common_pb::KafkaTopicRef {
+                topic: t.to_owned(),
+                bootstrap_servers: String::new(),
+            },
+        )),
+    };
+    client
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: name.clone(),
+            spec: Some(pb::PipelineSpec {
+                source: Some(table_ref(&table_name)),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::Kafka(pb::KafkaFeed {
+                        topic: match topic(&src).store {
+                            Some(common_pb::data_store::Store::KafkaTopic(t)) => Some(t),
+                            _ => None,
+                        },
+                        start_position: pb::StartPosition::TrimHorizon as i32,
+                        ..Default::default()
+                    })),
+                }),
+                sinks: vec![pb::Sink {
+                    name: "copy".to_owned(),
+                    store: Some(topic(&dst)),
+                    ..Default::default()
+                }],
+                backfill: Some(pb::BackfillOptions {
+                    mode: pb::BackfillMode::None as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Killed while records flow, then taken over.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    first.kill_9();
+    let (_second, addr) = replica("replica-b", jobs_addr, &dir.path().join("b"));
+    let mut client = connect(addr).await;
+    producer.await.unwrap();
+    client
+        .drain(pb::DrainRequest {
+            name: name.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap();
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dst]).unwrap();
+    let want = usize::try_from(u64::from(KEYS) * VERSIONS).unwrap();
+    let mut seen: BTreeMap<(String, u64), u32> = BTreeMap::new();
+    let mut total = 0;
+    let mut quiet = Duration::from_secs(30);
+    while let Ok(Ok(m)) = tokio::time::timeout(quiet, consumer.recv()).await {
+        let version: u64 = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "tidemark-version"))
+            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+            .expect("a version header");
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        *seen.entry((key, version)).or_insert(0) += 1;
+        total += 1;
+        if total >= want {
+            quiet = Duration::from_secs(3);
+        }
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "records written twice: {twice:?}");
+    assert_eq!(seen.len(), want, "every record once");
+    stop.cancel();
+}

@@ -40,6 +40,9 @@ struct PartitionState {
 
 pub struct KafkaFeed {
     consumer: Arc<StreamConsumer>,
+    /// Set when the records are written by a transactional sink: offsets
+    /// commit in its transactions.
+    transactional: Option<Arc<super::KafkaSink>>,
     topic: String,
     partitions: BTreeMap<i32, PartitionState>,
     undecodable: u64,
@@ -60,7 +63,29 @@ impl KafkaFeed {
         group: &str,
         start: KafkaStart,
     ) -> ConnectorResult<Self> {
-        let consumer: StreamConsumer = ClientConfig::new()
+        Self::subscribe_as(brokers, topic, group, start, None)
+    }
+
+    /// [`Self::subscribe`] as the static member `instance`
+    /// (`group.instance.id`): the next holder of the same instance takes
+    /// its partitions over at once, without waiting for the group to drop
+    /// a member that died without leaving, and without moving the other
+    /// members' partitions.
+    ///
+    /// # Errors
+    /// A client that cannot be created or a subscription refused.
+    pub fn subscribe_as(
+        brokers: &str,
+        topic: &str,
+        group: &str,
+        start: KafkaStart,
+        instance: Option<&str>,
+    ) -> ConnectorResult<Self> {
+        let mut config = ClientConfig::new();
+        if let Some(instance) = instance {
+            config.set("group.instance.id", instance);
+        }
+        let consumer: StreamConsumer = config
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -78,6 +103,7 @@ impl KafkaFeed {
         consumer.subscribe(&[topic]).map_err(|e| kafka_error(&e))?;
         Ok(Self {
             consumer: Arc::new(consumer),
+            transactional: None,
             topic: topic.to_owned(),
             partitions: BTreeMap::new(),
             undecodable: 0,
@@ -85,6 +111,12 @@ impl KafkaFeed {
             watermarks_at: None,
             start,
         })
+    }
+
+    /// Commits offsets in `sink`'s transactions from now on: the records
+    /// written and the offsets read commit together (exactly once).
+    pub fn commit_through(&mut self, sink: Arc<super::KafkaSink>) {
+        self.transactional = Some(sink);
     }
 
     /// Messages skipped because they were not valid change records.
@@ -245,30 +277,52 @@ impl ChangeFeed for KafkaFeed {
     }
 
     async fn commit(&mut self, position: &Position) -> ConnectorResult<()> {
-        let partition: i32 = position
-            .partition
-            .rsplit('/')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| {
-                ConnectorError::invalid(BACKEND, format!("bad partition {:?}", position.partition))
-            })?;
-        let offset: i64 = position.sequence.parse().map_err(|_| {
-            ConnectorError::invalid(BACKEND, format!("bad offset {:?}", position.sequence))
-        })?;
+        self.commit_all(std::slice::from_ref(position)).await
+    }
+
+    /// One commit for the batch: of the consumer, or of the transactional
+    /// sink's transaction with these offsets.
+    async fn commit_all(&mut self, positions: &[Position]) -> ConnectorResult<()> {
         let mut tpl = TopicPartitionList::new();
-        // Kafka's committed offset is the next one to read.
-        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset + 1))
-            .map_err(|e| kafka_error(&e))?;
-        let consumer = Arc::clone(&self.consumer);
-        tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-            .await
-            .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
-            .map_err(|e| kafka_error(&e))?;
-        let state = self.partitions.entry(partition).or_default();
-        state.committed = Some(offset);
-        if state.delivered.is_none_or(|d| d <= offset) {
-            state.oldest_uncommitted_micros = None;
+        let mut done = Vec::with_capacity(positions.len());
+        for position in positions {
+            let partition: i32 = position
+                .partition
+                .rsplit('/')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| {
+                    ConnectorError::invalid(
+                        BACKEND,
+                        format!("bad partition {:?}", position.partition),
+                    )
+                })?;
+            let offset: i64 = position.sequence.parse().map_err(|_| {
+                ConnectorError::invalid(BACKEND, format!("bad offset {:?}", position.sequence))
+            })?;
+            // Kafka's committed offset is the next one to read.
+            tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset + 1))
+                .map_err(|e| kafka_error(&e))?;
+            done.push((partition, offset));
+        }
+        if let Some(sink) = &self.transactional {
+            let group = self.consumer.group_metadata().ok_or_else(|| {
+                ConnectorError::terminal(BACKEND, "the consumer has no group metadata")
+            })?;
+            sink.commit_offsets(tpl, group).await?;
+        } else if !done.is_empty() {
+            let consumer = Arc::clone(&self.consumer);
+            tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+                .await
+                .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
+                .map_err(|e| kafka_error(&e))?;
+        }
+        for (partition, offset) in done {
+            let state = self.partitions.entry(partition).or_default();
+            state.committed = Some(offset);
+            if state.delivered.is_none_or(|d| d <= offset) {
+                state.oldest_uncommitted_micros = None;
+            }
         }
         Ok(())
     }

@@ -20,16 +20,26 @@
 //! bounded map), so a replayed record is answered `Stale` without being
 //! sent again; after a restart a replay is sent again, which readers
 //! applying "newer wins" ignore.
+//!
+//! Read from a Kafka feed, a sink can be transactional
+//! ([`KafkaSink::connect_transactional`]): the records of a batch and the
+//! feed's consumer offsets commit together ([`KafkaSink::commit_offsets`],
+//! which the feed calls instead of committing its offsets itself), so a
+//! `read_committed` reader sees each record once, after a crash too
+//! (read-process-write, exactly once). A new holder of the same
+//! `transactional.id` fences the old one.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::TopicPartitionList;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use serde::{Deserialize, Serialize};
 
 use super::{BACKEND, TopicView, kafka_error};
@@ -50,6 +60,8 @@ pub const JSON_TYPE: &str = "application/json";
 pub const CHANGE_RECORD_TYPE: &str =
     "application/x-protobuf; messageType=tidemark.common.v1.ChangeRecord";
 
+/// How long a transaction's blocking calls may take.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Versions remembered per process before the memory starts over.
 const REMEMBERED: usize = 65_536;
 /// How long librdkafka may take to deliver one message, its retries
@@ -110,8 +122,12 @@ pub struct KafkaSink {
     topic: String,
     schema: KeySchema,
     format: KafkaFormat,
-    /// Versions delivered by this process, by canonical key.
+    /// Versions delivered by this process, by canonical key (not kept by a
+    /// transactional sink: a delivered record of an aborted transaction
+    /// was never written).
     delivered: Mutex<HashMap<String, u64>>,
+    /// Set for a transactional sink: whether a transaction is open.
+    transaction: Option<tokio::sync::Mutex<bool>>,
 }
 
 impl KafkaSink {
@@ -149,7 +165,114 @@ impl KafkaSink {
             schema,
             format,
             delivered: Mutex::default(),
+            transaction: None,
         })
+    }
+
+    /// A sink whose records commit with the offsets of the Kafka feed they
+    /// were read from; `id` is the `transactional.id`, the same for every
+    /// holder of one feed unit, so a new holder fences the last one (and
+    /// aborts what it left open).
+    ///
+    /// # Errors
+    /// A producer that cannot be configured, or brokers that refuse the
+    /// transactional id.
+    pub async fn connect_transactional(
+        brokers: &str,
+        topic: &str,
+        schema: KeySchema,
+        format: KafkaFormat,
+        id: &str,
+    ) -> ConnectorResult<Self> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("transactional.id", id)
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set(
+                "message.timeout.ms",
+                DELIVERY_TIMEOUT.as_millis().to_string(),
+            )
+            .set("allow.auto.create.topics", "false")
+            .create()
+            .map_err(|e| kafka_error(&e))?;
+        let init = producer.clone();
+        tokio::task::spawn_blocking(move || init.init_transactions(TRANSACTION_TIMEOUT))
+            .await
+            .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
+            .map_err(|e| classify(&e))?;
+        Ok(Self {
+            producer,
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+            schema,
+            format,
+            delivered: Mutex::default(),
+            transaction: Some(tokio::sync::Mutex::new(false)),
+        })
+    }
+
+    pub fn is_transactional(&self) -> bool {
+        self.transaction.is_some()
+    }
+
+    /// Opens a transaction unless one is open.
+    async fn begin(&self) -> ConnectorResult<()> {
+        if let Some(open) = &self.transaction {
+            let mut open = open.lock().await;
+            if !*open {
+                self.producer
+                    .begin_transaction()
+                    .map_err(|e| classify(&e))?;
+                *open = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction (or an empty one) with the feed's
+    /// `offsets` (the next offset to read, per partition) for the consumer
+    /// group `group`. On failure the transaction is aborted: the batch's
+    /// records are never seen, and the feed delivers them again.
+    ///
+    /// # Errors
+    /// `Retryable` for a transaction to try again; `Terminal` when this
+    /// producer was fenced by a newer holder of its id.
+    pub async fn commit_offsets(
+        &self,
+        offsets: TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> ConnectorResult<()> {
+        let Some(open) = &self.transaction else {
+            return Err(ConnectorError::invalid(
+                BACKEND,
+                "commit_offsets needs a transactional sink",
+            ));
+        };
+        let mut open = open.lock().await;
+        if !*open {
+            self.producer
+                .begin_transaction()
+                .map_err(|e| classify(&e))?;
+        }
+        *open = false;
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            let sent = if offsets.count() == 0 {
+                Ok(())
+            } else {
+                producer.send_offsets_to_transaction(&offsets, &group, TRANSACTION_TIMEOUT)
+            };
+            let done = sent.and_then(|()| producer.commit_transaction(TRANSACTION_TIMEOUT));
+            if let Err(e) = &done {
+                tracing::warn!(error = %e, "transaction failed: aborted, the batch is read again");
+                let _ = producer.abort_transaction(TRANSACTION_TIMEOUT);
+            }
+            done
+        })
+        .await
+        .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
+        .map_err(|e| classify(&e))
     }
 
     pub fn topic(&self) -> &str {
@@ -304,7 +427,10 @@ fn classify(err: &KafkaError) -> ConnectorError {
             | C::InvalidRecord
             | C::TopicAuthorizationFailed
             | C::UnknownTopicOrPartition
-            | C::UnknownTopic,
+            | C::UnknownTopic
+            | C::ProducerFenced
+            | C::InvalidProducerEpoch
+            | C::TransactionalIdAuthorizationFailed,
         ) => ConnectorError::terminal(BACKEND, err.to_string()),
         _ => kafka_error(err),
     }
@@ -316,8 +442,14 @@ impl Sink for KafkaSink {
         format!("kafka topic {}", self.topic)
     }
 
+    fn ordered(&self) -> bool {
+        true
+    }
+
     #[tracing::instrument(skip_all, fields(topic = %self.topic, records = batch.len()))]
     async fn apply(&self, batch: &[SinkRecord]) -> ConnectorResult<Vec<RecordOutcome>> {
+        self.begin().await?;
+        let remember = !self.is_transactional();
         // Decided in batch order, counting what this batch itself sends.
         let mut sending: HashMap<String, u64> = HashMap::new();
         let mut plan = Vec::with_capacity(batch.len());
@@ -326,7 +458,7 @@ impl Sink for KafkaSink {
             let known = sending
                 .get(&canonical)
                 .copied()
-                .or_else(|| self.remembered(&canonical));
+                .or_else(|| remember.then(|| self.remembered(&canonical)).flatten());
             if known.is_some_and(|v| record.version <= v) {
                 plan.push(None);
                 continue;
@@ -354,7 +486,9 @@ impl Sink for KafkaSink {
             };
             match Self::delivered(delivery).await? {
                 None => {
-                    self.remember(canonical, Some(record.version));
+                    if remember {
+                        self.remember(canonical, Some(record.version));
+                    }
                     outcomes.push(RecordOutcome::Applied);
                 }
                 Some(reason) => outcomes.push(RecordOutcome::Rejected(reason)),

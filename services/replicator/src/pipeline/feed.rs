@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tidemark_connectors::kafka::{KafkaFeed, KafkaStart};
+use std::sync::Arc;
+
+use tidemark_connectors::kafka::{KafkaFeed, KafkaSink, KafkaStart};
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
 use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Item, Key, Position};
 use tidemark_kit::worker::{LeaseError, Progress, UnitLease};
@@ -66,11 +68,15 @@ pub fn feed_report(checkpoint: &[u8]) -> Option<FeedReport> {
     })
 }
 
+/// Opens the feed a unit reads; `transactional` (see
+/// [`transactional_sink`]) commits a Kafka feed's offsets in its
+/// transactions.
 pub async fn open_feed(
     ctx: &Context,
     pipeline: &Pipeline,
     unit_key: &str,
     checkpoint: &FeedCheckpoint,
+    transactional: Option<Arc<KafkaSink>>,
 ) -> Result<Box<dyn ChangeFeed>, UnitFailure> {
     let spec = pipeline.spec.clone().unwrap_or_default();
     let feed = spec.feed.and_then(|f| f.feed);
@@ -114,15 +120,57 @@ pub async fn open_feed(
                 FeedStart::TrimHorizon => KafkaStart::Earliest,
                 FeedStart::Latest => KafkaStart::Latest,
             };
-            Ok(Box::new(KafkaFeed::subscribe(
-                &brokers,
-                &topic.topic,
-                &group,
-                start,
-            )?))
+            // One static member per feed unit: the replica that takes the
+            // unit over takes its partitions at once.
+            let instance = format!("{group}-{unit_key}");
+            let mut feed =
+                KafkaFeed::subscribe_as(&brokers, &topic.topic, &group, start, Some(&instance))?;
+            if let Some(sink) = transactional {
+                feed.commit_through(sink);
+            }
+            Ok(Box::new(feed))
         }
         _ => Err(UnitFailure::terminal("the feed does not match the source")),
     }
+}
+
+/// A pipeline from a Kafka feed into one Kafka sink writes exactly once:
+/// the feed unit's writes and its consumer offsets commit in one
+/// transaction (read-process-write). The sink is opened transactional, with
+/// an id per feed unit, so a new holder of the unit fences the last one.
+/// `None` for every other pipeline (their sinks are idempotent).
+pub async fn transactional_sink(
+    ctx: &Context,
+    pipeline: &Pipeline,
+    unit_key: &str,
+    opened: &Opened,
+) -> Result<Option<Arc<KafkaSink>>, UnitFailure> {
+    let spec = pipeline.spec.clone().unwrap_or_default();
+    let kafka_feed = matches!(
+        spec.feed.as_ref().and_then(|f| f.feed.as_ref()),
+        Some(Feed::Kafka(_))
+    );
+    let [sink] = spec.sinks.as_slice() else {
+        return Ok(None);
+    };
+    let Some(Store::KafkaTopic(topic)) = sink.store.as_ref().and_then(|s| s.store.as_ref()) else {
+        return Ok(None);
+    };
+    if !kafka_feed {
+        return Ok(None);
+    }
+    let brokers = ctx.stores.kafka_brokers(topic)?;
+    let schema = crate::schema::target_schema(&opened.source.schema, &opened.sinks[0].transform);
+    let id = format!("tidemark-{}-{unit_key}", pipeline.name);
+    let sink = KafkaSink::connect_transactional(
+        &brokers,
+        &topic.topic,
+        schema,
+        super::open::kafka_format(sink.kafka_format()),
+        &id,
+    )
+    .await?;
+    Ok(Some(Arc::new(sink)))
 }
 
 /// Checkpoints the feed's position, totals and lag with the unit's
@@ -286,9 +334,8 @@ pub async fn acknowledge(
             *slot = position;
         }
     }
-    for position in last.values() {
-        feed.commit(position).await?;
-    }
+    let positions: Vec<Position> = last.into_values().cloned().collect();
+    feed.commit_all(&positions).await?;
     Ok(())
 }
 

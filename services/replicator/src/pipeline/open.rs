@@ -177,11 +177,19 @@ impl Opened {
             // Writes are conditional on version, so chunks of one poll may be
             // applied concurrently without ever moving a target backwards; the
             // feed is acknowledged only after all of them.
-            let requests: Vec<_> = batch
-                .chunks(SINK_BATCH)
-                .map(|chunk| sink.sink.apply(chunk))
-                .collect();
-            let chunks = futures::future::try_join_all(requests).await?;
+            let chunks = if sink.sink.ordered() {
+                let mut out = Vec::new();
+                for chunk in batch.chunks(SINK_BATCH) {
+                    out.push(sink.sink.apply(chunk).await?);
+                }
+                out
+            } else {
+                let requests: Vec<_> = batch
+                    .chunks(SINK_BATCH)
+                    .map(|chunk| sink.sink.apply(chunk))
+                    .collect();
+                futures::future::try_join_all(requests).await?
+            };
             let outcomes = chunks.into_iter().flatten();
             for ((record, position), outcome) in batch.iter().zip(origin).zip(outcomes) {
                 match outcome {

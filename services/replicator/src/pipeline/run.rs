@@ -23,6 +23,7 @@ use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineState};
 
 use super::feed::{
     FeedState, Polled, acknowledge, changes_of, flush, learn_peers, open_feed, report_progress,
+    transactional_sink,
 };
 use super::open::{Filtered, Opened, SINK_BATCH, SINK_CONCURRENCY, open};
 use super::spec::{
@@ -98,11 +99,23 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         serde_json::from_slice(&claim.unit.checkpoint)
             .map_err(|e| UnitFailure::terminal(format!("unreadable feed checkpoint: {e}")))?
     };
-    let opened = open(&ctx, &pipeline).await?;
+    let mut opened = open(&ctx, &pipeline).await?;
+    // Kafka into Kafka: writes and offsets in one transaction.
+    let transactional = transactional_sink(&ctx, &pipeline, &claim.unit.unit_key, &opened).await?;
+    if let Some(sink) = &transactional {
+        opened.sinks[0].sink = sink.clone();
+    }
     // Old tombstones are purged while this unit runs (stops on drop).
     let _purge = super::purge::start(&ctx, &claim.unit.unit_key, &pipeline, &opened).await;
     let dead = ctx.dead_letters.clone();
-    let mut feed = open_feed(&ctx, &pipeline, &claim.unit.unit_key, &state.feed).await?;
+    let mut feed = open_feed(
+        &ctx,
+        &pipeline,
+        &claim.unit.unit_key,
+        &state.feed,
+        transactional,
+    )
+    .await?;
     let peers: Vec<String> = feed_units(&pipeline)
         .into_iter()
         .filter(|u| u != &claim.unit.unit_key)
@@ -182,6 +195,9 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
                 .as_mut()
                 .expect("a watermark backfill keeps its progress");
             b.emit(&opened, &dead, &pipeline.name, p).await?;
+            // A transactional sink's chunk commits now, not with the next
+            // feed records (which may be long in coming).
+            feed.commit_all(&[]).await?;
             if p.done {
                 backfill = None;
             }
