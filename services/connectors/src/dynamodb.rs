@@ -586,6 +586,9 @@ pub struct DynamoSink {
     table: DynamoTable,
     concurrency: usize,
     origin: Option<String>,
+    /// Where each item's version is kept ([`VERSION_ATTRIBUTE`] unless
+    /// told otherwise).
+    version_attribute: String,
 }
 
 impl DynamoSink {
@@ -594,7 +597,20 @@ impl DynamoSink {
             table,
             concurrency: 16,
             origin: None,
+            version_attribute: VERSION_ATTRIBUTE.to_owned(),
         }
+    }
+
+    /// Keeps each item's version in `name` instead of [`VERSION_ATTRIBUTE`]
+    /// (a table whose own writers use that name: the reverse pipeline of a
+    /// cut-over writes `_tidemark_version` into the old table). Empty: the
+    /// default.
+    #[must_use]
+    pub fn with_version_attribute(mut self, name: &str) -> Self {
+        if !name.is_empty() {
+            name.clone_into(&mut self.version_attribute);
+        }
+        self
     }
 
     /// Marks every write with [`ORIGIN_ATTRIBUTE`] `<origin>@<version>`.
@@ -611,14 +627,14 @@ impl DynamoSink {
                 // writers keep it in `tidemark_version`); any other value
                 // there, or a tombstone marker, would be lost or misread.
                 let own_version = item
-                    .get(VERSION_ATTRIBUTE)
+                    .get(&self.version_attribute)
                     .map(|v| v.as_number().and_then(Number::as_u64));
                 if item.contains_key(DELETED_ATTRIBUTE)
                     || own_version.is_some_and(|v| v != Some(record.version))
                 {
                     return Ok(RecordOutcome::Rejected(format!(
-                        "item uses the reserved attribute {DELETED_ATTRIBUTE}, or {VERSION_ATTRIBUTE} other than the record's version {}",
-                        record.version
+                        "item uses the reserved attribute {DELETED_ATTRIBUTE}, or {} other than the record's version {}",
+                        self.version_attribute, record.version
                     )));
                 }
                 item.clone()
@@ -630,7 +646,7 @@ impl DynamoSink {
             }
         };
         item.extend(record.key.0.clone());
-        item.insert(VERSION_ATTRIBUTE.to_owned(), AttrValue::n(record.version));
+        item.insert(self.version_attribute.clone(), AttrValue::n(record.version));
         match &self.origin {
             Some(origin) => {
                 item.insert(
@@ -644,7 +660,7 @@ impl DynamoSink {
                 item.remove(ORIGIN_ATTRIBUTE);
             }
         }
-        let condition = Predicate::version_below(VERSION_ATTRIBUTE, record.version);
+        let condition = Predicate::version_below(&self.version_attribute, record.version);
         match self.table.put(&item, Some(&condition)).await {
             Ok(()) => Ok(RecordOutcome::Applied),
             Err(ConnectorError::Precondition(_)) => Ok(RecordOutcome::Stale),
@@ -656,9 +672,9 @@ impl DynamoSink {
     }
 }
 
-fn strip_reserved(mut item: Item) -> Option<(u64, Item)> {
+fn strip_reserved(version_attribute: &str, mut item: Item) -> Option<(u64, Item)> {
     let version = item
-        .remove(VERSION_ATTRIBUTE)
+        .remove(version_attribute)
         .and_then(|v| v.as_number().and_then(Number::as_u64))
         .unwrap_or(0);
     item.remove(ORIGIN_ATTRIBUTE);
@@ -683,7 +699,11 @@ impl Sink for DynamoSink {
     }
 
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {
-        Ok(self.table.get(key).await?.and_then(strip_reserved))
+        Ok(self
+            .table
+            .get(key)
+            .await?
+            .and_then(|item| strip_reserved(&self.version_attribute, item)))
     }
 
     async fn purge(&self, keys: &[Key]) -> ConnectorResult<u64> {
@@ -723,7 +743,7 @@ impl Sink for DynamoSink {
                     .schema
                     .key_of(&item)
                     .map_err(|m| ConnectorError::terminal(BACKEND, m))?;
-                if let Some((version, item)) = strip_reserved(item) {
+                if let Some((version, item)) = strip_reserved(&self.version_attribute, item) {
                     fold_digest(&mut out, &key, version, &item);
                 }
             }
@@ -745,7 +765,7 @@ impl Sink for DynamoSink {
                     .schema
                     .key_of(&item)
                     .map_err(|m| ConnectorError::terminal(BACKEND, m))?;
-                if let Some((version, item)) = strip_reserved(item) {
+                if let Some((version, item)) = strip_reserved(&self.version_attribute, item) {
                     visit(key, version, item);
                 }
             }

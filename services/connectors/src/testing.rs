@@ -118,3 +118,41 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32, compacted
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
 }
+
+/// Every message of `topic` a `read_committed` consumer sees, as (message
+/// key, `tidemark-version` header), from the start; it waits up to 30 s for
+/// `expect` of them, then 3 s more for any beyond (a duplicate).
+///
+/// # Panics
+/// A consumer that cannot be created, or a message without the header.
+#[cfg(feature = "kafka")]
+pub async fn read_committed(brokers: &str, topic: &str, expect: usize) -> Vec<(String, u64)> {
+    use rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use rdkafka::message::{Headers as _, Message as _};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique_name("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("a Kafka consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let mut quiet = std::time::Duration::from_secs(30);
+    while let Ok(Ok(m)) = tokio::time::timeout(quiet, consumer.recv()).await {
+        let version = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "tidemark-version"))
+            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+            .expect("a tidemark-version header");
+        out.push((
+            String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            version,
+        ));
+        if out.len() >= expect {
+            quiet = std::time::Duration::from_secs(3);
+        }
+    }
+    out
+}

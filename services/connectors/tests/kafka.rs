@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tidemark_connectors::kafka::{KafkaFeed, KafkaFormat, KafkaSink, KafkaStart};
 use tidemark_connectors::proto::{encode_change, kafka_key};
 use tidemark_connectors::suite;
-use tidemark_connectors::testing::{create_topic, local_env, unique_name};
+use tidemark_connectors::testing::{create_topic, local_env, read_committed, unique_name};
 use tidemark_connectors::{
     AttrValue, ChangeFeed, ChangeKind, ChangeRecord, Item, Key, KeySchema, RecordOutcome,
     Sink as _, SinkOp, SinkRecord,
@@ -292,42 +292,6 @@ async fn change_record_messages_are_a_feed() {
     assert_eq!(last.key, key(9));
 }
 
-/// Every message of `topic` a `read_committed` consumer sees: (key, version).
-async fn committed_messages(topic: &str, expect: usize) -> Vec<(String, u64)> {
-    use rdkafka::consumer::{Consumer as _, StreamConsumer};
-    use rdkafka::message::{Headers as _, Message as _};
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            local_env("TIDEMARK_TEST_KAFKA_BROKERS"),
-        )
-        .set("group.id", unique_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    // Past `expect`, a little longer: anything more would be a duplicate.
-    let mut quiet = Duration::from_secs(30);
-    while let Ok(Ok(m)) = tokio::time::timeout(quiet, consumer.recv()).await {
-        let version = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "tidemark-version"))
-            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-            .unwrap();
-        out.push((
-            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
-            version,
-        ));
-        if out.len() >= expect {
-            quiet = Duration::from_secs(3);
-        }
-    }
-    out
-}
-
 /// Kafka into Kafka in transactions: what a crashed writer left open is
 /// never seen, the feed delivers it again from the offsets committed with
 /// the last transaction, and a `read_committed` reader sees each record
@@ -391,7 +355,7 @@ async fn a_transactional_sink_commits_records_with_the_feed_offsets() {
     feed.commit_all(std::slice::from_ref(&rest[9].position))
         .await
         .unwrap();
-    let mut seen = committed_messages(&dst, 20).await;
+    let mut seen = read_committed(&brokers, &dst, 20).await;
     seen.sort();
     let mut want: Vec<(String, u64)> = first
         .iter()

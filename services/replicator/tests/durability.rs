@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_connectors::kafka::{KafkaFormat, KafkaSink};
-use tidemark_connectors::testing::{create_topic, local_env, unique_name, workspace_root};
+use tidemark_connectors::testing::{
+    create_topic, local_env, read_committed, unique_name, workspace_root,
+};
 use tidemark_connectors::{AttrValue, Item, Key, KeySchema, ScanRequest, Sink, SourceTable};
 use tidemark_kit::config::ServerConfig;
 use tidemark_kit::{CancellationToken, ServiceHost};
@@ -543,8 +545,6 @@ async fn scan(table: &DynamoTable) -> BTreeMap<Key, Item> {
 /// once, whatever the kill left open (read-process-write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_from_kafka_into_kafka_writes_each_record_once() {
-    use rdkafka::consumer::{Consumer as _, StreamConsumer};
-    use rdkafka::message::{Headers as _, Message as _};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use tidemark_connectors::proto::{encode_change, kafka_key};
 
@@ -651,31 +651,10 @@ async fn kill_9_mid_stream_from_kafka_into_kafka_writes_each_record_once() {
         .await
         .unwrap();
 
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", unique_name("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&dst]).unwrap();
     let want = usize::try_from(u64::from(KEYS) * VERSIONS).unwrap();
     let mut seen: BTreeMap<(String, u64), u32> = BTreeMap::new();
-    let mut total = 0;
-    let mut quiet = Duration::from_secs(30);
-    while let Ok(Ok(m)) = tokio::time::timeout(quiet, consumer.recv()).await {
-        let version: u64 = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "tidemark-version"))
-            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-            .expect("a version header");
-        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-        *seen.entry((key, version)).or_insert(0) += 1;
-        total += 1;
-        if total >= want {
-            quiet = Duration::from_secs(3);
-        }
+    for record in read_committed(&brokers, &dst, want).await {
+        *seen.entry(record).or_insert(0) += 1;
     }
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "records written twice: {twice:?}");

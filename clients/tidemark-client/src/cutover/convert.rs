@@ -8,6 +8,9 @@ use tidemark_proto::verifier::v1 as vf;
 use crate::cutover::plan::{CheckChoice, CheckPlan, CutoverPlan, FeedChoice, SinkPlan};
 use crate::spec::{SpecError, proto_duration};
 
+/// Where the reverse pipeline keeps its versions in the old table.
+pub const REVERSE_VERSION_ATTRIBUTE: &str = "_tidemark_version";
+
 impl CutoverPlan {
     /// The pipeline as CreatePipeline takes it.
     ///
@@ -109,6 +112,10 @@ impl CutoverPlan {
                     renames,
                     ..Default::default()
                 }),
+                // Out of the way of the old table's own writers (the
+                // stats-aggregator keeps tidemark_version there) and of
+                // every read: `_tidemark_` attributes are Tidemark's.
+                version_attribute: REVERSE_VERSION_ATTRIBUTE.to_owned(),
                 ..Default::default()
             }],
             backfill: Some(rp::BackfillOptions {

@@ -108,18 +108,11 @@ impl Tidemark {
         }
         let verification = plan.window_verification_spec()?;
         let mut run = Run::new(self, plan, Direction::Rollback, observer);
-        let before = run.route_before().await?;
-        if before.target != jt::RouteTarget::Target as i32 {
-            return Err(SpecError::new(
-                "route",
-                format!(
-                    "{} does not route to TARGET (revision {}): there is nothing to roll back",
-                    plan.route_job(),
-                    before.revision
-                ),
-            )
-            .into());
-        }
+        let before = on_target(
+            plan,
+            run.route_before().await?,
+            "there is nothing to roll back",
+        )?;
         run.report.reverse_pipeline = plan.reverse_pipeline();
         run.pause_writers().await?;
         run.drain().await?;
@@ -146,18 +139,7 @@ impl Tidemark {
     ) -> ClientResult<CutoverReport> {
         plan.validate()?;
         let mut run = Run::new(self, plan, Direction::Forward, observer);
-        let before = run.route_before().await?;
-        if before.target != jt::RouteTarget::Target as i32 {
-            return Err(SpecError::new(
-                "route",
-                format!(
-                    "{} does not route to TARGET (revision {}): run the cut-over first",
-                    plan.route_job(),
-                    before.revision
-                ),
-            )
-            .into());
-        }
+        let before = on_target(plan, run.route_before().await?, "run the cut-over first")?;
         let why = format!(
             "cutover {} complete: the old store is no longer kept current",
             plan.name
@@ -420,6 +402,22 @@ impl Run<'_> {
             Err(_) => Err(self.abort(step, t0, missed(step, deadline))),
         }
     }
+}
+
+/// The route, when it is on TARGET (a cut-over ran); otherwise why not.
+fn on_target(plan: &CutoverPlan, route: jt::Route, otherwise: &str) -> ClientResult<jt::Route> {
+    if route.target == jt::RouteTarget::Target as i32 {
+        return Ok(route);
+    }
+    Err(SpecError::new(
+        "route",
+        format!(
+            "{} does not route to TARGET (revision {}): {otherwise}",
+            plan.route_job(),
+            route.revision
+        ),
+    )
+    .into())
 }
 
 fn missed(step: Step, deadline: Duration) -> String {

@@ -143,19 +143,11 @@ impl KafkaSink {
         schema: KeySchema,
         format: KafkaFormat,
     ) -> ConnectorResult<Self> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let producer: FutureProducer = producer_config(brokers)
             // Acks from every in-sync replica, retries without duplicates
             // or reordering within a partition.
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .set(
-                "message.timeout.ms",
-                DELIVERY_TIMEOUT.as_millis().to_string(),
-            )
-            .set("allow.auto.create.topics", "false")
             .create()
             .map_err(|e| kafka_error(&e))?;
         Ok(Self {
@@ -184,16 +176,9 @@ impl KafkaSink {
         format: KafkaFormat,
         id: &str,
     ) -> ConnectorResult<Self> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        // A transactional producer is idempotent and acks from all.
+        let producer: FutureProducer = producer_config(brokers)
             .set("transactional.id", id)
-            .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .set(
-                "message.timeout.ms",
-                DELIVERY_TIMEOUT.as_millis().to_string(),
-            )
-            .set("allow.auto.create.topics", "false")
             .create()
             .map_err(|e| kafka_error(&e))?;
         let init = producer.clone();
@@ -415,6 +400,21 @@ impl KafkaSink {
             }
         }
     }
+}
+
+/// What every producer of a sink sets.
+fn producer_config(brokers: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set(
+            "message.timeout.ms",
+            DELIVERY_TIMEOUT.as_millis().to_string(),
+        )
+        .set("allow.auto.create.topics", "false");
+    config
 }
 
 /// Refusals of one message (too large, not allowed) are the record's; the

@@ -96,8 +96,15 @@ pub async fn open_sink(
                 .await?
         }
         _ => match stores.sink(&store, &schema, "", transform).await? {
-            SinkHandle::Dynamo(d) if !origin.is_empty() => {
-                Arc::new(d.as_ref().clone().with_origin(origin))
+            SinkHandle::Dynamo(d) if !origin.is_empty() || !s.version_attribute.is_empty() => {
+                let mut d = d
+                    .as_ref()
+                    .clone()
+                    .with_version_attribute(&s.version_attribute);
+                if !origin.is_empty() {
+                    d = d.with_origin(origin);
+                }
+                Arc::new(d)
             }
             other => other.sink(),
         },
@@ -225,25 +232,41 @@ pub fn is_echo(skip_origin: &str, new_image: Option<&Item>, old_image: Option<&I
         && new != marker(old_image)
 }
 
-/// An image read from the `skip_origin` pipeline's DynamoDB sink, as the
-/// application wrote it: that sink's version (unless it is the source's own
-/// version attribute) and marker left out, its tombstone a delete (`None`).
-/// Without `skip_origin`, the image as it is.
+/// Attributes Tidemark keeps in items: origin markers, the touch of a
+/// TOUCH backfill, a reverse sink's version. Never data: the verifier
+/// leaves them out too, and an index refuses them.
+const RESERVED_PREFIX: &str = "_tidemark_";
+/// The first name after every name starting with [`RESERVED_PREFIX`].
+const RESERVED_END: &str = "_tidemark`";
+
+/// An image as the application wrote it: Tidemark's `_tidemark_`
+/// attributes left out. Read from the `skip_origin` pipeline's DynamoDB
+/// sink, that sink's version goes too (unless it is the source's own
+/// version attribute) and its tombstone is a delete (`None`).
 pub fn application_image(
     skip_origin: &str,
     version_attribute: &str,
     image: Option<&Item>,
 ) -> Option<Item> {
     let image = image?;
-    if skip_origin.is_empty() {
+    let reserved = image
+        .range::<str, _>((
+            std::ops::Bound::Included(RESERVED_PREFIX),
+            std::ops::Bound::Excluded(RESERVED_END),
+        ))
+        .next()
+        .is_some();
+    if skip_origin.is_empty() && !reserved {
         return Some(image.clone());
     }
-    if image.contains_key(DELETED_ATTRIBUTE) {
+    if !skip_origin.is_empty() && image.contains_key(DELETED_ATTRIBUTE) {
         return None;
     }
     let mut image = image.clone();
-    image.remove(ORIGIN_ATTRIBUTE);
-    if version_attribute != VERSION_ATTRIBUTE {
+    if reserved {
+        image.retain(|name, _| !name.starts_with(RESERVED_PREFIX));
+    }
+    if !skip_origin.is_empty() && version_attribute != VERSION_ATTRIBUTE {
         image.remove(VERSION_ATTRIBUTE);
     }
     Some(image)
@@ -324,6 +347,13 @@ mod tests {
 
     #[test]
     fn the_other_sinks_bookkeeping_is_left_out_and_its_tombstone_is_a_delete() {
+        let mut reverse_written = marked("rev@2", 1);
+        reverse_written.insert("_tidemark_version".to_owned(), AttrValue::n(2u64));
+        assert_eq!(
+            application_image("rev", "", Some(&reverse_written)),
+            application_image("fwd", "", Some(&marked("fwd@2", 1))),
+            "a reverse sink's version goes too"
+        );
         let clean = application_image("fwd", "", Some(&marked("fwd@2", 1))).unwrap();
         assert_eq!(
             clean,
@@ -335,10 +365,12 @@ mod tests {
         let mut tombstone = marked("fwd@3", 1);
         tombstone.insert(DELETED_ATTRIBUTE.to_owned(), AttrValue::Bool(true));
         assert_eq!(application_image("fwd", "", Some(&tombstone)), None);
-        // Without skip_origin, images are copied as they are.
-        assert_eq!(
-            application_image("", "", Some(&tombstone)),
-            Some(tombstone.clone())
-        );
+        // Without skip_origin, images are copied but for Tidemark's own
+        // attributes (a TOUCH backfill's marker too).
+        let mut touched = tombstone.clone();
+        touched.insert("_tidemark_touch".to_owned(), AttrValue::n(1u64));
+        let mut want = tombstone.clone();
+        want.remove(ORIGIN_ATTRIBUTE);
+        assert_eq!(application_image("", "", Some(&touched)), Some(want));
     }
 }
