@@ -467,16 +467,7 @@ async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode, target: Targ
     writer.await.unwrap();
     let (_third, addr) = replica("replica-c", jobs_addr, &dir.path().join("c"));
     let mut client = connect(addr).await;
-    client
-        .drain(pb::DrainRequest {
-            name: name.clone(),
-            timeout: Some(prost_types::Duration {
-                seconds: 120,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap();
+    drain(&mut client, &name).await;
     // The target equals the table, and no deleted item came back.
     let source = scan(&table).await;
     let mut target = BTreeMap::new();
@@ -492,6 +483,20 @@ async fn kill_9_mid_backfill_and_mid_stream(mode: pb::BackfillMode, target: Targ
     }
     assert_eq!(target.len(), source.len());
     stop.cancel();
+}
+
+/// Drains the pipeline, within 2 minutes.
+async fn drain(client: &mut ReplicatorServiceClient<Channel>, name: &str) {
+    client
+        .drain(pb::DrainRequest {
+            name: name.to_owned(),
+            timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap();
 }
 
 async fn wait_streaming(client: &mut ReplicatorServiceClient<Channel>, name: &str) {
@@ -640,16 +645,7 @@ async fn kill_9_mid_stream_from_kafka_into_kafka_writes_each_record_once() {
     let (_second, addr) = replica("replica-b", jobs_addr, &dir.path().join("b"));
     let mut client = connect(addr).await;
     producer.await.unwrap();
-    client
-        .drain(pb::DrainRequest {
-            name: name.clone(),
-            timeout: Some(prost_types::Duration {
-                seconds: 120,
-                nanos: 0,
-            }),
-        })
-        .await
-        .unwrap();
+    drain(&mut client, &name).await;
 
     let want = usize::try_from(u64::from(KEYS) * VERSIONS).unwrap();
     let mut seen: BTreeMap<(String, u64), u32> = BTreeMap::new();

@@ -175,16 +175,26 @@ async fn counters(table: &DynamoTable) -> BTreeMap<String, i64> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_counters_cut_over_exactly_with_a_measured_writer_pause() {
+/// The old table (the stats-aggregator's, with its stream), the new one
+/// (with a stream when asked) and a control plane flushing every second.
+struct Stage {
+    dynamo: aws_sdk_dynamodb::Client,
+    old_name: String,
+    old_table: DynamoTable,
+    new_name: String,
+    new_table: DynamoTable,
+    plane: tidemark_e2e::ServerHandle,
+}
+
+async fn stage(new_stream: bool) -> Stage {
     let (dynamo, _) = dynamodb_clients().await;
     let schema = KeySchema::new("pk", None);
     let old_name = unique_name("stats-old");
     let new_name = unique_name("stats-new");
-    DynamoTable::create(dynamo.clone(), &old_name, &schema, true)
+    let old_table = DynamoTable::create(dynamo.clone(), &old_name, &schema, true)
         .await
         .expect("create the old table (with its stream)");
-    let new_table = DynamoTable::create(dynamo, &new_name, &schema, false)
+    let new_table = DynamoTable::create(dynamo.clone(), &new_name, &schema, new_stream)
         .await
         .expect("create the new table");
     let plane = spawn_plane(PlaneOptions {
@@ -193,6 +203,25 @@ async fn live_counters_cut_over_exactly_with_a_measured_writer_pause() {
         ..PlaneOptions::default()
     })
     .await;
+    Stage {
+        dynamo,
+        old_name,
+        old_table,
+        new_name,
+        new_table,
+        plane,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_counters_cut_over_exactly_with_a_measured_writer_pause() {
+    let Stage {
+        old_name,
+        new_name,
+        new_table,
+        plane,
+        ..
+    } = stage(false).await;
     let url = plane.url();
     let pipeline = unique_name("counters");
     let dir = tempfile::tempdir().unwrap();
@@ -412,23 +441,15 @@ fn steps_of(report: &serde_json::Value) -> Vec<(String, String)> {
 /// cut over again, `complete` stops the reverse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reversible_cut_over_rolls_back_and_completes_with_no_write_lost() {
-    let (dynamo, _) = dynamodb_clients().await;
-    let schema = KeySchema::new("pk", None);
-    let old_name = unique_name("stats-old");
-    let new_name = unique_name("stats-new");
-    let old_table = DynamoTable::create(dynamo.clone(), &old_name, &schema, true)
-        .await
-        .expect("create the old table (with its stream)");
     // The reverse pipeline follows the new table's stream.
-    let new_table = DynamoTable::create(dynamo.clone(), &new_name, &schema, true)
-        .await
-        .expect("create the new table (with its stream)");
-    let plane = spawn_plane(PlaneOptions {
-        stats_table: Some(old_name.clone()),
-        flush_interval_ms: Some(1_000),
-        ..PlaneOptions::default()
-    })
-    .await;
+    let Stage {
+        dynamo,
+        old_name,
+        old_table,
+        new_name,
+        new_table,
+        plane,
+    } = stage(true).await;
     let url = plane.url();
     let pipeline = unique_name("rev");
     let reverse = format!("{pipeline}-reverse");
