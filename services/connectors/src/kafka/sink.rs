@@ -350,8 +350,9 @@ impl KafkaSink {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
-                    // Serves delivery reports, which frees the queue.
-                    self.producer.poll(Duration::from_millis(10));
+                    // The producer's own thread serves delivery reports,
+                    // which frees the queue; a blocking poll here would
+                    // hold a runtime worker.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((e, _)) => return Err(classify(&e)),

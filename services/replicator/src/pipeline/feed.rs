@@ -4,10 +4,9 @@
 //! acknowledged before every sink has it, invariant 1).
 
 use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tidemark_connectors::kafka::{KafkaFeed, KafkaSink, KafkaStart};
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
 use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Item, Key, Position};
@@ -146,19 +145,18 @@ pub async fn transactional_sink(
     opened: &Opened,
 ) -> Result<Option<Arc<KafkaSink>>, UnitFailure> {
     let spec = pipeline.spec.clone().unwrap_or_default();
-    let kafka_feed = matches!(
+    if !matches!(
         spec.feed.as_ref().and_then(|f| f.feed.as_ref()),
         Some(Feed::Kafka(_))
-    );
+    ) {
+        return Ok(None);
+    }
     let [sink] = spec.sinks.as_slice() else {
         return Ok(None);
     };
     let Some(Store::KafkaTopic(topic)) = sink.store.as_ref().and_then(|s| s.store.as_ref()) else {
         return Ok(None);
     };
-    if !kafka_feed {
-        return Ok(None);
-    }
     let brokers = ctx.stores.kafka_brokers(topic)?;
     let schema = crate::schema::target_schema(&opened.source.schema, &opened.sinks[0].transform);
     let id = format!("tidemark-{}-{unit_key}", pipeline.name);
