@@ -1,7 +1,8 @@
 //! `kill -9` of the replicator (the real binary) in the middle of a live
 //! backfill and again in the middle of streaming: another replica takes the
 //! units over after their leases lapse and resumes from the checkpoints; in
-//! the end the index equals the table, with no deleted item back.
+//! the end the index equals the table, with no deleted item back. Also the
+//! process's own environment: its Elasticsearch credentials.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -65,6 +66,16 @@ fn aws_env() -> Vec<(String, String)> {
 }
 
 fn replica(worker: &str, jobs: SocketAddr, data: &std::path::Path) -> (Replica, SocketAddr) {
+    replica_with(worker, jobs, data, &[])
+}
+
+/// [`replica`] with more environment (`extra` last, so it wins).
+fn replica_with(
+    worker: &str,
+    jobs: SocketAddr,
+    data: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> (Replica, SocketAddr) {
     let addr = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_replicator"));
     cmd.env("TIDEMARK_LISTEN", addr.to_string())
@@ -86,6 +97,7 @@ fn replica(worker: &str, jobs: SocketAddr, data: &std::path::Path) -> (Replica, 
         )
         .env("TIDEMARK_LOG_LEVEL", "warn")
         .envs(aws_env())
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     (Replica(cmd.spawn().expect("start the replicator")), addr)
@@ -655,5 +667,105 @@ async fn kill_9_mid_stream_from_kafka_into_kafka_writes_each_record_once() {
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "records written twice: {twice:?}");
     assert_eq!(seen.len(), want, "every record once");
+    stop.cancel();
+}
+
+/// The replicator reaches Elasticsearch with the credentials of its
+/// environment (an API key here), never with any from a request: the
+/// Authorization header arrives on the wire, on the index probe of a
+/// validate-only CreatePipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elasticsearch_credentials_come_from_the_environment() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // A stand-in cluster that keeps the headers of what it is asked and
+    // answers that no index exists.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let es = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let heard = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let heard = Arc::clone(&heard);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                heard
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (jobs_addr, _jobs, stop) = job_tracker(dir.path()).await;
+    let table_name = unique_name("es-auth");
+    DynamoTable::create(dynamo().await, &table_name, &schema(), true)
+        .await
+        .unwrap();
+    let (_replica, addr) = replica_with(
+        "replica-auth",
+        jobs_addr,
+        &dir.path().join("a"),
+        &[
+            ("TIDEMARK_ELASTICSEARCH_URL", es.as_str()),
+            ("TIDEMARK_ELASTICSEARCH_API_KEY", "aWQ6c2VjcmV0"),
+        ],
+    );
+    let mut client = connect(addr).await;
+    let checked = client
+        .create_pipeline(pb::CreatePipelineRequest {
+            name: unique_name("es-auth"),
+            spec: Some(pb::PipelineSpec {
+                source: Some(table_ref(&table_name)),
+                feed: Some(pb::ChangeFeed {
+                    feed: Some(pb::change_feed::Feed::DynamodbStreams(
+                        pb::DynamoDbStreamsFeed::default(),
+                    )),
+                }),
+                sinks: vec![pb::Sink {
+                    name: "search".to_owned(),
+                    store: Some(common_pb::DataStore {
+                        store: Some(common_pb::data_store::Store::ElasticsearchIndex(
+                            common_pb::ElasticsearchIndexRef {
+                                index: "docs".to_owned(),
+                                endpoint: String::new(),
+                            },
+                        )),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            actor: "test".to_owned(),
+            validate_only: true,
+        })
+        .await;
+    let requests = seen.lock().unwrap().clone();
+    assert!(!requests.is_empty(), "the index was probed: {checked:?}");
+    // Half a pair is bad configuration: the process does not start.
+    let status = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .env("TIDEMARK_LISTEN", free_port().to_string())
+        .env("TIDEMARK_JOB_TRACKER_URL", format!("http://{jobs_addr}"))
+        .env("TIDEMARK_ELASTICSEARCH_USERNAME", "elastic")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(64), "{status:?}");
+    for r in &requests {
+        assert!(
+            r.lines()
+                .any(|l| l.eq_ignore_ascii_case("authorization: ApiKey aWQ6c2VjcmV0")),
+            "{r}"
+        );
+    }
     stop.cancel();
 }

@@ -109,6 +109,10 @@ impl ServiceConfig for Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         check_url("job_tracker_url", &self.job_tracker_url)?;
+        // Read from the environment when an index is opened; a bad pair
+        // stops the process at start rather than failing every sink.
+        tidemark_connectors::elasticsearch::Credentials::from_env()
+            .map_err(|e| ConfigError::invalid("elasticsearch credentials", e.to_string()))?;
         check_url("replicator_url", &self.replicator_url)?;
         for (field, url) in [
             ("aws_endpoint", &self.aws_endpoint),

@@ -17,8 +17,13 @@ impl ElasticsearchSink {
         schema: KeySchema,
     ) -> ConnectorResult<Self> {
         let base = endpoint_url(base_url)?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(auth) = Credentials::from_env()?.header() {
+            headers.insert(reqwest::header::AUTHORIZATION, auth);
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
+            .default_headers(headers)
             .build()
             .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?;
         Ok(Self {
@@ -71,6 +76,77 @@ impl ElasticsearchSink {
             .pop_if_empty()
             .extend(segments);
         Ok(url)
+    }
+}
+
+/// The API key of the cluster, as Elasticsearch returns it (the `encoded`
+/// field: base64 of `id:api_key`), sent as `Authorization: ApiKey ...`.
+pub const API_KEY_ENV: &str = "TIDEMARK_ELASTICSEARCH_API_KEY";
+/// A user and password for basic authentication (both, or neither).
+pub const USERNAME_ENV: &str = "TIDEMARK_ELASTICSEARCH_USERNAME";
+pub const PASSWORD_ENV: &str = "TIDEMARK_ELASTICSEARCH_PASSWORD";
+
+/// How a process authenticates to Elasticsearch: from its environment,
+/// never from a request (credentials are not part of the API).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Credentials {
+    #[default]
+    None,
+    ApiKey(String),
+    Basic {
+        username: String,
+        password: String,
+    },
+}
+
+impl Credentials {
+    /// The process's credentials: [`API_KEY_ENV`], or [`USERNAME_ENV`]
+    /// and [`PASSWORD_ENV`], or none.
+    ///
+    /// # Errors
+    /// Both kinds set, or a user without a password (or the reverse).
+    pub fn from_env() -> ConnectorResult<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self::from_values(var(API_KEY_ENV), var(USERNAME_ENV), var(PASSWORD_ENV))
+            .map_err(|m| ConnectorError::invalid(BACKEND, m))
+    }
+
+    /// [`Self::from_env`] over given values.
+    ///
+    /// # Errors
+    /// What is wrong with the combination, naming the variables.
+    pub fn from_values(
+        api_key: Option<String>,
+        username: Option<String>,
+        password: Option<String>,
+    ) -> Result<Self, String> {
+        match (api_key, username, password) {
+            (None, None, None) => Ok(Self::None),
+            (Some(key), None, None) => Ok(Self::ApiKey(key)),
+            (None, Some(username), Some(password)) => Ok(Self::Basic { username, password }),
+            (Some(_), _, _) => Err(format!(
+                "set either {API_KEY_ENV} or {USERNAME_ENV} and {PASSWORD_ENV}, not both"
+            )),
+            (None, _, _) => Err(format!(
+                "{USERNAME_ENV} and {PASSWORD_ENV} go together: set both or neither"
+            )),
+        }
+    }
+
+    /// The `Authorization` header, marked sensitive (kept out of logs).
+    pub fn header(&self) -> Option<reqwest::header::HeaderValue> {
+        use base64::Engine as _;
+        let text = match self {
+            Self::None => return None,
+            Self::ApiKey(key) => format!("ApiKey {key}"),
+            Self::Basic { username, password } => format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+            ),
+        };
+        let mut value = reqwest::header::HeaderValue::from_str(&text).ok()?;
+        value.set_sensitive(true);
+        Some(value)
     }
 }
 
@@ -135,6 +211,30 @@ pub(super) fn status_error(status: reqwest::StatusCode, text: &str) -> Connector
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_an_api_key_or_a_user_and_password() {
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            Credentials::from_values(None, None, None),
+            Ok(Credentials::None)
+        );
+        assert_eq!(Credentials::None.header(), None);
+        let key = Credentials::from_values(some("aWQ6a2V5"), None, None).unwrap();
+        let header = key.header().unwrap();
+        assert_eq!(header.to_str().unwrap(), "ApiKey aWQ6a2V5");
+        assert!(header.is_sensitive(), "kept out of logs");
+        let basic = Credentials::from_values(None, some("elastic"), some("s3cret")).unwrap();
+        // base64("elastic:s3cret")
+        assert_eq!(
+            basic.header().unwrap().to_str().unwrap(),
+            "Basic ZWxhc3RpYzpzM2NyZXQ="
+        );
+        let both = Credentials::from_values(some("k"), some("u"), some("p")).unwrap_err();
+        assert!(both.contains("not both"), "{both}");
+        let half = Credentials::from_values(None, some("u"), None).unwrap_err();
+        assert!(half.contains("go together"), "{half}");
+    }
 
     /// A URL that parses but has no path to put `_bulk` below (`mailto:`,
     /// `data:`) used to panic in `url`; it is now invalid input naming the

@@ -63,6 +63,7 @@ use crate::transform::Template;
 use crate::value::{Item, Key, KeySchema};
 
 pub use alias::backing_index;
+pub use client::{API_KEY_ENV, Credentials, PASSWORD_ENV, USERNAME_ENV};
 pub use document::{bulk_lines, bulk_lines_as, to_plain_json};
 pub use ids::{check_key_template, document_id_in};
 
