@@ -17,7 +17,7 @@ use crate::ops::state_name;
 use crate::spec::{proto_duration, std_duration};
 
 /// Runs one step under its deadline; the error is the reason in words.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     step: Step,
     deadline: Duration,
     fut: impl Future<Output = ClientResult<T>>,

@@ -15,7 +15,7 @@ use tonic::Code;
 use crate::connect::Tidemark;
 use crate::cutover::plan::{CutoverPlan, Step};
 use crate::cutover::report::{CutoverEvent, CutoverReport, StepOutcome};
-use crate::cutover::run::{Direction, Run, describe_error, verdict_name};
+use crate::cutover::run::{Direction, Run, bounded, describe_error, verdict_name};
 use crate::error::{ClientError, ClientResult};
 use crate::ops::state_name;
 use crate::spec::SpecError;
@@ -306,23 +306,26 @@ impl Run<'_> {
             reason: why.to_owned(),
         };
         let mut svc = self.client.replicator();
-        let paused = tokio::time::timeout(deadline, svc.pause_pipeline(req)).await;
+        // Ok(false): there is no reverse pipeline to stop.
+        let paused = bounded(step, deadline, async {
+            match svc.pause_pipeline(req).await {
+                Ok(_) => Ok(true),
+                Err(s) if s.code() == Code::NotFound => Ok(false),
+                Err(s) => Err(s.into()),
+            }
+        })
+        .await;
         match paused {
-            Ok(Ok(_)) => {
+            Ok(true) => {
                 self.finish(step, t0, StepOutcome::Done, format!("{name} paused"));
                 Ok(())
             }
-            Ok(Err(s)) if s.code() == Code::NotFound => {
-                self.finish(
-                    step,
-                    t0,
-                    StepOutcome::Skipped,
-                    format!("{name} does not exist"),
-                );
+            Ok(false) => {
+                let detail = format!("{name} does not exist");
+                self.finish(step, t0, StepOutcome::Skipped, detail);
                 Ok(())
             }
-            Ok(Err(s)) => Err(self.abort(step, t0, describe_error(&s.into()))),
-            Err(_) => Err(self.abort(step, t0, missed(step, deadline))),
+            Err(reason) => Err(self.abort(step, t0, reason)),
         }
     }
 
@@ -332,74 +335,73 @@ impl Run<'_> {
         let (t0, deadline) = self.start(step);
         let name = self.plan.window_job();
         let client = self.client;
-        let ended = tokio::time::timeout(deadline, async {
-            let job = client
-                .jobs()
-                .get_job(jt::GetJobRequest { name: name.clone() })
-                .await?
-                .into_inner()
-                .job
-                .unwrap_or_default();
-            let Some(mut schedule) = job.schedule.clone() else {
-                return Ok::<_, ClientError>(false);
-            };
-            let now = SystemTime::now();
-            // A window already over keeps its end.
-            let over = schedule
-                .end_time
-                .as_ref()
-                .is_some_and(|e| seconds_until(e) <= 0.0);
-            if over {
-                return Ok(false);
-            }
-            let start = schedule.start_time;
-            schedule.end_time = Some(now.into());
-            if start.as_ref().is_some_and(|s| seconds_until(s) > 0.0) {
-                schedule.start_time = Some(now.into());
-            }
-            client
-                .jobs()
-                .update_job(jt::UpdateJobRequest {
-                    job: Some(jt::Job {
-                        schedule: Some(schedule),
-                        ..job.clone()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["schedule".to_owned()],
-                    }),
-                    expected_revision: job.revision,
-                    actor: self.plan.actor.clone(),
-                })
-                .await?;
-            Ok(true)
-        })
+        // Some(false): the window was already over; None: no window job.
+        // Boxed: two job-tracker calls make a large future.
+        let ended = bounded(
+            step,
+            deadline,
+            Box::pin(async {
+                let job = match client
+                    .jobs()
+                    .get_job(jt::GetJobRequest { name: name.clone() })
+                    .await
+                {
+                    Ok(r) => r.into_inner().job.unwrap_or_default(),
+                    Err(s) if s.code() == Code::NotFound => return Ok(None),
+                    Err(s) => return Err(s.into()),
+                };
+                let Some(mut schedule) = job.schedule.clone() else {
+                    return Ok(Some(false));
+                };
+                let now = SystemTime::now();
+                // A window already over keeps its end.
+                let over = schedule
+                    .end_time
+                    .as_ref()
+                    .is_some_and(|e| seconds_until(e) <= 0.0);
+                if over {
+                    return Ok(Some(false));
+                }
+                let start = schedule.start_time;
+                schedule.end_time = Some(now.into());
+                if start.as_ref().is_some_and(|s| seconds_until(s) > 0.0) {
+                    schedule.start_time = Some(now.into());
+                }
+                client
+                    .jobs()
+                    .update_job(jt::UpdateJobRequest {
+                        job: Some(jt::Job {
+                            schedule: Some(schedule),
+                            ..job.clone()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["schedule".to_owned()],
+                        }),
+                        expected_revision: job.revision,
+                        actor: self.plan.actor.clone(),
+                    })
+                    .await?;
+                Ok(Some(true))
+            }),
+        )
         .await;
         match ended {
-            Ok(Ok(true)) => {
+            Ok(Some(true)) => {
                 let detail = format!("{name}: no verification falls due after now ({why})");
                 self.finish(step, t0, StepOutcome::Done, detail);
                 Ok(())
             }
-            Ok(Ok(false)) => {
-                self.finish(
-                    step,
-                    t0,
-                    StepOutcome::Skipped,
-                    format!("{name}: window already over"),
-                );
+            Ok(Some(false)) => {
+                let detail = format!("{name}: window already over");
+                self.finish(step, t0, StepOutcome::Skipped, detail);
                 Ok(())
             }
-            Ok(Err(e)) if not_found(&e) => {
-                self.finish(
-                    step,
-                    t0,
-                    StepOutcome::Skipped,
-                    format!("{name} does not exist"),
-                );
+            Ok(None) => {
+                let detail = format!("{name} does not exist");
+                self.finish(step, t0, StepOutcome::Skipped, detail);
                 Ok(())
             }
-            Ok(Err(e)) => Err(self.abort(step, t0, describe_error(&e))),
-            Err(_) => Err(self.abort(step, t0, missed(step, deadline))),
+            Err(reason) => Err(self.abort(step, t0, reason)),
         }
     }
 }
@@ -418,12 +420,4 @@ fn on_target(plan: &CutoverPlan, route: jt::Route, otherwise: &str) -> ClientRes
         ),
     )
     .into())
-}
-
-fn missed(step: Step, deadline: Duration) -> String {
-    format!(
-        "missed its deadline of {}s (deadlines.{} in the plan)",
-        deadline.as_secs(),
-        step.deadline_key()
-    )
 }

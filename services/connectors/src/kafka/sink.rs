@@ -150,15 +150,26 @@ impl KafkaSink {
             .set("acks", "all")
             .create()
             .map_err(|e| kafka_error(&e))?;
-        Ok(Self {
+        Ok(Self::with(producer, brokers, topic, schema, format, None))
+    }
+
+    fn with(
+        producer: FutureProducer,
+        brokers: &str,
+        topic: &str,
+        schema: KeySchema,
+        format: KafkaFormat,
+        transaction: Option<tokio::sync::Mutex<bool>>,
+    ) -> Self {
+        Self {
             producer,
             brokers: brokers.to_owned(),
             topic: topic.to_owned(),
             schema,
             format,
             delivered: Mutex::default(),
-            transaction: None,
-        })
+            transaction,
+        }
     }
 
     /// A sink whose records commit with the offsets of the Kafka feed they
@@ -186,15 +197,8 @@ impl KafkaSink {
             .await
             .map_err(|e| ConnectorError::terminal(BACKEND, e.to_string()))?
             .map_err(|e| classify(&e))?;
-        Ok(Self {
-            producer,
-            brokers: brokers.to_owned(),
-            topic: topic.to_owned(),
-            schema,
-            format,
-            delivered: Mutex::default(),
-            transaction: Some(tokio::sync::Mutex::new(false)),
-        })
+        let open = Some(tokio::sync::Mutex::new(false));
+        Ok(Self::with(producer, brokers, topic, schema, format, open))
     }
 
     pub fn is_transactional(&self) -> bool {
