@@ -10,6 +10,7 @@ pub mod replicator;
 pub mod scale;
 pub mod soak;
 pub mod stats_aggregator;
+pub mod stats_memory;
 pub mod throttling;
 pub mod verifier;
 
@@ -26,12 +27,14 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
 }
 
 /// Runs too long for `all`, each run by its name: the soak (10 minutes),
-/// the scale curve (up to 5M items) and the replica counts.
+/// the scale curve (up to 5M items), the replica counts and the
+/// stats-aggregator's dedup memory (two 10-minute windows).
 pub fn long() -> Vec<Box<dyn Benchmark>> {
     vec![
         Box::new(soak::Soak),
         Box::new(scale::Scale),
         Box::new(replicator::replicas::Replicas),
+        Box::new(stats_memory::StatsMemory),
     ]
 }
 

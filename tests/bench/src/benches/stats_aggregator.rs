@@ -99,7 +99,7 @@ fn buffer_event(stream: usize, n: u64) -> BufferEvent {
 
 /// Removes every key under `prefix` (SCAN + UNLINK: the buffer holds
 /// millions of dedup ids after a run).
-async fn cleanup(prefix: &str) -> anyhow::Result<()> {
+pub(crate) async fn cleanup(prefix: &str) -> anyhow::Result<()> {
     let client = redis::Client::open(local_env("TIDEMARK_TEST_REDIS_URL"))?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let mut cursor: u64 = 0;

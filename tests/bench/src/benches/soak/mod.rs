@@ -7,7 +7,7 @@
 //! (flat: nothing grows with the requests served).
 
 mod mix;
-mod sample;
+pub mod sample;
 
 use std::path::Path;
 use std::time::Duration;
@@ -50,7 +50,7 @@ impl Benchmark for Soak {
             .iter()
             .map(|p| Ok((p.name.clone(), p.pid().context("a process is down")?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let sampler = sample::Sampler::spawn(pids, every);
+        let sampler = sample::Sampler::spawn("soak".to_owned(), pids, every);
         let results = mix::run(fixture, RATE, duration).await?;
         let samples = sampler.stop().await?;
         for p in &mut plane {

@@ -25,9 +25,10 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn spawn(pids: Vec<(String, u32)>, every: Duration) -> Self {
+    /// Samples `pids` every `every`, each line printed under `label`.
+    pub fn spawn(label: String, pids: Vec<(String, u32)>, every: Duration) -> Self {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(sample_until(pids, every, stop.clone()));
+        let task = tokio::spawn(sample_until(label, pids, every, stop.clone()));
         Self { stop, task }
     }
 
@@ -38,6 +39,7 @@ impl Sampler {
 }
 
 async fn sample_until(
+    label: String,
     pids: Vec<(String, u32)>,
     every: Duration,
     stop: CancellationToken,
@@ -51,7 +53,7 @@ async fn sample_until(
             _ = tick.tick() => {}
         }
         let at = started.elapsed();
-        let mut line = format!("soak {:>4} s:", at.as_secs());
+        let mut line = format!("{label} {:>4} s:", at.as_secs());
         for ((name, pid), (_, samples)) in pids.iter().zip(&mut series) {
             let s = read(*pid, at).with_context(|| format!("sample {name} (pid {pid})"))?;
             line.push_str(&format!(
