@@ -60,6 +60,9 @@ pub enum Command {
     /// The stats-aggregator: ingest events, read counters, pause writers.
     #[command(subcommand)]
     Stats(stats::StatsCommand),
+    /// Each service's gRPC health (grpc.health.v1, as the readiness probes
+    /// ask): exit 0 when every one asked is SERVING.
+    Health(crate::health::HealthArgs),
     /// Print a shell completion script to stdout, e.g. `tidemark
     /// completions bash > /etc/bash_completion.d/tidemark`.
     Completions {

@@ -21,6 +21,7 @@ pub mod cutover;
 pub mod dev;
 pub mod docs;
 pub mod error;
+pub mod health;
 pub mod jobs;
 pub mod output;
 pub mod progress;

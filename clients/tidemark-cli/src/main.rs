@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use tidemark_cli::cli::{Cli, Command};
 use tidemark_cli::error::{CliResult, EXIT_CONFIG, report};
-use tidemark_cli::{cutover, dev, docs, jobs, replicate, stats, target, verify, work};
-use tidemark_client::{Options, Tidemark};
+use tidemark_cli::{cutover, dev, docs, health, jobs, replicate, stats, target, verify, work};
+use tidemark_client::{Options, Tidemark, is_traceparent, new_traceparent};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,8 +31,14 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return report(&e.into(), "the configured endpoints"),
     };
+    // One trace for the command's calls: TRACEPARENT when the caller (a
+    // script, a CI job) has one, else a new one.
+    let traceparent = env("TRACEPARENT")
+        .filter(|t| is_traceparent(t))
+        .unwrap_or_else(new_traceparent);
     let options = match target.options(&Options {
         timeout: cli.call_timeout,
+        traceparent: Some(traceparent),
         ..Options::default()
     }) {
         Ok(o) => o,
@@ -64,6 +70,7 @@ fn main() -> ExitCode {
             Command::Cutover(a) => cutover::run(&client, a, out).await,
             Command::Verify(a) => verify::run(&client, a, out).await,
             Command::Stats(c) => stats::run(&client, c, out).await,
+            Command::Health(a) => health::run(&client, a, out).await,
         }
     });
     match result {

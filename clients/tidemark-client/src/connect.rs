@@ -15,6 +15,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::error::{ClientError, ClientResult};
 
@@ -43,6 +46,17 @@ impl Service {
             Self::Replicator => "replicator",
             Self::Verifier => "verifier",
             Self::StatsAggregator => "stats-aggregator",
+        }
+    }
+
+    /// The gRPC service's full name, as `grpc.health.v1` and the
+    /// Kubernetes readiness probes ask for it.
+    pub fn grpc_name(self) -> &'static str {
+        match self {
+            Self::JobTracker => "tidemark.job_tracker.v1.JobTrackerService",
+            Self::Replicator => "tidemark.replicator.v1.ReplicatorService",
+            Self::Verifier => "tidemark.verifier.v1.VerifierService",
+            Self::StatsAggregator => "tidemark.stats_aggregator.v1.StatsAggregatorService",
         }
     }
 }
@@ -102,6 +116,34 @@ pub struct Options {
     /// The name the server's certificate is checked against, when it differs
     /// from the endpoint's host (e.g. connecting by IP address).
     pub tls_domain: Option<String>,
+    /// W3C trace context sent with every call (`traceparent`), so the
+    /// services' spans and log lines for this client's calls share its
+    /// trace id. Unset: none is sent (each call starts a trace of its own).
+    /// [`new_traceparent`] makes one for a command.
+    pub traceparent: Option<String>,
+}
+
+/// A fresh W3C `traceparent` (version 00, sampled): a random trace id and
+/// parent span id, for one client command's calls.
+pub fn new_traceparent() -> String {
+    let trace: u128 = rand::random::<u128>().max(1);
+    let span: u64 = rand::random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
+/// Whether `value` is a `traceparent` the services can continue: version
+/// 00, a 32-hex trace id and a 16-hex parent id (neither all zeros), and
+/// 2-hex flags.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    matches!(parts.as_slice(), [v, t, p, f]
+        if *v == "00" && hex(t, 32) && hex(p, 16) && hex(f, 2)
+            && t.bytes().any(|b| b != b'0') && p.bytes().any(|b| b != b'0'))
 }
 
 impl Default for Options {
@@ -115,22 +157,27 @@ impl Default for Options {
             max_attempts: 5,
             tls_ca_pem: None,
             tls_domain: None,
+            traceparent: None,
         }
     }
 }
 
-/// Adds the bearer token to every request, and the default deadline to
-/// those that carry none.
+/// Adds the bearer token and the trace context to every request, and the
+/// default deadline to those that carry none.
 #[derive(Clone)]
 pub struct Auth {
     header: Option<MetadataValue<Ascii>>,
     timeout: Duration,
+    traceparent: Option<MetadataValue<Ascii>>,
 }
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(h) = &self.header {
             request.metadata_mut().insert("authorization", h.clone());
+        }
+        if let Some(t) = &self.traceparent {
+            request.metadata_mut().insert("traceparent", t.clone());
         }
         // A deadline per request rather than on the channel: streams and
         // drains ask for longer ones, and a channel-wide timeout would cap
@@ -197,6 +244,11 @@ impl Tidemark {
             auth: Auth {
                 header,
                 timeout: options.timeout,
+                traceparent: options
+                    .traceparent
+                    .as_deref()
+                    .filter(|t| is_traceparent(t))
+                    .and_then(|t| t.parse().ok()),
             },
             options,
         })
@@ -237,6 +289,24 @@ impl Tidemark {
 
     pub fn verifier(&self) -> VerifierServiceClient<Svc> {
         VerifierServiceClient::with_interceptor(self.channel(Service::Verifier), self.auth.clone())
+    }
+
+    /// `service`'s `grpc.health.v1` status at its endpoint, as the
+    /// readiness probes ask: `SERVING` when it can do its work (its
+    /// backends reachable), `NOT_SERVING` when not or while shutting down.
+    ///
+    /// # Errors
+    /// When the endpoint cannot be reached or does not serve the health
+    /// service.
+    pub async fn health(&self, service: Service) -> ClientResult<ServingStatus> {
+        let mut client = HealthClient::with_interceptor(self.channel(service), self.auth.clone());
+        let reply = client
+            .check(HealthCheckRequest {
+                service: service.grpc_name().to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(ServingStatus::try_from(reply.status).unwrap_or(ServingStatus::Unknown))
     }
 
     /// Runs an idempotent call, retrying `UNAVAILABLE` with jittered

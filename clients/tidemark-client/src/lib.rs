@@ -13,7 +13,7 @@ mod error;
 mod ops;
 pub mod spec;
 
-pub use connect::{Auth, Endpoints, Options, Service, Tidemark};
+pub use connect::{Auth, Endpoints, Options, Service, Tidemark, is_traceparent, new_traceparent};
 pub use cutover::{
     CutoverError, CutoverEvent, CutoverPlan, CutoverReport, LastVerification, Precondition, Step,
     StepOutcome, StepRecord, WindowStatus, verdict_name,
@@ -21,3 +21,4 @@ pub use cutover::{
 pub use error::{ClientError, ClientResult};
 pub use ops::{RunOutcome, is_terminal, state_name};
 pub use spec::{SpecError, StoreSpec};
+pub use tonic_health::pb::health_check_response::ServingStatus;
