@@ -412,15 +412,10 @@ impl From<KitError> for ServiceError {
     }
 }
 
-/// The trace id of the current span when traces are exported, so a log line
-/// and the caller's trace meet.
+/// The trace id of the current span, so a log line and the caller's
+/// trace meet.
 fn current_trace_id() -> Option<String> {
-    use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let context = tracing::Span::current().context();
-    let span = context.span();
-    let id = span.span_context().trace_id();
-    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
+    crate::trace_context::current_trace_id()
 }
 
 /// The most of a status message (and of each violation's description) sent

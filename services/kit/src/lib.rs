@@ -16,6 +16,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod timeout;
+pub mod trace_context;
 pub mod worker;
 
 pub use config::{ConfigError, ServerConfig, ServerFlags, ServiceConfig};

@@ -94,6 +94,8 @@ impl Metrics {
     }
 
     fn record(&self, rpc: &str, code: &str, seconds: f64) {
+        // In the RPC's span: with its trace id in a JSON log.
+        tracing::debug!(rpc, code, seconds, "rpc answered");
         self.requests
             .get_or_create(&RpcLabels {
                 rpc: rpc.to_owned(),

@@ -172,8 +172,12 @@ impl ServiceHost {
         // The request timeout is the stack's (below), which knows the RPCs
         // allowed longer; tonic's own would cut those too. A client's
         // `grpc-timeout` is still honoured by tonic.
-        let mut builder =
-            Server::builder().trace_fn(|req| tracing::info_span!("rpc", rpc = %req.uri().path()));
+        // Each RPC's span continues the caller's trace (`traceparent`).
+        let mut builder = Server::builder().trace_fn(|req| {
+            let span = tracing::info_span!("rpc", rpc = %req.uri().path());
+            crate::trace_context::adopt_parent(&span, req.headers());
+            span
+        });
         if let (Some(cert), Some(key)) = (&self.config.tls_cert, &self.config.tls_key) {
             install_crypto_provider();
             let identity =

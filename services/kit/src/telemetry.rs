@@ -1,10 +1,14 @@
-//! Logs and traces: JSON (or text) logs through `tracing`, and OTLP trace
-//! export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! Logs and traces: JSON (or text) logs through `tracing`, every span an
+//! OpenTelemetry span (so its trace continues across services: see
+//! `trace_context`), every JSON line with its trace and span ids
+//! (`openTelemetry: {traceId, spanId}`), and OTLP trace export when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{FilterExt as _, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -45,38 +49,51 @@ pub fn init(
 ) -> KitResult<Telemetry> {
     let filter = EnvFilter::try_new(level).map_err(|e| KitError::Telemetry(e.to_string()))?;
     let fmt = match format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
+        LogFormat::Json => json_subscriber::fmt::layer()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
+            .with_opentelemetry_ids(true)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer().compact().boxed(),
     };
-    let (otel, provider) = match otlp_endpoint.filter(|e| !e.is_empty()) {
+    // Spans get trace and span ids whether or not they are exported: the
+    // ids go into the logs and into outgoing calls either way.
+    let mut provider = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(service_name).build());
+    let exporting = match otlp_endpoint.filter(|e| !e.is_empty()) {
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint)
                 .build()
                 .map_err(|e| KitError::Telemetry(e.to_string()))?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(Resource::builder().with_service_name(service_name).build())
-                .build();
-            let layer = tracing_opentelemetry::layer()
-                .with_tracer(provider.tracer(service_name))
-                .boxed();
-            (Some(layer), Some(provider))
+            provider = provider.with_batch_exporter(exporter);
+            true
         }
-        None => (None, None),
+        None => false,
     };
+    let provider = provider.build();
+    // Spans at INFO and above (each RPC's, each unit's) whatever the log
+    // level, so traces cross services even when only warnings are logged;
+    // no events: they are the logs' (a long span would otherwise keep
+    // every event it saw until it closes).
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service_name))
+        .with_filter(filter_fn(|meta| {
+            meta.is_span() && *meta.level() <= tracing::Level::INFO
+        }));
+    // The logs see the spans the traces do, whatever the log level, so a
+    // warning inside an RPC still names the RPC's trace and span.
+    let filter = filter.or(filter_fn(|meta| {
+        meta.is_span() && *meta.level() <= tracing::Level::INFO
+    }));
     let installed = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()
         .is_ok();
     Ok(Telemetry {
-        provider: if installed { provider } else { None },
+        provider: (installed && exporting).then_some(provider),
     })
 }

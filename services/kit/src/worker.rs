@@ -42,6 +42,7 @@ impl tonic::service::Interceptor for BearerToken {
         if let Some(h) = &self.0 {
             request.metadata_mut().insert("authorization", h.clone());
         }
+        crate::trace_context::inject(request.metadata_mut());
         Ok(request)
     }
 }

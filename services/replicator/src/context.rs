@@ -25,6 +25,7 @@ pub struct Context {
     pub stores: Stores,
     pub jobs: JobTracker,
     pub dead_letters: crate::dead_letters::DeadLetters,
+    pub metrics: crate::metrics::ReplicatorMetrics,
 }
 
 /// Why a unit stopped before completing.

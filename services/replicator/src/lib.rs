@@ -9,6 +9,7 @@ mod dead_letters;
 mod error;
 mod extract;
 mod jobs;
+pub mod metrics;
 mod migrate;
 mod pipeline;
 mod schema;
@@ -82,6 +83,7 @@ pub async fn register_with(
         stores,
         jobs: jobs.clone(),
         dead_letters: dead_letters::DeadLetters::new(dead_table),
+        metrics: metrics::ReplicatorMetrics::register(&host.metrics()),
     };
     let mut options = WorkerOptions::new(
         config.worker_id.clone(),

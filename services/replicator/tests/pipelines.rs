@@ -315,6 +315,43 @@ async fn live_backfill_and_stream_into_elasticsearch_lose_nothing_and_resurrect_
         "{dead:?}"
     );
     assert!(!dead[0].reason.is_empty() && dead[0].sink_name == "search");
+    // The metrics a scraper reads say the same: the dead letter, what the
+    // sink applied (and its bytes), and the lag of the shards followed.
+    let text = plane.scrape().await;
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{line_start} missing from:\n{text}"))
+    };
+    let labels = format!("pipeline=\"{name}\",sink=\"search\"");
+    assert_eq!(
+        value(&format!(
+            "tidemark_replicator_dead_letters_total{{{labels}}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        value(&format!(
+            "tidemark_replicator_records_total{{{labels},outcome=\"dead_lettered\"}}"
+        )),
+        1.0
+    );
+    let applied = value(&format!(
+        "tidemark_replicator_records_total{{{labels},outcome=\"applied\"}}"
+    ));
+    assert!(
+        applied >= (source.len() - 1) as f64,
+        "{applied} applied, {} documents in the index",
+        source.len() - 1
+    );
+    assert!(value(&format!("tidemark_replicator_bytes_total{{{labels}}}")) > applied * 10.0);
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!(
+            "tidemark_replicator_lag_seconds{{pipeline=\"{name}\",shard="
+        ))),
+        "no lag series for {name}:\n{text}"
+    );
     // A delete after the backfill (a TTL expiry) removes the document.
     table.delete(&key("post", "d000"), None).await.unwrap();
     drain(&mut plane, &name).await;

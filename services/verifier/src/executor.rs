@@ -276,6 +276,7 @@ async fn finish(
         tracing::warn!(error = %e, "cannot complete the verification unit");
         return;
     }
+    state.metrics.finished(&report);
     // The run's result is the stored report too: the full one may be over
     // the job-tracker's size cap, and a refused CompleteRun would leave the
     // run RUNNING.

@@ -14,6 +14,7 @@
 mod checks;
 pub mod drill;
 mod executor;
+pub mod metrics;
 pub mod mismatches;
 mod replicator;
 mod service;
@@ -216,6 +217,7 @@ pub(crate) struct State {
     pub live: Mutex<HashMap<String, Arc<Mutex<Live>>>>,
     pub limits: drill::DrillLimits,
     pub mismatches: mismatches::MismatchStore,
+    pub metrics: metrics::VerifierMetrics,
 }
 
 /// The `VerifierService` implementation.
@@ -289,6 +291,7 @@ pub async fn register_with(
             max_kept: config.max_mismatches_kept,
         },
         mismatches: mismatches::MismatchStore::new(mismatch_table),
+        metrics: metrics::VerifierMetrics::register(&host.metrics()),
     });
     host.add_service(VerifierServiceServer::new(Verifier {
         state: state.clone(),

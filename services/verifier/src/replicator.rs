@@ -13,7 +13,8 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-/// Adds the bearer token, when configured, to every call.
+/// Adds the bearer token, when configured, and the trace context to every
+/// call.
 #[derive(Clone, Debug, Default)]
 pub struct Auth(Option<MetadataValue<Ascii>>);
 
@@ -22,6 +23,7 @@ impl tonic::service::Interceptor for Auth {
         if let Some(h) = &self.0 {
             request.metadata_mut().insert("authorization", h.clone());
         }
+        tidemark_kit::trace_context::inject(request.metadata_mut());
         Ok(request)
     }
 }

@@ -14,3 +14,4 @@ mod problem5_incremental_extract;
 mod python_client;
 mod rpc_fuzz;
 mod tls;
+mod trace;

@@ -16,6 +16,7 @@ use tidemark_proto::replicator::v1::{self as rp, KafkaMessageFormat, Pipeline};
 use super::spec::DEFAULT_WATERMARK_PREFIX;
 use crate::context::{Context, UnitFailure};
 use crate::dead_letters::DeadLetters;
+use crate::metrics::{ReplicatorMetrics, SinkTotals, record_bytes};
 use crate::stores::{OpenTable, SinkHandle, Stores};
 
 /// Records per sink request, and sink requests in flight per poll.
@@ -37,6 +38,8 @@ pub struct Opened {
     pub watermark_prefix: String,
     /// `PipelineSpec.skip_origin`.
     pub skip_origin: String,
+    /// What each sink wrote is counted here (`crate::metrics`).
+    pub metrics: ReplicatorMetrics,
 }
 
 /// Opens what a pipeline reads and writes.
@@ -72,6 +75,7 @@ pub async fn open(ctx: &Context, pipeline: &Pipeline) -> Result<Opened, UnitFail
         version_attribute: spec.version_attribute,
         watermark_prefix,
         skip_origin: spec.skip_origin,
+        metrics: ctx.metrics.clone(),
     })
 }
 
@@ -198,17 +202,25 @@ impl Opened {
                 futures::future::try_join_all(requests).await?
             };
             let outcomes = chunks.into_iter().flatten();
+            let mut this = SinkTotals::default();
             for ((record, position), outcome) in batch.iter().zip(origin).zip(outcomes) {
                 match outcome {
-                    RecordOutcome::Applied => totals.0 += 1,
-                    RecordOutcome::Stale => totals.1 += 1,
+                    RecordOutcome::Applied => {
+                        this.applied += 1;
+                        this.bytes += record_bytes(record);
+                    }
+                    RecordOutcome::Stale => this.stale += 1,
                     RecordOutcome::Rejected(reason) => {
                         dead.add(pipeline, &sink.name, record, position, &reason)
                             .await?;
-                        totals.2 += 1;
+                        this.dead_lettered += 1;
                     }
                 }
             }
+            self.metrics.wrote(pipeline, &sink.name, &this);
+            totals.0 += this.applied;
+            totals.1 += this.stale;
+            totals.2 += this.dead_lettered;
         }
         Ok(totals)
     }

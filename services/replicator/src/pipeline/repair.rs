@@ -92,6 +92,7 @@ async fn rewrite(
         version_attribute: opened.version_attribute.clone(),
         watermark_prefix: opened.watermark_prefix.clone(),
         skip_origin: opened.skip_origin.clone(),
+        metrics: opened.metrics.clone(),
     };
     let mut rewritten = 0;
     let mut deleted = 0;

@@ -32,6 +32,7 @@ use super::spec::{
 };
 use super::watermark;
 use crate::context::{Context, UnitFailure, segment_of};
+use crate::metrics::LagSeries;
 
 /// How often a feed unit sharing its feed reads the others' progress.
 const PEERS_EVERY: Duration = Duration::from_secs(2);
@@ -129,6 +130,7 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
     // source's read time hides behind the sink's write time. One batch is
     // written at a time, and acknowledged only once every sink has it.
     let mut pending = Polled::default();
+    let mut lag_series = LagSeries::new(&opened.metrics, &pipeline.name);
     loop {
         if lease.lost().is_cancelled() {
             return Err(UnitFailure::LeaseLost);
@@ -207,6 +209,9 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         // REPORT_EVERY, busy or idle (Drain wants fresh observations).
         let report = (caught_up && !was_caught_up) || last_report.elapsed() >= REPORT_EVERY;
         was_caught_up = caught_up;
+        if report {
+            lag_series.update(&feed.lag());
+        }
         if dirty && report {
             report_progress(&lease, feed.as_mut(), &mut state, caught_up).await?;
             last_report = Instant::now();

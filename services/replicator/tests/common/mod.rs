@@ -19,6 +19,23 @@ pub struct Plane {
     pub stop: CancellationToken,
     pub jobs: JobTrackerServiceClient<Channel>,
     pub replicator: ReplicatorServiceClient<Channel>,
+    /// Where `GET /metrics` is served.
+    pub metrics: std::net::SocketAddr,
+}
+
+impl Plane {
+    /// The Prometheus exposition, as a scraper reads it.
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        body
+    }
 }
 
 impl Drop for Plane {
@@ -40,8 +57,13 @@ pub async fn plane(tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
 pub async fn plane_in(dir: &std::path::Path, tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let server = ServerConfig {
         listen: addr,
+        metrics_listen: Some(metrics),
         ..ServerConfig::default()
     };
     let stop = CancellationToken::new();
@@ -78,6 +100,7 @@ pub async fn plane_in(dir: &std::path::Path, tweak: impl FnOnce(&mut replicator:
         stop,
         jobs: JobTrackerServiceClient::new(channel.clone()),
         replicator: ReplicatorServiceClient::new(channel),
+        metrics,
     }
 }
 
