@@ -29,7 +29,12 @@ async fn one_trace_id_runs_from_the_cli_through_the_replicator_to_the_job_tracke
     let mut dev = tokio::process::Command::new(&bin)
         .args(["dev", "--listen", &addr.to_string(), "--data-dir"])
         .arg(dir.path().join("data"))
-        .args(["--log-format", "json", "--log-level", "warn,tidemark_kit::metrics=debug"])
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            "warn,tidemark_kit::metrics=debug",
+        ])
         .env_remove("TIDEMARK_TOKEN")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
