@@ -31,6 +31,7 @@ CORE_KINDS = {
     ("apps/v1", "Deployment"),
     ("policy/v1", "PodDisruptionBudget"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 }
 # Mesh kinds the overlays use: no Kubernetes schema; references checked here.
 MESH_KINDS = {
@@ -143,7 +144,7 @@ def check(root, rendered):
 
         if c.get("command") != [svc]:
             problem(where, f"command {c.get('command')} is not [{svc!r}]")
-        if f"-p {svc}" not in dockerfile or f"target/release/{svc}" not in dockerfile:
+        if f"-p {svc}" not in dockerfile or f"target/dist/{svc}" not in dockerfile:
             problem(where, f"deploy/Dockerfile does not build and copy the {svc} binary")
 
         env = env_of(c, configmaps, where)
@@ -260,6 +261,40 @@ def check(root, rendered):
             sel = pdb["spec"]["selector"]["matchLabels"]
             if not any(sel.items() <= d["spec"]["template"]["metadata"]["labels"].items() for d in deployments.values()):
                 problem(label, f"{kind}/{name} selects no Deployment's pods")
+    for name, policy in by_kind.get("NetworkPolicy", {}).items():
+        sel = policy["spec"]["podSelector"].get("matchLabels", {})
+        selected = [
+            d for d in deployments.values()
+            if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        if not selected:
+            problem(label, f"NetworkPolicy/{name} selects no Deployment's pods")
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                for d in selected:
+                    names = {
+                        p.get("name")
+                        for c in d["spec"]["template"]["spec"]["containers"]
+                        for p in c.get("ports", [])
+                    }
+                    if isinstance(port["port"], str) and port["port"] not in names:
+                        problem(label, f"NetworkPolicy/{name} allows port {port['port']}, which Deployment/{d['metadata']['name']} does not name")
+    if deployments and not by_kind.get("NetworkPolicy"):
+        problem(label, "no NetworkPolicy: the base's default deny of ingress is missing")
+    version = re.search(
+        r'^\[workspace\.package\][^\[]*?^version\s*=\s*"([^"]+)"',
+        (root / "Cargo.toml").read_text(),
+        re.M | re.S,
+    )
+    for d in deployments.values():
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            image = c["image"]
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+            if version and tag != version.group(1):
+                problem(
+                    label,
+                    f"Deployment/{d['metadata']['name']} runs image {image}: pin the tag to the release, {version.group(1)} (the workspace version)",
+                )
     for name, hpa in by_kind.get("HorizontalPodAutoscaler", {}).items():
         target = deployments.get(hpa["spec"]["scaleTargetRef"]["name"])
         if target is None:

@@ -9,6 +9,7 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -47,15 +48,37 @@ pub fn init(
     level: &str,
     otlp_endpoint: Option<&str>,
 ) -> KitResult<Telemetry> {
+    init_with_writer(service_name, format, level, otlp_endpoint, std::io::stdout)
+}
+
+/// [`init`] writing the log lines to `writer` (a benchmark's sink, a
+/// test's buffer) instead of stdout.
+///
+/// # Errors
+/// When the OTLP exporter cannot be built from its settings.
+pub fn init_with_writer<W>(
+    service_name: &'static str,
+    format: LogFormat,
+    level: &str,
+    otlp_endpoint: Option<&str>,
+    writer: W,
+) -> KitResult<Telemetry>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = EnvFilter::try_new(level).map_err(|e| KitError::Telemetry(e.to_string()))?;
     let fmt = match format {
         LogFormat::Json => json_subscriber::fmt::layer()
+            .with_writer(writer)
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .with_opentelemetry_ids(true)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().compact().boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .compact()
+            .boxed(),
     };
     // Spans get trace and span ids whether or not they are exported: the
     // ids go into the logs and into outgoing calls either way.

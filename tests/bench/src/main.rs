@@ -10,9 +10,6 @@ use clap::builder::PossibleValuesParser;
 use tidemark_bench::framework::fmt_num;
 use tidemark_bench::machine::RunInfo;
 use tidemark_bench::{Benchmark, Context, Report, benches, results};
-use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// Every figure is a ratio against a raw baseline measured in the same run.
 #[derive(Debug, Parser)]
@@ -53,19 +50,19 @@ fn workspace_root() -> PathBuf {
     root.canonicalize().unwrap_or(root)
 }
 
-/// Like the kit's telemetry (JSON, `info`), but written to a sink: the
+/// The kit's telemetry (JSON at `info`, every span an OpenTelemetry span
+/// with its ids in the lines, as a deployed service), written to a sink: the
 /// per-RPC spans cost what they cost in a deployed service, and nothing
 /// lands between the figures.
 fn install_subscriber() {
-    let layer = tracing_subscriber::fmt::layer()
-        .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_span_list(false)
-        .with_writer(std::io::sink)
-        .with_filter(EnvFilter::new("info"));
     // Ignored if something installed one already: then that one is used.
-    let _ = tracing_subscriber::registry().with(layer).try_init();
+    let _ = tidemark_kit::telemetry::init_with_writer(
+        "tidemark-bench",
+        tidemark_kit::config::LogFormat::Json,
+        "info",
+        None,
+        std::io::sink,
+    );
 }
 
 fn print_report(report: &Report) {

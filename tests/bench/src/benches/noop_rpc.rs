@@ -337,8 +337,9 @@ fn report(ctx: &Context, closed: &Rounds, open: &Rounds, counted: u64) -> Report
         ));
     }
     notes.push(if tracing::dispatcher::has_been_set() {
-        "A tracing subscriber like the kit's (JSON at `info`, written to a sink) was \
-         installed, so the per-RPC span is live as in a deployed service."
+        "The kit's tracing subscriber (JSON at `info`, written to a sink; every span an \
+         OpenTelemetry span with its trace and span ids, the caller's traceparent \
+         adopted) was installed, so the per-RPC span is live as in a deployed service."
             .to_owned()
     } else {
         "No tracing subscriber was installed: the per-RPC span cost nothing.".to_owned()
