@@ -7,7 +7,7 @@
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::filter::{FilterExt as _, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -96,6 +96,12 @@ where
         }
         None => false,
     };
+    if !exporting {
+        // Nothing is exported: spans keep their (valid) ids for the logs
+        // and the outgoing `traceparent`, but none is recorded, which
+        // would cost every RPC the building of a span nobody reads.
+        provider = provider.with_sampler(Sampler::AlwaysOff);
+    }
     let provider = provider.build();
     // Spans at INFO and above (each RPC's, each unit's) whatever the log
     // level, so traces cross services even when only warnings are logged;
