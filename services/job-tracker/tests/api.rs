@@ -471,17 +471,9 @@ async fn watch_routes_sends_a_snapshot_then_changes() {
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    tidemark_kit::metrics::scrape(addr)
         .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
+        .unwrap_or_default()
 }
 
 #[tokio::test]

@@ -137,6 +137,23 @@ impl Metrics {
     }
 }
 
+/// Reads `GET /metrics` from `addr` as a scraper does (the raw HTTP/1.1
+/// response, headers included): for tests and tools checking what a
+/// service exposes.
+///
+/// # Errors
+/// When the endpoint cannot be reached or the read fails.
+pub async fn scrape(addr: SocketAddr) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
 /// Tower layer recording every RPC into [`Metrics`].
 #[derive(Clone)]
 pub struct MetricsLayer {

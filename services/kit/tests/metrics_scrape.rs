@@ -66,18 +66,6 @@ async fn call(channel: Channel, millis: u64) -> tonic::Code {
     }
 }
 
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -126,7 +114,7 @@ async fn shed_timed_out_and_cancelled_calls_are_scraped_by_grpc_code() {
 
     let mut text = String::new();
     for _ in 0..50 {
-        text = scrape(metrics_addr).await;
+        text = tidemark_kit::metrics::scrape(metrics_addr).await.unwrap();
         if text.contains("CANCELLED") {
             break;
         }

@@ -26,15 +26,7 @@ pub struct Plane {
 impl Plane {
     /// The Prometheus exposition, as a scraper reads it.
     pub async fn scrape(&self) -> String {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
-        body
+        tidemark_kit::metrics::scrape(self.metrics).await.unwrap()
     }
 }
 
