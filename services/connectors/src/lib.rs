@@ -10,6 +10,7 @@
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod capacity;
+pub mod deadline;
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
 #[cfg(feature = "elasticsearch")]

@@ -61,6 +61,19 @@ const MAX_OBJECT_KEY: usize = 1024;
 const CONDITIONAL_ATTEMPTS: usize = 16;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
+/// `client` without the SDK's own retries: the sink's calls retry in
+/// [`retry`], the only loop, so a call makes at most its policy's attempts
+/// (with the SDK's three inside each of eight, it made 24).
+pub fn own_retries(client: &Client) -> Client {
+    Client::from_conf(
+        client
+            .config()
+            .to_builder()
+            .retry_config(aws_smithy_types::retry::RetryConfig::disabled())
+            .build(),
+    )
+}
+
 /// Maps an S3 SDK error to a [`ConnectorError`]: S3's own codes first, then
 /// the shared AWS classification.
 pub fn classify<E>(err: &SdkError<E, HttpResponse>) -> ConnectorError
@@ -155,18 +168,29 @@ impl S3Sink {
     /// A sink over `bucket` under the unit prefix `prefix` (e.g.
     /// `courses/c-17/`). A non-empty prefix not ending in `/` gets one, so
     /// unit `c-1` never covers the objects of unit `c-17`.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the sink takes the client as the other sinks do; it keeps a copy without the SDK's retries"
+    )]
     pub fn new(client: Client, bucket: impl Into<String>, prefix: &str) -> Self {
         let mut prefix = prefix.to_owned();
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
         Self {
-            client,
+            client: own_retries(&client),
             bucket: bucket.into(),
             prefix,
             concurrency: 16,
             retry: RetryPolicy::default(),
         }
+    }
+
+    /// The sink with `policy` for its calls' retries instead of the default.
+    #[must_use]
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
     }
 
     pub fn bucket(&self) -> &str {
@@ -702,8 +726,64 @@ impl Sink for S3Sink {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
     use crate::value::AttrValue;
+
+    /// An S3 endpoint that answers every request `503 SlowDown`, counting
+    /// them.
+    async fn slow_down_endpoint() -> (String, Arc<AtomicU32>) {
+        let seen = Arc::new(AtomicU32::new(0));
+        let counter = seen.clone();
+        let app = axum::Router::new().fallback(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    [("content-type", "application/xml")],
+                    "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[tokio::test]
+    async fn a_call_makes_its_policys_attempts_not_the_sdks_inside_each() {
+        let (endpoint, seen) = slow_down_endpoint().await;
+        // A client as an application would build it: the SDK's standard
+        // retries (three attempts) on.
+        let client = Client::from_conf(
+            aws_sdk_s3::Config::builder()
+                .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+                .region(aws_sdk_s3::config::Region::new("us-east-1"))
+                .endpoint_url(&endpoint)
+                .force_path_style(true)
+                .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    "test", "test", None, None, "test",
+                ))
+                .retry_config(aws_smithy_types::retry::RetryConfig::standard().with_max_attempts(3))
+                .build(),
+        );
+        let sink = S3Sink::new(client, "bucket", "p/").with_retry(RetryPolicy {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+        });
+        let err = sink.count().await.unwrap_err();
+        assert!(err.is_retryable(), "SlowDown is retryable: {err}");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            8,
+            "one request per attempt of the policy"
+        );
+    }
 
     #[test]
     fn object_keys_are_url_safe_and_reversible() {

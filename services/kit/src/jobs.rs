@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use prost::Message;
-use tidemark_connectors::retry::RetryPolicy;
+use tidemark_connectors::retry::{RetryPolicy, retry_when};
 use tidemark_proto::job_tracker::v1 as jpb;
 use tonic::{Code, Status};
 
@@ -107,8 +107,9 @@ impl JobTracker {
     }
 
     /// Runs `call` again while the job-tracker cannot be reached (a restart,
-    /// a lost connection, a timed-out call), with jittered backoff. Only for
-    /// calls that are safe to repeat.
+    /// a lost connection, a timed-out call), with jittered backoff, within
+    /// the deadline of the RPC being served. Only for calls that are safe to
+    /// repeat.
     pub(crate) async fn retried<Req, T, F, Fut>(
         &self,
         what: &'static str,
@@ -120,20 +121,16 @@ impl JobTracker {
         F: Fn(JobTrackerClient, Req) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let mut attempt = 0;
-        loop {
-            // Boxed: a generated call future is large, and callers nest these.
-            match Box::pin(call(self.raw.clone(), request.clone())).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if transient(&s) && attempt + 1 < self.retry.max_attempts => {
-                    let delay = self.retry.delay(attempt);
-                    tracing::debug!(what, attempt, error = %s, "job-tracker unavailable; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(s) => return Err(s),
-            }
-        }
+        // Boxed: a generated call future is large, and callers nest these.
+        retry_when(
+            &self.retry,
+            what,
+            || Box::pin(call(self.raw.clone(), request.clone())),
+            transient,
+            |_| None,
+        )
+        .await
+        .map(tonic::Response::into_inner)
     }
 
     /// Creates `job` unless it exists with the same definition (then the

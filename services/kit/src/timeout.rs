@@ -3,6 +3,10 @@
 //! hour and a `ClaimUnit` may wait a minute for work, and tonic's
 //! server-wide timeout cancelled both after `request_timeout_ms` (30 s).
 //! A client's own deadline (`grpc-timeout`) still applies to every RPC.
+//!
+//! The sooner of the two is the RPC's deadline, set around its handler
+//! ([`tidemark_connectors::deadline`]): the calls it makes downstream carry
+//! what is left of it, and its retries stop before it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -66,7 +70,9 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let limit = self.layer.limit(req.uri().path());
-        let call = self.inner.call(req);
+        let deadline = tokio::time::Instant::now()
+            + grpc_timeout(req.headers()).map_or(limit, |asked| asked.min(limit));
+        let call = tidemark_connectors::deadline::within(deadline, self.inner.call(req));
         Box::pin(async move {
             match tokio::time::timeout(limit, call).await {
                 Ok(answer) => answer,
@@ -78,6 +84,26 @@ where
             }
         })
     }
+}
+
+/// The caller's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit
+/// of `H`, `M`, `S`, `m`, `u` or `n`); `None` when absent or malformed.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -113,5 +139,51 @@ mod tests {
         assert!(message.contains("100"), "{message}");
         let waited = service.oneshot(request("/p.S/Drain")).await.unwrap();
         assert_eq!(status(&waited), None, "answered by the service itself");
+    }
+
+    #[tokio::test]
+    async fn the_handler_sees_the_sooner_of_the_callers_deadline_and_the_servers() {
+        let layer = TimeoutLayer::new(Duration::from_secs(30), HashMap::new());
+        let service = layer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            let left = tidemark_connectors::deadline::remaining().expect("a deadline is set");
+            let mut response = http::Response::new(());
+            response
+                .headers_mut()
+                .insert("left-ms", left.as_millis().to_string().parse().unwrap());
+            Ok::<_, std::convert::Infallible>(response)
+        }));
+        let left = |response: http::Response<()>| -> u128 {
+            response.headers()["left-ms"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let mut asked = request("/p.S/Get");
+        asked
+            .headers_mut()
+            .insert("grpc-timeout", "500m".parse().unwrap());
+        let answered = left(service.clone().oneshot(asked).await.unwrap());
+        assert!((400..=500).contains(&answered), "{answered} ms");
+        let answered = left(service.oneshot(request("/p.S/Get")).await.unwrap());
+        assert!((29_000..=30_000).contains(&answered), "{answered} ms");
+    }
+
+    #[test]
+    fn grpc_timeout_values_parse_as_the_spec_writes_them() {
+        let parse = |v: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&headers)
+        };
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "123456789S", "1x", "-1S", "1.5S"] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
     }
 }

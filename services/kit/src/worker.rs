@@ -28,12 +28,41 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
+use tower::util::MapErr;
 
 /// The job-tracker as seen by a worker: a lazily connected channel with the
 /// bearer token on every call.
-pub type JobTrackerClient = JobTrackerServiceClient<InterceptedService<Channel, BearerToken>>;
+pub type JobTrackerClient =
+    JobTrackerServiceClient<InterceptedService<MapErr<Channel, NameTimeout>, BearerToken>>;
 
-/// Adds `authorization: Bearer <token>` to outgoing calls when configured.
+type NameTimeout = fn(tonic::transport::Error) -> Status;
+
+/// A call that its deadline ended on this side is `DEADLINE_EXCEEDED`, as
+/// the job-tracker itself would have answered, not the `CANCELLED` tonic
+/// reports it as (which no caller would retry or recognise).
+fn name_timeout(error: tonic::transport::Error) -> Status {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return Status::deadline_exceeded(
+                "the job-tracker did not answer within the call's deadline",
+            );
+        }
+        source = e.source();
+    }
+    Status::from_error(Box::new(error))
+}
+
+/// The deadline of a call to the job-tracker made outside any RPC (a
+/// worker's heartbeat, checkpoint or claim) that sets none of its own: the
+/// job-tracker's own request timeout, past which it gives up anyway.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Adds `authorization: Bearer <token>` to outgoing calls when configured,
+/// the caller's trace, and the call's deadline as `grpc-timeout` (which
+/// tonic's channel also enforces on this side): what is left of the RPC
+/// being served ([`tidemark_connectors::deadline`]), else the request's
+/// own, else [`DEFAULT_CALL_TIMEOUT`].
 #[derive(Clone, Debug, Default)]
 pub struct BearerToken(Option<MetadataValue<Ascii>>);
 
@@ -43,6 +72,18 @@ impl tonic::service::Interceptor for BearerToken {
             request.metadata_mut().insert("authorization", h.clone());
         }
         crate::trace_context::inject(request.metadata_mut());
+        match tidemark_connectors::deadline::remaining() {
+            Some(left) if left.is_zero() => {
+                return Err(Status::deadline_exceeded(
+                    "the deadline of the RPC being served passed before the job-tracker was called",
+                ));
+            }
+            Some(left) => request.set_timeout(left),
+            None if !request.metadata().contains_key("grpc-timeout") => {
+                request.set_timeout(DEFAULT_CALL_TIMEOUT);
+            }
+            None => {}
+        }
         Ok(request)
     }
 }
@@ -55,7 +96,8 @@ pub fn job_tracker_client(url: &str, token: Option<&str>) -> Result<JobTrackerCl
     let endpoint = Endpoint::from_str(url)
         .map_err(|e| format!("bad job-tracker URL {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(90))
+        // No channel-wide timeout: each call carries its own deadline
+        // (`BearerToken`).
         // A connection that stops answering (a node gone from the network,
         // a hung proxy) is found out by its pings within 4 s and replaced,
         // rather than holding every call, heartbeats included, until TCP
@@ -69,7 +111,7 @@ pub fn job_tracker_client(url: &str, token: Option<&str>) -> Result<JobTrackerCl
         .transpose()
         .map_err(|_| "the auth token cannot be sent in a header".to_owned())?;
     Ok(JobTrackerServiceClient::with_interceptor(
-        endpoint.connect_lazy(),
+        MapErr::new(endpoint.connect_lazy(), name_timeout as NameTimeout),
         BearerToken(header),
     ))
 }
@@ -564,6 +606,9 @@ pub async fn run_worker(
         // The lease runs from before the claim was sent: the job-tracker may
         // have started it any time after.
         let claimed_at = tokio::time::Instant::now();
+        // The claim may wait `poll_wait` for work before it answers.
+        let mut request = Request::new(request);
+        request.set_timeout(options.poll_wait + DEFAULT_CALL_TIMEOUT);
         let claimed = tokio::select! {
             () = shutdown.cancelled() => break,
             r = claimer.claim_unit(request) => r,

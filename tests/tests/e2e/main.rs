@@ -3,6 +3,7 @@
 
 mod auth;
 mod cli_targets;
+mod deadlines;
 mod error_table;
 mod foundation;
 mod jobs_cli;
