@@ -225,13 +225,8 @@ impl ElasticsearchSink {
         let mut url = self.url(&["_reindex"])?;
         url.set_query(Some("refresh=true&wait_for_completion=true"));
         let response = self
-            .http
-            .post(url)
-            .timeout(REINDEX_TIMEOUT)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| super::client::request_error(&e))?;
+            .send(self.http.post(url).timeout(REINDEX_TIMEOUT).json(&body))
+            .await?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         let answer: Value = serde_json::from_str(&text).unwrap_or_default();

@@ -78,13 +78,13 @@ impl ElasticsearchSink {
         // vanished must fail the write, not become a plain index.
         url.set_query(Some("require_alias=true"));
         let response = self
-            .http
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| request_error(&e))?;
+            .send(
+                self.http
+                    .post(url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+                    .body(body),
+            )
+            .await?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(|e| request_error(&e))?;
         if !status.is_success() {

@@ -16,11 +16,27 @@ impl ElasticsearchSink {
         index: &str,
         schema: KeySchema,
     ) -> ConnectorResult<Self> {
+        Self::unopened_as(base_url, index, schema, &Credentials::from_env()?)
+    }
+
+    /// [`Self::unopened`] with `credentials` instead of the environment's.
+    pub(super) fn unopened_as(
+        base_url: &str,
+        index: &str,
+        schema: KeySchema,
+        credentials: &Credentials,
+    ) -> ConnectorResult<Self> {
         let base = endpoint_url(base_url)?;
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(auth) = Credentials::from_env()?.header() {
+        if let Some(auth) = credentials.header() {
             headers.insert(reqwest::header::AUTHORIZATION, auth);
         }
+        let signer = match credentials {
+            Credentials::AwsSigV4 { service, region } => Some(std::sync::Arc::new(
+                super::sigv4::Signer::new(service, region.as_deref()),
+            )),
+            _ => None,
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .default_headers(headers)
@@ -36,7 +52,26 @@ impl ElasticsearchSink {
             ensured: std::sync::Arc::default(),
             properties: std::sync::Arc::default(),
             retry: RetryPolicy::default(),
+            signer,
         })
+    }
+
+    /// Sends `request` once, signed first when the sink signs (SigV4).
+    ///
+    /// # Errors
+    /// The request could not be built, signed or sent.
+    pub(super) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> ConnectorResult<reqwest::Response> {
+        let mut request = request.build().map_err(|e| request_error(&e))?;
+        if let Some(signer) = &self.signer {
+            signer.sign(&mut request).await?;
+        }
+        self.http
+            .execute(request)
+            .await
+            .map_err(|e| request_error(&e))
     }
 
     /// Sends a request (a JSON body when given) under the retry policy:
@@ -54,7 +89,7 @@ impl ElasticsearchSink {
             if let Some(body) = body {
                 request = request.json(body);
             }
-            let response = request.send().await.map_err(|e| request_error(&e))?;
+            let response = self.send(request).await?;
             let status = response.status();
             let text = response.text().await.map_err(|e| request_error(&e))?;
             if status.as_u16() == 429 || status.is_server_error() {
@@ -85,6 +120,12 @@ pub const API_KEY_ENV: &str = "TIDEMARK_ELASTICSEARCH_API_KEY";
 /// A user and password for basic authentication (both, or neither).
 pub const USERNAME_ENV: &str = "TIDEMARK_ELASTICSEARCH_USERNAME";
 pub const PASSWORD_ENV: &str = "TIDEMARK_ELASTICSEARCH_PASSWORD";
+/// Sign every request with AWS SigV4 for this service: `es` for an Amazon
+/// OpenSearch Service domain, `aoss` for OpenSearch Serverless. The
+/// credentials are the AWS SDK's default chain.
+pub const SIGV4_ENV: &str = "TIDEMARK_ELASTICSEARCH_AWS_SIGV4";
+/// The region to sign for; unset: the SDK's (`AWS_REGION`).
+pub const SIGV4_REGION_ENV: &str = "TIDEMARK_ELASTICSEARCH_AWS_REGION";
 
 /// How a process authenticates to Elasticsearch: from its environment,
 /// never from a request (credentials are not part of the API).
@@ -97,18 +138,60 @@ pub enum Credentials {
         username: String,
         password: String,
     },
+    /// AWS SigV4 for `service` (`es` or `aoss`) in `region` (`None`: the
+    /// SDK's).
+    AwsSigV4 {
+        service: String,
+        region: Option<String>,
+    },
 }
 
 impl Credentials {
     /// The process's credentials: [`API_KEY_ENV`], or [`USERNAME_ENV`]
-    /// and [`PASSWORD_ENV`], or none.
+    /// and [`PASSWORD_ENV`], or [`SIGV4_ENV`] (with [`SIGV4_REGION_ENV`]),
+    /// or none.
     ///
     /// # Errors
-    /// Both kinds set, or a user without a password (or the reverse).
+    /// Two kinds set, a user without a password (or the reverse), an
+    /// unknown SigV4 service.
     pub fn from_env() -> ConnectorResult<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Self::from_values(var(API_KEY_ENV), var(USERNAME_ENV), var(PASSWORD_ENV))
+        let basic_or_key =
+            Self::from_values(var(API_KEY_ENV), var(USERNAME_ENV), var(PASSWORD_ENV))
+                .map_err(|m| ConnectorError::invalid(BACKEND, m))?;
+        Self::with_sigv4(basic_or_key, var(SIGV4_ENV), var(SIGV4_REGION_ENV))
             .map_err(|m| ConnectorError::invalid(BACKEND, m))
+    }
+
+    /// `credentials`, or SigV4 for `service` when one is given (and then
+    /// `credentials` must be none).
+    ///
+    /// # Errors
+    /// SigV4 together with a key or a password; a service other than `es`
+    /// or `aoss`; a region without a service.
+    pub fn with_sigv4(
+        credentials: Self,
+        service: Option<String>,
+        region: Option<String>,
+    ) -> Result<Self, String> {
+        match (credentials, service, region) {
+            (credentials, None, None) => Ok(credentials),
+            (_, None, Some(_)) => Err(format!(
+                "{SIGV4_REGION_ENV} is only used with {SIGV4_ENV}: set that too (es or aoss), or unset the region"
+            )),
+            (Self::None, Some(service), region) => {
+                if matches!(service.as_str(), "es" | "aoss") {
+                    Ok(Self::AwsSigV4 { service, region })
+                } else {
+                    Err(format!(
+                        "{SIGV4_ENV}={service:?}: the service to sign for is es (an Amazon OpenSearch Service domain) or aoss (OpenSearch Serverless)"
+                    ))
+                }
+            }
+            (_, Some(_), _) => Err(format!(
+                "set {SIGV4_ENV} or an API key or a user and password, not both"
+            )),
+        }
     }
 
     /// [`Self::from_env`] over given values.
@@ -137,7 +220,7 @@ impl Credentials {
     pub fn header(&self) -> Option<reqwest::header::HeaderValue> {
         use base64::Engine as _;
         let text = match self {
-            Self::None => return None,
+            Self::None | Self::AwsSigV4 { .. } => return None,
             Self::ApiKey(key) => format!("ApiKey {key}"),
             Self::Basic { username, password } => format!(
                 "Basic {}",
@@ -234,6 +317,36 @@ mod tests {
         assert!(both.contains("not both"), "{both}");
         let half = Credentials::from_values(None, some("u"), None).unwrap_err();
         assert!(half.contains("go together"), "{half}");
+    }
+
+    #[test]
+    fn sigv4_is_for_es_or_aoss_and_alone() {
+        let some = |s: &str| Some(s.to_owned());
+        let signed = Credentials::with_sigv4(Credentials::None, some("es"), some("eu-west-1"));
+        assert_eq!(
+            signed,
+            Ok(Credentials::AwsSigV4 {
+                service: "es".to_owned(),
+                region: some("eu-west-1"),
+            })
+        );
+        assert_eq!(
+            signed.unwrap().header(),
+            None,
+            "the signature is per request"
+        );
+        assert!(Credentials::with_sigv4(Credentials::None, some("aoss"), None).is_ok());
+        let other = Credentials::with_sigv4(Credentials::None, some("s3"), None).unwrap_err();
+        assert!(
+            other.contains("es (an Amazon OpenSearch Service domain) or aoss"),
+            "{other}"
+        );
+        let both =
+            Credentials::with_sigv4(Credentials::ApiKey("k".into()), some("es"), None).unwrap_err();
+        assert!(both.contains("not both"), "{both}");
+        let region_only =
+            Credentials::with_sigv4(Credentials::None, None, some("us-east-1")).unwrap_err();
+        assert!(region_only.contains("only used with"), "{region_only}");
     }
 
     /// A URL that parses but has no path to put `_bulk` below (`mailto:`,

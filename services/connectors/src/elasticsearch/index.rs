@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value, json};
 
-use super::client::{request_error, status_error};
+use super::client::status_error;
 use super::{
     DELETED_AT_FIELD, DELETED_FIELD, ElasticsearchSink, ITEM_FIELD, KEY_FIELD, VERSION_FIELD,
 };
@@ -28,12 +28,7 @@ impl ElasticsearchSink {
     pub(super) async fn name_exists(&self, name: &str) -> ConnectorResult<bool> {
         let url = self.url(&[name])?;
         retry(&self.retry, "head index", || async {
-            let response = self
-                .http
-                .head(url.clone())
-                .send()
-                .await
-                .map_err(|e| request_error(&e))?;
+            let response = self.send(self.http.head(url.clone())).await?;
             match response.status() {
                 s if s.is_success() => Ok(true),
                 reqwest::StatusCode::NOT_FOUND => Ok(false),

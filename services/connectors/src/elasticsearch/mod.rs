@@ -52,6 +52,7 @@ mod ids;
 mod index;
 mod purge;
 mod read;
+mod sigv4;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
@@ -63,7 +64,9 @@ use crate::transform::Template;
 use crate::value::{Item, Key, KeySchema};
 
 pub use alias::backing_index;
-pub use client::{API_KEY_ENV, Credentials, PASSWORD_ENV, USERNAME_ENV};
+pub use client::{
+    API_KEY_ENV, Credentials, PASSWORD_ENV, SIGV4_ENV, SIGV4_REGION_ENV, USERNAME_ENV,
+};
 pub use document::{bulk_lines, bulk_lines_as, to_plain_json};
 pub use ids::{check_key_template, document_id_in};
 
@@ -99,6 +102,8 @@ pub struct ElasticsearchSink {
     /// Extra field mappings for the backing indexes it creates.
     properties: std::sync::Arc<std::sync::Mutex<Map<String, Value>>>,
     retry: RetryPolicy,
+    /// Signs each request (AWS SigV4) for managed OpenSearch.
+    signer: Option<std::sync::Arc<sigv4::Signer>>,
 }
 
 impl ElasticsearchSink {
@@ -110,6 +115,31 @@ impl ElasticsearchSink {
     /// `Precondition` when `index` is a plain index; the index refused.
     pub async fn connect(base_url: &str, index: &str, schema: KeySchema) -> ConnectorResult<Self> {
         Self::connect_with_mapping(base_url, index, schema, Map::new()).await
+    }
+
+    /// Like [`Self::connect`], signing every request with AWS SigV4 for
+    /// `service` (`es`: an Amazon OpenSearch Service domain, `aoss`:
+    /// OpenSearch Serverless) in `region` with `credentials`, whatever the
+    /// environment says ([`SIGV4_ENV`] signs with the SDK's default chain).
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub async fn connect_sigv4(
+        base_url: &str,
+        index: &str,
+        schema: KeySchema,
+        service: &str,
+        region: &str,
+        credentials: aws_credential_types::provider::SharedCredentialsProvider,
+    ) -> ConnectorResult<Self> {
+        let mut sink = Self::unopened_as(base_url, index, schema, &Credentials::None)?;
+        sink.signer = Some(std::sync::Arc::new(sigv4::Signer::with_credentials(
+            service,
+            region,
+            credentials,
+        )));
+        sink.ensure_index(Map::new()).await?;
+        Ok(sink)
     }
 
     /// Like [`Self::connect`], with extra field mappings (`properties`) for

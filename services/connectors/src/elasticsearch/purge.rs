@@ -98,13 +98,8 @@ impl ElasticsearchSink {
             "conflicts=proceed&refresh=true&ignore_unavailable=true&allow_no_indices=true",
         ));
         let response = self
-            .http
-            .post(url)
-            .timeout(PURGE_TIMEOUT)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| request_error(&e))?;
+            .send(self.http.post(url).timeout(PURGE_TIMEOUT).json(body))
+            .await?;
         let status = response.status();
         let text = response.text().await.map_err(|e| request_error(&e))?;
         if !status.is_success() {

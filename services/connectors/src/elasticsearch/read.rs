@@ -28,12 +28,7 @@ impl ElasticsearchSink {
     pub async fn refresh(&self) -> ConnectorResult<()> {
         let url = self.url(&[&self.search_target(), "_refresh"])?;
         retry(&self.retry, "refresh", || async {
-            let response = self
-                .http
-                .post(url.clone())
-                .send()
-                .await
-                .map_err(|e| request_error(&e))?;
+            let response = self.send(self.http.post(url.clone())).await?;
             let status = response.status();
             if status.is_success() {
                 Ok(())
@@ -50,13 +45,7 @@ impl ElasticsearchSink {
     async fn search(&self, body: &Value) -> ConnectorResult<Value> {
         let url = self.url(&[&self.search_target(), "_search"])?;
         retry(&self.retry, "search", || async {
-            let response = self
-                .http
-                .post(url.clone())
-                .json(body)
-                .send()
-                .await
-                .map_err(|e| request_error(&e))?;
+            let response = self.send(self.http.post(url.clone()).json(body)).await?;
             let status = response.status();
             let text = response.text().await.map_err(|e| request_error(&e))?;
             if !status.is_success() {
@@ -78,13 +67,7 @@ impl ElasticsearchSink {
         let url = self.url(&[&self.search_target(), "_count"])?;
         let body = json!({"query": Self::live_filter()});
         retry(&self.retry, "count", || async {
-            let response = self
-                .http
-                .post(url.clone())
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| request_error(&e))?;
+            let response = self.send(self.http.post(url.clone()).json(&body)).await?;
             let status = response.status();
             let text = response.text().await.map_err(|e| request_error(&e))?;
             if !status.is_success() {
@@ -110,12 +93,7 @@ impl ElasticsearchSink {
             .map_err(|m| ConnectorError::invalid(BACKEND, m))?;
         let url = self.url(&[&index, "_doc", &id])?;
         let doc: Value = retry(&self.retry, "get", || async {
-            let response = self
-                .http
-                .get(url.clone())
-                .send()
-                .await
-                .map_err(|e| request_error(&e))?;
+            let response = self.send(self.http.get(url.clone())).await?;
             let status = response.status();
             let text = response.text().await.map_err(|e| request_error(&e))?;
             let parsed: Option<Value> = serde_json::from_str(&text).ok();
