@@ -473,3 +473,61 @@ pub async fn tidemark_json(endpoint: &str, args: &[&str], code: i32) -> serde_js
         )
     })
 }
+
+/// A `tidemark dev` process of the real binary, killed when dropped.
+pub struct DevProcess {
+    pub child: tokio::process::Child,
+    /// `http://ADDR`, where it serves all four services.
+    pub url: String,
+    /// The `tidemark` binary, for the commands a test runs against it.
+    pub bin: PathBuf,
+}
+
+/// Starts `tidemark dev` on a free port with its data in `data_dir` and
+/// `extra` arguments, its output to `log`, and waits until `tidemark
+/// health` finds every service SERVING.
+///
+/// # Panics
+/// When it exits or is not SERVING within a minute (the log is shown).
+pub async fn start_dev_process(data_dir: &Path, extra: &[&str], log: &Path) -> DevProcess {
+    let bin = cargo_bin("tidemark-cli", "tidemark").await;
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let file = std::fs::File::create(log).expect("create the dev log");
+    let mut child = tokio::process::Command::new(&bin)
+        .args(["dev", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("TIDEMARK_TOKEN")
+        .stdout(file.try_clone().expect("dev log"))
+        .stderr(file)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tidemark dev");
+    let started = std::time::Instant::now();
+    loop {
+        let health = tokio::process::Command::new(&bin)
+            .args(["--endpoint", &url, "health"])
+            .env_remove("TIDEMARK_TOKEN")
+            .output()
+            .await
+            .expect("run tidemark health");
+        if health.status.success() {
+            break;
+        }
+        let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "tidemark dev did not become SERVING: {}",
+            log_text()
+        );
+        assert!(
+            child.try_wait().expect("dev status").is_none(),
+            "tidemark dev exited: {}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    DevProcess { child, url, bin }
+}

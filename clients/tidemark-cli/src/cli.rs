@@ -9,7 +9,7 @@ use tidemark_client::spec::parse_duration;
 
 use crate::output::Output;
 use crate::target::TargetArgs;
-use crate::{cutover, dev, jobs, replicate, stats, verify, work};
+use crate::{cutover, dev, jobs, replicate, seed, stats, verify, work};
 
 pub const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure; 2 bad usage; 3 not found; 4 the current state does not allow it \
 (for example a failed run awaiting acknowledgement); 5 Tidemark unreachable; 6 the operation ran and did not succeed \
@@ -36,6 +36,9 @@ pub enum Command {
     /// Run the whole control plane (all four services) in one process on the
     /// embedded defaults: SQLite files under --data-dir, one listen address.
     Dev(dev::DevArgs),
+    /// Write sample items into an embedded table of a local `tidemark dev`
+    /// (its --data-dir), to try the operations on sqlite: stores alone.
+    Seed(seed::SeedArgs),
     /// Jobs, runs and units of the job-tracker.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),

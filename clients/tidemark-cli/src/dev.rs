@@ -20,10 +20,10 @@ pub struct DevArgs {
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, env = "TIDEMARK_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
     /// Log filter.
-    #[arg(long, default_value = "info")]
+    #[arg(long, env = "TIDEMARK_LOG_LEVEL", default_value = "info")]
     log_level: String,
 }
 

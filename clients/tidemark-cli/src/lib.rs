@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod output;
 pub mod progress;
 pub mod replicate;
+pub mod seed;
 pub mod stats;
 pub mod target;
 pub mod verify;

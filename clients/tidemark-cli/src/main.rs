@@ -5,13 +5,16 @@ use std::process::ExitCode;
 use clap::Parser;
 use tidemark_cli::cli::{Cli, Command};
 use tidemark_cli::error::{CliResult, EXIT_CONFIG, report};
-use tidemark_cli::{cutover, dev, docs, health, jobs, replicate, stats, target, verify, work};
+use tidemark_cli::{
+    cutover, dev, docs, health, jobs, replicate, seed, stats, target, verify, work,
+};
 use tidemark_client::{Options, Tidemark, is_traceparent, new_traceparent};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Dev(args) => return dev::main(args),
+        Command::Seed(args) => return seed::main(args, cli.output),
         Command::Completions { shell } => return docs::completions(*shell),
         Command::Man => return docs::man(),
         _ => {}
@@ -59,7 +62,7 @@ fn main() -> ExitCode {
     let out = cli.output;
     let result: CliResult = runtime.block_on(async {
         match cli.command {
-            Command::Dev(_) | Command::Completions { .. } | Command::Man => {
+            Command::Dev(_) | Command::Seed(_) | Command::Completions { .. } | Command::Man => {
                 unreachable!("served above")
             }
             Command::Jobs(c) => jobs::run(&client, c, out).await,

@@ -16,3 +16,4 @@ mod python_client;
 mod rpc_fuzz;
 mod tls;
 mod trace;
+mod walkthrough;

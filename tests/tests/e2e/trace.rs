@@ -4,10 +4,9 @@
 //! job-tracker for the pipelines' jobs over gRPC; the log lines of both
 //! RPCs carry the CLI's trace id, each with a span id of its own.
 
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tidemark_e2e::{cargo_bin, free_addr};
+use tidemark_e2e::start_dev_process;
 
 const TRACE: &str = "5f2b3c4d5e6f708192a3b4c5d6e7f809";
 
@@ -20,32 +19,23 @@ fn lines_of(log: &str, rpc: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn one_trace_id_runs_from_the_cli_through_the_replicator_to_the_job_tracker() {
-    let bin = cargo_bin("tidemark-cli", "tidemark").await;
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("dev.log");
-    let addr = free_addr();
-    let url = format!("http://{addr}");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut dev = tokio::process::Command::new(&bin)
-        .args(["dev", "--listen", &addr.to_string(), "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
+    let mut dev = start_dev_process(
+        &dir.path().join("data"),
+        &[
             "--log-format",
             "json",
             "--log-level",
             "warn,tidemark_kit::metrics=debug",
-        ])
-        .env_remove("TIDEMARK_TOKEN")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tidemark dev");
+        ],
+        &log_path,
+    )
+    .await;
     let cli = |args: &[&str], traceparent: Option<String>| {
-        let mut cmd = std::process::Command::new(&bin);
+        let mut cmd = std::process::Command::new(&dev.bin);
         cmd.arg("--endpoint")
-            .arg(&url)
+            .arg(&dev.url)
             .args(args)
             .env_remove("TIDEMARK_TOKEN");
         match traceparent {
@@ -54,19 +44,6 @@ async fn one_trace_id_runs_from_the_cli_through_the_replicator_to_the_job_tracke
         };
         cmd.output().expect("run tidemark")
     };
-    let started = Instant::now();
-    loop {
-        if cli(&["health"], None).status.success() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "tidemark dev did not become SERVING: {}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        assert!(dev.try_wait().unwrap().is_none(), "tidemark dev exited");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 
     let out = cli(
         &["replicate", "ls"],
@@ -123,5 +100,5 @@ async fn one_trace_id_runs_from_the_cli_through_the_replicator_to_the_job_tracke
     // A command without TRACEPARENT starts its own trace.
     let out = cli(&["replicate", "ls"], None);
     assert!(out.status.success());
-    let _ = dev.kill().await;
+    let _ = dev.child.kill().await;
 }

@@ -40,6 +40,19 @@ pub fn open_file(path: &Path) -> ConnectorResult<Connection> {
     Ok(conn)
 }
 
+/// A transaction that writes: `BEGIN IMMEDIATE` takes the write lock at the
+/// start, waiting up to [`BUSY_TIMEOUT`] for another connection's writer
+/// (another process on the file, or another service of `tidemark dev`). A
+/// deferred transaction that reads first fails at once with "database is
+/// locked" when it then writes after another connection did, whatever the
+/// timeout.
+///
+/// # Errors
+/// The lock not had within the timeout.
+pub fn write_transaction(conn: &mut Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 /// A call waiting for the connection, as the worker thread runs it.
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -158,6 +171,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows, 500);
+    }
+
+    /// Two connections on one file (two processes, or two services of
+    /// `tidemark dev`) writing the same items with read-then-write
+    /// transactions: each waits for the other's lock instead of failing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_on_two_connections_wait_for_each_other() {
+        use crate::value::{AttrValue, Item, KeySchema};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shared.db");
+        let writers = (0..2).map(|w| {
+            let table = crate::sqlite::EmbeddedStore::open(&file)
+                .unwrap()
+                .table("items", KeySchema::new("id", None));
+            tokio::spawn(async move {
+                for round in 0..150 {
+                    let items: Vec<Item> = (0..10)
+                        .map(|i| {
+                            [
+                                ("id".to_owned(), AttrValue::s(format!("item-{i}"))),
+                                ("by".to_owned(), AttrValue::s(format!("{w}/{round}"))),
+                            ]
+                            .into()
+                        })
+                        .collect();
+                    table.put_all(items).await?;
+                }
+                ConnectorResult::Ok(())
+            })
+        });
+        for done in futures::future::join_all(writers).await {
+            done.unwrap()
+                .expect("no write fails on the other connection's lock");
+        }
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
 
+use super::connection::write_transaction;
 use super::{EmbeddedStore, item_from_json, to_json};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, fold_digest};
@@ -35,7 +36,7 @@ impl Sink for EmbeddedSink {
         let batch = batch.to_vec();
         self.store
             .conn.run(move |conn| {
-                let tx = conn.transaction()?;
+                let tx = write_transaction(conn)?;
                 let mut outcomes = Vec::with_capacity(batch.len());
                 for record in &batch {
                     let k = record.key.canonical();
@@ -66,7 +67,7 @@ impl Sink for EmbeddedSink {
         self.store
             .conn
             .run(move |conn| {
-                let tx = conn.transaction()?;
+                let tx = write_transaction(conn)?;
                 let mut removed = 0u64;
                 for k in &keys {
                     removed += tx.execute(

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::changelog::log_change;
+use super::connection::write_transaction;
 use super::{EmbeddedStore, item_from_json, to_json};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::predicate::Predicate;
@@ -71,7 +72,7 @@ impl EmbeddedTable {
         self.store
             .conn
             .run(move |conn| {
-                let tx = conn.transaction()?;
+                let tx = write_transaction(conn)?;
                 for (k, item) in keys.iter().zip(&items) {
                     let old = read_item(&tx, &tbl, k)?;
                     tx.prepare_cached(
@@ -100,7 +101,7 @@ impl EmbeddedTable {
         self.store
             .conn
             .run(move |conn| {
-                let tx = conn.transaction()?;
+                let tx = write_transaction(conn)?;
                 let k = key.canonical();
                 let old = read_item(&tx, &tbl, &k)?;
                 check(condition.as_ref(), old.as_ref(), &key)?;
