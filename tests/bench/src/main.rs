@@ -99,13 +99,21 @@ async fn run_one(bench: &dyn Benchmark, ctx: &Context, args: &Args, command: &st
     eprintln!("== {name}: {}", bench.description());
     let run = RunInfo::detect(&ctx.workspace_root, command.to_owned());
     let started = Instant::now();
-    let report = match bench.run(ctx).await {
+    let mut report = match bench.run(ctx).await {
         Ok(report) => report,
         Err(e) => {
             eprintln!("{name} failed: {e:#}");
             return false;
         }
     };
+    // A missed target is explained by where the time goes: the profile
+    // `scripts/profile NAME` wrote, when there is one.
+    let profile = format!("benchmarks/profiles/{name}.md");
+    if !report.targets_met() && ctx.workspace_root.join(&profile).is_file() {
+        report.notes.push(format!(
+            "Where the time goes: [{profile}]({profile}) (`scripts/profile {name}`: perf, self time by crate and function)"
+        ));
+    }
     eprintln!("== {name} took {:.1}s", started.elapsed().as_secs_f64());
     print_report(&report);
     if args.quick || args.no_write {
