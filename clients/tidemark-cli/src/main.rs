@@ -14,7 +14,6 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Dev(args) => return dev::main(args),
-        Command::Seed(args) => return seed::main(args, cli.output),
         Command::Completions { shell } => return docs::completions(*shell),
         Command::Man => return docs::man(),
         _ => {}
@@ -29,6 +28,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Seed(args) = &cli.command {
+        return runtime.block_on(seed::run(args, cli.output));
+    }
     let env = |name: &str| std::env::var(name).ok();
     let target = match target::load(&cli.target, &env) {
         Ok(t) => t,

@@ -34,18 +34,9 @@ pub struct SeedArgs {
     data_dir: PathBuf,
 }
 
-pub fn main(args: &SeedArgs, out: Output) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(seed(args)) {
+/// Runs `tidemark seed` (no service is called).
+pub async fn run(args: &SeedArgs, out: Output) -> ExitCode {
+    match seed(args).await {
         Ok(file) => {
             out.print(
                 &json!({

@@ -72,19 +72,29 @@ impl tonic::service::Interceptor for BearerToken {
             request.metadata_mut().insert("authorization", h.clone());
         }
         crate::trace_context::inject(request.metadata_mut());
-        match tidemark_connectors::deadline::remaining() {
-            Some(left) if left.is_zero() => {
-                return Err(Status::deadline_exceeded(
-                    "the deadline of the RPC being served passed before the job-tracker was called",
-                ));
-            }
-            Some(left) => request.set_timeout(left),
-            None if !request.metadata().contains_key("grpc-timeout") => {
-                request.set_timeout(DEFAULT_CALL_TIMEOUT);
-            }
-            None => {}
+        if !propagate_deadline(&mut request)? && !request.metadata().contains_key("grpc-timeout") {
+            request.set_timeout(DEFAULT_CALL_TIMEOUT);
         }
         Ok(request)
+    }
+}
+
+/// Gives an outgoing call what is left of the deadline of the RPC being
+/// served ([`tidemark_connectors::deadline`]) as its `grpc-timeout`;
+/// `false` outside any RPC (the call keeps its own deadline, if any).
+///
+/// # Errors
+/// `DEADLINE_EXCEEDED` when that deadline has passed: nothing is sent.
+pub fn propagate_deadline(request: &mut Request<()>) -> Result<bool, Status> {
+    match tidemark_connectors::deadline::remaining() {
+        Some(left) if left.is_zero() => Err(Status::deadline_exceeded(
+            "the deadline of the RPC being served passed before the downstream call was made",
+        )),
+        Some(left) => {
+            request.set_timeout(left);
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }
 

@@ -13,8 +13,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-/// Adds the bearer token, when configured, and the trace context to every
-/// call.
+/// Adds the bearer token, when configured, the trace context and what is
+/// left of the deadline of the RPC being served to every call (none outside
+/// an RPC: a verification's lag stream runs as long as it needs).
 #[derive(Clone, Debug, Default)]
 pub struct Auth(Option<MetadataValue<Ascii>>);
 
@@ -24,6 +25,7 @@ impl tonic::service::Interceptor for Auth {
             request.metadata_mut().insert("authorization", h.clone());
         }
         tidemark_kit::trace_context::inject(request.metadata_mut());
+        tidemark_kit::worker::propagate_deadline(&mut request)?;
         Ok(request)
     }
 }

@@ -5,17 +5,22 @@
 //! verification (count + digest) of the table against that sink. Figures:
 //! seconds per million items at each size against the same at 10k (linear:
 //! within 1.3×), and each service process's peak resident memory at each
-//! size against the same at 100k (flat: within 1.5×).
+//! size against the same at 100k (flat: within 1.5×). The 100k size again
+//! on the local DynamoDB endpoint, the pipeline fed by the table's stream,
+//! against the embedded store at that size.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures::StreamExt as _;
 use tidemark_chaos::plane::{Process, build_services, free_addr, start_all};
+use tidemark_connectors::dynamodb::DynamoTable;
 use tidemark_connectors::sqlite::EmbeddedStore;
 use tidemark_connectors::{AttrValue, Item, KeySchema};
 use tidemark_proto::common::v1 as common;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
+use tidemark_proto::replicator::v1 as pb;
 use tidemark_proto::replicator::v1::replicator_service_client::ReplicatorServiceClient;
 use tidemark_proto::verifier::v1 as vf;
 use tidemark_proto::verifier::v1::verifier_service_client::VerifierServiceClient;
@@ -24,6 +29,14 @@ use tonic::transport::Channel;
 use crate::framework::{Benchmark, Context, Report, Row, Target, fmt_num};
 
 const SIZES: [usize; 4] = [10_000, 100_000, 1_000_000, 5_000_000];
+/// The size also measured on the local DynamoDB endpoint (its stand-in
+/// serves a few hundred writes a second: larger sizes would take hours),
+/// against the embedded store at the same size.
+const DYNAMODB_SIZE: usize = 100_000;
+/// Items a seeding BatchWriteItem carries (DynamoDB's limit), and how many
+/// are in flight.
+const DYNAMODB_BATCH: usize = 25;
+const DYNAMODB_SEEDERS: usize = 8;
 /// Time per item at any size over the same at the smallest: at most this.
 const LINEAR: f64 = 1.3;
 /// Peak resident memory at any size over the same at 100k: at most this.
@@ -76,7 +89,8 @@ impl Benchmark for Scale {
          backfill into an embedded sink and a verification (count + digest) at 10k, 100k, \
          1M and 5M items on the embedded store, the services as separate processes of \
          their release binaries; seconds per million items against the same at 10k \
-         (linear), and each process's peak resident memory against the same at 100k (flat)."
+         (linear), and each process's peak resident memory against the same at 100k (flat); \
+         100k again on the local DynamoDB endpoint, against the embedded store."
     }
 
     async fn run(&self, ctx: &Context) -> anyhow::Result<Report> {
@@ -121,7 +135,29 @@ impl Benchmark for Scale {
             );
             points.push(point);
         }
-        let mut report = report(&points);
+        // The DynamoDB point, unless sizes were picked by hand.
+        let dynamodb = if std::env::var("TIDEMARK_SCALE_SIZES").is_ok() {
+            None
+        } else {
+            let n = DYNAMODB_SIZE / scale;
+            let endpoint =
+                tidemark_connectors::testing::local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
+            let point = one_size_dynamodb(bins.path(), &endpoint, n)
+                .await
+                .with_context(|| format!("on the local DynamoDB at {n} items"))?;
+            eprintln!(
+                "scale {n:>9} items on DynamoDB: seed {:.1} s, {}",
+                point.seed.as_secs_f64(),
+                OPERATIONS
+                    .iter()
+                    .zip(&point.took)
+                    .map(|(op, t)| format!("{op} {:.1} s", t.as_secs_f64()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Some(point)
+        };
+        let mut report = report(&points, dynamodb.as_ref());
         if let Some(dir) = &ctx.figures {
             std::fs::create_dir_all(dir)?;
             plot(&points, &dir.join(PICTURE))?;
@@ -225,7 +261,7 @@ fn plot(points: &[Point], path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(points: &[Point]) -> Report {
+fn report(points: &[Point], dynamodb: Option<&Point>) -> Report {
     let mut report = Report::default();
     let first = &points[0];
     for (op, name) in OPERATIONS.iter().enumerate() {
@@ -262,6 +298,37 @@ fn report(points: &[Point]) -> Report {
                 .with_target(Target::RatioAtMost(FLAT)),
             );
         }
+    }
+    if let Some(d) = dynamodb {
+        let embedded = points.iter().find(|p| p.items == d.items);
+        for (op, name) in OPERATIONS.iter().enumerate() {
+            report.rows.push(Row::new(
+                format!(
+                    "{name} on the local DynamoDB: s per million items at {} (vs the embedded store{})",
+                    fmt_num(d.items as f64),
+                    if embedded.is_some() { " at the same size" } else { ": no point of that size" }
+                ),
+                "s",
+                d.secs_per_million(op),
+                embedded.map_or(f64::NAN, |e| e.secs_per_million(op)),
+            ));
+        }
+        report.notes.push(format!(
+            "local DynamoDB, {} items: seeded in {} s (BatchWriteItem, {DYNAMODB_BATCH} items each, {DYNAMODB_SEEDERS} in flight); {}; peak resident memory {}. Its stand-in (moto, one lock around every read and write) serves a few hundred conditional writes a second on this machine: these figures are the stand-in's rate, not Tidemark's, and against AWS DynamoDB the writes scale with segments. The pipeline reads the table's DynamoDB Stream; the verification compares the table with the pipeline's embedded sink.",
+            fmt_num(d.items as f64),
+            fmt_num(d.seed.as_secs_f64()),
+            OPERATIONS
+                .iter()
+                .zip(&d.took)
+                .map(|(op, t)| format!("{op} {} s", fmt_num(t.as_secs_f64())))
+                .collect::<Vec<_>>()
+                .join(", "),
+            d.peak
+                .iter()
+                .map(|(name, _)| format!("{name} {} MiB", fmt_num(d.peak_mib(name))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     for p in points {
         report.notes.push(format!(
@@ -340,18 +407,106 @@ async fn one_size(bins: &Path, n: usize) -> anyhow::Result<Point> {
         }
     }
     let seed = started.elapsed();
-    let mut plane = start(bins, dir.path(), &data).await?;
+    let feed = pb::change_feed::Feed::EmbeddedChangeLog(pb::EmbeddedChangeLogFeed {
+        start_position: pb::StartPosition::Latest as i32,
+    });
+    measure(bins, dir.path(), n, seed, sqlite(SOURCE, &["id"]), feed).await
+}
+
+/// The same operations on a table of the DynamoDB endpoint (with a
+/// stream), the pipeline fed by its DynamoDB Stream.
+async fn one_size_dynamodb(bins: &Path, endpoint: &str, n: usize) -> anyhow::Result<Point> {
+    let dir = tempfile::tempdir()?;
+    let client = super::replicator::client_at(endpoint).await;
+    let name = tidemark_connectors::testing::unique_name("bench-scale");
+    DynamoTable::create(client.clone(), &name, &KeySchema::new("id", None), true).await?;
+    let started = Instant::now();
+    let batches: Vec<Vec<usize>> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(DYNAMODB_BATCH)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let written: Vec<anyhow::Result<()>> = futures::stream::iter(batches)
+        .map(|batch| batch_write(&client, &name, batch))
+        .buffer_unordered(DYNAMODB_SEEDERS)
+        .collect()
+        .await;
+    for w in written {
+        w?;
+    }
+    let seed = started.elapsed();
+    let feed = pb::change_feed::Feed::DynamodbStreams(pb::DynamoDbStreamsFeed {
+        start_position: pb::StartPosition::Latest as i32,
+        readers: 1,
+    });
+    let source = super::replicator::table_ref(&name);
+    let point = measure(bins, dir.path(), n, seed, source, feed).await;
+    let _ = client.delete_table().table_name(&name).send().await;
+    point
+}
+
+/// Writes the items numbered `batch` in BatchWriteItems, again with what
+/// each left unprocessed.
+async fn batch_write(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    batch: Vec<usize>,
+) -> anyhow::Result<()> {
+    use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+    let mut requests: Vec<WriteRequest> = batch
+        .into_iter()
+        .map(|i| {
+            let put = PutRequest::builder()
+                .set_item(Some(tidemark_connectors::dynamodb::item_to_ddb(&item(i))))
+                .build()?;
+            Ok(WriteRequest::builder().put_request(put).build())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for _ in 0..20 {
+        let out = client
+            .batch_write_item()
+            .request_items(table, requests)
+            .send()
+            .await?;
+        requests = out
+            .unprocessed_items
+            .and_then(|mut u| u.remove(table))
+            .unwrap_or_default();
+        if requests.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("BatchWriteItem left items unprocessed 20 times")
+}
+
+/// The three operations on `source` (read through `feed` by the pipeline)
+/// by fresh processes in `dir`; each process's peak memory after them.
+async fn measure(
+    bins: &Path,
+    dir: &Path,
+    n: usize,
+    seed: Duration,
+    source: common::DataStore,
+    feed: pb::change_feed::Feed,
+) -> anyhow::Result<Point> {
+    let data = dir.join("data");
+    let mut plane = start(bins, dir, &data).await?;
     let channel = |p: &Process| Channel::from_shared(p.url()).map(|c| c.connect_lazy());
     let mut jobs = JobTrackerServiceClient::new(channel(&plane[0])?);
     let mut replicator = ReplicatorServiceClient::new(channel(&plane[1])?);
     let mut verifier = VerifierServiceClient::new(channel(&plane[2])?);
     let operations = async {
         Ok::<_, anyhow::Error>([
-            attribute_backfill(&mut replicator, &mut jobs, n)
+            attribute_backfill(&mut replicator, &mut jobs, source.clone(), n)
                 .await
                 .context(OPERATIONS[0])?,
-            pipeline(&mut replicator).await.context(OPERATIONS[1])?,
-            verification(&mut verifier).await.context(OPERATIONS[2])?,
+            pipeline(&mut replicator, source.clone(), feed)
+                .await
+                .context(OPERATIONS[1])?,
+            verification(&mut verifier, source)
+                .await
+                .context(OPERATIONS[2])?,
         ])
     };
     let took = match operations.await {
@@ -359,7 +514,7 @@ async fn one_size(bins: &Path, n: usize) -> anyhow::Result<Point> {
         Err(e) => {
             // The processes' own account of it, before their directory goes.
             for p in &plane {
-                let log = dir.path().join(format!("{}.log", p.name));
+                let log = dir.join(format!("{}.log", p.name));
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();
                 eprintln!("--- last lines of {}:", p.name);
@@ -446,11 +601,12 @@ fn peak_rss(pid: u32) -> anyhow::Result<u64> {
 async fn attribute_backfill(
     replicator: &mut ReplicatorServiceClient<Channel>,
     jobs: &mut JobTrackerServiceClient<Channel>,
+    table: common::DataStore,
     n: usize,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let request = super::replicator::BackfillRequest {
-        table: sqlite(SOURCE, &["id"]),
+        table,
         attribute: "migrated",
         segments: SEGMENTS,
         rate: 0,
@@ -463,11 +619,16 @@ async fn attribute_backfill(
 
 /// A pipeline from the table into an embedded sink, from CreatePipeline
 /// until Drain reports its initial backfill done and the feed caught up.
-async fn pipeline(replicator: &mut ReplicatorServiceClient<Channel>) -> anyhow::Result<Duration> {
-    super::replicator::copy_pipeline(
+async fn pipeline(
+    replicator: &mut ReplicatorServiceClient<Channel>,
+    source: common::DataStore,
+    feed: pb::change_feed::Feed,
+) -> anyhow::Result<Duration> {
+    super::replicator::copy_pipeline_fed(
         replicator,
         "scale",
-        sqlite(SOURCE, &["id"]),
+        source,
+        feed,
         sqlite(SINK, &[]),
         SEGMENTS,
     )
@@ -476,9 +637,12 @@ async fn pipeline(replicator: &mut ReplicatorServiceClient<Channel>) -> anyhow::
 
 /// A count and a digest check of the table against the pipeline's sink,
 /// from StartVerification to the stored report; it must pass.
-async fn verification(verifier: &mut VerifierServiceClient<Channel>) -> anyhow::Result<Duration> {
+async fn verification(
+    verifier: &mut VerifierServiceClient<Channel>,
+    source: common::DataStore,
+) -> anyhow::Result<Duration> {
     let spec = vf::VerificationSpec {
-        source: Some(sqlite(SOURCE, &["id"])),
+        source: Some(source),
         target: Some(sqlite(SINK, &[])),
         checks: vec![
             vf::Check {

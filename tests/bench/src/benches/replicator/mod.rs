@@ -30,8 +30,8 @@ mod replication;
 
 use backfill::{Backfill, backfill};
 use lag::Lag;
-pub(crate) use replication::copy_pipeline;
 use replication::{Replication, replication};
+pub(crate) use replication::{copy_pipeline, copy_pipeline_fed};
 
 use std::time::Duration;
 

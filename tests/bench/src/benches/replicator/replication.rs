@@ -280,19 +280,28 @@ pub(crate) async fn copy_pipeline(
     sink: common::DataStore,
     segments: u32,
 ) -> anyhow::Result<std::time::Duration> {
+    let feed = pb::change_feed::Feed::EmbeddedChangeLog(pb::EmbeddedChangeLogFeed {
+        start_position: pb::StartPosition::Latest as i32,
+    });
+    copy_pipeline_fed(replicator, name, source, feed, sink, segments).await
+}
+
+/// [`copy_pipeline`] with the source's changes read from `feed`.
+pub(crate) async fn copy_pipeline_fed(
+    replicator: &mut ReplicatorServiceClient<Channel>,
+    name: &str,
+    source: common::DataStore,
+    feed: pb::change_feed::Feed,
+    sink: common::DataStore,
+    segments: u32,
+) -> anyhow::Result<std::time::Duration> {
     let started = Instant::now();
     replicator
         .create_pipeline(pb::CreatePipelineRequest {
             name: name.to_owned(),
             spec: Some(pb::PipelineSpec {
                 source: Some(source),
-                feed: Some(pb::ChangeFeed {
-                    feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
-                        pb::EmbeddedChangeLogFeed {
-                            start_position: pb::StartPosition::Latest as i32,
-                        },
-                    )),
-                }),
+                feed: Some(pb::ChangeFeed { feed: Some(feed) }),
                 sinks: vec![pb::Sink {
                     name: "copy".to_owned(),
                     store: Some(sink),
