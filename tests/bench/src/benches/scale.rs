@@ -70,6 +70,33 @@ impl Point {
         self.took[op].as_secs_f64() * 1e6 / self.items as f64
     }
 
+    /// "N items: seeded in S s".
+    fn seeded(&self) -> String {
+        format!(
+            "{} items: seeded in {} s",
+            fmt_num(self.items as f64),
+            fmt_num(self.seed.as_secs_f64())
+        )
+    }
+
+    /// Each operation's time, then each process's peak memory.
+    fn ran(&self) -> String {
+        format!(
+            "{}; peak resident memory {}",
+            OPERATIONS
+                .iter()
+                .zip(&self.took)
+                .map(|(op, t)| format!("{op} {} s", fmt_num(t.as_secs_f64())))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.peak
+                .iter()
+                .map(|(name, _)| format!("{name} {} MiB", fmt_num(self.peak_mib(name))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
     fn peak_mib(&self, process: &str) -> f64 {
         self.peak
             .iter()
@@ -117,22 +144,7 @@ impl Benchmark for Scale {
             let point = one_size(bins.path(), n)
                 .await
                 .with_context(|| format!("at {n} items"))?;
-            eprintln!(
-                "scale {n:>9} items: seed {:.1} s, {}; peak {}",
-                point.seed.as_secs_f64(),
-                OPERATIONS
-                    .iter()
-                    .zip(&point.took)
-                    .map(|(op, t)| format!("{op} {:.1} s", t.as_secs_f64()))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                point
-                    .peak
-                    .iter()
-                    .map(|(p, b)| format!("{p} {} MiB", b / (1024 * 1024)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            eprintln!("scale: {}; {}", point.seeded(), point.ran());
             points.push(point);
         }
         // The DynamoDB point, unless sizes were picked by hand.
@@ -145,16 +157,7 @@ impl Benchmark for Scale {
             let point = one_size_dynamodb(bins.path(), &endpoint, n)
                 .await
                 .with_context(|| format!("on the local DynamoDB at {n} items"))?;
-            eprintln!(
-                "scale {n:>9} items on DynamoDB: seed {:.1} s, {}",
-                point.seed.as_secs_f64(),
-                OPERATIONS
-                    .iter()
-                    .zip(&point.took)
-                    .map(|(op, t)| format!("{op} {:.1} s", t.as_secs_f64()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            eprintln!("scale on DynamoDB: {}; {}", point.seeded(), point.ran());
             Some(point)
         };
         let mut report = report(&points, dynamodb.as_ref());
@@ -314,39 +317,13 @@ fn report(points: &[Point], dynamodb: Option<&Point>) -> Report {
             ));
         }
         report.notes.push(format!(
-            "local DynamoDB, {} items: seeded in {} s (BatchWriteItem, {DYNAMODB_BATCH} items each, {DYNAMODB_SEEDERS} in flight); {}; peak resident memory {}. Its stand-in (moto, one lock around every read and write) serves a few hundred conditional writes a second on this machine: these figures are the stand-in's rate, not Tidemark's, and against AWS DynamoDB the writes scale with segments. The pipeline reads the table's DynamoDB Stream; the verification compares the table with the pipeline's embedded sink.",
-            fmt_num(d.items as f64),
-            fmt_num(d.seed.as_secs_f64()),
-            OPERATIONS
-                .iter()
-                .zip(&d.took)
-                .map(|(op, t)| format!("{op} {} s", fmt_num(t.as_secs_f64())))
-                .collect::<Vec<_>>()
-                .join(", "),
-            d.peak
-                .iter()
-                .map(|(name, _)| format!("{name} {} MiB", fmt_num(d.peak_mib(name))))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "local DynamoDB, {} (BatchWriteItem, {DYNAMODB_BATCH} items each, {DYNAMODB_SEEDERS} in flight); {}. Its stand-in (moto, one lock around every read and write) serves a few hundred conditional writes a second on this machine: these figures are the stand-in's rate, not Tidemark's, and against AWS DynamoDB the writes scale with segments. The pipeline reads the table's DynamoDB Stream; the verification compares the table with the pipeline's embedded sink.",
+            d.seeded(),
+            d.ran()
         ));
     }
     for p in points {
-        report.notes.push(format!(
-            "{} items: seeded in {} s; {}; peak resident memory {}",
-            fmt_num(p.items as f64),
-            fmt_num(p.seed.as_secs_f64()),
-            OPERATIONS
-                .iter()
-                .zip(&p.took)
-                .map(|(op, t)| format!("{op} {} s", fmt_num(t.as_secs_f64())))
-                .collect::<Vec<_>>()
-                .join(", "),
-            p.peak
-                .iter()
-                .map(|(name, _)| format!("{name} {} MiB", fmt_num(p.peak_mib(name))))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        report.notes.push(format!("{}; {}", p.seeded(), p.ran()));
     }
     report.notes.push(format!(
         "each size on fresh processes and a fresh data directory: the job-tracker, and a \
