@@ -373,16 +373,8 @@ impl DynamoTable {
     }
 }
 
-/// A table's retries, the only ones its calls get ([`own_retries`]): as
-/// patient as the SDK's three attempts inside each of the default eight
-/// were (an outage of several seconds is waited out, about 8 s expected,
-/// 16 s at most), in steps that start small so a throttled write is sent
-/// again soon (its rate has already backed off).
-const TABLE_RETRY: RetryPolicy = RetryPolicy {
-    max_attempts: 10,
-    base_delay: std::time::Duration::from_millis(50),
-    max_delay: std::time::Duration::from_secs(5),
-};
+/// A table's retries, the only ones its calls get ([`own_retries`]).
+const TABLE_RETRY: RetryPolicy = RetryPolicy::AWS;
 
 /// `client` without the SDK's own retries: a table's calls retry in
 /// [`retry`] (full jitter), where each throttled attempt is seen and counted

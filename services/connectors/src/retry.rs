@@ -38,6 +38,18 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The retries of a call to an AWS service whose client has the SDK's
+    /// own turned off (`dynamodb::own_retries`, `s3::own_retries`): as
+    /// patient as the SDK's three attempts inside each of the default eight
+    /// were (an outage of several seconds is waited out, about 8 s expected,
+    /// 16 s at most), in steps that start small so a throttled write is sent
+    /// again soon.
+    pub const AWS: Self = Self {
+        max_attempts: 10,
+        base_delay: Duration::from_millis(50),
+        max_delay: Duration::from_secs(5),
+    };
+
     /// Delay before attempt `attempt + 1`: uniform in `[0, min(max, base·2^attempt)]`
     /// (full jitter spreads replicas that were throttled together).
     pub fn delay(&self, attempt: u32) -> Duration {

@@ -182,7 +182,8 @@ impl S3Sink {
             bucket: bucket.into(),
             prefix,
             concurrency: 16,
-            retry: RetryPolicy::default(),
+            // Its only retries, the SDK's being off: as patient as theirs.
+            retry: RetryPolicy::AWS,
         }
     }
 
