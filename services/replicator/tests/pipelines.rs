@@ -22,6 +22,7 @@ use tonic_types::StatusExt as _;
 
 mod common;
 use common::{Plane, dynamo, plane, table_ref};
+use tidemark_proto::job_tracker::v1 as jt;
 
 fn schema() -> KeySchema {
     KeySchema::new("documentType", Some("documentId"))
@@ -154,7 +155,25 @@ async fn wait_streaming(plane: &mut Plane, name: &str) {
         assert_ne!(p.state, pb::PipelineState::Failed as i32, "{p:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("pipeline {name} never finished its backfill");
+    let p = plane
+        .replicator
+        .get_pipeline(pb::GetPipelineRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap();
+    let units = plane
+        .jobs
+        .list_units(jt::ListUnitsRequest {
+            run_id: p.run_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().units);
+    panic!("pipeline {name} never finished its backfill: {p:?}\nunits: {units:#?}");
 }
 
 /// Every live document of the index: key → (version, item).

@@ -47,6 +47,7 @@ pub async fn plane(tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
 /// Like [`plane`], keeping the job-tracker's store in `dir` so a later plane
 /// (a restarted process) sees the same jobs.
 pub async fn plane_in(dir: &std::path::Path, tweak: impl FnOnce(&mut replicator::Config)) -> Plane {
+    capture_logs();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
@@ -94,6 +95,20 @@ pub async fn plane_in(dir: &std::path::Path, tweak: impl FnOnce(&mut replicator:
         replicator: ReplicatorServiceClient::new(channel),
         metrics,
     }
+}
+
+/// Sends the services' logs (`RUST_LOG`, else info) to the test's captured
+/// output, so a failing test shows what its plane did; the runtime's worker
+/// threads inherit the capture of the test that started them.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,aws=warn")
+    });
+    // Another test of the binary may have installed it first.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 pub async fn dynamo() -> aws_sdk_dynamodb::Client {
