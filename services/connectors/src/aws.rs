@@ -1,9 +1,12 @@
 //! What the AWS backends (DynamoDB, DynamoDB Streams, S3) share: one way to
 //! build an SDK configuration and one classification of SDK errors.
 
+use std::time::Duration;
+
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use aws_smithy_types::timeout::TimeoutConfig;
 
 use crate::error::ConnectorError;
 
@@ -16,6 +19,29 @@ pub async fn sdk_config(endpoint: Option<&str>) -> aws_config::SdkConfig {
         loader = loader.endpoint_url(url);
     }
     loader.load().await
+}
+
+/// The longest one attempt of a DynamoDB or DynamoDB Streams call may
+/// take. The SDK sets none, so a request whose answer never comes (a
+/// connection half-open after a network fault, a hung endpoint) would hold
+/// its unit forever while the unit's heartbeat keeps the lease alive and no
+/// other worker may take it over. Bounded, the attempt fails as a timeout,
+/// which is retried. Real calls take milliseconds; a Scan page of 1 MB well
+/// under a second.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `timeouts` with `attempt` as its attempt timeout when it sets none; an
+/// attempt timeout set (or disabled) in the SDK configuration is kept.
+pub fn bounded_attempts(timeouts: Option<&TimeoutConfig>, attempt: Duration) -> TimeoutConfig {
+    let mut out = timeouts
+        .cloned()
+        .unwrap_or_else(|| TimeoutConfig::builder().build());
+    out.take_defaults_from(
+        &TimeoutConfig::builder()
+            .operation_attempt_timeout(attempt)
+            .build(),
+    );
+    out
 }
 
 /// Maps an SDK error to a [`ConnectorError`] by its error code and status.

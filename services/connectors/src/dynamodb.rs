@@ -308,7 +308,11 @@ impl DynamoTable {
     /// `InvalidInput` for a name DynamoDB would refuse (see
     /// [`check_table_name`]); `NotFound` when the table does not exist.
     pub async fn open(client: Client, name: &str) -> ConnectorResult<Self> {
-        let table = describe_table(&client, name).await?;
+        let client = own_retries(&client);
+        let table = retry(&TABLE_RETRY, "describe table", || {
+            describe_table(&client, name)
+        })
+        .await?;
         let mut schema = KeySchema::new("", None);
         for element in table.key_schema() {
             match element.key_type {
@@ -328,7 +332,7 @@ impl DynamoTable {
             })
             .collect();
         Ok(Self {
-            client: own_retries(&client),
+            client,
             name: name.to_owned(),
             schema,
             key_types,
@@ -379,13 +383,34 @@ const TABLE_RETRY: RetryPolicy = RetryPolicy::AWS;
 /// `client` without the SDK's own retries: a table's calls retry in
 /// [`retry`] (full jitter), where each throttled attempt is seen and counted
 /// ([`crate::capacity`]) instead of being absorbed by a second retry loop
-/// underneath, which would also multiply the attempts.
+/// underneath, which would also multiply the attempts. Each attempt is
+/// bounded ([`crate::aws::ATTEMPT_TIMEOUT`]).
 pub fn own_retries(client: &Client) -> Client {
+    let config = client.config();
     Client::from_conf(
-        client
-            .config()
+        config
             .to_builder()
             .retry_config(RetryConfig::disabled())
+            .timeout_config(crate::aws::bounded_attempts(
+                config.timeout_config(),
+                crate::aws::ATTEMPT_TIMEOUT,
+            ))
+            .build(),
+    )
+}
+
+/// `client` with each attempt bounded ([`crate::aws::ATTEMPT_TIMEOUT`]),
+/// keeping the SDK's own retries: for a store with no retry loop of its
+/// own.
+pub fn bounded(client: &Client) -> Client {
+    let config = client.config();
+    Client::from_conf(
+        config
+            .to_builder()
+            .timeout_config(crate::aws::bounded_attempts(
+                config.timeout_config(),
+                crate::aws::ATTEMPT_TIMEOUT,
+            ))
             .build(),
     )
 }
@@ -892,6 +917,8 @@ impl DynamoTable {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// A client that is never reached: the checks run before any request.
@@ -902,6 +929,110 @@ mod tests {
             .endpoint_url("http://127.0.0.1:9")
             .build();
         Client::from_conf(config)
+    }
+
+    /// An endpoint that accepts connections and never answers (a hung
+    /// service, or a connection left half-open by a network fault),
+    /// counting the connections it was given.
+    async fn silent_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicU32>) {
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = seen.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[test]
+    fn every_attempt_is_bounded_unless_configured_otherwise() {
+        use aws_smithy_types::timeout::TimeoutConfig;
+        let sdk = unreachable_client();
+        let own = own_retries(&sdk);
+        let timeouts = own.config().timeout_config().unwrap();
+        assert_eq!(
+            timeouts.operation_attempt_timeout(),
+            Some(crate::aws::ATTEMPT_TIMEOUT)
+        );
+        let kept = crate::aws::bounded_attempts(
+            Some(
+                &TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .operation_attempt_timeout(Duration::from_secs(7))
+                    .build(),
+            ),
+            crate::aws::ATTEMPT_TIMEOUT,
+        );
+        assert_eq!(kept.connect_timeout(), Some(Duration::from_secs(2)));
+        assert_eq!(
+            kept.operation_attempt_timeout(),
+            Some(Duration::from_secs(7))
+        );
+        let disabled = crate::aws::bounded_attempts(
+            Some(&TimeoutConfig::disabled()),
+            crate::aws::ATTEMPT_TIMEOUT,
+        );
+        assert_eq!(disabled.operation_attempt_timeout(), None);
+    }
+
+    #[tokio::test]
+    async fn a_call_to_an_endpoint_that_never_answers_fails_retryably_and_is_retried() {
+        let (endpoint, seen) = silent_endpoint().await;
+        // Before attempts were bounded, this call never returned (the
+        // test's own timeout below would fail it).
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .endpoint_url(&endpoint)
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .timeout_config(
+                aws_smithy_types::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(Duration::from_millis(200))
+                    .build(),
+            )
+            .build();
+        let client = own_retries(&Client::from_conf(config));
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(5),
+        };
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            retry(&policy, "describe table", || async {
+                client
+                    .describe_table()
+                    .table_name("t-silent")
+                    .send()
+                    .await
+                    .map_err(|e| classify(BACKEND, &e))
+            }),
+        )
+        .await
+        .expect("each attempt must end at its timeout")
+        .unwrap_err();
+        assert!(
+            err.is_retryable(),
+            "a timed-out attempt is retryable: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "one connection per attempt: a timed-out one is not reused"
+        );
     }
 
     #[test]

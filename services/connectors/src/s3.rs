@@ -57,6 +57,10 @@ pub const VERSION_METADATA: &str = "tidemark-version";
 pub const DELETED_METADATA: &str = "tidemark-deleted";
 /// S3's limit on the length of an object key, in bytes.
 const MAX_OBJECT_KEY: usize = 1024;
+/// The longest one attempt of an S3 call may take (the SDK sets none; see
+/// [`crate::aws::ATTEMPT_TIMEOUT`]): longer than a table's, since an
+/// object's upload is in the attempt.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Rounds of read-and-decide after a lost conditional write.
 const CONDITIONAL_ATTEMPTS: usize = 16;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -65,11 +69,15 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL
 /// [`retry`], the only loop, so a call makes at most its policy's attempts
 /// (with the SDK's three inside each of eight, it made 24).
 pub fn own_retries(client: &Client) -> Client {
+    let config = client.config();
     Client::from_conf(
-        client
-            .config()
+        config
             .to_builder()
             .retry_config(aws_smithy_types::retry::RetryConfig::disabled())
+            .timeout_config(crate::aws::bounded_attempts(
+                config.timeout_config(),
+                ATTEMPT_TIMEOUT,
+            ))
             .build(),
     )
 }

@@ -415,7 +415,20 @@ pub struct DynamoStreamSource {
 const STREAMS: &str = "dynamodb-streams";
 
 impl DynamoStreamSource {
-    pub fn new(client: aws_sdk_dynamodbstreams::Client, stream_arn: impl Into<String>) -> Self {
+    /// A source reading `stream_arn` through `client`, each attempt of its
+    /// calls bounded ([`crate::aws::ATTEMPT_TIMEOUT`]; the SDK's retries
+    /// stay: the feed has no loop of its own around a single call).
+    pub fn new(client: &aws_sdk_dynamodbstreams::Client, stream_arn: impl Into<String>) -> Self {
+        let config = client.config();
+        let client = aws_sdk_dynamodbstreams::Client::from_conf(
+            config
+                .to_builder()
+                .timeout_config(crate::aws::bounded_attempts(
+                    config.timeout_config(),
+                    crate::aws::ATTEMPT_TIMEOUT,
+                ))
+                .build(),
+        );
         Self {
             client,
             stream_arn: stream_arn.into(),
@@ -445,7 +458,7 @@ impl DynamoStreamSource {
                 message: format!("table {table} has no stream; enable NEW_AND_OLD_IMAGES"),
             }
         })?;
-        Ok(Self::new(client, arn))
+        Ok(Self::new(&client, arn))
     }
 }
 

@@ -141,7 +141,10 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn KvStore>, JobTrackerE
         StoreKind::Dynamodb => {
             let sdk =
                 tidemark_connectors::dynamodb::sdk_config(config.aws_endpoint.as_deref()).await;
-            let kv = DynamoKv::new(aws_sdk_dynamodb::Client::new(&sdk), &config.dynamodb_table);
+            let kv = DynamoKv::new(
+                tidemark_connectors::dynamodb::bounded(&aws_sdk_dynamodb::Client::new(&sdk)),
+                &config.dynamodb_table,
+            );
             kv.ensure_table().await.map_err(store_err)?;
             Arc::new(kv)
         }
