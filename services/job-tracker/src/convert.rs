@@ -488,6 +488,7 @@ impl From<&Unit> for pb::Unit {
             result: spec_to(u.result.as_ref()),
             create_time: Some(timestamp(u.create_time)),
             update_time: Some(timestamp(u.update_time)),
+            retry_time: u.retry_time.map(timestamp),
         }
     }
 }

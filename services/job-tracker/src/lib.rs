@@ -57,6 +57,10 @@ pub struct Config {
     pub scheduler_tick_ms: u64,
     /// How often the gauges (units by status, blocked jobs) are recomputed.
     pub gauge_refresh_ms: u64,
+    /// The first wait before a unit that failed retryably may be claimed
+    /// again; doubled per attempt (at most 5 min) and jittered down to half.
+    /// 0: at once.
+    pub unit_retry_delay_ms: u64,
 }
 
 impl Default for Config {
@@ -69,6 +73,7 @@ impl Default for Config {
             aws_endpoint: None,
             scheduler_tick_ms: 1000,
             gauge_refresh_ms: 15_000,
+            unit_retry_delay_ms: 5_000,
         }
     }
 }
@@ -98,6 +103,12 @@ impl ServiceConfig for Config {
             return Err(ConfigError::invalid(
                 "gauge_refresh_ms",
                 "must be at least 100",
+            ));
+        }
+        if self.unit_retry_delay_ms > 300_000 {
+            return Err(ConfigError::invalid(
+                "unit_retry_delay_ms",
+                "must be at most 300000 (5 min, the longest wait between attempts)",
             ));
         }
         if !(10..=60_000).contains(&self.scheduler_tick_ms) {
@@ -165,7 +176,10 @@ pub async fn register(config: &Config, host: &mut ServiceHost) -> Result<(), Job
 /// As [`register`], over a store the caller opened (tests and benchmarks
 /// that bring their own client).
 pub fn register_with_store(config: &Config, store: Arc<dyn KvStore>, host: &mut ServiceHost) {
-    let tracker = Arc::new(Tracker::new(store.clone(), host.shutdown_token()));
+    let tracker = Arc::new(
+        Tracker::new(store.clone(), host.shutdown_token())
+            .with_retry_delay(Duration::from_millis(config.unit_retry_delay_ms)),
+    );
     host.add_service(JobTrackerServiceServer::new(JobTracker {
         tracker: tracker.clone(),
     }));

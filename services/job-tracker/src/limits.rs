@@ -255,6 +255,7 @@ mod tests {
             result: Some(result_of(MAX_RESULT_BYTES)),
             create_time: now,
             update_time: now,
+            retry_time: Some(now),
         };
         check_counters(&unit.progress.counters).unwrap();
         check_dependencies(&unit.after_unit_keys, "after_unit_keys").unwrap();

@@ -203,6 +203,10 @@ pub struct Unit {
     pub result: Option<Spec>,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
+    /// When a unit that failed retryably may be claimed again; `None` once
+    /// claimed (and for units stored before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_time: Option<DateTime<Utc>>,
 }
 
 /// How an explicit-completion run ends once its units are done.

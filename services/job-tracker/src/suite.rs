@@ -207,8 +207,9 @@ const LEASE: Duration = Duration::from_secs(30);
 /// # Panics
 /// On the first rule that does not hold.
 pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
-    let tracker = Arc::new(Tracker::new(store, CancellationToken::new()));
+    let tracker = Arc::new(Tracker::new(store.clone(), CancellationToken::new()));
     let name = |n: &str| format!("{prefix}-{n}");
+    a_retryable_failure_waits_before_its_next_attempt(store, &name("backoff")).await;
     creating_a_job_is_idempotent(&tracker, &name("race"), &name("missing")).await;
     let (run_id, claimed) = each_unit_is_claimed_once(&tracker, &name("race")).await;
     lost_races_read_the_queue_again(&tracker, &name("burst")).await;
@@ -655,6 +656,100 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
             .await,
         "a completion under an older token",
     );
+}
+
+/// A unit that failed retryably waits before it may be claimed again (the
+/// first delay doubled per attempt made, jittered down to half), so a
+/// store's outage of a few seconds does not use up its attempts; a claim
+/// naming it takes it at once.
+async fn a_retryable_failure_waits_before_its_next_attempt(
+    store: Arc<dyn KvStore>,
+    job_name: &str,
+) {
+    let first = Duration::from_millis(600);
+    let tracker = Tracker::new(store, CancellationToken::new()).with_retry_delay(first);
+    let mut flaky = job(job_name, JobKind::BackfillAttribute);
+    flaky.max_attempts = 3;
+    tracker.create_job(flaky, "suite").await.unwrap();
+    let run_id = tracker
+        .start_run(start(job_name, &["s0"]))
+        .await
+        .unwrap()
+        .run
+        .run_id;
+    let fail = |token: u64| {
+        let fence = Fence {
+            run_id: run_id.clone(),
+            unit_key: "s0".into(),
+            fencing_token: token,
+        };
+        let tracker = &tracker;
+        async move {
+            let failed = UnitOutcome::Failed {
+                error: "the store is unreachable".into(),
+                retryable: true,
+                rolled_back: false,
+            };
+            let (unit, _) = tracker
+                .finish_unit(&fence, failed, None, "w")
+                .await
+                .unwrap();
+            (unit, tokio::time::Instant::now())
+        }
+    };
+    let mut token = tracker
+        .claim_unit(&claim("w", &run_id, LEASE))
+        .await
+        .unwrap()
+        .expect("claimable")
+        .unit
+        .fencing_token;
+    for (attempt, full) in [(1_u32, first), (2, first * 2)] {
+        let (unit, failed_at) = fail(token).await;
+        assert_eq!(unit.status, UnitStatus::NotMigrated);
+        let wait = (unit.retry_time.expect("a retry time") - unit.update_time)
+            .to_std()
+            .unwrap();
+        assert!(
+            wait + Duration::from_millis(10) >= full / 2 && wait <= full,
+            "attempt {attempt}: waits {wait:?}, expected {:?}..={full:?}",
+            full / 2
+        );
+        let listed = tracker.list_units(&run_id).await.unwrap();
+        assert_eq!(listed[0].retry_time, unit.retry_time, "shown to readers");
+        if attempt == 2 {
+            // Named, it is claimed at once (an operator running it now).
+            let named = tracker
+                .claim_unit(&ClaimRequest {
+                    unit_key: "s0".into(),
+                    ..claim("w", &run_id, LEASE)
+                })
+                .await
+                .unwrap()
+                .expect("a named unit is claimed without waiting");
+            assert_eq!(named.unit.attempts, 3);
+            assert!(named.unit.retry_time.is_none());
+            return;
+        }
+        let claimed = loop {
+            if let Some(c) = tracker
+                .claim_unit(&claim("w", &run_id, LEASE))
+                .await
+                .unwrap()
+            {
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let waited = failed_at.elapsed();
+        assert!(
+            waited >= wait.saturating_sub(Duration::from_millis(50)),
+            "claimed after {waited:?}, before its retry time ({wait:?})"
+        );
+        assert_eq!(claimed.unit.attempts, attempt + 1);
+        assert!(claimed.unit.retry_time.is_none(), "cleared by the claim");
+        token = claimed.unit.fencing_token;
+    }
 }
 
 /// Retryable failures go back to the queue until max attempts, rolled back

@@ -279,6 +279,7 @@ mod tests {
             result: None,
             create_time: now,
             update_time: now,
+            retry_time: None,
         };
         let copied = queued(&queue_body_with(&unit, 7).unwrap());
         assert_eq!(copied.after, Some(vec!["a".to_owned()]));

@@ -9,7 +9,7 @@ use super::deps::{Migrated, queue_body_with, queued};
 use super::finish::{asked_end_op, open_units_op};
 use super::{
     ACTIVE, ActiveRun, ClaimRequest, Claimed, Fence, RUN_COPY, Tracker, UnitOutcome, delete,
-    job_pk, micros, parse, put, run_pk,
+    job_pk, micros, parse, put, retry_delay, run_pk,
 };
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Entry, Expect, Op, query_all};
@@ -285,8 +285,10 @@ impl Tracker {
         };
         let now = Utc::now();
         let expired = unit.lease.as_ref().is_none_or(|l| l.expire_time < now);
+        // A unit that failed retryably waits out its delay, unless named.
+        let waiting = !explicit && unit.retry_time.is_some_and(|t| t > now);
         let claimable = match unit.status {
-            UnitStatus::NotMigrated => true,
+            UnitStatus::NotMigrated => !waiting,
             UnitStatus::InProgress => expired,
             _ => false,
         };
@@ -317,6 +319,7 @@ impl Tracker {
         unit.attempts += 1;
         unit.fencing_token += 1;
         unit.update_time = now;
+        unit.retry_time = None;
         // A migration unit out of attempts may hold a partial copy in the
         // target: it gets up to `max_attempts` more leases, for a worker to
         // remove that copy and fail it rolled back (one clean-up lease was
@@ -570,9 +573,20 @@ impl Tracker {
                         // not (a unit whose partial copy was removed starts
                         // clean); `rolled_back` says how it ends otherwise.
                         if *retryable && unit.attempts < run.max_attempts {
+                            let wait = retry_delay(self.retry_delay, unit.attempts);
+                            unit.retry_time = (!wait.is_zero()).then(|| {
+                                Utc::now()
+                                    + chrono::Duration::from_std(wait)
+                                        .unwrap_or_else(|_| chrono::Duration::seconds(300))
+                            });
                             (
                                 UnitStatus::NotMigrated,
-                                format!("retryable failure: {error}"),
+                                format!(
+                                    "retryable failure (attempt {} of {}), claimable again in {:.1} s: {error}",
+                                    unit.attempts,
+                                    run.max_attempts,
+                                    wait.as_secs_f64()
+                                ),
                             )
                         } else if *rolled_back {
                             (

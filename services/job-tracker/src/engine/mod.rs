@@ -234,6 +234,23 @@ pub struct Tracker {
     /// revision, and one that fails (the unit changed elsewhere) reads the
     /// unit and checks the fence as before.
     held: std::sync::Mutex<std::collections::HashMap<(String, String), (Unit, u64)>>,
+    /// The first wait before a unit that failed retryably may be claimed
+    /// again ([`Tracker::with_retry_delay`]).
+    retry_delay: Duration,
+}
+
+/// The longest wait between two attempts of a unit, however many it made.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// The wait before attempt `attempts + 1` of a unit that failed retryably:
+/// `first` doubled per attempt made, at most [`MAX_RETRY_DELAY`], jittered
+/// down to half of that so units that failed together (a store's outage)
+/// do not all come back at the same moment.
+pub fn retry_delay(first: Duration, attempts: u32) -> Duration {
+    let full = first
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_RETRY_DELAY);
+    full.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
 /// How long a claim or a checkpoint may answer from a job read earlier
@@ -260,7 +277,16 @@ impl Tracker {
             recent_jobs: std::sync::Mutex::default(),
             job_writes: AtomicU64::new(0),
             held: std::sync::Mutex::default(),
+            retry_delay: Duration::ZERO,
         }
+    }
+
+    /// Waits `first` (doubled per attempt, see [`retry_delay`]) before a
+    /// unit that failed retryably may be claimed again; none by default.
+    #[must_use]
+    pub fn with_retry_delay(mut self, first: Duration) -> Self {
+        self.retry_delay = first;
+        self
     }
 
     pub fn shutting_down(&self) -> bool {

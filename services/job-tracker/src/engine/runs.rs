@@ -488,6 +488,7 @@ fn new_unit(run: &Run, spec: &UnitSpec, keep_migrated: bool, now: DateTime<Utc>)
         result: None,
         create_time: now,
         update_time: now,
+        retry_time: None,
     }
 }
 
