@@ -52,16 +52,26 @@ fn number(text: &str, field: &str) -> Result<Number, ProtoError> {
 /// # Errors
 /// No member set, a bad number, an empty or duplicate set.
 pub fn value_from_proto(value: &pb::AttributeValue) -> Result<AttrValue, ProtoError> {
-    let Some(v) = &value.value else {
+    value_from_proto_owned(value.clone())
+}
+
+/// Like [`value_from_proto`], taking the value: its strings and bytes move
+/// into the result instead of being copied, which is what a feed decoding
+/// every record does ([`decode_change`]).
+///
+/// # Errors
+/// As [`value_from_proto`].
+pub fn value_from_proto_owned(value: pb::AttributeValue) -> Result<AttrValue, ProtoError> {
+    let Some(v) = value.value else {
         return Err(ProtoError::new("", "exactly one value member must be set"));
     };
     Ok(match v {
-        PbValue::S(s) => AttrValue::S(s.clone()),
-        PbValue::N(n) => AttrValue::N(number(n, "n")?),
-        PbValue::B(b) => AttrValue::B(b.clone()),
-        PbValue::BoolValue(b) => AttrValue::Bool(*b),
+        PbValue::S(s) => AttrValue::S(s),
+        PbValue::N(n) => AttrValue::N(number(&n, "n")?),
+        PbValue::B(b) => AttrValue::B(b),
+        PbValue::BoolValue(b) => AttrValue::Bool(b),
         PbValue::NullValue(_) => AttrValue::Null(true),
-        PbValue::Ss(set) => AttrValue::Ss(distinct(set.values.iter().cloned(), "ss")?),
+        PbValue::Ss(set) => AttrValue::Ss(distinct(set.values, "ss")?),
         PbValue::Ns(set) => {
             let numbers = set
                 .values
@@ -71,16 +81,18 @@ pub fn value_from_proto(value: &pb::AttributeValue) -> Result<AttrValue, ProtoEr
                 .collect::<Result<Vec<_>, _>>()?;
             AttrValue::Ns(distinct(numbers, "ns")?)
         }
-        PbValue::Bs(set) => AttrValue::Bs(distinct(set.values.iter().cloned(), "bs")?),
+        PbValue::Bs(set) => AttrValue::Bs(distinct(set.values, "bs")?),
         PbValue::L(list) => AttrValue::L(
             list.values
-                .iter()
+                .into_iter()
                 .enumerate()
-                .map(|(i, v)| value_from_proto(v).map_err(|e| e.within(&format!("l.values[{i}]"))))
+                .map(|(i, v)| {
+                    value_from_proto_owned(v).map_err(|e| e.within(&format!("l.values[{i}]")))
+                })
                 .collect::<Result<_, _>>()?,
         ),
         PbValue::M(map) => {
-            AttrValue::M(attributes_from_proto(&map.attributes).map_err(|e| e.within("m"))?)
+            AttrValue::M(attributes_from_proto(map.attributes).map_err(|e| e.within("m"))?)
         }
     })
 }
@@ -101,15 +113,17 @@ fn distinct<T: Ord>(
     Ok(set)
 }
 
+/// The attributes of a map, item or key, taken by value. prost decodes a
+/// protobuf map into a `BTreeMap` already, so they come in key order and
+/// the tree is built from a sorted run without comparisons between them.
 fn attributes_from_proto(
-    attributes: &BTreeMap<String, pb::AttributeValue>,
+    attributes: BTreeMap<String, pb::AttributeValue>,
 ) -> Result<BTreeMap<String, AttrValue>, ProtoError> {
     attributes
-        .iter()
-        .map(|(k, v)| {
-            value_from_proto(v)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| e.within(&format!("attributes[{k:?}]")))
+        .into_iter()
+        .map(|(k, v)| match value_from_proto_owned(v) {
+            Ok(v) => Ok((k, v)),
+            Err(e) => Err(e.within(&format!("attributes[{k:?}]"))),
         })
         .collect()
 }
@@ -146,7 +160,7 @@ pub fn value_to_proto(value: &AttrValue) -> pb::AttributeValue {
 /// # Errors
 /// A value that does not convert (see [`value_from_proto`]).
 pub fn item_from_proto(item: &pb::Item) -> Result<Item, ProtoError> {
-    attributes_from_proto(&item.attributes)
+    attributes_from_proto(item.attributes.clone())
 }
 
 pub fn item_to_proto(item: &Item) -> pb::Item {
@@ -161,13 +175,17 @@ pub fn item_to_proto(item: &Item) -> pb::Item {
 /// # Errors
 /// No attributes, or an attribute that is not a string, number or binary.
 pub fn key_from_proto(key: &pb::Key) -> Result<Key, ProtoError> {
+    key_from_proto_owned(key.clone())
+}
+
+fn key_from_proto_owned(key: pb::Key) -> Result<Key, ProtoError> {
     if key.attributes.is_empty() {
         return Err(ProtoError::new(
             "attributes",
             "a key needs its key attributes",
         ));
     }
-    let attrs = attributes_from_proto(&key.attributes)?;
+    let attrs = attributes_from_proto(key.attributes)?;
     for (name, v) in &attrs {
         if v.key_text().is_none() {
             return Err(ProtoError::new(
@@ -241,10 +259,9 @@ fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
 /// without image).
 pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, ProtoError> {
     let record = pb::ChangeRecord::decode(bytes).map_err(|e| ProtoError::new("", e.to_string()))?;
-    let key = key_from_proto(
+    let key = key_from_proto_owned(
         record
             .key
-            .as_ref()
             .ok_or_else(|| ProtoError::new("key", "required"))?,
     )
     .map_err(|e| e.within("key"))?;
@@ -256,9 +273,8 @@ pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, P
     } else {
         let image = record
             .new_image
-            .as_ref()
             .ok_or_else(|| ProtoError::new("new_image", "required unless deleted"))?;
-        Some(item_from_proto(image).map_err(|e| e.within("new_image"))?)
+        Some(attributes_from_proto(image.attributes).map_err(|e| e.within("new_image"))?)
     };
     let created_at_micros = record.change_time.as_ref().map_or(0, timestamp_micros);
     Ok(ChangeRecord {

@@ -8,7 +8,7 @@ use super::purge::now_millis;
 use super::{BACKEND, DELETED_AT_FIELD, DELETED_FIELD, ITEM_FIELD, KEY_FIELD, VERSION_FIELD};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::traits::{SinkOp, SinkRecord};
-use crate::value::{AttrValue, Item, KeySchema, Number, canonical_item};
+use crate::value::{AttrValue, Item, KeySchema, Number};
 
 fn is_reserved(name: &str) -> bool {
     name.starts_with("_tidemark_")
@@ -73,7 +73,7 @@ pub fn bulk_lines_as(
             }
             json(out, ITEM_FIELD);
             out.push(b':');
-            json(out, canonical_item(item).as_str());
+            json_string_of_json(out, item);
         }
         SinkOp::Delete => {
             json(out, DELETED_FIELD);
@@ -90,6 +90,56 @@ pub fn bulk_lines_as(
     json(out, id);
     out.extend_from_slice(b"}\n");
     Ok(())
+}
+
+/// The JSON string whose content is `v`'s JSON (what `json(out,
+/// &serde_json::to_string(v))` writes), escaped as it is serialised instead
+/// of through a second buffer: the `_item` field of every upsert.
+fn json_string_of_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    out.push(b'"');
+    serde_json::to_writer(Escaping(out), v).expect("plain values always serialise");
+    out.push(b'"');
+}
+
+/// Writes what it is given as the content of a JSON string, escaped as
+/// serde_json escapes a string: `"` and `\` with a backslash, control
+/// characters by their short form or `\u00XX`, everything else as is.
+struct Escaping<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for Escaping<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut start = 0;
+        for (i, &b) in buf.iter().enumerate() {
+            let short = match b {
+                b'"' => b'"',
+                b'\\' => b'\\',
+                b'\n' => b'n',
+                b'\r' => b'r',
+                b'\t' => b't',
+                0x08 => b'b',
+                0x0c => b'f',
+                0x00..=0x1f => 0,
+                _ => continue,
+            };
+            self.0.extend_from_slice(&buf[start..i]);
+            start = i + 1;
+            if short == 0 {
+                self.0.extend_from_slice(b"\\u00");
+                self.0.push(HEX[usize::from(b >> 4)]);
+                self.0.push(HEX[usize::from(b & 0xf)]);
+            } else {
+                self.0.push(b'\\');
+                self.0.push(short);
+            }
+        }
+        self.0.extend_from_slice(&buf[start..]);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `v` as JSON, appended to `out` (writing into a `Vec` cannot fail, and
@@ -205,6 +255,35 @@ mod tests {
     use serde_json::Map;
 
     use super::*;
+    use crate::value::canonical_item;
+
+    #[test]
+    fn the_item_field_is_the_items_json_as_a_json_string() {
+        let every_byte: String = (0u8..0x80).map(char::from).collect();
+        let item: Item = [
+            (
+                "s",
+                AttrValue::s(format!("{every_byte} \"quoted\" \\ é 😀")),
+            ),
+            ("n", AttrValue::n(7i64)),
+            ("b", AttrValue::B(vec![0, 255])),
+            (
+                "m",
+                AttrValue::M([("k\n\"".to_owned(), AttrValue::s("\u{1f}\u{7f}"))].into()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let mut fast = Vec::new();
+        json_string_of_json(&mut fast, &item);
+        let mut two_steps = Vec::new();
+        json(&mut two_steps, canonical_item(&item).as_str());
+        assert_eq!(
+            String::from_utf8(fast).unwrap(),
+            String::from_utf8(two_steps).unwrap()
+        );
+    }
 
     #[test]
     fn bulk_lines_are_the_action_and_the_plain_item_with_reserved_fields() {
