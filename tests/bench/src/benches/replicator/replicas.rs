@@ -73,8 +73,9 @@ impl Benchmark for Replicas {
         }
         let mut backfill = Vec::new();
         let mut pipeline = Vec::new();
+        let mut phases = Vec::new();
         for n in REPLICAS {
-            let (b, p) = match round(
+            let (b, p, phase) = match round(
                 bins.path(),
                 dir.path(),
                 &data,
@@ -97,6 +98,7 @@ impl Benchmark for Replicas {
             };
             backfill.push(b);
             pipeline.push(p);
+            phases.push(format!("{n}: {phase}"));
         }
         // What the stand-in itself serves at those demands: a raw client
         // sending the backfill's requests through the same proxy with one
@@ -156,6 +158,10 @@ impl Benchmark for Replicas {
             "raw client: the backfill's own requests (segmented scans, the same conditional UpdateItems, 16 in flight per segment) from the bench process through the same proxy, with as many segments at once as 1 and 4 replicas work on: what the local DynamoDB stand-in serves at those demands, whatever runs the work"
                 .to_owned(),
         );
+        report.notes.push(format!(
+            "where a pipeline's time went, by replica count (from the job-tracker's history of its units): {}. The segments' span shrinks with replicas; the wait for Drain after them does not: a backfilling pipeline's feed reads the source's change log from its trim horizon (every change the log holds: here the {items} writes that seeded the source, which the segments copy too), in its one feed unit beside the segments, and Drain waits until it has replayed them all",
+            phases.join("; ")
+        ));
         report.notes.push(
             "each replica count on fresh processes: a job-tracker and that many replicator processes, the first of which takes the RPCs; units go to whichever replica claims them. The attribute backfill sets a new attribute on every item of one table per count; the pipeline copies an embedded table (the replicas share its database file) into a new DynamoDB table, from CreatePipeline to STREAMING and drained"
                 .to_owned(),
@@ -165,7 +171,7 @@ impl Benchmark for Replicas {
 }
 
 /// One replica count on fresh processes: the attribute backfill's and the
-/// pipeline's items/s.
+/// pipeline's items/s, and where the pipeline's time went.
 #[allow(clippy::too_many_arguments)]
 async fn round(
     bins: &Path,
@@ -176,7 +182,7 @@ async fn round(
     proxied: &str,
     table: &str,
     items: usize,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, Phases)> {
     let mut plane = start(bins, dir, data, n, proxied).await?;
     let channel = |p: &Process| Channel::from_shared(p.url()).map(|c| c.connect_lazy());
     let mut jobs = JobTrackerServiceClient::new(channel(&plane[0])?);
@@ -190,12 +196,14 @@ async fn round(
         false,
     )
     .await?;
+    let created = std::time::SystemTime::now();
     let p = tokio::time::timeout(
         RUN_WITHIN,
         copy(&mut replicator, &format!("replicas-{n}"), &sink, items),
     )
     .await
     .with_context(|| format!("pipeline replicas-{n} not drained after {RUN_WITHIN:?}"))??;
+    let phases = Phases::of(&mut jobs, &format!("pipeline/replicas-{n}"), created).await?;
     let copied = count(&dynalite.endpoint(), &sink).await?;
     anyhow::ensure!(
         copied == items,
@@ -205,11 +213,106 @@ async fn round(
         process.check_alive()?;
     }
     eprintln!(
-        "replicas {n}: attribute backfill {} items/s, pipeline initial backfill {} items/s",
+        "replicas {n}: attribute backfill {} items/s, pipeline initial backfill {} items/s ({phases})",
         fmt_num(b),
         fmt_num(p)
     );
-    Ok((b, p))
+    Ok((b, p, phases))
+}
+
+/// Where a pipeline's time went, from the job-tracker's record of its
+/// backfill segments: CreatePipeline to the first segment claimed, first
+/// claim to the last segment done, and from there to STREAMING and drained.
+struct Phases {
+    before: Duration,
+    segments: Duration,
+    after: Duration,
+}
+
+impl Phases {
+    async fn of(
+        jobs: &mut JobTrackerServiceClient<Channel>,
+        job: &str,
+        created: std::time::SystemTime,
+    ) -> anyhow::Result<Self> {
+        use tidemark_proto::job_tracker::v1 as jt;
+        let drained = std::time::SystemTime::now();
+        let run_id = jobs
+            .get_job(jt::GetJobRequest {
+                name: job.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .job
+            .and_then(|j| j.last_run)
+            .context("the pipeline's job has no run")?
+            .run_id;
+        let mut times = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = jobs
+                .list_transitions(jt::ListTransitionsRequest {
+                    run_id: run_id.clone(),
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            for t in &page.transitions {
+                if t.reason.contains("fail") || t.reason.contains("expired") {
+                    eprintln!("  {job} {}: {} ({})", t.unit_key, t.reason, t.actor);
+                }
+            }
+            times.extend(
+                page.transitions
+                    .iter()
+                    .filter(|t| t.unit_key.starts_with("segment"))
+                    .filter_map(|t| {
+                        let claim = matches!(
+                            &t.change,
+                            Some(jt::transition::Change::UnitStatus(c))
+                                if c.to_status == jt::UnitStatus::InProgress as i32
+                        );
+                        let time = t
+                            .time
+                            .and_then(|t| std::time::SystemTime::try_from(t).ok())?;
+                        Some((claim, time))
+                    }),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let first = times
+            .iter()
+            .filter(|(claim, _)| *claim)
+            .map(|(_, t)| *t)
+            .min()
+            .context("no segment was claimed")?;
+        let last = times.iter().map(|(_, t)| *t).max().context("no segment")?;
+        let span = |a: std::time::SystemTime, b: std::time::SystemTime| {
+            b.duration_since(a).unwrap_or_default()
+        };
+        Ok(Self {
+            before: span(created, first),
+            segments: span(first, last),
+            after: span(last, drained),
+        })
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} s to the first segment's claim, {:.1} s of segments, {:.1} s from the last segment to STREAMING and drained",
+            self.before.as_secs_f64(),
+            self.segments.as_secs_f64(),
+            self.after.as_secs_f64()
+        )
+    }
 }
 
 fn document(i: usize) -> Item {
