@@ -138,7 +138,8 @@ async fn create(plane: &mut Plane, name: &str, spec: pb::PipelineSpec) {
 }
 
 async fn wait_streaming(plane: &mut Plane, name: &str) {
-    for _ in 0..900 {
+    let mut tries = 0;
+    let p = loop {
         let p = plane
             .replicator
             .get_pipeline(pb::GetPipelineRequest {
@@ -153,18 +154,12 @@ async fn wait_streaming(plane: &mut Plane, name: &str) {
             return;
         }
         assert_ne!(p.state, pb::PipelineState::Failed as i32, "{p:?}");
+        tries += 1;
+        if tries == 900 {
+            break p;
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let p = plane
-        .replicator
-        .get_pipeline(pb::GetPipelineRequest {
-            name: name.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pipeline
-        .unwrap();
+    };
     let units = plane
         .jobs
         .list_units(jt::ListUnitsRequest {
