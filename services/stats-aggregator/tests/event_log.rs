@@ -86,7 +86,20 @@ async fn processes_sharing_a_buffer_count_each_id_once() {
         tokio::spawn(async move {
             let mut accepted = 0;
             for chunk in events.chunks(size) {
-                let dups = buf.apply_events(chunk, window).await.expect("apply");
+                // Under contention the log may move past a batch while it
+                // catches up: that answer is retryable, and a client sends
+                // the same batch again (its ids must still count once).
+                let mut tries = 0;
+                let dups = loop {
+                    match buf.apply_events(chunk, window).await {
+                        Ok(dups) => break dups,
+                        Err(e) if e.is_retryable() && tries < 100 => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("apply (after {tries} retries): {e:?}"),
+                    }
+                };
                 accepted += chunk.len() - dups.len();
             }
             accepted
