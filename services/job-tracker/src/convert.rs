@@ -308,9 +308,12 @@ pub fn unit_specs(units: &[pb::UnitSpec], field: &str) -> Result<Vec<UnitSpec>, 
                     format!("{key:?} appears twice"),
                 ));
             }
+            crate::limits::check_checkpoint(&u.checkpoint)
+                .map_err(|e| FieldError::new(format!("{field}[{i}].checkpoint"), e.description))?;
             Ok(UnitSpec {
                 unit_key: key,
                 after_unit_keys: u.after_unit_keys.clone(),
+                checkpoint: u.checkpoint.clone(),
             })
         })
         .collect()
@@ -658,6 +661,21 @@ mod tests {
         let err = unit_specs(&specs(max + 1), "units").unwrap_err();
         assert_eq!(err.field, "units");
         assert!(err.description.contains("10000"), "{}", err.description);
+    }
+
+    #[test]
+    fn a_first_checkpoint_is_kept_up_to_the_checkpoint_limit() {
+        let spec = |len: usize| pb::UnitSpec {
+            unit_key: format!("feed-{len}"),
+            checkpoint: vec![b'x'; len],
+            ..Default::default()
+        };
+        let max = crate::limits::MAX_CHECKPOINT_BYTES;
+        let kept = unit_specs(&[spec(max)], "units").unwrap();
+        assert_eq!(kept[0].checkpoint.len(), max);
+        let err = unit_specs(&[spec(0), spec(max + 1)], "units").unwrap_err();
+        assert_eq!(err.field, "units[1].checkpoint");
+        assert!(err.description.contains("65536"), "{}", err.description);
     }
 
     #[test]

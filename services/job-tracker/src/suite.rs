@@ -164,6 +164,7 @@ fn units(keys: &[&str]) -> Vec<UnitSpec> {
         .map(|k| UnitSpec {
             unit_key: (*k).to_owned(),
             after_unit_keys: Vec::new(),
+            ..Default::default()
         })
         .collect()
 }
@@ -211,6 +212,7 @@ pub async fn tracker_rules(store: Arc<dyn KvStore>, prefix: &str) {
     let name = |n: &str| format!("{prefix}-{n}");
     a_retryable_failure_waits_before_its_next_attempt(store, &name("backoff")).await;
     creating_a_job_is_idempotent(&tracker, &name("race"), &name("missing")).await;
+    a_unit_starts_from_the_checkpoint_it_was_registered_with(&tracker, &name("feed")).await;
     let (run_id, claimed) = each_unit_is_claimed_once(&tracker, &name("race")).await;
     lost_races_read_the_queue_again(&tracker, &name("burst")).await;
     let new_fence = stale_tokens_are_refused(&tracker, &run_id, &claimed).await;
@@ -656,6 +658,44 @@ async fn force_remigrate_claims_again(tracker: &Arc<Tracker>, job_name: &str) {
             .await,
         "a completion under an older token",
     );
+}
+
+/// A unit registered with a checkpoint is first claimed with it (a change
+/// feed's start position, read before the run existed); registering the
+/// key again does not replace it; a unit registered without one has none.
+async fn a_unit_starts_from_the_checkpoint_it_was_registered_with(
+    tracker: &Arc<Tracker>,
+    job_name: &str,
+) {
+    tracker
+        .create_job(job(job_name, JobKind::Replication), "suite")
+        .await
+        .unwrap();
+    let mut first = start(job_name, &["feed", "segment-0"]);
+    first.units[0].checkpoint = b"{\"sequence\":\"42\"}".to_vec();
+    let run_id = tracker.start_run(first).await.unwrap().run.run_id;
+    let mut again = units(&["feed"]);
+    again[0].checkpoint = b"{\"sequence\":\"99\"}".to_vec();
+    tracker.add_units(&run_id, &again, "suite").await.unwrap();
+    for (key, expected) in [
+        ("feed", &b"{\"sequence\":\"42\"}"[..]),
+        ("segment-0", &b""[..]),
+    ] {
+        let claimed = tracker
+            .claim_unit(&ClaimRequest {
+                unit_key: key.into(),
+                ..claim("w", &run_id, LEASE)
+            })
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{key} is claimable"));
+        assert_eq!(
+            claimed.unit.checkpoint,
+            expected,
+            "{key}'s first claim reads {:?}",
+            String::from_utf8_lossy(expected)
+        );
+    }
 }
 
 /// A unit that failed retryably waits before it may be claimed again (the

@@ -109,6 +109,7 @@ async fn list_runs_without_a_job_lists_every_jobs_runs_newest_first() {
                 units: vec![pb::UnitSpec {
                     unit_key: "u".into(),
                     after_unit_keys: vec![],
+                    ..Default::default()
                 }],
                 actor: "test".into(),
                 ..pb::StartRunRequest::default()
@@ -228,6 +229,7 @@ async fn unit_writes_check_size_token_and_state(s: &mut Server) {
             units: vec![pb::UnitSpec {
                 unit_key: "u".into(),
                 after_unit_keys: vec![],
+                ..Default::default()
             }],
             ..pb::StartRunRequest::default()
         })
@@ -312,6 +314,7 @@ async fn watch_run_reports_progress_until_done() {
         .map(|i| pb::UnitSpec {
             unit_key: format!("u{i}"),
             after_unit_keys: vec![],
+            ..Default::default()
         })
         .collect();
     let run = s
@@ -498,6 +501,7 @@ async fn gauges_show_units_by_status_and_blocked_jobs() {
         .map(|k| pb::UnitSpec {
             unit_key: (*k).into(),
             after_unit_keys: vec![],
+            ..Default::default()
         })
         .collect();
     let run = s
@@ -565,6 +569,7 @@ async fn a_claim_may_wait_for_work_longer_than_the_request_timeout() {
             units: vec![pb::UnitSpec {
                 unit_key: "u".into(),
                 after_unit_keys: vec![],
+                ..Default::default()
             }],
             ..Default::default()
         })

@@ -109,6 +109,7 @@ async fn start_durable_run(client: &mut JobTrackerServiceClient<Channel>) -> pb:
         .map(|i| pb::UnitSpec {
             unit_key: format!("course-{i:02}"),
             after_unit_keys: vec![],
+            ..Default::default()
         })
         .collect();
     client

@@ -62,6 +62,7 @@ async fn one_unit_run(url: &str, job: &str) -> String {
             units: vec![pb::UnitSpec {
                 unit_key: "u".into(),
                 after_unit_keys: vec![],
+                ..Default::default()
             }],
             ..pb::StartRunRequest::default()
         })

@@ -58,6 +58,9 @@ pub struct NewRun {
     pub job_name: String,
     /// Unit keys; empty: the job's default units.
     pub units: Vec<String>,
+    /// The checkpoint some of `units` start from (by key), as if written
+    /// before their first claim: a change feed's start position, say.
+    pub first_checkpoints: std::collections::BTreeMap<String, Vec<u8>>,
     pub trigger: jpb::RunTrigger,
     pub correlation_id: String,
     pub actor: String,
@@ -249,6 +252,7 @@ impl JobTracker {
     /// `FAILED_PRECONDITION` behind an unacknowledged failure or while a run
     /// is active; `UNAVAILABLE`.
     pub async fn start_run(&self, run: NewRun) -> Result<jpb::Run, ServiceError> {
+        let mut first_checkpoints = run.first_checkpoints;
         self.raw
             .clone()
             .start_run(jpb::StartRunRequest {
@@ -257,6 +261,7 @@ impl JobTracker {
                     .units
                     .into_iter()
                     .map(|unit_key| jpb::UnitSpec {
+                        checkpoint: first_checkpoints.remove(&unit_key).unwrap_or_default(),
                         unit_key,
                         after_unit_keys: Vec::new(),
                     })

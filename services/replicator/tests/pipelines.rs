@@ -1400,6 +1400,149 @@ async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
     );
 }
 
+/// A backfilling pipeline from an embedded table with a history: its feed
+/// starts where the change log ended when the pipeline was created, so the
+/// feed unit applies only the changes made from then on (not the 650 the
+/// scans copy anyway), and every one of them, made while the segments scan,
+/// reaches the index: it ends equal to the table, deleted items absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfilling_pipeline_feed_starts_at_the_logs_end_and_misses_nothing() {
+    const ITEMS: u32 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = common::plane_in(dir.path(), |_| {}).await;
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let store =
+        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
+            .unwrap();
+    let table = Arc::new(store.table("docs", schema()));
+    let id = |i: u32| format!("p{i}");
+    // The history: every item written twice, one in six deleted.
+    for round in 0..2 {
+        for i in 0..ITEMS {
+            let n = AttrValue::n(i64::from(round * 1000 + i));
+            table.put(&doc("post", &id(i), n), None).await.unwrap();
+        }
+    }
+    for i in (0..ITEMS).step_by(6) {
+        table.delete(&key("post", &id(i)), None).await.unwrap();
+    }
+    let log_end = || async {
+        let end = store.log_end("docs").await.unwrap();
+        end.partitions["0"]
+            .sequence
+            .as_deref()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let history = log_end().await;
+    assert_eq!(history, 650, "the history the scans copy");
+    let index = unique_name("from-end");
+    let name = unique_name("from-end");
+    let spec = pb::PipelineSpec {
+        feed: Some(pb::ChangeFeed {
+            feed: Some(pb::change_feed::Feed::EmbeddedChangeLog(
+                pb::EmbeddedChangeLogFeed {
+                    start_position: pb::StartPosition::TrimHorizon as i32,
+                },
+            )),
+        }),
+        backfill: Some(pb::BackfillOptions {
+            mode: pb::BackfillMode::Tombstones as i32,
+            segments: 4,
+            chunk_size: 25,
+            ..Default::default()
+        }),
+        ..kafka_spec("unused", &index, 1)
+    };
+    create(&mut plane, &name, spec).await;
+    // Changes while the segments scan: updates, new items, deletes (of
+    // items alive and already deleted), and an item deleted then put back.
+    let writer = {
+        let table = table.clone();
+        tokio::spawn(async move {
+            for i in 0..ITEMS {
+                let k = i * 7 % (ITEMS + 60);
+                match i % 5 {
+                    0..=2 => {
+                        let n = AttrValue::n(i64::from(5000 + i));
+                        table.put(&doc("post", &id(k), n), None).await.unwrap();
+                    }
+                    3 => table.delete(&key("post", &id(k)), None).await.unwrap(),
+                    _ => {
+                        table.delete(&key("post", &id(k)), None).await.unwrap();
+                        table
+                            .put(&doc("post", &id(k), AttrValue::n(9000i64)), None)
+                            .await
+                            .unwrap();
+                    }
+                }
+                if i % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    wait_streaming(&mut plane, &name).await;
+    writer.await.unwrap();
+    let changes = log_end().await - history;
+    drain(&mut plane, &name).await;
+
+    let reader = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &index,
+        schema(),
+    )
+    .await
+    .unwrap();
+    let keys = || (0..ITEMS + 60).map(|i| key("post", &id(i)));
+    let mut expected = BTreeMap::new();
+    for k in keys() {
+        if let Some(item) = table.get(&k).await.unwrap() {
+            expected.insert(k, item);
+        }
+    }
+    let indexed: BTreeMap<Key, Item> = index_contents(&reader, keys())
+        .await
+        .into_iter()
+        .map(|(k, (_, item))| (k, item))
+        .collect();
+    assert_eq!(
+        indexed.len(),
+        expected.len(),
+        "live documents against live items"
+    );
+    assert_eq!(indexed, expected, "the index equals the table");
+
+    let run_id = plane
+        .replicator
+        .get_pipeline(pb::GetPipelineRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipeline
+        .unwrap()
+        .run_id;
+    let units = plane
+        .jobs
+        .list_units(jt::ListUnitsRequest {
+            run_id,
+            unit_keys: vec!["feed".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .units;
+    let applied = units[0].items_processed;
+    assert!(changes > 0, "the writer changed the table");
+    assert_eq!(
+        applied, changes,
+        "the feed unit applied exactly the {changes} changes made after CreatePipeline \
+         (the {history} before it are the scans' to copy)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_item_leaving_a_sinks_filter_leaves_the_target() {
     // Only items touched in the last hour go to the index; an update that

@@ -43,6 +43,7 @@ async fn jobs_commands_show_and_open_the_failure_gate() {
         .map(|k| pb::UnitSpec {
             unit_key: (*k).into(),
             after_unit_keys: vec![],
+            ..Default::default()
         })
         .collect();
     let run = jobs

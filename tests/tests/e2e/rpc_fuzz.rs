@@ -788,16 +788,17 @@ fn unit_specs(seeds: &Seeds, over_limit: bool) -> BoxedStrategy<Vec<jt::UnitSpec
                 |(unit_key, after_unit_keys)| jt::UnitSpec {
                     unit_key,
                     after_unit_keys,
+                    ..Default::default()
                 }
             ),
             0..5
         ),
         // A cycle and a dependency on itself.
         1 => Just(vec![
-            jt::UnitSpec { unit_key: "a".into(), after_unit_keys: vec!["b".into()] },
-            jt::UnitSpec { unit_key: "b".into(), after_unit_keys: vec!["a".into()] },
+            jt::UnitSpec { unit_key: "a".into(), after_unit_keys: vec!["b".into()], ..Default::default() },
+            jt::UnitSpec { unit_key: "b".into(), after_unit_keys: vec!["a".into()], ..Default::default() },
         ]),
-        1 => Just(vec![jt::UnitSpec { unit_key: "a".into(), after_unit_keys: vec!["a".into()] }]),
+        1 => Just(vec![jt::UnitSpec { unit_key: "a".into(), after_unit_keys: vec!["a".into()], ..Default::default() }]),
     ]
     .boxed();
     if !over_limit {
@@ -807,6 +808,7 @@ fn unit_specs(seeds: &Seeds, over_limit: bool) -> BoxedStrategy<Vec<jt::UnitSpec
         .map(|i| jt::UnitSpec {
             unit_key: format!("u{i}"),
             after_unit_keys: vec![],
+            ..Default::default()
         })
         .collect();
     prop_oneof![6 => plain, 1 => Just(over)].boxed()
@@ -1249,10 +1251,12 @@ async fn plant_seeds(f: &Fuzzer) -> Seeds {
                 jt::UnitSpec {
                     unit_key: "u1".into(),
                     after_unit_keys: vec![],
+                    ..Default::default()
                 },
                 jt::UnitSpec {
                     unit_key: "u2".into(),
                     after_unit_keys: vec!["u1".into()],
+                    ..Default::default()
                 },
             ],
             actor: "fuzz".into(),

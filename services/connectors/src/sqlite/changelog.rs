@@ -67,6 +67,13 @@ impl EmbeddedStore {
             oldest_uncommitted_micros: None,
         })
     }
+
+    /// The checkpoint of a feed of table `name` that has read the log to
+    /// its current end: [`feed`](Self::feed) resumed from it reads only
+    /// changes made after this call.
+    pub async fn log_end(&self, name: &str) -> ConnectorResult<FeedCheckpoint> {
+        Ok(self.feed_from_end(name).await?.checkpoint())
+    }
 }
 
 pub(super) fn log_change(

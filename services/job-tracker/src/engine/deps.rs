@@ -237,6 +237,7 @@ mod tests {
         UnitSpec {
             unit_key: key.to_owned(),
             after_unit_keys: after.iter().map(|k| (*k).to_owned()).collect(),
+            ..Default::default()
         }
     }
 
@@ -310,6 +311,7 @@ mod tests {
                 UnitSpec {
                     unit_key: format!("u{i}"),
                     after_unit_keys: after,
+                    ..Default::default()
                 }
             })
             .collect();

@@ -127,10 +127,12 @@ pub struct NewJob {
     pub max_concurrent_units: u32,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct UnitSpec {
     pub unit_key: String,
     pub after_unit_keys: Vec<String>,
+    /// The checkpoint the unit starts from (its first claim reads it).
+    pub checkpoint: Vec<u8>,
 }
 
 #[derive(Clone, Debug)]

@@ -247,7 +247,7 @@ impl Tracker {
                 .into_iter()
                 .map(|k| UnitSpec {
                     unit_key: k,
-                    after_unit_keys: Vec::new(),
+                    ..UnitSpec::default()
                 })
                 .collect()
         } else {
@@ -478,7 +478,7 @@ fn new_unit(run: &Run, spec: &UnitSpec, keep_migrated: bool, now: DateTime<Utc>)
         } else {
             UnitStatus::NotMigrated
         },
-        checkpoint: Vec::new(),
+        checkpoint: spec.checkpoint.clone(),
         progress: Progress::default(),
         last_error: String::new(),
         attempts: 0,

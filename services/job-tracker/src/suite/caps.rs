@@ -77,6 +77,7 @@ fn run_of(job_name: &str, deps: &[String], big: &str) -> StartRun {
     units.push(UnitSpec {
         unit_key: big.to_owned(),
         after_unit_keys: deps.to_vec(),
+        ..Default::default()
     });
     StartRun {
         units,

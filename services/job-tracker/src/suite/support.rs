@@ -68,6 +68,7 @@ pub fn spec(key: &str, after: &[&str]) -> UnitSpec {
     UnitSpec {
         unit_key: key.to_owned(),
         after_unit_keys: after.iter().map(|k| (*k).to_owned()).collect(),
+        ..Default::default()
     }
 }
 

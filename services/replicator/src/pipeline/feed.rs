@@ -67,6 +67,46 @@ pub fn feed_report(checkpoint: &[u8]) -> Option<FeedReport> {
     })
 }
 
+/// The checkpoints a new pipeline's feed units start from, by unit key:
+/// for a backfilling pipeline whose feed can say where its log ends
+/// without reading it (the embedded change log), that end, read before
+/// the run that scans the source exists. Every change made while a segment
+/// scans is after it, so the feed still sees each one (invariant: no change
+/// made during the backfill is missed), and the changes before it, which
+/// the scans copy, are not replayed.
+///
+/// Empty for the other feeds: a DynamoDB stream has no position to give
+/// without reading its shards, and a Kafka group starts where the group
+/// has committed, so their backfilling pipelines read from the trim horizon
+/// (the earliest offset) and replay what the scan copies as well.
+pub async fn first_checkpoints(
+    ctx: &Context,
+    pipeline: &Pipeline,
+) -> Result<BTreeMap<String, Vec<u8>>, tidemark_connectors::ConnectorError> {
+    let mut first = BTreeMap::new();
+    if backfill_mode(pipeline) == BackfillMode::None {
+        return Ok(first);
+    }
+    let spec = pipeline.spec.clone().unwrap_or_default();
+    if let (Some(Feed::EmbeddedChangeLog(_)), Some(Store::SqliteTable(t))) = (
+        spec.feed.and_then(|f| f.feed),
+        spec.source.and_then(|s| s.store),
+    ) {
+        let store = ctx.stores.embedded(&t.database)?;
+        let state = FeedState {
+            feed: store.log_end(&t.table_name).await?,
+            ..FeedState::default()
+        };
+        let bytes = serde_json::to_vec(&state).expect("a feed state serializes");
+        first.extend(
+            super::spec::feed_units(pipeline)
+                .into_iter()
+                .map(|k| (k, bytes.clone())),
+        );
+    }
+    Ok(first)
+}
+
 /// Opens the feed a unit reads; `transactional` (see
 /// [`transactional_sink`]) commits a Kafka feed's offsets in its
 /// transactions.
@@ -81,7 +121,9 @@ pub async fn open_feed(
     let feed = spec.feed.and_then(|f| f.feed);
     let backfilling = backfill_mode(pipeline) != BackfillMode::None;
     let start_of = |p: i32| {
-        // A backfilling pipeline must see every change made while it scans.
+        // A backfilling pipeline must see every change made while it scans
+        // (its feed units start at the log's end when the log can say
+        // where that is: see `first_checkpoints`).
         if backfilling || p == StartPosition::TrimHorizon as i32 {
             FeedStart::TrimHorizon
         } else {

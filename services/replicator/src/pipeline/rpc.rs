@@ -244,11 +244,16 @@ async fn start_first_run(
     ) {
         units.extend(crate::context::segment_units(spec::segments(stored)));
     }
+    // Read before the run (and so any segment) exists.
+    let first_checkpoints = super::feed::first_checkpoints(&r.ctx, stored)
+        .await
+        .map_err(ReplicatorError::store_of("spec.source"))?;
     r.ctx
         .jobs
         .start_run(NewRun {
             job_name: job.name.clone(),
             units,
+            first_checkpoints,
             trigger: RunTrigger::Api,
             correlation_id: format!("create-{}", req.name),
             actor: if req.actor.is_empty() {

@@ -175,6 +175,7 @@ async fn serve(
         .map(|i| pb::UnitSpec {
             unit_key: format!("segment-{i:06}"),
             after_unit_keys: vec![],
+            ..Default::default()
         })
         .collect();
     // At most UNITS_PER_CALL a call: the first with the run, the rest added.

@@ -159,7 +159,7 @@ impl Benchmark for Replicas {
                 .to_owned(),
         );
         report.notes.push(format!(
-            "where a pipeline's time went, by replica count (from the job-tracker's history of its units): {}. The segments' span shrinks with replicas; the wait for Drain after them does not: a backfilling pipeline's feed reads the source's change log from its trim horizon (every change the log holds: here the {items} writes that seeded the source, which the segments copy too), in its one feed unit beside the segments, and Drain waits until it has replayed them all",
+            "where a pipeline's time went, by replica count (from the job-tracker's history of its units): {}. The pipeline's feed starts where the source's change log ended at CreatePipeline, so it does not replay the {items} writes that seeded the source (the segments copy those): what follows the segments is the feed catching up and Drain",
             phases.join("; ")
         ));
         report.notes.push(
