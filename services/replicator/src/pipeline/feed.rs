@@ -75,10 +75,13 @@ pub fn feed_report(checkpoint: &[u8]) -> Option<FeedReport> {
 /// made during the backfill is missed), and the changes before it, which
 /// the scans copy, are not replayed.
 ///
-/// Empty for the other feeds: a DynamoDB stream has no position to give
-/// without reading its shards, and a Kafka group starts where the group
-/// has committed, so their backfilling pipelines read from the trim horizon
-/// (the earliest offset) and replay what the scan copies as well.
+/// Empty for the other feeds, whose backfilling pipelines read from the
+/// trim horizon (the earliest offset) and replay what the scans copy as
+/// well: a DynamoDB stream has no position to give without reading its
+/// shards; and a Kafka topic's message may be written before the table's
+/// change it carries (an application that writes the topic first, or a
+/// consumer that applies the topic to the table), so a message before the
+/// topic's end can carry a change the scan does not see yet.
 pub async fn first_checkpoints(
     ctx: &Context,
     pipeline: &Pipeline,
