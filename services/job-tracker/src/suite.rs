@@ -17,6 +17,7 @@ pub use caps::unit_sizes_are_capped;
 pub use restart::{
     an_explicit_run_ends_as_its_last_unit_asked,
     an_extract_run_ends_at_the_watermark_its_units_asked,
+    an_interrupted_scheduled_start_is_finished_by_the_scheduler,
     an_interrupted_start_finishes_on_its_retry,
 };
 pub use scale::unit_reads_follow_the_keys_asked_for;
@@ -730,11 +731,15 @@ async fn a_retryable_failure_waits_before_its_next_attempt(
                 retryable: true,
                 rolled_back: false,
             };
+            // Before the call: its `update_time` is no earlier, whatever
+            // the store's round trip (a slow answer made the wait look
+            // short when timed from after it).
+            let sent = tokio::time::Instant::now();
             let (unit, _) = tracker
                 .finish_unit(&fence, failed, None, "w")
                 .await
                 .unwrap();
-            (unit, tokio::time::Instant::now())
+            (unit, sent)
         }
     };
     let mut token = tracker
