@@ -171,6 +171,24 @@ async fn wait_streaming(plane: &mut Plane, name: &str) {
     panic!("pipeline {name} never finished its backfill: {p:?}\nunits: {units:#?}");
 }
 
+/// A reader of `index` on the local Elasticsearch.
+async fn index_reader(index: &str) -> ElasticsearchSink {
+    ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        index,
+        schema(),
+    )
+    .await
+    .unwrap()
+}
+
+/// The embedded store of a plane started in `dir` (`plane_in`): the
+/// database its pipelines' `sqlite:` sources name by default.
+fn embedded_source(dir: &std::path::Path) -> tidemark_connectors::sqlite::EmbeddedStore {
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    tidemark_connectors::sqlite::EmbeddedStore::open(&dir.join("data/default.db")).unwrap()
+}
+
 /// Every live document of the index: key → (version, item).
 async fn index_contents(
     sink: &ElasticsearchSink,
@@ -726,13 +744,7 @@ async fn posts_table(prefix: &str, id: impl Fn(u32) -> String, n: u32) -> (Strin
 async fn a_stream_shared_by_two_readers_replicates_everything() {
     let (table_name, table) = posts_table("readers", |i| format!("r{i:02}"), 20).await;
     let index = unique_name("readers");
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     let mut plane = plane(|_| {}).await;
     let name = unique_name("readers");
     let mut spec = spec(
@@ -1139,13 +1151,7 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
         .await
         .unwrap();
     let index = unique_name("pause");
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     let mut plane = plane(|_| {}).await;
     let name = unique_name("pause");
     plane
@@ -1237,10 +1243,7 @@ async fn a_paused_pipeline_writes_nothing_until_resumed() {
 async fn a_sinks_tombstone_retention_purges_its_old_tombstones() {
     let dir = tempfile::tempdir().unwrap();
     let mut plane = common::plane_in(dir.path(), |_| {}).await;
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    let store =
-        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
-            .unwrap();
+    let store = embedded_source(dir.path());
     let table = store.table("docs", schema());
     let index = unique_name("purged");
     let mut spec = embedded_spec(&index);
@@ -1312,10 +1315,7 @@ async fn a_sinks_tombstone_retention_purges_its_old_tombstones() {
 async fn followers_do_not_hold_a_workers_places_from_the_backfills() {
     let dir = tempfile::tempdir().unwrap();
     let mut plane = common::plane_in(dir.path(), |c| c.worker_concurrency = 1).await;
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    let store =
-        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
-            .unwrap();
+    let store = embedded_source(dir.path());
     let table = store.table("docs", schema());
     for i in 0..40 {
         table
@@ -1366,10 +1366,7 @@ async fn followers_do_not_hold_a_workers_places_from_the_backfills() {
 async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
     let dir = tempfile::tempdir().unwrap();
     let mut plane = common::plane_in(dir.path(), |_| {}).await;
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    let store =
-        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
-            .unwrap();
+    let store = embedded_source(dir.path());
     let table = store.table("docs", schema());
     table
         .put(&doc("post", "before", AttrValue::n(1i64)), None)
@@ -1386,13 +1383,7 @@ async fn an_embedded_change_log_from_latest_replicates_only_later_changes() {
         .await
         .unwrap();
     drain(&mut plane, &name).await;
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     assert!(reader.read(&key("post", "after")).await.unwrap().is_some());
     assert!(
         reader.read(&key("post", "before")).await.unwrap().is_none(),
@@ -1410,10 +1401,7 @@ async fn a_backfilling_pipeline_feed_starts_at_the_logs_end_and_misses_nothing()
     const ITEMS: u32 = 300;
     let dir = tempfile::tempdir().unwrap();
     let mut plane = common::plane_in(dir.path(), |_| {}).await;
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    let store =
-        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
-            .unwrap();
+    let store = embedded_source(dir.path());
     let table = Arc::new(store.table("docs", schema()));
     let id = |i: u32| format!("p{i}");
     // The history: every item written twice, one in six deleted.
@@ -1488,13 +1476,7 @@ async fn a_backfilling_pipeline_feed_starts_at_the_logs_end_and_misses_nothing()
     let changes = log_end().await - history;
     drain(&mut plane, &name).await;
 
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     let keys = || (0..ITEMS + 60).map(|i| key("post", &id(i)));
     let mut expected = BTreeMap::new();
     for k in keys() {
@@ -1549,10 +1531,7 @@ async fn an_item_leaving_a_sinks_filter_leaves_the_target() {
     // moves an item out of that window must take it out of the index too.
     let dir = tempfile::tempdir().unwrap();
     let mut plane = common::plane_in(dir.path(), |_| {}).await;
-    std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    let store =
-        tidemark_connectors::sqlite::EmbeddedStore::open(&dir.path().join("data/default.db"))
-            .unwrap();
+    let store = embedded_source(dir.path());
     let table = store.table("docs", schema());
     let now = chrono::Utc::now().timestamp();
     let touched = |id: &str, at: i64| {
@@ -1582,13 +1561,7 @@ async fn an_item_leaving_a_sinks_filter_leaves_the_target() {
         table.put(&touched(id, now), None).await.unwrap();
     }
     drain(&mut plane, &name).await;
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     assert!(reader.read(&key("post", "leaves")).await.unwrap().is_some());
     // A day old now: outside the filter.
     table
@@ -1716,13 +1689,7 @@ async fn a_kafka_feed_is_shared_by_the_consumers_of_its_group() {
         }
     }
     let index = unique_name("shared");
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     let mut plane = plane(|_| {}).await;
     let name = unique_name("shared");
     let created = plane
@@ -1812,13 +1779,7 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
         }
     }
     let index = unique_name("kafka");
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     let mut plane = plane(|_| {}).await;
     let name = unique_name("kafka");
     let spec = kafka_spec(&topic, &index, 1);
@@ -1921,13 +1882,7 @@ async fn undecodable_kafka_messages_are_dead_lettered_and_committed() {
         .await
         .unwrap();
     let index = unique_name("kafka-dead");
-    let reader = ElasticsearchSink::connect(
-        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
-        &index,
-        schema(),
-    )
-    .await
-    .unwrap();
+    let reader = index_reader(&index).await;
     let mut plane = plane(|_| {}).await;
     let name = unique_name("kafka-dead");
     plane
