@@ -53,6 +53,18 @@ pub async fn tick(tracker: &Tracker, now: DateTime<Utc>) -> TrackerResult<()> {
             tracker.save_schedule_state(&fresh, fresh_rev).await?;
             continue;
         }
+        if let Some(active) = &job.active_run_id {
+            match tracker.finish_scheduled_start(active).await {
+                Ok(true) => {
+                    tracing::info!(job = %job.name, run = %active, "finished the interrupted start of a scheduled run");
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(job = %job.name, run = %active, error = %e, "an interrupted scheduled start is still unfinished");
+                }
+            }
+        }
         let waiting_since = *job.due_since.get_or_insert(now);
         let max_wait =
             chrono::Duration::milliseconds(i64::try_from(schedule.max_wait_ms).unwrap_or(i64::MAX));

@@ -105,6 +105,23 @@ async fn dynamodb_an_interrupted_start_finishes_on_its_retry() {
     suite::an_interrupted_start_finishes_on_its_retry(dynamodb().await, &unique_name("t")).await;
 }
 
+// The 10-minute fault matrix: an extract's scheduled start, interrupted,
+// held its job QUEUED while every later due run was skipped.
+#[tokio::test]
+async fn sqlite_an_interrupted_scheduled_start_is_finished_by_the_scheduler() {
+    let (_dir, kv) = sqlite();
+    suite::an_interrupted_scheduled_start_is_finished_by_the_scheduler(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_an_interrupted_scheduled_start_is_finished_by_the_scheduler() {
+    suite::an_interrupted_scheduled_start_is_finished_by_the_scheduler(
+        dynamodb().await,
+        &unique_name("t"),
+    )
+    .await;
+}
+
 // The 10-minute fault matrix: a verification left RUNNING by a worker
 // killed between its last CompleteUnit and CompleteRun.
 #[tokio::test]

@@ -15,7 +15,8 @@ use super::{
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, KvStore, Op, query_all};
 use crate::model::{
-    Acknowledgement, Job, JobKind, Progress, Run, RunStatus, RunView, Unit, UnitCounts, UnitStatus,
+    Acknowledgement, Job, JobKind, Progress, Run, RunStatus, RunTrigger, RunView, Unit, UnitCounts,
+    UnitStatus,
 };
 
 /// Units registered per transaction: each writes up to three records (unit,
@@ -230,6 +231,24 @@ impl Tracker {
         self.finish_start(&run.run_id, &req.job_name, req.units, &req.actor)
             .await?;
         self.get_run(&run.run_id).await
+    }
+
+    /// Finishes the start of a scheduled run left QUEUED (the job-tracker
+    /// killed, or its store failing, between creating the run and
+    /// registering its units). A scheduled start is never asked again (the
+    /// next due time has another correlation id), so without this the run
+    /// holds its job for good and every later due run is SKIPPED behind
+    /// it. Its units are the job's default ones, as when it was started.
+    /// Idempotent, like the start it finishes; `false` when `run_id` is not
+    /// such a run.
+    pub async fn finish_scheduled_start(&self, run_id: &str) -> TrackerResult<bool> {
+        let (run, _) = self.load_run(run_id).await?;
+        if run.status != RunStatus::Queued || run.trigger != RunTrigger::Schedule {
+            return Ok(false);
+        }
+        self.finish_start(run_id, &run.job_name, Vec::new(), &run.actor)
+            .await?;
+        Ok(true)
     }
 
     /// Registers a QUEUED run's units (those given, else the job's default

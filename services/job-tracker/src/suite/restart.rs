@@ -12,17 +12,25 @@
 //! 10-minute matrix left one RUNNING after its worker's CompleteRun was
 //! given up while the job-tracker was cut off, and every later scheduled
 //! run was SKIPPED behind it.
+//!
+//! A scheduled start interrupted the same way was never asked again (the
+//! next due time has its own correlation id): the 10-minute matrix left an
+//! extract's run QUEUED for 8 minutes, and 245 due runs were SKIPPED behind
+//! it. The scheduler now finishes it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::time::Duration;
+
+use chrono::Utc;
 use tidemark_kit::CancellationToken;
 
 use super::support::{Call, Hooked};
 use super::{LEASE, claim, job, precondition, start};
 use crate::engine::{Fence, Tracker, UnitOutcome};
 use crate::kv::{KvError, KvStore};
-use crate::model::{JobKind, RunEnd, RunStatus, Spec, Watermark};
+use crate::model::{JobKind, RunEnd, RunStatus, RunTrigger, Schedule, Spec, Watermark};
 
 /// A tracker whose store stops answering once it has taken `writes`
 /// transactions, as a job-tracker killed or cut off from its store
@@ -76,6 +84,54 @@ pub async fn an_interrupted_start_finishes_on_its_retry(store: Arc<dyn KvStore>,
     assert_eq!(
         (again.run.run_id, again.units.total),
         (resumed.run.run_id, 2)
+    );
+}
+
+pub async fn an_interrupted_scheduled_start_is_finished_by_the_scheduler(
+    store: Arc<dyn KvStore>,
+    prefix: &str,
+) {
+    let tracker = Tracker::new(store.clone(), CancellationToken::new());
+    let name = format!("{prefix}-scheduled-start");
+    let mut every_second = job(&name, JobKind::IncrementalExtract);
+    every_second.explicit_completion = true;
+    every_second.default_unit_keys = vec!["window".into()];
+    every_second.schedule = Some(Schedule {
+        cron: "* * * * * *".into(),
+        time_zone: String::new(),
+        max_wait_ms: 600_000,
+        start_time: None,
+        end_time: None,
+    });
+    tracker.create_job(every_second, "suite").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The scheduler's start: the QUEUED run lands, its unit does not.
+    let cut = cut_after(store, 1);
+    let _ = crate::schedule::tick(&cut, Utc::now()).await;
+    let stuck = tracker.list_runs(&name, &[]).await.unwrap();
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    assert_eq!(
+        (stuck[0].status, stuck[0].trigger),
+        (RunStatus::Queued, RunTrigger::Schedule),
+        "{stuck:?}"
+    );
+    // At the next due time the scheduler finishes that start (with the
+    // job's units) instead of waiting behind it and skipping.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    crate::schedule::tick(&tracker, Utc::now()).await.unwrap();
+    let runs = tracker.list_runs(&name, &[]).await.unwrap();
+    assert_eq!(runs.len(), 1, "no other run, none skipped: {runs:?}");
+    let finished = tracker.get_run(&stuck[0].run_id).await.unwrap();
+    assert_eq!(finished.run.status, RunStatus::Running, "{finished:?}");
+    assert_eq!(finished.units.total, 1, "{finished:?}");
+    assert_eq!(finished.units.not_migrated, 1, "{finished:?}");
+    // A run started by a client is left to its client's retry (only it
+    // knows the units): the scheduler does not touch it.
+    assert!(
+        !tracker
+            .finish_scheduled_start(&stuck[0].run_id)
+            .await
+            .unwrap()
     );
 }
 
