@@ -13,7 +13,7 @@ use chrono::Utc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ACTIVE, JOBS, Tracker, delete, parse, put, run_pk, run_puts};
+use super::{ACTIVE, Tracker, delete, job_puts, parse, put, run_pk, run_puts};
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op};
 use crate::limits;
@@ -301,8 +301,8 @@ impl Tracker {
             _ => {}
         }
         let mut ops = run_puts(&run, Expect::Rev(rev))?;
+        ops.extend(job_puts(&job, Expect::Rev(job_rev))?);
         ops.extend([
-            put(JOBS, &job.name, &job, Expect::Rev(job_rev))?,
             delete(ACTIVE, run_id, Expect::Any),
             self.run_transition(&run, Some(from), end.actor, end.reason)?,
         ]);

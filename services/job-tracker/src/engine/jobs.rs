@@ -3,7 +3,7 @@
 use chrono::Utc;
 use tidemark_kit::FieldError;
 
-use super::{JOBS, NewJob, Tracker, job_pk, parse, put};
+use super::{JOBS, NewJob, Tracker, job_pk, job_puts, parse, put};
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::Expect;
 use crate::model::{Change, Job, JobKind, Transition};
@@ -43,6 +43,7 @@ impl Tracker {
             due_since: None,
         };
         let ops = vec![
+            // A new job has no active run, so no copy.
             put(JOBS, &job.name, &job, Expect::Absent)?,
             self.transition(
                 &job_pk(&job.name),
@@ -157,26 +158,24 @@ impl Tracker {
             }
             job.revision += 1;
             job.update_time = Utc::now();
-            let ops = vec![
-                put(JOBS, &job.name, &job, Expect::Rev(rev))?,
-                self.transition(
-                    &job_pk(&job.name),
-                    Transition {
-                        sequence: 0,
-                        job_name: job.name.clone(),
-                        run_id: String::new(),
-                        unit_key: String::new(),
-                        time: job.update_time,
-                        actor: actor.to_owned(),
-                        reason: "updated".to_owned(),
-                        fencing_token: 0,
-                        change: Change::JobUpdate {
-                            revision: job.revision,
-                            fields: fields.clone(),
-                        },
+            let mut ops = job_puts(&job, Expect::Rev(rev))?;
+            ops.push(self.transition(
+                &job_pk(&job.name),
+                Transition {
+                    sequence: 0,
+                    job_name: job.name.clone(),
+                    run_id: String::new(),
+                    unit_key: String::new(),
+                    time: job.update_time,
+                    actor: actor.to_owned(),
+                    reason: "updated".to_owned(),
+                    fencing_token: 0,
+                    change: Change::JobUpdate {
+                        revision: job.revision,
+                        fields: fields.clone(),
                     },
-                )?,
-            ];
+                },
+            )?);
             Ok(self.apply(ops).await?.map(|()| job))
         })
         .await

@@ -8,8 +8,8 @@ use chrono::Utc;
 use super::deps::{Migrated, queue_body_with, queued};
 use super::finish::{asked_end_op, open_units_op};
 use super::{
-    ACTIVE, ActiveRun, ClaimRequest, Claimed, Fence, RUN_COPY, Tracker, UnitOutcome, delete,
-    job_pk, micros, parse, put, retry_delay, run_pk,
+    ACTIVE, ActiveRun, ClaimRequest, Claimed, Fence, JOB_COPY, RUN_COPY, Tracker, UnitOutcome,
+    delete, job_pk, micros, parse, put, retry_delay, run_pk,
 };
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Entry, Expect, Op, query_all};
@@ -24,8 +24,9 @@ const FIRST_PAGE: usize = 32;
 /// Entries per further page, read only while every entry so far waited for
 /// other units.
 const NEXT_PAGE: usize = 500;
-/// What a claim queries in a run's partition: the copy of the run
-/// (`RUN_COPY`, first) and the queue entries (`q#<key>`) after it.
+/// What a claim queries in a run's partition: the copies of the run
+/// (`RUN_COPY`, first) and of its job (`JOB_COPY`), and the queue entries
+/// (`q#<key>`) after them.
 const QUEUE_SCAN: &str = "q";
 
 /// A page of a run's queue read with the run, for the claim to start with.
@@ -81,36 +82,50 @@ impl Tracker {
         Ok(out)
     }
 
-    /// The run to claim in and, unless the claim names its unit, the first
-    /// page of its queue: one Query reads both where the run keeps a copy
-    /// at the head of its queue (#16.5); a run written before it kept one
-    /// is read as well.
+    /// The run to claim in, its job and, unless the claim names its unit,
+    /// the first page of its queue: one Query reads all three where the run
+    /// keeps copies of itself and of its job at the head of its queue
+    /// (#16.5). A run without a copy of itself (written before it kept one)
+    /// is read as well; one without a copy of its job answers `None` for
+    /// it.
     async fn run_to_claim(
         &self,
         run_id: &str,
         req: &ClaimRequest,
-    ) -> TrackerResult<(Run, Option<QueuePage>)> {
+    ) -> TrackerResult<(Run, Option<Job>, Option<QueuePage>)> {
         let named = !req.unit_key.is_empty();
-        let limit = if named { 1 } else { FIRST_PAGE + 1 };
+        let limit = if named { 2 } else { FIRST_PAGE + 2 };
+        let read = self.job_read_start();
         let entries = self
             .kv
             .query(&run_pk(run_id), QUEUE_SCAN, None, limit)
             .await?;
         let last = entries.len() < limit;
-        let copy = match entries.first() {
-            Some(e) if e.sk == RUN_COPY => Some(parse::<Run>(e)?),
-            _ => None,
-        };
-        let run = match copy {
+        let mut run = None;
+        let mut job = None;
+        for entry in entries.iter().take(2) {
+            match entry.sk.as_str() {
+                RUN_COPY => run = Some(parse::<Run>(entry)?),
+                JOB_COPY => job = Some(parse::<Job>(entry)?),
+                _ => {}
+            }
+        }
+        let run = match run {
             Some(run) => run,
             None => self.load_run(run_id).await?.0,
         };
-        Ok((run, (!named).then_some(QueuePage { entries, last })))
+        // A copy left in a run that is no longer the job's active one is
+        // not the job as it stands: the job's later writes skipped it.
+        let job = job.filter(|j| j.active_run_id.as_deref() == Some(run_id));
+        if let Some(job) = &job {
+            self.keep_job(job, read);
+        }
+        Ok((run, job, (!named).then_some(QueuePage { entries, last })))
     }
 
     async fn try_claim(&self, req: &ClaimRequest) -> TrackerResult<Option<Claimed>> {
         for run_id in self.candidate_runs(req).await? {
-            let (run, first_page) = match self.run_to_claim(&run_id, req).await {
+            let (run, job, first_page) = match self.run_to_claim(&run_id, req).await {
                 Ok(r) => r,
                 Err(TrackerError::NotFound(_)) if req.run_id.is_empty() => continue,
                 Err(e) => return Err(e),
@@ -124,7 +139,10 @@ impl Tracker {
                 }
                 continue;
             }
-            let job = self.recent_job(&run.job_name).await?;
+            let job = match job {
+                Some(job) => job,
+                None => self.recent_job(&run.job_name).await?,
+            };
             if let Some(unit) = self.claim_in_run(&run, &job, req, first_page).await? {
                 return Ok(Some(Claimed { unit, run, job }));
             }

@@ -18,6 +18,9 @@
 //! - `run#<id>` / `q`: a copy of the run, written with it (runs created
 //!   before #16.5 have none): it sorts before every `q#<key>`, so the one
 //!   Query a claim makes over the queue (prefix `q`) reads the run as well
+//! - `run#<id>` / `q!`: while the run is its job's active run, a copy of
+//!   the job, written with it (see `job_puts`): it sorts between the run's
+//!   copy and its queue, so that same Query reads the job as well
 //! - `run#<id>` / `p#<key>`: the unit is leased (body: lease expiry, µs)
 //! - `active` / `<run id>`: a QUEUED or RUNNING run (what workers poll)
 //!
@@ -100,6 +103,33 @@ fn run_puts(run: &Run, expect: Expect) -> TrackerResult<Vec<Op>> {
         )?,
         put(&run_pk(&run.run_id), RUN_COPY, run, Expect::Any)?,
     ])
+}
+
+/// Sort key, in a run's partition, of the copy of its job while the run is
+/// the job's active one: between the run's copy (`q`) and its queue
+/// (`q#<key>`).
+const JOB_COPY: &str = "q!";
+
+/// The writes of a job: its record, under `expect`, and, while it has an
+/// active run, its copy in that run's partition. Every write of a job goes
+/// through here, so a copy whose `active_run_id` names the run it is in is
+/// the job as it stands (a copy left in a run that ended no longer names
+/// it: the job's write that ended it cleared `active_run_id`).
+fn job_puts(job: &Job, expect: Expect) -> TrackerResult<Vec<Op>> {
+    let body = to_body(job)?;
+    let copy = job.active_run_id.as_ref().map(|run_id| Op::Put {
+        pk: run_pk(run_id),
+        sk: JOB_COPY.to_owned(),
+        body: body.clone(),
+        expect: Expect::Any,
+    });
+    let record = Op::Put {
+        pk: JOBS.to_owned(),
+        sk: job.name.clone(),
+        body,
+        expect,
+    };
+    Ok(std::iter::once(record).chain(copy).collect())
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -255,11 +285,12 @@ pub fn retry_delay(first: Duration, attempts: u32) -> Duration {
     full.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
-/// How long a claim or a checkpoint may answer from a job read earlier
+/// How long a checkpoint or a heartbeat may answer from a job read earlier
 /// instead of reading it again (one DynamoDB request per call): a write
 /// through this replica replaces it at once, one through another replica
 /// shows within this time, so a worker notices a new job revision (a
 /// paused pipeline) at most this much later than the heartbeat after it.
+/// A claim reads the job's copy with its run (`JOB_COPY`) and refreshes it.
 const JOB_FRESH: Duration = Duration::from_secs(1);
 /// Cached jobs kept before the stale ones are dropped.
 const RECENT_JOBS: usize = 1024;
@@ -375,18 +406,32 @@ impl Tracker {
         {
             return Ok(job.clone());
         }
-        let read = std::time::Instant::now();
-        let writes = self.job_writes.load(std::sync::atomic::Ordering::SeqCst);
+        let read = self.job_read_start();
         let (job, _) = self.load_job(name).await?;
+        self.keep_job(&job, read);
+        Ok(job)
+    }
+
+    /// When a read of a job starts, for [`Tracker::keep_job`].
+    fn job_read_start(&self) -> (std::time::Instant, u64) {
+        (
+            std::time::Instant::now(),
+            self.job_writes.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    /// Keeps a job read since `read` for [`Tracker::recent_job`], unless a
+    /// write of a job through this replica overlapped the read (it may
+    /// predate that write).
+    fn keep_job(&self, job: &Job, (at, writes): (std::time::Instant, u64)) {
         let mut recent = self.recent_jobs.lock().expect("job cache lock");
         if self.job_writes.load(std::sync::atomic::Ordering::SeqCst) != writes {
-            return Ok(job);
+            return;
         }
         if recent.len() >= RECENT_JOBS {
             recent.retain(|_, (_, at)| at.elapsed() < JOB_FRESH);
         }
-        recent.insert(name.to_owned(), (job.clone(), read));
-        Ok(job)
+        recent.insert(job.name.clone(), (job.clone(), at));
     }
 
     async fn load_job(&self, name: &str) -> TrackerResult<(Job, u64)> {

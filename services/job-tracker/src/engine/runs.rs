@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use super::deps::{check_units, queue_body_with};
 use super::finish::open_units_op;
 use super::{
-    ACTIVE, ActiveRun, JOBS, StartRun, Tracker, TrackerStats, UnitSpec, job_pk, parse, put, run_pk,
-    run_puts,
+    ACTIVE, ActiveRun, JOBS, StartRun, Tracker, TrackerStats, UnitSpec, job_pk, job_puts, parse,
+    put, run_pk, run_puts,
 };
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, KvStore, Op, query_all};
@@ -210,7 +210,7 @@ impl Tracker {
                 job.active_run_id = Some(run_id.clone());
                 job.last_run_id = Some(run_id.clone());
                 job.due_since = None;
-                let mut ops = vec![put(JOBS, &job.name, &job, Expect::Rev(job_rev))?];
+                let mut ops = job_puts(&job, Expect::Rev(job_rev))?;
                 ops.extend(run_puts(&run, Expect::Absent)?);
                 ops.extend([
                     Op::Put { pk: run_pk(&run_id), sk: "#run".to_owned(), body: job.name.clone(), expect: Expect::Absent },
@@ -458,10 +458,8 @@ impl Tracker {
             });
             job.blocking_run_id = None;
             let mut ops = run_puts(&run, Expect::Rev(rev))?;
-            ops.extend([
-                put(JOBS, job_name, &job, Expect::Rev(job_rev))?,
-                self.run_transition(&run, Some(RunStatus::Failed), actor, reason)?,
-            ]);
+            ops.extend(job_puts(&job, Expect::Rev(job_rev))?);
+            ops.push(self.run_transition(&run, Some(RunStatus::Failed), actor, reason)?);
             Ok(self.apply(ops).await?.map(|()| run.clone()))
         })
         .await

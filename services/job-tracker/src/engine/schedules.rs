@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{JOBS, Tracker, job_pk, parse, put, run_pk};
+use super::{JOBS, Tracker, job_pk, job_puts, parse, put, run_pk};
 use crate::error::TrackerResult;
 use crate::kv::{Expect, Op, query_all};
 use crate::model::{Job, Run, RunStatus, RunTrigger};
@@ -79,7 +79,7 @@ impl Tracker {
     /// when the due run waits) if the job did not change meanwhile.
     pub async fn save_schedule_state(&self, job: &Job, rev: u64) -> TrackerResult<bool> {
         Ok(self
-            .apply(vec![put(JOBS, &job.name, job, Expect::Rev(rev))?])
+            .apply(job_puts(job, Expect::Rev(rev))?)
             .await?
             .is_some())
     }

@@ -1,4 +1,5 @@
-//! #16.5: on the hot path a claim is one query and one write, and the
+//! #16.5: on the hot path a claim is one query and one write (the query
+//! reads the run and its job as well as its queue), and the
 //! holder's checkpoint one write. What they no longer read first is still
 //! checked: a claim writes the unit it found in the queue only at the
 //! revision the queue entry copied, a checkpoint writes only on the revision
@@ -13,7 +14,7 @@ use tidemark_kit::CancellationToken;
 
 use super::support::{Call, Hooked, fence_of};
 use super::{LEASE, claim, job, precondition, start};
-use crate::engine::{ClaimRequest, Claimed, Tracker, UnitOutcome};
+use crate::engine::{ClaimRequest, Claimed, NewJob, Tracker, UnitOutcome};
 use crate::kv::KvStore;
 use crate::model::{JobKind, Progress};
 
@@ -76,13 +77,16 @@ pub async fn a_claim_and_a_checkpoint_make_three_store_calls(
         .unwrap()
         .run
         .run_id;
-    // The first claim reads the job too (then kept for a second).
+    // Even the first claim reads the job with its run and queue: the run's
+    // partition holds a copy of it.
+    calls.lock().expect("calls lock").clear();
     let first = tracker
         .claim_unit(&claim("w", &run_id, LEASE))
         .await
         .unwrap()
         .expect("a unit");
-    calls.lock().expect("calls lock").clear();
+    let made = std::mem::take(&mut *calls.lock().expect("calls lock"));
+    assert_eq!(made, ["query", "transact"], "the first claim");
     let second = tracker
         .claim_unit(&claim("w", &run_id, LEASE))
         .await
@@ -117,12 +121,31 @@ pub async fn a_claim_and_a_checkpoint_make_three_store_calls(
     );
     assert_eq!(stored.fencing_token, second.unit.fencing_token);
 
+    // The job changes through the other replica while this one holds it
+    // as its claims read it: the next claim here answers the new revision
+    // at once (not a second later), still without reading the job alone,
+    // and so does the checkpoint after it.
+    let updated = other
+        .update_job(
+            NewJob {
+                description: "changed".to_owned(),
+                ..job(&name, JobKind::BackfillAttribute)
+            },
+            &["description".to_owned()],
+            0,
+            "suite",
+        )
+        .await
+        .unwrap();
+    assert!(updated.revision > first.job.revision);
+
     // Put back in the queue through the other replica: claimed again here
     // from the entry's copy, as it is stored.
     other
         .finish_unit(&fence_of(&second), retryable(), None, "suite")
         .await
         .unwrap();
+    calls.lock().expect("calls lock").clear();
     for _ in 0..2 {
         let again = tracker
             .claim_unit(&claim("w", &run_id, LEASE))
@@ -130,7 +153,27 @@ pub async fn a_claim_and_a_checkpoint_make_three_store_calls(
             .unwrap()
             .expect("the requeued unit and the third");
         stored_as_claimed(&other, &again).await;
+        assert_eq!(
+            (again.job.revision, again.job.description.as_str()),
+            (updated.revision, "changed"),
+            "a claim answers the job as it stands"
+        );
+        let (_, revision) = tracker
+            .checkpoint(
+                &fence_of(&again),
+                b"at 2".to_vec(),
+                Progress::default(),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(revision, updated.revision, "the checkpoint's job revision");
     }
+    let made = std::mem::take(&mut *calls.lock().expect("calls lock"));
+    assert!(
+        !made.contains(&"get"),
+        "claims and checkpoints read no job or unit alone: {made:?}"
+    );
 
     // The first lease lapses and the other replica hands the unit out
     // again: its old holder's checkpoint and heartbeat here are refused,

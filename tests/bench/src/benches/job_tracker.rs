@@ -359,7 +359,7 @@ impl Benchmark for JobTrackerClaims {
             ctx.time(WARMUP).as_secs_f64()
         ));
         report.notes.push(format!(
-            "Embedded store: one SQLite file (WAL, synchronous=NORMAL); each claim is one read of the run's queue (headed by the run's copy; its entries carry their units) and one transaction of single-statement writes, each checkpoint by the replica that granted the lease one write. The run held {units} units, registered in {:.1} s.",
+            "Embedded store: one SQLite file (WAL, synchronous=NORMAL); each claim is one read of the run's queue (headed by copies of the run and of its job; its entries carry their units) and one transaction of single-statement writes, each checkpoint by the replica that granted the lease one write. The run held {units} units, registered in {:.1} s.",
             registration.as_secs_f64()
         ));
 
