@@ -207,6 +207,24 @@ pub struct Claim {
     pub slot: Slot,
 }
 
+impl Claim {
+    /// Attempts the job allows a unit before the job-tracker sets it FAILED
+    /// (its `max_attempts`; 0 means 3).
+    pub fn max_attempts(&self) -> u32 {
+        match self.job.max_attempts {
+            0 => 3,
+            n => n,
+        }
+    }
+
+    /// Whether a failure of this attempt ends the unit FAILED: the
+    /// job-tracker puts a unit back in the queue only after a retryable
+    /// failure with attempts left.
+    pub fn failure_is_final(&self, retryable: bool) -> bool {
+        !retryable || self.unit.attempts >= self.max_attempts()
+    }
+}
+
 /// A claimed unit's place among the units a worker runs at once. A unit
 /// that runs for as long as its job does (a pipeline's change-feed
 /// follower) gives it back with [`Slot::release`]: otherwise a worker

@@ -753,6 +753,142 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
     );
 }
 
+/// A TCP forwarder to `upstream` (host:port) that, while the flag it
+/// returns is set, takes each connection and closes it at once: a store
+/// that resets every request, until it is switched back on.
+async fn switchable_proxy(upstream: String) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = Arc::clone(&down);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), down)
+}
+
+// A segment that fails retryably (its target unreachable for a while) is
+// attempted again from its checkpoint; it does not fail its run, which
+// would block the job's schedule until an operator acknowledged it (found
+// by the 10-minute fault matrix: a store fault failed an extract run and
+// every later due run was skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extract_segment_that_fails_retryably_is_retried_without_failing_its_run() {
+    let name = unique_name("extract-blip");
+    let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let it = item(&[
+            ("id", AttrValue::s(format!("r{i:02}"))),
+            ("updated_at", millis_ago(60_000)),
+        ]);
+        table.put(&it, None).await.unwrap();
+    }
+    let s3 = s3_client().await;
+    let bucket = unique_name("extract-blip");
+    S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
+    let upstream = tidemark_connectors::testing::local_env("TIDEMARK_TEST_S3_ENDPOINT");
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (endpoint, down) = switchable_proxy(upstream).await;
+    let allowed = endpoint.clone();
+    let mut plane = plane(move |c| c.allowed_endpoints = allowed).await;
+    let created = plane
+        .replicator
+        .create_incremental_extract(pb::CreateIncrementalExtractRequest {
+            job_name: unique_name("blip"),
+            spec: Some(pb::IncrementalExtractSpec {
+                source: Some(table_ref(&name)),
+                changed_at_attribute: "updated_at".to_owned(),
+                changed_at_encoding: common_pb::TimeEncoding::EpochMillis as i32,
+                segments: 2,
+                target: Some(common_pb::DataStore {
+                    store: Some(common_pb::data_store::Store::S3Prefix(
+                        common_pb::S3PrefixRef {
+                            bucket: bucket.clone(),
+                            prefix: "out/".to_owned(),
+                            endpoint: endpoint.clone(),
+                            ..Default::default()
+                        },
+                    )),
+                }),
+                ..Default::default()
+            }),
+            run_now: true,
+            actor: "test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait for a segment's first attempt to fail (the S3 client gives up
+    // after its own retries, some seconds) and go back to the queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let failed = loop {
+        let units = plane
+            .jobs
+            .list_units(jt::ListUnitsRequest {
+                run_id: created.run_id.clone(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .units;
+        if let Some(u) = units.into_iter().find(|u| !u.last_error.is_empty()) {
+            break u;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no segment failed with its target unreachable"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        failed.status,
+        jt::UnitStatus::NotMigrated as i32,
+        "a retryable failure puts the segment back: {failed:?}"
+    );
+    let run = plane
+        .jobs
+        .get_run(jt::GetRunRequest {
+            run_id: created.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    assert_eq!(
+        run.status,
+        jt::RunStatus::Running as i32,
+        "the run goes on after a retryable failure: {run:?}"
+    );
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let run = wait_run(&mut plane.jobs, &created.run_id).await;
+    assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+    let objects = S3Sink::new(s3.clone(), &bucket, "out/");
+    assert_eq!(objects.count().await.unwrap(), 20, "every item extracted");
+    assert!(
+        manifest(&s3, &bucket, &created.run_id).await.is_some(),
+        "the run's manifest"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_is_read_through_its_index_when_one_is_named() {
     use aws_sdk_dynamodb::types::{

@@ -126,9 +126,20 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     match extract_segment(&ctx, &claim).await {
         Ok(()) => Ok(()),
         Err(UnitFailure::LeaseLost) => Err(UnitFailure::LeaseLost),
+        Err(
+            failure @ UnitFailure::Failed {
+                retryable: true, ..
+            },
+        ) if !claim.failure_is_final(true) => {
+            // The job-tracker puts the segment back in the queue and its
+            // next attempt resumes from its checkpoint: the run goes on (a
+            // store's blip must not block the job until an operator
+            // acknowledges a failure).
+            Err(failure)
+        }
         Err(failure) => {
-            // A failed extract fails its run at once: no manifest, and the
-            // job's next run waits for an acknowledgement.
+            // A segment that failed for good fails its run at once: no
+            // manifest, and the job's next run waits for an acknowledgement.
             let message = failure.to_string();
             let _ = ctx
                 .jobs

@@ -98,10 +98,7 @@ pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
     unit.readers_off_the_copy(&claim, &lease).await?;
     // Out of attempts (the job-tracker leases such a unit once more): remove
     // what earlier attempts left in the target and fail it rolled back.
-    let max_attempts = match claim.job.max_attempts {
-        0 => 3,
-        n => n,
-    };
+    let max_attempts = claim.max_attempts();
     if claim.unit.attempts > max_attempts {
         return unit
             .clean_up(&source, &lease, max_attempts, &claim.unit.last_error)
