@@ -570,6 +570,29 @@ async fn manifest_of_ended(
     }
 }
 
+/// An extract of `table` by `updated_at` (epoch milliseconds), in two
+/// segments, into `bucket` under `out/` at `endpoint` (empty: the
+/// replicator's own S3 endpoint).
+fn extract_spec(table: &str, bucket: &str, endpoint: &str) -> pb::IncrementalExtractSpec {
+    pb::IncrementalExtractSpec {
+        source: Some(table_ref(table)),
+        changed_at_attribute: "updated_at".to_owned(),
+        changed_at_encoding: common_pb::TimeEncoding::EpochMillis as i32,
+        segments: 2,
+        target: Some(common_pb::DataStore {
+            store: Some(common_pb::data_store::Store::S3Prefix(
+                common_pb::S3PrefixRef {
+                    bucket: bucket.to_owned(),
+                    prefix: "out/".to_owned(),
+                    endpoint: endpoint.to_owned(),
+                    ..Default::default()
+                },
+            )),
+        }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next() {
     let name = unique_name("extract");
@@ -587,22 +610,7 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
     let s3 = s3_client().await;
     let bucket = unique_name("extract");
     S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
-    let spec = |bucket: &str| pb::IncrementalExtractSpec {
-        source: Some(table_ref(&name)),
-        changed_at_attribute: "updated_at".to_owned(),
-        changed_at_encoding: common_pb::TimeEncoding::EpochMillis as i32,
-        segments: 2,
-        target: Some(common_pb::DataStore {
-            store: Some(common_pb::data_store::Store::S3Prefix(
-                common_pb::S3PrefixRef {
-                    bucket: bucket.to_owned(),
-                    prefix: "out/".to_owned(),
-                    ..Default::default()
-                },
-            )),
-        }),
-        ..Default::default()
-    };
+    let spec = |bucket: &str| extract_spec(&name, bucket, "");
     let mut plane = plane(|_| {}).await;
     let job = unique_name("hourly");
     let first = plane
@@ -810,23 +818,7 @@ async fn an_extract_segment_that_fails_retryably_is_retried_without_failing_its_
         .replicator
         .create_incremental_extract(pb::CreateIncrementalExtractRequest {
             job_name: unique_name("blip"),
-            spec: Some(pb::IncrementalExtractSpec {
-                source: Some(table_ref(&name)),
-                changed_at_attribute: "updated_at".to_owned(),
-                changed_at_encoding: common_pb::TimeEncoding::EpochMillis as i32,
-                segments: 2,
-                target: Some(common_pb::DataStore {
-                    store: Some(common_pb::data_store::Store::S3Prefix(
-                        common_pb::S3PrefixRef {
-                            bucket: bucket.clone(),
-                            prefix: "out/".to_owned(),
-                            endpoint: endpoint.clone(),
-                            ..Default::default()
-                        },
-                    )),
-                }),
-                ..Default::default()
-            }),
+            spec: Some(extract_spec(&name, &bucket, &endpoint)),
             run_now: true,
             actor: "test".to_owned(),
             ..Default::default()

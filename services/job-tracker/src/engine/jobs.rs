@@ -5,7 +5,7 @@ use tidemark_kit::FieldError;
 
 use super::{JOBS, NewJob, Tracker, job_pk, job_puts, parse, put};
 use crate::error::{TrackerError, TrackerResult};
-use crate::kv::Expect;
+use crate::kv::{Expect, Op};
 use crate::model::{Change, Job, JobKind, Transition};
 
 impl Tracker {
@@ -45,23 +45,7 @@ impl Tracker {
         let ops = vec![
             // A new job has no active run, so no copy.
             put(JOBS, &job.name, &job, Expect::Absent)?,
-            self.transition(
-                &job_pk(&job.name),
-                Transition {
-                    sequence: 0,
-                    job_name: job.name.clone(),
-                    run_id: String::new(),
-                    unit_key: String::new(),
-                    time: now,
-                    actor: actor.to_owned(),
-                    reason: "created".to_owned(),
-                    fencing_token: 0,
-                    change: Change::JobUpdate {
-                        revision: 1,
-                        fields: vec!["*".to_owned()],
-                    },
-                },
-            )?,
+            self.job_transition(&job, actor, "created", vec!["*".to_owned()])?,
         ];
         if self.apply(ops).await?.is_some() {
             return Ok(job);
@@ -159,25 +143,37 @@ impl Tracker {
             job.revision += 1;
             job.update_time = Utc::now();
             let mut ops = job_puts(&job, Expect::Rev(rev))?;
-            ops.push(self.transition(
-                &job_pk(&job.name),
-                Transition {
-                    sequence: 0,
-                    job_name: job.name.clone(),
-                    run_id: String::new(),
-                    unit_key: String::new(),
-                    time: job.update_time,
-                    actor: actor.to_owned(),
-                    reason: "updated".to_owned(),
-                    fencing_token: 0,
-                    change: Change::JobUpdate {
-                        revision: job.revision,
-                        fields: fields.clone(),
-                    },
-                },
-            )?);
+            ops.push(self.job_transition(&job, actor, "updated", fields.clone())?);
             Ok(self.apply(ops).await?.map(|()| job))
         })
         .await
+    }
+
+    /// The history record of a job's creation or update (`fields`), at its
+    /// revision and update time.
+    fn job_transition(
+        &self,
+        job: &Job,
+        actor: &str,
+        reason: &str,
+        fields: Vec<String>,
+    ) -> TrackerResult<Op> {
+        self.transition(
+            &job_pk(&job.name),
+            Transition {
+                sequence: 0,
+                job_name: job.name.clone(),
+                run_id: String::new(),
+                unit_key: String::new(),
+                time: job.update_time,
+                actor: actor.to_owned(),
+                reason: reason.to_owned(),
+                fencing_token: 0,
+                change: Change::JobUpdate {
+                    revision: job.revision,
+                    fields,
+                },
+            },
+        )
     }
 }
