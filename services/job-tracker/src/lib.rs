@@ -57,6 +57,9 @@ pub struct Config {
     pub scheduler_tick_ms: u64,
     /// How often the gauges (units by status, blocked jobs) are recomputed.
     pub gauge_refresh_ms: u64,
+    /// How often the health check reads the store (a DynamoDB
+    /// DescribeTable per replica each time); NOT_SERVING when it fails.
+    pub store_probe_ms: u64,
     /// The first wait before a unit that failed retryably may be claimed
     /// again; doubled per attempt (at most 5 min) and jittered down to half.
     /// 0: at once.
@@ -73,6 +76,7 @@ impl Default for Config {
             aws_endpoint: None,
             scheduler_tick_ms: 1000,
             gauge_refresh_ms: 15_000,
+            store_probe_ms: 5_000,
             unit_retry_delay_ms: 5_000,
         }
     }
@@ -103,6 +107,12 @@ impl ServiceConfig for Config {
             return Err(ConfigError::invalid(
                 "gauge_refresh_ms",
                 "must be at least 100",
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.store_probe_ms) {
+            return Err(ConfigError::invalid(
+                "store_probe_ms",
+                "must be between 100 and 3600000 (1 h)",
             ));
         }
         if self.unit_retry_delay_ms > 300_000 {
@@ -208,7 +218,7 @@ pub fn register_with_store(config: &Config, store: Arc<dyn KvStore>, host: &mut 
     );
     host.watch_backend(
         <JobTrackerServiceServer<JobTracker> as tonic::server::NamedService>::NAME,
-        Duration::from_secs(5),
+        Duration::from_millis(config.store_probe_ms),
         move || {
             let store = store.clone();
             async move { store.ping().await.map_err(|e| e.to_string()) }
@@ -229,4 +239,26 @@ pub async fn run(
     register(&config, &mut host).await?;
     host.serve(listener).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_probe_interval_is_bounded() {
+        let with = |ms| {
+            Config {
+                store_probe_ms: ms,
+                ..Config::default()
+            }
+            .validate()
+        };
+        assert!(with(5_000).is_ok());
+        assert!(with(3_600_000).is_ok());
+        for bad in [0, 99, 3_600_001] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("store_probe_ms"), "{bad}: {e}");
+        }
+    }
 }

@@ -116,11 +116,13 @@ async fn serve(
         // What the service reads by itself, not per operation, as seldom
         // as allowed, so it does not land in the window where requests are
         // counted: the scheduler's look at due jobs (no job here has a
-        // schedule) and the gauges' recount of the active run's units
-        // (about 5 Queries every 15 s by default). What remains is
-        // subtracted as measured in an idle window.
+        // schedule), the gauges' recount of the active run's units (about
+        // 5 Queries every 15 s by default) and the health check's
+        // DescribeTable (every 5 s). What remains is subtracted as
+        // measured in an idle window.
         scheduler_tick_ms: 60_000,
         gauge_refresh_ms: 3_600_000,
+        store_probe_ms: 3_600_000,
         ..job_tracker::Config::default()
     };
     let store: Arc<dyn KvStore> = match store {
