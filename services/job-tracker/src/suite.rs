@@ -12,7 +12,9 @@ mod settle;
 mod support;
 
 pub use blocked::{blocked_units_do_not_stop_claims, dependency_cycles_are_refused};
-pub use calls::a_claim_and_a_checkpoint_make_three_store_calls;
+pub use calls::{
+    a_claim_and_a_checkpoint_make_three_store_calls, a_job_too_large_to_copy_is_read_on_its_own,
+};
 pub use caps::unit_sizes_are_capped;
 pub use restart::{
     an_explicit_run_ends_as_its_last_unit_asked,

@@ -210,6 +210,19 @@ async fn dynamodb_a_claim_and_a_checkpoint_make_three_store_calls() {
     .await;
 }
 
+// A job over the copy's size limit is read on its own, never from a copy it
+// outgrew.
+#[tokio::test]
+async fn sqlite_a_job_too_large_to_copy_is_read_on_its_own() {
+    let (_dir, kv) = sqlite();
+    suite::a_job_too_large_to_copy_is_read_on_its_own(kv, "t").await;
+}
+
+#[tokio::test]
+async fn dynamodb_a_job_too_large_to_copy_is_read_on_its_own() {
+    suite::a_job_too_large_to_copy_is_read_on_its_own(dynamodb().await, &unique_name("t")).await;
+}
+
 // #19: a unit at every size cap still fits one DynamoDB item.
 #[tokio::test]
 async fn sqlite_unit_sizes_are_capped() {

@@ -3,7 +3,7 @@
 use chrono::Utc;
 use tidemark_kit::FieldError;
 
-use super::{JOBS, NewJob, Tracker, job_pk, job_puts, parse, put};
+use super::{JOBS, NewJob, Tracker, job_pk, job_puts, parse};
 use crate::error::{TrackerError, TrackerResult};
 use crate::kv::{Expect, Op};
 use crate::model::{Change, Job, JobKind, Transition};
@@ -42,11 +42,8 @@ impl Tracker {
             last_processed_run_id: None,
             due_since: None,
         };
-        let ops = vec![
-            // A new job has no active run, so no copy.
-            put(JOBS, &job.name, &job, Expect::Absent)?,
-            self.job_transition(&job, actor, "created", vec!["*".to_owned()])?,
-        ];
+        let mut ops = job_puts(&job, Expect::Absent)?;
+        ops.push(self.job_transition(&job, actor, "created", vec!["*".to_owned()])?);
         if self.apply(ops).await?.is_some() {
             return Ok(job);
         }

@@ -19,8 +19,9 @@
 //!   before #16.5 have none): it sorts before every `q#<key>`, so the one
 //!   Query a claim makes over the queue (prefix `q`) reads the run as well
 //! - `run#<id>` / `q!`: while the run is its job's active run, a copy of
-//!   the job, written with it (see `job_puts`): it sorts between the run's
-//!   copy and its queue, so that same Query reads the job as well
+//!   the job, written with it (see `job_puts`; none for a job over 8 KiB):
+//!   it sorts between the run's copy and its queue, so that same Query
+//!   reads the job as well
 //! - `run#<id>` / `p#<key>`: the unit is leased (body: lease expiry, µs)
 //! - `active` / `<run id>`: a QUEUED or RUNNING run (what workers poll)
 //!
@@ -110,18 +111,31 @@ fn run_puts(run: &Run, expect: Expect) -> TrackerResult<Vec<Op>> {
 /// (`q#<key>`).
 const JOB_COPY: &str = "q!";
 
+/// The largest job (as stored) copied into its active run's partition. A
+/// claim reads the copy every time, so a larger one would cost more read
+/// capacity per claim than the claim's other reads; such a job is read on
+/// its own at most once a second ([`JOB_FRESH`]) instead.
+const JOB_COPY_MAX_BYTES: usize = 8 * 1024;
+
 /// The writes of a job: its record, under `expect`, and, while it has an
-/// active run, its copy in that run's partition. Every write of a job goes
+/// active run, its copy in that run's partition (removed instead when the
+/// job is larger than [`JOB_COPY_MAX_BYTES`]). Every write of a job goes
 /// through here, so a copy whose `active_run_id` names the run it is in is
 /// the job as it stands (a copy left in a run that ended no longer names
 /// it: the job's write that ended it cleared `active_run_id`).
 fn job_puts(job: &Job, expect: Expect) -> TrackerResult<Vec<Op>> {
     let body = to_body(job)?;
-    let copy = job.active_run_id.as_ref().map(|run_id| Op::Put {
-        pk: run_pk(run_id),
-        sk: JOB_COPY.to_owned(),
-        body: body.clone(),
-        expect: Expect::Any,
+    let copy = job.active_run_id.as_ref().map(|run_id| {
+        if body.len() <= JOB_COPY_MAX_BYTES {
+            Op::Put {
+                pk: run_pk(run_id),
+                sk: JOB_COPY.to_owned(),
+                body: body.clone(),
+                expect: Expect::Any,
+            }
+        } else {
+            delete(&run_pk(run_id), JOB_COPY, Expect::Any)
+        }
     });
     let record = Op::Put {
         pk: JOBS.to_owned(),

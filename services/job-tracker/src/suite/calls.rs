@@ -237,3 +237,68 @@ pub async fn a_claim_and_a_checkpoint_make_three_store_calls(
     );
     assert!(m.contains("nothing to claim"), "{m}");
 }
+
+/// # Panics
+/// When a job too large to copy into its run's partition is not read on
+/// its own, or a claim answers the copy the job outgrew.
+pub async fn a_job_too_large_to_copy_is_read_on_its_own(store: Arc<dyn KvStore>, prefix: &str) {
+    let calls: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let seen = Arc::clone(&calls);
+    let hook = move |call: Call<'_>| {
+        if matches!(call, Call::Get) {
+            seen.lock().expect("calls lock").push("get");
+        }
+        Ok(())
+    };
+    let tracker = Tracker::new(
+        Arc::new(Hooked {
+            inner: Arc::clone(&store),
+            hook,
+        }),
+        CancellationToken::new(),
+    );
+    let other = Tracker::new(store, CancellationToken::new());
+    let name = format!("{prefix}-large-job");
+    other
+        .create_job(job(&name, JobKind::BackfillAttribute), "suite")
+        .await
+        .unwrap();
+    let run_id = other
+        .start_run(start(&name, &["a", "b"]))
+        .await
+        .unwrap()
+        .run
+        .run_id;
+    // The run's partition holds a copy of the small job; the job then grows
+    // past what is copied (its spec stored as ~12 KB of JSON).
+    let grown = other
+        .update_job(
+            NewJob {
+                spec: Some(crate::model::Spec {
+                    type_url: "type.googleapis.com/tidemark.test.Large".to_owned(),
+                    value: vec![200; 3000],
+                }),
+                ..job(&name, JobKind::BackfillAttribute)
+            },
+            &["spec".to_owned()],
+            0,
+            "suite",
+        )
+        .await
+        .unwrap();
+    let claimed = tracker
+        .claim_unit(&claim("w", &run_id, LEASE))
+        .await
+        .unwrap()
+        .expect("a unit");
+    assert_eq!(
+        (claimed.job.revision, claimed.job.spec.as_ref()),
+        (grown.revision, grown.spec.as_ref()),
+        "the claim answers the job as it stands, not the copy it outgrew"
+    );
+    assert_eq!(
+        std::mem::take(&mut *calls.lock().expect("calls lock")),
+        ["get"],
+        "a job too large to copy is read on its own"
+    );
+}
