@@ -593,9 +593,10 @@ fn extract_spec(table: &str, bucket: &str, endpoint: &str) -> pb::IncrementalExt
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next() {
-    let name = unique_name("extract");
+/// A table named after `prefix` holding 20 items (`r00`…`r19`, `v` 1)
+/// changed an hour ago, and an empty bucket for their extracts.
+async fn extract_fixture(prefix: &str) -> (String, DynamoTable, aws_sdk_s3::Client, String) {
+    let name = unique_name(prefix);
     let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
         .await
         .unwrap();
@@ -608,8 +609,14 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
         table.put(&it, None).await.unwrap();
     }
     let s3 = s3_client().await;
-    let bucket = unique_name("extract");
+    let bucket = unique_name(prefix);
     S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
+    (name, table, s3, bucket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next() {
+    let (name, table, s3, bucket) = extract_fixture("extract").await;
     let spec = |bucket: &str| extract_spec(&name, bucket, "");
     let mut plane = plane(|_| {}).await;
     let job = unique_name("hourly");
@@ -792,20 +799,7 @@ async fn switchable_proxy(upstream: String) -> (String, Arc<std::sync::atomic::A
 // every later due run was skipped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extract_segment_that_fails_retryably_is_retried_without_failing_its_run() {
-    let name = unique_name("extract-blip");
-    let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
-        .await
-        .unwrap();
-    for i in 0..20 {
-        let it = item(&[
-            ("id", AttrValue::s(format!("r{i:02}"))),
-            ("updated_at", millis_ago(60_000)),
-        ]);
-        table.put(&it, None).await.unwrap();
-    }
-    let s3 = s3_client().await;
-    let bucket = unique_name("extract-blip");
-    S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
+    let (name, _table, s3, bucket) = extract_fixture("extract-blip").await;
     let upstream = tidemark_connectors::testing::local_env("TIDEMARK_TEST_S3_ENDPOINT");
     let upstream = upstream
         .trim_start_matches("http://")
