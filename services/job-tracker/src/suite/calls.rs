@@ -31,6 +31,30 @@ async fn stored_as_claimed(other: &Tracker, claimed: &Claimed) {
     );
 }
 
+/// A tracker on `store` whose store calls are listed, by kind, in the list
+/// returned with it.
+fn recording(store: &Arc<dyn KvStore>) -> (Tracker, Arc<Mutex<Vec<&'static str>>>) {
+    let calls: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let seen = Arc::clone(&calls);
+    let hook = move |call: Call<'_>| {
+        seen.lock().expect("calls lock").push(match call {
+            Call::Get => "get",
+            Call::Query { .. } => "query",
+            Call::Transact => "transact",
+            Call::Ping => "ping",
+        });
+        Ok(())
+    };
+    let tracker = Tracker::new(
+        Arc::new(Hooked {
+            inner: Arc::clone(store),
+            hook,
+        }),
+        CancellationToken::new(),
+    );
+    (tracker, calls)
+}
+
 fn retryable() -> UnitOutcome {
     UnitOutcome::Failed {
         error: "throttled".into(),
@@ -46,24 +70,7 @@ pub async fn a_claim_and_a_checkpoint_make_three_store_calls(
     store: Arc<dyn KvStore>,
     prefix: &str,
 ) {
-    let calls: Arc<Mutex<Vec<&'static str>>> = Arc::default();
-    let seen = Arc::clone(&calls);
-    let hook = move |call: Call<'_>| {
-        seen.lock().expect("calls lock").push(match call {
-            Call::Get => "get",
-            Call::Query { .. } => "query",
-            Call::Transact => "transact",
-            Call::Ping => "ping",
-        });
-        Ok(())
-    };
-    let tracker = Tracker::new(
-        Arc::new(Hooked {
-            inner: Arc::clone(&store),
-            hook,
-        }),
-        CancellationToken::new(),
-    );
+    let (tracker, calls) = recording(&store);
     // Another replica on the same store.
     let other = Tracker::new(store, CancellationToken::new());
     let name = format!("{prefix}-hot-path");
@@ -242,21 +249,7 @@ pub async fn a_claim_and_a_checkpoint_make_three_store_calls(
 /// When a job too large to copy into its run's partition is not read on
 /// its own, or a claim answers the copy the job outgrew.
 pub async fn a_job_too_large_to_copy_is_read_on_its_own(store: Arc<dyn KvStore>, prefix: &str) {
-    let calls: Arc<Mutex<Vec<&'static str>>> = Arc::default();
-    let seen = Arc::clone(&calls);
-    let hook = move |call: Call<'_>| {
-        if matches!(call, Call::Get) {
-            seen.lock().expect("calls lock").push("get");
-        }
-        Ok(())
-    };
-    let tracker = Tracker::new(
-        Arc::new(Hooked {
-            inner: Arc::clone(&store),
-            hook,
-        }),
-        CancellationToken::new(),
-    );
+    let (tracker, calls) = recording(&store);
     let other = Tracker::new(store, CancellationToken::new());
     let name = format!("{prefix}-large-job");
     other
@@ -298,7 +291,7 @@ pub async fn a_job_too_large_to_copy_is_read_on_its_own(store: Arc<dyn KvStore>,
     );
     assert_eq!(
         std::mem::take(&mut *calls.lock().expect("calls lock")),
-        ["get"],
+        ["query", "get", "transact"],
         "a job too large to copy is read on its own"
     );
 }
