@@ -123,36 +123,28 @@ fn progress(s: &SegmentState) -> Progress {
 }
 
 pub async fn execute(ctx: Context, claim: Claim) -> Result<(), UnitFailure> {
-    match extract_segment(&ctx, &claim).await {
-        Ok(()) => Ok(()),
-        Err(UnitFailure::LeaseLost) => Err(UnitFailure::LeaseLost),
-        Err(
-            failure @ UnitFailure::Failed {
-                retryable: true, ..
-            },
-        ) if !claim.failure_is_final(true) => {
-            // The job-tracker puts the segment back in the queue and its
-            // next attempt resumes from its checkpoint: the run goes on (a
-            // store's blip must not block the job until an operator
-            // acknowledges a failure).
-            Err(failure)
-        }
-        Err(failure) => {
-            // A segment that failed for good fails its run at once: no
-            // manifest, and the job's next run waits for an acknowledgement.
-            let message = failure.to_string();
-            let _ = ctx
-                .jobs
-                .fail_run(FailRunRequest {
-                    run_id: claim.run.run_id.clone(),
-                    error: format!("unit {}: {message}", claim.unit.unit_key),
-                    result: None,
-                    actor: ctx.config.worker_id.clone(),
-                })
-                .await;
-            Err(failure)
-        }
+    let Err(failure) = extract_segment(&ctx, &claim).await else {
+        return Ok(());
+    };
+    // A segment that failed for good fails its run at once: no manifest,
+    // and the job's next run waits for an acknowledgement. One that failed
+    // retryably with attempts left goes back to the queue and resumes from
+    // its checkpoint: the run goes on (a store's blip must not block the
+    // job until an operator acknowledges a failure).
+    if let UnitFailure::Failed { retryable, .. } = &failure
+        && claim.failure_is_final(*retryable)
+    {
+        let _ = ctx
+            .jobs
+            .fail_run(FailRunRequest {
+                run_id: claim.run.run_id.clone(),
+                error: format!("unit {}: {failure}", claim.unit.unit_key),
+                result: None,
+                actor: ctx.config.worker_id.clone(),
+            })
+            .await;
     }
+    Err(failure)
 }
 
 async fn extract_segment(ctx: &Context, claim: &Claim) -> Result<(), UnitFailure> {
