@@ -1,11 +1,15 @@
 //! A Kafka message's `ChangeRecord` (`tidemark.common.v1`), the bytes a
 //! change feed hands the replicator: whatever a producer wrote must decode
-//! or be refused, never panic; what decodes survives a re-encode exactly.
+//! or be refused, never panic; what decodes survives a re-encode exactly;
+//! and the wire decoder decodes exactly what prost's generated decoder
+//! does, to the same record.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tidemark_connectors::Position;
-use tidemark_connectors::proto::{decode_change, encode_change, kafka_key};
+use tidemark_connectors::proto::{
+    decode_change, decode_change_with_prost, encode_change, kafka_key,
+};
 
 fn position() -> Position {
     Position {
@@ -15,7 +19,13 @@ fn position() -> Position {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(record) = decode_change(data, position()) else {
+    let decoded = decode_change(data, position());
+    match (&decoded, decode_change_with_prost(data, position())) {
+        (Ok(a), Ok(b)) => assert_eq!(a, &b, "both decoders read the same record"),
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("the wire decoder says {a:?}, prost {b:?}"),
+    }
+    let Ok(record) = decoded else {
         return;
     };
     let bytes = encode_change(

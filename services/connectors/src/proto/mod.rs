@@ -14,6 +14,8 @@ use tidemark_proto::common::v1::attribute_value::Value as PbValue;
 use crate::traits::{ChangeKind, ChangeRecord, Position};
 use crate::value::{AttrValue, Item, Key, Number};
 
+mod wire;
+
 /// A value that does not convert: which field, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -179,22 +181,9 @@ pub fn key_from_proto(key: &pb::Key) -> Result<Key, ProtoError> {
 }
 
 fn key_from_proto_owned(key: pb::Key) -> Result<Key, ProtoError> {
-    if key.attributes.is_empty() {
-        return Err(ProtoError::new(
-            "attributes",
-            "a key needs its key attributes",
-        ));
-    }
-    let attrs = attributes_from_proto(key.attributes)?;
-    for (name, v) in &attrs {
-        if v.key_text().is_none() {
-            return Err(ProtoError::new(
-                format!("attributes[{name:?}]"),
-                "a key attribute must be a string, number or binary",
-            ));
-        }
-    }
-    Ok(Key(attrs))
+    checked_key(key.attributes.is_empty(), || {
+        attributes_from_proto(key.attributes)
+    })
 }
 
 pub fn key_to_proto(key: &Key) -> pb::Key {
@@ -252,32 +241,118 @@ fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
     i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
 }
 
-/// Decodes a Kafka message's `ChangeRecord`.
+/// Decodes a Kafka message's `ChangeRecord`, straight from the wire format
+/// ([`wire`]): the same record [`decode_change_with_prost`] makes, without
+/// building the generated message first.
 ///
 /// # Errors
 /// Bytes that are not a valid record (no key, zero version, an upsert
 /// without image).
 pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, ProtoError> {
+    let record = wire::read_change(bytes).map_err(wire::WireError::into_proto)?;
+    let key = record
+        .key
+        .ok_or_else(|| ProtoError::new("key", "required"))
+        .and_then(|key| checked_key(key.is_empty(), || key.finish()))
+        .map_err(|e| e.within("key"))?;
+    let new_image = checked_image(record.deleted, record.version, || {
+        record.new_image.map(wire::Attributes::finish)
+    })?;
+    let created_at_micros = record.change_time.map_or(0, |(seconds, nanos)| {
+        timestamp_micros(&prost_types::Timestamp { seconds, nanos })
+    });
+    Ok(change_record(
+        key,
+        new_image,
+        record.version,
+        created_at_micros,
+        position,
+    ))
+}
+
+/// [`decode_change`] through prost's generated `ChangeRecord` and the
+/// conversions above: the reference the wire decoder is held to (its
+/// tests and the `change_record` fuzz target).
+///
+/// # Errors
+/// As [`decode_change`].
+#[doc(hidden)]
+pub fn decode_change_with_prost(
+    bytes: &[u8],
+    position: Position,
+) -> Result<ChangeRecord, ProtoError> {
     let record = pb::ChangeRecord::decode(bytes).map_err(|e| ProtoError::new("", e.to_string()))?;
-    let key = key_from_proto_owned(
+    let key = record
+        .key
+        .ok_or_else(|| ProtoError::new("key", "required"))
+        .and_then(key_from_proto_owned)
+        .map_err(|e| e.within("key"))?;
+    let new_image = checked_image(record.deleted, record.version, || {
         record
-            .key
-            .ok_or_else(|| ProtoError::new("key", "required"))?,
-    )
-    .map_err(|e| e.within("key"))?;
-    if record.version == 0 {
+            .new_image
+            .map(|image| attributes_from_proto(image.attributes))
+    })?;
+    let created_at_micros = record.change_time.as_ref().map_or(0, timestamp_micros);
+    Ok(change_record(
+        key,
+        new_image,
+        record.version,
+        created_at_micros,
+        position,
+    ))
+}
+
+/// A record's key from its attributes: at least one, each a string,
+/// number or binary.
+fn checked_key(
+    empty: bool,
+    attributes: impl FnOnce() -> Result<BTreeMap<String, AttrValue>, ProtoError>,
+) -> Result<Key, ProtoError> {
+    if empty {
+        return Err(ProtoError::new(
+            "attributes",
+            "a key needs its key attributes",
+        ));
+    }
+    let attrs = attributes()?;
+    for (name, v) in &attrs {
+        if v.key_text().is_none() {
+            return Err(ProtoError::new(
+                format!("attributes[{name:?}]"),
+                "a key attribute must be a string, number or binary",
+            ));
+        }
+    }
+    Ok(Key(attrs))
+}
+
+/// A record's version and new image, checked after its key: a version
+/// above 0, an image unless the record is a delete.
+fn checked_image(
+    deleted: bool,
+    version: u64,
+    image: impl FnOnce() -> Option<Result<Item, ProtoError>>,
+) -> Result<Option<Item>, ProtoError> {
+    if version == 0 {
         return Err(ProtoError::new("version", "must not be 0"));
     }
-    let new_image = if record.deleted {
-        None
-    } else {
-        let image = record
-            .new_image
-            .ok_or_else(|| ProtoError::new("new_image", "required unless deleted"))?;
-        Some(attributes_from_proto(image.attributes).map_err(|e| e.within("new_image"))?)
-    };
-    let created_at_micros = record.change_time.as_ref().map_or(0, timestamp_micros);
-    Ok(ChangeRecord {
+    if deleted {
+        return Ok(None);
+    }
+    match image() {
+        Some(image) => image.map(Some).map_err(|e| e.within("new_image")),
+        None => Err(ProtoError::new("new_image", "required unless deleted")),
+    }
+}
+
+fn change_record(
+    key: Key,
+    new_image: Option<Item>,
+    version: u64,
+    created_at_micros: i64,
+    position: Position,
+) -> ChangeRecord {
+    ChangeRecord {
         key,
         kind: if new_image.is_some() {
             ChangeKind::Modify
@@ -286,10 +361,10 @@ pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, P
         },
         new_image,
         old_image: None,
-        version: record.version,
+        version,
         created_at_micros,
         position,
-    })
+    }
 }
 
 #[cfg(test)]
