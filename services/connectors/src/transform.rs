@@ -320,6 +320,29 @@ impl Transform {
             .collect()
     }
 
+    /// [`Transform::shape`] of an item the caller gives up: its names and
+    /// values move into the result instead of being copied, and without
+    /// renames the item is only trimmed in place. What a pipeline does with
+    /// each change it writes to its last sink.
+    pub fn shape_owned(&self, mut item: Item, schema: &KeySchema) -> Item {
+        let kept = |name: &String| {
+            self.projection.is_empty()
+                || self.projection.contains(name)
+                || schema.names().any(|k| k == name.as_str())
+        };
+        if self.renames.is_empty() {
+            item.retain(|name, _| kept(name));
+            return item;
+        }
+        item.into_iter()
+            .filter(|(name, _)| kept(name))
+            .map(|(name, v)| match self.renames.get(&name) {
+                Some(to) => (to.clone(), v),
+                None => (name, v),
+            })
+            .collect()
+    }
+
     /// The key as the target names it (renamed key attributes).
     pub fn shape_key(&self, key: &Key) -> Key {
         if self.renames.is_empty() {
@@ -449,6 +472,43 @@ mod tests {
             t.shape(&i, &schema),
             item(&[("id", AttrValue::s("1")), ("b", AttrValue::n(1i64))])
         );
+        assert_eq!(t.shape_owned(i.clone(), &schema), t.shape(&i, &schema));
+    }
+
+    #[test]
+    fn an_owned_item_is_shaped_as_a_borrowed_one() {
+        // Renames onto a name the item has, chains, projection with and
+        // without renames: moving must give what copying gives.
+        let schema = KeySchema::new("id", None);
+        let i = item(&[
+            ("id", AttrValue::s("1")),
+            ("a", AttrValue::n(1i64)),
+            ("b", AttrValue::n(2i64)),
+            ("c", AttrValue::n(3i64)),
+        ]);
+        let transforms = [
+            (vec![], vec![]),
+            (vec!["a", "c"], vec![]),
+            (vec![], vec![("a", "b"), ("b", "c")]),
+            (vec![], vec![("c", "a")]),
+            (vec!["b"], vec![("b", "x"), ("id", "key")]),
+        ];
+        for (projection, renames) in transforms {
+            let t = Transform::from_proto(&pb::Transform {
+                projection: projection.iter().map(|s| (*s).to_owned()).collect(),
+                renames: renames
+                    .iter()
+                    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+                    .collect(),
+                ..pb::Transform::default()
+            })
+            .unwrap();
+            assert_eq!(
+                t.shape_owned(i.clone(), &schema),
+                t.shape(&i, &schema),
+                "{projection:?} {renames:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::hint::black_box;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tidemark_bench::hot_path::{Fixture, RECORDS};
 
 fn hot_path(c: &mut Criterion) {
@@ -23,13 +23,17 @@ fn hot_path(c: &mut Criterion) {
         .map(|i| fixture.decode(i).expect("the fixture decodes"))
         .collect();
     group.bench_function("transform", |b| {
-        b.iter(|| {
-            i += 1;
-            black_box(fixture.transform(&changes[i % RECORDS]))
-        });
+        b.iter_batched(
+            || {
+                i += 1;
+                changes[i % RECORDS].clone()
+            },
+            |change| black_box(fixture.transform(change)),
+            BatchSize::SmallInput,
+        );
     });
     let records: Vec<_> = changes
-        .iter()
+        .into_iter()
         .map(|c| fixture.transform(c).expect("the fixture passes"))
         .collect();
     let mut out = Vec::with_capacity(1 << 20);

@@ -143,11 +143,13 @@ impl Fixture {
         .map_err(|e| e.to_string())
     }
 
-    /// The sink record of a decoded change: filter, projection, renames.
-    pub fn transform(&self, change: &tidemark_connectors::ChangeRecord) -> Option<SinkRecord> {
-        let op = match &change.new_image {
-            Some(item) if self.transform.passes(item, self.now_micros) => {
-                SinkOp::Upsert(self.transform.shape(item, &self.schema))
+    /// The sink record of a decoded change: filter, projection, renames,
+    /// the image moving into the record as the pipeline moves it into its
+    /// last sink's.
+    pub fn transform(&self, change: tidemark_connectors::ChangeRecord) -> Option<SinkRecord> {
+        let op = match change.new_image {
+            Some(item) if self.transform.passes(&item, self.now_micros) => {
+                SinkOp::Upsert(self.transform.shape_owned(item, &self.schema))
             }
             Some(_) => return None,
             None => SinkOp::Delete,
@@ -174,7 +176,7 @@ impl Fixture {
     /// As the stages.
     pub fn one(&self, i: usize, out: &mut Vec<u8>) -> Result<(), String> {
         let change = self.decode(i)?;
-        let record = self.transform(&change).ok_or("filtered out")?;
+        let record = self.transform(change).ok_or("filtered out")?;
         self.bulk(&record, out)
     }
 }

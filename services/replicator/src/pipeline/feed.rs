@@ -9,13 +9,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::kafka::{KafkaFeed, KafkaSink, KafkaStart};
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
-use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Item, Key, Position};
+use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Position};
 use tidemark_kit::worker::{LeaseError, Progress, UnitLease};
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::replicator::v1::change_feed::Feed;
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, StartPosition};
 
-use super::open::{Filtered, Opened};
+use super::open::{Change, Filtered, Opened};
 use super::spec::{BACKFILL_PENDING, backfill_mode, reader_index};
 use super::watermark;
 use crate::context::{Context, UnitFailure};
@@ -284,12 +284,12 @@ pub async fn report_progress(
     Ok(())
 }
 
-pub fn changes_of(
-    opened: &Opened,
-    records: &[ChangeRecord],
-) -> Vec<(Key, Option<Item>, u64, String)> {
+/// Takes the new images out of `records`: what stays is enough to
+/// acknowledge them (their positions), and the images move on to the
+/// sinks instead of being copied for them.
+pub fn changes_of(opened: &Opened, records: &mut [ChangeRecord]) -> Vec<Change> {
     records
-        .iter()
+        .iter_mut()
         .filter(|r| !opened.reserved(&r.key))
         .filter(|r| !opened.echo(r.new_image.as_ref(), r.old_image.as_ref()))
         .map(|r| change_of(opened, r))
@@ -342,10 +342,10 @@ pub async fn flush(
     state: &mut FeedState,
     pending: &mut Polled,
 ) -> Result<(), UnitFailure> {
-    let polled = std::mem::take(pending);
+    let mut polled = std::mem::take(pending);
     let written = opened
         .write(
-            &changes_of(opened, &polled.records),
+            changes_of(opened, &mut polled.records),
             dead,
             pipeline,
             Filtered::Delete,
@@ -406,7 +406,7 @@ pub async fn learn_peers(ctx: &Context, run_id: &str, peers: &[String], feed: &m
     }
 }
 
-fn change_of(opened: &Opened, r: &ChangeRecord) -> (Key, Option<Item>, u64, String) {
+fn change_of(opened: &Opened, r: &mut ChangeRecord) -> Change {
     let version = if opened.version_attribute.is_empty() {
         r.version
     } else {
@@ -422,7 +422,7 @@ fn change_of(opened: &Opened, r: &ChangeRecord) -> (Key, Option<Item>, u64, Stri
     };
     (
         r.key.clone(),
-        opened.application_image(r.new_image.as_ref()),
+        opened.application_image(r.new_image.take()),
         version,
         format!("{}/{}", r.position.partition, r.position.sequence),
     )

@@ -138,7 +138,7 @@ impl Opened {
     }
 
     /// See [`application_image`].
-    pub(crate) fn application_image(&self, image: Option<&Item>) -> Option<Item> {
+    pub(crate) fn application_image(&self, image: Option<Item>) -> Option<Item> {
         application_image(&self.skip_origin, &self.version_attribute, image)
     }
 
@@ -152,25 +152,31 @@ impl Opened {
             .unwrap_or(derived)
     }
 
-    /// Writes changes (key, image or `None` for a delete, version, where it
-    /// came from) to every sink; records a sink rejects go to the dead-letter
-    /// store. Returns (applied, stale, dead-lettered).
+    /// Writes changes to every sink; records a sink rejects go to the
+    /// dead-letter store. The images move into the last sink's records
+    /// (the others get copies). Returns (applied, stale, dead-lettered).
     pub async fn write(
         &self,
-        changes: &[(Key, Option<Item>, u64, String)],
+        mut changes: Vec<Change>,
         dead: &DeadLetters,
         pipeline: &str,
         filtered: Filtered,
     ) -> Result<(u64, u64, u64), UnitFailure> {
         let now = chrono::Utc::now().timestamp_micros();
         let mut totals = (0, 0, 0);
-        for sink in &self.sinks {
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let last = i + 1 == self.sinks.len();
             let mut batch = Vec::with_capacity(changes.len());
             let mut origin = Vec::with_capacity(changes.len());
-            for (key, image, version, position) in changes {
+            for (j, (key, image, version, _)) in changes.iter_mut().enumerate() {
                 let op = match image {
                     Some(item) if sink.transform.passes(item, now) => {
-                        SinkOp::Upsert(sink.transform.shape(item, &self.source.schema))
+                        let schema = &self.source.schema;
+                        SinkOp::Upsert(if last {
+                            sink.transform.shape_owned(std::mem::take(item), schema)
+                        } else {
+                            sink.transform.shape(item, schema)
+                        })
                     }
                     Some(_) if filtered == Filtered::Skip => continue,
                     Some(_) | None => SinkOp::Delete,
@@ -180,7 +186,7 @@ impl Opened {
                     version: *version,
                     op,
                 });
-                origin.push(position);
+                origin.push(j);
             }
             if batch.is_empty() {
                 continue;
@@ -203,7 +209,7 @@ impl Opened {
             };
             let outcomes = chunks.into_iter().flatten();
             let mut this = SinkTotals::default();
-            for ((record, position), outcome) in batch.iter().zip(origin).zip(outcomes) {
+            for ((record, j), outcome) in batch.iter().zip(origin).zip(outcomes) {
                 match outcome {
                     RecordOutcome::Applied => {
                         this.applied += 1;
@@ -211,7 +217,7 @@ impl Opened {
                     }
                     RecordOutcome::Stale => this.stale += 1,
                     RecordOutcome::Rejected(reason) => {
-                        dead.add(pipeline, &sink.name, record, position, &reason)
+                        dead.add(pipeline, &sink.name, record, &changes[j].3, &reason)
                             .await?;
                         this.dead_lettered += 1;
                     }
@@ -225,6 +231,11 @@ impl Opened {
         Ok(totals)
     }
 }
+
+/// A change as the sinks are given it: the key, the image (`None` for a
+/// delete), the version, and where it came from (a feed position, a
+/// backfill segment) for a dead letter.
+pub type Change = (Key, Option<Item>, u64, String);
 
 /// Whether a change is the `skip_origin` pipeline's own write coming back:
 /// it set the origin marker to that pipeline's (an application's write
@@ -258,9 +269,9 @@ const RESERVED_END: &str = "_tidemark`";
 pub fn application_image(
     skip_origin: &str,
     version_attribute: &str,
-    image: Option<&Item>,
+    image: Option<Item>,
 ) -> Option<Item> {
-    let image = image?;
+    let mut image = image?;
     let reserved = image
         .range::<str, _>((
             std::ops::Bound::Included(RESERVED_PREFIX),
@@ -269,12 +280,11 @@ pub fn application_image(
         .next()
         .is_some();
     if skip_origin.is_empty() && !reserved {
-        return Some(image.clone());
+        return Some(image);
     }
     if !skip_origin.is_empty() && image.contains_key(DELETED_ATTRIBUTE) {
         return None;
     }
-    let mut image = image.clone();
     if reserved {
         image.retain(|name, _| !name.starts_with(RESERVED_PREFIX));
     }
@@ -362,27 +372,27 @@ mod tests {
         let mut reverse_written = marked("rev@2", 1);
         reverse_written.insert("_tidemark_version".to_owned(), AttrValue::n(2u64));
         assert_eq!(
-            application_image("rev", "", Some(&reverse_written)),
-            application_image("fwd", "", Some(&marked("fwd@2", 1))),
+            application_image("rev", "", Some(reverse_written)),
+            application_image("fwd", "", Some(marked("fwd@2", 1))),
             "a reverse sink's version goes too"
         );
-        let clean = application_image("fwd", "", Some(&marked("fwd@2", 1))).unwrap();
+        let clean = application_image("fwd", "", Some(marked("fwd@2", 1))).unwrap();
         assert_eq!(
             clean,
             item(&[("pk", AttrValue::s("a")), ("views", AttrValue::n(1i64))])
         );
         // The source's own version attribute stays.
-        let kept = application_image("fwd", "tidemark_version", Some(&marked("fwd@2", 1))).unwrap();
+        let kept = application_image("fwd", "tidemark_version", Some(marked("fwd@2", 1))).unwrap();
         assert!(kept.contains_key("tidemark_version"));
         let mut tombstone = marked("fwd@3", 1);
         tombstone.insert(DELETED_ATTRIBUTE.to_owned(), AttrValue::Bool(true));
-        assert_eq!(application_image("fwd", "", Some(&tombstone)), None);
+        assert_eq!(application_image("fwd", "", Some(tombstone.clone())), None);
         // Without skip_origin, images are copied but for Tidemark's own
         // attributes (a TOUCH backfill's marker too).
         let mut touched = tombstone.clone();
         touched.insert("_tidemark_touch".to_owned(), AttrValue::n(1u64));
         let mut want = tombstone.clone();
         want.remove(ORIGIN_ATTRIBUTE);
-        assert_eq!(application_image("", "", Some(&touched)), Some(want));
+        assert_eq!(application_image("", "", Some(touched)), Some(want));
     }
 }

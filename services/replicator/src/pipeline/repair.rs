@@ -99,7 +99,7 @@ async fn rewrite(
     let mut changes = Vec::with_capacity(keys.len());
     for key in keys {
         // Another pipeline's tombstone is an absent item.
-        let item = opened.application_image(opened.source.table.get(key).await?.as_ref());
+        let item = opened.application_image(opened.source.table.get(key).await?);
         let removed = match &item {
             Some(_) => {
                 rewritten += 1;
@@ -114,7 +114,7 @@ async fn rewrite(
         changes.push((key.clone(), item, version, "repair".to_owned()));
     }
     let (_, _, dead_lettered) = subset
-        .write(&changes, dead, pipeline, Filtered::Delete)
+        .write(changes, dead, pipeline, Filtered::Delete)
         .await?;
     let dl = i64::try_from(dead_lettered).unwrap_or(i64::MAX);
     Ok((rewritten - dl.min(rewritten), deleted, dl))

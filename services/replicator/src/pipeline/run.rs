@@ -25,7 +25,7 @@ use super::feed::{
     FeedState, Polled, acknowledge, changes_of, flush, learn_peers, open_feed, report_progress,
     transactional_sink,
 };
-use super::open::{Filtered, Opened, SINK_BATCH, SINK_CONCURRENCY, open};
+use super::open::{Change, Filtered, Opened, SINK_BATCH, SINK_CONCURRENCY, open};
 use super::spec::{
     DEFAULT_TOUCH_ATTRIBUTE, FEED_UNIT, backfill_mode, chunk_size, decode, feed_units,
     is_feed_unit, segments,
@@ -159,10 +159,10 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
             peers_read = Instant::now();
             learn_peers(&ctx, &claim.unit.run_id, &peers, feed.as_mut()).await;
         }
-        let changes = changes_of(&opened, &pending.records);
+        let changes = changes_of(&opened, &mut pending.records);
         let (polled, written) = tokio::join!(
             feed.poll(SINK_BATCH * SINK_CONCURRENCY),
-            opened.write(&changes, &dead, &pipeline.name, Filtered::Delete),
+            opened.write(changes, &dead, &pipeline.name, Filtered::Delete),
         );
         // A failed poll leaves the written batch unacknowledged: it is
         // delivered again, and the sinks' version checks make that a no-op.
@@ -314,6 +314,7 @@ async fn backfill_segment(
             .filter_map(|item| opened.source.schema.key_of(&item).ok().map(|k| (k, item)))
             .filter(|(k, _)| !opened.reserved(k))
             .collect();
+        let copied = u64::try_from(rows.len()).unwrap_or(u64::MAX);
         match mode {
             BackfillMode::Touch => {
                 // The feed carries every touched item to the sinks.
@@ -321,23 +322,24 @@ async fn backfill_segment(
             }
             _ => {
                 // Another pipeline's tombstones are not items to copy.
-                let changes: Vec<(Key, Option<Item>, u64, String)> = rows
-                    .iter()
+                let changes: Vec<Change> = rows
+                    .into_iter()
                     .filter_map(|(k, item)| {
+                        let version = opened.version_of(&item, 0);
                         Some((
-                            k.clone(),
+                            k,
                             Some(opened.application_image(Some(item))?),
-                            opened.version_of(item, 0),
+                            version,
                             format!("backfill/{segment}"),
                         ))
                     })
                     .collect();
                 opened
-                    .write(&changes, &dead, &pipeline.name, Filtered::Skip)
+                    .write(changes, &dead, &pipeline.name, Filtered::Skip)
                     .await?;
             }
         }
-        state.copied += u64::try_from(rows.len()).unwrap_or(u64::MAX);
+        state.copied += copied;
         state.start_after.clone_from(&page.last_key);
         let mut p = Progress {
             items_processed: i64::try_from(state.copied).unwrap_or(i64::MAX),

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::{AttrValue, ChangeRecord, Item, Key, ScanRequest};
 
-use super::open::{Filtered, Opened};
+use super::open::{Change, Filtered, Opened};
 use crate::context::UnitFailure;
 use crate::dead_letters::DeadLetters;
 
@@ -253,7 +253,7 @@ impl Backfill {
         };
         let position = format!("watermark/{}", chunk.id);
         let mut dropped = 0u64;
-        let changes: Vec<(Key, Option<Item>, u64, String)> = chunk
+        let changes: Vec<Change> = chunk
             .rows
             .into_iter()
             .filter(|(k, _)| {
@@ -266,10 +266,11 @@ impl Backfill {
                 (k, Some(item), version, position.clone())
             })
             .collect();
+        let copied = u64::try_from(changes.len()).unwrap_or(u64::MAX);
         opened
-            .write(&changes, dead, pipeline, Filtered::Skip)
+            .write(changes, dead, pipeline, Filtered::Skip)
             .await?;
-        progress.copied += u64::try_from(changes.len()).unwrap_or(u64::MAX);
+        progress.copied += copied;
         progress.dropped += dropped;
         progress.chunks += 1;
         for (i, last) in chunk.next {

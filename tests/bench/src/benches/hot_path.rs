@@ -66,7 +66,7 @@ fn measure(budget: Duration) -> anyhow::Result<Figures> {
     })?;
     let transform = per_core(budget, |i| {
         let change = fixture.decode(i).expect("the fixture decodes");
-        std::hint::black_box(fixture.transform(&change).expect("the fixture passes"));
+        std::hint::black_box(fixture.transform(change).expect("the fixture passes"));
     })?;
     let mut out = Vec::with_capacity(1 << 20);
     fixture.one(0, &mut out).map_err(anyhow::Error::msg)?;
