@@ -355,6 +355,22 @@ impl Transform {
             .collect())
     }
 
+    /// [`Transform::shape_key`] of a key the caller gives up: kept as it
+    /// is unless a rename names one of its attributes.
+    pub fn shape_key_owned(&self, key: Key) -> Key {
+        if !key.0.keys().any(|n| self.renames.contains_key(n)) {
+            return key;
+        }
+        Key(key
+            .0
+            .into_iter()
+            .map(|(n, v)| match self.renames.get(&n) {
+                Some(to) => (to.clone(), v),
+                None => (n, v),
+            })
+            .collect())
+    }
+
     /// The target document id of a source item with that key; the key values
     /// joined with `#`, partition key first, without a template.
     ///
@@ -473,6 +489,8 @@ mod tests {
             item(&[("id", AttrValue::s("1")), ("b", AttrValue::n(1i64))])
         );
         assert_eq!(t.shape_owned(i.clone(), &schema), t.shape(&i, &schema));
+        let key = Key(item(&[("id", AttrValue::s("1"))]));
+        assert_eq!(t.shape_key_owned(key.clone()), t.shape_key(&key));
     }
 
     #[test]
@@ -508,6 +526,8 @@ mod tests {
                 t.shape(&i, &schema),
                 "{projection:?} {renames:?}"
             );
+            let key = Key(item(&[("id", AttrValue::s("1"))]));
+            assert_eq!(t.shape_key_owned(key.clone()), t.shape_key(&key));
         }
     }
 

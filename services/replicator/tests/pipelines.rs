@@ -1854,6 +1854,66 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
     }
 }
 
+/// A pipeline with two sinks gives each its own shape of every change:
+/// the first sink's records are copies, the last sink's take the decoded
+/// keys and images over (moved, not copied), so neither may see the
+/// other's transform or an image already taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sink_of_a_pipeline_gets_its_own_shape_of_every_change() {
+    let topic = unique_name("changes");
+    let producer = producer(&local_env("TIDEMARK_TEST_KAFKA_BROKERS"));
+    for i in 0..20 {
+        let k = key("post", &format!("k{i}"));
+        let mut image = doc("post", &format!("k{i}"), AttrValue::n(i64::from(i)));
+        image.insert("body".to_owned(), AttrValue::s(format!("body {i}")));
+        let deleted = i >= 17;
+        send(&producer, &topic, &k, (!deleted).then_some(&image), 1).await;
+    }
+    let (whole, shaped) = (unique_name("whole"), unique_name("shaped"));
+    let mut spec = kafka_spec(&topic, &whole, 1);
+    // The last sink keeps the title (and the key), renamed.
+    spec.sinks.push(pb::Sink {
+        name: "shaped".to_owned(),
+        store: Some(index_ref(&shaped)),
+        transform: Some(common_pb::Transform {
+            projection: vec!["title".to_owned()],
+            renames: [("title".to_owned(), "heading".to_owned())].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mut plane = plane(|_| {}).await;
+    let name = unique_name("two-sinks");
+    create(&mut plane, &name, spec).await;
+    let (whole, shaped) = (index_reader(&whole).await, index_reader(&shaped).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while shaped.read(&key("post", "k16")).await.unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Kafka feed delivered nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drain(&mut plane, &name).await;
+    for i in 0..20 {
+        let k = key("post", &format!("k{i}"));
+        let (w, s) = (
+            whole.read(&k).await.unwrap(),
+            shaped.read(&k).await.unwrap(),
+        );
+        if i >= 17 {
+            assert!(w.is_none() && s.is_none(), "k{i} was deleted");
+            continue;
+        }
+        let mut want = doc("post", &format!("k{i}"), AttrValue::n(i64::from(i)));
+        want.insert("body".to_owned(), AttrValue::s(format!("body {i}")));
+        assert_eq!(w, Some((1, want)), "k{i} whole");
+        let mut want = k.0.clone();
+        want.insert("heading".to_owned(), AttrValue::s(format!("post k{i}")));
+        assert_eq!(s, Some((1, want)), "k{i} shaped");
+    }
+}
+
 /// Messages of a Kafka feed that are not change records (bytes that do not
 /// decode, a message without payload) are kept as dead letters with their
 /// position, not dropped; the records around them are applied, and their

@@ -155,7 +155,7 @@ impl Fixture {
             None => SinkOp::Delete,
         };
         Some(SinkRecord {
-            key: self.transform.shape_key(&change.key),
+            key: self.transform.shape_key_owned(change.key),
             version: change.version,
             op,
         })

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tidemark_connectors::kafka::{KafkaFeed, KafkaSink, KafkaStart};
 use tidemark_connectors::streams::{DynamoStreamSource, ShardedFeed, StartPosition as FeedStart};
-use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Position};
+use tidemark_connectors::{ChangeFeed, ChangeRecord, FeedCheckpoint, Key, Position};
 use tidemark_kit::worker::{LeaseError, Progress, UnitLease};
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::replicator::v1::change_feed::Feed;
@@ -284,9 +284,9 @@ pub async fn report_progress(
     Ok(())
 }
 
-/// Takes the new images out of `records`: what stays is enough to
-/// acknowledge them (their positions), and the images move on to the
-/// sinks instead of being copied for them.
+/// Takes the keys and new images out of `records`: what stays is enough
+/// to acknowledge them (their positions), and keys and images move on to
+/// the sinks instead of being copied for them.
 pub fn changes_of(opened: &Opened, records: &mut [ChangeRecord]) -> Vec<Change> {
     records
         .iter_mut()
@@ -421,7 +421,7 @@ fn change_of(opened: &Opened, r: &mut ChangeRecord) -> Change {
         }
     };
     (
-        r.key.clone(),
+        std::mem::replace(&mut r.key, Key(BTreeMap::new())),
         opened.application_image(r.new_image.take()),
         version,
         format!("{}/{}", r.position.partition, r.position.sequence),

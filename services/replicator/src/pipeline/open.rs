@@ -1,6 +1,7 @@
 //! A pipeline's source and sinks, opened, and how a batch of changes is
 //! written to every sink (rejected records go to the dead-letter store).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tidemark_connectors::dynamodb::{DELETED_ATTRIBUTE, ORIGIN_ATTRIBUTE, VERSION_ATTRIBUTE};
@@ -153,8 +154,8 @@ impl Opened {
     }
 
     /// Writes changes to every sink; records a sink rejects go to the
-    /// dead-letter store. The images move into the last sink's records
-    /// (the others get copies). Returns (applied, stale, dead-lettered).
+    /// dead-letter store. Keys and images move into the last sink's
+    /// records (the others get copies). Returns (applied, stale, dead-lettered).
     pub async fn write(
         &self,
         mut changes: Vec<Change>,
@@ -182,7 +183,12 @@ impl Opened {
                     Some(_) | None => SinkOp::Delete,
                 };
                 batch.push(SinkRecord {
-                    key: sink.transform.shape_key(key),
+                    key: if last {
+                        sink.transform
+                            .shape_key_owned(std::mem::replace(key, Key(BTreeMap::new())))
+                    } else {
+                        sink.transform.shape_key(key)
+                    },
                     version: *version,
                     op,
                 });
