@@ -684,6 +684,31 @@ mod tests {
     }
 
     #[test]
+    fn the_wire_decoder_agrees_with_prost_around_the_fuzz_corpus() {
+        // The `change_record` fuzz target's seeds (real records of every
+        // kind), each with every bit flipped in turn and cut at every byte.
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/change_record"
+        );
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(dir).expect("the fuzz corpus is in the repository") {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(agree(&bytes), "a corpus seed decodes");
+            seeds += 1;
+            for at in 0..bytes.len() {
+                agree(&bytes[..at]);
+                for bit in 0..8 {
+                    let mut flipped = bytes.clone();
+                    flipped[at] ^= 1 << bit;
+                    agree(&flipped);
+                }
+            }
+        }
+        assert!(seeds >= 5, "only {seeds} corpus seeds");
+    }
+
+    #[test]
     fn nesting_stops_where_prost_stops() {
         for depth in [30, 31, 32, 33, 34] {
             // A map inside a map, `depth` times, around a string.
