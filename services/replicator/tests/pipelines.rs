@@ -1576,6 +1576,16 @@ async fn an_item_leaving_a_sinks_filter_leaves_the_target() {
     assert!(reader.read(&key("post", "stays")).await.unwrap().is_some());
 }
 
+/// Waits up to a minute for `key` to be in the index at `version`, failing
+/// with `what` otherwise.
+async fn await_version(reader: &ElasticsearchSink, key: &Key, version: Option<u64>, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while reader.read(key).await.unwrap().map(|(v, _)| v) != version {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn producer(brokers: &str) -> rdkafka::producer::FutureProducer {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -1827,20 +1837,13 @@ async fn a_kafka_feed_applies_latest_values_and_deletes() {
     create(&mut plane, &name, spec).await;
     // Drain may see an empty partition list before the group is joined:
     // wait for the documents themselves, then drain.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while reader
-        .read(&key("post", "k0"))
-        .await
-        .unwrap()
-        .map(|(v, _)| v)
-        != Some(3)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the Kafka feed delivered nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    await_version(
+        &reader,
+        &key("post", "k0"),
+        Some(3),
+        "the Kafka feed delivered nothing",
+    )
+    .await;
     drain(&mut plane, &name).await;
     for i in 0..10 {
         let got = reader.read(&key("post", &format!("k{i}"))).await.unwrap();
@@ -1886,14 +1889,8 @@ async fn each_sink_of_a_pipeline_gets_its_own_shape_of_every_change() {
     let name = unique_name("two-sinks");
     create(&mut plane, &name, spec).await;
     let (whole, shaped) = (index_reader(&whole).await, index_reader(&shaped).await);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while shaped.read(&key("post", "k16")).await.unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the Kafka feed delivered nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let last = key("post", "k16");
+    await_version(&shaped, &last, Some(1), "the Kafka feed delivered nothing").await;
     drain(&mut plane, &name).await;
     for i in 0..20 {
         let k = key("post", &format!("k{i}"));
@@ -1955,14 +1952,13 @@ async fn undecodable_kafka_messages_are_dead_lettered_and_committed() {
         })
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while reader.read(&key("post", "k1")).await.unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the record after the undecodable message never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    await_version(
+        &reader,
+        &key("post", "k1"),
+        Some(1),
+        "the record after the undecodable message never arrived",
+    )
+    .await;
     assert!(reader.read(&key("post", "k0")).await.unwrap().is_some());
     // The last message of the partition is an undecodable one: once its
     // offset is committed the lag is 0.

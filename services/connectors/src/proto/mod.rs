@@ -255,19 +255,12 @@ pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, P
         .ok_or_else(|| ProtoError::new("key", "required"))
         .and_then(|key| checked_key(key.is_empty(), || key.finish()))
         .map_err(|e| e.within("key"))?;
-    let new_image = checked_image(record.deleted, record.version, || {
-        record.new_image.map(wire::Attributes::finish)
-    })?;
     let created_at_micros = record.change_time.map_or(0, |(seconds, nanos)| {
         timestamp_micros(&prost_types::Timestamp { seconds, nanos })
     });
-    Ok(change_record(
-        key,
-        new_image,
-        record.version,
-        created_at_micros,
-        position,
-    ))
+    let image = || record.new_image.map(wire::Attributes::finish);
+    let change = (record.deleted, record.version, created_at_micros);
+    change_record(key, change, image, position)
 }
 
 /// [`decode_change`] through prost's generated `ChangeRecord` and the
@@ -287,19 +280,14 @@ pub fn decode_change_with_prost(
         .ok_or_else(|| ProtoError::new("key", "required"))
         .and_then(key_from_proto_owned)
         .map_err(|e| e.within("key"))?;
-    let new_image = checked_image(record.deleted, record.version, || {
+    let created_at_micros = record.change_time.as_ref().map_or(0, timestamp_micros);
+    let image = || {
         record
             .new_image
             .map(|image| attributes_from_proto(image.attributes))
-    })?;
-    let created_at_micros = record.change_time.as_ref().map_or(0, timestamp_micros);
-    Ok(change_record(
-        key,
-        new_image,
-        record.version,
-        created_at_micros,
-        position,
-    ))
+    };
+    let change = (record.deleted, record.version, created_at_micros);
+    change_record(key, change, image, position)
 }
 
 /// A record's key from its attributes: at least one, each a string,
@@ -326,33 +314,26 @@ fn checked_key(
     Ok(Key(attrs))
 }
 
-/// A record's version and new image, checked after its key: a version
-/// above 0, an image unless the record is a delete.
-fn checked_image(
-    deleted: bool,
-    version: u64,
+/// The record of a checked key, its (deleted, version, change time) and
+/// its new image, read only for an upsert: a version above 0, an image
+/// unless the record is a delete.
+fn change_record(
+    key: Key,
+    (deleted, version, created_at_micros): (bool, u64, i64),
     image: impl FnOnce() -> Option<Result<Item, ProtoError>>,
-) -> Result<Option<Item>, ProtoError> {
+    position: Position,
+) -> Result<ChangeRecord, ProtoError> {
     if version == 0 {
         return Err(ProtoError::new("version", "must not be 0"));
     }
-    if deleted {
-        return Ok(None);
-    }
-    match image() {
-        Some(image) => image.map(Some).map_err(|e| e.within("new_image")),
-        None => Err(ProtoError::new("new_image", "required unless deleted")),
-    }
-}
-
-fn change_record(
-    key: Key,
-    new_image: Option<Item>,
-    version: u64,
-    created_at_micros: i64,
-    position: Position,
-) -> ChangeRecord {
-    ChangeRecord {
+    let new_image = if deleted {
+        None
+    } else {
+        let image =
+            image().ok_or_else(|| ProtoError::new("new_image", "required unless deleted"))?;
+        Some(image.map_err(|e| e.within("new_image"))?)
+    };
+    Ok(ChangeRecord {
         key,
         kind: if new_image.is_some() {
             ChangeKind::Modify
@@ -364,7 +345,7 @@ fn change_record(
         version,
         created_at_micros,
         position,
-    }
+    })
 }
 
 #[cfg(test)]
