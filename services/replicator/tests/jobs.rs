@@ -593,6 +593,18 @@ fn extract_spec(table: &str, bucket: &str, endpoint: &str) -> pb::IncrementalExt
     }
 }
 
+/// Puts rows `r{i:02}` for `ids`, changed `age_ms` ago, at value `v`.
+async fn put_rows(table: &DynamoTable, ids: std::ops::Range<u32>, age_ms: i64, v: i64) {
+    for i in ids {
+        let it = item(&[
+            ("id", AttrValue::s(format!("r{i:02}"))),
+            ("updated_at", millis_ago(age_ms)),
+            ("v", AttrValue::n(v)),
+        ]);
+        table.put(&it, None).await.unwrap();
+    }
+}
+
 /// A table named after `prefix` holding 20 items (`r00`…`r19`, `v` 1)
 /// changed an hour ago, and an empty bucket for their extracts.
 async fn extract_fixture(prefix: &str) -> (String, DynamoTable, aws_sdk_s3::Client, String) {
@@ -600,14 +612,7 @@ async fn extract_fixture(prefix: &str) -> (String, DynamoTable, aws_sdk_s3::Clie
     let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
         .await
         .unwrap();
-    for i in 0..20 {
-        let it = item(&[
-            ("id", AttrValue::s(format!("r{i:02}"))),
-            ("updated_at", millis_ago(3_600_000)),
-            ("v", AttrValue::n(1i64)),
-        ]);
-        table.put(&it, None).await.unwrap();
-    }
+    put_rows(&table, 0..20, 3_600_000, 1).await;
     let s3 = s3_client().await;
     let bucket = unique_name(prefix);
     S3Sink::ensure_bucket(&s3, &bucket).await.unwrap();
@@ -669,14 +674,7 @@ async fn incremental_extracts_follow_the_window_and_a_failed_run_blocks_the_next
     // Changes after run 1's window end belong to run 2 only (once they are
     // older than the settle lag, 2 s by default).
     tokio::time::sleep(Duration::from_millis(20)).await;
-    for i in 0..5 {
-        let it = item(&[
-            ("id", AttrValue::s(format!("r{i:02}"))),
-            ("updated_at", millis_ago(0)),
-            ("v", AttrValue::n(2i64)),
-        ]);
-        table.put(&it, None).await.unwrap();
-    }
+    put_rows(&table, 0..5, 0, 2).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let second = start(&mut plane.jobs, &job).await.unwrap();
     let run2 = wait_run(&mut plane.jobs, &second).await;
