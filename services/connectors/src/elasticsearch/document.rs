@@ -73,7 +73,7 @@ pub fn bulk_lines_as(
             }
             json(out, ITEM_FIELD);
             out.push(b':');
-            json_string_of_json(out, item);
+            item_json_string(out, item);
         }
         SinkOp::Delete => {
             json(out, DELETED_FIELD);
@@ -92,70 +92,120 @@ pub fn bulk_lines_as(
     Ok(())
 }
 
-/// The JSON string whose content is `v`'s JSON (what `json(out,
-/// &serde_json::to_string(v))` writes): the `_item` field of every upsert.
-/// The JSON is written into a buffer kept by the thread and escaped into
-/// `out` in one pass; escaping each of the serialiser's many small writes
-/// as it came cost more than the copy.
-fn json_string_of_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
-    use std::io::Write as _;
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.clear();
-        serde_json::to_writer(&mut *scratch, v).expect("plain values always serialise");
-        out.push(b'"');
-        Escaping(out)
-            .write_all(scratch)
-            .expect("writing into a Vec cannot fail");
-        out.push(b'"');
-        // A huge item must not pin its size for the thread's life.
-        if scratch.capacity() > 1 << 20 {
-            *scratch = Vec::new();
-        }
-    });
+/// The JSON string whose content is the item's DynamoDB JSON (what
+/// `json(out, &serde_json::to_string(item))` writes): the `_item` field of
+/// every upsert. Written in one pass, already escaped: every quote of the
+/// JSON as `\"`, and the content of its strings escaped twice (once as
+/// serde_json escapes a string, then once more for the outer string).
+fn item_json_string(out: &mut Vec<u8>, item: &Item) {
+    out.push(b'"');
+    attributes_escaped(out, item);
+    out.push(b'"');
 }
 
-/// Writes what it is given as the content of a JSON string, escaped as
-/// serde_json escapes a string: `"` and `\` with a backslash, control
-/// characters by their short form or `\u00XX`, everything else as is.
-struct Escaping<'a>(&'a mut Vec<u8>);
-
-impl std::io::Write for Escaping<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut start = 0;
-        for (i, &b) in buf.iter().enumerate() {
-            let short = match b {
-                b'"' => b'"',
-                b'\\' => b'\\',
-                b'\n' => b'n',
-                b'\r' => b'r',
-                b'\t' => b't',
-                0x08 => b'b',
-                0x0c => b'f',
-                0x00..=0x1f => 0,
-                _ => continue,
-            };
-            self.0.extend_from_slice(&buf[start..i]);
-            start = i + 1;
-            if short == 0 {
-                self.0.extend_from_slice(b"\\u00");
-                self.0.push(HEX[usize::from(b >> 4)]);
-                self.0.push(HEX[usize::from(b & 0xf)]);
-            } else {
-                self.0.push(b'\\');
-                self.0.push(short);
-            }
+fn attributes_escaped(out: &mut Vec<u8>, attributes: &Item) {
+    out.push(b'{');
+    for (i, (name, value)) in attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        self.0.extend_from_slice(&buf[start..]);
-        Ok(buf.len())
+        string_escaped(out, name.as_bytes());
+        out.push(b':');
+        value_escaped(out, value);
     }
+    out.push(b'}');
+}
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+/// One attribute value as serde writes [`AttrValue`] (`{"S":"x"}`,
+/// numbers as strings, binary as base64), escaped for the outer string.
+fn value_escaped(out: &mut Vec<u8>, value: &AttrValue) {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let tag = match value {
+        AttrValue::S(_) => "S",
+        AttrValue::N(_) => "N",
+        AttrValue::B(_) => "B",
+        AttrValue::Bool(_) => "BOOL",
+        AttrValue::Null(_) => "NULL",
+        AttrValue::Ss(_) => "SS",
+        AttrValue::Ns(_) => "NS",
+        AttrValue::Bs(_) => "BS",
+        AttrValue::L(_) => "L",
+        AttrValue::M(_) => "M",
+    };
+    out.push(b'{');
+    string_escaped(out, tag.as_bytes());
+    out.push(b':');
+    let seq = |out: &mut Vec<u8>, items: &mut dyn Iterator<Item = &[u8]>| {
+        out.push(b'[');
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            string_escaped(out, item);
+        }
+        out.push(b']');
+    };
+    match value {
+        AttrValue::S(v) => string_escaped(out, v.as_bytes()),
+        AttrValue::N(n) => string_escaped(out, n.as_str().as_bytes()),
+        AttrValue::B(b) => string_escaped(out, b64(b).as_bytes()),
+        AttrValue::Bool(b) | AttrValue::Null(b) => {
+            out.extend_from_slice(if *b { b"true" } else { b"false" });
+        }
+        AttrValue::Ss(set) => seq(out, &mut set.iter().map(String::as_bytes)),
+        AttrValue::Ns(set) => seq(out, &mut set.iter().map(|n| n.as_str().as_bytes())),
+        AttrValue::Bs(set) => {
+            let texts: Vec<String> = set.iter().map(|b| b64(b)).collect();
+            seq(out, &mut texts.iter().map(String::as_bytes));
+        }
+        AttrValue::L(list) => {
+            out.push(b'[');
+            for (i, v) in list.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                value_escaped(out, v);
+            }
+            out.push(b']');
+        }
+        AttrValue::M(map) => attributes_escaped(out, map),
     }
+    out.push(b'}');
+}
+
+/// A JSON string of `text` (escaped as serde_json escapes one), itself
+/// escaped as the content of the outer string.
+fn string_escaped(out: &mut Vec<u8>, text: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(b"\\\"");
+    let mut start = 0;
+    for (i, &b) in text.iter().enumerate() {
+        // What serde_json writes for the byte, with each `\` and `"` of
+        // that escaped again.
+        let twice: &[u8] = match b {
+            b'"' => b"\\\\\\\"",
+            b'\\' => b"\\\\\\\\",
+            b'\n' => b"\\\\n",
+            b'\r' => b"\\\\r",
+            b'\t' => b"\\\\t",
+            0x08 => b"\\\\b",
+            0x0c => b"\\\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&text[start..i]);
+        start = i + 1;
+        if twice.is_empty() {
+            out.extend_from_slice(b"\\\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(twice);
+        }
+    }
+    out.extend_from_slice(&text[start..]);
+    out.extend_from_slice(b"\\\"");
 }
 
 /// `v` as JSON, appended to `out` (writing into a `Vec` cannot fail, and
@@ -301,12 +351,33 @@ mod tests {
                 "m",
                 AttrValue::M([("k\n\"".to_owned(), AttrValue::s("\u{1f}\u{7f}"))].into()),
             ),
+            ("d", AttrValue::N(Number::parse("-0.125").unwrap())),
+            ("t", AttrValue::Bool(false)),
+            ("z", AttrValue::Null(true)),
+            (
+                "ss",
+                AttrValue::Ss(["\"a\"".to_owned(), "b\\".to_owned()].into()),
+            ),
+            (
+                "ns",
+                AttrValue::Ns([Number::from(1i64), Number::from(-2i64)].into()),
+            ),
+            ("bs", AttrValue::Bs([vec![1], vec![2, 3]].into())),
+            (
+                "l",
+                AttrValue::L(vec![
+                    AttrValue::s("\t"),
+                    AttrValue::L(vec![]),
+                    AttrValue::M(Item::new()),
+                ]),
+            ),
+            ("\u{0}\\", AttrValue::s("")),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         let mut fast = Vec::new();
-        json_string_of_json(&mut fast, &item);
+        item_json_string(&mut fast, &item);
         let mut two_steps = Vec::new();
         json(&mut two_steps, canonical_item(&item).as_str());
         assert_eq!(
