@@ -167,7 +167,6 @@ fn nested<'a>(r: &mut Reader<'a>, wire_type: u8, budget: u32) -> Wire<Reader<'a>
 
 /// The entries of a protobuf map (an item, a key, a map value) as read so
 /// far, in wire order, each value already converted or its error.
-#[derive(Default)]
 pub(super) struct Attributes<'a>(Vec<(&'a str, Result<AttrValue, ProtoError>)>);
 
 impl<'a> Attributes<'a> {
@@ -182,13 +181,7 @@ impl<'a> Attributes<'a> {
 
     /// Reads one map entry (field 1 the name, field 2 the value).
     fn entry(&mut self, r: &mut Reader<'a>, wire_type: u8, budget: u32) -> Wire<()> {
-        expect(LEN, wire_type)?;
-        limit(budget)?;
-        let len = r.varint()?;
-        let mut e = Reader {
-            buf: r.take(len)?,
-            pos: 0,
-        };
+        let mut e = nested(r, wire_type, budget)?;
         let mut name = "";
         let mut value = Pending::None;
         while !e.done() {
