@@ -311,13 +311,16 @@ impl Transform {
             return item.clone();
         }
         item.iter()
-            .filter(|(name, _)| {
-                self.projection.is_empty()
-                    || self.projection.contains(*name)
-                    || schema.names().any(|k| k == name.as_str())
-            })
+            .filter(|(name, _)| self.keeps(name, schema))
             .map(|(name, v)| (self.renames.get(name).unwrap_or(name).clone(), v.clone()))
             .collect()
+    }
+
+    /// Whether the projection keeps attribute `name` (key attributes always).
+    fn keeps(&self, name: &str, schema: &KeySchema) -> bool {
+        self.projection.is_empty()
+            || self.projection.contains(name)
+            || schema.names().any(|k| k == name)
     }
 
     /// [`Transform::shape`] of an item the caller gives up: its names and
@@ -325,17 +328,12 @@ impl Transform {
     /// renames the item is only trimmed in place. What a pipeline does with
     /// each change it writes to its last sink.
     pub fn shape_owned(&self, mut item: Item, schema: &KeySchema) -> Item {
-        let kept = |name: &String| {
-            self.projection.is_empty()
-                || self.projection.contains(name)
-                || schema.names().any(|k| k == name.as_str())
-        };
         if self.renames.is_empty() {
-            item.retain(|name, _| kept(name));
+            item.retain(|name, _| self.keeps(name, schema));
             return item;
         }
         item.into_iter()
-            .filter(|(name, _)| kept(name))
+            .filter(|(name, _)| self.keeps(name, schema))
             .map(|(name, v)| match self.renames.get(&name) {
                 Some(to) => (to.clone(), v),
                 None => (name, v),

@@ -74,15 +74,7 @@ pub fn value_from_proto_owned(value: pb::AttributeValue) -> Result<AttrValue, Pr
         PbValue::BoolValue(b) => AttrValue::Bool(b),
         PbValue::NullValue(_) => AttrValue::Null(true),
         PbValue::Ss(set) => AttrValue::Ss(distinct(set.values, "ss")?),
-        PbValue::Ns(set) => {
-            let numbers = set
-                .values
-                .iter()
-                .enumerate()
-                .map(|(i, n)| number(n, &format!("ns.values[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?;
-            AttrValue::Ns(distinct(numbers, "ns")?)
-        }
+        PbValue::Ns(set) => AttrValue::Ns(number_set(set.values.iter().map(String::as_str))?),
         PbValue::Bs(set) => AttrValue::Bs(distinct(set.values, "bs")?),
         PbValue::L(list) => AttrValue::L(
             list.values
@@ -97,6 +89,18 @@ pub fn value_from_proto_owned(value: pb::AttributeValue) -> Result<AttrValue, Pr
             AttrValue::M(attributes_from_proto(map.attributes).map_err(|e| e.within("m"))?)
         }
     })
+}
+
+/// A number set from its members' text: each a number, none twice.
+fn number_set<'a>(
+    values: impl IntoIterator<Item = &'a str>,
+) -> Result<BTreeSet<Number>, ProtoError> {
+    let numbers = values
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| number(n, &format!("ns.values[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    distinct(numbers, "ns")
 }
 
 fn distinct<T: Ord>(

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{ProtoError, distinct, number};
+use super::{ProtoError, distinct, number, number_set};
 use crate::value::AttrValue;
 
 /// A structural fault of the bytes (what prost's `DecodeError` reports).
@@ -362,14 +362,7 @@ impl<'a> Pending<'a> {
             Pending::Ss(values) => {
                 AttrValue::Ss(distinct(values.into_iter().map(str::to_owned), "ss")?)
             }
-            Pending::Ns(values) => {
-                let numbers = values
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| number(n, &format!("ns.values[{i}]")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                AttrValue::Ns(distinct(numbers, "ns")?)
-            }
+            Pending::Ns(values) => AttrValue::Ns(number_set(values)?),
             Pending::Bs(values) => {
                 AttrValue::Bs(distinct(values.into_iter().map(<[u8]>::to_vec), "bs")?)
             }
