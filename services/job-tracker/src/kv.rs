@@ -14,7 +14,7 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Delete, TransactWriteItem, Update};
 use rusqlite::{OptionalExtension, params};
-use tidemark_connectors::sqlite::{SharedConnection, open_file};
+use tidemark_connectors::sqlite::{BUSY_TIMEOUT, SharedConnection, open_file};
 use tidemark_connectors::{ConnectorError, KeySchema, dynamodb};
 
 /// A stored record.
@@ -126,12 +126,32 @@ pub struct SqliteKv {
     _checkpointer: Checkpointer,
 }
 
-/// Copies the WAL into the database file from a connection of its own, so
-/// no request pays for it: SQLite's automatic checkpoint would run inside
-/// whichever commit crossed the threshold (measured: the p99 of a claim).
+/// Keeps the WAL short without making a request pay for it. SQLite's
+/// automatic checkpoint would run inside whichever commit crossed the
+/// threshold (measured: the p99 of a claim), so a thread of its own
+/// checkpoints every [`CHECKPOINT_EVERY`]:
+///
+/// 1. a PASSIVE checkpoint on its own connection copies the bulk of the WAL
+///    into the database file while requests go on;
+/// 2. a RESTART checkpoint on the writer's connection, under its lock,
+///    copies the few frames committed meanwhile, so the next commit writes
+///    the WAL from its start again.
+///
+/// Without the second step the WAL never restarts under sustained load: a
+/// PASSIVE checkpoint always ends behind the frames committed while it ran,
+/// and a commit restarts the WAL only when it finds nothing left to copy
+/// (measured: 64,554 frames, 260 MB, after 15 s of claims at 2,000/s, and
+/// every checkpoint slower than the one before).
 struct Checkpointer {
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How often the WAL is copied into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The WAL file is cut back to this size when it restarts (it grows past it
+/// only during a burst, such as registering many units at once).
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
@@ -139,7 +159,7 @@ impl Drop for Checkpointer {
     }
 }
 
-fn checkpoint_in_background(path: &Path) -> KvResult<Checkpointer> {
+fn checkpoint_in_background(path: &Path, writer: SharedConnection) -> KvResult<Checkpointer> {
     let conn = open_file(path)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
@@ -147,15 +167,38 @@ fn checkpoint_in_background(path: &Path) -> KvResult<Checkpointer> {
         .name("sqlite-checkpoint".to_owned())
         .spawn(move || {
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(std::time::Duration::from_millis(250));
-                // PASSIVE never blocks writers; it copies what it can.
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                if let Err(e) = checkpoint(&conn, &writer) {
                     tracing::warn!(error = %e, "wal checkpoint failed");
                 }
             }
         })
         .map_err(|e| KvError::Failed(format!("start the checkpoint thread: {e}")))?;
     Ok(Checkpointer { stop })
+}
+
+/// One round of [`Checkpointer`]'s two steps.
+fn checkpoint(own: &rusqlite::Connection, writer: &SharedConnection) -> KvResult<()> {
+    // PASSIVE never waits for readers or writers; it copies what it can.
+    let frames: i64 = own
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+        .map_err(sqlite_err)?;
+    if frames <= 0 {
+        // Nothing written since the WAL last restarted.
+        return Ok(());
+    }
+    let conn = writer.lock()?;
+    // No request of this process runs while the lock is held. Another
+    // connection on the file (a second process) would make RESTART wait
+    // for it: give up at once instead, holding the lock no longer; the
+    // frames are copied all the same and the next round tries again.
+    conn.busy_timeout(std::time::Duration::ZERO)
+        .map_err(sqlite_err)?;
+    let restarted = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+    // Requests wait for other connections' locks as before, whatever the
+    // checkpoint's outcome.
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_err)?;
+    restarted.map_err(sqlite_err)
 }
 
 impl SqliteKv {
@@ -170,17 +213,19 @@ impl SqliteKv {
         let conn = open_file(&path)?;
         // WAL + NORMAL survives a killed process (kill -9) without losing a
         // committed transaction; FULL is only needed against power loss.
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "PRAGMA synchronous = NORMAL;
              PRAGMA wal_autocheckpoint = 0;
+             PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};
              CREATE TABLE IF NOT EXISTS kv (
                  pk TEXT NOT NULL, sk TEXT NOT NULL, rev INTEGER NOT NULL, body TEXT NOT NULL,
-                 PRIMARY KEY (pk, sk)) WITHOUT ROWID;",
-        )
+                 PRIMARY KEY (pk, sk)) WITHOUT ROWID;"
+        ))
         .map_err(sqlite_err)?;
+        let conn = SharedConnection::new(conn);
         Ok(Self {
-            conn: SharedConnection::new(conn),
-            _checkpointer: checkpoint_in_background(&path)?,
+            _checkpointer: checkpoint_in_background(&path, conn.clone())?,
+            conn,
         })
     }
 
@@ -622,5 +667,67 @@ impl KvStore for DynamoKv {
     async fn ping(&self) -> KvResult<()> {
         dynamodb::describe_table(&self.client, &self.table).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The WAL's restart count, from its header (checkpoint sequence
+    /// number, bytes 12..16, big-endian).
+    fn wal_restarts(wal: &Path) -> u32 {
+        let header = std::fs::read(wal).expect("read the WAL");
+        u32::from_be_bytes(header[12..16].try_into().expect("a WAL header"))
+    }
+
+    /// Commits without a pause between them never leave the background
+    /// PASSIVE checkpoint caught up: the WAL must start over all the same,
+    /// or it grows by every commit for as long as the load lasts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_under_sustained_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SqliteKv::open(dir.path()).unwrap();
+        let wal = dir.path().join("job-tracker.db-wal");
+        let body = "x".repeat(1000);
+        let put = |n: u64| Op::Put {
+            pk: "run".to_owned(),
+            sk: format!("unit#{:05}", n % 5000),
+            body: body.clone(),
+            expect: Expect::Any,
+        };
+        kv.transact(vec![put(0)]).await.unwrap();
+        let before = wal_restarts(&wal);
+        let started = std::time::Instant::now();
+        let mut commits = 0_u64;
+        while started.elapsed() < 12 * CHECKPOINT_EVERY {
+            commits += 1;
+            kv.transact(vec![put(commits)]).await.unwrap();
+        }
+        let restarts = wal_restarts(&wal) - before;
+        // Frames in the WAL since it last started over (each commit wrote
+        // at least one). -1 while the checkpoint thread holds the
+        // checkpoint lock: asked again.
+        let reader = open_file(&dir.path().join("job-tracker.db")).unwrap();
+        let frames = (0..100)
+            .find_map(|_| {
+                let log: i64 = reader
+                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+                    .unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                u64::try_from(log).ok()
+            })
+            .expect("the checkpoint lock came free");
+        assert!(
+            restarts >= 4,
+            "the WAL started over {restarts} times in 12 checkpoint rounds of {commits} commits ({frames} frames in it)"
+        );
+        assert!(
+            frames < commits / 3,
+            "{frames} frames in the WAL after {commits} commits"
+        );
+        // Nothing was lost by starting over.
+        let all = query_all(&kv, "run", "unit#").await.unwrap();
+        assert_eq!(all.len() as u64, (commits + 1).min(5000));
     }
 }
