@@ -133,9 +133,13 @@ pub struct SqliteKv {
 ///
 /// 1. a PASSIVE checkpoint on its own connection copies the bulk of the WAL
 ///    into the database file while requests go on;
-/// 2. a RESTART checkpoint on the writer's connection, under its lock,
-///    copies the few frames committed meanwhile, so the next commit writes
-///    the WAL from its start again.
+/// 2. once the WAL holds more than [`RESTART_AFTER_FRAMES`], a RESTART
+///    checkpoint on the writer's connection, under its lock, copies the few
+///    frames committed meanwhile, so the next commit writes the WAL from its
+///    start again. Requests wait for it: its two fsyncs under the lock
+///    (about 2 ms at 2,000 claims/s, measured), and SQLite's fsync of the
+///    new WAL header in the first commit after it (2-4 ms); hence not every
+///    round.
 ///
 /// Without the second step the WAL never restarts under sustained load: a
 /// PASSIVE checkpoint always ends behind the frames committed while it ran,
@@ -148,6 +152,10 @@ struct Checkpointer {
 
 /// How often the WAL is copied into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How long the WAL may grow (about 32 MB of 4 KB pages: a second of claims
+/// and checkpoints at 2,000/s) before requests wait for it to start over.
+const RESTART_AFTER_FRAMES: i64 = 8192;
 
 /// The WAL file is cut back to this size when it restarts (it grows past it
 /// only during a burst, such as registering many units at once).
@@ -183,8 +191,7 @@ fn checkpoint(own: &rusqlite::Connection, writer: &SharedConnection) -> KvResult
     let frames: i64 = own
         .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
         .map_err(sqlite_err)?;
-    if frames <= 0 {
-        // Nothing written since the WAL last restarted.
+    if frames <= RESTART_AFTER_FRAMES {
         return Ok(());
     }
     let conn = writer.lock()?;
@@ -698,33 +705,24 @@ mod tests {
         };
         kv.transact(vec![put(0)]).await.unwrap();
         let before = wal_restarts(&wal);
+        // Enough commits for several restarts (each commit writes at least
+        // one frame), over several rounds, however fast this machine is.
         let started = std::time::Instant::now();
+        let enough = 5 * u64::try_from(RESTART_AFTER_FRAMES).unwrap();
         let mut commits = 0_u64;
-        while started.elapsed() < 12 * CHECKPOINT_EVERY {
+        while commits < enough || started.elapsed() < 16 * CHECKPOINT_EVERY {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "{commits} commits in two minutes"
+            );
             commits += 1;
             kv.transact(vec![put(commits)]).await.unwrap();
         }
         let restarts = wal_restarts(&wal) - before;
-        // Frames in the WAL since it last started over (each commit wrote
-        // at least one). -1 while the checkpoint thread holds the
-        // checkpoint lock: asked again.
-        let reader = open_file(&dir.path().join("job-tracker.db")).unwrap();
-        let frames = (0..100)
-            .find_map(|_| {
-                let log: i64 = reader
-                    .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
-                    .unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                u64::try_from(log).ok()
-            })
-            .expect("the checkpoint lock came free");
         assert!(
-            restarts >= 4,
-            "the WAL started over {restarts} times in 12 checkpoint rounds of {commits} commits ({frames} frames in it)"
-        );
-        assert!(
-            frames < commits / 3,
-            "{frames} frames in the WAL after {commits} commits"
+            restarts >= 2,
+            "the WAL started over {restarts} times in {commits} commits over {:?}",
+            started.elapsed()
         );
         // Nothing was lost by starting over.
         let all = query_all(&kv, "run", "unit#").await.unwrap();
