@@ -126,10 +126,10 @@ pub struct SqliteKv {
     _checkpointer: Checkpointer,
 }
 
-/// Keeps the WAL short without making a request pay for it. SQLite's
-/// automatic checkpoint would run inside whichever commit crossed the
-/// threshold (measured: the p99 of a claim), so a thread of its own
-/// checkpoints every [`CHECKPOINT_EVERY`]:
+/// Keeps the WAL short with as little of the work as possible on a
+/// request's path. SQLite's automatic checkpoint would run inside whichever
+/// commit crossed the threshold (measured: the p99 of a claim), so a thread
+/// of its own checkpoints every [`CHECKPOINT_EVERY`]:
 ///
 /// 1. a PASSIVE checkpoint on its own connection copies the bulk of the WAL
 ///    into the database file while requests go on;
