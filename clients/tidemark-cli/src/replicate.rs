@@ -93,6 +93,10 @@ pub struct CreateArgs {
     /// tidemark.common.v1.ChangeRecord a Kafka feed reads).
     #[arg(long, value_enum, default_value = "json")]
     kafka_format: KafkaFormat,
+    /// DynamoDB sinks' writes in flight per batch, 1 to 256 (0: the
+    /// replicator's 16).
+    #[arg(long, default_value_t = 0)]
+    writes_in_flight: u32,
     /// Mark this pipeline's DynamoDB writes with this origin (usually its
     /// name), so a pipeline copying the other way can skip them.
     #[arg(long, default_value = "")]
@@ -205,6 +209,7 @@ fn create_spec(a: &CreateArgs) -> Result<pb::PipelineSpec, CliError> {
                     KafkaFormat::Json => pb::KafkaMessageFormat::Json,
                     KafkaFormat::ChangeRecord => pb::KafkaMessageFormat::ChangeRecord,
                 } as i32,
+                writes_in_flight: a.writes_in_flight,
             })
             .collect(),
         backfill: Some(pb::BackfillOptions {

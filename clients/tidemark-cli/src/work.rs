@@ -33,6 +33,11 @@ pub struct BackfillArgs {
     /// it within seconds.
     #[arg(long, default_value_t = 0)]
     rate: u32,
+    /// Conditional updates in flight per segment, 1 to 256 (0: the
+    /// replicator's 16): more against a distant table, fewer to leave a
+    /// shared table's capacity to its other writers.
+    #[arg(long, default_value_t = 0)]
+    writes_in_flight: u32,
     /// The job's name; reusing one starts a new run of it. Empty: generated.
     #[arg(long, default_value = "")]
     job: String,
@@ -203,6 +208,7 @@ pub async fn backfill(client: &Tidemark, a: BackfillArgs, out: Output) -> CliRes
             value: Some(a.value.clone()),
             segments: a.segments,
             write_units_per_second: a.rate,
+            writes_in_flight: a.writes_in_flight,
         }),
         actor: a.follow.actor.clone(),
         correlation_id: String::new(),

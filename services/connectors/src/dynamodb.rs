@@ -595,12 +595,17 @@ pub const DELETED_ATTRIBUTE: &str = "tidemark_deleted";
 /// (see `PipelineSpec.skip_origin`).
 pub const ORIGIN_ATTRIBUTE: &str = "_tidemark_origin";
 
+/// Writes of a [`DynamoSink`] batch in flight at once, unless told
+/// otherwise ([`DynamoSink::with_writes_in_flight`]).
+pub const DEFAULT_WRITES_IN_FLIGHT: usize = 16;
+
 /// A DynamoDB table as a versioned [`Sink`]: every write is a PutItem
 /// conditional on the stored version being lower; deletes leave a tombstone
 /// item so an older upsert cannot resurrect the item.
 #[derive(Clone)]
 pub struct DynamoSink {
     table: DynamoTable,
+    /// Writes of a batch in flight at once.
     concurrency: usize,
     origin: Option<String>,
     /// Where each item's version is kept ([`VERSION_ATTRIBUTE`] unless
@@ -612,7 +617,7 @@ impl DynamoSink {
     pub fn new(table: DynamoTable) -> Self {
         Self {
             table,
-            concurrency: 16,
+            concurrency: DEFAULT_WRITES_IN_FLIGHT,
             origin: None,
             version_attribute: VERSION_ATTRIBUTE.to_owned(),
         }
@@ -627,6 +632,14 @@ impl DynamoSink {
         if !name.is_empty() {
             name.clone_into(&mut self.version_attribute);
         }
+        self
+    }
+
+    /// Applies a batch's records `n` at a time (0: the default,
+    /// [`DEFAULT_WRITES_IN_FLIGHT`]).
+    #[must_use]
+    pub fn with_writes_in_flight(mut self, n: usize) -> Self {
+        self.concurrency = if n == 0 { DEFAULT_WRITES_IN_FLIGHT } else { n };
         self
     }
 

@@ -289,6 +289,7 @@ async fn kill_9_mid_attribute_backfill_resumes_from_the_checkpoints() {
                 segments: 2,
                 // Slow enough to be killed between pages.
                 write_units_per_second: 100,
+                writes_in_flight: 0,
             }),
             actor: "test".to_owned(),
             ..Default::default()

@@ -84,6 +84,7 @@ async fn backfill_sets_every_missing_attribute_and_never_overwrites_a_writer() {
                 value: Some(value_to_proto(&AttrValue::n(1i64))),
                 segments: 4,
                 write_units_per_second: 0,
+                writes_in_flight: 0,
             }),
             actor: "test".to_owned(),
             correlation_id: String::new(),
@@ -144,6 +145,115 @@ async fn backfill_sets_every_missing_attribute_and_never_overwrites_a_writer() {
     );
 }
 
+/// A TCP forwarder to `upstream` (host:port) that counts the connections
+/// open through it at once: the most it saw. An HTTP/1.1 client sends one
+/// request at a time per connection, so this is the most requests it had
+/// in flight (its pool keeps them open between requests).
+async fn counting_proxy(upstream: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let most = Arc::clone(&peak);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let (upstream, open) = (upstream.clone(), Arc::clone(&open));
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (format!("http://{addr}"), peak)
+}
+
+// `writes_in_flight` bounds the conditional updates a segment has in
+// flight: with 2, a worker holding one segment never has more than 2
+// updates and its next page's scan open against the table; with the
+// default (16) it has more, which shows the count can tell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_keeps_writes_in_flight_to_what_its_spec_says() {
+    let name = unique_name("in-flight");
+    let table = DynamoTable::create(dynamo().await, &name, &KeySchema::new("id", None), false)
+        .await
+        .unwrap();
+    const N: usize = 300;
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let it = item(&[("id", AttrValue::s(format!("i{i:04}")))]);
+            let table = &table;
+            async move { table.put(&it, None).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let upstream = tidemark_connectors::testing::local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let (endpoint, peak) = counting_proxy(upstream).await;
+    let allowed = endpoint.clone();
+    // One unit at a time: one segment's updates are all the table sees.
+    let mut plane = plane(move |c| {
+        c.allowed_endpoints = allowed;
+        c.worker_concurrency = 1;
+    })
+    .await;
+    let mut table_at = table_ref(&name);
+    if let Some(common_pb::data_store::Store::DynamodbTable(t)) = &mut table_at.store {
+        t.endpoint.clone_from(&endpoint);
+    }
+    let mut backfill = async |attribute: &str, writes_in_flight: u32| {
+        let started = plane
+            .replicator
+            .backfill_attribute(pb::BackfillAttributeRequest {
+                spec: Some(pb::BackfillAttributeSpec {
+                    table: Some(table_at.clone()),
+                    attribute_name: attribute.to_owned(),
+                    value: Some(value_to_proto(&AttrValue::n(1i64))),
+                    segments: 1,
+                    writes_in_flight,
+                    ..Default::default()
+                }),
+                actor: "test".to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let run = wait_run(&mut plane.jobs, &started.run_id).await;
+        assert_eq!(run.status, jt::RunStatus::Succeeded as i32, "{run:?}");
+        assert_eq!(
+            run.counters.get("updated").copied(),
+            Some(i64::try_from(N).unwrap()),
+            "{run:?}"
+        );
+    };
+    backfill("two", 2).await;
+    // 2 updates and the next page's scan, and a connection or two the
+    // client's pool opened before an idle one came back to it (measured: 4
+    // here, and 20 for the default 16).
+    let limited = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=5).contains(&limited),
+        "2 updates and a scan in flight at most, saw {limited} connections"
+    );
+    // The pool keeps what it opened: the second run can only add to it.
+    backfill("sixteen", 0).await;
+    let default = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        default >= limited + 10,
+        "16 updates in flight (the default) open more connections, saw {default}"
+    );
+}
+
 fn schema_key(id: &str) -> tidemark_connectors::Key {
     tidemark_connectors::Key::single("id", AttrValue::s(id))
 }
@@ -184,6 +294,7 @@ async fn backfill_rejects_bad_specs_naming_the_field() {
             spec: Some(pb::BackfillAttributeSpec {
                 table: Some(table_ref("")),
                 attribute_name: String::new(),
+                writes_in_flight: 257,
                 ..Default::default()
             }),
             actor: "t".to_owned(),
@@ -196,6 +307,7 @@ async fn backfill_rejects_bad_specs_naming_the_field() {
         "spec.table.dynamodb_table.table_name",
         "spec.attribute_name",
         "spec.value",
+        "spec.writes_in_flight",
     ] {
         assert!(
             status.message().contains(field) || format!("{status:?}").contains(field),

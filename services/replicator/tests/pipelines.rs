@@ -439,6 +439,12 @@ async fn bad_pipelines_are_refused_with_what_to_fix() {
                         store: Some(index_ref("j")),
                         ..Default::default()
                     },
+                    pb::Sink {
+                        name: "b".to_owned(),
+                        store: Some(table_ref("copy")),
+                        writes_in_flight: 1000,
+                        ..Default::default()
+                    },
                 ],
                 ..Default::default()
             }),
@@ -455,7 +461,12 @@ async fn bad_pipelines_are_refused_with_what_to_fix() {
         .into_iter()
         .map(|v| v.field)
         .collect();
-    for want in ["name", "spec.feed", "spec.sinks[1].name"] {
+    for want in [
+        "name",
+        "spec.feed",
+        "spec.sinks[1].name",
+        "spec.sinks[2].writes_in_flight",
+    ] {
         assert!(fields.iter().any(|f| f == want), "{want} in {fields:?}");
     }
     let status = plane

@@ -92,6 +92,7 @@ pub async fn rounds(
                 }),
                 segments: 8,
                 write_units_per_second: 100,
+                writes_in_flight: 0,
             }),
             actor: "chaos".to_owned(),
             // Fixed: a retried start after a kill returns the same run.

@@ -864,9 +864,18 @@ fn sinks(seeds: &Seeds) -> BoxedStrategy<Vec<rp::Sink>> {
             small_text(&[]),
             duration(),
             0..4i32,
+            u32s(),
         )
             .prop_map(
-                |(name, store, transform, version_attribute, tombstone_retention, kafka_format)| {
+                |(
+                    name,
+                    store,
+                    transform,
+                    version_attribute,
+                    tombstone_retention,
+                    kafka_format,
+                    writes_in_flight,
+                )| {
                     rp::Sink {
                         name,
                         store,
@@ -874,6 +883,7 @@ fn sinks(seeds: &Seeds) -> BoxedStrategy<Vec<rp::Sink>> {
                         version_attribute,
                         tombstone_retention,
                         kafka_format,
+                        writes_in_flight,
                     }
                 },
             ),
@@ -2153,15 +2163,24 @@ async fn fuzz_replicator(f: &mut Fuzzer, s: &Seeds) {
             optional(attribute_value()),
             u32s(),
             u32s(),
+            u32s(),
         )
             .prop_map(
-                |(table, attribute_name, value, segments, write_units_per_second)| {
+                |(
+                    table,
+                    attribute_name,
+                    value,
+                    segments,
+                    write_units_per_second,
+                    writes_in_flight,
+                )| {
                     rp::BackfillAttributeSpec {
                         table,
                         attribute_name,
                         value,
                         segments,
                         write_units_per_second,
+                        writes_in_flight,
                     }
                 },
             )

@@ -58,6 +58,7 @@ impl CutoverPlan {
                     version_attribute: s.version_attribute.clone(),
                     tombstone_retention: None,
                     kafka_format: s.kafka_format() as i32,
+                    writes_in_flight: s.writes_in_flight,
                 })
                 .collect(),
             backfill: Some(rp::BackfillOptions {

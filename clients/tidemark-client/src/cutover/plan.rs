@@ -164,6 +164,10 @@ pub struct SinkPlan {
     /// For a `kafka:TOPIC` store: `json` (default) or `change-record`.
     #[serde(default)]
     pub kafka_format: String,
+    /// For a DynamoDB store: writes in flight per batch, 1 to 256; 0: the
+    /// replicator's 16.
+    #[serde(default)]
+    pub writes_in_flight: u32,
 }
 
 impl SinkPlan {

@@ -54,6 +54,16 @@ pub async fn backfill_attribute(
             "at most 1000 (0 means 16)",
         ));
     }
+    if spec.writes_in_flight > backfill::MAX_IN_FLIGHT {
+        violations.push(FieldError::new(
+            "spec.writes_in_flight",
+            format!(
+                "at most {} (0 means {})",
+                backfill::MAX_IN_FLIGHT,
+                backfill::IN_FLIGHT
+            ),
+        ));
+    }
     if !violations.is_empty() {
         return Err(ReplicatorError::Invalid(violations));
     }

@@ -24,8 +24,10 @@ pub const SPEC_TYPE: &str = <BackfillAttributeSpec as tidemark_kit::jobs::JobSpe
 pub const DEFAULT_SEGMENTS: u32 = 16;
 /// Items examined per scan page (and per checkpoint).
 const PAGE: u32 = 200;
-/// Conditional updates in flight per segment.
+/// Conditional updates in flight per segment, unless the spec says.
 pub const IN_FLIGHT: usize = 16;
+/// The most a spec may ask for (`writes_in_flight`).
+pub const MAX_IN_FLIGHT: u32 = 256;
 
 #[derive(Default, Serialize, Deserialize)]
 struct Checkpoint {
@@ -48,6 +50,14 @@ pub fn segments(spec: &BackfillAttributeSpec) -> u32 {
         DEFAULT_SEGMENTS
     } else {
         spec.segments
+    }
+}
+
+/// Conditional updates in flight per segment.
+pub fn in_flight(spec: &BackfillAttributeSpec) -> usize {
+    match spec.writes_in_flight {
+        0 => IN_FLIGHT,
+        n => n.min(MAX_IN_FLIGHT) as usize,
     }
 }
 
@@ -132,7 +142,14 @@ async fn run_unit(
         let candidates = i64::try_from(current.items.len()).unwrap_or(i64::MAX);
         cp.scanned += scanned;
         cp.already_set += scanned - candidates;
-        let updates = update_items(current.items, &table, &limiter, &set, &condition);
+        let updates = update_items(
+            current.items,
+            in_flight(&spec),
+            &table,
+            &limiter,
+            &set,
+            &condition,
+        );
         // The next page is read while this one's updates run (its keys
         // follow this page's, so neither sees the other's writes).
         let next = async {
@@ -182,10 +199,11 @@ async fn refresh_rate(
     Ok(job.revision)
 }
 
-/// Updates one page's items, [`IN_FLIGHT`] at a time, each conditional:
+/// Updates one page's items, `in_flight` at a time, each conditional:
 /// `Ok(true)` updated, `Ok(false)` refused by the condition.
 async fn update_items(
     items: Vec<Item>,
+    in_flight: usize,
     table: &OpenTable,
     limiter: &Arc<AdaptiveRate>,
     set: &Arc<Item>,
@@ -214,7 +232,7 @@ async fn update_items(
                 }
             }
         })
-        .buffer_unordered(IN_FLIGHT)
+        .buffer_unordered(in_flight)
         .collect()
         .await
 }

@@ -16,6 +16,10 @@ use super::spec;
 use crate::context::Replicator;
 use crate::error::{ReplicatorError, ReplicatorResult};
 
+/// The most writes in flight a DynamoDB sink may ask for
+/// (`Sink.writes_in_flight`).
+pub const MAX_WRITES_IN_FLIGHT: u32 = 256;
+
 pub fn check_name(name: &str) -> Result<(), FieldError> {
     let ok = !name.is_empty()
         && name.len() <= 100
@@ -119,6 +123,15 @@ pub fn validate_spec(spec: &PipelineSpec) -> Vec<FieldError> {
             v.push(FieldError::new(
                 format!("{field}.tombstone_retention"),
                 "at least 1 s, and well past the feed's retention",
+            ));
+        }
+        if sink.writes_in_flight > MAX_WRITES_IN_FLIGHT {
+            v.push(FieldError::new(
+                format!("{field}.writes_in_flight"),
+                format!(
+                    "at most {MAX_WRITES_IN_FLIGHT} (0 means {})",
+                    tidemark_connectors::dynamodb::DEFAULT_WRITES_IN_FLIGHT
+                ),
             ));
         }
         if let Some(t) = &sink.transform

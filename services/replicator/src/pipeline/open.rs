@@ -101,11 +101,16 @@ pub async fn open_sink(
                 .await?
         }
         _ => match stores.sink(&store, &schema, "", transform).await? {
-            SinkHandle::Dynamo(d) if !origin.is_empty() || !s.version_attribute.is_empty() => {
+            SinkHandle::Dynamo(d)
+                if !origin.is_empty()
+                    || !s.version_attribute.is_empty()
+                    || s.writes_in_flight != 0 =>
+            {
                 let mut d = d
                     .as_ref()
                     .clone()
-                    .with_version_attribute(&s.version_attribute);
+                    .with_version_attribute(&s.version_attribute)
+                    .with_writes_in_flight(s.writes_in_flight as usize);
                 if !origin.is_empty() {
                     d = d.with_origin(origin);
                 }

@@ -587,6 +587,7 @@ async fn attribute_backfill(
         attribute: "migrated",
         segments: SEGMENTS,
         rate: 0,
+        in_flight: 0,
         // 5M items take minutes; an hour means it stalled.
         within: Duration::from_secs(3600),
     };
@@ -608,6 +609,7 @@ async fn pipeline(
         feed,
         sqlite(SINK, &[]),
         SEGMENTS,
+        0,
     )
     .await
 }

@@ -191,6 +191,7 @@ async fn backfill(
         attribute,
         segments: BACKFILL_SEGMENTS,
         rate: BACKFILL_RATE,
+        in_flight: 0,
         within: RUN_WITHIN,
     };
     let (run, rate) = run_backfill(&mut plane.replicator, &mut plane.jobs, &request, items).await?;

@@ -34,6 +34,7 @@ async fn tidemark_backfill(
         attribute,
         segments: SEGMENTS,
         rate: 0,
+        in_flight: 0,
         within: RUN_WITHIN,
     };
     let (_, rate) = run_backfill(&mut plane.replicator, &mut plane.jobs, &request, items).await?;
@@ -47,6 +48,8 @@ pub(crate) struct BackfillRequest<'a> {
     pub(crate) segments: u32,
     /// Writes per second over the job (0: unlimited).
     pub(crate) rate: u32,
+    /// Updates in flight per segment (0: the replicator's default).
+    pub(crate) in_flight: u32,
     /// A run still going after this has stalled: the benchmark says so
     /// rather than waiting for ever.
     pub(crate) within: Duration,
@@ -74,6 +77,7 @@ pub(crate) async fn run_backfill(
                 ))),
                 segments: request.segments,
                 write_units_per_second: request.rate,
+                writes_in_flight: request.in_flight,
             }),
             actor: "bench".to_owned(),
             ..Default::default()
@@ -190,8 +194,9 @@ async fn backfill_update(
 }
 
 /// A raw client sending the replicator's requests at its concurrency:
-/// `units` segments at a time (a replicator's `UNITS`), pages of `PAGE`, `IN_FLIGHT` conditional
-/// updates each, with the replicator's request parameters; each segment's
+/// `units` segments at a time (a replicator's `UNITS`), pages of `PAGE`,
+/// `in_flight` conditional updates each (the replicator's `IN_FLIGHT`
+/// unless the job says), with the replicator's request parameters; each segment's
 /// pages one after another (the replicator reads a segment's next page
 /// while it updates the current one).
 pub(crate) async fn raw_parallel(
@@ -200,6 +205,7 @@ pub(crate) async fn raw_parallel(
     attribute: &str,
     items: usize,
     units: usize,
+    in_flight: usize,
 ) -> anyhow::Result<f64> {
     let client = client_at(endpoint).await;
     let table: Arc<str> = Arc::from(table);
@@ -236,7 +242,7 @@ pub(crate) async fn raw_parallel(
                                 (client.clone(), Arc::clone(&table), Arc::clone(&attribute));
                             async move { backfill_update(&client, &table, id, &attribute).await }
                         })
-                        .buffer_unordered(IN_FLIGHT)
+                        .buffer_unordered(in_flight)
                         .collect()
                         .await;
                     for r in results {
@@ -320,7 +326,15 @@ pub(super) async fn backfill(
         match side {
             Side::Baseline => {
                 raw.push(
-                    raw_parallel(direct, &table, &format!("raw_{round}"), items, UNITS).await?,
+                    raw_parallel(
+                        direct,
+                        &table,
+                        &format!("raw_{round}"),
+                        items,
+                        UNITS,
+                        IN_FLIGHT,
+                    )
+                    .await?,
                 );
             }
             Side::System => {

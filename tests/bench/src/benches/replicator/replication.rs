@@ -272,18 +272,28 @@ pub(super) async fn replication(ctx: &Context, docs: usize) -> anyhow::Result<Re
 /// A pipeline `name` copying `source` into `sink`: an embedded change-log
 /// feed from its latest change, a tombstone backfill in `segments`
 /// segments, from CreatePipeline until it is STREAMING and drained. How long
-/// that took.
+/// that took. `writes_in_flight`: the sink's (0: the replicator's default).
 pub(crate) async fn copy_pipeline(
     replicator: &mut ReplicatorServiceClient<Channel>,
     name: &str,
     source: common::DataStore,
     sink: common::DataStore,
     segments: u32,
+    writes_in_flight: u32,
 ) -> anyhow::Result<std::time::Duration> {
     let feed = pb::change_feed::Feed::EmbeddedChangeLog(pb::EmbeddedChangeLogFeed {
         start_position: pb::StartPosition::Latest as i32,
     });
-    copy_pipeline_fed(replicator, name, source, feed, sink, segments).await
+    copy_pipeline_fed(
+        replicator,
+        name,
+        source,
+        feed,
+        sink,
+        segments,
+        writes_in_flight,
+    )
+    .await
 }
 
 /// [`copy_pipeline`] with the source's changes read from `feed`.
@@ -294,6 +304,7 @@ pub(crate) async fn copy_pipeline_fed(
     feed: pb::change_feed::Feed,
     sink: common::DataStore,
     segments: u32,
+    writes_in_flight: u32,
 ) -> anyhow::Result<std::time::Duration> {
     let started = Instant::now();
     replicator
@@ -305,6 +316,7 @@ pub(crate) async fn copy_pipeline_fed(
                 sinks: vec![pb::Sink {
                     name: "copy".to_owned(),
                     store: Some(sink),
+                    writes_in_flight,
                     ..Default::default()
                 }],
                 backfill: Some(pb::BackfillOptions {
