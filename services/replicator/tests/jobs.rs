@@ -21,7 +21,7 @@ use tidemark_proto::replicator::v1 as pb;
 use tonic::Code;
 
 mod common;
-use common::{dynamo, plane, plane_in, table_ref, wait_run};
+use common::{counting_proxy_to_dynamodb, dynamo, plane, plane_in, table_ref, wait_run};
 use tidemark_proto::common::v1 as common_pb;
 use tonic::transport::Channel;
 
@@ -145,33 +145,6 @@ async fn backfill_sets_every_missing_attribute_and_never_overwrites_a_writer() {
     );
 }
 
-/// A TCP forwarder to `upstream` (host:port) that counts the connections
-/// open through it at once: the most it saw. An HTTP/1.1 client sends one
-/// request at a time per connection, so this is the most requests it had
-/// in flight (its pool keeps them open between requests).
-async fn counting_proxy(upstream: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let open = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let most = Arc::clone(&peak);
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
-            most.fetch_max(now, Ordering::SeqCst);
-            let (upstream, open) = (upstream.clone(), Arc::clone(&open));
-            tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-                open.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    (format!("http://{addr}"), peak)
-}
-
 // `writes_in_flight` bounds the conditional updates a segment has in
 // flight: with 2, a worker holding one segment never has more than 2
 // updates and its next page's scan open against the table; with the
@@ -193,12 +166,7 @@ async fn a_backfill_keeps_writes_in_flight_to_what_its_spec_says() {
         .try_collect::<Vec<_>>()
         .await
         .unwrap();
-    let upstream = tidemark_connectors::testing::local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT");
-    let upstream = upstream
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
-    let (endpoint, peak) = counting_proxy(upstream).await;
+    let (endpoint, peak) = counting_proxy_to_dynamodb().await;
     let allowed = endpoint.clone();
     // One unit at a time: one segment's updates are all the table sees.
     let mut plane = plane(move |c| {

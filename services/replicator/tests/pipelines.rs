@@ -21,7 +21,7 @@ use tonic::Code;
 use tonic_types::StatusExt as _;
 
 mod common;
-use common::{Plane, dynamo, plane, table_ref};
+use common::{Plane, counting_proxy_to_dynamodb, dynamo, plane, table_ref};
 use tidemark_proto::job_tracker::v1 as jt;
 
 fn schema() -> KeySchema {
@@ -1630,6 +1630,73 @@ async fn send(
 /// into an index, with `consumers` in the group, no backfill.
 /// [`kafka_spec`] fed by the embedded source's change log from its latest
 /// change instead.
+/// A DynamoDB sink's `writes_in_flight` bounds its writes at once: a
+/// pipeline's one-segment backfill of 300 items with 2 opens no more than a
+/// few connections to the table, one with the default 16 many more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dynamodb_sink_keeps_writes_in_flight_to_what_its_spec_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let (endpoint, peak) = counting_proxy_to_dynamodb().await;
+    let allowed = endpoint.clone();
+    let mut plane = common::plane_in(dir.path(), move |c| c.allowed_endpoints = allowed).await;
+    let table = embedded_source(dir.path()).table("docs", schema());
+    const N: u32 = 300;
+    table
+        .put_all(
+            (0..N)
+                .map(|i| doc("post", &format!("p{i:04}"), AttrValue::n(i64::from(i))))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let mut copy = async |writes_in_flight: u32| {
+        let target = unique_name("in-flight");
+        let target_table = DynamoTable::create(dynamo().await, &target, &schema(), false)
+            .await
+            .unwrap();
+        let mut store = table_ref(&target);
+        if let Some(common_pb::data_store::Store::DynamodbTable(t)) = &mut store.store {
+            t.endpoint.clone_from(&endpoint);
+        }
+        let spec = pb::PipelineSpec {
+            sinks: vec![pb::Sink {
+                name: "copy".to_owned(),
+                store: Some(store),
+                writes_in_flight,
+                ..Default::default()
+            }],
+            backfill: Some(pb::BackfillOptions {
+                mode: pb::BackfillMode::Tombstones as i32,
+                segments: 1,
+                ..Default::default()
+            }),
+            ..embedded_spec("unused")
+        };
+        let name = unique_name("in-flight");
+        create(&mut plane, &name, spec).await;
+        wait_streaming(&mut plane, &name).await;
+        drain(&mut plane, &name).await;
+        assert_eq!(scan_all(&target_table).await.len(), N as usize);
+    };
+    copy(2).await;
+    // 2 writes, the table's description when each of the pipeline's units
+    // opens the sink, and a connection the client's pool opened before an
+    // idle one came back to it (measured: 4 here, and 19 or 20 for the
+    // default 16).
+    let limited = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=5).contains(&limited),
+        "2 writes in flight at most, saw {limited} connections"
+    );
+    // The pool keeps what it opened: the second copy can only add to it.
+    copy(0).await;
+    let default = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        default >= limited + 10,
+        "16 writes in flight (the default) open more connections, saw {default}"
+    );
+}
+
 fn embedded_spec(index: &str) -> pb::PipelineSpec {
     pb::PipelineSpec {
         feed: Some(pb::ChangeFeed {

@@ -3,6 +3,7 @@
 //! the real local DynamoDB, S3 and Elasticsearch endpoints.
 #![allow(dead_code, reason = "each test binary uses part of it")]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tidemark_connectors::testing::{local_env, local_sdk_config};
@@ -146,4 +147,36 @@ pub async fn wait_run(jobs: &mut JobTrackerServiceClient<Channel>, run_id: &str)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("run {run_id} did not finish in 2 minutes");
+}
+
+/// A TCP forwarder to the local DynamoDB that counts the connections open
+/// through it at once: its endpoint URL, and the most it saw. An HTTP/1.1
+/// client sends one request at a time per connection, so this is about the
+/// most requests it had in flight (its pool keeps them open between
+/// requests).
+pub async fn counting_proxy_to_dynamodb() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let upstream = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let most = Arc::clone(&peak);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            let (upstream, open) = (upstream.clone(), Arc::clone(&open));
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (format!("http://{addr}"), peak)
 }
