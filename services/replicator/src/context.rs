@@ -102,6 +102,11 @@ impl From<ConnectorError> for UnitFailure {
 ///
 /// # Errors
 /// Another unit key, or a segment outside `0..total`.
+/// The most writes in flight a job may ask for, per segment of an attribute
+/// backfill (`BackfillAttributeSpec.writes_in_flight`) or per batch of a
+/// DynamoDB sink (`Sink.writes_in_flight`).
+pub const MAX_WRITES_IN_FLIGHT: u32 = 256;
+
 pub fn segment_of(unit_key: &str, total: u32) -> Result<u32, String> {
     unit_key
         .strip_prefix("segment-")

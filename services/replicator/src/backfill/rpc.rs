@@ -14,7 +14,7 @@ use tidemark_proto::replicator::v1::{
 };
 
 use super::run as backfill;
-use crate::context::{Replicator, segment_units};
+use crate::context::{MAX_WRITES_IN_FLIGHT, Replicator, segment_units};
 use crate::error::{ReplicatorError, ReplicatorResult};
 use crate::jobs::{ensure_job, generated_name, open_source, source_kind, start_run, store_name};
 
@@ -54,12 +54,11 @@ pub async fn backfill_attribute(
             "at most 1000 (0 means 16)",
         ));
     }
-    if spec.writes_in_flight > backfill::MAX_IN_FLIGHT {
+    if spec.writes_in_flight > MAX_WRITES_IN_FLIGHT {
         violations.push(FieldError::new(
             "spec.writes_in_flight",
             format!(
-                "at most {} (0 means {})",
-                backfill::MAX_IN_FLIGHT,
+                "at most {MAX_WRITES_IN_FLIGHT} (0 means {})",
                 backfill::IN_FLIGHT
             ),
         ));

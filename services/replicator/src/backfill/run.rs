@@ -17,7 +17,7 @@ use tidemark_connectors::{ConnectorError, Item, Key, Predicate, ScanRequest};
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease, unpack_any};
 use tidemark_proto::replicator::v1::BackfillAttributeSpec;
 
-use crate::context::{Context, UnitFailure, segment_of};
+use crate::context::{Context, MAX_WRITES_IN_FLIGHT, UnitFailure, segment_of};
 use crate::stores::OpenTable;
 
 pub const SPEC_TYPE: &str = <BackfillAttributeSpec as tidemark_kit::jobs::JobSpec>::TYPE;
@@ -26,8 +26,6 @@ pub const DEFAULT_SEGMENTS: u32 = 16;
 const PAGE: u32 = 200;
 /// Conditional updates in flight per segment, unless the spec says.
 pub const IN_FLIGHT: usize = 16;
-/// The most a spec may ask for (`writes_in_flight`).
-pub const MAX_IN_FLIGHT: u32 = 256;
 
 #[derive(Default, Serialize, Deserialize)]
 struct Checkpoint {
@@ -57,7 +55,7 @@ pub fn segments(spec: &BackfillAttributeSpec) -> u32 {
 pub fn in_flight(spec: &BackfillAttributeSpec) -> usize {
     match spec.writes_in_flight {
         0 => IN_FLIGHT,
-        n => n.min(MAX_IN_FLIGHT) as usize,
+        n => n.min(MAX_WRITES_IN_FLIGHT) as usize,
     }
 }
 

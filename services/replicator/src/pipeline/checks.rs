@@ -13,12 +13,8 @@ use tidemark_proto::replicator::v1::change_feed::Feed;
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineSpec};
 
 use super::spec;
-use crate::context::Replicator;
+use crate::context::{MAX_WRITES_IN_FLIGHT, Replicator};
 use crate::error::{ReplicatorError, ReplicatorResult};
-
-/// The most writes in flight a DynamoDB sink may ask for
-/// (`Sink.writes_in_flight`).
-pub const MAX_WRITES_IN_FLIGHT: u32 = 256;
 
 pub fn check_name(name: &str) -> Result<(), FieldError> {
     let ok = !name.is_empty()
