@@ -4,6 +4,7 @@
 //! The handlers themselves live with their operation (`*/rpc.rs`).
 
 use tidemark_connectors::transform::Transform;
+use tidemark_kit::ServiceError;
 use tidemark_kit::error::FieldError;
 use tidemark_kit::jobs::NewRun;
 use tidemark_proto::common::v1::DataStore;
@@ -53,9 +54,36 @@ pub fn store_name(store: &DataStore) -> String {
 }
 
 /// Creates the job if it does not exist (an identical definition is
-/// accepted as is) and returns the stored job.
+/// accepted as is) and returns the stored job. The RPCs that call this take
+/// the job's name as `job_name`: the job-tracker's refusal of it (on its
+/// own field, `job.name`) is moved onto that field, so the caller is told
+/// which of its fields to fix.
 pub async fn ensure_job(r: &Replicator, job: Job) -> ReplicatorResult<Job> {
-    Ok(r.ctx.jobs.ensure_job(job).await?)
+    r.ctx
+        .jobs
+        .ensure_job(job)
+        .await
+        .map_err(|e| on_job_name(e).into())
+}
+
+/// `e` with a violation of the job-tracker's `job.name` named `job_name`.
+fn on_job_name(e: ServiceError) -> ServiceError {
+    if !e.violations().iter().any(|v| v.field == "job.name") {
+        return e;
+    }
+    ServiceError::invalid(
+        e.violations()
+            .iter()
+            .map(|v| {
+                let field = if v.field == "job.name" {
+                    "job_name"
+                } else {
+                    v.field.as_str()
+                };
+                FieldError::new(field, v.description.clone())
+            })
+            .collect(),
+    )
 }
 
 pub async fn start_run(
@@ -93,8 +121,14 @@ pub fn generated_name(prefix: &str, table: &str) -> String {
             }
         })
         .collect();
+    // Job names are at most 200 characters; a table's name can be longer.
+    let safe: String = safe.chars().take(GENERATED_TABLE_CHARS).collect();
     format!("{prefix}/{safe}/{}", uuid::Uuid::now_v7().simple())
 }
+
+/// Of a table's name, what a generated job name keeps: with a prefix and
+/// the 32-digit id it stays within a job name's 200 characters.
+const GENERATED_TABLE_CHARS: usize = 128;
 
 /// What is wrong with a job's transform for its target, if anything.
 pub fn transform_violation(
@@ -119,4 +153,36 @@ pub fn transform_violation(
             crate::stores::S3_TEMPLATE,
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_job_name_names_the_requests_field() {
+        // BackfillAttribute with a 1 MB job_name answered a violation on
+        // `job.name`, a field the request does not have (e2e RPC fuzzer).
+        let upstream = ServiceError::invalid(vec![
+            FieldError::new("job.name", "must be at most 200 characters"),
+            FieldError::new("job.description", "too long"),
+        ]);
+        let e = on_job_name(upstream);
+        let fields: Vec<&str> = e.violations().iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["job_name", "job.description"]);
+        assert_eq!(
+            e.violations()[0].description,
+            "must be at most 200 characters"
+        );
+        let other = on_job_name(ServiceError::not_found("no job"));
+        assert_eq!(other.code(), tonic::Code::NotFound);
+    }
+
+    #[test]
+    fn a_generated_job_name_fits_whatever_the_tables_name() {
+        let long = "t".repeat(255);
+        let name = generated_name("backfill", &long);
+        assert!(name.len() <= 200, "{} characters: {name}", name.len());
+        assert!(name.starts_with("backfill/ttt"), "{name}");
+    }
 }
