@@ -63,19 +63,22 @@ pub async fn ensure_job(r: &Replicator, job: Job) -> ReplicatorResult<Job> {
         .jobs
         .ensure_job(job)
         .await
-        .map_err(|e| on_job_name(e).into())
+        .map_err(|e| as_job_name(e, "job.name").into())
 }
 
-/// `e` with a violation of the job-tracker's `job.name` named `job_name`.
-fn on_job_name(e: ServiceError) -> ServiceError {
-    if !e.violations().iter().any(|v| v.field == "job.name") {
+/// `e` with the job-tracker's violation of the job's name (its field
+/// `upstream`: `name` for GetJob, `job.name` for CreateJob) named
+/// `job_name`, the field of the replicator's requests; other violations
+/// and errors as they are.
+pub fn as_job_name(e: ServiceError, upstream: &str) -> ServiceError {
+    if !e.violations().iter().any(|v| v.field == upstream) {
         return e;
     }
     ServiceError::invalid(
         e.violations()
             .iter()
             .map(|v| {
-                let field = if v.field == "job.name" {
+                let field = if v.field == upstream {
                     "job_name"
                 } else {
                     v.field.as_str()
@@ -167,14 +170,14 @@ mod tests {
             FieldError::new("job.name", "must be at most 200 characters"),
             FieldError::new("job.description", "too long"),
         ]);
-        let e = on_job_name(upstream);
+        let e = as_job_name(upstream, "job.name");
         let fields: Vec<&str> = e.violations().iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["job_name", "job.description"]);
         assert_eq!(
             e.violations()[0].description,
             "must be at most 200 characters"
         );
-        let other = on_job_name(ServiceError::not_found("no job"));
+        let other = as_job_name(ServiceError::not_found("no job"), "job.name");
         assert_eq!(other.code(), tonic::Code::NotFound);
     }
 

@@ -3,7 +3,6 @@
 //! by pull); change a running backfill's write rate.
 
 use tidemark_connectors::proto::value_from_proto;
-use tidemark_kit::ServiceError;
 use tidemark_kit::error::FieldError;
 use tidemark_kit::jobs::spec_of;
 use tidemark_kit::worker::pack_any;
@@ -16,7 +15,9 @@ use tidemark_proto::replicator::v1::{
 use super::run as backfill;
 use crate::context::{MAX_WRITES_IN_FLIGHT, Replicator, segment_units};
 use crate::error::{ReplicatorError, ReplicatorResult};
-use crate::jobs::{ensure_job, generated_name, open_source, source_kind, start_run, store_name};
+use crate::jobs::{
+    as_job_name, ensure_job, generated_name, open_source, source_kind, start_run, store_name,
+};
 
 pub async fn backfill_attribute(
     r: &Replicator,
@@ -124,7 +125,7 @@ pub async fn set_backfill_rate(
         .jobs
         .get_job(&req.job_name)
         .await
-        .map_err(|e| as_job_name(e, "job_name"))?;
+        .map_err(|e| as_job_name(e, "name"))?;
     if job.kind != JobKind::BackfillAttribute as i32 {
         return Err(ReplicatorError::Precondition(format!(
             "job {:?} is not a BACKFILL_ATTRIBUTE job",
@@ -140,37 +141,23 @@ pub async fn set_backfill_rate(
     })
 }
 
-/// `e` with its field violations (from the job-tracker's GetJob, about the
-/// job's `name`) moved onto the request's `field`.
-pub(crate) fn as_job_name(e: ServiceError, field: &str) -> ServiceError {
-    if e.kind() == tidemark_kit::error::ErrorKind::InvalidArgument && !e.violations().is_empty() {
-        ServiceError::invalid(
-            e.violations()
-                .iter()
-                .map(|v| FieldError::new(field, v.description.clone()))
-                .collect(),
-        )
-    } else {
-        e
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidemark_kit::ServiceError;
 
     #[test]
     fn a_bad_job_name_from_the_job_tracker_names_job_name() {
         // SetBackfillRate passed the job-tracker's violation on `name`
         // through, naming no field of its own request (e2e RPC fuzzer).
         let upstream = ServiceError::field("name", "must be at most 200 characters");
-        let e = as_job_name(upstream, "job_name");
+        let e = as_job_name(upstream, "name");
         assert_eq!(e.violations()[0].field, "job_name");
         assert_eq!(
             e.violations()[0].description,
             "must be at most 200 characters"
         );
-        let missing = as_job_name(ServiceError::not_found("no job"), "job_name");
+        let missing = as_job_name(ServiceError::not_found("no job"), "name");
         assert_eq!(missing.violations().len(), 0);
         assert_eq!(missing.code(), tonic::Code::NotFound);
     }

@@ -160,7 +160,7 @@ async fn stored_job(
         .jobs
         .find_job(&req.job_name)
         .await
-        .map_err(|e| crate::backfill::rpc::as_job_name(e, "job_name"))?;
+        .map_err(|e| crate::jobs::as_job_name(e, "name"))?;
     Ok(match existing {
         Some(job) => {
             let stored: MigrateUnitSpec = spec_of(&job)?;
