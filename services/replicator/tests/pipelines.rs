@@ -1679,10 +1679,8 @@ async fn a_dynamodb_sink_keeps_writes_in_flight_to_what_its_spec_says() {
         assert_eq!(scan_all(&target_table).await.len(), N as usize);
     };
     copy(2).await;
-    // 2 writes, the table's description when each of the pipeline's units
-    // opens the sink, and a connection the client's pool opened before an
-    // idle one came back to it (measured: 4 here, and 19 or 20 for the
-    // default 16).
+    // 2 writes, and the table's description when a unit of the pipeline
+    // opens the sink (measured: 2 here, and 16 for the default 16).
     let limited = peak.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         (1..=5).contains(&limited),

@@ -149,32 +149,68 @@ pub async fn wait_run(jobs: &mut JobTrackerServiceClient<Channel>, run_id: &str)
     panic!("run {run_id} did not finish in 2 minutes");
 }
 
-/// A TCP forwarder to the local DynamoDB that counts the connections open
-/// through it at once: its endpoint URL, and the most it saw. An HTTP/1.1
-/// client sends one request at a time per connection, so this is about the
-/// most requests it had in flight (its pool keeps them open between
-/// requests).
+/// A TCP forwarder to the local DynamoDB that counts the requests awaiting
+/// their answer at once: its endpoint URL, and the most it saw. An HTTP/1.1
+/// client sends one request at a time per connection, so a connection is
+/// busy from its request's first bytes to its answer's first bytes (idle
+/// connections in the client's pool do not count).
 pub async fn counting_proxy_to_dynamodb() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let upstream = local_env("TIDEMARK_TEST_DYNAMODB_ENDPOINT")
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_owned();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let open = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let most = Arc::clone(&peak);
     tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
-            most.fetch_max(now, Ordering::SeqCst);
-            let (upstream, open) = (upstream.clone(), Arc::clone(&open));
+        while let Ok((inbound, _)) = listener.accept().await {
+            let (upstream, busy, most) = (upstream.clone(), Arc::clone(&busy), Arc::clone(&most));
             tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let waiting = Arc::new(AtomicBool::new(false));
+                let (mut client_r, mut client_w) = inbound.into_split();
+                let (mut server_r, mut server_w) = outbound.into_split();
+                let requests = {
+                    let (busy, waiting) = (Arc::clone(&busy), Arc::clone(&waiting));
+                    async move {
+                        let mut buf = vec![0; 64 * 1024];
+                        while let Ok(n @ 1..) = client_r.read(&mut buf).await {
+                            if !waiting.swap(true, Ordering::SeqCst) {
+                                let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                                most.fetch_max(now, Ordering::SeqCst);
+                            }
+                            if server_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = server_w.shutdown().await;
+                    }
+                };
+                let answers = {
+                    let (busy, waiting) = (Arc::clone(&busy), Arc::clone(&waiting));
+                    async move {
+                        let mut buf = vec![0; 64 * 1024];
+                        while let Ok(n @ 1..) = server_r.read(&mut buf).await {
+                            if waiting.swap(false, Ordering::SeqCst) {
+                                busy.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            if client_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = client_w.shutdown().await;
+                    }
+                };
+                tokio::join!(requests, answers);
+                if waiting.swap(false, Ordering::SeqCst) {
+                    busy.fetch_sub(1, Ordering::SeqCst);
                 }
-                open.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
