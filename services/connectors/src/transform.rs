@@ -79,18 +79,19 @@ fn decimal_micros(text: &str, scale: i64) -> Option<i64> {
     let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
     let negative = whole.starts_with('-');
     let whole: i64 = whole.parse().ok()?;
-    let digits = usize::try_from(scale.ilog10()).ok()?;
-    let mut frac: String = frac.chars().take(digits).collect();
-    while frac.len() < digits {
-        frac.push('0');
+    // The fraction's first log10(scale) digits, padded with zeros.
+    let mut digits = frac.bytes();
+    let mut fraction = 0i64;
+    for _ in 0..scale.ilog10() {
+        let digit = match digits.next() {
+            None => 0,
+            Some(b @ b'0'..=b'9') => i64::from(b - b'0'),
+            Some(_) => return None,
+        };
+        fraction = fraction * 10 + digit;
     }
-    let frac: i64 = if frac.is_empty() {
-        0
-    } else {
-        frac.parse().ok()?
-    };
     let sign = if negative { -1 } else { 1 };
-    whole.checked_mul(scale)?.checked_add(sign * frac)
+    whole.checked_mul(scale)?.checked_add(sign * fraction)
 }
 
 /// A `{attribute}` template; `{{` and `}}` are literal braces.
@@ -323,22 +324,44 @@ impl Transform {
             || schema.names().any(|k| k == name)
     }
 
-    /// [`Transform::shape`] of an item the caller gives up: its names and
-    /// values move into the result instead of being copied, and without
-    /// renames the item is only trimmed in place. What a pipeline does with
-    /// each change it writes to its last sink.
+    /// [`Transform::shape`] of an item the caller gives up: its values move
+    /// into the result instead of being copied, and the item is trimmed and
+    /// renamed in place rather than rebuilt. What a pipeline does with each
+    /// change it writes to its last sink.
     pub fn shape_owned(&self, mut item: Item, schema: &KeySchema) -> Item {
+        if !self.projection.is_empty() {
+            // Both in name order: one walk along the projection instead of
+            // a lookup per attribute.
+            let mut projected = self.projection.iter().peekable();
+            item.retain(|name, _| {
+                while projected.next_if(|p| p.as_str() < name.as_str()).is_some() {}
+                projected.peek().is_some_and(|p| *p == name) || schema.names().any(|k| k == name)
+            });
+        }
         if self.renames.is_empty() {
-            item.retain(|name, _| self.keeps(name, schema));
             return item;
         }
-        item.into_iter()
-            .filter(|(name, _)| self.keeps(name, schema))
-            .map(|(name, v)| match self.renames.get(&name) {
-                Some(to) => (to.clone(), v),
-                None => (name, v),
-            })
-            .collect()
+        // Every renamed attribute leaves before any arrives, so renames
+        // that swap or chain names see the item as it was.
+        let moved: Vec<(&String, &String, AttrValue)> = self
+            .renames
+            .iter()
+            .filter_map(|(from, to)| item.remove(from).map(|v| (from, to, v)))
+            .collect();
+        for (from, to, v) in moved {
+            // No two renames share a target, so a value already under `to`
+            // is an attribute of that name left as it is. `shape` builds
+            // the result in source-name order, the later name winning:
+            // the renamed one wins when its own name sorts after `to`.
+            match item.get_mut(to) {
+                Some(slot) if from > to => *slot = v,
+                Some(_) => {}
+                None => {
+                    item.insert(to.clone(), v);
+                }
+            }
+        }
+        item
     }
 
     /// The key as the target names it (renamed key attributes).
@@ -508,6 +531,11 @@ mod tests {
             (vec![], vec![("a", "b"), ("b", "c")]),
             (vec![], vec![("c", "a")]),
             (vec!["b"], vec![("b", "x"), ("id", "key")]),
+            // A swap, and renames onto a kept name from either side of it.
+            (vec![], vec![("a", "b"), ("b", "a")]),
+            (vec![], vec![("c", "b")]),
+            (vec![], vec![("a", "c")]),
+            (vec!["a", "b", "c"], vec![("a", "z"), ("c", "a")]),
         ];
         for (projection, renames) in transforms {
             let t = Transform::from_proto(&pb::Transform {
@@ -554,6 +582,16 @@ mod tests {
         assert_eq!(e.micros(&e.value(1_234_567)), Some(1_234_567));
         let m = TimeEncoding::EpochMillis;
         assert_eq!(m.micros(&m.value(1_234_000)), Some(1_234_000));
+        // Truncated past a microsecond, padded short of one, either sign.
+        let at = |e: TimeEncoding, text: &str| {
+            e.micros(&AttrValue::N(crate::value::Number::parse(text).unwrap()))
+        };
+        assert_eq!(at(e, "12.3456789"), Some(12_345_678));
+        assert_eq!(at(e, "-0.5"), Some(-500_000));
+        assert_eq!(at(e, "-2.25"), Some(-2_250_000));
+        assert_eq!(at(m, "1790000000000"), Some(1_790_000_000_000_000));
+        assert_eq!(at(m, "7.25"), Some(7_250));
+        assert_eq!(at(m, "99999999999999999999"), None);
         let r = TimeEncoding::Rfc3339;
         assert_eq!(
             r.micros(&AttrValue::s("1970-01-01T00:00:01Z")),

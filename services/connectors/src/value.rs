@@ -196,6 +196,12 @@ impl AttrValue {
         }
     }
 
+    /// Whether the value may be a key attribute (S, N or B): what
+    /// [`AttrValue::key_text`] gives a text for, without making it.
+    pub fn is_key_scalar(&self) -> bool {
+        matches!(self, Self::S(_) | Self::N(_) | Self::B(_))
+    }
+
     /// A stable text form of a key attribute (S, N or B), used to order and
     /// hash keys the same way in every store.
     pub fn key_text(&self) -> Option<String> {
@@ -284,7 +290,7 @@ impl KeySchema {
             let value = item
                 .get(name)
                 .ok_or_else(|| format!("item lacks key attribute {name:?}"))?;
-            if value.key_text().is_none() {
+            if !value.is_key_scalar() {
                 return Err(format!(
                     "key attribute {name:?} must be a string, number or binary"
                 ));

@@ -210,7 +210,7 @@ pub fn record_bytes(record: &SinkRecord) -> u64 {
 }
 
 fn value_bytes(v: &AttrValue) -> u64 {
-    let number = |n: &tidemark_connectors::Number| (n.to_string().len() as u64).div_ceil(2) + 1;
+    let number = |n: &tidemark_connectors::Number| (n.as_str().len() as u64).div_ceil(2) + 1;
     match v {
         AttrValue::S(s) => s.len() as u64,
         AttrValue::N(n) => number(n),

@@ -45,49 +45,50 @@ pub fn bulk_lines_as(
     record: &SinkRecord,
     out: &mut Vec<u8>,
 ) -> Result<(), String> {
-    use std::io::Write as _;
     let version = i64::try_from(record.version)
         .map_err(|_| format!("version {} exceeds a long", record.version))?;
-    if let SinkOp::Upsert(item) = &record.op
-        && let Some(name) = item.keys().find(|n| is_reserved(n))
-    {
-        return Err(format!(
-            "attribute {name:?} uses the reserved prefix _tidemark_"
-        ));
-    }
+    let start = out.len();
     out.extend_from_slice(b"{\"index\":{\"_index\":");
-    json(out, index);
+    json_str(out, index);
     out.extend_from_slice(b",\"_id\":");
-    json(out, id);
-    let _ = write!(
-        out,
-        ",\"version\":{version},\"version_type\":\"external\"}}}}\n{{"
-    );
+    json_str(out, id);
+    out.extend_from_slice(b",\"version\":");
+    json(out, &version);
+    out.extend_from_slice(b",\"version_type\":\"external\"}}\n{");
     match &record.op {
         SinkOp::Upsert(item) => {
             for (name, value) in item {
-                json(out, name.as_str());
+                if is_reserved(name) {
+                    out.truncate(start);
+                    return Err(format!(
+                        "attribute {name:?} uses the reserved prefix _tidemark_"
+                    ));
+                }
+                json_str(out, name);
                 out.push(b':');
-                json(out, &Plain(value));
+                plain(out, value);
                 out.push(b',');
             }
-            json(out, ITEM_FIELD);
+            json_str(out, ITEM_FIELD);
             out.push(b':');
             item_json_string(out, item);
         }
         SinkOp::Delete => {
-            json(out, DELETED_FIELD);
+            json_str(out, DELETED_FIELD);
             out.extend_from_slice(b":true,");
-            json(out, DELETED_AT_FIELD);
-            let _ = write!(out, ":{}", now_millis());
+            json_str(out, DELETED_AT_FIELD);
+            out.push(b':');
+            json(out, &now_millis());
         }
     }
     out.push(b',');
-    json(out, VERSION_FIELD);
-    let _ = write!(out, ":{version},");
-    json(out, KEY_FIELD);
+    json_str(out, VERSION_FIELD);
     out.push(b':');
-    json(out, id);
+    json(out, &version);
+    out.push(b',');
+    json_str(out, KEY_FIELD);
+    out.push(b':');
+    json_str(out, id);
     out.extend_from_slice(b"}\n");
     Ok(())
 }
@@ -180,7 +181,10 @@ fn string_escaped(out: &mut Vec<u8>, text: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(b"\\\"");
     let mut start = 0;
-    for (i, &b) in text.iter().enumerate() {
+    let mut i = 0;
+    loop {
+        i += clean_run(&text[i..]);
+        let Some(&b) = text.get(i) else { break };
         // What serde_json writes for the byte, with each `\` and `"` of
         // that escaped again.
         let twice: &[u8] = match b {
@@ -191,11 +195,11 @@ fn string_escaped(out: &mut Vec<u8>, text: &[u8]) {
             b'\t' => b"\\\\t",
             0x08 => b"\\\\b",
             0x0c => b"\\\\f",
-            0x00..=0x1f => b"",
-            _ => continue,
+            _ => b"",
         };
         out.extend_from_slice(&text[start..i]);
-        start = i + 1;
+        i += 1;
+        start = i;
         if twice.is_empty() {
             out.extend_from_slice(b"\\\\u00");
             out.push(HEX[usize::from(b >> 4)]);
@@ -214,45 +218,132 @@ fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     serde_json::to_writer(out, v).expect("plain values always serialise");
 }
 
-/// An attribute value serialised as [`to_plain_json`] renders it, without
+/// The length of the longest prefix of `text` that a JSON string holds as
+/// it is: no `"`, `\` or control character. Eight bytes at a time, as
+/// most text needs no escape at all.
+fn clean_run(text: &[u8]) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Whether any byte of `w` is zero (exact for the word as a whole).
+    let has_zero = |w: u64| w.wrapping_sub(ONES) & !w & HIGH != 0;
+    let mut clean = 0;
+    for chunk in text.chunks_exact(8) {
+        let w = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
+        let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
+        if control
+            || has_zero(w ^ (ONES * u64::from(b'"')))
+            || has_zero(w ^ (ONES * u64::from(b'\\')))
+        {
+            break;
+        }
+        clean += 8;
+    }
+    clean
+        + text[clean..]
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .unwrap_or(text.len() - clean)
+}
+
+/// `text` as a JSON string, escaped as serde_json escapes one.
+fn json_str(out: &mut Vec<u8>, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let text = text.as_bytes();
+    out.push(b'"');
+    let mut start = 0;
+    let mut i = 0;
+    loop {
+        i += clean_run(&text[i..]);
+        let Some(&b) = text.get(i) else { break };
+        out.extend_from_slice(&text[start..i]);
+        i += 1;
+        start = i;
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            _ => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+                continue;
+            }
+        };
+        out.extend_from_slice(escape);
+    }
+    out.extend_from_slice(&text[start..]);
+    out.push(b'"');
+}
+
+/// An attribute value as [`to_plain_json`] renders it, written without
 /// building the intermediate [`Value`].
-struct Plain<'a>(&'a AttrValue);
-
-struct PlainNumber<'a>(&'a Number);
-
-struct Base64<'a>(&'a [u8]);
-
-impl serde::Serialize for Plain<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            AttrValue::S(v) => s.serialize_str(v),
-            AttrValue::N(n) => PlainNumber(n).serialize(s),
-            AttrValue::B(b) => Base64(b).serialize(s),
-            AttrValue::Bool(b) => s.serialize_bool(*b),
-            AttrValue::Null(_) => s.serialize_unit(),
-            AttrValue::Ss(set) => s.collect_seq(set),
-            AttrValue::Ns(set) => s.collect_seq(set.iter().map(PlainNumber)),
-            AttrValue::Bs(set) => s.collect_seq(set.iter().map(|b| Base64(b))),
-            AttrValue::L(list) => s.collect_seq(list.iter().map(Plain)),
-            AttrValue::M(map) => s.collect_map(map.iter().map(|(k, v)| (k, Plain(v)))),
+fn plain(out: &mut Vec<u8>, value: &AttrValue) {
+    fn seq<T>(
+        out: &mut Vec<u8>,
+        items: impl IntoIterator<Item = T>,
+        mut one: impl FnMut(&mut Vec<u8>, T),
+    ) {
+        out.push(b'[');
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            one(out, item);
+        }
+        out.push(b']');
+    }
+    match value {
+        AttrValue::S(v) => json_str(out, v),
+        AttrValue::N(n) => plain_number(out, n),
+        AttrValue::B(b) => base64_str(out, b),
+        AttrValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        AttrValue::Null(_) => out.extend_from_slice(b"null"),
+        AttrValue::Ss(set) => seq(out, set, |out, s| json_str(out, s)),
+        AttrValue::Ns(set) => seq(out, set, plain_number),
+        AttrValue::Bs(set) => seq(out, set, |out, b| base64_str(out, b)),
+        AttrValue::L(list) => seq(out, list, plain),
+        AttrValue::M(map) => {
+            out.push(b'{');
+            for (i, (name, v)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json_str(out, name);
+                out.push(b':');
+                plain(out, v);
+            }
+            out.push(b'}');
         }
     }
 }
 
-impl serde::Serialize for PlainNumber<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match number_json(self.0) {
-            Value::Number(n) => n.serialize(s),
-            other => other.serialize(s),
-        }
+/// A number as [`number_json`] renders it. Where that is a JSON number
+/// of the same value as the normalised text (a long, or 15 significant
+/// digits or fewer, which an f64 holds exactly), the text is written as
+/// it is.
+fn plain_number(out: &mut Vec<u8>, n: &Number) {
+    if significant_digits(n) <= 15 || n.as_i64().is_some() {
+        out.extend_from_slice(n.as_str().as_bytes());
+    } else {
+        json(out, &number_json(n));
     }
 }
 
-impl serde::Serialize for Base64<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use base64::Engine as _;
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
-    }
+/// Bytes as a base64 JSON string.
+fn base64_str(out: &mut Vec<u8>, bytes: &[u8]) {
+    use base64::Engine as _;
+    out.push(b'"');
+    let at = out.len();
+    out.resize(at + bytes.len().div_ceil(3) * 4, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(bytes, &mut out[at..])
+        .expect("sized for the encoding");
+    out.truncate(at + written);
+    out.push(b'"');
 }
 
 /// The live (version, item) of a document source, `None` for a tombstone.
@@ -477,6 +568,79 @@ mod tests {
         let mut out = b"kept".to_vec();
         assert!(bulk_lines("i", &schema, &record(SinkOp::Upsert(reserved)), &mut out).is_err());
         assert_eq!(out, b"kept");
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        // Every ASCII byte, and multi-byte characters, at every offset
+        // from the eight-byte words the clean runs are read in.
+        let every_byte: String = (0u8..0x80).map(char::from).collect();
+        let text = format!("{every_byte} é 😀 plain text of some length \\ \"");
+        for skip in 0..text.len() {
+            let Some(part) = text.get(skip..) else {
+                continue;
+            };
+            let nine = part.char_indices().nth(9).map_or(part, |(i, _)| &part[..i]);
+            for cut in [part, nine, "", "12345678", "1234567\""] {
+                let mut fast = Vec::new();
+                json_str(&mut fast, cut);
+                assert_eq!(fast, serde_json::to_vec(cut).unwrap(), "{cut:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_values_are_written_as_to_plain_json_renders_them() {
+        let numbers = [
+            "0",
+            "-7",
+            "42",
+            "1000",
+            "0.1",
+            "-0.125",
+            "12.25",
+            "123456789012345",
+            "1234567890123456",
+            "123456789012345678",
+            "1234567890123456789",
+            "12345678901234567890123",
+            "0.000001",
+            "1e-7",
+            "1e-200",
+            "1e190",
+            "1.23456789012345",
+            "1.234567890123456",
+            "0.12345678901234567890123",
+        ];
+        let mut values: Vec<AttrValue> = numbers
+            .iter()
+            .map(|t| AttrValue::N(Number::parse(t).unwrap()))
+            .collect();
+        values.extend([
+            AttrValue::s("a \"b\" \\ \u{1}"),
+            AttrValue::B(vec![]),
+            AttrValue::B(vec![0, 1, 2, 3, 255]),
+            AttrValue::Bool(true),
+            AttrValue::Null(true),
+            AttrValue::Ss(["x".to_owned(), "y\n".to_owned()].into()),
+            AttrValue::Ns(numbers.iter().map(|t| Number::parse(t).unwrap()).collect()),
+            AttrValue::Bs([vec![1], vec![2, 3]].into()),
+            AttrValue::L(vec![]),
+            AttrValue::M(Item::new()),
+        ]);
+        let nested = AttrValue::M([("l".to_owned(), AttrValue::L(values.clone()))].into());
+        values.push(nested);
+        for value in &values {
+            let mut out = Vec::new();
+            plain(&mut out, value);
+            let written: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(
+                written,
+                to_plain_json(value),
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        }
     }
 
     #[test]

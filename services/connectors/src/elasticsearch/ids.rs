@@ -1,6 +1,8 @@
 //! Document ids: the key texts `#`-joined, or a template over exactly the
 //! key attributes.
 
+use std::borrow::Cow;
+
 use super::ElasticsearchSink;
 use crate::transform::Template;
 use crate::value::{AttrValue, Key, KeySchema};
@@ -50,20 +52,30 @@ pub fn document_id_in(schema: &KeySchema, key: &Key) -> Result<String, String> {
     if key.0.len() != schema.names().count() {
         return Err(format!("key {key} does not match the key schema"));
     }
-    let mut id = String::new();
+    let mut id = String::with_capacity(64);
     for (i, name) in schema.names().enumerate() {
-        let text = key
-            .get(name)
-            .and_then(AttrValue::key_text)
-            .ok_or_else(|| format!("key {key} lacks a scalar {name:?}"))?;
+        let value = key.get(name);
+        let text = match value {
+            Some(AttrValue::S(s)) => Cow::Borrowed(s.as_str()),
+            Some(AttrValue::N(n)) => Cow::Borrowed(n.as_str()),
+            _ => Cow::Owned(
+                value
+                    .and_then(AttrValue::key_text)
+                    .ok_or_else(|| format!("key {key} lacks a scalar {name:?}"))?,
+            ),
+        };
         if i > 0 {
             id.push('#');
         }
-        for c in text.chars() {
-            if c == '#' || c == '\\' {
-                id.push('\\');
+        for part in text.split_inclusive(['#', '\\']) {
+            match part.strip_suffix(['#', '\\']) {
+                Some(head) => {
+                    id.push_str(head);
+                    id.push('\\');
+                    id.push_str(&part[head.len()..]);
+                }
+                None => id.push_str(part),
             }
-            id.push(c);
         }
     }
     if id.len() > MAX_ID_BYTES {
@@ -136,6 +148,7 @@ mod tests {
             s.document_id(&key("a", "b#c")).unwrap()
         );
         assert_eq!(s.document_id(&key(r"a\", "#")).unwrap(), r"a\\#\#");
+        assert_eq!(s.document_id(&key(r"#\#", "x##")).unwrap(), r"\#\\\##x\#\#");
         assert!(
             s.document_id(&Key::single("pk", AttrValue::s("x")))
                 .is_err()

@@ -308,7 +308,7 @@ fn checked_key(
     }
     let attrs = attributes()?;
     for (name, v) in &attrs {
-        if v.key_text().is_none() {
+        if !v.is_key_scalar() {
             return Err(ProtoError::new(
                 format!("attributes[{name:?}]"),
                 "a key attribute must be a string, number or binary",
