@@ -122,21 +122,21 @@ fn attributes_escaped(out: &mut Vec<u8>, attributes: &Item) {
 fn value_escaped(out: &mut Vec<u8>, value: &AttrValue) {
     use base64::Engine as _;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let tag = match value {
-        AttrValue::S(_) => "S",
-        AttrValue::N(_) => "N",
-        AttrValue::B(_) => "B",
-        AttrValue::Bool(_) => "BOOL",
-        AttrValue::Null(_) => "NULL",
-        AttrValue::Ss(_) => "SS",
-        AttrValue::Ns(_) => "NS",
-        AttrValue::Bs(_) => "BS",
-        AttrValue::L(_) => "L",
-        AttrValue::M(_) => "M",
+    // The opening `{"S":` of each type, already escaped for the outer
+    // string.
+    let open: &[u8] = match value {
+        AttrValue::S(_) => br#"{\"S\":"#,
+        AttrValue::N(_) => br#"{\"N\":"#,
+        AttrValue::B(_) => br#"{\"B\":"#,
+        AttrValue::Bool(_) => br#"{\"BOOL\":"#,
+        AttrValue::Null(_) => br#"{\"NULL\":"#,
+        AttrValue::Ss(_) => br#"{\"SS\":"#,
+        AttrValue::Ns(_) => br#"{\"NS\":"#,
+        AttrValue::Bs(_) => br#"{\"BS\":"#,
+        AttrValue::L(_) => br#"{\"L\":"#,
+        AttrValue::M(_) => br#"{\"M\":"#,
     };
-    out.push(b'{');
-    string_escaped(out, tag.as_bytes());
-    out.push(b':');
+    out.extend_from_slice(open);
     let seq = |out: &mut Vec<u8>, items: &mut dyn Iterator<Item = &[u8]>| {
         out.push(b'[');
         for (i, item) in items.enumerate() {

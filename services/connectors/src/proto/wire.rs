@@ -52,6 +52,13 @@ impl<'a> Reader<'a> {
     }
 
     fn varint(&mut self) -> Wire<u64> {
+        // Keys and lengths are mostly one byte.
+        if let Some(&b) = self.buf.get(self.pos)
+            && b < 0x80
+        {
+            self.pos += 1;
+            return Ok(u64::from(b));
+        }
         let mut value = 0u64;
         for i in 0..10 {
             let Some(&b) = self.buf.get(self.pos) else {
