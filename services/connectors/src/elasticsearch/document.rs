@@ -178,37 +178,17 @@ fn value_escaped(out: &mut Vec<u8>, value: &AttrValue) {
 /// A JSON string of `text` (escaped as serde_json escapes one), itself
 /// escaped as the content of the outer string.
 fn string_escaped(out: &mut Vec<u8>, text: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(b"\\\"");
-    let mut start = 0;
-    let mut i = 0;
-    loop {
-        i += clean_run(&text[i..]);
-        let Some(&b) = text.get(i) else { break };
-        // What serde_json writes for the byte, with each `\` and `"` of
-        // that escaped again.
-        let twice: &[u8] = match b {
-            b'"' => b"\\\\\\\"",
-            b'\\' => b"\\\\\\\\",
-            b'\n' => b"\\\\n",
-            b'\r' => b"\\\\r",
-            b'\t' => b"\\\\t",
-            0x08 => b"\\\\b",
-            0x0c => b"\\\\f",
-            _ => b"",
-        };
-        out.extend_from_slice(&text[start..i]);
-        i += 1;
-        start = i;
-        if twice.is_empty() {
-            out.extend_from_slice(b"\\\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.extend_from_slice(twice);
+    // What serde_json writes for the byte, with each `\` and `"` of that
+    // escaped again.
+    escaped_with(out, text, |out, b| match b {
+        b'"' => out.extend_from_slice(b"\\\\\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\\\\\"),
+        _ => {
+            out.push(b'\\');
+            escape_once(out, b);
         }
-    }
-    out.extend_from_slice(&text[start..]);
+    });
     out.extend_from_slice(b"\\\"");
 }
 
@@ -247,36 +227,47 @@ fn clean_run(text: &[u8]) -> usize {
 
 /// `text` as a JSON string, escaped as serde_json escapes one.
 fn json_str(out: &mut Vec<u8>, text: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let text = text.as_bytes();
     out.push(b'"');
+    escaped_with(out, text.as_bytes(), escape_once);
+    out.push(b'"');
+}
+
+/// Appends `text`, each byte a JSON string may not hold as it is written
+/// by `escape`.
+fn escaped_with(out: &mut Vec<u8>, text: &[u8], escape: impl Fn(&mut Vec<u8>, u8)) {
     let mut start = 0;
     let mut i = 0;
     loop {
         i += clean_run(&text[i..]);
         let Some(&b) = text.get(i) else { break };
         out.extend_from_slice(&text[start..i]);
+        escape(out, b);
         i += 1;
         start = i;
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            _ => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
-                continue;
-            }
-        };
-        out.extend_from_slice(escape);
     }
     out.extend_from_slice(&text[start..]);
-    out.push(b'"');
+}
+
+/// The escape serde_json writes for byte `b` of a string (`"`, `\` or a
+/// control character).
+fn escape_once(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let short: &[u8] = match b {
+        b'"' => b"\\\"",
+        b'\\' => b"\\\\",
+        b'\n' => b"\\n",
+        b'\r' => b"\\r",
+        b'\t' => b"\\t",
+        0x08 => b"\\b",
+        0x0c => b"\\f",
+        _ => {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+            return;
+        }
+    };
+    out.extend_from_slice(short);
 }
 
 /// An attribute value as [`to_plain_json`] renders it, written without
