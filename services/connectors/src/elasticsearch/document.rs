@@ -105,14 +105,45 @@ fn item_json_string(out: &mut Vec<u8>, item: &Item) {
 }
 
 fn attributes_escaped(out: &mut Vec<u8>, attributes: &Item) {
-    out.push(b'{');
-    for (i, (name, value)) in attributes.iter().enumerate() {
+    json_map(
+        out,
+        attributes,
+        |out, name| string_escaped(out, name.as_bytes()),
+        value_escaped,
+    );
+}
+
+/// `[…]` of `items`, each written by `one`.
+fn json_seq<T>(
+    out: &mut Vec<u8>,
+    items: impl IntoIterator<Item = T>,
+    mut one: impl FnMut(&mut Vec<u8>, T),
+) {
+    out.push(b'[');
+    for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        string_escaped(out, name.as_bytes());
+        one(out, item);
+    }
+    out.push(b']');
+}
+
+/// `{…}` of `attributes`, names written by `name` and values by `value`.
+fn json_map(
+    out: &mut Vec<u8>,
+    attributes: &Item,
+    name: impl Fn(&mut Vec<u8>, &str),
+    value: impl Fn(&mut Vec<u8>, &AttrValue),
+) {
+    out.push(b'{');
+    for (i, (n, v)) in attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        name(out, n);
         out.push(b':');
-        value_escaped(out, value);
+        value(out, v);
     }
     out.push(b'}');
 }
@@ -137,39 +168,18 @@ fn value_escaped(out: &mut Vec<u8>, value: &AttrValue) {
         AttrValue::M(_) => br#"{\"M\":"#,
     };
     out.extend_from_slice(open);
-    let seq = |out: &mut Vec<u8>, items: &mut dyn Iterator<Item = &[u8]>| {
-        out.push(b'[');
-        for (i, item) in items.enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            string_escaped(out, item);
-        }
-        out.push(b']');
-    };
+    let text = |out: &mut Vec<u8>, text: &str| string_escaped(out, text.as_bytes());
     match value {
-        AttrValue::S(v) => string_escaped(out, v.as_bytes()),
-        AttrValue::N(n) => string_escaped(out, n.as_str().as_bytes()),
-        AttrValue::B(b) => string_escaped(out, b64(b).as_bytes()),
+        AttrValue::S(v) => text(out, v),
+        AttrValue::N(n) => text(out, n.as_str()),
+        AttrValue::B(b) => text(out, &b64(b)),
         AttrValue::Bool(b) | AttrValue::Null(b) => {
             out.extend_from_slice(if *b { b"true" } else { b"false" });
         }
-        AttrValue::Ss(set) => seq(out, &mut set.iter().map(String::as_bytes)),
-        AttrValue::Ns(set) => seq(out, &mut set.iter().map(|n| n.as_str().as_bytes())),
-        AttrValue::Bs(set) => {
-            let texts: Vec<String> = set.iter().map(|b| b64(b)).collect();
-            seq(out, &mut texts.iter().map(String::as_bytes));
-        }
-        AttrValue::L(list) => {
-            out.push(b'[');
-            for (i, v) in list.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                value_escaped(out, v);
-            }
-            out.push(b']');
-        }
+        AttrValue::Ss(set) => json_seq(out, set, |out, s| text(out, s)),
+        AttrValue::Ns(set) => json_seq(out, set, |out, n| text(out, n.as_str())),
+        AttrValue::Bs(set) => json_seq(out, set, |out, b| text(out, &b64(b))),
+        AttrValue::L(list) => json_seq(out, list, value_escaped),
         AttrValue::M(map) => attributes_escaped(out, map),
     }
     out.push(b'}');
@@ -273,42 +283,17 @@ fn escape_once(out: &mut Vec<u8>, b: u8) {
 /// An attribute value as [`to_plain_json`] renders it, written without
 /// building the intermediate [`Value`].
 fn plain(out: &mut Vec<u8>, value: &AttrValue) {
-    fn seq<T>(
-        out: &mut Vec<u8>,
-        items: impl IntoIterator<Item = T>,
-        mut one: impl FnMut(&mut Vec<u8>, T),
-    ) {
-        out.push(b'[');
-        for (i, item) in items.into_iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            one(out, item);
-        }
-        out.push(b']');
-    }
     match value {
         AttrValue::S(v) => json_str(out, v),
         AttrValue::N(n) => plain_number(out, n),
         AttrValue::B(b) => base64_str(out, b),
         AttrValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         AttrValue::Null(_) => out.extend_from_slice(b"null"),
-        AttrValue::Ss(set) => seq(out, set, |out, s| json_str(out, s)),
-        AttrValue::Ns(set) => seq(out, set, plain_number),
-        AttrValue::Bs(set) => seq(out, set, |out, b| base64_str(out, b)),
-        AttrValue::L(list) => seq(out, list, plain),
-        AttrValue::M(map) => {
-            out.push(b'{');
-            for (i, (name, v)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                json_str(out, name);
-                out.push(b':');
-                plain(out, v);
-            }
-            out.push(b'}');
-        }
+        AttrValue::Ss(set) => json_seq(out, set, |out, s| json_str(out, s)),
+        AttrValue::Ns(set) => json_seq(out, set, plain_number),
+        AttrValue::Bs(set) => json_seq(out, set, |out, b| base64_str(out, b)),
+        AttrValue::L(list) => json_seq(out, list, plain),
+        AttrValue::M(map) => json_map(out, map, json_str, plain),
     }
 }
 
