@@ -19,8 +19,7 @@ use crate::error::{ConnectorError, ConnectorResult};
 use crate::predicate::{ExprNames, ExprValues, Predicate};
 use crate::retry::{RetryPolicy, retry};
 use crate::traits::{
-    BucketDigest, RecordOutcome, ScanPage, ScanRequest, Sink, SinkOp, SinkRecord, SourceTable,
-    fold_digest,
+    BucketDigest, RecordOutcome, ScanPage, ScanRequest, Sink, SinkRecord, SourceTable, fold_digest,
 };
 use crate::value::{AttrValue, Item, Key, KeySchema, Number};
 
@@ -651,8 +650,8 @@ impl DynamoSink {
     }
 
     async fn apply_one(&self, record: &SinkRecord) -> ConnectorResult<RecordOutcome> {
-        let mut item = match &record.op {
-            SinkOp::Upsert(item) => {
+        let mut item = match record.op.item() {
+            Some(item) => {
                 // An item may carry the version itself (Tidemark's own
                 // writers keep it in `tidemark_version`); any other value
                 // there, or a tombstone marker, would be lost or misread.
@@ -667,9 +666,9 @@ impl DynamoSink {
                         self.version_attribute, record.version
                     )));
                 }
-                item.clone()
+                item.into_owned()
             }
-            SinkOp::Delete => {
+            None => {
                 let mut tombstone = record.key.0.clone();
                 tombstone.insert(DELETED_ATTRIBUTE.to_owned(), AttrValue::Bool(true));
                 tombstone

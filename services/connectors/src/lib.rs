@@ -16,6 +16,7 @@ pub mod dynamodb;
 #[cfg(feature = "elasticsearch")]
 pub mod elasticsearch;
 pub mod error;
+pub mod image;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(all(feature = "testsuite", feature = "streams"))]
@@ -40,6 +41,7 @@ pub mod transform;
 pub mod value;
 
 pub use error::{ConnectorError, ConnectorResult};
+pub use image::{EncodedItem, Image, ValueRef};
 pub use predicate::Predicate;
 pub use traits::*;
 pub use value::{AttrValue, Item, Key, KeySchema, Number};

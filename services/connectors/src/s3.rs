@@ -45,9 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::retry::{RetryPolicy, retry};
-use crate::traits::{
-    BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, bucket_of, fold_digest,
-};
+use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkRecord, bucket_of, fold_digest};
 use crate::value::{Item, Key};
 
 const BACKEND: &str = "s3";
@@ -356,9 +354,9 @@ impl S3Sink {
                 object.len()
             )));
         }
-        let envelope = match &record.op {
-            SinkOp::Upsert(item) => {
-                let mut item = item.clone();
+        let envelope = match record.op.item() {
+            Some(item) => {
+                let mut item = item.into_owned();
                 item.extend(record.key.0.clone());
                 Envelope {
                     version: record.version,
@@ -367,7 +365,7 @@ impl S3Sink {
                     item: Some(item),
                 }
             }
-            SinkOp::Delete => Envelope {
+            None => Envelope {
                 version: record.version,
                 deleted: true,
                 key: record.key.0.clone(),

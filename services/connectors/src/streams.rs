@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::error::{ConnectorError, ConnectorResult};
+use crate::image::Image;
 use crate::traits::{
     ChangeFeed, ChangeKind, ChangeRecord, FeedCheckpoint, PartitionCheckpoint, PartitionLag,
     Position,
@@ -296,7 +297,7 @@ impl<S: ShardSource> ChangeFeed for ShardedFeed<S> {
                 out.push(ChangeRecord {
                     key: raw.key,
                     kind: raw.kind,
-                    new_image: raw.new_image,
+                    new_image: raw.new_image.map(Image::Item),
                     old_image: raw.old_image,
                     version,
                     created_at_micros: micros,

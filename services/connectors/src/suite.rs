@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::error::ConnectorError;
+use crate::image::ValueRef;
 use crate::predicate::Predicate;
 use crate::traits::{
     Buffer, BufferEvent, BufferOp, ChangeFeed, ChangeKind, ChangeRecord, EntityDelta,
@@ -425,8 +426,11 @@ where
     assert_eq!(of_a[0].kind, ChangeKind::Insert);
     assert_eq!(of_a[1].kind, ChangeKind::Modify);
     assert_eq!(
-        of_a[1].new_image.as_ref().and_then(|i| i.get("n")),
-        Some(&AttrValue::n(2i64))
+        of_a[1]
+            .new_image
+            .as_ref()
+            .and_then(|i| i.get("n").map(ValueRef::to_owned)),
+        Some(AttrValue::n(2i64))
     );
     assert_eq!(
         of_a[1].old_image.as_ref().and_then(|i| i.get("n")),

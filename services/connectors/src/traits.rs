@@ -2,6 +2,7 @@
 //! embedded one implement them; one behaviour suite checks every
 //! implementation of each trait.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -9,8 +10,21 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConnectorResult;
+use crate::image::{EncodedItem, Image};
 use crate::predicate::Predicate;
 use crate::value::{Item, Key, KeySchema};
+
+impl SinkOp {
+    /// The item an upsert writes (decoded if it is encoded); `None` for a
+    /// delete.
+    pub fn item(&self) -> Option<Cow<'_, Item>> {
+        match self {
+            Self::Upsert(item) => Some(Cow::Borrowed(item)),
+            Self::UpsertEncoded(e) => Some(Cow::Owned(e.to_item())),
+            Self::Delete => None,
+        }
+    }
+}
 
 /// One page of a segmented scan.
 #[derive(Clone, Debug)]
@@ -94,7 +108,8 @@ pub struct Position {
 pub struct ChangeRecord {
     pub key: Key,
     pub kind: ChangeKind,
-    pub new_image: Option<Item>,
+    /// Encoded only from a Kafka feed, in the canonical form.
+    pub new_image: Option<Image>,
     pub old_image: Option<Item>,
     /// Monotonic per key across the feed (DESIGN.md invariant 3): sinks write
     /// conditionally on it, so replays never move a target backwards.
@@ -209,6 +224,11 @@ pub struct SinkRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SinkOp {
     Upsert(Item),
+    /// An upsert of an image still encoded (already shaped by the sink's
+    /// transform): only for a sink whose [`Sink::writes_encoded`] says it
+    /// writes from the encoding. Any other sink reads it as
+    /// [`SinkOp::item`] gives it.
+    UpsertEncoded(EncodedItem),
     /// Deletes the item and keeps a tombstone at this version, so an older
     /// upsert arriving later cannot bring it back.
     Delete,
@@ -244,6 +264,11 @@ pub trait Sink: Send + Sync {
     /// they were applied, so concurrent batches could put an older record
     /// last.
     fn ordered(&self) -> bool {
+        false
+    }
+    /// Whether the sink writes [`SinkOp::UpsertEncoded`] from the encoding
+    /// (without decoding it); a pipeline gives any other sink decoded items.
+    fn writes_encoded(&self) -> bool {
         false
     }
     /// The live item and its version; `None` when absent or deleted.

@@ -4,10 +4,13 @@
 //! renames, then the document-id and index-name templates.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use tidemark_proto::common::v1 as pb;
 
+use crate::image::{EncodedItem, Image, Reshape, ValueRef};
 use crate::proto::ProtoError;
+use crate::traits::SinkOp;
 use crate::value::{AttrValue, Item, Key, KeySchema};
 
 /// How a time-valued attribute is encoded (`tidemark.common.v1.TimeEncoding`).
@@ -36,12 +39,19 @@ impl TimeEncoding {
     /// The time a value holds, in microseconds since the epoch; `None` when
     /// it is not of this encoding.
     pub fn micros(self, value: &AttrValue) -> Option<i64> {
+        self.micros_of(value.into())
+    }
+
+    /// [`TimeEncoding::micros`] of a value read in place.
+    pub fn micros_of(self, value: ValueRef<'_>) -> Option<i64> {
         match (self, value) {
-            (Self::Rfc3339, AttrValue::S(s)) => chrono::DateTime::parse_from_rfc3339(s)
-                .ok()
-                .map(|t| t.timestamp_micros()),
-            (Self::EpochSeconds, AttrValue::N(n)) => decimal_micros(n.as_str(), 1_000_000),
-            (Self::EpochMillis, AttrValue::N(n)) => decimal_micros(n.as_str(), 1_000),
+            (Self::Rfc3339, ValueRef::S(_)) => {
+                chrono::DateTime::parse_from_rfc3339(value.as_str()?)
+                    .ok()
+                    .map(|t| t.timestamp_micros())
+            }
+            (Self::EpochSeconds, ValueRef::N(_)) => decimal_micros(value.as_number()?, 1_000_000),
+            (Self::EpochMillis, ValueRef::N(_)) => decimal_micros(value.as_number()?, 1_000),
             _ => None,
         }
     }
@@ -213,7 +223,13 @@ pub struct RecencyFilter {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Transform {
     projection: BTreeSet<String>,
-    renames: BTreeMap<String, String>,
+    /// Source name → target name (shared by the encoded images that
+    /// carry it).
+    renames: BTreeMap<String, Arc<str>>,
+    /// Every name the projection or the renames name, in name order: kept
+    /// by the projection, and renamed to. Names that come in order are
+    /// shaped in one walk along it.
+    rules: Vec<(String, bool, Option<Arc<str>>)>,
     document_id: Option<Template>,
     index_name: Option<Template>,
     filter: Option<RecencyFilter>,
@@ -289,8 +305,25 @@ impl Transform {
             })
             .transpose()?;
         Ok(Self {
+            rules: projection
+                .iter()
+                .chain(renames.keys())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(|name| {
+                    let kept = projection.is_empty() || projection.contains(name);
+                    (
+                        name.clone(),
+                        kept,
+                        renames.get(name).map(|to| Arc::from(to.as_str())),
+                    )
+                })
+                .collect(),
             projection,
-            renames,
+            renames: renames
+                .into_iter()
+                .map(|(from, to)| (from, Arc::from(to)))
+                .collect(),
             document_id: template(&t.document_id_template, "document_id_template")?,
             index_name: template(&t.index_name_template, "index_name_template")?,
             filter,
@@ -299,9 +332,22 @@ impl Transform {
 
     /// Whether the item passes the recency filter at `now_micros`.
     pub fn passes(&self, item: &Item, now_micros: i64) -> bool {
+        self.passes_by(|name| item.get(name).map(ValueRef::from), now_micros)
+    }
+
+    /// [`Transform::passes`] of an image, decoded or not.
+    pub fn passes_image(&self, image: &Image, now_micros: i64) -> bool {
+        self.passes_by(|name| image.get(name), now_micros)
+    }
+
+    fn passes_by<'a>(
+        &self,
+        get: impl FnOnce(&str) -> Option<ValueRef<'a>>,
+        now_micros: i64,
+    ) -> bool {
         self.filter.as_ref().is_none_or(|f| {
-            item.get(&f.attribute)
-                .and_then(|v| f.encoding.micros(v))
+            get(&f.attribute)
+                .and_then(|v| f.encoding.micros_of(v))
                 .is_some_and(|t| t >= now_micros - f.max_age_micros)
         })
     }
@@ -313,7 +359,7 @@ impl Transform {
         }
         item.iter()
             .filter(|(name, _)| self.keeps(name, schema))
-            .map(|(name, v)| (self.renames.get(name).unwrap_or(name).clone(), v.clone()))
+            .map(|(name, v)| (self.target(name).to_owned(), v.clone()))
             .collect()
     }
 
@@ -324,26 +370,56 @@ impl Transform {
             || schema.names().any(|k| k == name)
     }
 
+    /// The sink write of an image that passes the filter: shaped, and
+    /// still encoded if it was.
+    pub fn upsert(&self, image: &Image, schema: &KeySchema) -> SinkOp {
+        match image {
+            Image::Item(item) => SinkOp::Upsert(self.shape(item, schema)),
+            Image::Encoded(e) => self.upsert_owned(Image::Encoded(e.clone()), schema),
+        }
+    }
+
+    /// [`Transform::upsert`] of an image the caller gives up (see
+    /// [`Transform::shape_owned`]).
+    pub fn upsert_owned(&self, image: Image, schema: &KeySchema) -> SinkOp {
+        match image {
+            Image::Item(item) => SinkOp::Upsert(self.shape_owned(item, schema)),
+            Image::Encoded(mut e) => {
+                self.shape_encoded(&mut e, schema);
+                SinkOp::UpsertEncoded(e)
+            }
+        }
+    }
+
+    /// [`Transform::keeps`] of names asked in name order: one walk along
+    /// the projection (in name order too) instead of a lookup per name.
+    fn keeps_in_order<'a>(&'a self, schema: &'a KeySchema) -> impl FnMut(&[u8]) -> bool + 'a {
+        let mut projected = self.projection.iter().peekable();
+        move |name| {
+            if self.projection.is_empty() {
+                return true;
+            }
+            while projected.next_if(|p| p.as_bytes() < name).is_some() {}
+            projected.peek().is_some_and(|p| p.as_bytes() == name)
+                || schema.names().any(|k| k.as_bytes() == name)
+        }
+    }
+
     /// [`Transform::shape`] of an item the caller gives up: its values move
     /// into the result instead of being copied, and the item is trimmed and
     /// renamed in place rather than rebuilt. What a pipeline does with each
     /// change it writes to its last sink.
     pub fn shape_owned(&self, mut item: Item, schema: &KeySchema) -> Item {
         if !self.projection.is_empty() {
-            // Both in name order: one walk along the projection instead of
-            // a lookup per attribute.
-            let mut projected = self.projection.iter().peekable();
-            item.retain(|name, _| {
-                while projected.next_if(|p| p.as_str() < name.as_str()).is_some() {}
-                projected.peek().is_some_and(|p| *p == name) || schema.names().any(|k| k == name)
-            });
+            let mut keeps = self.keeps_in_order(schema);
+            item.retain(|name, _| keeps(name.as_bytes()));
         }
         if self.renames.is_empty() {
             return item;
         }
         // Every renamed attribute leaves before any arrives, so renames
         // that swap or chain names see the item as it was.
-        let moved: Vec<(&String, &String, AttrValue)> = self
+        let moved: Vec<(&String, &Arc<str>, AttrValue)> = self
             .renames
             .iter()
             .filter_map(|(from, to)| item.remove(from).map(|v| (from, to, v)))
@@ -353,15 +429,53 @@ impl Transform {
             // is an attribute of that name left as it is. `shape` builds
             // the result in source-name order, the later name winning:
             // the renamed one wins when its own name sorts after `to`.
-            match item.get_mut(to) {
-                Some(slot) if from > to => *slot = v,
+            match item.get_mut(&**to) {
+                Some(slot) if from.as_str() > &**to => *slot = v,
                 Some(_) => {}
                 None => {
-                    item.insert(to.clone(), v);
+                    item.insert(to.to_string(), v);
                 }
             }
         }
         item
+    }
+
+    /// [`Transform::shape`] of an encoded image, which is trimmed and
+    /// renamed in its list of attributes.
+    pub fn shape_encoded(&self, item: &mut EncodedItem, schema: &KeySchema) {
+        if self.projection.is_empty() && self.renames.is_empty() {
+            return;
+        }
+        // Names come in order: one walk along the rules, one comparison a
+        // step.
+        let mut rules = self.rules.iter().peekable();
+        item.reshape(|name| {
+            let mut rule = None;
+            while let Some((n, kept, to)) = rules.peek() {
+                match n.as_bytes().cmp(name) {
+                    std::cmp::Ordering::Less => {
+                        rules.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        rule = Some((*kept, to.clone()));
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            let kept = rule.as_ref().map_or(self.projection.is_empty(), |r| r.0)
+                || schema.names().any(|k| k.as_bytes() == name);
+            match rule {
+                _ if !kept => Reshape::Drop,
+                Some((_, Some(to))) => Reshape::Rename(to),
+                _ => Reshape::Keep,
+            }
+        });
+    }
+
+    /// The name attribute `name` has in the target.
+    fn target<'a>(&'a self, name: &'a str) -> &'a str {
+        self.renames.get(name).map_or(name, |to| to)
     }
 
     /// The key as the target names it (renamed key attributes).
@@ -372,7 +486,7 @@ impl Transform {
         Key(key
             .0
             .iter()
-            .map(|(n, v)| (self.renames.get(n).unwrap_or(n).clone(), v.clone()))
+            .map(|(n, v)| (self.target(n).to_owned(), v.clone()))
             .collect())
     }
 
@@ -386,7 +500,7 @@ impl Transform {
             .0
             .into_iter()
             .map(|(n, v)| match self.renames.get(&n) {
-                Some(to) => (to.clone(), v),
+                Some(to) => (to.to_string(), v),
                 None => (n, v),
             })
             .collect())
@@ -549,6 +663,16 @@ mod tests {
             .unwrap();
             assert_eq!(
                 t.shape_owned(i.clone(), &schema),
+                t.shape(&i, &schema),
+                "{projection:?} {renames:?}"
+            );
+            // An encoded image is shaped in its list of attributes.
+            let SinkOp::UpsertEncoded(e) = t.upsert(&crate::image::testing::encoded(&i), &schema)
+            else {
+                panic!("an encoded image stays encoded");
+            };
+            assert_eq!(
+                e.to_item(),
                 t.shape(&i, &schema),
                 "{projection:?} {renames:?}"
             );

@@ -26,6 +26,12 @@ impl Number {
         &self.0
     }
 
+    /// A number of normalised text (a number's own, or text that
+    /// [`is_normal`] accepts), kept as it is.
+    pub(crate) fn from_normal(text: String) -> Self {
+        Self(text)
+    }
+
     pub fn as_i64(&self) -> Option<i64> {
         self.0.parse().ok()
     }
@@ -70,7 +76,7 @@ impl fmt::Display for Number {
 /// short plain decimal (`-12.5`, `0.25`, `300`) without a sign it does not
 /// need, leading zeros, trailing fraction zeros or an exponent. Numbers
 /// from a store or a feed mostly are, and are then kept as they are.
-fn is_normal(text: &str) -> bool {
+pub(crate) fn is_normal(text: &str) -> bool {
     let t = text.strip_prefix('-').unwrap_or(text).as_bytes();
     let (int, frac) = match t.iter().position(|&b| b == b'.') {
         Some(i) => (&t[..i], Some(&t[i + 1..])),

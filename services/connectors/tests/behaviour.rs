@@ -894,7 +894,7 @@ async fn elasticsearch_replaying_a_batch_changes_nothing() {
         item,
         match &batch[1].op {
             SinkOp::Upsert(item) => item.clone(),
-            SinkOp::Delete => unreachable!(),
+            SinkOp::UpsertEncoded(_) | SinkOp::Delete => unreachable!(),
         }
     );
 }

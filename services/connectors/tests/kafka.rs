@@ -4,18 +4,22 @@
 //! change record is skipped without blocking its partition. The Kafka sink
 //! against the same endpoint: the sink behaviour suite as readers see it,
 //! the messages consumers get, and a ChangeRecord topic as the next feed.
+//! A feed keeping images encoded into the local Elasticsearch: the path of
+//! a pipeline from a topic into an index.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tidemark_connectors::elasticsearch::ElasticsearchSink;
 use tidemark_connectors::kafka::{KafkaFeed, KafkaFormat, KafkaSink, KafkaStart};
 use tidemark_connectors::proto::{encode_change, kafka_key};
 use tidemark_connectors::suite;
 use tidemark_connectors::testing::{create_topic, local_env, read_committed, unique_name};
+use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{
-    AttrValue, ChangeFeed, ChangeKind, ChangeRecord, Item, Key, KeySchema, RecordOutcome,
+    AttrValue, ChangeFeed, ChangeKind, ChangeRecord, Image, Item, Key, KeySchema, RecordOutcome,
     Sink as _, SinkOp, SinkRecord,
 };
 
@@ -312,7 +316,7 @@ async fn a_transactional_sink_commits_records_with_the_feed_offsets() {
             .map(|r| SinkRecord {
                 key: r.key.clone(),
                 version: r.version,
-                op: SinkOp::Upsert(r.new_image.clone().unwrap()),
+                op: SinkOp::Upsert(r.new_image.clone().unwrap().into_item()),
             })
             .collect()
     };
@@ -363,4 +367,69 @@ async fn a_transactional_sink_commits_records_with_the_feed_offsets() {
         .collect();
     want.sort();
     assert_eq!(seen, want, "each record once");
+}
+
+/// A feed told to keep images encoded hands them over read in place, and
+/// an Elasticsearch sink writes its documents straight from them (shaped
+/// by a transform): they read back as the items produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_images_go_from_a_topic_into_an_index() {
+    let brokers = local_env("TIDEMARK_TEST_KAFKA_BROKERS");
+    let topic = unique_name("encoded");
+    create_topic(&brokers, &topic, 1, false).await;
+    // Ten records of five keys: the second of each key is the newer.
+    produce(&topic, 0, 10).await;
+    let mut feed =
+        KafkaFeed::subscribe(&brokers, &topic, &unique_name("g"), KafkaStart::Earliest).unwrap();
+    feed.keep_images_encoded();
+    let records = poll_n(&mut feed, 10).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| matches!(r.new_image, Some(Image::Encoded(_)))),
+        "images stay encoded"
+    );
+    let schema = KeySchema::new("pk", None);
+    let sink = ElasticsearchSink::connect(
+        &local_env("TIDEMARK_TEST_ELASTICSEARCH_URL"),
+        &unique_name("encoded"),
+        schema.clone(),
+    )
+    .await
+    .unwrap();
+    let transform = Transform::from_proto(&tidemark_proto::common::v1::Transform {
+        renames: [("n".to_owned(), "count".to_owned())].into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let batch: Vec<SinkRecord> = records
+        .iter()
+        .map(|r| SinkRecord {
+            key: r.key.clone(),
+            version: r.version,
+            op: transform.upsert(r.new_image.as_ref().unwrap(), &schema),
+        })
+        .collect();
+    assert!(
+        batch
+            .iter()
+            .all(|r| matches!(r.op, SinkOp::UpsertEncoded(_)))
+    );
+    assert_eq!(
+        sink.apply(&batch).await.unwrap(),
+        vec![RecordOutcome::Applied; 10]
+    );
+    for i in 5..10u32 {
+        let want: Item = [
+            ("pk".to_owned(), key(i).get("pk").unwrap().clone()),
+            ("count".to_owned(), AttrValue::n(u64::from(i))),
+        ]
+        .into();
+        assert_eq!(
+            sink.read(&key(i)).await.unwrap(),
+            Some((u64::from(i) + 1, want)),
+            "key {}",
+            key(i)
+        );
+    }
 }

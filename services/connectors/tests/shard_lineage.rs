@@ -31,8 +31,9 @@ fn feed(stream: &ScriptedStream, checkpoint: &FeedCheckpoint) -> ShardedFeed<Scr
 fn n_of(r: &tidemark_connectors::ChangeRecord) -> i64 {
     r.new_image
         .as_ref()
-        .and_then(|i| i["n"].as_number())
-        .and_then(|n| n.as_i64())
+        .and_then(|i| i.get("n"))
+        .and_then(tidemark_connectors::ValueRef::as_number)
+        .and_then(|n| n.parse().ok())
         .unwrap()
 }
 

@@ -19,7 +19,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use tidemark_connectors::{AttrValue, PartitionLag, SinkOp, SinkRecord};
+use tidemark_connectors::{PartitionLag, SinkOp, SinkRecord, ValueRef};
 use tidemark_kit::Metrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -193,34 +193,31 @@ impl Drop for LagSeries {
 /// in bytes (numbers about one byte per two digits, plus one), a delete its
 /// key's.
 pub fn record_bytes(record: &SinkRecord) -> u64 {
-    let item = match &record.op {
-        SinkOp::Upsert(item) => item,
-        SinkOp::Delete => {
-            return record
-                .key
-                .0
-                .iter()
-                .map(|(n, v)| n.len() as u64 + value_bytes(v))
-                .sum();
-        }
+    let sum = |attributes: &mut dyn Iterator<Item = (&[u8], ValueRef<'_>)>| {
+        attributes
+            .map(|(name, v)| name.len() as u64 + value_bytes(v))
+            .sum()
     };
-    item.iter()
-        .map(|(name, v)| name.len() as u64 + value_bytes(v))
-        .sum()
+    let of_item = |item: &tidemark_connectors::Item| {
+        sum(&mut item.iter().map(|(n, v)| (n.as_bytes(), v.into())))
+    };
+    match &record.op {
+        SinkOp::Upsert(item) => of_item(item),
+        SinkOp::UpsertEncoded(item) => sum(&mut item.attributes()),
+        SinkOp::Delete => of_item(&record.key.0),
+    }
 }
 
-fn value_bytes(v: &AttrValue) -> u64 {
-    let number = |n: &tidemark_connectors::Number| (n.as_str().len() as u64).div_ceil(2) + 1;
+fn value_bytes(v: ValueRef<'_>) -> u64 {
+    let number = |n: &[u8]| (n.len() as u64).div_ceil(2) + 1;
     match v {
-        AttrValue::S(s) => s.len() as u64,
-        AttrValue::N(n) => number(n),
-        AttrValue::B(b) => b.len() as u64,
-        AttrValue::Bool(_) | AttrValue::Null(_) => 1,
-        AttrValue::Ss(set) => set.iter().map(|s| s.len() as u64).sum(),
-        AttrValue::Ns(set) => set.iter().map(number).sum(),
-        AttrValue::Bs(set) => set.iter().map(|b| b.len() as u64).sum(),
-        AttrValue::L(list) => 3 + list.iter().map(|v| 1 + value_bytes(v)).sum::<u64>(),
-        AttrValue::M(map) => {
+        ValueRef::S(s) | ValueRef::B(s) => s.len() as u64,
+        ValueRef::N(n) => number(n),
+        ValueRef::Bool(_) | ValueRef::Null(_) => 1,
+        ValueRef::Ss(set) | ValueRef::Bs(set) => set.iter().map(|s| s.len() as u64).sum(),
+        ValueRef::Ns(set) => set.iter().map(number).sum(),
+        ValueRef::L(list) => 3 + list.iter().map(|v| 1 + value_bytes(v)).sum::<u64>(),
+        ValueRef::M(map) => {
             3 + map
                 .iter()
                 .map(|(k, v)| 1 + k.len() as u64 + value_bytes(v))
@@ -232,7 +229,7 @@ fn value_bytes(v: &AttrValue) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tidemark_connectors::{Item, Key};
+    use tidemark_connectors::{AttrValue, Item, Key};
 
     #[test]
     fn sizes_follow_dynamodb_item_size() {

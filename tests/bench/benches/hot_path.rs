@@ -13,7 +13,7 @@ fn hot_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("hot_path");
     group.throughput(Throughput::Elements(1));
     let mut i = 0;
-    group.bench_function("decode_change", |b| {
+    group.bench_function("decode_change_encoded", |b| {
         b.iter(|| {
             i += 1;
             black_box(fixture.decode(i).expect("the fixture decodes"))

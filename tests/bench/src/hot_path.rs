@@ -1,14 +1,18 @@
 //! The replicator's per-record hot path, without I/O (DESIGN.md §6): a
 //! change record as a feed hands it over (the protobuf `ChangeRecord` of a
-//! Kafka change message) → [`decode_change`] → the sink's [`Transform`]
-//! (recency filter, projection, renames) → the Elasticsearch sink's
-//! [`bulk_lines`]. The same functions the pipeline calls, on one thread.
+//! Kafka change message, copied out of the consumer's buffer) →
+//! [`decode_change_encoded`] (the new image stays encoded) → the sink's
+//! [`Transform`] (recency filter, projection, renames) → the Elasticsearch
+//! sink's [`bulk_lines`], written from the encoding. The same functions the
+//! Kafka feed, the pipeline and the sink call, on one thread.
 //!
 //! Used by the criterion bench `hot_path` (per stage) and by the
 //! `hot-path` benchmark (items/s per core, written to `BENCHMARKS.md`).
 
+use std::sync::Arc;
 use tidemark_connectors::elasticsearch::bulk_lines;
-use tidemark_connectors::proto::{decode_change, encode_change};
+
+use tidemark_connectors::proto::{decode_change_encoded, encode_change};
 use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{AttrValue, Item, KeySchema, Number, Position, SinkOp, SinkRecord};
 use tidemark_proto::common::v1 as common;
@@ -81,7 +85,8 @@ impl Fixture {
     /// attribute and renames another.
     ///
     /// # Panics
-    /// Never: the transform is valid.
+    /// When the fixture's images would not stay encoded (the figure would
+    /// be of another path).
     pub fn new() -> Self {
         let now_micros = 1_790_000_000_000_000;
         let schema = KeySchema::new("documentType", Some("documentId"));
@@ -119,13 +124,23 @@ impl Fixture {
             ..Default::default()
         })
         .expect("a valid transform");
-        Self {
+        let fixture = Self {
             payloads,
             transform,
             schema,
             index: "content".to_owned(),
             now_micros,
-        }
+        };
+        // The figure is of the path a Kafka feed's records take into an
+        // Elasticsearch sink: the image read in place, never decoded.
+        let record = fixture
+            .decode(0)
+            .and_then(|c| fixture.transform(c).ok_or_else(String::new));
+        assert!(
+            matches!(record.map(|r| r.op), Ok(SinkOp::UpsertEncoded(_))),
+            "the fixture's images stay encoded"
+        );
+        fixture
     }
 
     /// Decode only.
@@ -133,8 +148,8 @@ impl Fixture {
     /// # Errors
     /// A payload that does not decode (never, for the fixture's).
     pub fn decode(&self, i: usize) -> Result<tidemark_connectors::ChangeRecord, String> {
-        decode_change(
-            &self.payloads[i % RECORDS],
+        decode_change_encoded(
+            &Arc::from(self.payloads[i % RECORDS].as_slice()),
             Position {
                 partition: "topic/0".to_owned(),
                 sequence: i.to_string(),
@@ -148,8 +163,8 @@ impl Fixture {
     /// last sink's.
     pub fn transform(&self, change: tidemark_connectors::ChangeRecord) -> Option<SinkRecord> {
         let op = match change.new_image {
-            Some(item) if self.transform.passes(&item, self.now_micros) => {
-                SinkOp::Upsert(self.transform.shape_owned(item, &self.schema))
+            Some(image) if self.transform.passes_image(&image, self.now_micros) => {
+                self.transform.upsert_owned(image, &self.schema)
             }
             Some(_) => return None,
             None => SinkOp::Delete,

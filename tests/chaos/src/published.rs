@@ -114,8 +114,8 @@ pub async fn check(
             .new_image
             .as_ref()
             .and_then(|i| i.get(METRIC))
-            .and_then(AttrValue::as_number)
-            .and_then(tidemark_connectors::Number::as_i64)
+            .and_then(tidemark_connectors::ValueRef::as_number)
+            .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         let entry = folded.entry(key).or_insert((0, 0));
         if record.version >= entry.0 {

@@ -7,12 +7,12 @@ use super::ids::document_id_in;
 use super::purge::now_millis;
 use super::{BACKEND, DELETED_AT_FIELD, DELETED_FIELD, ITEM_FIELD, KEY_FIELD, VERSION_FIELD};
 use crate::error::{ConnectorError, ConnectorResult};
+use crate::image::ValueRef;
 use crate::traits::{SinkOp, SinkRecord};
 use crate::value::{AttrValue, Item, KeySchema, Number};
 
-fn is_reserved(name: &str) -> bool {
-    name.starts_with("_tidemark_")
-}
+/// The prefix of Tidemark's own fields, which no attribute may use.
+const RESERVED: &[u8] = b"_tidemark_";
 
 /// Appends to `out` the `_bulk` action and source lines that the sink sends
 /// for `record` into `index`: an `index` action at the record's external
@@ -55,31 +55,21 @@ pub fn bulk_lines_as(
     out.extend_from_slice(b",\"version\":");
     json(out, &version);
     out.extend_from_slice(b",\"version_type\":\"external\"}}\n{");
-    match &record.op {
-        SinkOp::Upsert(item) => {
-            for (name, value) in item {
-                if is_reserved(name) {
-                    out.truncate(start);
-                    return Err(format!(
-                        "attribute {name:?} uses the reserved prefix _tidemark_"
-                    ));
-                }
-                json_str(out, name);
-                out.push(b':');
-                plain(out, value);
-                out.push(b',');
-            }
-            json_str(out, ITEM_FIELD);
-            out.push(b':');
-            item_json_string(out, item);
-        }
+    let written = match &record.op {
+        SinkOp::Upsert(item) => document(out, item.iter().map(|(n, v)| (n.as_bytes(), v.into()))),
+        SinkOp::UpsertEncoded(item) => document(out, item.attributes()),
         SinkOp::Delete => {
             json_str(out, DELETED_FIELD);
             out.extend_from_slice(b":true,");
             json_str(out, DELETED_AT_FIELD);
             out.push(b':');
             json(out, &now_millis());
+            Ok(())
         }
+    };
+    if let Err(e) = written {
+        out.truncate(start);
+        return Err(e);
     }
     out.push(b',');
     json_str(out, VERSION_FIELD);
@@ -93,24 +83,44 @@ pub fn bulk_lines_as(
     Ok(())
 }
 
-/// The JSON string whose content is the item's DynamoDB JSON (what
-/// `json(out, &serde_json::to_string(item))` writes): the `_item` field of
-/// every upsert. Written in one pass, already escaped: every quote of the
-/// JSON as `\"`, and the content of its strings escaped twice (once as
-/// serde_json escapes a string, then once more for the outer string).
-fn item_json_string(out: &mut Vec<u8>, item: &Item) {
+/// An upsert's source fields: each attribute as plain JSON, then the
+/// item's DynamoDB JSON as the `_item` string (what
+/// `json(out, &serde_json::to_string(item))` writes), in one pass, already
+/// escaped: every quote of the JSON as `\"`, and the content of its
+/// strings escaped twice (once as serde_json escapes a string, then once
+/// more for the outer string).
+///
+/// # Errors
+/// An attribute under the reserved prefix (with part of the document
+/// written).
+fn document<'a>(
+    out: &mut Vec<u8>,
+    attributes: impl Iterator<Item = (&'a [u8], ValueRef<'a>)> + Clone,
+) -> Result<(), String> {
+    for (name, value) in attributes.clone() {
+        if name.starts_with(RESERVED) {
+            return Err(format!(
+                "attribute {:?} uses the reserved prefix _tidemark_",
+                String::from_utf8_lossy(name)
+            ));
+        }
+        json_bytes(out, name);
+        out.push(b':');
+        plain(out, value);
+        out.push(b',');
+    }
+    json_str(out, ITEM_FIELD);
+    out.extend_from_slice(b":\"");
+    attributes_escaped(out, attributes);
     out.push(b'"');
-    attributes_escaped(out, item);
-    out.push(b'"');
+    Ok(())
 }
 
-fn attributes_escaped(out: &mut Vec<u8>, attributes: &Item) {
-    json_map(
-        out,
-        attributes,
-        |out, name| string_escaped(out, name.as_bytes()),
-        value_escaped,
-    );
+fn attributes_escaped<'a>(
+    out: &mut Vec<u8>,
+    attributes: impl Iterator<Item = (&'a [u8], ValueRef<'a>)>,
+) {
+    json_map(out, attributes, string_escaped, value_escaped);
 }
 
 /// `[…]` of `items`, each written by `one`.
@@ -130,14 +140,14 @@ fn json_seq<T>(
 }
 
 /// `{…}` of `attributes`, names written by `name` and values by `value`.
-fn json_map(
+fn json_map<'a>(
     out: &mut Vec<u8>,
-    attributes: &Item,
-    name: impl Fn(&mut Vec<u8>, &str),
-    value: impl Fn(&mut Vec<u8>, &AttrValue),
+    attributes: impl Iterator<Item = (&'a [u8], ValueRef<'a>)>,
+    name: impl Fn(&mut Vec<u8>, &[u8]),
+    value: impl Fn(&mut Vec<u8>, ValueRef<'a>),
 ) {
     out.push(b'{');
-    for (i, (n, v)) in attributes.iter().enumerate() {
+    for (i, (n, v)) in attributes.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -150,37 +160,36 @@ fn json_map(
 
 /// One attribute value as serde writes [`AttrValue`] (`{"S":"x"}`,
 /// numbers as strings, binary as base64), escaped for the outer string.
-fn value_escaped(out: &mut Vec<u8>, value: &AttrValue) {
+fn value_escaped(out: &mut Vec<u8>, value: ValueRef<'_>) {
     use base64::Engine as _;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     // The opening `{"S":` of each type, already escaped for the outer
     // string.
     let open: &[u8] = match value {
-        AttrValue::S(_) => br#"{\"S\":"#,
-        AttrValue::N(_) => br#"{\"N\":"#,
-        AttrValue::B(_) => br#"{\"B\":"#,
-        AttrValue::Bool(_) => br#"{\"BOOL\":"#,
-        AttrValue::Null(_) => br#"{\"NULL\":"#,
-        AttrValue::Ss(_) => br#"{\"SS\":"#,
-        AttrValue::Ns(_) => br#"{\"NS\":"#,
-        AttrValue::Bs(_) => br#"{\"BS\":"#,
-        AttrValue::L(_) => br#"{\"L\":"#,
-        AttrValue::M(_) => br#"{\"M\":"#,
+        ValueRef::S(_) => br#"{\"S\":"#,
+        ValueRef::N(_) => br#"{\"N\":"#,
+        ValueRef::B(_) => br#"{\"B\":"#,
+        ValueRef::Bool(_) => br#"{\"BOOL\":"#,
+        ValueRef::Null(_) => br#"{\"NULL\":"#,
+        ValueRef::Ss(_) => br#"{\"SS\":"#,
+        ValueRef::Ns(_) => br#"{\"NS\":"#,
+        ValueRef::Bs(_) => br#"{\"BS\":"#,
+        ValueRef::L(_) => br#"{\"L\":"#,
+        ValueRef::M(_) => br#"{\"M\":"#,
     };
     out.extend_from_slice(open);
-    let text = |out: &mut Vec<u8>, text: &str| string_escaped(out, text.as_bytes());
     match value {
-        AttrValue::S(v) => text(out, v),
-        AttrValue::N(n) => text(out, n.as_str()),
-        AttrValue::B(b) => text(out, &b64(b)),
-        AttrValue::Bool(b) | AttrValue::Null(b) => {
-            out.extend_from_slice(if *b { b"true" } else { b"false" });
+        ValueRef::S(text) | ValueRef::N(text) => string_escaped(out, text),
+        ValueRef::B(b) => string_escaped(out, b64(b).as_bytes()),
+        ValueRef::Bool(b) | ValueRef::Null(b) => {
+            out.extend_from_slice(if b { b"true" } else { b"false" });
         }
-        AttrValue::Ss(set) => json_seq(out, set, |out, s| text(out, s)),
-        AttrValue::Ns(set) => json_seq(out, set, |out, n| text(out, n.as_str())),
-        AttrValue::Bs(set) => json_seq(out, set, |out, b| text(out, &b64(b))),
-        AttrValue::L(list) => json_seq(out, list, value_escaped),
-        AttrValue::M(map) => attributes_escaped(out, map),
+        ValueRef::Ss(set) | ValueRef::Ns(set) => json_seq(out, set.iter(), string_escaped),
+        ValueRef::Bs(set) => json_seq(out, set.iter(), |out, b| {
+            string_escaped(out, b64(b).as_bytes());
+        }),
+        ValueRef::L(list) => json_seq(out, list.iter(), value_escaped),
+        ValueRef::M(map) => attributes_escaped(out, map.iter()),
     }
     out.push(b'}');
 }
@@ -237,8 +246,13 @@ fn clean_run(text: &[u8]) -> usize {
 
 /// `text` as a JSON string, escaped as serde_json escapes one.
 fn json_str(out: &mut Vec<u8>, text: &str) {
+    json_bytes(out, text.as_bytes());
+}
+
+/// [`json_str`] of UTF-8 bytes.
+fn json_bytes(out: &mut Vec<u8>, text: &[u8]) {
     out.push(b'"');
-    escaped_with(out, text.as_bytes(), escape_once);
+    escaped_with(out, text, escape_once);
     out.push(b'"');
 }
 
@@ -282,30 +296,37 @@ fn escape_once(out: &mut Vec<u8>, b: u8) {
 
 /// An attribute value as [`to_plain_json`] renders it, written without
 /// building the intermediate [`Value`].
-fn plain(out: &mut Vec<u8>, value: &AttrValue) {
+fn plain(out: &mut Vec<u8>, value: ValueRef<'_>) {
     match value {
-        AttrValue::S(v) => json_str(out, v),
-        AttrValue::N(n) => plain_number(out, n),
-        AttrValue::B(b) => base64_str(out, b),
-        AttrValue::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        AttrValue::Null(_) => out.extend_from_slice(b"null"),
-        AttrValue::Ss(set) => json_seq(out, set, |out, s| json_str(out, s)),
-        AttrValue::Ns(set) => json_seq(out, set, plain_number),
-        AttrValue::Bs(set) => json_seq(out, set, |out, b| base64_str(out, b)),
-        AttrValue::L(list) => json_seq(out, list, plain),
-        AttrValue::M(map) => json_map(out, map, json_str, plain),
+        ValueRef::S(text) => json_bytes(out, text),
+        ValueRef::N(n) => plain_number(out, n),
+        ValueRef::B(b) => base64_str(out, b),
+        ValueRef::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        ValueRef::Null(_) => out.extend_from_slice(b"null"),
+        ValueRef::Ss(set) => json_seq(out, set.iter(), json_bytes),
+        ValueRef::Ns(set) => json_seq(out, set.iter(), plain_number),
+        ValueRef::Bs(set) => json_seq(out, set.iter(), base64_str),
+        ValueRef::L(list) => json_seq(out, list.iter(), plain),
+        ValueRef::M(map) => json_map(out, map.iter(), json_bytes, plain),
     }
 }
 
-/// A number as [`number_json`] renders it. Where that is a JSON number
-/// of the same value as the normalised text (a long, or 15 significant
-/// digits or fewer, which an f64 holds exactly), the text is written as
-/// it is.
-fn plain_number(out: &mut Vec<u8>, n: &Number) {
-    if significant_digits(n) <= 15 || n.as_i64().is_some() {
-        out.extend_from_slice(n.as_str().as_bytes());
+/// A number (its normalised text) as [`number_json`] renders it. Where
+/// that is a JSON number of the same value as the text (a long, or 15
+/// significant digits or fewer, which an f64 holds exactly), the text is
+/// written as it is.
+fn plain_number(out: &mut Vec<u8>, text: &[u8]) {
+    let long = || {
+        std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+            .is_some()
+    };
+    if significant_digits(text) <= 15 || long() {
+        out.extend_from_slice(text);
     } else {
-        json(out, &number_json(n));
+        let n = Number::from_normal(String::from_utf8_lossy(text).into_owned());
+        json(out, &number_json(&n));
     }
 }
 
@@ -378,7 +399,7 @@ fn number_json(n: &Number) -> Value {
     // f64's normal range): only longer ones need the check.
     if let Ok(f) = n.as_str().parse::<f64>()
         && f.is_finite()
-        && (significant_digits(n) <= 15
+        && (significant_digits(n.as_str().as_bytes()) <= 15
             || Number::parse(&f.to_string()).is_ok_and(|back| &back == n))
         && let Some(num) = serde_json::Number::from_f64(f)
     {
@@ -389,11 +410,10 @@ fn number_json(n: &Number) -> Value {
 
 /// Digits of a normalised number from its first non-zero one (an
 /// integer's trailing zeros count, which only sends it to the full check).
-fn significant_digits(n: &Number) -> usize {
-    n.as_str()
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .skip_while(|&b| b == b'0')
+fn significant_digits(text: &[u8]) -> usize {
+    text.iter()
+        .filter(|b| b.is_ascii_digit())
+        .skip_while(|&&b| b == b'0')
         .count()
 }
 
@@ -403,6 +423,13 @@ mod tests {
 
     use super::*;
     use crate::value::canonical_item;
+
+    /// The `_item` string of an item.
+    fn item_json_string(out: &mut Vec<u8>, item: &Item) {
+        out.push(b'"');
+        attributes_escaped(out, item.iter().map(|(n, v)| (n.as_bytes(), v.into())));
+        out.push(b'"');
+    }
 
     #[test]
     fn the_item_field_is_the_items_json_as_a_json_string() {
@@ -608,7 +635,7 @@ mod tests {
         values.push(nested);
         for value in &values {
             let mut out = Vec::new();
-            plain(&mut out, value);
+            plain(&mut out, value.into());
             let written: Value = serde_json::from_slice(&out).unwrap();
             assert_eq!(
                 written,
@@ -659,7 +686,7 @@ mod tests {
             let Ok(n) = Number::parse(&format!("{digits}e{exponent}")) else {
                 continue;
             };
-            if significant_digits(&n) > 15 {
+            if significant_digits(n.as_str().as_bytes()) > 15 {
                 continue;
             }
             checked += 1;
@@ -667,5 +694,70 @@ mod tests {
             assert_eq!(Number::parse(&f.to_string()).unwrap(), n);
         }
         assert!(checked > 50_000, "only {checked} numbers checked");
+    }
+
+    #[test]
+    fn an_encoded_image_is_written_as_its_item_is() {
+        use crate::image::testing::{Rng, encoded, item};
+        use crate::transform::Transform;
+        use crate::value::Key;
+        use tidemark_proto::common::v1 as pb;
+
+        let schema = KeySchema::new("id", None);
+        let transform = |projection: &[&str], renames: &[(&str, &str)]| {
+            Transform::from_proto(&pb::Transform {
+                projection: projection.iter().map(|s| (*s).to_owned()).collect(),
+                renames: renames
+                    .iter()
+                    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+                    .collect(),
+                ..pb::Transform::default()
+            })
+            .unwrap()
+        };
+        let transforms = [
+            transform(&[], &[]),
+            transform(&["a", "title", "é", "zz"], &[]),
+            // A swap, a rename onto a name the item may have, a chain.
+            transform(&[], &[("a", "b"), ("b", "a")]),
+            transform(&[], &[("zz", "a")]),
+            transform(&["a", "b", "x y"], &[("a", "title"), ("x y", "a")]),
+        ];
+        let key = Key::new([("id".to_owned(), AttrValue::s("k#1"))]);
+        let mut rng = Rng(0x853c_49e6_748f_ea9b);
+        for _ in 0..1_000 {
+            let item = item(&mut rng, 3);
+            let image = encoded(&item);
+            for t in &transforms {
+                let record = |op| SinkRecord {
+                    key: key.clone(),
+                    version: 7,
+                    op,
+                };
+                let want = record(SinkOp::Upsert(t.shape(&item, &schema)));
+                let got = record(t.upsert(&image, &schema));
+                assert!(matches!(got.op, SinkOp::UpsertEncoded(_)));
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                bulk_lines("index", &schema, &want, &mut a).unwrap();
+                bulk_lines("index", &schema, &got, &mut b).unwrap();
+                assert_eq!(
+                    String::from_utf8(b).unwrap(),
+                    String::from_utf8(a).unwrap(),
+                    "{item:?}"
+                );
+            }
+        }
+        // The reserved prefix is refused as it is in an item, and nothing
+        // of the record stays in the buffer.
+        let reserved: Item = [("_tidemark_x".to_owned(), AttrValue::s("v"))].into();
+        let record = SinkRecord {
+            key,
+            version: 1,
+            op: transforms[0].upsert(&encoded(&reserved), &schema),
+        };
+        let mut out = b"before".to_vec();
+        let err = bulk_lines("index", &schema, &record, &mut out).unwrap_err();
+        assert!(err.contains("_tidemark_x"), "{err}");
+        assert_eq!(out, b"before");
     }
 }

@@ -207,6 +207,11 @@ impl Sink for ElasticsearchSink {
         self.apply_bulk(batch).await
     }
 
+    /// Documents are written from the image's encoding.
+    fn writes_encoded(&self) -> bool {
+        true
+    }
+
     async fn read(&self, key: &Key) -> ConnectorResult<Option<(u64, Item)>> {
         self.get_live(key).await
     }

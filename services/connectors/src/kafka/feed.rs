@@ -50,6 +50,9 @@ pub struct KafkaFeed {
     rejected: Vec<Undecodable>,
     watermarks_at: Option<Instant>,
     start: KafkaStart,
+    /// Whether a record's new image may stay encoded (see
+    /// [`KafkaFeed::keep_images_encoded`]).
+    encoded: bool,
 }
 
 impl KafkaFeed {
@@ -110,7 +113,16 @@ impl KafkaFeed {
             rejected: Vec::new(),
             watermarks_at: None,
             start,
+            encoded: false,
         })
+    }
+
+    /// Hands over new images in the canonical form still encoded
+    /// ([`crate::Image::Encoded`], read in place in the message's payload)
+    /// instead of decoded: for a reader whose every sink writes from the
+    /// encoding, so no item is built only to be taken apart.
+    pub fn keep_images_encoded(&mut self) {
+        self.encoded = true;
     }
 
     /// Commits offsets in `sink`'s transactions from now on: the records
@@ -253,10 +265,14 @@ impl ChangeFeed for KafkaFeed {
             };
             let state = self.partitions.entry(partition).or_default();
             state.delivered = Some(offset);
-            match message
-                .payload()
-                .map(|p| crate::proto::decode_change(p, position))
-            {
+            let decoded = match message.payload() {
+                Some(p) if self.encoded => {
+                    Some(crate::proto::decode_change_encoded(&Arc::from(p), position))
+                }
+                Some(p) => Some(crate::proto::decode_change(p, position)),
+                None => None,
+            };
+            match decoded {
                 Some(Ok(record)) => {
                     state
                         .oldest_uncommitted_micros

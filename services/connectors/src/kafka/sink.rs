@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use super::{BACKEND, TopicView, kafka_error};
 use crate::error::{ConnectorError, ConnectorResult};
 use crate::proto::{encode_change, kafka_key};
-use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, fold_digest};
+use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkRecord, fold_digest};
 use crate::value::{Item, Key, KeySchema};
 
 /// The record's version, in decimal.
@@ -274,27 +274,27 @@ impl KafkaSink {
 
     /// The value, op and content type of a record's message.
     fn encode(&self, record: &SinkRecord) -> (Option<Vec<u8>>, Op) {
-        match (&record.op, self.format) {
-            (SinkOp::Upsert(item), KafkaFormat::Json) => {
+        match (record.op.item(), self.format) {
+            (Some(item), KafkaFormat::Json) => {
                 let value = serde_json::to_vec(&JsonRecord {
                     key: record.key.clone(),
                     version: record.version.to_string(),
-                    item: item.clone(),
+                    item: item.into_owned(),
                 })
                 .expect("attribute values always serialise");
                 (Some(value), Op::Upsert)
             }
-            (SinkOp::Delete, KafkaFormat::Json) => (None, Op::Delete),
-            (SinkOp::Upsert(item), KafkaFormat::ChangeRecord) => (
+            (None, KafkaFormat::Json) => (None, Op::Delete),
+            (Some(item), KafkaFormat::ChangeRecord) => (
                 Some(encode_change(
                     &record.key,
-                    Some(item),
+                    Some(&item),
                     record.version,
                     crate::now_micros(),
                 )),
                 Op::Upsert,
             ),
-            (SinkOp::Delete, KafkaFormat::ChangeRecord) => (
+            (None, KafkaFormat::ChangeRecord) => (
                 Some(encode_change(
                     &record.key,
                     None,

@@ -22,6 +22,7 @@ use super::sink::{
 };
 use super::{BACKEND, kafka_error};
 use crate::error::{ConnectorError, ConnectorResult};
+use crate::image::Image;
 use crate::traits::Position;
 use crate::value::{Item, Key};
 
@@ -241,7 +242,7 @@ fn decode(message: &BorrowedMessage<'_>, topic: &str) -> ConnectorResult<Decoded
             } else {
                 Op::Delete
             },
-            item: record.new_image,
+            item: record.new_image.map(Image::into_item),
         });
     };
     let op = Op::parse(op).ok_or_else(|| bad(format!("{OP_HEADER} {op:?}")))?;
@@ -281,5 +282,6 @@ fn item_of(payload: &[u8], json: bool) -> Result<Item, String> {
     crate::proto::decode_change(payload, position)
         .map_err(|e| format!("not a ChangeRecord: {e}"))?
         .new_image
+        .map(Image::into_item)
         .ok_or_else(|| "an upsert whose ChangeRecord has no image".to_owned())
 }

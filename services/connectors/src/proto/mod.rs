@@ -6,14 +6,17 @@
 //! service can prefix its own path (`spec.value.n`) for a field violation.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use prost::Message as _;
 use tidemark_proto::common::v1 as pb;
 use tidemark_proto::common::v1::attribute_value::Value as PbValue;
 
+use crate::image::{EncodedItem, Image};
 use crate::traits::{ChangeKind, ChangeRecord, Position};
 use crate::value::{AttrValue, Item, Key, Number};
 
+pub(crate) mod view;
 mod wire;
 
 /// A value that does not convert: which field, and why.
@@ -253,7 +256,21 @@ fn timestamp_micros(t: &prost_types::Timestamp) -> i64 {
 /// Bytes that are not a valid record (no key, zero version, an upsert
 /// without image).
 pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, ProtoError> {
-    let record = wire::read_change(bytes).map_err(wire::WireError::into_proto)?;
+    let mut record = wire::read_change(bytes, false).map_err(wire::WireError::into_proto)?;
+    let image = record.new_image.take();
+    wire_record(
+        record,
+        || image.map(|i| i.finish().map(Image::Item)),
+        position,
+    )
+}
+
+/// The record of what [`wire::read_change`] read, its image given by `image`.
+fn wire_record(
+    record: wire::WireRecord<'_>,
+    image: impl FnOnce() -> Option<Result<Image, ProtoError>>,
+    position: Position,
+) -> Result<ChangeRecord, ProtoError> {
     let key = record
         .key
         .ok_or_else(|| ProtoError::new("key", "required"))
@@ -262,9 +279,34 @@ pub fn decode_change(bytes: &[u8], position: Position) -> Result<ChangeRecord, P
     let created_at_micros = record.change_time.map_or(0, |(seconds, nanos)| {
         timestamp_micros(&prost_types::Timestamp { seconds, nanos })
     });
-    let image = || record.new_image.map(wire::Attributes::finish);
     let change = (record.deleted, record.version, created_at_micros);
     change_record(key, change, image, position)
+}
+
+/// [`decode_change`] of a payload the record may keep: a new image in the
+/// canonical form (what prost and every deterministic encoder write; see
+/// [`view`]) stays encoded, an [`Image::Encoded`] reading `payload` in
+/// place. Any other record is decoded as [`decode_change`] decodes it, so
+/// the two give the same record or the same error.
+///
+/// # Errors
+/// As [`decode_change`].
+pub fn decode_change_encoded(
+    payload: &Arc<[u8]>,
+    position: Position,
+) -> Result<ChangeRecord, ProtoError> {
+    let record = match wire::read_change(payload, true) {
+        Ok(record) if record.image_at.len() <= 1 => record,
+        _ => return decode_change(payload, position),
+    };
+    let image = match record.image_at.first() {
+        Some(at) => match EncodedItem::new(Arc::clone(payload), at.clone()) {
+            Some(image) => Some(image),
+            None => return decode_change(payload, position),
+        },
+        None => None,
+    };
+    wire_record(record, || image.map(|i| Ok(Image::Encoded(i))), position)
 }
 
 /// [`decode_change`] through prost's generated `ChangeRecord` and the
@@ -288,7 +330,7 @@ pub fn decode_change_with_prost(
     let image = || {
         record
             .new_image
-            .map(|image| attributes_from_proto(image.attributes))
+            .map(|image| attributes_from_proto(image.attributes).map(Image::Item))
     };
     let change = (record.deleted, record.version, created_at_micros);
     change_record(key, change, image, position)
@@ -324,7 +366,7 @@ fn checked_key(
 fn change_record(
     key: Key,
     (deleted, version, created_at_micros): (bool, u64, i64),
-    image: impl FnOnce() -> Option<Result<Item, ProtoError>>,
+    image: impl FnOnce() -> Option<Result<Image, ProtoError>>,
     position: Position,
 ) -> Result<ChangeRecord, ProtoError> {
     if version == 0 {
@@ -468,7 +510,7 @@ mod tests {
         };
         let bytes = encode_change(&key, Some(&image), 42, 1_700_000_000_123_456);
         let record = decode_change(&bytes, position.clone()).unwrap();
-        assert_eq!(record.new_image.as_ref(), Some(&image));
+        assert_eq!(record.new_image, Some(Image::Item(image)));
         assert_eq!(
             (record.version, record.created_at_micros),
             (42, 1_700_000_000_123_456)

@@ -390,10 +390,14 @@ pub(super) struct WireRecord<'a> {
     pub version: u64,
     /// (seconds, nanos)
     pub change_time: Option<(i64, i32)>,
+    /// Read with `keep_image`: where each `new_image` field's content is
+    /// (`new_image` stays `None`).
+    pub image_at: Vec<std::ops::Range<usize>>,
 }
 
-/// Reads a `ChangeRecord`.
-pub(super) fn read_change(bytes: &[u8]) -> Wire<WireRecord<'_>> {
+/// Reads a `ChangeRecord`; with `keep_image`, its `new_image` is only
+/// located, not read.
+pub(super) fn read_change(bytes: &[u8], keep_image: bool) -> Wire<WireRecord<'_>> {
     let mut r = Reader { buf: bytes, pos: 0 };
     let mut record = WireRecord::default();
     let budget = RECURSION_LIMIT;
@@ -409,6 +413,10 @@ pub(super) fn read_change(bytes: &[u8]) -> Wire<WireRecord<'_>> {
                 budget,
             )?,
             2 => record.deleted = r.scalar(t)? != 0,
+            3 if keep_image => {
+                let content = nested(&mut r, t, budget)?;
+                record.image_at.push(r.pos - content.buf.len()..r.pos);
+            }
             3 => merge_map(
                 record
                     .new_image

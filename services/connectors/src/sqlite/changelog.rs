@@ -8,6 +8,7 @@ use rusqlite::{Connection, params};
 
 use super::{EmbeddedStore, item_from_json, to_json};
 use crate::error::{ConnectorError, ConnectorResult};
+use crate::image::Image;
 use crate::now_micros;
 use crate::traits::{
     ChangeFeed, ChangeKind, ChangeRecord, FeedCheckpoint, PartitionCheckpoint, PartitionLag,
@@ -141,7 +142,11 @@ impl ChangeFeed for EmbeddedFeed {
             out.push(ChangeRecord {
                 key,
                 kind: parse_kind(&kind),
-                new_image: new_image.as_deref().map(item_from_json).transpose()?,
+                new_image: new_image
+                    .as_deref()
+                    .map(item_from_json)
+                    .transpose()?
+                    .map(Image::Item),
                 old_image: old_image.as_deref().map(item_from_json).transpose()?,
                 version: u64::try_from(seq).unwrap_or_default(),
                 created_at_micros: created,

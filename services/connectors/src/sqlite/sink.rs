@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, params};
 use super::connection::write_transaction;
 use super::{EmbeddedStore, item_from_json, to_json};
 use crate::error::{ConnectorError, ConnectorResult};
-use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkOp, SinkRecord, fold_digest};
+use crate::traits::{BucketDigest, RecordOutcome, Sink, SinkRecord, fold_digest};
 use crate::value::{Item, Key};
 
 /// A sink in the embedded store: versioned rows with tombstones.
@@ -42,9 +42,9 @@ impl Sink for EmbeddedSink {
                     let k = record.key.canonical();
                     let version = i64::try_from(record.version)
                         .map_err(|_| ConnectorError::invalid("sqlite", "version exceeds i64"))?;
-                    let (deleted, item) = match &record.op {
-                        SinkOp::Upsert(item) => (0, Some(to_json(item))),
-                        SinkOp::Delete => (1, None),
+                    let (deleted, item) = match record.op.item() {
+                        Some(item) => (0, Some(to_json(&item))),
+                        None => (1, None),
                     };
                     let changed = tx.execute(
                         "INSERT INTO tm_sink (sink, k, version, deleted, item) VALUES (?1, ?2, ?3, ?4, ?5)

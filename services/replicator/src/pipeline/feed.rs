@@ -119,6 +119,7 @@ pub async fn open_feed(
     unit_key: &str,
     checkpoint: &FeedCheckpoint,
     transactional: Option<Arc<KafkaSink>>,
+    opened: &Opened,
 ) -> Result<Box<dyn ChangeFeed>, UnitFailure> {
     let spec = pipeline.spec.clone().unwrap_or_default();
     let feed = spec.feed.and_then(|f| f.feed);
@@ -171,6 +172,9 @@ pub async fn open_feed(
                 KafkaFeed::subscribe_as(&brokers, &topic.topic, &group, start, Some(&instance))?;
             if let Some(sink) = transactional {
                 feed.commit_through(sink);
+            }
+            if opened.sinks.iter().all(|s| s.sink.writes_encoded()) {
+                feed.keep_images_encoded();
             }
             Ok(Box::new(feed))
         }
@@ -415,14 +419,14 @@ fn change_of(opened: &Opened, r: &mut ChangeRecord) -> Change {
         // An image without the attribute ranks below every versioned one;
         // a delete ranks just above the version it removed.
         match (&r.new_image, &r.old_image) {
-            (Some(image), _) => opened.version_of(image, 0),
+            (Some(image), _) => opened.version_in(image, 0),
             (None, Some(old)) => opened.version_of(old, 0) + 1,
             (None, None) => r.version,
         }
     };
     (
         std::mem::replace(&mut r.key, Key(BTreeMap::new())),
-        opened.application_image(r.new_image.take()),
+        opened.application_new_image(r.new_image.take()),
         version,
         format!("{}/{}", r.position.partition, r.position.sequence),
     )

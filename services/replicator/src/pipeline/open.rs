@@ -8,8 +8,8 @@ use tidemark_connectors::dynamodb::{DELETED_ATTRIBUTE, ORIGIN_ATTRIBUTE, VERSION
 use tidemark_connectors::kafka::KafkaFormat;
 use tidemark_connectors::transform::Transform;
 use tidemark_connectors::{
-    AttrValue, ConnectorResult, Item, Key, KeySchema, Number, RecordOutcome, Sink, SinkOp,
-    SinkRecord,
+    AttrValue, ConnectorResult, Image, Item, Key, KeySchema, RecordOutcome, Sink, SinkOp,
+    SinkRecord, ValueRef,
 };
 use tidemark_proto::common::v1::data_store::Store;
 use tidemark_proto::replicator::v1::{self as rp, KafkaMessageFormat, Pipeline};
@@ -139,7 +139,7 @@ impl Opened {
     }
 
     /// See [`is_echo`].
-    pub(crate) fn echo(&self, new_image: Option<&Item>, old_image: Option<&Item>) -> bool {
+    pub(crate) fn echo(&self, new_image: Option<&Image>, old_image: Option<&Item>) -> bool {
         is_echo(&self.skip_origin, new_image, old_image)
     }
 
@@ -148,13 +148,39 @@ impl Opened {
         application_image(&self.skip_origin, &self.version_attribute, image)
     }
 
+    /// [`Opened::application_image`] of a change's new image: left
+    /// encoded unless something is to be left out of it.
+    pub(crate) fn application_new_image(&self, image: Option<Image>) -> Option<Image> {
+        let image = image?;
+        let reserved = image
+            .attributes()
+            .any(|(name, _)| name.starts_with(RESERVED_PREFIX.as_bytes()));
+        if self.skip_origin.is_empty() && !reserved {
+            return Some(image);
+        }
+        self.application_image(Some(image.into_item()))
+            .map(Image::Item)
+    }
+
     pub(crate) fn version_of(&self, item: &Item, derived: u64) -> u64 {
+        self.version_from(
+            item.get(&self.version_attribute).map(ValueRef::from),
+            derived,
+        )
+    }
+
+    /// [`Opened::version_of`] a change's new image.
+    pub(crate) fn version_in(&self, image: &Image, derived: u64) -> u64 {
+        self.version_from(image.get(&self.version_attribute), derived)
+    }
+
+    fn version_from(&self, value: Option<ValueRef<'_>>, derived: u64) -> u64 {
         if self.version_attribute.is_empty() {
             return derived;
         }
-        item.get(&self.version_attribute)
-            .and_then(AttrValue::as_number)
-            .and_then(Number::as_u64)
+        value
+            .and_then(ValueRef::as_number)
+            .and_then(|n| n.parse().ok())
             .unwrap_or(derived)
     }
 
@@ -170,19 +196,29 @@ impl Opened {
     ) -> Result<(u64, u64, u64), UnitFailure> {
         let now = chrono::Utc::now().timestamp_micros();
         let mut totals = (0, 0, 0);
+        // An image still encoded is decoded once here if any sink needs it
+        // decoded; otherwise every sink writes from the encoding.
+        if self.sinks.iter().any(|s| !s.sink.writes_encoded()) {
+            for (_, image, _, _) in &mut changes {
+                if let Some(Image::Encoded(_)) = image {
+                    *image = image.take().map(|i| Image::Item(i.into_item()));
+                }
+            }
+        }
         for (i, sink) in self.sinks.iter().enumerate() {
             let last = i + 1 == self.sinks.len();
             let mut batch = Vec::with_capacity(changes.len());
             let mut origin = Vec::with_capacity(changes.len());
             for (j, (key, image, version, _)) in changes.iter_mut().enumerate() {
                 let op = match image {
-                    Some(item) if sink.transform.passes(item, now) => {
+                    Some(image) if sink.transform.passes_image(image, now) => {
                         let schema = &self.source.schema;
-                        SinkOp::Upsert(if last {
-                            sink.transform.shape_owned(std::mem::take(item), schema)
+                        if last {
+                            let image = std::mem::replace(image, Image::Item(Item::new()));
+                            sink.transform.upsert_owned(image, schema)
                         } else {
-                            sink.transform.shape(item, schema)
-                        })
+                            sink.transform.upsert(image, schema)
+                        }
                     }
                     Some(_) if filtered == Filtered::Skip => continue,
                     Some(_) | None => SinkOp::Delete,
@@ -246,24 +282,24 @@ impl Opened {
 /// A change as the sinks are given it: the key, the image (`None` for a
 /// delete), the version, and where it came from (a feed position, a
 /// backfill segment) for a dead letter.
-pub type Change = (Key, Option<Item>, u64, String);
+pub type Change = (Key, Option<Image>, u64, String);
 
 /// Whether a change is the `skip_origin` pipeline's own write coming back:
 /// it set the origin marker to that pipeline's (an application's write
 /// leaves the marker as it was, a whole-item put of its own drops it).
-pub fn is_echo(skip_origin: &str, new_image: Option<&Item>, old_image: Option<&Item>) -> bool {
+pub fn is_echo(skip_origin: &str, new_image: Option<&Image>, old_image: Option<&Item>) -> bool {
     if skip_origin.is_empty() {
         return false;
     }
-    fn marker(image: Option<&Item>) -> Option<&str> {
-        image
-            .and_then(|i| i.get(ORIGIN_ATTRIBUTE))
-            .and_then(AttrValue::as_s)
-    }
-    let new = marker(new_image);
+    let new = new_image
+        .and_then(|i| i.get(ORIGIN_ATTRIBUTE))
+        .and_then(ValueRef::as_str);
+    let old = old_image
+        .and_then(|i| i.get(ORIGIN_ATTRIBUTE))
+        .and_then(AttrValue::as_s);
     new.and_then(|m| m.strip_prefix(skip_origin))
         .is_some_and(|rest| rest.starts_with('@'))
-        && new != marker(old_image)
+        && new != old
 }
 
 /// Attributes Tidemark keeps in items: origin markers, the touch of a
@@ -329,6 +365,10 @@ mod tests {
             .collect()
     }
 
+    fn echo(skip: &str, new: Option<&Item>, old: Option<&Item>) -> bool {
+        is_echo(skip, new.cloned().map(Image::Item).as_ref(), old)
+    }
+
     fn marked(origin: &str, views: i64) -> Item {
         item(&[
             ("pk", AttrValue::s("a")),
@@ -342,40 +382,40 @@ mod tests {
     fn only_a_change_that_sets_the_other_pipelines_marker_is_an_echo() {
         let skip = "fwd";
         // The forward pipeline's write: the marker changes to fwd@....
-        assert!(is_echo(
+        assert!(echo(
             skip,
             Some(&marked("fwd@2", 1)),
             Some(&marked("fwd@1", 0))
         ));
         assert!(
-            is_echo(skip, Some(&marked("fwd@2", 1)), None),
+            echo(skip, Some(&marked("fwd@2", 1)), None),
             "an insert by it"
         );
         // Its tombstone carries the marker too.
-        assert!(is_echo(
+        assert!(echo(
             skip,
             Some(&marked("fwd@3", 1)),
             Some(&marked("rev@2", 1))
         ));
         // An application's UpdateItem of an item it wrote keeps the marker.
-        assert!(!is_echo(
+        assert!(!echo(
             skip,
             Some(&marked("fwd@2", 5)),
             Some(&marked("fwd@2", 1))
         ));
         // An application's whole-item put drops it.
         let plain = item(&[("pk", AttrValue::s("a")), ("views", AttrValue::n(3i64))]);
-        assert!(!is_echo(skip, Some(&plain), Some(&marked("fwd@2", 1))));
+        assert!(!echo(skip, Some(&plain), Some(&marked("fwd@2", 1))));
         // Another pipeline's marker, a prefix of the name, a delete.
-        assert!(!is_echo(
+        assert!(!echo(
             skip,
             Some(&marked("rev@4", 1)),
             Some(&marked("fwd@2", 1))
         ));
-        assert!(!is_echo(skip, Some(&marked("fwd-2@4", 1)), None));
-        assert!(!is_echo(skip, None, Some(&marked("fwd@2", 1))));
+        assert!(!echo(skip, Some(&marked("fwd-2@4", 1)), None));
+        assert!(!echo(skip, None, Some(&marked("fwd@2", 1))));
         // Without skip_origin nothing is.
-        assert!(!is_echo("", Some(&marked("fwd@2", 1)), None));
+        assert!(!echo("", Some(&marked("fwd@2", 1)), None));
     }
 
     #[test]

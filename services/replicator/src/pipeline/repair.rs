@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tidemark_connectors::proto::key_from_proto;
-use tidemark_connectors::{AttrValue, Item, Key, Number, RecordOutcome, SinkOp, SinkRecord};
+use tidemark_connectors::{AttrValue, Image, Item, Key, Number, RecordOutcome, SinkOp, SinkRecord};
 use tidemark_kit::error::FieldError;
 use tidemark_proto::replicator::v1::*;
 
@@ -111,7 +111,12 @@ async fn rewrite(
             }
         };
         let version = rewrite_version(&opened.version_attribute, item.as_ref(), derived, removed);
-        changes.push((key.clone(), item, version, "repair".to_owned()));
+        changes.push((
+            key.clone(),
+            item.map(Image::Item),
+            version,
+            "repair".to_owned(),
+        ));
     }
     let (_, _, dead_lettered) = subset
         .write(changes, dead, pipeline, Filtered::Delete)

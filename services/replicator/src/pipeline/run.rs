@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tidemark_connectors::{AttrValue, Item, Key, Predicate, ScanRequest};
+use tidemark_connectors::{AttrValue, Image, Item, Key, Predicate, ScanRequest};
 use tidemark_kit::worker::{Claim, LeaseError, Progress, UnitLease};
 use tidemark_proto::replicator::v1::{BackfillMode, Pipeline, PipelineState};
 
@@ -115,6 +115,7 @@ async fn follow(ctx: Context, claim: Claim, mut pipeline: Pipeline) -> Result<()
         &claim.unit.unit_key,
         &state.feed,
         transactional,
+        &opened,
     )
     .await?;
     let peers: Vec<String> = feed_units(&pipeline)
@@ -328,7 +329,7 @@ async fn backfill_segment(
                         let version = opened.version_of(&item, 0);
                         Some((
                             k,
-                            Some(opened.application_image(Some(item))?),
+                            Some(Image::Item(opened.application_image(Some(item))?)),
                             version,
                             format!("backfill/{segment}"),
                         ))

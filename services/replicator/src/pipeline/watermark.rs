@@ -28,7 +28,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tidemark_connectors::{AttrValue, ChangeRecord, Item, Key, ScanRequest};
+use tidemark_connectors::{AttrValue, ChangeRecord, Image, Item, Key, ScanRequest, ValueRef};
 
 use super::open::{Change, Filtered, Opened};
 use crate::context::UnitFailure;
@@ -217,7 +217,7 @@ impl Backfill {
         for r in records {
             if r.key == self.key {
                 let image = r.new_image.as_ref();
-                let attr = |name: &str| image.and_then(|i| i.get(name)).and_then(AttrValue::as_s);
+                let attr = |name: &str| image.and_then(|i| i.get(name)).and_then(ValueRef::as_str);
                 if attr(CHUNK_ATTRIBUTE) == Some(chunk.id.as_str())
                     && attr(KIND_ATTRIBUTE) == Some("high")
                 {
@@ -263,7 +263,7 @@ impl Backfill {
             })
             .map(|(k, item)| {
                 let version = opened.version_of(&item, 0);
-                (k, Some(item), version, position.clone())
+                (k, Some(Image::Item(item)), version, position.clone())
             })
             .collect();
         let copied = u64::try_from(changes.len()).unwrap_or(u64::MAX);

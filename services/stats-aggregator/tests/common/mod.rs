@@ -138,7 +138,7 @@ pub async fn consume(
             Some(key.as_bytes()),
             "the Kafka key is the entity key"
         );
-        let image = record.new_image.expect("an image");
+        let image = record.new_image.expect("an image").into_item();
         let entry = state.entry(key).or_default();
         if record.version >= entry.0 {
             *entry = (record.version, numbers(&image));
