@@ -53,17 +53,16 @@ pub fn bulk_lines_as(
     out.extend_from_slice(b",\"_id\":");
     json_str(out, id);
     out.extend_from_slice(b",\"version\":");
-    json(out, &version);
+    integer(out, version);
     out.extend_from_slice(b",\"version_type\":\"external\"}}\n{");
     let written = match &record.op {
         SinkOp::Upsert(item) => document(out, item.iter().map(|(n, v)| (n.as_bytes(), v.into()))),
         SinkOp::UpsertEncoded(item) => document(out, item.attributes()),
         SinkOp::Delete => {
-            json_str(out, DELETED_FIELD);
-            out.extend_from_slice(b":true,");
-            json_str(out, DELETED_AT_FIELD);
-            out.push(b':');
-            json(out, &now_millis());
+            field(out, DELETED_FIELD);
+            out.extend_from_slice(b"true,");
+            field(out, DELETED_AT_FIELD);
+            integer(out, now_millis());
             Ok(())
         }
     };
@@ -72,12 +71,10 @@ pub fn bulk_lines_as(
         return Err(e);
     }
     out.push(b',');
-    json_str(out, VERSION_FIELD);
-    out.push(b':');
-    json(out, &version);
+    field(out, VERSION_FIELD);
+    integer(out, version);
     out.push(b',');
-    json_str(out, KEY_FIELD);
-    out.push(b':');
+    field(out, KEY_FIELD);
     json_str(out, id);
     out.extend_from_slice(b"}\n");
     Ok(())
@@ -109,8 +106,8 @@ fn document<'a>(
         plain(out, value);
         out.push(b',');
     }
-    json_str(out, ITEM_FIELD);
-    out.extend_from_slice(b":\"");
+    field(out, ITEM_FIELD);
+    out.push(b'"');
     attributes_escaped(out, attributes);
     out.push(b'"');
     Ok(())
@@ -209,6 +206,20 @@ fn string_escaped(out: &mut Vec<u8>, text: &[u8]) {
         }
     });
     out.extend_from_slice(b"\\\"");
+}
+
+/// `"name":` of one of the sink's own fields (plain ASCII, nothing to
+/// escape).
+fn field(out: &mut Vec<u8>, name: &str) {
+    debug_assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
+/// An integer as JSON.
+fn integer(out: &mut Vec<u8>, v: i64) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// `v` as JSON, appended to `out` (writing into a `Vec` cannot fail, and
