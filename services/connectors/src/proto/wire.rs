@@ -449,7 +449,7 @@ pub(super) fn read_change(bytes: &[u8], keep_image: bool) -> Wire<WireRecord<'_>
 
 #[cfg(test)]
 mod tests {
-    use super::super::{decode_change, decode_change_with_prost};
+    use super::super::{decode_change, decode_change_encoded, decode_change_with_prost};
     use crate::traits::Position;
 
     /// A small deterministic generator (xorshift), so a failing case is
@@ -647,9 +647,15 @@ mod tests {
         }
     }
 
-    /// Same record, or both refused; for values, the same reason.
+    /// Same record, or both refused; for values, the same reason. Kept
+    /// encoded or not, the wire decoder gives the same record or error.
     fn agree(bytes: &[u8]) -> bool {
         let fast = decode_change(bytes, position());
+        assert_eq!(
+            decode_change_encoded(&bytes.into(), position()),
+            fast,
+            "{bytes:?}"
+        );
         let reference = decode_change_with_prost(bytes, position());
         match (&fast, &reference) {
             (Ok(a), Ok(b)) => assert_eq!(a, b, "{bytes:?}"),
