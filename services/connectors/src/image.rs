@@ -10,7 +10,7 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::proto::view::{self, Field, Fields, Member};
+use crate::proto::view::{self, Field, Fields, Member, order};
 use crate::value::{AttrValue, Item, Number};
 
 /// A new image, decoded or encoded.
@@ -165,7 +165,7 @@ impl EncodedItem {
     pub fn get(&self, name: &str) -> Option<ValueRef<'_>> {
         let payload = self.payload.as_ref();
         self.entries
-            .binary_search_by(|e| e.name(payload).cmp(name.as_bytes()))
+            .binary_search_by(|e| order(e.name(payload), name.as_bytes()))
             .ok()
             .map(|i| self.entries[i].value(payload))
     }
@@ -205,12 +205,13 @@ impl EncodedItem {
                 true
             }
         });
-        let in_order =
-            |entries: &[Entry]| entries.is_sorted_by(|a, b| a.name(payload) < b.name(payload));
+        let in_order = |entries: &[Entry]| {
+            entries.is_sorted_by(|a, b| order(a.name(payload), b.name(payload)).is_lt())
+        };
         if renamed && !in_order(&self.entries) {
             // Stable: of equal names the later source name is last.
             self.entries
-                .sort_by(|a, b| a.name(payload).cmp(b.name(payload)));
+                .sort_by(|a, b| order(a.name(payload), b.name(payload)));
             self.entries.dedup_by(|later, earlier| {
                 let same = later.name(payload) == earlier.name(payload);
                 if same {

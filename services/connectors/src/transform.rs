@@ -452,7 +452,7 @@ impl Transform {
         item.reshape(|name| {
             let mut rule = None;
             while let Some((n, kept, to)) = rules.peek() {
-                match n.as_bytes().cmp(name) {
+                match crate::proto::view::order(n.as_bytes(), name) {
                     std::cmp::Ordering::Less => {
                         rules.next();
                     }

@@ -77,7 +77,12 @@ impl fmt::Display for Number {
 /// need, leading zeros, trailing fraction zeros or an exponent. Numbers
 /// from a store or a feed mostly are, and are then kept as they are.
 pub(crate) fn is_normal(text: &str) -> bool {
-    let t = text.strip_prefix('-').unwrap_or(text).as_bytes();
+    is_normal_bytes(text.as_bytes())
+}
+
+/// [`is_normal`] of bytes (what it accepts is ASCII).
+pub(crate) fn is_normal_bytes(text: &[u8]) -> bool {
+    let t = text.strip_prefix(b"-").unwrap_or(text);
     let (int, frac) = match t.iter().position(|&b| b == b'.') {
         Some(i) => (&t[..i], Some(&t[i + 1..])),
         None => (t, None),

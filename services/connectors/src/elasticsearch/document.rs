@@ -95,7 +95,8 @@ fn document<'a>(
     attributes: impl Iterator<Item = (&'a [u8], ValueRef<'a>)> + Clone,
 ) -> Result<(), String> {
     for (name, value) in attributes.clone() {
-        if name.starts_with(RESERVED) {
+        // The first byte first: most names are told by it alone.
+        if name.first() == Some(&b'_') && name.starts_with(RESERVED) {
             return Err(format!(
                 "attribute {:?} uses the reserved prefix _tidemark_",
                 String::from_utf8_lossy(name)

@@ -166,7 +166,7 @@ fn check_map<'a>(
         else {
             return None;
         };
-        if !e.complete() || previous.is_some_and(|p| p >= name) || !utf8(name) {
+        if !e.complete() || previous.is_some_and(|p| order(p, name).is_ge()) || !utf8(name) {
             return None;
         }
         let member = check_value(value, depth)?;
@@ -224,7 +224,7 @@ fn check_set(set: &[u8], valid: impl Fn(&[u8]) -> bool) -> Option<()> {
         let (1, Field::Bytes(member)) = (tag, member) else {
             return None;
         };
-        if previous.is_some_and(|p| p >= member) || !valid(member) {
+        if previous.is_some_and(|p| order(p, member).is_ge()) || !valid(member) {
             return None;
         }
         previous = Some(member);
@@ -232,7 +232,17 @@ fn check_set(set: &[u8], valid: impl Fn(&[u8]) -> bool) -> Option<()> {
     (previous.is_some() && fields.complete()).then_some(())
 }
 
+/// The byte order of two names or members, told by their first bytes
+/// where those differ (most names), without a call to `memcmp`.
+#[inline]
+pub(crate) fn order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    match (a.first(), b.first()) {
+        (Some(x), Some(y)) if x != y => x.cmp(y),
+        _ => a.cmp(b),
+    }
+}
+
 /// A number's text as [`Number`](crate::value::Number) keeps it.
 fn normal_number(text: &[u8]) -> bool {
-    std::str::from_utf8(text).is_ok_and(crate::value::is_normal)
+    crate::value::is_normal_bytes(text)
 }
