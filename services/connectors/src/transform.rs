@@ -558,6 +558,20 @@ pub fn default_document_id(key: &Key, schema: &KeySchema) -> String {
         .join("#")
 }
 
+/// A transform of a projection and renames, for tests.
+#[cfg(test)]
+pub(crate) fn of(projection: &[&str], renames: &[(&str, &str)]) -> Transform {
+    Transform::from_proto(&pb::Transform {
+        projection: projection.iter().map(|s| (*s).to_owned()).collect(),
+        renames: renames
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect(),
+        ..pb::Transform::default()
+    })
+    .expect("a valid transform")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,15 +666,7 @@ mod tests {
             (vec!["a", "b", "c"], vec![("a", "z"), ("c", "a")]),
         ];
         for (projection, renames) in transforms {
-            let t = Transform::from_proto(&pb::Transform {
-                projection: projection.iter().map(|s| (*s).to_owned()).collect(),
-                renames: renames
-                    .iter()
-                    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-                    .collect(),
-                ..pb::Transform::default()
-            })
-            .unwrap();
+            let t = of(&projection, &renames);
             assert_eq!(
                 t.shape_owned(i.clone(), &schema),
                 t.shape(&i, &schema),

@@ -711,22 +711,10 @@ mod tests {
     #[test]
     fn an_encoded_image_is_written_as_its_item_is() {
         use crate::image::testing::{Rng, encoded, item};
-        use crate::transform::Transform;
+        use crate::transform::of as transform;
         use crate::value::Key;
-        use tidemark_proto::common::v1 as pb;
 
         let schema = KeySchema::new("id", None);
-        let transform = |projection: &[&str], renames: &[(&str, &str)]| {
-            Transform::from_proto(&pb::Transform {
-                projection: projection.iter().map(|s| (*s).to_owned()).collect(),
-                renames: renames
-                    .iter()
-                    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-                    .collect(),
-                ..pb::Transform::default()
-            })
-            .unwrap()
-        };
         let transforms = [
             transform(&[], &[]),
             transform(&["a", "title", "é", "zz"], &[]),
