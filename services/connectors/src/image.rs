@@ -39,7 +39,7 @@ impl Image {
     pub fn attributes(&self) -> Attributes<'_> {
         match self {
             Self::Item(item) => Attributes::Item(item.iter()),
-            Self::Encoded(e) => Attributes::Encoded(e.payload.as_ref(), e.entries.iter()),
+            Self::Encoded(e) => e.attributes(),
         }
     }
 
@@ -97,8 +97,8 @@ impl<'a> Iterator for Attributes<'a> {
 
 /// The `Item` message of a change record, checked to be in the canonical
 /// form (see [`crate::proto::view`]) and read in place: each attribute a
-/// name and the range of its value's encoding in the shared payload, in
-/// name order. A transform trims and renames the list, not the payload.
+/// name and its value's one member, ranges of the shared payload, in name
+/// order. A transform trims and renames the list, not the payload.
 #[derive(Clone)]
 pub struct EncodedItem {
     payload: Arc<[u8]>,
@@ -147,18 +147,13 @@ impl EncodedItem {
     /// The `Item` message at `image` within `payload`, when it is in the
     /// canonical form.
     pub(crate) fn new(payload: Arc<[u8]>, image: Range<usize>) -> Option<Self> {
-        let entries = view::check_item(&payload[image.clone()])?
-            .into_iter()
-            .map(|(name, value)| Entry {
-                name: Name::In(image.start + name.start..image.start + name.end),
-                value: match value {
-                    Member::Bytes(tag, at) => {
-                        Member::Bytes(tag, image.start + at.start..image.start + at.end)
-                    }
-                    varint @ Member::Varint(..) => varint,
-                },
-            })
-            .collect();
+        let mut entries = Vec::with_capacity(16);
+        view::check_item(&payload, image, |name, value| {
+            entries.push(Entry {
+                name: Name::In(name),
+                value,
+            });
+        })?;
         Some(Self { payload, entries })
     }
 
@@ -205,10 +200,11 @@ impl EncodedItem {
                 true
             }
         });
-        let in_order = |entries: &[Entry]| {
-            entries.is_sorted_by(|a, b| order(a.name(payload), b.name(payload)).is_lt())
-        };
-        if renamed && !in_order(&self.entries) {
+        if renamed
+            && !self
+                .entries
+                .is_sorted_by(|a, b| order(a.name(payload), b.name(payload)).is_lt())
+        {
             // Stable: of equal names the later source name is last.
             self.entries
                 .sort_by(|a, b| order(a.name(payload), b.name(payload)));

@@ -391,17 +391,32 @@ impl Transform {
         }
     }
 
-    /// [`Transform::keeps`] of names asked in name order: one walk along
-    /// the projection (in name order too) instead of a lookup per name.
-    fn keeps_in_order<'a>(&'a self, schema: &'a KeySchema) -> impl FnMut(&[u8]) -> bool + 'a {
-        let mut projected = self.projection.iter().peekable();
+    /// What the projection and the renames do with each of names asked in
+    /// name order: whether it is kept ([`Transform::keeps`]) and what it is
+    /// renamed to. One walk along the rules (in name order too), one
+    /// comparison a step, instead of lookups per name.
+    fn in_order<'a>(
+        &'a self,
+        schema: &'a KeySchema,
+    ) -> impl FnMut(&[u8]) -> (bool, Option<&'a Arc<str>>) + 'a {
+        let mut rules = self.rules.iter().peekable();
         move |name| {
-            if self.projection.is_empty() {
-                return true;
+            let mut rule = None;
+            while let Some(&r) = rules.peek() {
+                match crate::proto::view::order(r.0.as_bytes(), name) {
+                    std::cmp::Ordering::Less => {
+                        rules.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        rule = Some(r);
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
             }
-            while projected.next_if(|p| p.as_bytes() < name).is_some() {}
-            projected.peek().is_some_and(|p| p.as_bytes() == name)
-                || schema.names().any(|k| k.as_bytes() == name)
+            let kept = rule.map_or(self.projection.is_empty(), |r| r.1)
+                || schema.names().any(|k| k.as_bytes() == name);
+            (kept, rule.and_then(|r| r.2.as_ref()))
         }
     }
 
@@ -411,8 +426,8 @@ impl Transform {
     /// change it writes to its last sink.
     pub fn shape_owned(&self, mut item: Item, schema: &KeySchema) -> Item {
         if !self.projection.is_empty() {
-            let mut keeps = self.keeps_in_order(schema);
-            item.retain(|name, _| keeps(name.as_bytes()));
+            let mut rules = self.in_order(schema);
+            item.retain(|name, _| rules(name.as_bytes()).0);
         }
         if self.renames.is_empty() {
             return item;
@@ -446,30 +461,11 @@ impl Transform {
         if self.projection.is_empty() && self.renames.is_empty() {
             return;
         }
-        // Names come in order: one walk along the rules, one comparison a
-        // step.
-        let mut rules = self.rules.iter().peekable();
-        item.reshape(|name| {
-            let mut rule = None;
-            while let Some((n, kept, to)) = rules.peek() {
-                match crate::proto::view::order(n.as_bytes(), name) {
-                    std::cmp::Ordering::Less => {
-                        rules.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        rule = Some((*kept, to.clone()));
-                        break;
-                    }
-                    std::cmp::Ordering::Greater => break,
-                }
-            }
-            let kept = rule.as_ref().map_or(self.projection.is_empty(), |r| r.0)
-                || schema.names().any(|k| k.as_bytes() == name);
-            match rule {
-                _ if !kept => Reshape::Drop,
-                Some((_, Some(to))) => Reshape::Rename(to),
-                _ => Reshape::Keep,
-            }
+        let mut rules = self.in_order(schema);
+        item.reshape(|name| match rules(name) {
+            (false, _) => Reshape::Drop,
+            (true, Some(to)) => Reshape::Rename(Arc::clone(to)),
+            (true, None) => Reshape::Keep,
         });
     }
 

@@ -118,19 +118,22 @@ pub(crate) fn entry(entry: &[u8]) -> Option<(&[u8], &[u8])> {
     }
 }
 
-/// The ranges within `map` of each entry's name and value content, in
-/// name order, when the whole `Item` (or `MapValue`) message is in the
-/// canonical form; `None` otherwise.
-pub(crate) fn check_item(map: &[u8]) -> Option<Vec<(Range<usize>, Member)>> {
-    let mut out = Vec::with_capacity(16);
-    check_map(map, 0, |name, (tag, field)| {
+/// Checks the `Item` message at `image` within `payload` (a `MapValue`
+/// has the same form), calling `each` with every entry's name and value's
+/// member, as ranges of `payload`, in name order; `None` when the message
+/// is not in the canonical form.
+pub(crate) fn check_item(
+    payload: &[u8],
+    image: Range<usize>,
+    mut each: impl FnMut(Range<usize>, Member),
+) -> Option<()> {
+    check_map(&payload[image], 0, |name, (tag, field)| {
         let member = match field {
-            Field::Bytes(b) => Member::Bytes(tag, span(map, b)),
+            Field::Bytes(b) => Member::Bytes(tag, span(payload, b)),
             Field::Varint(v) => Member::Varint(tag, v),
         };
-        out.push((span(map, name), member));
-    })?;
-    Some(out)
+        each(span(payload, name), member);
+    })
 }
 
 /// The one member of a checked `AttributeValue`: its field number and
