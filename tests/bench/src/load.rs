@@ -117,6 +117,17 @@ impl LoadResult {
         }
     }
 
+    /// Cores the process kept busy on average over the window (CPU time ÷
+    /// wall time; NaN when unknown).
+    pub fn cores_busy(&self) -> f64 {
+        match self.cpu {
+            Some(cpu) if !self.measured.is_zero() => {
+                cpu.as_secs_f64() / self.measured.as_secs_f64()
+            }
+            _ => f64::NAN,
+        }
+    }
+
     /// Service time at `q` in microseconds (see [`LoadResult::service_time`]).
     pub fn service_time_us(&self, q: f64) -> f64 {
         #[allow(clippy::cast_precision_loss)]

@@ -355,9 +355,12 @@ impl Benchmark for JobTrackerClaims {
                 LoadResult::cpu_per_request_us,
             ));
             report.notes.push(format!(
-                "Spread of the p99 rounds at {} ops/s: {}",
+                "Spread of the p99 rounds at {} ops/s: {}; cores busy (this process: client and server): system {:.2}, baseline {:.2} of {}",
                 fmt_num(rate),
-                rounds.spread("µs", |r| r.latency_us(0.99))
+                rounds.spread("µs", |r| r.latency_us(0.99)),
+                rounds.median(Side::System, LoadResult::cores_busy),
+                rounds.median(Side::Baseline, LoadResult::cores_busy),
+                std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get),
             ));
         }
         target.stop.cancel();
