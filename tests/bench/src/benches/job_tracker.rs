@@ -12,7 +12,9 @@ use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 use job_tracker::StoreKind;
+use job_tracker::engine::{ClaimRequest, Fence, Tracker};
 use job_tracker::kv::{DynamoKv, KvStore, SqliteKv};
+use job_tracker::model::Progress;
 use tidemark_kit::{CancellationToken, ServerConfig, ServiceHost};
 use tidemark_proto::job_tracker::v1 as pb;
 use tidemark_proto::job_tracker::v1::job_tracker_service_client::JobTrackerServiceClient;
@@ -93,6 +95,8 @@ pub struct JobTrackerClaims;
 struct Deployment {
     jobs: Vec<JobTrackerServiceClient<Channel>>,
     health: Vec<HealthClient<Channel>>,
+    /// The store the service writes, for the engine called directly.
+    store: Arc<dyn KvStore>,
     run_id: String,
     stop: CancellationToken,
     _dir: tempfile::TempDir,
@@ -145,7 +149,7 @@ async fn serve(
     };
     let stop = CancellationToken::new();
     let mut host = ServiceHost::new(config.server.clone(), stop.clone());
-    job_tracker::register_with_store(&config, store, &mut host);
+    job_tracker::register_with_store(&config, store.clone(), &mut host);
     let server = tokio::spawn(host.serve(listener));
     let mut jobs = Vec::new();
     let mut health = Vec::new();
@@ -216,6 +220,7 @@ async fn serve(
         Deployment {
             jobs,
             health,
+            store,
             run_id: run.run_id,
             stop,
             _dir: dir,
@@ -258,6 +263,78 @@ async fn claim_and_checkpoint(
         })
         .await?;
     Ok(())
+}
+
+/// [`claim_and_checkpoint`] on the engine itself: the same store and the
+/// same work, without gRPC and its client.
+async fn claim_and_checkpoint_direct(
+    tracker: &Tracker,
+    run_id: String,
+    i: u64,
+) -> Result<(), String> {
+    let claimed = tracker
+        .claim_unit(&ClaimRequest {
+            worker_id: "bench".into(),
+            kinds: vec![],
+            job_name: String::new(),
+            run_id: run_id.clone(),
+            unit_key: String::new(),
+            lease: Duration::from_secs(600),
+            wait: Duration::ZERO,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the run ran out of units; register more")?;
+    let fence = Fence {
+        run_id,
+        unit_key: claimed.unit.unit_key,
+        fencing_token: claimed.unit.fencing_token,
+    };
+    tracker
+        .checkpoint(
+            &fence,
+            format!("{{\"LastEvaluatedKey\":{{\"id\":{{\"S\":\"item-{i:012}\"}}}}}}").into_bytes(),
+            Progress {
+                items_processed: i64::try_from(i).unwrap_or(0),
+                ..Progress::default()
+            },
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Rounds of the engine called directly at `open`'s rate: its p50 and p99
+/// (µs, medians of the rounds) and the cores the process kept busy.
+async fn measure_direct(target: &Deployment, open: OpenLoop) -> anyhow::Result<(f64, f64, f64)> {
+    let tracker = Arc::new(Tracker::new(target.store.clone(), CancellationToken::new()));
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let (tracker, run_id) = (tracker.clone(), target.run_id.clone());
+        let result = open
+            .run(move |i| {
+                let (tracker, run_id) = (tracker.clone(), run_id.clone());
+                async move { claim_and_checkpoint_direct(&tracker, run_id, i).await }
+            })
+            .await?;
+        anyhow::ensure!(
+            result.errors == 0,
+            "direct claims failed: {:?}",
+            result.first_error
+        );
+        rounds.push(result);
+    }
+    let median = |f: fn(&LoadResult) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((
+        median(|r| r.latency_us(0.50)),
+        median(|r| r.latency_us(0.99)),
+        median(LoadResult::cores_busy),
+    ))
 }
 
 async fn noop(mut client: HealthClient<Channel>) -> Result<(), tonic::Status> {
@@ -318,7 +395,8 @@ impl Benchmark for JobTrackerClaims {
         let mut report = Report::default();
         let round = ctx.time(ROUND);
         let rates = [RATE / 2.0, RATE];
-        let units: usize = rates.iter().map(|r| units_needed(*r, round)).sum();
+        // Each rate's rounds through gRPC, then as many on the engine directly.
+        let units: usize = 2 * rates.iter().map(|r| units_needed(*r, round)).sum::<usize>();
         let (target, registration) = serve(StoreKind::Embedded, units, None).await?;
         for rate in rates {
             let open = OpenLoop {
@@ -361,6 +439,13 @@ impl Benchmark for JobTrackerClaims {
                 rounds.median(Side::System, LoadResult::cores_busy),
                 rounds.median(Side::Baseline, LoadResult::cores_busy),
                 std::thread::available_parallelism().map_or(0, std::num::NonZeroUsize::get),
+            ));
+            let (p50, p99, cores) = measure_direct(&target, open).await?;
+            report.notes.push(format!(
+                "The engine called directly at {} ops/s (the same store and work, no gRPC, no client): p50 {} µs, p99 {} µs, {cores:.2} cores busy (medians of {ROUNDS} rounds). What the service adds to this is the two RPCs' stack, client and server, on the same two cores.",
+                fmt_num(rate),
+                fmt_num(p50),
+                fmt_num(p99),
             ));
         }
         target.stop.cancel();
