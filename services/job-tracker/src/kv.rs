@@ -154,9 +154,10 @@ type Gate = Arc<tokio::sync::RwLock<()>>;
 /// commit after it, which the checkpointer makes itself (it counts the
 /// restarts in `wal_restarts`). They wait as tasks, at [`SqliteKv`]'s
 /// gate. On a virtual disk where an fsync takes 2-5 ms that is a stall of
-/// 7-15 ms, so it must come seldom: step 2 keeps what is copied
-/// under the lock small (measured at 2,000 claims/s: the lock was held
-/// 7-110 ms without it, 13-23 ms with it), and the WAL restarts only at the
+/// 7-15 ms, so it must come seldom: step 2 keeps what is copied under the
+/// lock small (measured at 2,000 claims/s, before the header's commit moved
+/// here: the lock was held 7-110 ms without it, 13-23 ms with it), and the
+/// WAL restarts only at the
 /// size it is cut back to anyway: 16,000 frames of 4 KB pages, about 0.8 s
 /// of claims and checkpoints at 2,000/s (ten frames each). At half that
 /// size it restarted 30 times in the job-tracker bench's embedded rounds;
