@@ -309,7 +309,8 @@ async fn claim_and_checkpoint_direct(
 /// (µs, medians of the rounds) and the cores the process kept busy.
 async fn measure_direct(target: &Deployment, open: OpenLoop) -> anyhow::Result<(f64, f64, f64)> {
     let tracker = Arc::new(Tracker::new(target.store.clone(), CancellationToken::new()));
-    let mut rounds = Vec::with_capacity(ROUNDS);
+    // One side only: the engine's rounds, for their medians.
+    let mut rounds = Rounds::default();
     for _ in 0..ROUNDS {
         let (tracker, run_id) = (tracker.clone(), target.run_id.clone());
         let result = open
@@ -323,13 +324,9 @@ async fn measure_direct(target: &Deployment, open: OpenLoop) -> anyhow::Result<(
             "direct claims failed: {:?}",
             result.first_error
         );
-        rounds.push(result);
+        rounds.push(Side::System, result);
     }
-    let median = |f: fn(&LoadResult) -> f64| {
-        let mut v: Vec<f64> = rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |f: fn(&LoadResult) -> f64| rounds.median(Side::System, f);
     Ok((
         median(|r| r.latency_us(0.50)),
         median(|r| r.latency_us(0.99)),
