@@ -311,6 +311,35 @@ fn sqlite_err(e: rusqlite::Error) -> KvError {
     ConnectorError::from(e).into()
 }
 
+/// A query's statements from the prefix itself ([`QUERY_FROM`]) or after a
+/// sort key ([`QUERY_AFTER`]); the first of each pair ends before `?4`, the
+/// end of the prefix's range, the second (for the empty prefix) does not.
+const QUERY_FROM: [&str; 2] = [
+    "SELECT sk, rev, body FROM kv WHERE pk = ?1 AND sk >= ?2 AND sk < ?4 ORDER BY sk LIMIT ?3",
+    "SELECT sk, rev, body FROM kv WHERE pk = ?1 AND sk >= ?2 ORDER BY sk LIMIT ?3",
+];
+const QUERY_AFTER: [&str; 2] = [
+    "SELECT sk, rev, body FROM kv WHERE pk = ?1 AND sk > ?2 AND sk < ?4 ORDER BY sk LIMIT ?3",
+    "SELECT sk, rev, body FROM kv WHERE pk = ?1 AND sk > ?2 ORDER BY sk LIMIT ?3",
+];
+
+/// The least string above every string that starts with `prefix`: the
+/// prefix with its last character advanced (past a last character that
+/// cannot advance, the one before). SQLite compares text byte by byte and
+/// UTF-8 keeps the characters' order, so `prefix <= sk < end` is "starts
+/// with `prefix`". `None` when no string is above them all (the empty
+/// prefix).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        if let Some(next) = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32) {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
 fn current_rev(tx: &rusqlite::Transaction<'_>, pk: &str, sk: &str) -> KvResult<Option<u64>> {
     // Cached statements: a claim runs about ten of these per transaction.
     tx.prepare_cached("SELECT rev FROM kv WHERE pk = ?1 AND sk = ?2")
@@ -443,33 +472,32 @@ impl KvStore for SqliteKv {
         after: Option<&str>,
         limit: usize,
     ) -> KvResult<Vec<Entry>> {
-        let (pk, prefix) = (pk.to_owned(), prefix.to_owned());
-        let after = after.map_or_else(|| prefix.clone(), str::to_owned);
+        let pk = pk.to_owned();
+        // From the prefix (or just after `after`) to the end of the
+        // prefix's range: the scan stops there rather than reading the
+        // rest of the partition when fewer than `limit` records match.
+        let (from, sql) = match after {
+            Some(after) if after >= prefix => (after.to_owned(), QUERY_AFTER),
+            _ => (prefix.to_owned(), QUERY_FROM),
+        };
+        let end = prefix_end(prefix);
+        let sql = sql[usize::from(end.is_none())];
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT sk, rev, body FROM kv WHERE pk = ?1 AND sk >= ?2 AND sk > ?3
-                     AND substr(sk, 1, length(?2)) = ?2 ORDER BY sk LIMIT ?4",
-                )
-                .map_err(sqlite_err)?;
-            // `sk > after` excludes the prefix itself only when `after` was given.
-            let exclusive = if after == prefix {
-                String::new()
-            } else {
-                after
-            };
-            let rows = stmt
-                .query_map(params![pk, prefix, exclusive, limit], |r| {
-                    Ok(Entry {
-                        sk: r.get(0)?,
-                        rev: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
-                        body: r.get(2)?,
-                    })
+            let mut stmt = conn.prepare_cached(sql).map_err(sqlite_err)?;
+            let entry = |r: &rusqlite::Row<'_>| {
+                Ok(Entry {
+                    sk: r.get(0)?,
+                    rev: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                    body: r.get(2)?,
                 })
-                .map_err(sqlite_err)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(sqlite_err)?;
+            };
+            let rows = match &end {
+                Some(end) => stmt.query_map(params![pk, from, limit, end], entry),
+                None => stmt.query_map(params![pk, from, limit], entry),
+            }
+            .and_then(Iterator::collect)
+            .map_err(sqlite_err)?;
             Ok(rows)
         })
         .await
@@ -797,5 +825,70 @@ mod tests {
         // Nothing was lost by starting over.
         let all = query_all(&kv, "run", "unit#").await.unwrap();
         assert_eq!(all.len() as u64, (commits + 1).min(5000));
+    }
+
+    #[test]
+    fn a_prefix_ends_at_its_last_character_advanced() {
+        assert_eq!(prefix_end("q").as_deref(), Some("r"));
+        assert_eq!(prefix_end("p#").as_deref(), Some("p$"));
+        assert_eq!(prefix_end("unit#é").as_deref(), Some("unit#ê"));
+        // Past the surrogates, which no string holds.
+        assert_eq!(prefix_end("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        // The last character cannot advance: the one before it does.
+        assert_eq!(prefix_end("a\u{10FFFF}").as_deref(), Some("b"));
+        assert_eq!(prefix_end("\u{10FFFF}"), None);
+        assert_eq!(prefix_end(""), None);
+    }
+
+    /// A query returns the records of its prefix only, in order, page by
+    /// page, and its statement is not prepared again for each page.
+    #[tokio::test]
+    async fn a_query_reads_its_prefix_page_by_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let kv = SqliteKv::open(dir.path()).unwrap();
+        let keys = ["o#9", "p", "p#a", "p#b", "p#c", "p$", "q#a", "unit#a"];
+        let ops = keys
+            .iter()
+            .map(|sk| Op::Put {
+                pk: "run".to_owned(),
+                sk: (*sk).to_owned(),
+                body: String::new(),
+                expect: Expect::Absent,
+            })
+            .collect();
+        kv.transact(ops).await.unwrap();
+        let sks = |page: Vec<Entry>| page.into_iter().map(|e| e.sk).collect::<Vec<_>>();
+        assert_eq!(
+            sks(kv.query("run", "p#", None, 10).await.unwrap()),
+            ["p#a", "p#b", "p#c"]
+        );
+        assert_eq!(
+            sks(kv.query("run", "p#", None, 2).await.unwrap()),
+            ["p#a", "p#b"]
+        );
+        assert_eq!(
+            sks(kv.query("run", "p#", Some("p#b"), 2).await.unwrap()),
+            ["p#c"]
+        );
+        // An `after` before the prefix reads from the prefix.
+        assert_eq!(
+            sks(kv.query("run", "p#", Some("o#9"), 1).await.unwrap()),
+            ["p#a"]
+        );
+        assert_eq!(
+            sks(kv.query("run", "p", None, 10).await.unwrap()),
+            ["p", "p#a", "p#b", "p#c", "p$"]
+        );
+        assert_eq!(query_all(&kv, "run", "").await.unwrap().len(), keys.len());
+        assert!(kv.query("other", "", None, 10).await.unwrap().is_empty());
+        let conn = kv.conn.lock().unwrap();
+        for sql in QUERY_FROM.iter().chain(&QUERY_AFTER) {
+            let stmt = conn.prepare_cached(sql).unwrap();
+            assert_eq!(
+                stmt.get_status(rusqlite::StatementStatus::RePrepare),
+                0,
+                "{sql}"
+            );
+        }
     }
 }
