@@ -157,11 +157,10 @@ type Gate = Arc<tokio::sync::RwLock<()>>;
 /// 7-15 ms, so it must come seldom: step 2 keeps what is copied under the
 /// lock small (measured at 2,000 claims/s, before the header's commit moved
 /// here: the lock was held 7-110 ms without it, 13-23 ms with it), and the
-/// WAL restarts only at the
-/// size it is cut back to anyway: 16,000 frames of 4 KB pages, about 0.8 s
-/// of claims and checkpoints at 2,000/s (ten frames each). At half that
-/// size it restarted 30 times in the job-tracker bench's embedded rounds;
-/// now 6.
+/// WAL restarts only at the size it is cut back to anyway: 16,000 frames of
+/// 4 KB pages, about a second of claims and checkpoints at 2,000/s (about
+/// eight frames each, measured). At half that size it restarted 30 times
+/// in the job-tracker bench's embedded rounds; now 6.
 ///
 /// Without the restart the WAL never starts over under sustained load: a
 /// PASSIVE checkpoint always ends behind the frames committed while it ran,
