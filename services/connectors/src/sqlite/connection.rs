@@ -76,6 +76,7 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 /// memory with them. The thread ends when the last handle is dropped.
 #[derive(Clone)]
 pub struct SharedConnection {
+    // Dropped before `jobs`: see `with_guard`.
     conn: Arc<Mutex<Connection>>,
     jobs: mpsc::Sender<Job>,
 }
@@ -86,6 +87,18 @@ impl SharedConnection {
     /// # Panics
     /// When the operating system refuses a new thread.
     pub fn new(conn: Connection) -> Self {
+        Self::with_guard(conn, ())
+    }
+
+    /// [`SharedConnection::new`], keeping `guard` until the connection has
+    /// closed: the worker thread drops it right after, once every handle is
+    /// gone. For what must outlive the connection, such as another
+    /// descriptor on its file: closing one releases every POSIX lock the
+    /// process holds on the file, SQLite's included.
+    ///
+    /// # Panics
+    /// When the operating system refuses a new thread.
+    pub fn with_guard(conn: Connection, guard: impl Send + 'static) -> Self {
         let conn = Arc::new(Mutex::new(conn));
         let (jobs, queue) = mpsc::channel::<Job>();
         let worker = Arc::clone(&conn);
@@ -95,11 +108,16 @@ impl SharedConnection {
                 for job in queue {
                     // A poisoned lock still holds a usable connection (see
                     // `lock`).
-                    let mut guard = worker.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut conn = worker.lock().unwrap_or_else(PoisonError::into_inner);
                     // A panic in one call fails that call (its answer is
                     // dropped), not every later one.
-                    let _ = catch_unwind(AssertUnwindSafe(|| job(&mut guard)));
+                    let _ = catch_unwind(AssertUnwindSafe(|| job(&mut conn)));
                 }
+                // The queue ends with the last handle, and a handle lets go
+                // of the connection before its sender (field order): this
+                // is the last reference, and dropping it closes the file.
+                drop(worker);
+                drop(guard);
             })
             .expect("start the SQLite worker thread");
         Self { conn, jobs }
@@ -147,6 +165,39 @@ mod tests {
 
     fn shared() -> SharedConnection {
         SharedConnection::new(Connection::open_in_memory().unwrap())
+    }
+
+    /// Signals when it is dropped.
+    struct Witness(mpsc::Sender<()>);
+
+    impl Drop for Witness {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    #[test]
+    fn the_guard_outlives_every_handle_and_the_connection() {
+        let (dropped, witness) = mpsc::channel();
+        let conn =
+            SharedConnection::with_guard(Connection::open_in_memory().unwrap(), Witness(dropped));
+        let other = conn.clone();
+        let weak = Arc::downgrade(&conn.conn);
+        drop(conn);
+        assert!(
+            witness.recv_timeout(Duration::from_millis(200)).is_err(),
+            "dropped while a handle was left"
+        );
+        other
+            .lock()
+            .unwrap()
+            .execute_batch("CREATE TABLE t (n INTEGER)")
+            .unwrap();
+        drop(other);
+        witness
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the guard is dropped once the last handle is");
+        assert_eq!(weak.strong_count(), 0, "the connection closed first");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
